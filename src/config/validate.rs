@@ -1,0 +1,864 @@
+//! Raw config → [`Config`]: every invariant checked, every problem reported with its key path
+//! (`route[1].rollout.steps`) and the line it stands on. `veer check` and reload share this.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+use super::file::{RawConfig, RawRollout, RawRoute, RawShadow, RawSlot, RawSteps, RawSticky};
+use super::*;
+use crate::Slot;
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigError {
+    /// Key path such as `route[1].rollout.steps`; empty for file-level problems.
+    pub path: String,
+    /// 1-based line, when the key is present in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.path.is_empty(), self.line) {
+            (true, Some(line)) => write!(f, "line {line}: {}", self.message),
+            (true, None) => f.write_str(&self.message),
+            (false, Some(line)) => write!(f, "{}: {}, line {line}", self.path, self.message),
+            (false, None) => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn single(error: ConfigError) -> Self {
+        Self(vec![error])
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates config text. `base` resolves relative file paths (TLS files, state
+/// dir, access log); pass the config file's directory.
+pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let deserializer = toml::Deserializer::new(text);
+    let raw: RawConfig = match serde_path_to_error::deserialize(deserializer) {
+        Ok(raw) => raw,
+        Err(error) => {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            let line = inner.span().map(|span| line_of(text, span.start));
+            let path = if path == "." { String::new() } else { path };
+            return Err(ConfigErrors::single(ConfigError {
+                path,
+                line,
+                message: inner.message().trim().to_string(),
+            }));
+        }
+    };
+    let doc = toml_edit::ImDocument::parse(text).ok();
+    let mut v = Validator {
+        text,
+        doc: doc.as_ref(),
+        base: base.map(Path::to_path_buf),
+        errors: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.errors.is_empty() {
+        if let Some(config) = config {
+            return Ok(config);
+        }
+    }
+    Err(ConfigErrors(v.errors))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// One segment of a key path.
+#[derive(Clone, Copy)]
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    doc: Option<&'a toml_edit::ImDocument<&'a str>>,
+    base: Option<PathBuf>,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        let mut rendered = String::new();
+        for seg in path {
+            match seg {
+                Seg::Key(key) => {
+                    if !rendered.is_empty() {
+                        rendered.push('.');
+                    }
+                    rendered.push_str(key);
+                }
+                Seg::Index(i) => rendered.push_str(&format!("[{i}]")),
+            }
+        }
+        let line = self.line(path);
+        self.errors.push(ConfigError {
+            path: rendered,
+            line,
+            message: message.into(),
+        });
+    }
+
+    /// The line of the deepest part of `path` that is present in the file.
+    fn line(&self, path: &[Seg<'_>]) -> Option<usize> {
+        let mut item: &toml_edit::Item = self.doc?.as_item();
+        let mut span = None;
+        for seg in path {
+            let next = match seg {
+                Seg::Key(key) => {
+                    let entry = item.as_table_like().and_then(|t| t.get_key_value(key));
+                    if let Some((key, _)) = entry {
+                        span = key.span().or(span);
+                    }
+                    entry.map(|(_, value)| value)
+                }
+                Seg::Index(i) => {
+                    let value = item.get(*i);
+                    span = value.and_then(toml_edit::Item::span).or(span);
+                    value
+                }
+            };
+            let Some(next) = next else { break };
+            item = next;
+        }
+        span.map(|s| line_of(self.text, s.start))
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let server = match raw.server {
+            Some(server) => self.server(server),
+            None => {
+                self.error(&[Seg::Key("server")], "missing table (server.listen is required)");
+                None
+            }
+        };
+        let admin = self.admin(raw.admin);
+        let state = StateConfig {
+            dir: self.path_of(&raw.state.dir),
+        };
+        if raw.route.is_empty() {
+            self.error(&[Seg::Key("route")], "at least one [[route]] is required");
+        }
+        let mut routes = Vec::with_capacity(raw.route.len());
+        let mut names = HashSet::new();
+        for (i, route) in raw.route.into_iter().enumerate() {
+            if let Some(route) = self.route(i, route) {
+                if !names.insert(route.name.clone()) {
+                    self.error(
+                        &[Seg::Key("route"), Seg::Index(i), Seg::Key("name")],
+                        format!("duplicate route name {:?}", route.name),
+                    );
+                }
+                routes.push(route);
+            }
+        }
+        self.check_overlaps(&routes);
+        Some(Config {
+            server: server?,
+            admin: admin?,
+            state,
+            routes,
+        })
+    }
+
+    fn check_overlaps(&mut self, routes: &[RouteConfig]) {
+        let mut seen: HashSet<(Vec<HostPattern>, &str)> = HashSet::new();
+        for (i, route) in routes.iter().enumerate() {
+            let mut hosts = route.hosts.clone();
+            hosts.sort();
+            if !seen.insert((hosts, route.path_prefix.as_str())) {
+                self.error(
+                    &[Seg::Key("route"), Seg::Index(i), Seg::Key("path_prefix")],
+                    "another route has the same hosts and path_prefix; it would never match",
+                );
+            }
+        }
+    }
+
+    fn path_of(&self, text: &str) -> PathBuf {
+        let path = PathBuf::from(text);
+        match &self.base {
+            Some(base) if path.is_relative() => base.join(path),
+            _ => path,
+        }
+    }
+
+    fn server(&mut self, raw: super::file::RawServer) -> Option<ServerConfig> {
+        let s = |key| [Seg::Key("server"), Seg::Key(key)];
+        let mut listen = Vec::new();
+        match &raw.listen {
+            None => self.error(&s("listen"), "required: one or more addresses"),
+            Some(list) if list.is_empty() => {
+                self.error(&s("listen"), "required: one or more addresses")
+            }
+            Some(list) => {
+                for (i, addr) in list.iter().enumerate() {
+                    let path = [Seg::Key("server"), Seg::Key("listen"), Seg::Index(i)];
+                    if let Some(addr) = self.socket_addr(&path, addr) {
+                        if listen.contains(&addr) {
+                            self.error(&path, format!("{addr} is listed twice"));
+                        }
+                        listen.push(addr);
+                    }
+                }
+            }
+        }
+        let tls = raw.tls.map(|tls| TlsConfig {
+            cert: self.path_of(&tls.cert),
+            key: self.path_of(&tls.key),
+        });
+        let access_log = match raw.access_log.as_str() {
+            "off" | "" => AccessLog::Off,
+            "stderr" => AccessLog::Stderr,
+            path => AccessLog::File(self.path_of(path)),
+        };
+        let header_timeout = self.duration(&s("header_timeout"), &raw.header_timeout, false);
+        let request_timeout = self.duration(&s("request_timeout"), &raw.request_timeout, false);
+        let connect_timeout = self.duration(&s("connect_timeout"), &raw.connect_timeout, false);
+        let idle_timeout = self.duration(&s("idle_timeout"), &raw.idle_timeout, false);
+        let upstream_idle_timeout = self.duration(
+            &s("upstream_idle_timeout"),
+            &raw.upstream_idle_timeout,
+            false,
+        );
+        let drain_timeout = self.duration(&s("drain_timeout"), &raw.drain_timeout, true);
+        let max_header_bytes = self.int_range(
+            &s("max_header_bytes"),
+            raw.max_header_bytes,
+            1024,
+            16 << 20,
+        );
+        let max_body_bytes = self.int_range(&s("max_body_bytes"), raw.max_body_bytes, 0, i64::MAX);
+        let max_uri_bytes = self.int_range(&s("max_uri_bytes"), raw.max_uri_bytes, 64, 65534);
+        if raw.workers > 1024 {
+            self.error(&s("workers"), "must be at most 1024 (0 = one per core)");
+        }
+        Some(ServerConfig {
+            listen,
+            workers: raw.workers,
+            tls,
+            header_timeout: header_timeout?,
+            request_timeout: request_timeout?,
+            connect_timeout: connect_timeout?,
+            idle_timeout: idle_timeout?,
+            upstream_idle_timeout: upstream_idle_timeout?,
+            max_header_bytes: usize::try_from(max_header_bytes?).ok()?,
+            max_body_bytes: u64::try_from(max_body_bytes?).ok()?,
+            max_uri_bytes: usize::try_from(max_uri_bytes?).ok()?,
+            drain_timeout: drain_timeout?,
+            access_log,
+        })
+    }
+
+    fn admin(&mut self, raw: super::file::RawAdmin) -> Option<AdminConfig> {
+        let listen = self.socket_addr(&[Seg::Key("admin"), Seg::Key("listen")], &raw.listen);
+        let token = match (raw.token, raw.token_env) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    &[Seg::Key("admin"), Seg::Key("token_env")],
+                    "set either token or token_env, not both",
+                );
+                None
+            }
+            (Some(token), None) => Some(token),
+            (None, Some(var)) => match std::env::var(&var) {
+                Ok(token) => Some(token),
+                Err(_) => {
+                    self.error(
+                        &[Seg::Key("admin"), Seg::Key("token_env")],
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if token.as_deref() == Some("") {
+            self.error(&[Seg::Key("admin"), Seg::Key("token")], "must not be empty");
+        }
+        let listen = listen?;
+        if !listen.ip().is_loopback() && token.is_none() {
+            self.error(
+                &[Seg::Key("admin"), Seg::Key("listen")],
+                "a non-loopback admin address needs admin.token or admin.token_env",
+            );
+        }
+        Some(AdminConfig { listen, token })
+    }
+
+    fn route(&mut self, i: usize, raw: RawRoute) -> Option<RouteConfig> {
+        let r = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key(key)];
+        let name = raw.name.unwrap_or_default();
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !name_ok {
+            self.error(
+                &r("name"),
+                "required: 1 to 64 characters of [a-z0-9_-]",
+            );
+        }
+        let mut hosts = Vec::with_capacity(raw.hosts.len());
+        for (j, host) in raw.hosts.iter().enumerate() {
+            let path = [Seg::Key("route"), Seg::Index(i), Seg::Key("hosts"), Seg::Index(j)];
+            match host_pattern(host) {
+                Some(pattern) => hosts.push(pattern),
+                None => self.error(
+                    &path,
+                    format!("{host:?} is not a host name or *.suffix pattern"),
+                ),
+            }
+        }
+        if !raw.path_prefix.starts_with('/') {
+            self.error(&r("path_prefix"), "must start with '/'");
+        }
+        let stable = Slot::parse(&raw.stable);
+        if stable.is_none() {
+            self.error(&r("stable"), "must be \"blue\" or \"green\"");
+        }
+        let blue = self.slot(i, "blue", raw.blue);
+        let green = self.slot(i, "green", raw.green);
+        let sticky = self.sticky(i, raw.sticky, &name);
+        let shadow = match raw.shadow {
+            Some(shadow) => Some(self.shadow(i, shadow)?),
+            None => None,
+        };
+        let rollout = self.rollout(i, raw.rollout);
+        Some(RouteConfig {
+            name,
+            hosts,
+            path_prefix: raw.path_prefix,
+            stable: stable?,
+            blue: blue?,
+            green: green?,
+            sticky: sticky?,
+            shadow,
+            rollout: rollout?,
+        })
+    }
+
+    fn slot(&mut self, i: usize, key: &'static str, raw: Option<RawSlot>) -> Option<SlotConfig> {
+        let path = [Seg::Key("route"), Seg::Index(i), Seg::Key(key)];
+        let Some(raw) = raw else {
+            self.error(&path, "missing table (endpoints are required)");
+            return None;
+        };
+        let endpoints = self.endpoints(&path, &raw.endpoints)?;
+        Some(SlotConfig {
+            endpoints,
+            version: raw.version,
+        })
+    }
+
+    fn endpoints(&mut self, at: &[Seg<'_>], list: &[String]) -> Option<Vec<String>> {
+        let mut path = at.to_vec();
+        path.push(Seg::Key("endpoints"));
+        if list.is_empty() {
+            self.error(&path, "required: one or more host:port");
+            return None;
+        }
+        let mut ok = true;
+        for (j, endpoint) in list.iter().enumerate() {
+            let valid = endpoint
+                .parse::<http::uri::Authority>()
+                .ok()
+                .is_some_and(|a| a.port_u16().is_some() && !a.host().is_empty())
+                && !endpoint.contains('@');
+            if !valid {
+                let mut at = path.clone();
+                at.push(Seg::Index(j));
+                self.error(&at, format!("{endpoint:?} is not host:port"));
+                ok = false;
+            }
+        }
+        ok.then(|| list.to_vec())
+    }
+
+    fn sticky(&mut self, i: usize, raw: RawSticky, route: &str) -> Option<StickyConfig> {
+        let p = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key("sticky"), Seg::Key(key)];
+        let by = match raw.by.as_str() {
+            "cookie" => Some(StickyBy::Cookie),
+            "client-ip" => Some(StickyBy::ClientIp),
+            "none" => Some(StickyBy::None),
+            other => match other.strip_prefix("header:").map(HeaderName::try_from) {
+                Some(Ok(name)) => Some(StickyBy::Header(name)),
+                _ => {
+                    self.error(
+                        &p("by"),
+                        "must be \"cookie\", \"header:<name>\", \"client-ip\" or \"none\"",
+                    );
+                    None
+                }
+            },
+        };
+        let cookie = raw.cookie.unwrap_or_else(|| format!("veer_{route}"));
+        let cookie_ok = !cookie.is_empty()
+            && cookie
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !cookie_ok {
+            self.error(&p("cookie"), "must be a non-empty cookie name (RFC 6265 token)");
+        }
+        let cookie_max_age = self.duration(&p("cookie_max_age"), &raw.cookie_max_age, false);
+        let override_header = if raw.override_header.is_empty() {
+            Some(None)
+        } else {
+            match HeaderName::try_from(raw.override_header.as_str()) {
+                Ok(name) => Some(Some(name)),
+                Err(_) => {
+                    self.error(&p("override_header"), "not a valid header name (\"\" disables)");
+                    None
+                }
+            }
+        };
+        Some(StickyConfig {
+            by: by?,
+            cookie,
+            cookie_max_age: cookie_max_age?,
+            override_header: override_header?,
+            salt: raw.salt.unwrap_or_else(|| route.to_string()),
+        })
+    }
+
+    fn shadow(&mut self, i: usize, raw: RawShadow) -> Option<ShadowConfig> {
+        let at = [Seg::Key("route"), Seg::Index(i), Seg::Key("shadow")];
+        let p = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key("shadow"), Seg::Key(key)];
+        let endpoints = self.endpoints(&at, &raw.endpoints);
+        let basis_points = self.percent(&p("percent"), raw.percent);
+        let mut methods = Vec::with_capacity(raw.methods.len());
+        for method in &raw.methods {
+            match Method::from_bytes(method.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => methods.push(m),
+                Err(_) => self.error(&p("methods"), format!("{method:?} is not an HTTP method")),
+            }
+        }
+        let max_body_bytes = self.int_range(&p("max_body_bytes"), raw.max_body_bytes, 0, 1 << 30);
+        let max_in_flight = self.int_range(&p("max_in_flight"), raw.max_in_flight, 1, 1 << 20);
+        let compare = match raw.compare.as_str() {
+            "off" => Some(Compare::Off),
+            "status" => Some(Compare::Status),
+            "body" => Some(Compare::Body),
+            _ => {
+                self.error(&p("compare"), "must be \"off\", \"status\" or \"body\"");
+                None
+            }
+        };
+        let timeout = match &raw.timeout {
+            Some(t) => self.duration(&p("timeout"), t, false),
+            None => Some(Duration::ZERO),
+        };
+        Some(ShadowConfig {
+            endpoints: endpoints?,
+            basis_points: basis_points?,
+            methods,
+            max_body_bytes: u64::try_from(max_body_bytes?).ok()?,
+            max_in_flight: usize::try_from(max_in_flight?).ok()?,
+            compare: compare?,
+            timeout: timeout?,
+            host_suffix: raw.host_suffix,
+        })
+    }
+
+    fn rollout(&mut self, i: usize, raw: RawRollout) -> Option<RolloutConfig> {
+        let p = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key("rollout"), Seg::Key(key)];
+        let mode = match raw.mode.as_str() {
+            "auto" => Some(Mode::Auto),
+            "manual" => Some(Mode::Manual),
+            _ => {
+                self.error(&p("mode"), "must be \"auto\" or \"manual\"");
+                None
+            }
+        };
+        let weight = self.percent(&p("weight"), raw.weight);
+        let steps = self.steps(&p("steps"), &raw.steps);
+        let min_step_time = self.duration(&p("min_step_time"), &raw.min_step_time, true);
+        let max_step_time = self.duration(&p("max_step_time"), &raw.max_step_time, false);
+        let interval = self.duration(&p("interval"), &raw.interval, false);
+        let min_latency_delta =
+            self.duration(&p("min_latency_delta"), &raw.min_latency_delta, true);
+        let min_requests = self.int_range(&p("min_requests"), raw.min_requests, 0, i64::MAX);
+        let failure_threshold =
+            self.int_range(&p("failure_threshold"), raw.failure_threshold, 1, 1000);
+        let error_statuses = match parse_statuses(&raw.error_statuses) {
+            Some(set) => Some(set),
+            None => {
+                self.error(
+                    &p("error_statuses"),
+                    "must be a comma list of classes (\"5xx\"), codes (\"429\") or ranges (\"500-504\")",
+                );
+                None
+            }
+        };
+        let max_error_rate = self.fraction(&p("max_error_rate"), raw.max_error_rate, true);
+        let error_rate_margin = self.fraction(&p("error_rate_margin"), raw.error_rate_margin, true);
+        let confidence = self.fraction(&p("confidence"), raw.confidence, false);
+        let latency_quantile = self.fraction(&p("latency_quantile"), raw.latency_quantile, false);
+        if !(raw.max_latency_ratio.is_finite() && raw.max_latency_ratio >= 1.0) {
+            self.error(&p("max_latency_ratio"), "must be a number >= 1");
+        }
+        if let (Some(min), Some(max)) = (min_step_time, max_step_time) {
+            if max < min {
+                self.error(&p("max_step_time"), "must be at least min_step_time");
+            }
+        }
+        Some(RolloutConfig {
+            mode: mode?,
+            weight: weight?,
+            steps: steps?,
+            min_step_time: min_step_time?,
+            min_requests: u64::try_from(min_requests?).ok()?,
+            max_step_time: max_step_time?,
+            failure_threshold: u32::try_from(failure_threshold?).ok()?,
+            interval: interval?,
+            error_statuses: error_statuses?,
+            max_error_rate: max_error_rate?,
+            error_rate_margin: error_rate_margin?,
+            confidence: confidence?,
+            latency_quantile: latency_quantile?,
+            max_latency_ratio: raw.max_latency_ratio,
+            min_latency_delta: min_latency_delta?,
+        })
+    }
+
+    fn steps(&mut self, path: &[Seg<'_>], raw: &RawSteps) -> Option<Vec<u32>> {
+        let steps = match raw {
+            RawSteps::List(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for &percent in list {
+                    out.push(basis_points(percent).filter(|&bp| bp > 0));
+                }
+                if out.iter().any(Option::is_none) {
+                    self.error(path, "each step must be a percent in (0, 100] with 0.01 steps");
+                    return None;
+                }
+                out.into_iter().flatten().collect::<Vec<_>>()
+            }
+            RawSteps::Spec(spec) => match geometric(spec) {
+                Some(steps) => steps,
+                None => {
+                    self.error(
+                        path,
+                        "must be a list of percents or \"geometric:START:FACTOR\" (START in (0,100], FACTOR > 1)",
+                    );
+                    return None;
+                }
+            },
+        };
+        if steps.windows(2).any(|w| w[0] >= w[1]) {
+            self.error(path, "must be increasing");
+            return None;
+        }
+        if steps.last() != Some(&10_000) {
+            self.error(path, "must end at 100");
+            return None;
+        }
+        Some(steps)
+    }
+
+    fn percent(&mut self, path: &[Seg<'_>], percent: f64) -> Option<u32> {
+        let bp = basis_points(percent);
+        if bp.is_none() {
+            self.error(path, "must be a percent in [0, 100] with 0.01 steps");
+        }
+        bp
+    }
+
+    fn fraction(&mut self, path: &[Seg<'_>], value: f64, zero_ok: bool) -> Option<f64> {
+        let ok = value.is_finite() && value < 1.0 + f64::EPSILON && (value > 0.0 || zero_ok && value == 0.0);
+        if !ok {
+            let range = if zero_ok { "[0, 1]" } else { "(0, 1]" };
+            self.error(path, format!("must be a number in {range}"));
+            return None;
+        }
+        Some(value)
+    }
+
+    fn int_range(&mut self, path: &[Seg<'_>], value: i64, min: i64, max: i64) -> Option<i64> {
+        if value < min || value > max {
+            self.error(path, format!("must be between {min} and {max}"));
+            return None;
+        }
+        Some(value)
+    }
+
+    fn duration(&mut self, path: &[Seg<'_>], text: &str, zero_ok: bool) -> Option<Duration> {
+        match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() && !zero_ok => {
+                self.error(path, "must be longer than 0");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(_) => {
+                self.error(path, format!("{text:?} is not a duration like \"250ms\", \"30s\", \"5m\""));
+                None
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, path: &[Seg<'_>], text: &str) -> Option<SocketAddr> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(addr);
+        }
+        if let Some(port) = text.strip_prefix("localhost:") {
+            if let Ok(port) = port.parse::<u16>() {
+                return Some(SocketAddr::from(([127, 0, 0, 1], port)));
+            }
+        }
+        match text.to_socket_addrs().ok().and_then(|mut addrs| addrs.next()) {
+            Some(addr) => Some(addr),
+            None => {
+                self.error(path, format!("{text:?} is not an ip:port address"));
+                None
+            }
+        }
+    }
+}
+
+/// Percent with 0.01 steps → basis points.
+fn basis_points(percent: f64) -> Option<u32> {
+    if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+        return None;
+    }
+    let scaled = percent * 100.0;
+    let rounded = scaled.round();
+    if (scaled - rounded).abs() > 1e-6 {
+        return None;
+    }
+    // In range 0..=10000 by the checks above.
+    Some(rounded as u32)
+}
+
+/// `geometric:START:FACTOR` → START, START·F, START·F², … capped at 100 (basis points).
+fn geometric(spec: &str) -> Option<Vec<u32>> {
+    let mut parts = spec.strip_prefix("geometric:")?.split(':');
+    let start: f64 = parts.next()?.trim().parse().ok()?;
+    let factor: f64 = parts.next()?.trim().parse().ok()?;
+    if parts.next().is_some() || !(factor > 1.0 && factor.is_finite()) {
+        return None;
+    }
+    let mut step = basis_points(start).filter(|&bp| bp > 0)?;
+    let mut steps = vec![step];
+    while step < 10_000 {
+        let next = ((f64::from(step) * factor).round() as u32).clamp(step + 1, 10_000);
+        steps.push(next);
+        step = next;
+    }
+    Some(steps)
+}
+
+fn parse_statuses(text: &str) -> Option<StatusSet> {
+    let mut set = StatusSet::default();
+    let mut any = false;
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = if let Some(class) = part.strip_suffix("xx") {
+            let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
+            (c * 100, c * 100 + 99)
+        } else if let Some((a, b)) = part.split_once('-') {
+            (a.trim().parse().ok()?, b.trim().parse().ok()?)
+        } else {
+            let code: u16 = part.parse().ok()?;
+            (code, code)
+        };
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return None;
+        }
+        for code in lo..=hi {
+            set.insert(code);
+        }
+        any = true;
+    }
+    any.then_some(set)
+}
+
+fn host_pattern(text: &str) -> Option<HostPattern> {
+    let lower = text.trim().to_ascii_lowercase();
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let valid = !name.is_empty()
+        && name
+            .split('.')
+            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid {
+        return None;
+    }
+    Some(if wild {
+        HostPattern::Suffix(format!(".{name}"))
+    } else {
+        HostPattern::Exact(name.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[[route]]
+name = "shop"
+[route.blue]
+endpoints = ["127.0.0.1:9001"]
+[route.green]
+endpoints = ["127.0.0.1:9002"]
+"#;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        match parse(text, None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_spec_defaults() {
+        let config = parse(MINIMAL, None).unwrap();
+        let route = &config.routes[0];
+        assert_eq!(route.rollout.steps, vec![100, 500, 1000, 2500, 5000, 10000]);
+        assert_eq!(route.rollout.min_step_time, Duration::from_secs(30));
+        assert_eq!(route.sticky.cookie, "veer_shop");
+        assert_eq!(route.sticky.override_header.as_ref().unwrap(), "x-veer-slot");
+        assert_eq!(route.stable, Slot::Blue);
+        assert!(route.rollout.error_statuses.contains(503));
+        assert!(!route.rollout.error_statuses.contains(404));
+        assert_eq!(config.server.max_body_bytes, 10_485_760);
+        assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9901");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_path_and_line() {
+        let text = MINIMAL.replace("[route.green]", "[route.green]\nendpoint = []");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].message.contains("unknown field `endpoint`"), "{errs:?}");
+        assert_eq!(errs[0].path, "route[0].green.endpoint");
+        assert_eq!(errs[0].line, Some(10));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key_path_and_line() {
+        let text = format!(
+            "{MINIMAL}[route.rollout]\nsteps = [5, 1, 100]\nconfidence = 1.5\nmin_step_time = \"soon\"\n"
+        );
+        let errs = errors(&text);
+        let rendered: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert!(
+            rendered.contains(&"route[0].rollout.steps: must be increasing, line 12".to_string()),
+            "{rendered:?}"
+        );
+        assert!(rendered.iter().any(|e| e.starts_with("route[0].rollout.confidence:") && e.ends_with("line 13")), "{rendered:?}");
+        assert!(rendered.iter().any(|e| e.starts_with("route[0].rollout.min_step_time:") && e.ends_with("line 14")), "{rendered:?}");
+    }
+
+    #[test]
+    fn second_route_errors_name_its_index() {
+        let text = format!(
+            "{MINIMAL}\n[[route]]\nname = \"Bad Name\"\n[route.blue]\nendpoints = [\"nope\"]\n"
+        );
+        let errs = errors(&text);
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"route[1].name"), "{errs:?}");
+        assert!(paths.contains(&"route[1].blue.endpoints[0]"), "{errs:?}");
+        assert!(paths.contains(&"route[1].green"), "{errs:?}");
+        let name = errs.iter().find(|e| e.path == "route[1].name").unwrap();
+        assert_eq!(name.line, Some(13));
+    }
+
+    #[test]
+    fn syntax_error_reports_line() {
+        let errs = errors("[server]\nlisten = [\"127.0.0.1:1\"\n");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].line.is_some());
+    }
+
+    #[test]
+    fn geometric_steps_double_up_to_100() {
+        assert_eq!(
+            geometric("geometric:1:2").unwrap(),
+            vec![100, 200, 400, 800, 1600, 3200, 6400, 10000]
+        );
+        assert!(geometric("geometric:0:2").is_none());
+        assert!(geometric("geometric:1:1").is_none());
+    }
+
+    #[test]
+    fn weights_take_hundredths_of_a_percent_only() {
+        assert_eq!(basis_points(12.34), Some(1234));
+        assert_eq!(basis_points(0.01), Some(1));
+        assert_eq!(basis_points(100.0), Some(10000));
+        assert_eq!(basis_points(0.001), None);
+        assert_eq!(basis_points(100.01), None);
+        assert_eq!(basis_points(-1.0), None);
+    }
+
+    #[test]
+    fn status_sets_accept_classes_codes_and_ranges() {
+        let set = parse_statuses("5xx, 429,400-401").unwrap();
+        assert!(set.contains(500) && set.contains(599) && set.contains(429));
+        assert!(set.contains(400) && set.contains(401) && !set.contains(402));
+        assert!(parse_statuses("6xx").is_none());
+        assert!(parse_statuses("").is_none());
+        assert!(parse_statuses("abc").is_none());
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_a_token() {
+        let text = format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9901\"\n");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].path, "admin.listen");
+        let ok = format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"s3cret\"\n");
+        assert!(parse(&ok, None).is_ok());
+    }
+
+    #[test]
+    fn wildcard_hosts_become_suffixes() {
+        assert_eq!(
+            host_pattern("*.Example.com"),
+            Some(HostPattern::Suffix(".example.com".into()))
+        );
+        assert_eq!(host_pattern("a..b"), None);
+        assert_eq!(host_pattern("*"), None);
+    }
+}
