@@ -29,17 +29,18 @@
 //! 6. stream the response back, setting the sticky cookie if new;
 //! 7. record once, per slot, lock-free.
 
-// pub mod access_log;
-// pub mod admin;
-// pub mod app;
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod config;
-// pub mod demo;
-// pub mod listener;
-// pub mod metrics;
-// pub mod proxy;
-// pub mod rollout;
-// pub mod routing;
-// pub mod upstream;
+pub mod demo;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod rollout;
+pub mod routing;
+pub mod upstream;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,1 +1,179 @@
-fn main() {}
+//! The `veer` command: CLI, logging, config loading; everything else lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use veer::cli;
+use veer::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "veer",
+    version,
+    about = "A reverse proxy that shifts traffic from blue to green by itself, on evidence."
+)]
+struct Cli {
+    /// Config file (same as `veer run -c FILE`).
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format on stderr (RUST_LOG sets the level).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run,
+    /// Validate a config: every problem with its key path and line.
+    Check,
+    /// A self-contained rollout demo on loopback: upstreams, proxy, load, live view.
+    Demo(veer::demo::DemoOptions),
+    /// One table of every route: stable, weight, phase, per-slot req/s, error %, p99.
+    Status {
+        #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        #[arg(long, env = "VEER_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Drive a route's rollout (same as the admin API POSTs).
+    Rollout {
+        #[arg(value_parser = ["start", "pause", "resume", "promote", "rollback"])]
+        action: String,
+        route: String,
+        #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        #[arg(long, env = "VEER_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { 1 } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing(cli.log_format);
+    let command = cli.command.unwrap_or(Command::Run);
+    match command {
+        Command::Run => match &cli.config {
+            Some(path) => run(path),
+            None => usage("veer run needs -c FILE"),
+        },
+        Command::Check => match &cli.config {
+            Some(path) => check(path),
+            None => usage("veer check needs -c FILE"),
+        },
+        Command::Demo(options) => report(block_on(veer::demo::run(options)), 2),
+        Command::Status { admin, token } => {
+            report(block_on(cli::status(&admin, token.as_deref())), 2)
+        }
+        Command::Rollout {
+            action,
+            route,
+            admin,
+            token,
+        } => report(
+            block_on(cli::rollout(&admin, token.as_deref(), &action, &route)),
+            2,
+        ),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("error: {message}\n\nFor more information, try '--help'.");
+    ExitCode::from(1)
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} route{})",
+                path.display(),
+                config.routes.len(),
+                if config.routes.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for error in &errors.0 {
+                println!("{}: {error}", path.display());
+            }
+            println!("{} problem(s) found", errors.0.len());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            for error in &errors.0 {
+                eprintln!("{}: {error}", path.display());
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build();
+    let result = runtime.context("cannot start the runtime").and_then(|rt| {
+        let outcome = rt.block_on(veer::app::run(config, Some(path.to_path_buf())));
+        rt.shutdown_timeout(Duration::from_secs(1));
+        outcome.context("veer stopped")
+    });
+    report(result, 2)
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(future)
+}
+
+fn report<T>(result: anyhow::Result<T>, code: u8) -> ExitCode {
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -164,7 +164,10 @@ impl Validator<'_> {
         let server = match raw.server {
             Some(server) => self.server(server),
             None => {
-                self.error(&[Seg::Key("server")], "missing table (server.listen is required)");
+                self.error(
+                    &[Seg::Key("server")],
+                    "missing table (server.listen is required)",
+                );
                 None
             }
         };
@@ -258,12 +261,8 @@ impl Validator<'_> {
             false,
         );
         let drain_timeout = self.duration(&s("drain_timeout"), &raw.drain_timeout, true);
-        let max_header_bytes = self.int_range(
-            &s("max_header_bytes"),
-            raw.max_header_bytes,
-            1024,
-            16 << 20,
-        );
+        let max_header_bytes =
+            self.int_range(&s("max_header_bytes"), raw.max_header_bytes, 1024, 16 << 20);
         let max_body_bytes = self.int_range(&s("max_body_bytes"), raw.max_body_bytes, 0, i64::MAX);
         let max_uri_bytes = self.int_range(&s("max_uri_bytes"), raw.max_uri_bytes, 64, 65534);
         if raw.workers > 1024 {
@@ -331,14 +330,16 @@ impl Validator<'_> {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
         if !name_ok {
-            self.error(
-                &r("name"),
-                "required: 1 to 64 characters of [a-z0-9_-]",
-            );
+            self.error(&r("name"), "required: 1 to 64 characters of [a-z0-9_-]");
         }
         let mut hosts = Vec::with_capacity(raw.hosts.len());
         for (j, host) in raw.hosts.iter().enumerate() {
-            let path = [Seg::Key("route"), Seg::Index(i), Seg::Key("hosts"), Seg::Index(j)];
+            let path = [
+                Seg::Key("route"),
+                Seg::Index(i),
+                Seg::Key("hosts"),
+                Seg::Index(j),
+            ];
             match host_pattern(host) {
                 Some(pattern) => hosts.push(pattern),
                 None => self.error(
@@ -413,7 +414,14 @@ impl Validator<'_> {
     }
 
     fn sticky(&mut self, i: usize, raw: RawSticky, route: &str) -> Option<StickyConfig> {
-        let p = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key("sticky"), Seg::Key(key)];
+        let p = |key| {
+            [
+                Seg::Key("route"),
+                Seg::Index(i),
+                Seg::Key("sticky"),
+                Seg::Key(key),
+            ]
+        };
         let by = match raw.by.as_str() {
             "cookie" => Some(StickyBy::Cookie),
             "client-ip" => Some(StickyBy::ClientIp),
@@ -435,7 +443,10 @@ impl Validator<'_> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !cookie_ok {
-            self.error(&p("cookie"), "must be a non-empty cookie name (RFC 6265 token)");
+            self.error(
+                &p("cookie"),
+                "must be a non-empty cookie name (RFC 6265 token)",
+            );
         }
         let cookie_max_age = self.duration(&p("cookie_max_age"), &raw.cookie_max_age, false);
         let override_header = if raw.override_header.is_empty() {
@@ -444,7 +455,10 @@ impl Validator<'_> {
             match HeaderName::try_from(raw.override_header.as_str()) {
                 Ok(name) => Some(Some(name)),
                 Err(_) => {
-                    self.error(&p("override_header"), "not a valid header name (\"\" disables)");
+                    self.error(
+                        &p("override_header"),
+                        "not a valid header name (\"\" disables)",
+                    );
                     None
                 }
             }
@@ -460,7 +474,14 @@ impl Validator<'_> {
 
     fn shadow(&mut self, i: usize, raw: RawShadow) -> Option<ShadowConfig> {
         let at = [Seg::Key("route"), Seg::Index(i), Seg::Key("shadow")];
-        let p = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key("shadow"), Seg::Key(key)];
+        let p = |key| {
+            [
+                Seg::Key("route"),
+                Seg::Index(i),
+                Seg::Key("shadow"),
+                Seg::Key(key),
+            ]
+        };
         let endpoints = self.endpoints(&at, &raw.endpoints);
         let basis_points = self.percent(&p("percent"), raw.percent);
         let mut methods = Vec::with_capacity(raw.methods.len());
@@ -498,7 +519,14 @@ impl Validator<'_> {
     }
 
     fn rollout(&mut self, i: usize, raw: RawRollout) -> Option<RolloutConfig> {
-        let p = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key("rollout"), Seg::Key(key)];
+        let p = |key| {
+            [
+                Seg::Key("route"),
+                Seg::Index(i),
+                Seg::Key("rollout"),
+                Seg::Key(key),
+            ]
+        };
         let mode = match raw.mode.as_str() {
             "auto" => Some(Mode::Auto),
             "manual" => Some(Mode::Manual),
@@ -529,8 +557,8 @@ impl Validator<'_> {
         };
         let max_error_rate = self.fraction(&p("max_error_rate"), raw.max_error_rate, true);
         let error_rate_margin = self.fraction(&p("error_rate_margin"), raw.error_rate_margin, true);
-        let confidence = self.fraction(&p("confidence"), raw.confidence, false);
-        let latency_quantile = self.fraction(&p("latency_quantile"), raw.latency_quantile, false);
+        let confidence = self.open_fraction(&p("confidence"), raw.confidence);
+        let latency_quantile = self.open_fraction(&p("latency_quantile"), raw.latency_quantile);
         if !(raw.max_latency_ratio.is_finite() && raw.max_latency_ratio >= 1.0) {
             self.error(&p("max_latency_ratio"), "must be a number >= 1");
         }
@@ -566,7 +594,10 @@ impl Validator<'_> {
                     out.push(basis_points(percent).filter(|&bp| bp > 0));
                 }
                 if out.iter().any(Option::is_none) {
-                    self.error(path, "each step must be a percent in (0, 100] with 0.01 steps");
+                    self.error(
+                        path,
+                        "each step must be a percent in (0, 100] with 0.01 steps",
+                    );
                     return None;
                 }
                 out.into_iter().flatten().collect::<Vec<_>>()
@@ -602,10 +633,20 @@ impl Validator<'_> {
     }
 
     fn fraction(&mut self, path: &[Seg<'_>], value: f64, zero_ok: bool) -> Option<f64> {
-        let ok = value.is_finite() && value < 1.0 + f64::EPSILON && (value > 0.0 || zero_ok && value == 0.0);
+        let ok = value.is_finite()
+            && value < 1.0 + f64::EPSILON
+            && (value > 0.0 || zero_ok && value == 0.0);
         if !ok {
             let range = if zero_ok { "[0, 1]" } else { "(0, 1]" };
             self.error(path, format!("must be a number in {range}"));
+            return None;
+        }
+        Some(value)
+    }
+
+    fn open_fraction(&mut self, path: &[Seg<'_>], value: f64) -> Option<f64> {
+        if !(value.is_finite() && value > 0.0 && value < 1.0) {
+            self.error(path, "must be a number in (0, 1)");
             return None;
         }
         Some(value)
@@ -627,7 +668,10 @@ impl Validator<'_> {
             }
             Ok(d) => Some(d),
             Err(_) => {
-                self.error(path, format!("{text:?} is not a duration like \"250ms\", \"30s\", \"5m\""));
+                self.error(
+                    path,
+                    format!("{text:?} is not a duration like \"250ms\", \"30s\", \"5m\""),
+                );
                 None
             }
         }
@@ -642,7 +686,11 @@ impl Validator<'_> {
                 return Some(SocketAddr::from(([127, 0, 0, 1], port)));
             }
         }
-        match text.to_socket_addrs().ok().and_then(|mut addrs| addrs.next()) {
+        match text
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+        {
             Some(addr) => Some(addr),
             None => {
                 self.error(path, format!("{text:?} is not an ip:port address"));
@@ -715,9 +763,12 @@ fn host_pattern(text: &str) -> Option<HostPattern> {
         None => (false, lower.as_str()),
     };
     let valid = !name.is_empty()
-        && name
-            .split('.')
-            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     if !valid {
         return None;
     }
@@ -758,7 +809,10 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(route.rollout.steps, vec![100, 500, 1000, 2500, 5000, 10000]);
         assert_eq!(route.rollout.min_step_time, Duration::from_secs(30));
         assert_eq!(route.sticky.cookie, "veer_shop");
-        assert_eq!(route.sticky.override_header.as_ref().unwrap(), "x-veer-slot");
+        assert_eq!(
+            route.sticky.override_header.as_ref().unwrap(),
+            "x-veer-slot"
+        );
         assert_eq!(route.stable, Slot::Blue);
         assert!(route.rollout.error_statuses.contains(503));
         assert!(!route.rollout.error_statuses.contains(404));
@@ -771,7 +825,10 @@ endpoints = ["127.0.0.1:9002"]
         let text = MINIMAL.replace("[route.green]", "[route.green]\nendpoint = []");
         let errs = errors(&text);
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].message.contains("unknown field `endpoint`"), "{errs:?}");
+        assert!(
+            errs[0].message.contains("unknown field `endpoint`"),
+            "{errs:?}"
+        );
         assert_eq!(errs[0].path, "route[0].green.endpoint");
         assert_eq!(errs[0].line, Some(10));
     }
@@ -787,7 +844,12 @@ endpoints = ["127.0.0.1:9002"]
             rendered.contains(&"route[0].rollout.steps: must be increasing, line 12".to_string()),
             "{rendered:?}"
         );
-        assert!(rendered.iter().any(|e| e.starts_with("route[0].rollout.confidence:") && e.ends_with("line 13")), "{rendered:?}");
+        assert!(
+            rendered
+                .iter()
+                .any(|e| e.starts_with("route[0].rollout.confidence:") && e.ends_with("line 13")),
+            "{rendered:?}"
+        );
         assert!(rendered.iter().any(|e| e.starts_with("route[0].rollout.min_step_time:") && e.ends_with("line 14")), "{rendered:?}");
     }
 

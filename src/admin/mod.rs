@@ -1,0 +1,246 @@
+//! The admin API (JSON) on `admin.listen`: health, Prometheus metrics, route status, rollout
+//! actions, hand-set weights, the journal, reload. Never reachable through proxy listeners.
+
+mod auth;
+pub mod prometheus;
+pub mod status;
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use crate::app::App;
+use crate::rollout::{self, state::Action};
+
+const MAX_BODY: usize = 64 * 1024;
+
+/// Serves the admin API until `shutdown`.
+pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    debug!(%error, "Admin accept failed.");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = crate::app::stopped(&mut shutdown) => return,
+        };
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, Infallible>(handle(&app, req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type Answer = Response<Full<Bytes>>;
+
+/// Routes one admin request.
+pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
+    let token = app.table.load().config.admin.token.clone();
+    if let Err(answer) = auth::check(&req, token.as_deref()) {
+        return *answer;
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, ["readyz"]) => {
+            if app.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::GET, ["metrics"]) => {
+            let mut response = Response::new(Full::new(Bytes::from(prometheus::render(app))));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::prometheus::CONTENT_TYPE),
+            );
+            response
+        }
+        (&Method::GET, ["api", "v1", "routes"]) => {
+            let table = app.table.load();
+            let routes: Vec<Value> = table
+                .routes()
+                .iter()
+                .map(|r| status::route_json(r))
+                .collect();
+            let reload = app
+                .last_reload
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            json_answer(
+                StatusCode::OK,
+                &json!({ "routes": routes, "reload": reload }),
+            )
+        }
+        (&Method::GET, ["api", "v1", "routes", name]) => match app.table.load().route(name) {
+            Some(route) => json_answer(StatusCode::OK, &status::route_json(route)),
+            None => not_found(name),
+        },
+        (&Method::POST, ["api", "v1", "routes", name, "rollout", action]) => {
+            rollout_action(app, name, action)
+        }
+        (&Method::POST, ["api", "v1", "routes", name, "weight"]) => {
+            let name = name.to_string();
+            set_weight(app, &name, req).await
+        }
+        (&Method::GET, ["api", "v1", "events"]) => events(app, &query),
+        (&Method::POST, ["api", "v1", "config", "reload"]) => match app.reload().await {
+            Ok(()) => json_answer(StatusCode::OK, &json!({ "result": "applied" })),
+            Err(errors) => json_answer(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({ "result": "rejected", "errors": errors.0 }),
+            ),
+        },
+        (_, ["healthz" | "readyz" | "metrics"] | ["api", "v1", ..]) => {
+            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+fn rollout_action(app: &App, name: &str, action: &str) -> Answer {
+    let Some(action) = Action::parse(action) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "unknown action (start, pause, resume, promote, rollback)",
+        );
+    };
+    let table = app.table.load();
+    let Some(route) = table.route(name) else {
+        return not_found(name);
+    };
+    match rollout::act(
+        &route.shared,
+        &route.config,
+        action,
+        "requested through the admin API",
+    ) {
+        Ok(_) => {
+            info!(
+                route = name,
+                action = action.as_str(),
+                "Rollout action from the admin API."
+            );
+            json_answer(StatusCode::OK, &status::route_json(route))
+        }
+        Err(error) => {
+            let phase = route.shared.rollout.view().state.phase.as_str();
+            json_answer(
+                StatusCode::CONFLICT,
+                &json!({ "error": error.to_string(), "phase": phase }),
+            )
+        }
+    }
+}
+
+async fn set_weight(app: &App, name: &str, req: Request<Incoming>) -> Answer {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return json_error(StatusCode::BAD_REQUEST, "unreadable or too large body"),
+    };
+    let percent = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("canary_percent").and_then(Value::as_f64));
+    let Some(bp) = percent.and_then(basis_points) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "expected {\"canary_percent\": N} with N in [0, 100], 0.01 steps",
+        );
+    };
+    let table = app.table.load();
+    let Some(route) = table.route(name) else {
+        return not_found(name);
+    };
+    match rollout::act(
+        &route.shared,
+        &route.config,
+        Action::SetWeight(bp),
+        "weight set through the admin API",
+    ) {
+        Ok(_) => json_answer(StatusCode::OK, &status::route_json(route)),
+        Err(error) => json_answer(StatusCode::CONFLICT, &json!({ "error": error.to_string() })),
+    }
+}
+
+fn basis_points(percent: f64) -> Option<u32> {
+    let scaled = percent * 100.0;
+    let ok = percent.is_finite()
+        && (0.0..=100.0).contains(&percent)
+        && (scaled - scaled.round()).abs() < 1e-6;
+    ok.then_some(scaled.round() as u32)
+}
+
+fn events(app: &App, query: &str) -> Answer {
+    let limit = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("limit="))
+        .map(str::parse::<usize>);
+    let limit = match limit {
+        None => 50,
+        Some(Ok(n)) if n > 0 => n.min(10_000),
+        Some(_) => return json_error(StatusCode::BAD_REQUEST, "limit must be a positive integer"),
+    };
+    match app.store.journal.tail(limit) {
+        Ok(events) => json_answer(StatusCode::OK, &json!({ "events": events })),
+        Err(error) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot read the journal: {error}"),
+        ),
+    }
+}
+
+fn not_found(name: &str) -> Answer {
+    json_error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Answer {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_answer(status: StatusCode, value: &impl serde::Serialize) -> Answer {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Answer {
+    json_answer(status, &json!({ "error": message }))
+}

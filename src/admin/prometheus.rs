@@ -1,0 +1,128 @@
+//! `GET /metrics`: every family of SPEC §5, from the live state.
+
+use std::sync::atomic::Ordering;
+
+use crate::app::App;
+use crate::metrics::prometheus::{write_slot, Kind, PromWriter};
+use crate::rollout::state::Phase;
+use crate::Slot;
+
+pub fn render(app: &App) -> String {
+    let mut w = PromWriter::new();
+    let table = app.table.load();
+    w.family(
+        "veer_canary_weight_percent",
+        Kind::Gauge,
+        "Canary weight per route.",
+    );
+    w.family(
+        "veer_rollout_phase",
+        Kind::Gauge,
+        "1 for the route's current rollout phase.",
+    );
+    w.family(
+        "veer_rollouts_total",
+        Kind::Counter,
+        "Finished rollouts by outcome.",
+    );
+    w.family(
+        "veer_shadow_total",
+        Kind::Counter,
+        "Shadow requests by outcome.",
+    );
+    for route in table.routes() {
+        let name = route.name();
+        let shared = &route.shared;
+        for slot in Slot::BOTH {
+            let version = &route.config.slot(slot).version;
+            write_slot(
+                &mut w,
+                name,
+                slot.as_str(),
+                version,
+                &shared.slot_metrics(slot).totals(),
+            );
+        }
+        if route.config.shadow.is_some() {
+            write_slot(&mut w, name, "shadow", "", &shared.shadow_metrics.totals());
+        }
+        let view = shared.rollout.view();
+        w.sample(
+            "veer_canary_weight_percent",
+            &[("route", name)],
+            view.state.split().canary_percent(),
+        );
+        for phase in Phase::ALL {
+            let value = if phase == view.state.phase { 1.0 } else { 0.0 };
+            w.sample(
+                "veer_rollout_phase",
+                &[("route", name), ("phase", phase.as_str())],
+                value,
+            );
+        }
+        for (outcome, counter) in [
+            ("promoted", &shared.rollout.promoted),
+            ("rolled_back", &shared.rollout.rolled_back),
+        ] {
+            let value = counter.load(Ordering::Relaxed) as f64;
+            w.sample(
+                "veer_rollouts_total",
+                &[("route", name), ("outcome", outcome)],
+                value,
+            );
+        }
+        if let Some(shadow) = &route.config.shadow {
+            let s = &shared.shadow;
+            let mut outcomes = vec![
+                ("error", &s.errors),
+                ("dropped_busy", &s.dropped_busy),
+                ("dropped_body", &s.dropped_body),
+            ];
+            if shadow.compare == crate::config::Compare::Off {
+                outcomes.push(("sent", &s.sent));
+            } else {
+                outcomes.push(("match", &s.matched));
+                outcomes.push(("mismatch", &s.mismatched));
+            }
+            for (outcome, counter) in outcomes {
+                let value = counter.load(Ordering::Relaxed) as f64;
+                w.sample(
+                    "veer_shadow_total",
+                    &[("route", name), ("outcome", outcome)],
+                    value,
+                );
+            }
+        }
+    }
+    w.family(
+        "veer_config_reloads_total",
+        Kind::Counter,
+        "Config reloads by result.",
+    );
+    for (result, counter) in [
+        ("applied", &app.reloads_applied),
+        ("rejected", &app.reloads_rejected),
+    ] {
+        let value = counter.load(Ordering::Relaxed) as f64;
+        w.sample("veer_config_reloads_total", &[("result", result)], value);
+    }
+    w.family(
+        "veer_connections",
+        Kind::Gauge,
+        "Open downstream connections per listener.",
+    );
+    for (listener, gauge) in &app.connections {
+        let value = gauge.load(Ordering::Relaxed) as f64;
+        w.sample("veer_connections", &[("listener", listener)], value);
+    }
+    if let Some(log) = &app.access_log {
+        w.family(
+            "veer_access_log_dropped_total",
+            Kind::Counter,
+            "Access log lines dropped because the writer fell behind.",
+        );
+        let value = log.dropped.load(Ordering::Relaxed) as f64;
+        w.sample("veer_access_log_dropped_total", &[], value);
+    }
+    w.finish()
+}

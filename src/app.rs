@@ -1,0 +1,368 @@
+//! Wiring: listeners, routing snapshot, controller, admin API, config watcher, reload and
+//! graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::access_log::AccessLogger;
+use crate::admin;
+use crate::config::{Config, ConfigError, ConfigErrors, RouteConfig};
+use crate::listener::{tls, Listener};
+use crate::metrics::SLICE;
+use crate::proxy::Proxy;
+use crate::rollout::{self, Store};
+use crate::routing::{RouteShared, RoutingTable};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot start the access log: {0}")]
+    AccessLog(std::io::Error),
+}
+
+/// The outcome of the last reload, for the admin API.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub at: Option<String>,
+    pub result: Option<&'static str>,
+    pub errors: Vec<ConfigError>,
+}
+
+/// Everything the running process shares.
+pub struct App {
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub store: Arc<Store>,
+    pub config_path: Option<PathBuf>,
+    pub reloads_applied: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    pub last_reload: Mutex<ReloadStatus>,
+    pub connections: Vec<(String, Arc<AtomicI64>)>,
+    pub ready: AtomicBool,
+    pub access_log: Option<AccessLogger>,
+    tls: Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// A started instance: where it listens and how to stop it.
+pub struct Running {
+    pub app: Arc<App>,
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    graceful: Arc<GracefulShutdown>,
+    listeners: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds a snapshot, carrying each route's long-lived state over from `previous` by name
+/// and restoring new routes from the state dir.
+fn build_table(
+    config: Config,
+    previous: Option<&RoutingTable>,
+    store: &Arc<Store>,
+) -> RoutingTable {
+    let mut reused: Vec<(Arc<RouteShared>, RouteConfig, Option<RouteConfig>)> = Vec::new();
+    let table = RoutingTable::new(config, |rc| {
+        let old = previous.and_then(|t| t.route(&rc.name));
+        let shared = match old {
+            Some(old) => Arc::clone(&old.shared),
+            None => rollout::restore(rc, store),
+        };
+        reused.push((
+            Arc::clone(&shared),
+            rc.clone(),
+            old.map(|o| o.config.clone()),
+        ));
+        shared
+    });
+    for (shared, config, old) in &reused {
+        rollout::reconcile(shared, config, old.as_ref());
+    }
+    table
+}
+
+/// Binds everything and starts serving. Errors here are startup failures (exit code 2).
+pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, AppError> {
+    let store = Arc::new(Store::new(&config.state));
+    let tls_acceptor = match &config.server.tls {
+        Some(t) => Some(Arc::new(tls::acceptor(t)?)),
+        None => None,
+    };
+    let access_log = AccessLogger::start(&config.server.access_log).map_err(AppError::AccessLog)?;
+    let mut listeners = Vec::new();
+    for &addr in &config.server.listen {
+        let listener = Listener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { addr, source })?;
+        listeners.push(listener);
+    }
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| AppError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let table = Arc::new(ArcSwap::from_pointee(build_table(config, None, &store)));
+    let app = Arc::new(App {
+        table: Arc::clone(&table),
+        store,
+        config_path,
+        reloads_applied: AtomicU64::new(0),
+        reloads_rejected: AtomicU64::new(0),
+        last_reload: Mutex::new(ReloadStatus::default()),
+        connections: listeners
+            .iter()
+            .map(|l| (l.name.clone(), Arc::clone(&l.connections)))
+            .collect(),
+        ready: AtomicBool::new(false),
+        access_log: access_log.clone(),
+        tls: Arc::new(ArcSwapOption::new(tls_acceptor)),
+        reload_lock: tokio::sync::Mutex::new(()),
+    });
+    let proxy = Arc::new(Proxy::new(Arc::clone(&table), access_log));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let proxy_addrs = listeners.iter().map(|l| l.addr).collect();
+    let mut accept_loops = Vec::new();
+    for listener in listeners {
+        info!(listen = %listener.addr, tls = app.tls.load().is_some(), "Proxy listening.");
+        accept_loops.push(tokio::spawn(listener.serve(
+            Arc::clone(&proxy),
+            Arc::clone(&app.tls),
+            Arc::clone(&graceful),
+            shutdown_rx.clone(),
+        )));
+    }
+    let mut tasks = Vec::new();
+    info!(listen = %admin_addr, "Admin API listening.");
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&app),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(rollout::run(Arc::clone(&table))));
+    tasks.push(tokio::spawn(rotate_windows(Arc::clone(&table))));
+    if let Some(path) = app.config_path.clone() {
+        tasks.push(tokio::spawn(crate::config::watch::run(
+            path,
+            Arc::clone(&app),
+        )));
+        tasks.push(tokio::spawn(reload_on_sighup(Arc::clone(&app))));
+    }
+    app.ready.store(true, Ordering::Release);
+    Ok(Running {
+        app,
+        proxy_addrs,
+        admin_addr,
+        shutdown,
+        graceful,
+        listeners: accept_loops,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish up to `drain_timeout`, then stops.
+    pub async fn shutdown(self) {
+        let drain = self.app.table.load().config.server.drain_timeout;
+        self.app.ready.store(false, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        for accept_loop in self.listeners {
+            // The accept loops end on the signal and drop their handle on `graceful`.
+            let _ = accept_loop.await;
+        }
+        let graceful = Arc::try_unwrap(self.graceful);
+        match graceful {
+            Ok(graceful) => {
+                if tokio::time::timeout(drain, graceful.shutdown())
+                    .await
+                    .is_err()
+                {
+                    warn!(drain = ?drain, "Drain timeout reached; closing remaining connections.");
+                }
+            }
+            Err(_) => warn!("Listeners still running; not draining."),
+        }
+        for task in self.tasks {
+            task.abort();
+        }
+        info!("Stopped.");
+    }
+}
+
+/// Resolves once the shutdown signal is set (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Runs until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
+    let running = start(config, config_path).await?;
+    wait_for_signal().await;
+    info!("Shutting down.");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(error) => {
+            warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops veer.");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn reload_on_sighup(app: Arc<App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(error) => {
+            warn!(%error, "Cannot listen for SIGHUP.");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        info!("SIGHUP: reloading.");
+        let _ = app.reload().await;
+    }
+}
+
+/// Advances every slot's sliding window, off the request path.
+async fn rotate_windows(table: Arc<ArcSwap<RoutingTable>>) {
+    let mut tick = tokio::time::interval(SLICE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for route in table.load().routes() {
+            for metrics in &route.shared.metrics {
+                metrics.rotate();
+            }
+            route.shared.shadow_metrics.rotate();
+        }
+    }
+}
+
+impl App {
+    /// Re-reads the config file; applies it whole or not at all.
+    pub async fn reload(&self) -> Result<(), ConfigErrors> {
+        let _guard = self.reload_lock.lock().await;
+        let result = self.try_reload();
+        let (label, errors) = match &result {
+            Ok(()) => {
+                self.reloads_applied.fetch_add(1, Ordering::Relaxed);
+                info!("Config reloaded.");
+                ("applied", Vec::new())
+            }
+            Err(errors) => {
+                self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                warn!(errors = %errors, "Config rejected; the previous one keeps serving.");
+                ("rejected", errors.0.clone())
+            }
+        };
+        if let Ok(mut status) = self.last_reload.lock() {
+            *status = ReloadStatus {
+                at: Some(crate::rollout::journal::now_rfc3339()),
+                result: Some(label),
+                errors,
+            };
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<(), ConfigErrors> {
+        let Some(path) = &self.config_path else {
+            return Err(restart_error(
+                "",
+                "no config file to reload (started without one)",
+            ));
+        };
+        let config = Config::load(path)?;
+        let current = self.table.load_full();
+        let old = &current.config;
+        if config.server.listen != old.server.listen {
+            return Err(restart_error(
+                "server.listen",
+                "changing listeners needs a restart",
+            ));
+        }
+        if config.admin != old.admin {
+            return Err(restart_error(
+                "admin",
+                "changing the admin listener or token needs a restart",
+            ));
+        }
+        if config.state != old.state {
+            return Err(restart_error(
+                "state.dir",
+                "changing the state dir needs a restart",
+            ));
+        }
+        if config.server.tls.is_some() != old.server.tls.is_some() {
+            return Err(restart_error(
+                "server.tls",
+                "turning TLS on or off needs a restart",
+            ));
+        }
+        if let Some(tls_config) = &config.server.tls {
+            let acceptor = tls::acceptor(tls_config)
+                .map_err(|e| restart_error("server.tls", &e.to_string()))?;
+            self.tls.store(Some(Arc::new(acceptor)));
+        }
+        for route in old
+            .routes
+            .iter()
+            .filter(|r| config.route(&r.name).is_none())
+        {
+            self.forget_route(&route.name);
+        }
+        let table = build_table(config, Some(&current), &self.store);
+        self.table.store(Arc::new(table));
+        Ok(())
+    }
+
+    /// A route removed by a reload starts fresh if it comes back.
+    fn forget_route(&self, name: &str) {
+        let files = &self.store.files;
+        if let Err(error) = files.remove(name) {
+            warn!(route = name, %error, "Cannot remove the state of a removed route.");
+        }
+        info!(route = name, "Route removed.");
+    }
+}
+
+fn restart_error(path: &str, message: &str) -> ConfigErrors {
+    ConfigErrors::single(ConfigError {
+        path: path.to_string(),
+        line: None,
+        message: message.to_string(),
+    })
+}

@@ -1,0 +1,230 @@
+//! The admin-API commands of the CLI: `veer status` and `veer rollout ACTION ROUTE`.
+
+use std::io::IsTerminal;
+
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0:?} is not an admin URL like http://127.0.0.1:9901")]
+    Url(String),
+    #[error("cannot reach the admin API at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("admin API answered {status}: {message}")]
+    Refused { status: StatusCode, message: String },
+    #[error("admin API answered something that is not JSON")]
+    NotJson,
+}
+
+/// One admin request; the answer's status and JSON body.
+pub async fn call(
+    admin: &str,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value), CliError> {
+    let base = admin.trim_end_matches('/');
+    let url = format!("{base}{path}");
+    let uri: Uri = url.parse().map_err(|_| CliError::Url(admin.to_string()))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(CliError::Url(admin.to_string()));
+    }
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    if !payload.is_empty() {
+        request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    let request = request
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|_| CliError::Url(admin.to_string()))?;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let unreachable = |reason: String| CliError::Unreachable {
+        url: base.to_string(),
+        reason,
+    };
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .to_bytes();
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| CliError::NotJson)?;
+    if !status.is_success() {
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("request refused")
+            .to_string();
+        return Err(CliError::Refused { status, message });
+    }
+    Ok((status, value))
+}
+
+/// `veer status`: prints one table of every route.
+pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
+    let (_, value) = call(admin, token, Method::GET, "/api/v1/routes", None).await?;
+    let routes = value
+        .get("routes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    print!("{}", render_table(&routes, std::io::stdout().is_terminal()));
+    Ok(())
+}
+
+/// `veer rollout ACTION ROUTE`.
+pub async fn rollout(
+    admin: &str,
+    token: Option<&str>,
+    action: &str,
+    route: &str,
+) -> anyhow::Result<()> {
+    let path = format!("/api/v1/routes/{route}/rollout/{action}");
+    let (_, value) = call(admin, token, Method::POST, &path, None).await?;
+    print!(
+        "{}",
+        render_table(
+            std::slice::from_ref(&value),
+            std::io::stdout().is_terminal()
+        )
+    );
+    Ok(())
+}
+
+/// The status table: one row per route and slot.
+pub fn render_table(routes: &[Value], colour: bool) -> String {
+    let header = [
+        "ROUTE", "SLOT", "VERSION", "ROLE", "WEIGHT", "PHASE", "STEP", "REQ/S", "ERR%", "P99MS",
+    ];
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut verdicts = Vec::new();
+    for route in routes {
+        let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+        let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+        let name = s(&route["name"]);
+        let stable = s(&route["stable"]);
+        let weight = f(&route["canary_weight"]);
+        let steps = route["steps"].as_array().map_or(0, Vec::len);
+        let step = route["step"].as_u64().unwrap_or(0) + 1;
+        for slot in ["blue", "green"] {
+            let stats = &route["slots"][slot];
+            let (role, share) = if slot == stable {
+                ("stable", 100.0 - weight)
+            } else {
+                ("canary", weight)
+            };
+            rows.push(vec![
+                name.clone(),
+                slot.to_string(),
+                s(&route["versions"][slot]),
+                role.to_string(),
+                format!("{share:.2}%"),
+                s(&route["phase"]),
+                if steps > 0 {
+                    format!("{step}/{steps}")
+                } else {
+                    "-".into()
+                },
+                format!("{:.1}", f(&stats["rps"])),
+                format!("{:.2}", f(&stats["error_rate"]) * 100.0),
+                format!("{:.1}", f(&stats["latency_ms"]["p99"])),
+            ]);
+        }
+        if let Some(verdict) = route["last_verdict"].as_object() {
+            let result = verdict.get("result").and_then(Value::as_str).unwrap_or("-");
+            let reason = verdict.get("reason").and_then(Value::as_str).unwrap_or("");
+            verdicts.push(format!("{name}: last verdict {result}: {reason}"));
+        }
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    let head: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    if colour {
+        out.push_str("\x1b[1m");
+    }
+    line(head, &mut out);
+    if colour {
+        out.push_str("\x1b[0m");
+    }
+    for row in rows {
+        let colour_code = match row[3].as_str() {
+            "canary" if colour => Some("\x1b[32m"),
+            _ => None,
+        };
+        if let Some(code) = colour_code {
+            out.push_str(code);
+        }
+        line(row, &mut out);
+        if colour_code.is_some() {
+            out.push_str("\x1b[0m");
+        }
+    }
+    for verdict in verdicts {
+        out.push_str(&verdict);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_has_a_row_per_slot_with_aligned_columns() {
+        let route = json!({
+            "name": "shop", "stable": "blue", "canary_weight": 10.0, "phase": "ramping",
+            "step": 1, "steps": [1.0, 10.0, 100.0],
+            "versions": {"blue": "v41", "green": "v42"},
+            "slots": {
+                "blue": {"rps": 90.0, "error_rate": 0.001, "latency_ms": {"p99": 9.8}},
+                "green": {"rps": 10.0, "error_rate": 0.02, "latency_ms": {"p99": 12.5}}
+            },
+            "last_verdict": {"result": "hold", "reason": "waiting for evidence"}
+        });
+        let table = render_table(&[route], false);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("ROUTE"));
+        assert!(
+            lines[1].contains("blue") && lines[1].contains("stable") && lines[1].contains("90.00%")
+        );
+        assert!(
+            lines[2].contains("green") && lines[2].contains("canary") && lines[2].contains("2.00")
+        );
+        assert!(lines[2].contains("2/3"));
+        assert_eq!(lines[0].find("SLOT"), lines[1].find("blue"));
+        assert!(lines[3].contains("last verdict hold"));
+    }
+}

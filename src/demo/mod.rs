@@ -1,0 +1,284 @@
+//! `veer demo`: blue, green and shadow upstreams, the proxy and a synthetic load with many
+//! distinct users, all in this process on loopback, and a live view of the rollout until it is
+//! promoted or rolled back.
+
+pub mod upstream;
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::app;
+use crate::config;
+use crate::rollout::state::{Action, Phase};
+use upstream::Upstream;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoOptions {
+    /// Fraction of green's answers that are 500s (e.g. 0.05): watch the rollback.
+    #[arg(long, default_value_t = 0.0)]
+    pub green_errors: f64,
+    /// Latency added to every green answer (e.g. 50ms): watch the rollback.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
+    pub green_latency: Duration,
+    /// Keep the admin API on this address while the demo runs (e.g. 127.0.0.1:9901).
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9901")]
+    pub admin: Option<SocketAddr>,
+    /// Requests per second of the synthetic load.
+    #[arg(long, default_value_t = 800)]
+    pub rate: u32,
+    /// Give up after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
+    pub timeout: Duration,
+    /// Seconds each step lasts at least.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    pub min_step_time: Duration,
+}
+
+/// How the demo ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Promoted,
+    RolledBack,
+}
+
+/// The demo's config: one route, a short policy, a 10 % shadow.
+fn demo_config(
+    blue: SocketAddr,
+    green: SocketAddr,
+    shadow: SocketAddr,
+    admin: SocketAddr,
+    state: &std::path::Path,
+    min_step_time: Duration,
+) -> anyhow::Result<config::Config> {
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "{admin}"
+[state]
+dir = "{state}"
+[[route]]
+name = "demo"
+[route.blue]
+endpoints = ["{blue}"]
+version = "v1"
+[route.green]
+endpoints = ["{green}"]
+version = "v2"
+[route.sticky]
+by = "header:x-user"
+[route.shadow]
+endpoints = ["{shadow}"]
+percent = 10
+[route.rollout]
+steps = [10, 50, 100]
+min_step_time = "{step}"
+min_requests = 200
+interval = "500ms"
+failure_threshold = 2
+"#,
+        state = state.display(),
+        step = humantime::format_duration(min_step_time),
+    );
+    config::parse(&text, None).map_err(|e| anyhow::anyhow!("demo config: {e}"))
+}
+
+/// Runs the demo to its end; `Ok` with the outcome (rolled back is a success too: it is what
+/// a bad green should get).
+pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
+    let blue = Upstream::builder("blue v1").start().await?;
+    let green = Upstream::builder("green v2")
+        .error_rate(options.green_errors)
+        .latency(options.green_latency)
+        .start()
+        .await?;
+    let shadow = Upstream::builder("shadow v2").start().await?;
+    let state = std::env::temp_dir().join(format!("veer-demo-{}", std::process::id()));
+    let admin = options
+        .admin
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let config = demo_config(
+        blue.addr,
+        green.addr,
+        shadow.addr,
+        admin,
+        &state,
+        options.min_step_time,
+    )?;
+    let running = app::start(config, None)
+        .await
+        .context("cannot start the proxy")?;
+    let proxy = running
+        .proxy_addrs
+        .first()
+        .copied()
+        .context("no listener")?;
+    if options.admin.is_some() {
+        println!("admin API: http://{}/api/v1/routes", running.admin_addr);
+    }
+    let table = running.app.table.load_full();
+    let route = table.route("demo").context("demo route missing")?;
+    crate::rollout::act(&route.shared, &route.config, Action::Start, "demo started")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let load = tokio::spawn(load(
+        proxy,
+        options.rate,
+        Arc::clone(&stop),
+        Arc::clone(&sent),
+    ));
+    let outcome = watch(&running, options.timeout).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.await;
+    let summary = crate::admin::status::route_json(route);
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&state);
+    print_summary(
+        &summary,
+        outcome.as_ref().ok().copied(),
+        sent.load(Ordering::Relaxed),
+    );
+    outcome
+}
+
+/// Polls the route, draws the live view, returns when the rollout is over.
+async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outcome> {
+    let tty = std::io::stdout().is_terminal();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_line = String::new();
+    let mut drawn = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let table = running.app.table.load_full();
+        let route = table.route("demo").context("demo route missing")?;
+        let view = route.shared.rollout.view();
+        let json = crate::admin::status::route_json(route);
+        let frame = render(&json);
+        if tty {
+            if drawn > 0 {
+                print!("\x1b[{drawn}A\x1b[J");
+            }
+            print!("{frame}");
+            drawn = frame.lines().count();
+        } else {
+            let line = frame.lines().next().unwrap_or("").to_string();
+            if line != last_line {
+                println!("{line}");
+                last_line = line;
+            }
+        }
+        let _ = std::io::stdout().flush();
+        match view.state.phase {
+            Phase::RolledBack => return Ok(Outcome::RolledBack),
+            Phase::Idle if view.state.stable == crate::Slot::Green => return Ok(Outcome::Promoted),
+            _ => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the rollout did not finish within {}",
+                humantime::format_duration(timeout)
+            );
+        }
+    }
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// The live view: a progress bar of the canary weight, the phase and step, per-slot figures and
+/// the last verdict.
+fn render(route: &Value) -> String {
+    let weight = f(&route["canary_weight"]);
+    let filled = (weight / 100.0 * 40.0).round() as usize;
+    let bar: String = "#".repeat(filled.min(40)) + &"-".repeat(40 - filled.min(40));
+    let steps = route["steps"].as_array().map_or(0, Vec::len);
+    let mut out = format!(
+        "[{bar}] green {weight:>6.2}%  phase {}  step {}/{}  {}\n",
+        route["phase"].as_str().unwrap_or("-"),
+        route["step"].as_u64().unwrap_or(0) + 1,
+        steps,
+        route["waiting"].as_str().unwrap_or(""),
+    );
+    for slot in ["blue", "green"] {
+        let s = &route["slots"][slot];
+        out.push_str(&format!(
+            "  {slot:<5} {:>8.1} req/s  errors {:>6.2}%  p99 {:>7.1} ms\n",
+            f(&s["rps"]),
+            f(&s["error_rate"]) * 100.0,
+            f(&s["latency_ms"]["p99"]),
+        ));
+    }
+    let shadow = &route["shadow"];
+    out.push_str(&format!(
+        "  shadow {} mirrored, {} match, {} mismatch, {} error\n",
+        shadow["requests"], shadow["match"], shadow["mismatch"], shadow["error"]
+    ));
+    if let Some(reason) = route["last_verdict"]["reason"].as_str() {
+        out.push_str(&format!(
+            "  last verdict: {} ({reason})\n",
+            route["last_verdict"]["result"].as_str().unwrap_or("-")
+        ));
+    }
+    out
+}
+
+fn print_summary(route: &Value, outcome: Option<Outcome>, sent: u64) {
+    let verdict = route["last_verdict"]["reason"].as_str().unwrap_or("-");
+    match outcome {
+        Some(Outcome::Promoted) => println!("\nPromoted: green (v2) is now stable. {verdict}"),
+        Some(Outcome::RolledBack) => {
+            println!("\nRolled back: all traffic is on blue (v1). {verdict}")
+        }
+        None => println!("\nThe rollout did not finish."),
+    }
+    println!(
+        "{sent} requests sent; blue served {}, green {} in the last minute; journal lines show every decision.",
+        route["slots"]["blue"]["requests"], route["slots"]["green"]["requests"]
+    );
+}
+
+/// A paced load of many distinct users (`x-user` header), until `stop`.
+async fn load(proxy: SocketAddr, rate: u32, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    const WORKERS: u32 = 32;
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let per_worker = Duration::from_secs_f64(f64::from(WORKERS) / f64::from(rate.max(1)));
+    let mut tasks = Vec::new();
+    for _ in 0..WORKERS {
+        let client = client.clone();
+        let stop = Arc::clone(&stop);
+        let sent = Arc::clone(&sent);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(per_worker);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let user = fastrand::u32(0..20_000);
+                let request = http::Request::builder()
+                    .uri(format!("http://{proxy}/"))
+                    .header("x-user", format!("user-{user}"))
+                    .body(Empty::new());
+                let Ok(request) = request else { continue };
+                if let Ok(response) = client.request(request).await {
+                    let _ = response.into_body().collect().await;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}

@@ -1,0 +1,164 @@
+//! Accept loops and per-connection tasks: TLS (in the connection's own task, with a deadline),
+//! HTTP/1.1 and HTTP/2 (h2c prior knowledge or ALPN) on one port, graceful drain.
+
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use crate::config::ServerConfig;
+use crate::proxy::{ConnInfo, Proxy};
+
+/// One proxy listener.
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub connections: Arc<AtomicI64>,
+    tcp: TcpListener,
+}
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+        let tcp = TcpListener::bind(addr).await?;
+        let addr = tcp.local_addr()?;
+        Ok(Listener {
+            addr,
+            name: addr.to_string(),
+            connections: Arc::new(AtomicI64::new(0)),
+            tcp,
+        })
+    }
+
+    /// Accepts until `shutdown` turns true; every connection is watched by `graceful`.
+    pub async fn serve(
+        self,
+        proxy: Arc<Proxy>,
+        tls: Arc<ArcSwapOption<TlsAcceptor>>,
+        graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.tcp.accept() => accepted,
+                () = crate::app::stopped(&mut shutdown) => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(listener = %self.name, %error, "Accept failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let connection = Connection {
+                proxy: Arc::clone(&proxy),
+                tls: tls.load_full(),
+                watcher: graceful.watcher(),
+                gauge: Gauge::new(&self.connections),
+                peer,
+            };
+            tokio::spawn(connection.run(stream));
+        }
+    }
+}
+
+/// Counts a live connection while it exists.
+struct Gauge(Arc<AtomicI64>);
+
+impl Gauge {
+    fn new(counter: &Arc<AtomicI64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Gauge(Arc::clone(counter))
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Connection {
+    proxy: Arc<Proxy>,
+    tls: Option<Arc<TlsAcceptor>>,
+    watcher: Watcher,
+    gauge: Gauge,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn run(self, stream: TcpStream) {
+        let server = self.proxy.table.load().config.server.clone();
+        match self.tls.clone() {
+            None => self.serve(stream, false, &server).await,
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(server.header_timeout, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(stream)) => self.serve(stream, true, &server).await,
+                    Ok(Err(error)) => debug!(peer = %self.peer, %error, "TLS handshake failed."),
+                    Err(_) => debug!(peer = %self.peer, "TLS handshake timed out."),
+                }
+            }
+        }
+    }
+
+    async fn serve<I>(self, io: I, tls: bool, server: &ServerConfig)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let info = ConnInfo {
+            peer: self.peer,
+            tls,
+        };
+        let proxy = self.proxy;
+        let service = service_fn(move |req: Request<Incoming>| {
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+        });
+        let builder = builder(server);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(error) = self.watcher.watch(conn.into_owned()).await {
+            debug!(peer = %self.peer, %error, "Connection closed with an error.");
+        }
+        drop(self.gauge);
+    }
+}
+
+/// The per-connection protocol settings from the current config.
+fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Also bounds keep-alive idle time: hyper restarts it while waiting for the next head.
+        .header_read_timeout(server.header_timeout)
+        .max_buf_size(server.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Some(server.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}

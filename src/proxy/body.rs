@@ -1,0 +1,137 @@
+//! The response body to the client: veer's own short answers, or the upstream's body streamed
+//! frame by frame. An upstream failure mid-body is passed on as an error, so the client sees an
+//! aborted response (connection closed or stream reset), never a clean truncated one.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
+
+use crate::access_log::{AccessLogger, Record};
+use crate::metrics::ErrorKind;
+use crate::routing::RouteShared;
+use crate::upstream::mirror::BodyHasher;
+use crate::Slot;
+
+pin_project! {
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Local { data: Option<Bytes> },
+        Upstream { #[pin] inner: Incoming, tail: Tail },
+    }
+}
+
+impl ProxyBody {
+    pub fn local(data: Bytes) -> Self {
+        ProxyBody::Local { data: Some(data) }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody::Local { data: None }
+    }
+
+    pub fn upstream(inner: Incoming, tail: Tail) -> Self {
+        ProxyBody::Upstream { inner, tail }
+    }
+}
+
+/// What happens as the upstream body streams: byte count, mid-body failure recording, the
+/// optional hash for shadow comparison and the optional access-log line.
+pub struct Tail {
+    pub route: Arc<RouteShared>,
+    pub slot: Slot,
+    pub bytes: u64,
+    pub extra: Option<Box<Extra>>,
+}
+
+#[derive(Default)]
+pub struct Extra {
+    pub hash: Option<(BodyHasher, oneshot::Sender<u64>)>,
+    pub log: Option<(AccessLogger, Record)>,
+}
+
+impl Tail {
+    fn data(&mut self, data: &Bytes) {
+        self.bytes += data.len() as u64;
+        if let Some((hasher, _)) = self.extra.as_mut().and_then(|e| e.hash.as_mut()) {
+            hasher.update(data);
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(extra) = self.extra.as_mut() {
+            if let Some((hasher, tx)) = extra.hash.take() {
+                let _ = tx.send(hasher.finish());
+            }
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        if let Some((logger, mut record)) = self.extra.as_mut().and_then(|e| e.log.take()) {
+            record.bytes = self.bytes;
+            logger.log(record);
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Upstream { mut inner, tail } => {
+                let polled = inner.as_mut().poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            tail.data(data);
+                        }
+                        if inner.is_end_stream() {
+                            tail.end();
+                        }
+                    }
+                    Poll::Ready(Some(Err(error))) => {
+                        let kind = if error.is_timeout() {
+                            ErrorKind::Timeout
+                        } else {
+                            ErrorKind::Reset
+                        };
+                        tail.route.slot_metrics(tail.slot).record_body_failure(kind);
+                        tracing::debug!(route = %tail.route.name, slot = %tail.slot, %error, "Upstream body failed.");
+                    }
+                    Poll::Ready(None) => tail.end(),
+                    Poll::Pending => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Local { data } => data.is_none(),
+            ProxyBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Local { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The one mapping from a local error to a status code and a short plain reason.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::metrics::ErrorKind;
+
+/// Whose fault an error was. Only upstream faults count against a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Downstream,
+    Upstream,
+}
+
+/// An error veer answers itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalError {
+    BadRequest(&'static str),
+    NoRoute,
+    UriTooLong,
+    HeadersTooLarge,
+    BodyTooLarge,
+    BodyTimeout,
+    NoEndpoint,
+    Upstream(ErrorKind),
+}
+
+impl LocalError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            LocalError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            LocalError::NoRoute => StatusCode::NOT_FOUND,
+            LocalError::UriTooLong => StatusCode::URI_TOO_LONG,
+            LocalError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            LocalError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            LocalError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            LocalError::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            LocalError::Upstream(ErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            LocalError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn fault(self) -> Fault {
+        match self {
+            LocalError::NoEndpoint | LocalError::Upstream(_) => Fault::Upstream,
+            _ => Fault::Downstream,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            LocalError::BadRequest(reason) => reason,
+            LocalError::NoRoute => "no route for this host and path",
+            LocalError::UriTooLong => "request URI too long",
+            LocalError::HeadersTooLarge => "request header section too large",
+            LocalError::BodyTooLarge => "request body too large",
+            LocalError::BodyTimeout => "request body timed out",
+            LocalError::NoEndpoint => "no upstream endpoint available",
+            LocalError::Upstream(ErrorKind::Connect) => "upstream refused the connection",
+            LocalError::Upstream(ErrorKind::Timeout) => "upstream timed out",
+            LocalError::Upstream(ErrorKind::Reset) => "upstream reset the connection",
+            LocalError::Upstream(ErrorKind::Protocol) => "upstream sent an invalid response",
+            LocalError::Upstream(ErrorKind::Status) => "upstream error",
+        }
+    }
+
+    /// The response: status, `text/plain` reason, and `Connection: close` for errors after
+    /// which the connection's framing cannot be trusted.
+    pub fn response(self) -> Response<ProxyBody> {
+        let mut body = String::with_capacity(self.reason().len() + 1);
+        body.push_str(self.reason());
+        body.push('\n');
+        let mut response = Response::new(ProxyBody::local(Bytes::from(body)));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if matches!(
+            self,
+            LocalError::BadRequest(_) | LocalError::BodyTooLarge | LocalError::BodyTimeout
+        ) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_local_error_has_its_status_and_fault() {
+        let table = [
+            (LocalError::BadRequest("x"), 400, Fault::Downstream),
+            (LocalError::NoRoute, 404, Fault::Downstream),
+            (LocalError::BodyTimeout, 408, Fault::Downstream),
+            (LocalError::BodyTooLarge, 413, Fault::Downstream),
+            (LocalError::UriTooLong, 414, Fault::Downstream),
+            (LocalError::HeadersTooLarge, 431, Fault::Downstream),
+            (
+                LocalError::Upstream(ErrorKind::Connect),
+                502,
+                Fault::Upstream,
+            ),
+            (LocalError::Upstream(ErrorKind::Reset), 502, Fault::Upstream),
+            (
+                LocalError::Upstream(ErrorKind::Protocol),
+                502,
+                Fault::Upstream,
+            ),
+            (LocalError::NoEndpoint, 503, Fault::Upstream),
+            (
+                LocalError::Upstream(ErrorKind::Timeout),
+                504,
+                Fault::Upstream,
+            ),
+        ];
+        for (error, status, fault) in table {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            assert_eq!(error.fault(), fault, "{error:?}");
+            assert!(!error.reason().is_empty());
+        }
+    }
+}

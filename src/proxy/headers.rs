@@ -1,0 +1,182 @@
+//! Header rewriting both ways: hop-by-hop removal, forwarded headers, veer's own headers.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::upstream::mirror::SHADOW_HEADER;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that are never forwarded, besides those that
+/// `Connection` lists.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes hop-by-hop headers; `Upgrade` (and `Connection: upgrade`) stay when tunnelling.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .filter(|name| !(tunnelling && name == header::UPGRADE))
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if tunnelling {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// True when a request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// What the forwarded headers say about the downstream side.
+pub struct Forwarded<'a> {
+    pub client_ip: IpAddr,
+    pub tls: bool,
+    /// The effective authority the client asked for (host[:port]).
+    pub host: Option<&'a HeaderValue>,
+    pub http2: bool,
+    /// The route's override header, stripped before forwarding.
+    pub override_header: Option<&'a HeaderName>,
+}
+
+/// Rewrites a client request's headers for the upstream.
+pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: bool) {
+    remove_hop_by_hop(headers, tunnelling);
+    if let Some(name) = fwd.override_header {
+        headers.remove(name);
+    }
+    headers.remove(SHADOW_HEADER);
+    append_forwarded_for(headers, fwd.client_ip);
+    let proto = if fwd.tls { "https" } else { "http" };
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    if let Some(host) = fwd.host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        headers.insert(header::HOST, host.clone());
+    }
+    let via = if fwd.http2 { "2 veer" } else { "1.1 veer" };
+    headers.append(header::VIA, HeaderValue::from_static(via));
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+/// Rewrites an upstream response's headers for the client.
+pub fn to_client(headers: &mut HeaderMap, tunnelling: bool) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Both framings present: the length is not to be trusted; hyper re-frames.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    remove_hop_by_hop(headers, tunnelling);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.append(*k, HeaderValue::from_static(v));
+        }
+        headers
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut headers, false);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn tunnelling_keeps_upgrade() {
+        let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&headers));
+        remove_hop_by_hop(&mut headers, true);
+        assert_eq!(headers["upgrade"], "websocket");
+        assert_eq!(headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers_are_set_and_internal_ones_stripped() {
+        let override_header = HeaderName::from_static("x-veer-slot");
+        let mut headers = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-veer-slot", "green"),
+            ("x-veer-shadow", "1"),
+            ("host", "shop.example.com"),
+        ]);
+        let host = HeaderValue::from_static("shop.example.com");
+        let fwd = Forwarded {
+            client_ip: "::ffff:127.0.0.1".parse().unwrap(),
+            tls: true,
+            host: Some(&host),
+            http2: false,
+            override_header: Some(&override_header),
+        };
+        to_upstream(&mut headers, &fwd, false);
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "shop.example.com");
+        assert_eq!(headers["via"], "1.1 veer");
+        assert!(!headers.contains_key("x-veer-slot"));
+        assert!(!headers.contains_key("x-veer-shadow"));
+    }
+
+    #[test]
+    fn response_with_both_framings_loses_content_length() {
+        let mut headers = map(&[("transfer-encoding", "chunked"), ("content-length", "10")]);
+        to_client(&mut headers, false);
+        assert!(headers.is_empty());
+    }
+}

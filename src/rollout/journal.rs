@@ -1,0 +1,143 @@
+//! The decision journal: one JSON line per transition or analysis that changed something,
+//! appended to `state.dir/journal.jsonl` with the numbers behind it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::judge::Judgement;
+
+/// One journal line.
+#[derive(Clone, Debug, Serialize)]
+pub struct Entry<'a> {
+    pub at: String,
+    pub route: &'a str,
+    /// `transition` (the phase or weight changed) or `analysis` (the failure count changed).
+    pub event: &'static str,
+    pub action: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub stable: &'static str,
+    pub weight_from: f64,
+    pub weight_to: f64,
+    pub step: usize,
+    pub failures: u32,
+    pub reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judgement: Option<&'a Judgement>,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+}
+
+impl Journal {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("journal.jsonl"),
+            file: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one line. Never called on the request path.
+    pub fn append(&self, entry: &Entry<'_>) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut guard = self
+            .file
+            .lock()
+            .map_err(|_| std::io::Error::other("journal lock poisoned"))?;
+        if guard.is_none() {
+            if let Some(dir) = self.path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            *guard = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        match guard.as_mut() {
+            Some(file) => file.write_all(&line),
+            None => Ok(()),
+        }
+    }
+
+    /// The newest `limit` entries, newest first (reads at most the last 4 MiB of the file).
+    pub fn tail(&self, limit: usize) -> std::io::Result<Vec<serde_json::Value>> {
+        const MAX_READ: u64 = 4 << 20;
+        let mut file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(error),
+        };
+        let len = file.metadata()?.len();
+        let start = len.saturating_sub(MAX_READ);
+        file.seek(SeekFrom::Start(start))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        let mut lines: Vec<&str> = text.lines().collect();
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0); // possibly cut in the middle
+        }
+        Ok(lines
+            .iter()
+            .rev()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .take(limit)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(reason: &str) -> Entry<'_> {
+        Entry {
+            at: now_rfc3339(),
+            route: "shop",
+            event: "transition",
+            action: "start",
+            from: "idle",
+            to: "ramping",
+            stable: "blue",
+            weight_from: 0.0,
+            weight_to: 1.0,
+            step: 0,
+            failures: 0,
+            reason,
+            judgement: None,
+        }
+    }
+
+    #[test]
+    fn tail_returns_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        assert!(journal.tail(10).unwrap().is_empty());
+        for reason in ["a", "b", "c"] {
+            journal.append(&entry(reason)).unwrap();
+        }
+        let tail = journal.tail(2).unwrap();
+        assert_eq!(tail.len(), 2);
+        assert_eq!(tail[0]["reason"], "c");
+        assert_eq!(tail[1]["reason"], "b");
+        assert_eq!(tail[0]["weight_to"], 1.0);
+    }
+}

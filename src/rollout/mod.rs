@@ -1,0 +1,381 @@
+//! The rollout controller: per route, judge canary against stable over the current step's
+//! window every `interval`, and ramp, hold or revert.
+//!
+//! - `judge`: the pure verdict (stats in, verdict out).
+//! - `state`: the state machine and its persistence.
+//! - `journal`: the decision journal.
+//!
+//! All writers of a route's rollout state (this controller, the admin API, reloads) go through
+//! [`act`], which applies one legal transition, moves the split, resets the step windows,
+//! saves the state and writes the journal line.
+
+pub mod journal;
+pub mod judge;
+pub mod state;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::config::{Mode, RouteConfig, StateConfig};
+use crate::metrics::WindowStats;
+use crate::routing::{RouteShared, RoutingTable, Split};
+use journal::{Entry, Journal};
+use judge::{Evidence, Judgement, Policy, SlotEvidence, Verdict};
+use state::{Action, IllegalTransition, Phase, RolloutState, StateFiles};
+
+/// Where rollout state and the journal are written.
+#[derive(Debug)]
+pub struct Store {
+    pub files: StateFiles,
+    pub journal: Journal,
+}
+
+impl Store {
+    pub fn new(config: &StateConfig) -> Self {
+        Self {
+            files: StateFiles::new(&config.dir),
+            journal: Journal::new(&config.dir),
+        }
+    }
+}
+
+/// The last analysis of a route, for the admin API.
+#[derive(Clone, Debug)]
+pub struct LastVerdict {
+    pub at: String,
+    pub judgement: Judgement,
+}
+
+struct Inner {
+    state: RolloutState,
+    step_started: Instant,
+    last: Option<LastVerdict>,
+    /// Stable's figures from the previous step: the baseline at 100 %, where stable gets no
+    /// traffic.
+    previous_stable: Option<WindowStats>,
+    hold_warned: bool,
+}
+
+/// A route's rollout state, shared by the controller, the admin API and reloads.
+pub struct RouteRollout {
+    inner: Mutex<Inner>,
+    store: Option<Arc<Store>>,
+    pub promoted: AtomicU64,
+    pub rolled_back: AtomicU64,
+}
+
+/// A read-only view for the admin API and metrics.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub state: RolloutState,
+    pub last: Option<LastVerdict>,
+    pub step_elapsed: Duration,
+}
+
+impl RouteRollout {
+    fn with_state(state: RolloutState, store: Option<Arc<Store>>) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                state,
+                step_started: Instant::now(),
+                last: None,
+                previous_stable: None,
+                hold_warned: false,
+            }),
+            store,
+            promoted: AtomicU64::new(0),
+            rolled_back: AtomicU64::new(0),
+        }
+    }
+
+    /// Fresh state from the config, never saved (tests and tools).
+    pub fn detached(config: &RouteConfig) -> Self {
+        Self::with_state(initial_state(config), None)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the state half-written (every write
+        // replaces it whole), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn view(&self) -> View {
+        let inner = self.lock();
+        View {
+            state: inner.state.clone(),
+            last: inner.last.clone(),
+            step_elapsed: inner.step_started.elapsed(),
+        }
+    }
+}
+
+fn initial_state(config: &RouteConfig) -> RolloutState {
+    let weight = match config.rollout.mode {
+        Mode::Manual => config.rollout.weight,
+        Mode::Auto => 0,
+    };
+    RolloutState::new(config.stable, weight, versions(config))
+}
+
+fn versions(config: &RouteConfig) -> [String; 2] {
+    [config.blue.version.clone(), config.green.version.clone()]
+}
+
+/// Long-lived state for a route appearing in the config: restored from `state.dir` when saved
+/// there, else from the config. A corrupt file is set aside and reported.
+pub fn restore(config: &RouteConfig, store: &Arc<Store>) -> Arc<RouteShared> {
+    let state = match store.files.load(&config.name) {
+        Ok(Some(state)) => {
+            info!(route = %config.name, phase = state.phase.as_str(), weight = state.split().canary_percent(), "Rollout state restored.");
+            state
+        }
+        Ok(None) => initial_state(config),
+        Err(error) => {
+            warn!(route = %config.name, %error, "Rollout state unreadable; starting fresh.");
+            initial_state(config)
+        }
+    };
+    let split = state.split();
+    let rollout = RouteRollout::with_state(state, Some(Arc::clone(store)));
+    Arc::new(RouteShared::new(config.name.clone(), split, rollout))
+}
+
+/// Applies one transition: moves the split, resets the step window when the step or weight
+/// changes, saves the state, journals it.
+pub fn act(
+    shared: &RouteShared,
+    config: &RouteConfig,
+    action: Action,
+    reason: &str,
+) -> Result<RolloutState, IllegalTransition> {
+    let mut inner = shared.rollout.lock();
+    let next = inner.state.apply(action, &config.rollout.steps)?;
+    commit(shared, &mut inner, next, action.as_str(), reason, None);
+    Ok(inner.state.clone())
+}
+
+fn commit(
+    shared: &RouteShared,
+    inner: &mut Inner,
+    next: RolloutState,
+    action: &'static str,
+    reason: &str,
+    judgement: Option<&Judgement>,
+) {
+    let prev = std::mem::replace(&mut inner.state, next);
+    let state = &inner.state;
+    let moved = prev.canary_bp != state.canary_bp
+        || prev.step != state.step
+        || prev.stable != state.stable
+        || prev.phase != state.phase;
+    if moved {
+        let baseline = shared.slot_metrics(prev.stable).step();
+        inner.previous_stable = (prev.stable == state.stable).then_some(baseline);
+        for metrics in &shared.metrics {
+            metrics.reset_step();
+        }
+        inner.step_started = Instant::now();
+        inner.hold_warned = false;
+        shared.split.store(state.split());
+    }
+    if prev.stable != state.stable {
+        shared.rollout.promoted.fetch_add(1, Ordering::Relaxed);
+    }
+    if state.phase == Phase::RolledBack && prev.phase != Phase::RolledBack {
+        shared.rollout.rolled_back.fetch_add(1, Ordering::Relaxed);
+    }
+    let from_split = prev.split();
+    let to_split = state.split();
+    if moved {
+        info!(
+            route = %shared.name,
+            action,
+            from = prev.phase.as_str(),
+            to = state.phase.as_str(),
+            weight_from = from_split.canary_percent(),
+            weight_to = to_split.canary_percent(),
+            stable = %state.stable,
+            reason,
+            "Rollout changed."
+        );
+    }
+    let Some(store) = &shared.rollout.store else {
+        return;
+    };
+    if let Err(error) = store.files.save(&shared.name, state) {
+        warn!(route = %shared.name, %error, "Cannot save rollout state.");
+    }
+    let entry = Entry {
+        at: journal::now_rfc3339(),
+        route: &shared.name,
+        event: if moved { "transition" } else { "analysis" },
+        action,
+        from: prev.phase.as_str(),
+        to: state.phase.as_str(),
+        stable: state.stable.as_str(),
+        weight_from: from_split.canary_percent(),
+        weight_to: to_split.canary_percent(),
+        step: state.step,
+        failures: state.failures,
+        reason,
+        judgement,
+    };
+    if let Err(error) = store.journal.append(&entry) {
+        warn!(route = %shared.name, %error, "Cannot append to the journal.");
+    }
+}
+
+/// Brings a route's rollout state in line with a (new or reloaded) config: a manual weight
+/// that changed applies; in auto mode a new version label on the idle slot starts a rollout.
+pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&RouteConfig>) {
+    let mut inner = shared.rollout.lock();
+    let labels = versions(config);
+    let canary = inner.state.canary();
+    let label_changed = inner.state.versions[canary.index()] != labels[canary.index()];
+    let mut next = inner.state.clone();
+    next.versions = labels;
+    let (action, reason) = match config.rollout.mode {
+        Mode::Manual => {
+            let weight_changed = previous.is_none_or(|p| p.rollout.weight != config.rollout.weight);
+            if weight_changed && inner.state.canary_bp != config.rollout.weight {
+                next.canary_bp = config.rollout.weight;
+                next.phase = if config.rollout.weight > 0 {
+                    Phase::Paused
+                } else {
+                    Phase::Idle
+                };
+                next.step = 0;
+                ("weight", "manual weight from the config")
+            } else {
+                ("reload", "")
+            }
+        }
+        Mode::Auto => {
+            let idle = matches!(inner.state.phase, Phase::Idle | Phase::RolledBack);
+            if idle && label_changed {
+                match next.apply(Action::Start, &config.rollout.steps) {
+                    Ok(started) => next = started,
+                    Err(error) => warn!(route = %shared.name, %error, "Cannot start rollout."),
+                }
+                ("start", "new version label on the idle slot")
+            } else {
+                ("reload", "")
+            }
+        }
+    };
+    if next != inner.state {
+        commit(shared, &mut inner, next, action, reason, None);
+    }
+}
+
+/// Policy for the judge from a route's config.
+pub fn policy(config: &RouteConfig) -> Policy {
+    let r = &config.rollout;
+    Policy {
+        min_step_time: r.min_step_time,
+        min_requests: r.min_requests,
+        error_rate_margin: r.error_rate_margin,
+        confidence: r.confidence,
+        max_error_rate: r.max_error_rate,
+        latency_quantile: r.latency_quantile,
+        max_latency_ratio: r.max_latency_ratio,
+        min_latency_delta: r.min_latency_delta,
+    }
+}
+
+/// One analysis of one route: judge, then ramp, hold or revert.
+pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
+    if config.rollout.mode != Mode::Auto {
+        return;
+    }
+    let mut inner = shared.rollout.lock();
+    if inner.state.phase != Phase::Ramping {
+        return;
+    }
+    let split: Split = inner.state.split();
+    let canary = shared.slot_metrics(split.canary()).step();
+    let stable_now = shared.slot_metrics(split.stable).step();
+    let stable = match (&inner.previous_stable, split.canary_bp >= 10_000) {
+        (Some(previous), true) => previous,
+        _ => &stable_now,
+    };
+    let step_elapsed = inner.step_started.elapsed();
+    let judgement = judge::judge(
+        &policy(config),
+        &Evidence {
+            canary: SlotEvidence {
+                requests: canary.requests,
+                errors: canary.errors,
+                latency_us: &canary.histogram,
+            },
+            stable: SlotEvidence {
+                requests: stable.requests,
+                errors: stable.errors,
+                latency_us: &stable.histogram,
+            },
+            step_elapsed,
+        },
+    );
+    inner.last = Some(LastVerdict {
+        at: journal::now_rfc3339(),
+        judgement: judgement.clone(),
+    });
+    let steps = &config.rollout.steps;
+    let state = inner.state.clone();
+    let (next, action) = match judgement.verdict {
+        Verdict::Abort => (state.apply(Action::Rollback, steps), "rollback"),
+        Verdict::Fail if state.failures + 1 >= config.rollout.failure_threshold => {
+            (state.apply(Action::Rollback, steps), "rollback")
+        }
+        Verdict::Fail => {
+            let mut next = state.clone();
+            next.failures += 1;
+            (Ok(next), "analysis")
+        }
+        Verdict::Pass => (state.apply(Action::StepPassed, steps), "step_passed"),
+        Verdict::Hold => {
+            // Failures must be consecutive analyses: a hold breaks the run.
+            inner.state.failures = 0;
+            if step_elapsed > config.rollout.max_step_time && !inner.hold_warned {
+                inner.hold_warned = true;
+                warn!(route = %shared.name, reason = %judgement.reason, "Step is past max_step_time without enough evidence; holding.");
+            }
+            return;
+        }
+    };
+    match next {
+        Ok(next) => {
+            let reason = judgement.reason.clone();
+            commit(shared, &mut inner, next, action, &reason, Some(&judgement));
+        }
+        Err(error) => warn!(route = %shared.name, %error, "Controller transition refused."),
+    }
+}
+
+/// The controller task: analyses every route at its own `interval`, forever.
+pub async fn run(table: Arc<ArcSwap<RoutingTable>>) {
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snapshot = table.load_full();
+        let now = Instant::now();
+        due.retain(|name, _| snapshot.route(name).is_some());
+        for route in snapshot.routes() {
+            let next = due
+                .entry(route.config.name.clone())
+                .or_insert_with(|| now + route.config.rollout.interval);
+            if now >= *next {
+                *next = now + route.config.rollout.interval;
+                analyse(&route.shared, &route.config);
+            }
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The rollout state machine of one route, and its persistence.
+//!
+//! Every transition goes through [`RolloutState::apply`], a pure function over a table of legal
+//! moves; anything else is an [`IllegalTransition`] (409 in the admin API). The state is saved
+//! atomically (write to a temporary file, fsync, rename) on every change.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::Split;
+use crate::Slot;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// All traffic on stable (or a manual weight of 0).
+    Idle,
+    /// Step `step` of the policy; the controller judges and advances.
+    Ramping,
+    /// Weight frozen (API/CLI, a hand-set weight, or a manual-mode weight).
+    Paused,
+    /// Canary at 0 after a failure or by hand, until `start` or a new version label.
+    RolledBack,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [
+        Phase::Idle,
+        Phase::Ramping,
+        Phase::Paused,
+        Phase::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Ramping => "ramping",
+            Phase::Paused => "paused",
+            Phase::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// What can happen to a rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Start,
+    Pause,
+    Resume,
+    Promote,
+    Rollback,
+    /// A weight set by hand (basis points): pauses the controller.
+    SetWeight(u32),
+    /// The current step passed its analysis.
+    StepPassed,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Promote => "promote",
+            Action::Rollback => "rollback",
+            Action::SetWeight(_) => "weight",
+            Action::StepPassed => "step_passed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Action> {
+        Some(match text {
+            "start" => Action::Start,
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
+            "promote" => Action::Promote,
+            "rollback" => Action::Rollback,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a rollout that is {phase}")]
+pub struct IllegalTransition {
+    pub action: &'static str,
+    pub phase: &'static str,
+}
+
+/// The persisted rollout state of one route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutState {
+    pub stable: Slot,
+    pub phase: Phase,
+    /// Index into the policy's steps (meaningful while ramping or paused mid-rollout).
+    pub step: usize,
+    pub canary_bp: u32,
+    /// Consecutive failing analyses in this step.
+    pub failures: u32,
+    /// Version labels last seen per slot (`[blue, green]`): a new label on the idle slot
+    /// starts a rollout.
+    pub versions: [String; 2],
+}
+
+impl RolloutState {
+    pub fn new(stable: Slot, canary_bp: u32, versions: [String; 2]) -> Self {
+        Self {
+            stable,
+            phase: if canary_bp > 0 {
+                Phase::Paused
+            } else {
+                Phase::Idle
+            },
+            step: 0,
+            canary_bp,
+            failures: 0,
+            versions,
+        }
+    }
+
+    pub fn split(&self) -> Split {
+        Split {
+            stable: self.stable,
+            canary_bp: self.canary_bp,
+        }
+    }
+
+    pub fn canary(&self) -> Slot {
+        self.stable.other()
+    }
+
+    /// The legal moves. `steps` are the policy's canary weights (basis points, increasing,
+    /// ending at 10000).
+    pub fn apply(&self, action: Action, steps: &[u32]) -> Result<RolloutState, IllegalTransition> {
+        let mut next = self.clone();
+        let first = steps.first().copied().unwrap_or(10_000);
+        match (self.phase, action) {
+            (Phase::Idle | Phase::RolledBack, Action::Start) => {
+                next.phase = Phase::Ramping;
+                next.step = 0;
+                next.canary_bp = first;
+                next.failures = 0;
+            }
+            (Phase::Ramping, Action::Pause) => next.phase = Phase::Paused,
+            (Phase::Paused, Action::Resume) => {
+                // Continue at the first step at or above the current weight, so that resuming
+                // never moves users back to stable.
+                let step = steps
+                    .iter()
+                    .position(|&bp| bp >= self.canary_bp)
+                    .unwrap_or(steps.len().saturating_sub(1));
+                next.phase = Phase::Ramping;
+                next.step = step;
+                next.canary_bp = steps.get(step).copied().unwrap_or(10_000);
+                next.failures = 0;
+            }
+            (Phase::Ramping | Phase::Paused, Action::Promote) => next.promote(),
+            (Phase::Idle, Action::Promote) if self.canary_bp > 0 => next.promote(),
+            (Phase::Ramping | Phase::Paused, Action::Rollback) => next.roll_back(),
+            (Phase::Idle, Action::Rollback) if self.canary_bp > 0 => next.roll_back(),
+            (_, Action::SetWeight(bp)) => {
+                next.canary_bp = bp.min(10_000);
+                next.phase = Phase::Paused;
+                next.failures = 0;
+            }
+            (Phase::Ramping, Action::StepPassed) => {
+                if self.step + 1 < steps.len() && self.canary_bp < 10_000 {
+                    next.step = self.step + 1;
+                    next.canary_bp = steps[next.step];
+                    next.failures = 0;
+                } else {
+                    next.promote();
+                }
+            }
+            (phase, action) => {
+                return Err(IllegalTransition {
+                    action: action.as_str(),
+                    phase: phase.as_str(),
+                })
+            }
+        }
+        Ok(next)
+    }
+
+    fn promote(&mut self) {
+        self.stable = self.stable.other();
+        self.canary_bp = 0;
+        self.phase = Phase::Idle;
+        self.step = 0;
+        self.failures = 0;
+    }
+
+    fn roll_back(&mut self) {
+        self.canary_bp = 0;
+        self.phase = Phase::RolledBack;
+        self.failures = 0;
+    }
+}
+
+/// Where rollout states are saved: `state.dir/routes/<route>.json`.
+#[derive(Debug)]
+pub struct StateFiles {
+    dir: PathBuf,
+}
+
+impl StateFiles {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join("routes"),
+        }
+    }
+
+    fn path(&self, route: &str) -> PathBuf {
+        self.dir.join(format!("{route}.json"))
+    }
+
+    /// The saved state of a route. A missing file is `Ok(None)`; a corrupt one is moved aside
+    /// (`<route>.json.corrupt`) and reported, never a crash.
+    pub fn load(&self, route: &str) -> Result<Option<RolloutState>, StateError> {
+        let path = self.path(route);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        match serde_json::from_str(&text) {
+            Ok(state) => Ok(Some(state)),
+            Err(source) => {
+                let aside = path.with_extension("json.corrupt");
+                let moved = fs::rename(&path, &aside).is_ok();
+                Err(StateError::Corrupt {
+                    path,
+                    aside: moved.then_some(aside),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Forgets a route's saved state (a route removed from the config starts fresh if it
+    /// comes back).
+    pub fn remove(&self, route: &str) -> Result<(), StateError> {
+        let path = self.path(route);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Saves atomically: write a temporary file, fsync it, rename over the old one.
+    pub fn save(&self, route: &str, state: &RolloutState) -> Result<(), StateError> {
+        let path = self.path(route);
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.dir).map_err(io)?;
+        let tmp = self.dir.join(format!(".{route}.json.tmp"));
+        let text = serde_json::to_vec_pretty(state).unwrap_or_default();
+        let mut file = fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&text).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)?;
+        if let Ok(dir) = fs::File::open(&self.dir) {
+            // Persist the rename itself; failure here only weakens durability.
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot access {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt rollout state {path} (moved to {aside:?}): {source}")]
+    Corrupt {
+        path: PathBuf,
+        aside: Option<PathBuf>,
+        source: serde_json::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STEPS: [u32; 4] = [100, 1000, 5000, 10_000];
+
+    fn idle() -> RolloutState {
+        RolloutState::new(Slot::Blue, 0, ["v1".into(), "v2".into()])
+    }
+
+    #[test]
+    fn a_rollout_ramps_through_every_step_then_promotes() {
+        let mut state = idle().apply(Action::Start, &STEPS).unwrap();
+        let mut weights = vec![state.canary_bp];
+        while state.phase == Phase::Ramping {
+            state = state.apply(Action::StepPassed, &STEPS).unwrap();
+            weights.push(state.canary_bp);
+        }
+        assert_eq!(weights, vec![100, 1000, 5000, 10_000, 0]);
+        assert_eq!(state.phase, Phase::Idle);
+        assert_eq!(state.stable, Slot::Green);
+    }
+
+    #[test]
+    fn illegal_moves_name_the_current_phase() {
+        let error = idle().apply(Action::Pause, &STEPS).unwrap_err();
+        assert_eq!(error.to_string(), "cannot pause a rollout that is idle");
+        let ramping = idle().apply(Action::Start, &STEPS).unwrap();
+        assert!(ramping.apply(Action::Start, &STEPS).is_err());
+        assert!(ramping.apply(Action::Resume, &STEPS).is_err());
+    }
+
+    #[test]
+    fn resume_never_lowers_a_hand_set_weight() {
+        let paused = idle().apply(Action::SetWeight(2000), &STEPS).unwrap();
+        assert_eq!(paused.phase, Phase::Paused);
+        let resumed = paused.apply(Action::Resume, &STEPS).unwrap();
+        assert_eq!((resumed.step, resumed.canary_bp), (2, 5000));
+    }
+
+    #[test]
+    fn rollback_sets_weight_zero_and_start_retries() {
+        let ramping = idle().apply(Action::Start, &STEPS).unwrap();
+        let ramping = ramping.apply(Action::StepPassed, &STEPS).unwrap();
+        let back = ramping.apply(Action::Rollback, &STEPS).unwrap();
+        assert_eq!(
+            (back.phase, back.canary_bp, back.stable),
+            (Phase::RolledBack, 0, Slot::Blue)
+        );
+        let again = back.apply(Action::Start, &STEPS).unwrap();
+        assert_eq!((again.phase, again.canary_bp), (Phase::Ramping, 100));
+    }
+
+    fn action() -> impl Strategy<Value = Action> {
+        prop_oneof![
+            Just(Action::Start),
+            Just(Action::Pause),
+            Just(Action::Resume),
+            Just(Action::Promote),
+            Just(Action::Rollback),
+            Just(Action::StepPassed),
+            (0u32..=10_000).prop_map(Action::SetWeight),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_machine_never_leaves_a_legal_state(actions in proptest::collection::vec(action(), 0..60)) {
+            let mut state = idle();
+            for action in actions {
+                if let Ok(next) = state.apply(action, &STEPS) {
+                    state = next;
+                }
+                prop_assert!(state.canary_bp <= 10_000);
+                match state.phase {
+                    Phase::Idle => prop_assert!(state.canary_bp == 0 || state.step == 0),
+                    Phase::RolledBack => prop_assert_eq!(state.canary_bp, 0),
+                    Phase::Ramping => {
+                        prop_assert!(state.step < STEPS.len());
+                        prop_assert_eq!(state.canary_bp, STEPS[state.step]);
+                    }
+                    Phase::Paused => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn state_files_round_trip_and_set_corrupt_files_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::new(dir.path());
+        assert!(files.load("shop").unwrap().is_none());
+        let state = idle().apply(Action::Start, &STEPS).unwrap();
+        files.save("shop", &state).unwrap();
+        assert_eq!(files.load("shop").unwrap(), Some(state));
+        fs::write(dir.path().join("routes/shop.json"), "{ not json").unwrap();
+        assert!(matches!(
+            files.load("shop"),
+            Err(StateError::Corrupt { aside: Some(_), .. })
+        ));
+        assert!(files.load("shop").unwrap().is_none());
+        assert!(dir.path().join("routes/shop.json.corrupt").exists());
+    }
+}

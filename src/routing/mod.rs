@@ -1,0 +1,358 @@
+//! The routing snapshot: routes matched by host then longest path prefix, and the slot decision.
+//!
+//! A [`RoutingTable`] is immutable; the app keeps the current one behind one `ArcSwap` and a
+//! request loads it once. State that must outlive a reload (split, metrics, rollout state,
+//! shadow counters) lives in [`RouteShared`], carried from one table to the next by route name.
+
+pub mod sticky;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::uri::Authority;
+use http::HeaderMap;
+
+use crate::config::{Config, HostPattern, RouteConfig, StickyBy};
+use crate::metrics::SlotMetrics;
+use crate::rollout::RouteRollout;
+use crate::upstream::mirror::ShadowStats;
+use crate::Slot;
+pub use weights::{SharedSplit, Split};
+
+/// Mixed into a route's seed for the shadow draw, so that it is independent of the bucket.
+const SHADOW_SEED: u64 = 0x5348_4144_4f57_0001;
+
+/// Per-route state that survives reloads.
+pub struct RouteShared {
+    pub name: String,
+    pub split: SharedSplit,
+    /// Indexed by [`Slot::index`].
+    pub metrics: [SlotMetrics; 2],
+    pub shadow_metrics: SlotMetrics,
+    pub shadow: Arc<ShadowStats>,
+    pub rollout: RouteRollout,
+    round_robin: [AtomicUsize; 3],
+}
+
+impl RouteShared {
+    pub fn new(name: String, split: Split, rollout: RouteRollout) -> Self {
+        Self {
+            name,
+            split: SharedSplit::new(split),
+            metrics: [SlotMetrics::new(), SlotMetrics::new()],
+            shadow_metrics: SlotMetrics::new(),
+            shadow: Arc::default(),
+            rollout,
+            round_robin: Default::default(),
+        }
+    }
+
+    pub fn slot_metrics(&self, slot: Slot) -> &SlotMetrics {
+        &self.metrics[slot.index()]
+    }
+}
+
+/// A route of one snapshot: its config and its long-lived state.
+pub struct Route {
+    pub config: RouteConfig,
+    pub shared: Arc<RouteShared>,
+    seed: u64,
+    endpoints: [Vec<Authority>; 2],
+    shadow_endpoints: Vec<Authority>,
+}
+
+/// Where a request goes and why; shared by forwarding, telemetry, shadowing and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub slot: Slot,
+    pub bucket: u32,
+    /// Set when veer must set its sticky cookie with this id.
+    pub new_cookie: Option<[u8; sticky::COOKIE_ID_LEN]>,
+    pub overridden: bool,
+    /// True when the bucket came from a sticky key (not a fresh random draw).
+    pub keyed: bool,
+    /// The shadow draw in `0..10000`: independent of `bucket`, from the same key when there
+    /// is one (a user's session is mirrored consistently), random otherwise.
+    pub shadow_bucket: u32,
+}
+
+impl Route {
+    fn new(config: RouteConfig, shared: Arc<RouteShared>) -> Self {
+        let parse = |list: &[String]| {
+            list.iter()
+                .filter_map(|e| e.parse::<Authority>().ok())
+                .collect::<Vec<_>>()
+        };
+        Self {
+            seed: sticky::seed(&config.sticky.salt),
+            endpoints: [
+                parse(&config.blue.endpoints),
+                parse(&config.green.endpoints),
+            ],
+            shadow_endpoints: config
+                .shadow
+                .as_ref()
+                .map(|s| parse(&s.endpoints))
+                .unwrap_or_default(),
+            config,
+            shared,
+        }
+    }
+
+    /// Picks the slot for a request. The override header wins over the bucket.
+    pub fn decide(&self, headers: &HeaderMap, peer: IpAddr) -> Decision {
+        let (bucket, shadow_bucket, new_cookie, keyed) = self.bucket(headers, peer);
+        let split = self.shared.split.load();
+        let forced = self
+            .config
+            .sticky
+            .override_header
+            .as_ref()
+            .and_then(|name| headers.get(name))
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| Slot::parse(value.trim()));
+        Decision {
+            slot: forced.unwrap_or_else(|| split.slot_for(bucket)),
+            bucket,
+            new_cookie,
+            overridden: forced.is_some(),
+            keyed,
+            shadow_bucket,
+        }
+    }
+
+    /// `(bucket, shadow draw, new cookie id, keyed)`.
+    fn bucket(
+        &self,
+        headers: &HeaderMap,
+        peer: IpAddr,
+    ) -> (u32, u32, Option<[u8; sticky::COOKIE_ID_LEN]>, bool) {
+        let keyed = |key: &[u8], cookie| {
+            let (bucket, shadow) = self.draws(key);
+            (bucket, shadow, cookie, true)
+        };
+        let random = || {
+            (
+                sticky::random_bucket(),
+                sticky::random_bucket(),
+                None,
+                false,
+            )
+        };
+        match &self.config.sticky.by {
+            StickyBy::Cookie => match sticky::cookie_value(headers, &self.config.sticky.cookie) {
+                Some(id) => keyed(id, None),
+                None => {
+                    let id = sticky::new_cookie_id();
+                    keyed(&id, Some(id))
+                }
+            },
+            StickyBy::Header(name) => match headers.get(name) {
+                Some(value) => keyed(value.as_bytes(), None),
+                None => random(),
+            },
+            StickyBy::ClientIp => {
+                let mut buf = [0u8; 16];
+                keyed(sticky::ip_key(peer, &mut buf), None)
+            }
+            StickyBy::None => random(),
+        }
+    }
+
+    /// The slot bucket and, when the route has a shadow, the shadow draw for a key.
+    fn draws(&self, key: &[u8]) -> (u32, u32) {
+        let bucket = sticky::bucket(self.seed, key);
+        let shadow = match self.config.shadow {
+            Some(_) => sticky::bucket(self.seed ^ SHADOW_SEED, key),
+            None => sticky::BUCKETS,
+        };
+        (bucket, shadow)
+    }
+
+    /// The next endpoint of a slot, round robin.
+    pub fn endpoint(&self, slot: Slot) -> Option<&Authority> {
+        pick(
+            &self.endpoints[slot.index()],
+            &self.shared.round_robin[slot.index()],
+        )
+    }
+
+    pub fn shadow_endpoint(&self) -> Option<&Authority> {
+        pick(&self.shadow_endpoints, &self.shared.round_robin[2])
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+fn pick<'a>(list: &'a [Authority], counter: &AtomicUsize) -> Option<&'a Authority> {
+    match list.len() {
+        0 => None,
+        1 => list.first(),
+        n => list.get(counter.fetch_add(1, Ordering::Relaxed) % n),
+    }
+}
+
+/// One immutable routing snapshot.
+pub struct RoutingTable {
+    pub config: Arc<Config>,
+    routes: Vec<Arc<Route>>,
+    /// Route indexes per exact host, longest path prefix first.
+    exact: HashMap<String, Vec<usize>>,
+    /// `(".suffix", routes)`, longest suffix first.
+    suffix: Vec<(String, Vec<usize>)>,
+    any: Vec<usize>,
+}
+
+impl RoutingTable {
+    /// Builds a snapshot; `shared` provides each route's long-lived state (the previous
+    /// snapshot's for a route that still exists, fresh or restored otherwise).
+    pub fn new(config: Config, mut shared: impl FnMut(&RouteConfig) -> Arc<RouteShared>) -> Self {
+        let routes: Vec<Arc<Route>> = config
+            .routes
+            .iter()
+            .map(|rc| Arc::new(Route::new(rc.clone(), shared(rc))))
+            .collect();
+        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut suffix: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut any = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            if route.config.hosts.is_empty() {
+                any.push(i);
+            }
+            for host in &route.config.hosts {
+                match host {
+                    HostPattern::Exact(h) => exact.entry(h.clone()).or_default().push(i),
+                    HostPattern::Suffix(s) => suffix.entry(s.clone()).or_default().push(i),
+                }
+            }
+        }
+        let by_prefix = |list: &mut Vec<usize>| {
+            list.sort_by_key(|&i| std::cmp::Reverse(routes[i].config.path_prefix.len()));
+        };
+        exact.values_mut().for_each(by_prefix);
+        by_prefix(&mut any);
+        let mut suffix: Vec<(String, Vec<usize>)> = suffix.into_iter().collect();
+        suffix.iter_mut().for_each(|(_, list)| by_prefix(list));
+        suffix.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        Self {
+            config: Arc::new(config),
+            routes,
+            exact,
+            suffix,
+            any,
+        }
+    }
+
+    /// The route for a host (without port, any case) and path: exact host beats wildcard
+    /// beats any host; within a tier the longest matching `path_prefix` wins, and a tier
+    /// with no matching prefix falls through to the next.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        let by_path = |list: &[usize]| {
+            list.iter()
+                .map(|&i| &self.routes[i])
+                .find(|route| path.starts_with(route.config.path_prefix.as_str()))
+        };
+        if let Some(host) = host {
+            let lower;
+            let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                lower = host.to_ascii_lowercase();
+                lower.as_str()
+            } else {
+                host
+            };
+            let host = host.strip_suffix('.').unwrap_or(host);
+            if let Some(route) = self.exact.get(host).and_then(|list| by_path(list)) {
+                return Some(route);
+            }
+            for (suffix, list) in &self.suffix {
+                if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                    if let Some(route) = by_path(list) {
+                        return Some(route);
+                    }
+                }
+            }
+        }
+        by_path(&self.any)
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    pub fn route(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.config.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn table(text: &str) -> RoutingTable {
+        let config = parse(text, None).unwrap();
+        RoutingTable::new(config, |rc| {
+            Arc::new(RouteShared::new(
+                rc.name.clone(),
+                Split {
+                    stable: rc.stable,
+                    canary_bp: rc.rollout.weight,
+                },
+                RouteRollout::detached(rc),
+            ))
+        })
+    }
+
+    fn route(name: &str, hosts: &str, prefix: &str) -> String {
+        format!(
+            "[[route]]\nname = \"{name}\"\nhosts = [{hosts}]\npath_prefix = \"{prefix}\"\n\
+             [route.blue]\nendpoints = [\"127.0.0.1:1\"]\n[route.green]\nendpoints = [\"127.0.0.1:2\"]\n"
+        )
+    }
+
+    #[test]
+    fn exact_host_beats_wildcard_beats_any_then_longest_prefix() {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}{}{}{}{}",
+            route("any", "", "/"),
+            route("wild", "\"*.example.com\"", "/"),
+            route("exact", "\"shop.example.com\"", "/"),
+            route("exact-api", "\"shop.example.com\"", "/api"),
+            route("any-static", "", "/static"),
+        );
+        let t = table(&text);
+        let name = |host: Option<&str>, path| t.find(host, path).map(|r| r.name().to_string());
+        assert_eq!(
+            name(Some("shop.example.com"), "/x").as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            name(Some("SHOP.example.com."), "/api/1").as_deref(),
+            Some("exact-api")
+        );
+        assert_eq!(name(Some("a.example.com"), "/").as_deref(), Some("wild"));
+        assert_eq!(name(Some("example.com"), "/").as_deref(), Some("any"));
+        assert_eq!(name(None, "/static/a.css").as_deref(), Some("any-static"));
+        assert_eq!(
+            name(Some("other"), "/static/a.css").as_deref(),
+            Some("any-static")
+        );
+    }
+
+    #[test]
+    fn no_matching_route_is_none() {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}",
+            route("only", "\"a.test\"", "/app")
+        );
+        let t = table(&text);
+        assert!(t.find(Some("a.test"), "/other").is_none());
+        assert!(t.find(Some("b.test"), "/app").is_none());
+        assert!(t.find(None, "/app").is_none());
+    }
+}

@@ -1,0 +1,373 @@
+//! Where a shadow is sent or dropped.
+//!
+//! A mirrored request is chosen on the request path (a draw, a method check, a concurrency
+//! permit) and copied cheaply (headers; the body is teed frame by frame up to a cap, by
+//! reference-counted `Bytes`, never delaying the primary). After the primary's response head
+//! arrives, a detached task sends the copy to the shadow with its own client, pool and timeout,
+//! reads (and optionally hashes) the answer, compares it with the primary and counts the outcome.
+//! Nothing in here can delay, fail or change the primary.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::debug;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::config::{Compare, ShadowConfig};
+use crate::metrics::ErrorKind;
+use crate::routing::RouteShared;
+
+pub type ShadowClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The header that marks a shadow copy.
+pub const SHADOW_HEADER: &str = "x-veer-shadow";
+
+/// How many recent mismatches are kept per route.
+const RECENT_MISMATCHES: usize = 16;
+
+pub fn client(connect_timeout: Duration, idle: Duration) -> ShadowClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_timer(TokioTimer::new())
+        .set_host(false)
+        .build(super::connector(connect_timeout))
+}
+
+/// Per-route shadow counters (monotone) and the in-flight gauge.
+#[derive(Debug, Default)]
+pub struct ShadowStats {
+    pub requests: AtomicU64,
+    pub sent: AtomicU64,
+    pub matched: AtomicU64,
+    pub mismatched: AtomicU64,
+    pub errors: AtomicU64,
+    pub dropped_busy: AtomicU64,
+    pub dropped_body: AtomicU64,
+    pub in_flight: AtomicUsize,
+    recent: Mutex<VecDeque<Mismatch>>,
+}
+
+/// One recent mismatch, for an operator to look at.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Mismatch {
+    pub at: String,
+    pub method: String,
+    pub path: String,
+    pub primary_status: u16,
+    pub shadow_status: u16,
+    pub body_differs: bool,
+}
+
+impl ShadowStats {
+    /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`.
+    pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Permit> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.dropped_busy.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Permit(Arc::clone(self)))
+    }
+
+    pub fn recent(&self) -> Vec<Mismatch> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn push_mismatch(&self, mismatch: Mismatch) {
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == RECENT_MISMATCHES {
+                recent.pop_front();
+            }
+            recent.push_back(mismatch);
+        }
+    }
+}
+
+/// An in-flight shadow slot, released on drop.
+#[derive(Debug)]
+pub struct Permit(Arc<ShadowStats>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The capped copy of a request body, filled as the primary streams it.
+#[derive(Debug)]
+pub struct Tee {
+    chunks: Vec<Bytes>,
+    size: u64,
+    limit: u64,
+    overflow: bool,
+    done: Option<oneshot::Sender<Option<Bytes>>>,
+}
+
+impl Tee {
+    /// A tee and the receiver of the finished copy (`None` when the body exceeded `limit`;
+    /// the sender is dropped when the client aborts).
+    pub fn new(limit: u64) -> (Box<Tee>, oneshot::Receiver<Option<Bytes>>) {
+        let (tx, rx) = oneshot::channel();
+        let tee = Tee {
+            chunks: Vec::new(),
+            size: 0,
+            limit,
+            overflow: false,
+            done: Some(tx),
+        };
+        (Box::new(tee), rx)
+    }
+
+    pub fn push(&mut self, data: &Bytes) {
+        if self.overflow {
+            return;
+        }
+        self.size += data.len() as u64;
+        if self.size > self.limit {
+            self.overflow = true;
+            self.chunks = Vec::new();
+        } else {
+            self.chunks.push(data.clone());
+        }
+    }
+
+    pub fn finish(&mut self) {
+        let body = (!self.overflow).then(|| match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.pop().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(self.size as usize);
+                self.chunks.iter().for_each(|c| all.extend_from_slice(c));
+                all.freeze()
+            }
+        });
+        if let Some(tx) = self.done.take() {
+            // The shadow task may be gone (dropped busy); nothing to do then.
+            let _ = tx.send(body);
+        }
+    }
+}
+
+/// The shadow's copy of a request body.
+pub enum ShadowBody {
+    Empty,
+    /// Filled when the primary finished streaming it.
+    Teed(oneshot::Receiver<Option<Bytes>>),
+}
+
+/// Everything a shadow task needs, prepared on the request path.
+pub struct ShadowJob {
+    pub request: Request<()>,
+    pub body: ShadowBody,
+    pub permit: Permit,
+    pub route: Arc<RouteShared>,
+    pub config: ShadowConfig,
+    pub timeout: Duration,
+    /// The primary's body hash when `compare = "body"`.
+    pub primary_hash: Option<oneshot::Receiver<u64>>,
+}
+
+/// The primary's outcome, as the shadow compares it.
+#[derive(Clone, Copy, Debug)]
+pub struct PrimaryOutcome {
+    pub status: u16,
+}
+
+impl ShadowJob {
+    /// Runs the shadow to completion; never touches the primary.
+    pub async fn run(self, client: ShadowClient, primary: PrimaryOutcome) {
+        let ShadowJob {
+            request,
+            body,
+            permit,
+            route,
+            config,
+            timeout,
+            primary_hash,
+        } = self;
+        let stats = &route.shadow;
+        let body = match body {
+            ShadowBody::Empty => Bytes::new(),
+            ShadowBody::Teed(rx) => match rx.await {
+                Ok(Some(body)) => body,
+                Ok(None) => {
+                    stats.dropped_body.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                // The client aborted its upload: the primary did not complete, no shadow.
+                Err(_) => return,
+            },
+        };
+        let (parts, ()) = request.into_parts();
+        let method = parts.method.clone();
+        let path = parts.uri.path().to_string();
+        let request = Request::from_parts(parts, Full::new(body));
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, async {
+            let response =
+                client
+                    .request(request)
+                    .await
+                    .map_err(|e| match super::classify(&e) {
+                        super::Failure::Upstream(kind) => kind,
+                        _ => ErrorKind::Reset,
+                    })?;
+            let status = response.status().as_u16();
+            route
+                .shadow_metrics
+                .record_response(status, status >= 500, started.elapsed());
+            let hash = read_hashed(response.into_body(), config.max_body_bytes).await;
+            Ok::<_, ErrorKind>((status, hash))
+        })
+        .await;
+        drop(permit);
+        let (status, hash) = match result {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(kind)) => {
+                route.shadow_metrics.record_failure(kind, started.elapsed());
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(_) => {
+                route
+                    .shadow_metrics
+                    .record_failure(ErrorKind::Timeout, started.elapsed());
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        let body_differs = match (config.compare, primary_hash) {
+            (Compare::Body, Some(rx)) => match (rx.await, hash) {
+                (Ok(primary), Some(shadow)) => primary != shadow,
+                // The primary body did not complete: nothing to compare against.
+                _ => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            _ => false,
+        };
+        if config.compare == Compare::Off {
+            return;
+        }
+        if status == primary.status && !body_differs {
+            stats.matched.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.mismatched.fetch_add(1, Ordering::Relaxed);
+            debug!(route = %route.name, %path, primary = primary.status, shadow = status, body_differs, "Shadow mismatch.");
+            stats.push_mismatch(Mismatch {
+                at: crate::rollout::journal::now_rfc3339(),
+                method: method.to_string(),
+                path,
+                primary_status: primary.status,
+                shadow_status: status,
+                body_differs,
+            });
+        }
+    }
+}
+
+/// Reads a body to the end, hashing at most `limit` bytes. `None` when the body failed.
+async fn read_hashed(mut body: hyper::body::Incoming, limit: u64) -> Option<u64> {
+    let mut hasher = BodyHasher::new(limit);
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.ok()?.data_ref() {
+            hasher.update(data);
+        }
+    }
+    Some(hasher.finish())
+}
+
+/// A hash of the first `limit` bytes of a body.
+pub struct BodyHasher {
+    hasher: Box<Xxh3>,
+    left: u64,
+}
+
+impl BodyHasher {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            hasher: Box::new(Xxh3::new()),
+            left: limit,
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        let take = data
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        self.hasher.update(&data[..take]);
+        self.left -= take as u64;
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.hasher.digest()
+    }
+}
+
+/// Marks a request as a shadow copy.
+pub fn mark(request: &mut Request<()>) {
+    request
+        .headers_mut()
+        .insert(SHADOW_HEADER, HeaderValue::from_static("1"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tee_copies_up_to_the_limit_and_reports_overflow() {
+        let (mut tee, mut rx) = Tee::new(8);
+        tee.push(&Bytes::from_static(b"abcd"));
+        tee.push(&Bytes::from_static(b"efgh"));
+        tee.finish();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Some(Bytes::from_static(b"abcdefgh"))
+        );
+
+        let (mut tee, mut rx) = Tee::new(8);
+        tee.push(&Bytes::from_static(b"abcdefghi"));
+        tee.finish();
+        assert_eq!(rx.try_recv().unwrap(), None);
+    }
+
+    #[test]
+    fn permits_are_capped_and_released() {
+        let stats = Arc::new(ShadowStats::default());
+        let a = stats.try_acquire(2).unwrap();
+        let _b = stats.try_acquire(2).unwrap();
+        assert!(stats.try_acquire(2).is_none());
+        assert_eq!(stats.dropped_busy.load(Ordering::Relaxed), 1);
+        drop(a);
+        assert!(stats.try_acquire(2).is_some());
+        assert_eq!(stats.in_flight.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn body_hash_covers_only_the_limit() {
+        let mut a = BodyHasher::new(4);
+        a.update(b"abcdXYZ");
+        let mut b = BodyHasher::new(4);
+        b.update(b"ab");
+        b.update(b"cd");
+        b.update(b"other");
+        assert_eq!(a.finish(), b.finish());
+    }
+}

@@ -1,0 +1,217 @@
+//! Upstream side: the pooled client, the streamed request body, and error classification.
+//!
+//! One keep-alive pooled HTTP/1.1 client serves every slot of every route (its pool is keyed
+//! by endpoint, so a reload that keeps an endpoint keeps its connections). The shadow has its
+//! own client and pool (`mirror`).
+
+pub mod mirror;
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::config::ServerConfig;
+use crate::metrics::ErrorKind;
+use mirror::Tee;
+
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+
+/// The client for primary requests.
+pub fn client(server: &ServerConfig) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(server.upstream_idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .retry_canceled_requests(true)
+        .set_host(false)
+        .build(connector(server.connect_timeout))
+}
+
+pub(crate) fn connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector
+}
+
+/// Why a downstream request body stopped early: always the client's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body larger than max_body_bytes")]
+    TooLarge,
+    #[error("request body idle for longer than the idle timeout")]
+    Idle,
+    #[error("client aborted the request body: {0}")]
+    Aborted(#[source] hyper::Error),
+}
+
+pin_project! {
+    /// The client's request body on its way upstream: streamed frame by frame, never buffered,
+    /// with a size cap, an inactivity timeout and an optional capped copy for the shadow. Any
+    /// failure is an error frame, so the upstream sees an aborted request, never a complete
+    /// shorter one.
+    pub struct RequestBody {
+        #[pin]
+        inner: Incoming,
+        limit: u64,
+        seen: u64,
+        idle: Duration,
+        // Armed only while the body is actually waiting for the client.
+        timer: Option<Pin<Box<Sleep>>>,
+        tee: Option<Box<Tee>>,
+    }
+}
+
+impl RequestBody {
+    /// `limit` 0 = unlimited.
+    pub fn new(inner: Incoming, limit: u64, idle: Duration, tee: Option<Box<Tee>>) -> Self {
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            idle,
+            timer: None,
+            tee,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut this = self.project();
+        let frame = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Pending => {
+                let idle = *this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                ready!(timer.as_mut().poll(cx));
+                return Poll::Ready(Some(Err(BodyError::Idle)));
+            }
+            Poll::Ready(frame) => frame,
+        };
+        if let Some(timer) = this.timer.as_mut() {
+            timer.as_mut().reset(Instant::now() + *this.idle);
+        }
+        let frame = match frame {
+            None => {
+                if let Some(mut tee) = this.tee.take() {
+                    tee.finish();
+                }
+                return Poll::Ready(None);
+            }
+            Some(Err(error)) => return Poll::Ready(Some(Err(BodyError::Aborted(error)))),
+            Some(Ok(frame)) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            *this.seen += data.len() as u64;
+            if *this.limit > 0 && *this.seen > *this.limit {
+                return Poll::Ready(Some(Err(BodyError::TooLarge)));
+            }
+            if let Some(tee) = this.tee.as_mut() {
+                tee.push(data);
+            }
+        }
+        if this.inner.is_end_stream() {
+            if let Some(mut tee) = this.tee.take() {
+                tee.finish();
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What went wrong with an upstream exchange, and whose fault it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstream (counts against the slot).
+    Upstream(ErrorKind),
+    /// The client's body was too large.
+    BodyTooLarge,
+    /// The client's body stalled.
+    BodyIdle,
+    /// The client went away.
+    ClientAbort,
+}
+
+/// Classifies an error of the upstream client by walking its source chain.
+pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
+    let connect = error
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect());
+    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(body) = e.downcast_ref::<BodyError>() {
+            return match body {
+                BodyError::TooLarge => Failure::BodyTooLarge,
+                BodyError::Idle => Failure::BodyIdle,
+                BodyError::Aborted(_) => Failure::ClientAbort,
+            };
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return Failure::Upstream(ErrorKind::Timeout);
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return Failure::Upstream(ErrorKind::Timeout);
+            }
+            if h.is_parse() || h.is_parse_status() {
+                return Failure::Upstream(ErrorKind::Protocol);
+            }
+        }
+        current = e.source();
+    }
+    if connect {
+        // "connection refused", or a connect timeout (io TimedOut is caught above).
+        Failure::Upstream(ErrorKind::Connect)
+    } else {
+        Failure::Upstream(ErrorKind::Reset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_errors_are_the_clients_fault() {
+        let error = BodyError::TooLarge;
+        assert_eq!(classify(&error), Failure::BodyTooLarge);
+        assert_eq!(classify(&BodyError::Idle), Failure::BodyIdle);
+    }
+
+    #[test]
+    fn io_timeouts_are_upstream_timeouts() {
+        let error = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow");
+        assert_eq!(classify(&error), Failure::Upstream(ErrorKind::Timeout));
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(classify(&reset), Failure::Upstream(ErrorKind::Reset));
+    }
+}
