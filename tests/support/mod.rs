@@ -1,0 +1,173 @@
+//! Shared helpers for the integration tests: an in-process veer on `127.0.0.1:0` with its config
+//! in a temporary directory, in-process upstreams (`veer::demo::upstream::Upstream`), and small
+//! HTTP clients (hyper, and raw sockets for malformed input).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use veer::demo::upstream::{Behaviour, Upstream};
+
+/// A running veer with its config file and state dir in a temporary directory.
+pub struct Veer {
+    pub running: Option<veer::app::Running>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+/// The config text for `routes` (one or more `[[route]]` tables) with the server on
+/// `127.0.0.1:0`, the admin API on `127.0.0.1:0` and the state dir in `dir`. `server_extra`
+/// goes into `[server]`.
+pub fn config_text(dir: &std::path::Path, server_extra: &str, routes: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [state]\ndir = \"{}\"\n\n{routes}",
+        dir.join("state").display()
+    )
+}
+
+/// A route on any host and `/` with the given blue and green endpoints; `extra` is appended
+/// (e.g. `[route.rollout]\nmode = \"manual\"\nweight = 10`).
+pub fn route(name: &str, blue: SocketAddr, green: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[route]]\nname = \"{name}\"\n[route.blue]\nendpoints = [\"{blue}\"]\nversion = \"v1\"\n\
+         [route.green]\nendpoints = [\"{green}\"]\nversion = \"v2\"\n{extra}\n"
+    )
+}
+
+impl Veer {
+    /// Starts veer from config text written to `<tempdir>/veer.toml` (so reloads work).
+    pub async fn start(server_extra: &str, routes: &str) -> Veer {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), server_extra, routes);
+        Self::start_in(dir, &text).await
+    }
+
+    /// Starts veer from full config text in an existing directory.
+    pub async fn start_in(dir: tempfile::TempDir, text: &str) -> Veer {
+        let config_path = dir.path().join("veer.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let config = veer::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+        let running = veer::app::start(config, Some(config_path.clone()))
+            .await
+            .unwrap();
+        Veer {
+            addr: running.proxy_addrs[0],
+            admin: running.admin_addr,
+            running: Some(running),
+            dir,
+            config_path,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, Value) {
+        let (status, _, body) = send(Method::GET, &self.admin_url(path), &[], Bytes::new()).await;
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    pub async fn admin_post(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        let (status, _, body) = send(
+            Method::POST,
+            &self.admin_url(path),
+            &[],
+            Bytes::from(body.to_string()),
+        )
+        .await;
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    /// The route JSON of `/api/v1/routes/{name}`.
+    pub async fn route_status(&self, name: &str) -> Value {
+        let (status, value) = self.admin_get(&format!("/api/v1/routes/{name}")).await;
+        assert_eq!(status, StatusCode::OK, "{value}");
+        value
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+/// One request with hyper's client (HTTP/1.1); returns status, headers and the whole body.
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.request(request.body(Full::new(body)).unwrap()),
+    )
+    .await
+    .expect("request timed out")
+    .expect("request failed");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+    send(Method::GET, url, headers, Bytes::new()).await
+}
+
+/// Writes raw bytes to `addr` and reads until the peer closes or 3 s pass.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP/1.1 answer (`HTTP/1.1 400 ...`).
+pub fn raw_status(answer: &str) -> Option<u16> {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
