@@ -70,8 +70,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_tracing(cli.log_format);
     let command = cli.command.unwrap_or(Command::Run);
+    // The demo draws a live view on stdout; its logs would only scroll it away.
+    let quiet = matches!(command, Command::Demo(_));
+    init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
     match command {
         Command::Run => match &cli.config {
             Some(path) => run(path),
@@ -97,8 +99,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

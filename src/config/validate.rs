@@ -87,7 +87,9 @@ pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
             return Ok(config);
         }
     }
-    Err(ConfigErrors(v.errors))
+    let mut errors = v.errors;
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    Err(ConfigErrors(errors))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

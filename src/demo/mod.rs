@@ -201,7 +201,9 @@ fn f(v: &Value) -> f64 {
 /// The live view: a progress bar of the canary weight, the phase and step, per-slot figures and
 /// the last verdict.
 fn render(route: &Value) -> String {
-    let weight = f(&route["canary_weight"]);
+    // Green's share, whichever slot is stable (after a promotion green is stable).
+    let canary = f(&route["canary_weight"]);
+    let weight = if route["stable"] == "green" { 100.0 - canary } else { canary };
     let filled = (weight / 100.0 * 40.0).round() as usize;
     let bar: String = "#".repeat(filled.min(40)) + &"-".repeat(40 - filled.min(40));
     let steps = route["steps"].as_array().map_or(0, Vec::len);
