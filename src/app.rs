@@ -326,6 +326,16 @@ impl App {
                 "changing the state dir needs a restart",
             ));
         }
+        let (new, was) = (&config.server, &old.server);
+        let fixed = [
+            ("server.workers", new.workers != was.workers),
+            ("server.connect_timeout", new.connect_timeout != was.connect_timeout),
+            ("server.upstream_idle_timeout", new.upstream_idle_timeout != was.upstream_idle_timeout),
+            ("server.access_log", new.access_log != was.access_log),
+        ];
+        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return Err(restart_error(key, "changing this needs a restart"));
+        }
         if config.server.tls.is_some() != old.server.tls.is_some() {
             return Err(restart_error(
                 "server.tls",

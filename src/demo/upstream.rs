@@ -1,6 +1,6 @@
 //! A small in-process HTTP upstream with injectable faults, for the demo, the integration tests
 //! and the load tests: fixed status, error rate, added latency, blackhole, a body cut short,
-//! and a record of what it received.
+//! a body sent slowly, and a record of what it received.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -53,6 +53,8 @@ pub struct UpstreamBuilder {
     behaviour: Behaviour,
     body: Bytes,
     record: bool,
+    listen: SocketAddr,
+    slow_body: Duration,
 }
 
 /// A running upstream; stops when dropped.
@@ -76,6 +78,8 @@ impl Upstream {
             behaviour: Behaviour::Answer,
             body: Bytes::new(),
             record: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            slow_body: Duration::ZERO,
         }
     }
 
@@ -128,9 +132,20 @@ impl UpstreamBuilder {
         self
     }
 
-    /// Binds `127.0.0.1:0` and serves HTTP/1.1 and h2c.
+    /// The address to bind (default `127.0.0.1:0`).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+    /// Sends the head at once and the body in ten pieces spread evenly over `duration`.
+    pub fn slow_body(mut self, duration: Duration) -> Self {
+        self.slow_body = duration;
+        self
+    }
+
+    /// Binds the listen address (`127.0.0.1:0` unless set) and serves HTTP/1.1 and h2c.
     pub async fn start(self) -> std::io::Result<Upstream> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = TcpListener::bind(self.listen).await?;
         let addr = listener.local_addr()?;
         let body = if self.body.is_empty() {
             Bytes::from(format!("{}\n", self.name))
@@ -240,7 +255,12 @@ async fn answer(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
             } else {
                 config.status
             };
-            let mut response = Response::new(full(config.body.clone()));
+            let body = if config.slow_body.is_zero() {
+                full(config.body.clone())
+            } else {
+                slow(config.body.clone(), config.slow_body)
+            };
+            let mut response = Response::new(body);
             *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             response.headers_mut().insert(
                 "x-upstream",
@@ -254,6 +274,23 @@ async fn answer(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
 
 fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// `body` in ten pieces (fewer when shorter), one every `total / 10`.
+fn slow(body: Bytes, total: Duration) -> Body {
+    const PIECES: usize = 10;
+    let size = body.len().div_ceil(PIECES).max(1);
+    let pause = total / PIECES as u32;
+    let pieces: Vec<Bytes> = (0..body.len())
+        .step_by(size)
+        .map(|start| body.slice(start..(start + size).min(body.len())))
+        .collect();
+    let stream = futures_util::stream::unfold(pieces.into_iter(), move |mut rest| async move {
+        let piece = rest.next()?;
+        tokio::time::sleep(pause).await;
+        Some((Ok(Frame::data(piece)), rest))
+    });
+    StreamBody::new(stream).boxed()
 }
 
 /// A response that declares 2x its body and then fails: the connection is reset mid-body.
