@@ -5,7 +5,7 @@ pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -107,13 +108,14 @@ struct Connection {
 impl Connection {
     async fn run(self, stream: TcpStream) {
         let server = self.proxy.table.load().config.server.clone();
+        let head_deadline = Instant::now() + server.header_timeout;
         match self.tls.clone() {
-            None => self.serve(stream, false, &server).await,
+            None => self.serve(stream, false, &server, head_deadline).await,
             Some(acceptor) => {
                 let handshake =
                     tokio::time::timeout(server.header_timeout, acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(stream)) => self.serve(stream, true, &server).await,
+                    Ok(Ok(stream)) => self.serve(stream, true, &server, head_deadline).await,
                     Ok(Err(error)) => debug!(peer = %self.peer, %error, "TLS handshake failed."),
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out."),
                 }
@@ -121,7 +123,7 @@ impl Connection {
         }
     }
 
-    async fn serve<I>(self, io: I, tls: bool, server: &ServerConfig)
+    async fn serve<I>(self, io: I, tls: bool, server: &ServerConfig, head_deadline: Instant)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -130,13 +132,31 @@ impl Connection {
             tls,
         };
         let proxy = self.proxy;
+        let first_request = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&first_request);
         let service = service_fn(move |req: Request<Incoming>| {
+            seen.store(true, Ordering::Relaxed);
             let proxy = Arc::clone(&proxy);
             async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
         });
         let builder = builder(server);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        if let Err(error) = self.watcher.watch(conn.into_owned()).await {
+        let conn = self.watcher.watch(conn.into_owned());
+        tokio::pin!(conn);
+        // The first request's head must arrive within header_timeout of the accept; later
+        // heads within idle_timeout of the previous response (hyper's own timer).
+        let result = tokio::select! {
+            result = &mut conn => Some(result),
+            () = tokio::time::sleep_until(head_deadline) => {
+                if first_request.load(Ordering::Relaxed) {
+                    Some(conn.await)
+                } else {
+                    debug!(peer = %self.peer, "No request head within header_timeout; closing.");
+                    None
+                }
+            }
+        };
+        if let Some(Err(error)) = result {
             debug!(peer = %self.peer, %error, "Connection closed with an error.");
         }
         drop(self.gauge);
@@ -149,8 +169,9 @@ fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Also bounds keep-alive idle time: hyper restarts it while waiting for the next head.
-        .header_read_timeout(server.header_timeout)
+        // hyper starts this timer while waiting for the next head, so it is the keep-alive
+        // idle limit; the first head's deadline (header_timeout) is enforced in `serve`.
+        .header_read_timeout(server.idle_timeout.max(server.header_timeout))
         .max_buf_size(server.max_header_bytes.max(8192))
         .keep_alive(true);
     builder

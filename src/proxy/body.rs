@@ -52,7 +52,8 @@ pub struct Tail {
 #[derive(Default)]
 pub struct Extra {
     pub hash: Option<(BodyHasher, oneshot::Sender<u64>)>,
-    pub log: Option<(AccessLogger, Record)>,
+    /// The line to log when the body is done, and when the request started (for `total_ms`).
+    pub log: Option<(AccessLogger, Record, tokio::time::Instant)>,
 }
 
 impl Tail {
@@ -74,8 +75,9 @@ impl Tail {
 
 impl Drop for Tail {
     fn drop(&mut self) {
-        if let Some((logger, mut record)) = self.extra.as_mut().and_then(|e| e.log.take()) {
+        if let Some((logger, mut record, started)) = self.extra.as_mut().and_then(|e| e.log.take()) {
             record.bytes = self.bytes;
+            record.total_ms = started.elapsed().as_secs_f64() * 1000.0;
             logger.log(record);
         }
     }

@@ -59,7 +59,8 @@ pub struct Forwarded<'a> {
     pub tls: bool,
     /// The effective authority the client asked for (host[:port]).
     pub host: Option<&'a HeaderValue>,
-    pub http2: bool,
+    /// The downstream protocol version, for `Via`.
+    pub version: http::Version,
     /// The route's override header, stripped before forwarding.
     pub override_header: Option<&'a HeaderName>,
 }
@@ -81,7 +82,11 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
         headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
         headers.insert(header::HOST, host.clone());
     }
-    let via = if fwd.http2 { "2 veer" } else { "1.1 veer" };
+    let via = match fwd.version {
+        http::Version::HTTP_2 => "2 veer",
+        http::Version::HTTP_10 => "1.0 veer",
+        _ => "1.1 veer",
+    };
     headers.append(header::VIA, HeaderValue::from_static(via));
 }
 
@@ -161,7 +166,7 @@ mod tests {
             client_ip: "::ffff:127.0.0.1".parse().unwrap(),
             tls: true,
             host: Some(&host),
-            http2: false,
+            version: http::Version::HTTP_11,
             override_header: Some(&override_header),
         };
         to_upstream(&mut headers, &fwd, false);

@@ -95,7 +95,7 @@ impl Proxy {
                 client_ip: conn.peer.ip(),
                 tls: conn.tls,
                 host: host.as_ref(),
-                http2: parts.version == Version::HTTP_2,
+                version: parts.version,
                 override_header: route.config.sticky.override_header.as_ref(),
             },
             tunnelling,
@@ -105,6 +105,12 @@ impl Proxy {
             Some((job, tee)) => (Some(job), tee),
             None => (None, None),
         };
+        if host.is_none() {
+            // HTTP/1.0 without Host: the upstream still needs one on HTTP/1.1.
+            if let Ok(value) = HeaderValue::from_str(endpoint.as_str()) {
+                parts.headers.insert(header::HOST, value);
+            }
+        }
         parts.uri = upstream_uri(endpoint, &parts.uri);
         parts.version = Version::HTTP_11;
         let log = self.access_log.as_ref().map(|logger| {
@@ -169,8 +175,7 @@ impl Proxy {
         if let Some((logger, mut record)) = log {
             record.status = status.as_u16();
             record.upstream_ms = latency.as_secs_f64() * 1000.0;
-            record.total_ms = started.elapsed().as_secs_f64() * 1000.0;
-            extra.get_or_insert_with(Box::default).log = Some((logger, record));
+            extra.get_or_insert_with(Box::default).log = Some((logger, record, started));
         }
         if let Some(mut job) = shadow {
             job.primary_hash = primary_hash;

@@ -7,6 +7,9 @@
 pub mod sticky;
 pub mod weights;
 
+#[cfg(test)]
+mod split_tests;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -18,6 +18,9 @@ use tokio::net::TcpStream;
 
 pub use veer::demo::upstream::{Behaviour, Upstream};
 
+pub mod load;
+pub mod wire;
+
 /// A running veer with its config file and state dir in a temporary directory.
 pub struct Veer {
     pub running: Option<veer::app::Running>,
@@ -170,4 +173,53 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// GETs `url` once per header list, `concurrency` at a time over one pool of keep-alive
+/// connections; the answers come back in the order of `requests`.
+pub async fn get_many(
+    url: &str,
+    requests: Vec<Vec<(String, String)>>,
+    concurrency: usize,
+) -> Vec<(StatusCode, HeaderMap, Bytes)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let requests = Arc::new(requests);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, requests, next) = (client.clone(), Arc::clone(&requests), Arc::clone(&next));
+        let url = url.to_string();
+        workers.spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(headers) = requests.get(i) else {
+                    return done;
+                };
+                let mut request = Request::get(url.as_str());
+                for (name, value) in headers {
+                    request = request.header(name.as_str(), value.as_str());
+                }
+                let response = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    client.request(request.body(Full::new(Bytes::new())).unwrap()),
+                )
+                .await
+                .expect("request timed out")
+                .expect("request failed");
+                let (parts, body) = response.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                done.push((i, (parts.status, parts.headers, body)));
+            }
+        });
+    }
+    let mut answers: Vec<Option<(StatusCode, HeaderMap, Bytes)>> = vec![None; requests.len()];
+    while let Some(done) = workers.join_next().await {
+        for (i, answer) in done.unwrap() {
+            answers[i] = Some(answer);
+        }
+    }
+    answers.into_iter().map(Option::unwrap).collect()
 }

@@ -1,0 +1,132 @@
+//! HTTP/1.1 on the wire: reading one response from a raw socket, decoding a chunked body, and
+//! a scripted upstream that answers every request with the same bytes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// One response as read from a socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// The head as sent (status line and headers), without the blank line.
+    pub head: String,
+    pub body: Vec<u8>,
+    /// True when the peer closed (or reset) before the declared body was complete.
+    pub cut: bool,
+}
+
+impl RawResponse {
+    /// The first value of a header (name compared case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+}
+
+/// Reads one response head and its `Content-Length` body (with no length: until the peer
+/// closes). Gives up after 5 s; `None` when no complete head arrived.
+pub async fn read_response(stream: &mut TcpStream) -> Option<RawResponse> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(at) = find(&buf, b"\r\n\r\n") {
+            break at;
+        }
+        if !read_more(stream, &mut buf, deadline).await {
+            return None;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut body = buf.split_off(head_end + 4);
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let mut response = RawResponse {
+        status,
+        head,
+        body: Vec::new(),
+        cut: false,
+    };
+    let length = match response.header("content-length") {
+        Some(len) => len.parse::<usize>().ok(),
+        None if status == 101 || status == 304 || status == 204 => Some(0),
+        None => None,
+    };
+    loop {
+        if length.is_some_and(|len| body.len() >= len) {
+            break;
+        }
+        if !read_more(stream, &mut body, deadline).await {
+            response.cut = length.is_some();
+            break;
+        }
+    }
+    response.body = body;
+    Some(response)
+}
+
+/// Reads what is there; false on close, reset or deadline.
+async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let mut chunk = [0u8; 16384];
+    match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+        Ok(Ok(n)) if n > 0 => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+        _ => false,
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Decodes a complete chunked body; `None` when it is malformed or incomplete.
+pub fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = find(data, b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return (data.starts_with(b"\r\n")).then_some(out);
+        }
+        if data.len() < size + 2 || &data[size..size + 2] != b"\r\n" {
+            return None;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// An upstream on `127.0.0.1:0` that reads each request head and answers with `response`,
+/// then closes the connection. Stops when the handle is aborted or dropped with the runtime.
+pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while find(&head, b"\r\n\r\n").is_none() {
+                    if !read_more(&mut stream, &mut head, deadline).await {
+                        return;
+                    }
+                }
+                let _ = stream.write_all(response).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
