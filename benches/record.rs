@@ -1,6 +1,8 @@
 //! Cost of recording one exchange into a `SlotMetrics`: alone, and with every core recording
 //! into the same slot at once; plus the read side (drain + merge) the controller pays.
 
+#![allow(clippy::disallowed_types)] // benches measure wall time with std::time::Instant
+
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};

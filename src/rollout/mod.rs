@@ -175,11 +175,10 @@ fn commit(
         || prev.stable != state.stable
         || prev.phase != state.phase;
     if moved {
-        let baseline = shared.slot_metrics(prev.stable).step();
+        // Read and reset in one go, so that nothing recorded in between is lost to both steps.
+        let baseline = shared.slot_metrics(prev.stable).take_step();
+        shared.slot_metrics(prev.stable.other()).reset_step();
         inner.previous_stable = (prev.stable == state.stable).then_some(baseline);
-        for metrics in &shared.metrics {
-            metrics.reset_step();
-        }
         inner.step_started = Instant::now();
         inner.hold_warned = false;
         shared.split.store(state.split());
