@@ -310,14 +310,20 @@ fn futures_stream(
     half: Bytes,
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
 {
-    let mut state = 0u8;
     let mut half = Some(half);
-    futures_util::stream::poll_fn(move |_cx| {
-        state += 1;
-        std::task::Poll::Ready(match state {
-            1 => half.take().map(|h| Ok(Frame::data(h))),
-            2 => Some(Err(std::io::Error::other("upstream died mid-body"))),
-            _ => None,
-        })
+    // The failure waits a moment so that the head and the first half are flushed first: hyper
+    // would drop them unsent if the error came in the same poll.
+    let mut pause = Box::pin(tokio::time::sleep(Duration::from_millis(20)));
+    let mut failed = false;
+    futures_util::stream::poll_fn(move |cx| {
+        if let Some(h) = half.take() {
+            return std::task::Poll::Ready(Some(Ok(Frame::data(h))));
+        }
+        if failed {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(std::future::Future::poll(pause.as_mut(), cx));
+        failed = true;
+        std::task::Poll::Ready(Some(Err(std::io::Error::other("upstream died mid-body"))))
     })
 }

@@ -55,7 +55,7 @@ pub async fn request(
 pub struct LoadSpec {
     pub url: String,
     pub tasks: usize,
-    /// Requests over all tasks; each task sends at most its share.
+    /// Requests over all tasks, split evenly between them.
     pub max_requests: u64,
     pub max_time: Duration,
     /// Wait between two requests of one task (zero: back to back).
@@ -119,9 +119,12 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + spec.max_time;
-        let share = spec.max_requests.div_ceil(spec.tasks.max(1) as u64);
+        let tasks_n = spec.tasks.max(1) as u64;
         let tasks = (0..spec.tasks)
             .map(|task| {
+                // The budget split exactly: the first `max % tasks` tasks send one more.
+                let share = spec.max_requests / tasks_n
+                    + u64::from((task as u64) < spec.max_requests % tasks_n);
                 let spec = spec.clone();
                 let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
                 tokio::spawn(async move {

@@ -1,7 +1,13 @@
 //! Shared helpers for the integration tests: an in-process veer on `127.0.0.1:0` with its config
 //! in a temporary directory, in-process upstreams (`veer::demo::upstream::Upstream`), and small
 //! HTTP clients (hyper, and raw sockets for malformed input).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +53,17 @@ pub fn route(name: &str, blue: SocketAddr, green: SocketAddr, extra: &str) -> St
     format!(
         "[[route]]\nname = \"{name}\"\n[route.blue]\nendpoints = [\"{blue}\"]\nversion = \"v1\"\n\
          [route.green]\nendpoints = [\"{green}\"]\nversion = \"v2\"\n{extra}\n"
+    )
+}
+
+/// A route on `hosts` (empty = any host) and `prefix` with both slots on `upstream`.
+pub fn host_route(name: &str, hosts: &[&str], prefix: &str, upstream: SocketAddr) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "[[route]]\nname = \"{name}\"\nhosts = [{}]\npath_prefix = \"{prefix}\"\n\
+         [route.blue]\nendpoints = [\"{upstream}\"]\nversion = \"v1\"\n\
+         [route.green]\nendpoints = [\"{upstream}\"]\nversion = \"v2\"\n\n",
+        hosts.join(", ")
     )
 }
 

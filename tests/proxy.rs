@@ -1,0 +1,394 @@
+//! The forwarding core over real sockets (SPEC §3 Routing, Forwarding): route matching, header
+//! rewriting both ways, streaming, graceful shutdown and the access log. HTTP/2, TLS and
+//! WebSocket are in `proxy_protocols.rs`; bad input and upstream failures in `proxy_errors.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+use support::wire::{dechunk, read_response, scripted_upstream};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn named(name: &str) -> Upstream {
+    Upstream::builder(name).record(true).start().await.unwrap()
+}
+
+/// A body of `len` bytes that is not all alike, so that a reordering or a gap shows.
+fn pattern(len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing
+
+#[tokio::test]
+async fn exact_host_beats_wildcard_beats_any_host_and_the_longest_prefix_wins() {
+    let names = ["exact", "exact-api", "wild", "any", "any-static"];
+    let mut upstreams = Vec::new();
+    for name in names {
+        upstreams.push(named(name).await);
+    }
+    let routes = [
+        host_route("exact", &["shop.example.com"], "/", upstreams[0].addr),
+        host_route(
+            "exact-api",
+            &["shop.example.com"],
+            "/api",
+            upstreams[1].addr,
+        ),
+        host_route("wild", &["*.example.com"], "/", upstreams[2].addr),
+        host_route("any", &[], "/", upstreams[3].addr),
+        host_route("any-static", &[], "/static", upstreams[4].addr),
+    ];
+    let veer = Veer::start("", &routes.concat()).await;
+    let cases = [
+        ("shop.example.com", "/", "exact"),
+        ("shop.example.com", "/api/items", "exact-api"),
+        // Port and case do not matter.
+        ("SHOP.Example.COM:8080", "/api", "exact-api"),
+        // The wildcard tier has no /api prefix, but its "/" matches before any-host.
+        ("www.example.com", "/api", "wild"),
+        ("a.b.example.com", "/", "wild"),
+        ("WWW.EXAMPLE.COM:1234", "/x", "wild"),
+        // A wildcard does not match the bare domain.
+        ("example.com", "/", "any"),
+        ("other.org", "/static/site.css", "any-static"),
+        ("other.org", "/stat", "any"),
+    ];
+    for (host, path, expected) in cases {
+        let (status, _, body) = get(&veer.url(path), &[("host", host)]).await;
+        assert_eq!(status, 200, "{host}{path}");
+        assert_eq!(body, format!("{expected}\n"), "{host}{path}");
+    }
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_no_route_matches_gets_a_short_404_from_veer() {
+    let upstream = named("shop").await;
+    let route = host_route("shop", &["shop.example.com"], "/shop", upstream.addr);
+    let veer = Veer::start("", &route).await;
+    for (host, path) in [("other.example.com", "/shop"), ("shop.example.com", "/")] {
+        let (status, headers, body) = get(&veer.url(path), &[("host", host)]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{host}{path}");
+        assert!(headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        assert!(!body.is_empty() && body.len() < 100, "{body:?}");
+    }
+    assert_eq!(upstream.request_count(), 0);
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn http11_without_host_or_with_two_hosts_is_400_and_http10_without_host_is_routed() {
+    let upstream = named("blue").await;
+    let veer = Veer::start("", &host_route("any", &[], "/", upstream.addr)).await;
+    let missing = raw(veer.addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&missing), Some(400), "{missing}");
+    let twice =
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n";
+    let duplicate = raw(veer.addr, twice).await;
+    assert_eq!(raw_status(&duplicate), Some(400), "{duplicate}");
+    assert_eq!(upstream.request_count(), 0);
+    let old = raw(veer.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&old), Some(200), "{old}");
+    assert_eq!(upstream.request_count(), 1);
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_absolute_form_authority_wins_over_the_host_header() {
+    let shop = named("shop").await;
+    let other = named("other").await;
+    let routes = host_route("shop", &["shop.example.com"], "/", shop.addr)
+        + &host_route("other", &["other.example.com"], "/", other.addr);
+    let veer = Veer::start("", &routes).await;
+    let request = b"GET http://shop.example.com/cart?id=7 HTTP/1.1\r\n\
+                    Host: other.example.com\r\nConnection: close\r\n\r\n";
+    let answer = raw(veer.addr, request).await;
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    assert!(answer.ends_with("shop\n"), "{answer}");
+    assert_eq!(other.request_count(), 0);
+    let seen = shop.seen();
+    assert_eq!(seen[0].uri, "/cart?id=7");
+    assert_eq!(seen[0].headers["host"], "shop.example.com");
+    assert_eq!(seen[0].headers["x-forwarded-host"], "shop.example.com");
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers
+
+#[tokio::test]
+async fn hop_by_hop_and_internal_headers_stay_behind_and_forwarded_headers_are_set() {
+    let upstream = named("blue").await;
+    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    let request = b"GET /h HTTP/1.1\r\nHost: shop.example.com\r\n\
+        Connection: close, x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+        Trailer: x-checksum\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n\
+        X-Forwarded-For: 203.0.113.9\r\nx-veer-slot: blue\r\nx-veer-shadow: 1\r\n\
+        X-Kept: yes\r\n\r\n";
+    let answer = raw(veer.addr, request).await;
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    let seen = upstream.seen();
+    let headers = &seen[0].headers;
+    for gone in [
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "x-veer-slot",
+        "x-veer-shadow",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone} reached the upstream");
+    }
+    assert_eq!(headers["x-kept"], "yes");
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "shop.example.com");
+    assert_eq!(headers["via"], "1.1 veer");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_of_the_response_stay_behind() {
+    let (upstream, task) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nConnection: x-up-secret\r\nX-Up-Secret: 1\r\n\
+          Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n\
+          Trailer: x-checksum\r\nX-Up-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let veer = Veer::start("", &route("shop", upstream, upstream, "")).await;
+    let (status, headers, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"ok");
+    assert_eq!(headers["x-up-kept"], "yes");
+    for gone in [
+        "x-up-secret",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone} reached the client");
+    }
+    if let Some(connection) = headers.get("connection") {
+        assert!(!connection.to_str().unwrap().contains("x-up-secret"));
+    }
+    task.abort();
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_response_with_both_framings_reaches_the_client_well_framed() {
+    let (upstream, task) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\
+          Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let veer = Veer::start("", &route("shop", upstream, upstream, "")).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert_eq!(raw_status(head), Some(200), "{text}");
+    let chunked = head.contains("transfer-encoding: chunked");
+    let length = head.contains("content-length:");
+    assert!(chunked != length, "exactly one framing expected: {head}");
+    if chunked {
+        assert_eq!(dechunk(body.as_bytes()).as_deref(), Some(&b"hello"[..]));
+    } else {
+        assert!(head.contains("content-length: 5"), "{head}");
+        assert_eq!(body, "hello");
+    }
+    task.abort();
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming
+
+#[tokio::test]
+async fn an_8_mib_body_streams_through_intact_both_ways() {
+    let large = pattern(8 << 20);
+    let upstream = Upstream::builder("blue")
+        .body(large.clone())
+        .record(true)
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    let (status, _, body) = send(Method::POST, &veer.url("/up"), &[], large.clone()).await;
+    assert_eq!(status, 200);
+    assert!(body == large, "download differs ({} bytes)", body.len());
+    let seen = upstream.seen();
+    let uploaded = seen[0].body.as_ref().unwrap();
+    assert!(
+        *uploaded == large,
+        "upload differs ({} bytes)",
+        uploaded.len()
+    );
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_dying_mid_body_reaches_the_client_as_an_aborted_response() {
+    let upstream = Upstream::builder("blue")
+        .behaviour(Behaviour::CutBody)
+        .body(vec![b'x'; 1000])
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    // A raw client sees fewer bytes than the declared length, then the connection ends.
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("content-length"), Some("2000"));
+    assert!(answer.cut, "the connection stayed open after a short body");
+    assert!(answer.body.len() < 2000);
+    // hyper's client sees a body error, not a clean end.
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(Request::get(veer.url("/")).body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.into_body().collect().await.is_err());
+    let slot_errors = || async {
+        veer.route_status("shop").await["slots"]["blue"]["errors"]["reset"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            slot_errors().await >= 2
+        })
+        .await
+    );
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_upload_aborted_mid_body_reaches_the_upstream_as_aborted() {
+    let upstream = named("blue").await;
+    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(b"POST /up HTTP/1.1\r\nHost: shop\r\nContent-Length: 1000\r\n\r\n")
+        .await
+        .unwrap();
+    stream.write_all(&[b'a'; 400]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            upstream.request_count() == 1
+        })
+        .await
+    );
+    drop(stream);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !upstream.seen().is_empty()
+        })
+        .await
+    );
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].body.is_none(), "a shorter body arrived as complete");
+    // The client's abort is not the slot's fault.
+    let aborted = || async {
+        let slot = &veer.route_status("shop").await["slots"]["blue"];
+        slot["client_aborts"].as_u64() == Some(1)
+    };
+    assert!(eventually(Duration::from_secs(5), aborted).await);
+    let slot = &veer.route_status("shop").await["slots"]["blue"];
+    assert!(slot["errors"].as_object().unwrap().values().all(|n| n == 0));
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graceful shutdown
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections() {
+    let upstream = Upstream::builder("blue")
+        .latency(Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::start(
+        "drain_timeout = \"10s\"",
+        &route("shop", upstream.addr, upstream.addr, ""),
+    )
+    .await;
+    let (addr, url) = (veer.addr, veer.url("/slow"));
+    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            upstream.request_count() == 1
+        })
+        .await
+    );
+    veer.shutdown().await;
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"blue\n");
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access log
+
+#[tokio::test]
+async fn a_request_writes_one_json_access_log_line() {
+    let upstream = named("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let server = format!("access_log = \"{}\"", log.display());
+    let text = config_text(
+        dir.path(),
+        &server,
+        &route("shop", upstream.addr, upstream.addr, ""),
+    );
+    let veer = Veer::start_in(dir, &text).await;
+    let (status, _, body) = get(&veer.url("/logged?q=1"), &[]).await;
+    assert_eq!(status, 200);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(5), || async { read().ends_with('\n') }).await);
+    let text = read();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(line["route"], "shop");
+    assert_eq!(line["slot"], "blue");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/logged");
+    assert_eq!(line["bytes"], body.len());
+    veer.shutdown().await;
+}

@@ -1,0 +1,209 @@
+//! The forwarding core over HTTP/2 (h2c prior knowledge), TLS with ALPN, and WebSocket
+//! tunnels (SPEC §3 Forwarding), over real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::wire::read_response;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn named(name: &str) -> Upstream {
+    Upstream::builder(name).record(true).start().await.unwrap()
+}
+
+/// A body of `len` bytes that is not all alike, so that a reordering or a gap shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 (h2c prior knowledge)
+
+#[tokio::test]
+async fn h2c_prior_knowledge_works_and_routes_by_authority() {
+    let a = named("a").await;
+    let b = named("b").await;
+    let routes = host_route("a", &["a.example"], "/", a.addr)
+        + &host_route("b", &["b.example"], "/", b.addr);
+    let veer = Veer::start("", &routes).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (authority, expected) in [("b.example", "b\n"), ("a.example:8443", "a\n")] {
+        let request = Request::get(format!("http://{authority}/x"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, expected, "{authority}");
+    }
+    let seen = b.seen();
+    assert_eq!(seen[0].headers["host"], "b.example");
+    assert_eq!(seen[0].headers["via"], "2 veer");
+    assert_eq!(a.request_count(), 1);
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// A self-signed certificate for `localhost`, written to `dir`; returns its DER.
+fn self_signed(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
+    certified.cert.der().clone()
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(alpn));
+    stream
+}
+
+#[tokio::test]
+async fn tls_serves_h2_and_http11_by_alpn_with_https_forwarded_and_a_secure_cookie() {
+    let upstream = named("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed(dir.path());
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    );
+    let text = config_text(
+        dir.path(),
+        &tls,
+        &route("shop", upstream.addr, upstream.addr, ""),
+    );
+    let veer = Veer::start_in(dir, &text).await;
+
+    let h2 = tls_connect(veer.addr, &cert, b"h2").await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("https://localhost/secure")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let h2_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+
+    let h1 = tls_connect(veer.addr, &cert, b"http/1.1").await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(h1))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("/secure")
+        .header("host", "localhost")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_11);
+    assert_eq!(response.status(), 200);
+    let h1_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+
+    for cookie in [h2_cookie, h1_cookie] {
+        assert!(cookie.starts_with("veer_shop="), "{cookie}");
+        assert!(cookie.contains("; Secure"), "{cookie}");
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(request.headers["x-forwarded-proto"], "https");
+    }
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket / Upgrade
+
+const UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+#[tokio::test]
+async fn an_upgrade_answered_101_becomes_a_tunnel_both_ways() {
+    let upstream = Upstream::builder("ws")
+        .behaviour(Behaviour::WebSocketEcho)
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::start("", &host_route("ws", &["ws.example"], "/", upstream.addr)).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream.write_all(UPGRADE).await.unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.head);
+    assert_eq!(answer.header("upgrade"), Some("websocket"));
+    for message in [&b"ping through the tunnel"[..], &pattern(100_000)[..]] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(echoed == message, "echo differs");
+    }
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_answered_200_is_a_normal_response_and_no_tunnel() {
+    let upstream = named("ws").await;
+    let veer = Veer::start("", &host_route("ws", &["ws.example"], "/", upstream.addr)).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream.write_all(UPGRADE).await.unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    assert_eq!(answer.body, b"ws\n");
+    assert!(answer.header("upgrade").is_none());
+    // The connection still speaks HTTP to veer: a host no route serves gets veer's own 404,
+    // where a tunnel would have carried the bytes to the upstream.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_response(&mut stream).await.unwrap();
+    assert_eq!(next.status, 404, "{}", next.head);
+    assert_eq!(upstream.request_count(), 1);
+    veer.shutdown().await;
+}
