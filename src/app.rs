@@ -163,11 +163,16 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     tasks.push(tokio::spawn(rollout::run(Arc::clone(&table))));
     tasks.push(tokio::spawn(rotate_windows(Arc::clone(&table))));
     if let Some(path) = app.config_path.clone() {
-        tasks.push(tokio::spawn(crate::config::watch::run(
-            path,
-            Arc::clone(&app),
-        )));
-        tasks.push(tokio::spawn(reload_on_sighup(Arc::clone(&app))));
+        // Both listen from here on, before `start` returns: a change or a SIGHUP right after
+        // start is not missed (and SIGHUP never falls back to its default, ending the process).
+        if let Some(watching) = crate::config::watch::watch(path) {
+            tasks.push(tokio::spawn(watching.run(Arc::clone(&app))));
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(hup) => tasks.push(tokio::spawn(reload_on_sighup(hup, Arc::clone(&app)))),
+            Err(error) => warn!(%error, "Cannot listen for SIGHUP."),
+        }
     }
     app.ready.store(true, Ordering::Release);
     Ok(Running {
@@ -240,15 +245,7 @@ async fn wait_for_signal() {
     }
 }
 
-async fn reload_on_sighup(app: Arc<App>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(hup) => hup,
-        Err(error) => {
-            warn!(%error, "Cannot listen for SIGHUP.");
-            return;
-        }
-    };
+async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, app: Arc<App>) {
     while hup.recv().await.is_some() {
         info!("SIGHUP: reloading.");
         let _ = app.reload().await;
@@ -329,8 +326,14 @@ impl App {
         let (new, was) = (&config.server, &old.server);
         let fixed = [
             ("server.workers", new.workers != was.workers),
-            ("server.connect_timeout", new.connect_timeout != was.connect_timeout),
-            ("server.upstream_idle_timeout", new.upstream_idle_timeout != was.upstream_idle_timeout),
+            (
+                "server.connect_timeout",
+                new.connect_timeout != was.connect_timeout,
+            ),
+            (
+                "server.upstream_idle_timeout",
+                new.upstream_idle_timeout != was.upstream_idle_timeout,
+            ),
             ("server.access_log", new.access_log != was.access_log),
         ];
         if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {

@@ -339,13 +339,18 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
         }
         Verdict::Pass => (state.apply(Action::StepPassed, steps), "step_passed"),
         Verdict::Hold => {
-            // Failures must be consecutive analyses: a hold breaks the run.
-            inner.state.failures = 0;
             if step_elapsed > config.rollout.max_step_time && !inner.hold_warned {
                 inner.hold_warned = true;
                 warn!(route = %shared.name, reason = %judgement.reason, "Step is past max_step_time without enough evidence; holding.");
             }
-            return;
+            if state.failures == 0 {
+                return;
+            }
+            // Failures must be consecutive analyses: a hold breaks the run, saved and
+            // journaled like any other change of the count (a restart must not resume it).
+            let mut next = state.clone();
+            next.failures = 0;
+            (Ok(next), "analysis")
         }
     };
     match next {

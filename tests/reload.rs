@@ -1,0 +1,487 @@
+//! Reload: by rewriting the file in place, by write-then-rename, by the admin endpoint and by
+//! SIGHUP; invalid files and restart-only changes are rejected whole while the old config keeps
+//! serving; routes that stay keep their state, removed ones start fresh; certificates rotate;
+//! no request fails while the file is rewritten under load.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::Value;
+use support::load::{Load, LoadSpec};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn manual(weight: u32) -> String {
+    format!(
+        "[route.sticky]\nby = \"none\"\n[route.rollout]\nmode = \"manual\"\nweight = {weight}\n"
+    )
+}
+
+/// The config text `veer` would be started with for `routes` (no `[server]` extras).
+fn text_for(veer: &Veer, routes: &str) -> String {
+    config_text(veer.dir.path(), "", routes)
+}
+
+async fn canary_weight(veer: &Veer, name: &str) -> f64 {
+    veer.route_status(name).await["canary_weight"]
+        .as_f64()
+        .unwrap()
+}
+
+/// Polls until the route's canary weight is `weight` (at most 5 s).
+async fn weight_becomes(veer: &Veer, weight: f64) -> bool {
+    let veer = &veer;
+    eventually(Duration::from_secs(5), move || async move {
+        canary_weight(veer, "shop").await == weight
+    })
+    .await
+}
+
+async fn reload(veer: &Veer) -> (StatusCode, Value) {
+    veer.admin_post("/api/v1/config/reload", "").await
+}
+
+/// A sample's value from `/metrics`, by its exact series text.
+async fn metric(veer: &Veer, series: &str) -> f64 {
+    let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+async fn upstreams() -> (Upstream, Upstream) {
+    (
+        Upstream::builder("blue").start().await.unwrap(),
+        Upstream::builder("green").start().await.unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_file_rewritten_in_place_is_reloaded() {
+    let (blue, green) = upstreams().await;
+    let veer = Veer::start("", &route("shop", blue.addr, green.addr, &manual(0))).await;
+    std::fs::write(
+        &veer.config_path,
+        text_for(&veer, &route("shop", blue.addr, green.addr, &manual(30))),
+    )
+    .unwrap();
+    assert!(weight_becomes(&veer, 30.0).await);
+    let (_, routes) = veer.admin_get("/api/v1/routes").await;
+    assert_eq!(routes["reload"]["result"], "applied", "{routes}");
+    assert_eq!(veer.route_status("shop").await["phase"], "paused");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_file_replaced_by_rename_is_reloaded() {
+    let (blue, green) = upstreams().await;
+    let veer = Veer::start("", &route("shop", blue.addr, green.addr, &manual(0))).await;
+    let tmp = veer.dir.path().join(".veer.toml.new");
+    std::fs::write(
+        &tmp,
+        text_for(&veer, &route("shop", blue.addr, green.addr, &manual(40))),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &veer.config_path).unwrap();
+    assert!(weight_becomes(&veer, 40.0).await);
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_reload_endpoint_applies_or_rejects_a_file_whole() {
+    let (blue, green) = upstreams().await;
+    let veer = Veer::start("", &route("shop", blue.addr, green.addr, &manual(0))).await;
+    let valid = text_for(&veer, &route("shop", blue.addr, green.addr, &manual(20)));
+    std::fs::write(&veer.config_path, &valid).unwrap();
+    let (status, body) = reload(&veer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["result"], "applied");
+    assert_eq!(canary_weight(&veer, "shop").await, 20.0);
+
+    // Invalid: a weight change (valid on its own) next to steps that are not increasing. Nothing
+    // of it applies.
+    let invalid = text_for(
+        &veer,
+        &route(
+            "shop",
+            blue.addr,
+            green.addr,
+            &format!("{}steps = [50, 10, 100]\n", manual(70)),
+        ),
+    );
+    let line = invalid
+        .lines()
+        .position(|l| l.starts_with("steps ="))
+        .unwrap()
+        + 1;
+    std::fs::write(&veer.config_path, &invalid).unwrap();
+    let (status, body) = reload(&veer).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["result"], "rejected");
+    let errors = body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{body}");
+    assert_eq!(errors[0]["path"], "route[0].rollout.steps");
+    assert_eq!(errors[0]["line"], line);
+    assert_eq!(errors[0]["message"], "must be increasing");
+
+    // The old config keeps serving and the rejection is shown and counted.
+    assert_eq!(canary_weight(&veer, "shop").await, 20.0);
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, routes) = veer.admin_get("/api/v1/routes").await;
+    assert_eq!(routes["reload"]["result"], "rejected", "{routes}");
+    assert_eq!(
+        routes["reload"]["errors"][0]["path"],
+        "route[0].rollout.steps"
+    );
+    let rejected = metric(&veer, "veer_config_reloads_total{result=\"rejected\"}").await;
+    assert!(rejected >= 1.0, "{rejected}");
+    assert!(metric(&veer, "veer_config_reloads_total{result=\"applied\"}").await >= 1.0);
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn changing_the_listeners_is_rejected_as_needing_a_restart() {
+    let (blue, green) = upstreams().await;
+    let routes = route("shop", blue.addr, green.addr, "");
+    let veer = Veer::start("", &routes).await;
+    // A second listener (never bound: the reload is refused before anything is bound).
+    let text = text_for(&veer, &routes).replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\", \"[::1]:0\"]",
+    );
+    std::fs::write(&veer.config_path, text).unwrap();
+    let (status, body) = reload(&veer).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["errors"][0]["path"], "server.listen");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("needs a restart"), "{message}");
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"blue\n"[..]));
+    veer.shutdown().await;
+}
+
+/// A short auto policy, sticky users by header.
+const AUTO: &str =
+    "[route.sticky]\nby = \"header:x-user\"\n[route.rollout]\nsteps = [10, 50, 100]\n\
+                    min_step_time = \"10m\"\n";
+
+/// The slot that served user `key`.
+async fn slot_of(veer: &Veer, path: &str, key: &str) -> String {
+    let (status, _, body) = get(&veer.url(path), &[("x-user", key)]).await;
+    assert_eq!(status, StatusCode::OK);
+    String::from_utf8(body.to_vec()).unwrap().trim().to_string()
+}
+
+fn other_route(blue: SocketAddr, green: SocketAddr) -> String {
+    route("other", blue, green, AUTO).replacen(
+        "name = \"other\"\n",
+        "name = \"other\"\npath_prefix = \"/other\"\n",
+        1,
+    )
+}
+
+#[tokio::test]
+async fn an_unchanged_route_keeps_its_state_across_a_reload() {
+    let (blue, green) = upstreams().await;
+    let shop = route("shop", blue.addr, green.addr, AUTO);
+    let veer = Veer::start("", &shop).await;
+    let (status, _) = veer
+        .admin_post("/api/v1/routes/shop/rollout/start", "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    let mut before = Vec::new();
+    for user in &users {
+        before.push(slot_of(&veer, "/", user).await);
+    }
+    assert!(before.iter().any(|s| s == "green") && before.iter().any(|s| s == "blue"));
+    let status_before = veer.route_status("shop").await;
+
+    let with_other = format!("{shop}{}", other_route(blue.addr, green.addr));
+    std::fs::write(&veer.config_path, text_for(&veer, &with_other)).unwrap();
+    let (status, body) = reload(&veer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = veer.admin_get("/api/v1/routes/other").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let after = veer.route_status("shop").await;
+    for key in ["phase", "step", "canary_weight", "stable"] {
+        assert_eq!(after[key], status_before[key], "{key}");
+    }
+    assert_eq!(after["phase"], "ramping");
+    assert_eq!(after["canary_weight"], 10.0);
+    for slot in ["blue", "green"] {
+        let (b, a) = (
+            &status_before["slots"][slot]["requests"],
+            &after["slots"][slot]["requests"],
+        );
+        assert_eq!(a, b, "{slot} requests");
+    }
+    let requests = |v: &Value| {
+        v["slots"]["blue"]["requests"].as_u64().unwrap()
+            + v["slots"]["green"]["requests"].as_u64().unwrap()
+    };
+    assert_eq!(requests(&after), 40);
+    // Sticky assignments survive too.
+    for (user, slot) in users.iter().zip(&before) {
+        assert_eq!(&slot_of(&veer, "/", user).await, slot, "{user}");
+    }
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_removed_then_readded_route_starts_fresh() {
+    let (blue, green) = upstreams().await;
+    let shop = route("shop", blue.addr, green.addr, AUTO);
+    let both = format!("{shop}{}", other_route(blue.addr, green.addr));
+    let veer = Veer::start("", &both).await;
+    let (status, _) = veer
+        .admin_post("/api/v1/routes/other/rollout/start", "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for i in 0..10 {
+        slot_of(&veer, "/other/x", &format!("user-{i}")).await;
+    }
+    let other = veer.route_status("other").await;
+    assert_eq!(other["phase"], "ramping");
+    let served = other["slots"]["blue"]["requests"].as_u64().unwrap()
+        + other["slots"]["green"]["requests"].as_u64().unwrap();
+    assert_eq!(served, 10);
+
+    std::fs::write(&veer.config_path, text_for(&veer, &shop)).unwrap();
+    assert_eq!(reload(&veer).await.0, StatusCode::OK);
+    let (status, _) = veer.admin_get("/api/v1/routes/other").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    std::fs::write(&veer.config_path, text_for(&veer, &both)).unwrap();
+    assert_eq!(reload(&veer).await.0, StatusCode::OK);
+    let other = veer.route_status("other").await;
+    assert_eq!(other["phase"], "idle", "{other}");
+    assert_eq!(other["canary_weight"], 0.0);
+    for slot in ["blue", "green"] {
+        assert_eq!(other["slots"][slot]["requests"], 0, "{other}");
+    }
+    // The unchanged route was never disturbed.
+    assert_eq!(veer.route_status("shop").await["phase"], "idle");
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS certificate rotation, by the admin endpoint and by SIGHUP.
+// ---------------------------------------------------------------------------------------------
+
+/// A TLS client verifier that accepts any certificate and remembers the one it was shown.
+#[derive(Debug)]
+struct Remember {
+    seen: Mutex<Option<Vec<u8>>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+impl ServerCertVerifier for Remember {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap() = Some(end_entity.to_vec());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// One HTTPS request on a new connection: the certificate the server showed and the answer.
+async fn https_get(addr: SocketAddr) -> (Vec<u8>, String) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Remember {
+        seen: Mutex::new(None),
+        provider: Arc::clone(&provider),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    let seen = verifier.seen.lock().unwrap().clone().unwrap();
+    (seen, String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A fresh self-signed certificate for `localhost`, written to `cert.pem`/`key.pem` in `dir`;
+/// its DER.
+fn write_certificate(dir: &std::path::Path) -> Vec<u8> {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
+    certified.cert.der().to_vec()
+}
+
+async fn tls_veer(blue: &Upstream, green: &Upstream) -> (Veer, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let first = write_certificate(dir.path());
+    let text = config_text(
+        dir.path(),
+        "tls = { cert = \"cert.pem\", key = \"key.pem\" }",
+        &route("shop", blue.addr, green.addr, ""),
+    );
+    let veer = Veer::start_in(dir, &text).await;
+    let (seen, answer) = https_get(veer.addr).await;
+    assert_eq!(seen, first, "the first certificate is served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("blue\n"), "{answer}");
+    (veer, first)
+}
+
+#[tokio::test]
+async fn a_reload_rotates_the_tls_certificate() {
+    let (blue, green) = upstreams().await;
+    let (veer, first) = tls_veer(&blue, &green).await;
+    let second = write_certificate(veer.dir.path());
+    assert_ne!(first, second);
+    // The config file itself is unchanged: only a reload re-reads the certificate.
+    let (status, body) = reload(&veer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (seen, answer) = https_get(veer.addr).await;
+    assert_eq!(seen, second, "a new client sees the new certificate");
+    assert!(answer.ends_with("blue\n"), "{answer}");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_rotates_the_tls_certificate() {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Listening for SIGHUP here too keeps this test process alive should veer's own listener
+    // ever be missing (SIGHUP's default action ends the process); veer must still see it.
+    let mut hups = signal(SignalKind::hangup()).unwrap();
+    let (blue, green) = upstreams().await;
+    let (veer, first) = tls_veer(&blue, &green).await;
+    let second = write_certificate(veer.dir.path());
+    assert_ne!(first, second);
+    let applied = "veer_config_reloads_total{result=\"applied\"}";
+    assert_eq!(metric(&veer, applied).await, 0.0);
+    // One signal: veer listens for SIGHUP from the moment `start` returns.
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::time::timeout(Duration::from_secs(5), hups.recv())
+        .await
+        .expect("SIGHUP delivered to this process");
+    let veer_ref = &veer;
+    let reloaded = eventually(Duration::from_secs(5), move || async move {
+        metric(veer_ref, applied).await >= 1.0
+    })
+    .await;
+    assert!(reloaded, "SIGHUP did not reload");
+    let (seen, answer) = https_get(veer.addr).await;
+    assert_eq!(seen, second, "a new client sees the new certificate");
+    assert!(answer.ends_with("blue\n"), "{answer}");
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload under load.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewriting_the_file_twenty_times_under_load_fails_no_request() {
+    let (blue, green) = upstreams().await;
+    let veer = Veer::start("", &route("shop", blue.addr, green.addr, &manual(0))).await;
+    // 4 keep-alive clients, at most 10,000 requests or 10 s; stopped after the rewrites.
+    let load = Load::start(LoadSpec {
+        tasks: 4,
+        max_requests: 10_000,
+        max_time: Duration::from_secs(10),
+        pause: Duration::from_millis(2),
+        ..LoadSpec::new(veer.url("/"))
+    });
+    for i in 0..20u32 {
+        let weight = if i % 2 == 0 { 50 } else { 0 };
+        let text = text_for(
+            &veer,
+            &route("shop", blue.addr, green.addr, &manual(weight)),
+        );
+        // Alternately in place and by rename; the watcher sees each, and the endpoint makes
+        // sure each is applied before the next.
+        if i % 4 < 2 {
+            std::fs::write(&veer.config_path, text).unwrap();
+        } else {
+            let tmp = veer.dir.path().join(".veer.toml.new");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &veer.config_path).unwrap();
+        }
+        let (status, body) = reload(&veer).await;
+        assert_eq!(status, StatusCode::OK, "rewrite {i}: {body}");
+        assert_eq!(canary_weight(&veer, "shop").await, f64::from(weight));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(!load.finished(), "the load must last through every rewrite");
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(report.count(200), report.sent(), "{:?}", report.statuses);
+    let upstream = blue.request_count() + green.request_count();
+    assert_eq!(upstream, report.sent());
+    assert!(green.request_count() > 0 && blue.request_count() > 0);
+    let shop = veer.route_status("shop").await;
+    let counted = shop["slots"]["blue"]["requests"].as_u64().unwrap()
+        + shop["slots"]["green"]["requests"].as_u64().unwrap();
+    assert_eq!(counted, report.sent());
+    veer.shutdown().await;
+}

@@ -1,0 +1,984 @@
+//! The rollout controller end to end: the controller on injected statistics in paused time
+//! (ramp, rollback, hold, pause/resume, persistence), then over real sockets with test
+//! upstreams and a short policy, the admin API around it, its auth, and the CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::Value;
+use support::load::{Load, LoadReport, LoadSpec};
+use support::*;
+use veer::config::RouteConfig;
+use veer::rollout::state::{Action, Phase};
+use veer::rollout::{self, Store};
+use veer::routing::RouteShared;
+use veer::Slot;
+
+// ---------------------------------------------------------------------------------------------
+// The controller on injected statistics, in paused time.
+// ---------------------------------------------------------------------------------------------
+
+/// The short policy of these tests: 3 steps, 1 s and 100 canary requests per step, p90 (100
+/// latency samples per slot before the latency test is computed).
+const POLICY: &str = "steps = [10, 50, 100]\nmin_step_time = \"1s\"\nmin_requests = 100\n\
+                      interval = \"200ms\"\nlatency_quantile = 0.9\n";
+
+/// A route config and a state store in a temporary directory; the endpoints are never used.
+struct Controller {
+    dir: tempfile::TempDir,
+    route: RouteConfig,
+    store: Arc<Store>,
+}
+
+impl Controller {
+    /// `rollout_extra` adds keys to `[route.rollout]` (not those of `POLICY`).
+    fn new(rollout_extra: &str) -> Controller {
+        let dir = tempfile::tempdir().unwrap();
+        let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let extra = format!("[route.rollout]\n{POLICY}{rollout_extra}");
+        let text = config_text(dir.path(), "", &route("shop", unused, unused, &extra));
+        let config = veer::config::parse(&text, Some(dir.path())).unwrap();
+        let store = Arc::new(Store::new(&config.state));
+        Controller {
+            route: config.routes[0].clone(),
+            store,
+            dir,
+        }
+    }
+
+    /// The route's state as a fresh start would restore it from the state dir.
+    fn restore(&self) -> Arc<RouteShared> {
+        rollout::restore(&self.route, &self.store)
+    }
+
+    fn journal(&self) -> Vec<Value> {
+        journal_lines(&self.dir.path().join("state"))
+    }
+}
+
+fn journal_lines(state_dir: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(state_dir.join("journal.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Records `n` responses for `slot`, `errors` of them 500s (counted as errors), all at
+/// `latency_ms`.
+fn feed(shared: &RouteShared, slot: Slot, n: u64, errors: u64, latency_ms: u64) {
+    let metrics = shared.slot_metrics(slot);
+    for i in 0..n {
+        let error = i < errors;
+        let status = if error { 500 } else { 200 };
+        metrics.record_response(status, error, Duration::from_millis(latency_ms));
+    }
+}
+
+fn phase_step_weight(shared: &RouteShared) -> (Phase, usize, u32) {
+    let state = shared.rollout.view().state;
+    (state.phase, state.step, state.canary_bp)
+}
+
+fn last_verdict(shared: &RouteShared) -> String {
+    let last = shared.rollout.view().last.expect("an analysis ran");
+    last.judgement.verdict.as_str().to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_canary_ramps_through_every_step_and_is_promoted() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    let started = rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    assert_eq!((started.phase, started.canary_bp), (Phase::Ramping, 1000));
+    assert_eq!(shared.split.load().canary_bp, 1000);
+    let mut weights = Vec::new();
+    for _ in 0..3 {
+        let split = shared.split.load();
+        if split.canary_bp < 10_000 {
+            feed(&shared, split.stable, 200, 0, 10);
+        }
+        feed(&shared, split.canary(), 200, 0, 10);
+        // Enough requests but not yet min_step_time: a pass needs both.
+        rollout::analyse(&shared, &c.route);
+        assert_eq!(shared.split.load(), split, "passed before min_step_time");
+        assert_eq!(last_verdict(&shared), "hold");
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        rollout::analyse(&shared, &c.route);
+        weights.push(shared.split.load().canary_bp);
+    }
+    assert_eq!(weights, [5000, 10_000, 0]);
+    let state = shared.rollout.view().state;
+    assert_eq!(
+        (state.phase, state.stable, state.canary_bp),
+        (Phase::Idle, Slot::Green, 0)
+    );
+    assert_eq!(shared.split.load().stable, Slot::Green);
+    assert_eq!(
+        shared
+            .rollout
+            .promoted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // One journal line per transition, each pass with the numbers it was decided on.
+    let journal = c.journal();
+    let actions: Vec<&str> = journal
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["start", "step_passed", "step_passed", "step_passed"]
+    );
+    let last = &journal[3];
+    assert_eq!(
+        (last["from"].as_str(), last["to"].as_str()),
+        (Some("ramping"), Some("idle"))
+    );
+    assert_eq!(last["stable"], "green");
+    assert_eq!(last["weight_from"], 100.0);
+    assert_eq!(last["weight_to"], 0.0);
+    let judgement = &last["judgement"];
+    assert_eq!(judgement["verdict"], "pass");
+    assert_eq!(judgement["canary"]["requests"], 200);
+    // At 100 % the canary is judged against stable's figures of the 50 % step.
+    assert_eq!(judgement["stable"]["requests"], 200);
+    assert!(judgement["error_test"]["log_lr"].is_number());
+    assert_eq!(judgement["latency_test"]["quantile"], 0.9);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failure_threshold_consecutive_failures_roll_back() {
+    // 10 % canary errors against 0 % on 1,000 requests each: the error test is conclusive
+    // (ln LR about 26 against ln 100 = 4.6); max_error_rate 0.5 keeps the abort out of it.
+    let c = Controller::new("failure_threshold = 3\nmax_error_rate = 0.5\n");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    feed(&shared, Slot::Blue, 1000, 0, 10);
+    feed(&shared, Slot::Green, 1000, 100, 10);
+    for failures in 1..=2 {
+        rollout::analyse(&shared, &c.route);
+        assert_eq!(last_verdict(&shared), "fail");
+        let state = shared.rollout.view().state;
+        assert_eq!((state.phase, state.failures), (Phase::Ramping, failures));
+        assert_eq!(shared.split.load().canary_bp, 1000);
+    }
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(
+        phase_step_weight(&shared),
+        (Phase::RolledBack, 0, 0),
+        "third consecutive failure rolls back"
+    );
+    assert_eq!(shared.split.load().canary_bp, 0);
+    assert_eq!(shared.split.load().stable, Slot::Blue);
+    let journal = c.journal();
+    let summary: Vec<(&str, u64)> = journal
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["failures"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("start", 0),
+            ("analysis", 1),
+            ("analysis", 2),
+            ("rollback", 0)
+        ]
+    );
+    let rollback = &journal[3];
+    assert_eq!(rollback["to"], "rolled_back");
+    assert_eq!(rollback["weight_to"], 0.0);
+    assert_eq!(rollback["judgement"]["canary"]["errors"], 100);
+    assert_eq!(rollback["judgement"]["stable"]["requests"], 1000);
+    assert_eq!(rollback["judgement"]["error_test"]["failing"], true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_between_failures_restarts_the_count() {
+    let c = Controller::new("failure_threshold = 2\nmax_error_rate = 0.5\n");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    feed(&shared, Slot::Blue, 1000, 0, 10);
+    feed(&shared, Slot::Green, 1000, 100, 10);
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(shared.rollout.view().state.failures, 1);
+    // An empty window: too little evidence, a hold, which breaks the run of failures.
+    for metrics in &shared.metrics {
+        metrics.reset_step();
+    }
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(last_verdict(&shared), "hold");
+    assert_eq!(shared.rollout.view().state.failures, 0);
+    // Saved as well: a restart does not resume the broken run.
+    assert_eq!(c.restore().rollout.view().state.failures, 0);
+    feed(&shared, Slot::Blue, 1000, 0, 10);
+    feed(&shared, Slot::Green, 1000, 100, 10);
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared).0, Phase::RolledBack);
+    let lines = c.journal();
+    let journal: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["failures"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        journal,
+        [
+            ("start", 0),
+            ("analysis", 1),
+            ("analysis", 0),
+            ("analysis", 1),
+            ("rollback", 0)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn sparse_traffic_holds_past_max_step_time_and_never_fails() {
+    let c = Controller::new("max_step_time = \"10s\"\n");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    // 10 minutes at 10 stable requests/s and one canary request every 10 s: 60 canary
+    // requests, short of min_requests (100) and of the 100 latency samples p90 needs.
+    for second in 0..600 {
+        feed(&shared, Slot::Blue, 10, 0, 10);
+        if second % 10 == 0 {
+            feed(&shared, Slot::Green, 1, 0, 40);
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rollout::analyse(&shared, &c.route);
+        assert_eq!(last_verdict(&shared), "hold", "second {second}");
+        assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
+        assert_eq!(shared.rollout.view().state.failures, 0);
+    }
+    let reason = shared.rollout.view().last.unwrap().judgement.reason;
+    assert!(reason.starts_with("waiting for evidence"), "{reason}");
+    assert_eq!(c.journal().len(), 1, "holds journal nothing");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_canary_is_judged_only_from_twenty_requests_on() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    // Every canary request fails, one every 10 s; 19 are too few to judge anything.
+    for second in 0..190 {
+        feed(&shared, Slot::Blue, 10, 0, 10);
+        if second % 10 == 0 {
+            feed(&shared, Slot::Green, 1, 1, 10);
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rollout::analyse(&shared, &c.route);
+        assert_eq!(last_verdict(&shared), "hold", "second {second}");
+    }
+    assert_eq!(shared.slot_metrics(Slot::Green).step().requests, 19);
+    feed(&shared, Slot::Green, 1, 1, 10);
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(last_verdict(&shared), "abort");
+    assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_freezes_the_weight_and_resume_never_lowers_it() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    rollout::act(&shared, &c.route, Action::Pause, "test").unwrap();
+    feed(&shared, Slot::Blue, 200, 0, 10);
+    feed(&shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
+    assert!(
+        shared.rollout.view().last.is_none(),
+        "a paused route is not analysed"
+    );
+
+    rollout::act(&shared, &c.route, Action::Resume, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
+    feed(&shared, Slot::Blue, 200, 0, 10);
+    feed(&shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+
+    // A hand-set weight pauses; resuming continues at the first step at or above it.
+    rollout::act(&shared, &c.route, Action::SetWeight(7000), "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 1, 7000));
+    assert_eq!(shared.split.load().canary_bp, 7000);
+    rollout::act(&shared, &c.route, Action::Resume, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 10_000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn rollout_state_and_journal_survive_a_restart() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    feed(&shared, Slot::Blue, 300, 0, 10);
+    feed(&shared, Slot::Green, 150, 0, 12);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+    drop(shared);
+
+    // A new process: a new store on the same directory.
+    let store = Arc::new(Store::new(&veer::config::StateConfig {
+        dir: c.dir.path().join("state"),
+    }));
+    let restored = rollout::restore(&c.route, &store);
+    assert_eq!(phase_step_weight(&restored), (Phase::Ramping, 1, 5000));
+    assert_eq!(restored.split.load().canary_bp, 5000);
+    assert_eq!(restored.split.load().stable, Slot::Blue);
+
+    let journal = c.journal();
+    assert_eq!(journal.len(), 2);
+    let pass = &journal[1];
+    assert_eq!(pass["action"], "step_passed");
+    assert_eq!(
+        (pass["weight_from"].as_f64(), pass["weight_to"].as_f64()),
+        (Some(10.0), Some(50.0))
+    );
+    let j = &pass["judgement"];
+    assert_eq!(j["canary"]["requests"], 150);
+    assert_eq!(j["stable"]["requests"], 300);
+    assert_eq!(j["canary"]["latency_samples"], 150);
+    let canary_ms = j["latency_test"]["canary_ms"].as_f64().unwrap();
+    assert!((12.0..12.1).contains(&canary_ms), "{canary_ms}");
+    assert!(j["error_test"]["threshold"].as_f64().unwrap() > 4.6);
+
+    // The journal keeps growing after the restart.
+    rollout::act(&restored, &c.route, Action::Rollback, "test").unwrap();
+    assert_eq!(c.journal().len(), 3);
+}
+
+/// Captures what `tracing` writes while a closure runs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_set_aside_and_reported() {
+    let c = Controller::new("");
+    let routes = c.dir.path().join("state/routes");
+    std::fs::create_dir_all(&routes).unwrap();
+    std::fs::write(routes.join("shop.json"), "{ \"stable\": \"blue\", ").unwrap();
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(log.clone())
+        .with_ansi(false)
+        .finish();
+    let shared = tracing::subscriber::with_default(subscriber, || c.restore());
+    assert_eq!(phase_step_weight(&shared), (Phase::Idle, 0, 0));
+    assert!(!routes.join("shop.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(routes.join("shop.json.corrupt")).unwrap(),
+        "{ \"stable\": \"blue\", "
+    );
+    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("WARN"), "{log}");
+    assert!(log.contains("corrupt rollout state"), "{log}");
+
+    // The same at process start: veer serves, the route starts fresh.
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state/routes");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("shop.json"), "not json at all").unwrap();
+    let text = config_text(dir.path(), "", &route("shop", blue.addr, green.addr, ""));
+    let veer = Veer::start_in(dir, &text).await;
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"blue\n"[..]));
+    let shop = veer.route_status("shop").await;
+    assert_eq!(shop["phase"], "idle");
+    assert!(veer
+        .dir
+        .path()
+        .join("state/routes/shop.json.corrupt")
+        .exists());
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: real sockets, test upstreams, a short policy and a bounded load.
+// ---------------------------------------------------------------------------------------------
+
+/// `POLICY` with sticky users by header. The latency bound is at least stable's p90 + 20 ms,
+/// wide enough for scheduling noise of a loaded 2-core machine between identical loopback
+/// upstreams, narrow enough for an 80 ms regression.
+fn e2e_policy() -> String {
+    format!(
+        "[route.sticky]\nby = \"header:x-user\"\n[route.rollout]\n{POLICY}min_latency_delta = \"20ms\"\n"
+    )
+}
+
+async fn start_shop(blue: &Upstream, green: &Upstream) -> Veer {
+    Veer::start("", &route("shop", blue.addr, green.addr, &e2e_policy())).await
+}
+
+async fn post_start(veer: &Veer) {
+    let (status, shop) = veer
+        .admin_post("/api/v1/routes/shop/rollout/start", "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shop}");
+    assert_eq!(shop["phase"], "ramping");
+    assert_eq!(shop["canary_weight"], 10.0);
+}
+
+/// At most 20 s of back-to-back requests from `tasks` tasks, every request a new user.
+fn user_load(veer: &Veer, tasks: usize) -> Load {
+    Load::start(LoadSpec {
+        tasks,
+        max_requests: 40_000,
+        max_time: Duration::from_secs(20),
+        key_header: Some("x-user"),
+        ..LoadSpec::new(veer.url("/"))
+    })
+}
+
+/// Polls the route until `done` holds (every 100 ms, at most `timeout`); the last status.
+async fn wait_route(
+    veer: &Veer,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> (bool, Value) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let shop = veer.route_status("shop").await;
+        if done(&shop) || tokio::time::Instant::now() >= deadline {
+            return (done(&shop), shop);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_all_ok(report: &LoadReport) {
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(report.count(200), report.sent(), "{:?}", report.statuses);
+}
+
+async fn events(veer: &Veer, limit: usize) -> Vec<Value> {
+    let (status, body) = veer
+        .admin_get(&format!("/api/v1/events?limit={limit}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    body["events"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_green_is_promoted() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = start_shop(&blue, &green).await;
+    post_start(&veer).await;
+    // Identical slots: the judge's always-valid tests fail a healthy canary at most 1 % of the
+    // time per test over a whole step (measured: 0 of 2,000 simulated rollouts, see judge.rs),
+    // and the latency bound is at least +20 ms over stable's p90.
+    let load = user_load(&veer, 4);
+    let (promoted, shop) = wait_route(&veer, Duration::from_secs(20), |shop| {
+        shop["stable"] == "green" && shop["phase"] == "idle"
+    })
+    .await;
+    let report = load.stop().await;
+    assert!(promoted, "not promoted: {shop:#}");
+    assert_eq!(shop["canary_weight"], 0.0);
+    assert_eq!(shop["rollouts"]["promoted"], 1);
+    assert_all_ok(&report);
+    // Newest decisions first, each pass with the figures it was decided on.
+    let events = events(&veer, 4).await;
+    let actions: Vec<&str> = events
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["step_passed", "step_passed", "step_passed", "start"]
+    );
+    let weights: Vec<f64> = events
+        .iter()
+        .map(|e| e["weight_to"].as_f64().unwrap())
+        .collect();
+    assert_eq!(weights, [0.0, 100.0, 50.0, 10.0]);
+    for pass in &events[..3] {
+        let canary = pass["judgement"]["canary"]["requests"].as_u64().unwrap();
+        assert!(canary >= 100, "{pass}");
+        assert_eq!(pass["judgement"]["verdict"], "pass");
+    }
+    // After the promotion everyone is on green.
+    let before = green.request_count();
+    let (status, _, body) = get(&veer.url("/"), &[("x-user", "after")]).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"green\n"[..]));
+    assert_eq!(green.request_count(), before + 1);
+    veer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_green_with_twenty_percent_errors_is_rolled_back() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green")
+        .error_rate(0.2)
+        .start()
+        .await
+        .unwrap();
+    let veer = start_shop(&blue, &green).await;
+    post_start(&veer).await;
+    let load = user_load(&veer, 4);
+    let (rolled_back, shop) = wait_route(&veer, Duration::from_secs(20), |shop| {
+        shop["phase"] == "rolled_back"
+    })
+    .await;
+    let at_rollback = green.request_count();
+    let report = load.stop().await;
+    assert!(rolled_back, "not rolled back: {shop:#}");
+    assert_eq!(shop["canary_weight"], 0.0);
+    assert_eq!(shop["stable"], "blue");
+    let rollback = &events(&veer, 1).await[0];
+    assert_eq!(rollback["action"], "rollback");
+    let judgement = &rollback["judgement"];
+    let verdict = judgement["verdict"].as_str().unwrap();
+    assert!(verdict == "abort" || verdict == "fail", "{rollback}");
+    assert!(
+        rollback["reason"]
+            .as_str()
+            .unwrap()
+            .contains("canary error rate"),
+        "{rollback}"
+    );
+    // Decided in the first (10 %) step, soon after the evidence allows it: the abort fires at
+    // the first look (>= 20 canary requests) where the observed rate is above 20 %, and the
+    // mixture test is conclusive from about 300 canary requests even at an observed 16 %
+    // (ln LR 4.8 >= ln 100); two consecutive failures and ~100 canary requests per interval
+    // under this load stay well below 1,000.
+    assert_eq!(rollback["weight_from"], 10.0);
+    let canary = judgement["canary"]["requests"].as_u64().unwrap();
+    assert!(
+        canary <= 1000,
+        "rolled back only after {canary} canary requests"
+    );
+    // No canary traffic after the rollback (give in-flight requests 4 at most).
+    assert!(green.request_count() <= at_rollback + 4);
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    veer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_green_with_80ms_more_latency_is_rolled_back() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green")
+        .latency(Duration::from_millis(80))
+        .start()
+        .await
+        .unwrap();
+    let veer = start_shop(&blue, &green).await;
+    post_start(&veer).await;
+    let load = user_load(&veer, 8);
+    let (rolled_back, shop) = wait_route(&veer, Duration::from_secs(20), |shop| {
+        shop["phase"] == "rolled_back"
+    })
+    .await;
+    let report = load.stop().await;
+    assert!(rolled_back, "not rolled back: {shop:#}");
+    assert_all_ok(&report);
+    let rollback = &events(&veer, 1).await[0];
+    assert_eq!(rollback["action"], "rollback");
+    let test = &rollback["judgement"]["latency_test"];
+    assert_eq!(test["failing"], true, "{rollback}");
+    assert!(test["canary_ms"].as_f64().unwrap() >= 80.0, "{rollback}");
+    assert!(
+        rollback["reason"].as_str().unwrap().contains("p90"),
+        "{rollback}"
+    );
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_request_per_second_holds_at_the_first_step() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = start_shop(&blue, &green).await;
+    post_start(&veer).await;
+    // 1 request/s for 6 s: past min_step_time, far short of min_requests.
+    let report = Load::start(LoadSpec {
+        tasks: 1,
+        max_requests: 6,
+        max_time: Duration::from_secs(10),
+        pause: Duration::from_secs(1),
+        key_header: Some("x-user"),
+        ..LoadSpec::new(veer.url("/"))
+    })
+    .finish()
+    .await;
+    assert_all_ok(&report);
+    assert_eq!(report.sent(), 6);
+    let shop = veer.route_status("shop").await;
+    assert_eq!(shop["phase"], "ramping");
+    assert_eq!(shop["step"], 0);
+    assert_eq!(shop["failures"], 0);
+    assert_eq!(shop["last_verdict"]["result"], "hold", "{shop:#}");
+    assert!(shop["waiting"]
+        .as_str()
+        .unwrap()
+        .starts_with("waiting for evidence"));
+    let events = events(&veer, 10).await;
+    assert_eq!(events.len(), 1, "only the start: {events:?}");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_version_label_on_the_idle_slot_starts_a_rollout() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let routes = route("shop", blue.addr, green.addr, &e2e_policy());
+    let veer = Veer::start("", &routes).await;
+    assert_eq!(veer.route_status("shop").await["phase"], "idle");
+    let text = config_text(
+        veer.dir.path(),
+        "",
+        &routes.replace("version = \"v2\"", "version = \"v3\""),
+    );
+    std::fs::write(&veer.config_path, text).unwrap();
+    let (status, body) = veer.admin_post("/api/v1/config/reload", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let shop = veer.route_status("shop").await;
+    assert_eq!(shop["phase"], "ramping");
+    assert_eq!(shop["canary_weight"], 10.0);
+    assert_eq!(shop["versions"]["green"], "v3");
+    let start = &events(&veer, 1).await[0];
+    assert_eq!(start["action"], "start");
+    assert_eq!(start["reason"], "new version label on the idle slot");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn rollout_state_survives_a_process_restart() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let routes = route("shop", blue.addr, green.addr, &e2e_policy());
+    let veer = Veer::start("", &routes).await;
+    post_start(&veer).await;
+    let (status, _) = veer
+        .admin_post("/api/v1/routes/shop/rollout/pause", "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let Veer { running, dir, .. } = veer;
+    running.unwrap().shutdown().await;
+
+    let text = config_text(dir.path(), "", &routes);
+    let veer = Veer::start_in(dir, &text).await;
+    let shop = veer.route_status("shop").await;
+    assert_eq!(shop["phase"], "paused");
+    assert_eq!(shop["canary_weight"], 10.0);
+    let journal = journal_lines(&veer.dir.path().join("state"));
+    let actions: Vec<&str> = journal
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["start", "pause"]);
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API and auth.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = start_shop(&blue, &green).await;
+    let action = |name: &str| format!("/api/v1/routes/shop/rollout/{name}");
+    // (action, expected status, expected phase, expected canary weight)
+    let script: [(&str, u16, &str, Option<f64>); 10] = [
+        ("pause", 409, "idle", None),
+        ("start", 200, "ramping", Some(10.0)),
+        ("start", 409, "ramping", None),
+        ("pause", 200, "paused", Some(10.0)),
+        ("resume", 200, "ramping", Some(10.0)),
+        ("promote", 200, "idle", Some(0.0)),
+        ("rollback", 409, "idle", None),
+        ("start", 200, "ramping", Some(10.0)),
+        ("rollback", 200, "rolled_back", Some(0.0)),
+        ("resume", 409, "rolled_back", None),
+    ];
+    for (name, status, phase, weight) in script {
+        let (got, body) = veer.admin_post(&action(name), "").await;
+        assert_eq!(got.as_u16(), status, "{name}: {body}");
+        assert_eq!(body["phase"], phase, "{name}: {body}");
+        if let Some(weight) = weight {
+            assert_eq!(body["canary_weight"], weight, "{name}: {body}");
+        } else {
+            assert!(
+                body["error"].as_str().unwrap().starts_with("cannot"),
+                "{body}"
+            );
+        }
+    }
+    // After the promotion green is stable and the new canary is blue.
+    let shop = veer.route_status("shop").await;
+    assert_eq!(
+        (shop["stable"].as_str(), shop["canary"].as_str()),
+        (Some("green"), Some("blue"))
+    );
+
+    let (status, body) = veer
+        .admin_post("/api/v1/routes/shop/weight", "{\"canary_percent\": 10}")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["canary_weight"], 10.0);
+    assert_eq!(body["phase"], "paused");
+    for bad in [
+        "{\"canary_percent\": ",
+        "{\"canary_percent\": 150}",
+        "{}",
+        "[10]",
+    ] {
+        let (status, body) = veer.admin_post("/api/v1/routes/shop/weight", bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    assert_eq!(veer.route_status("shop").await["canary_weight"], 10.0);
+
+    for (path, body) in [
+        ("/api/v1/routes/nope/rollout/start", ""),
+        ("/api/v1/routes/nope/weight", "{\"canary_percent\": 10}"),
+        ("/api/v1/routes/shop/rollout/explode", ""),
+    ] {
+        let (status, answer) = veer.admin_post(path, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {answer}");
+    }
+    let (status, _) = veer.admin_get("/api/v1/routes/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // One journal line per transition; the events endpoint shows the newest first.
+    let journal = journal_lines(&veer.dir.path().join("state"));
+    let actions: Vec<&str> = journal
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["start", "pause", "resume", "promote", "start", "rollback", "weight"]
+    );
+    let newest = events(&veer, 3).await;
+    let newest: Vec<(&str, f64, f64)> = newest
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["weight_from"].as_f64().unwrap(),
+                e["weight_to"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        newest,
+        [
+            ("weight", 0.0, 10.0),
+            ("rollback", 10.0, 0.0),
+            ("start", 0.0, 10.0)
+        ]
+    );
+    let (status, _) = veer.admin_get("/api/v1/events?limit=zero").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_requires_the_token_and_refuses_foreign_origins() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "", &route("shop", blue.addr, green.addr, ""))
+        .replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
+    let veer = Veer::start_in(dir, &text).await;
+    let auth = ("authorization", "Bearer s3cret");
+    let call = |method: Method, path: &str, headers: Vec<(&'static str, &'static str)>| {
+        let url = veer.admin_url(path);
+        async move {
+            send(method, &url, &headers, bytes::Bytes::new())
+                .await
+                .0
+                .as_u16()
+        }
+    };
+    for path in ["/healthz", "/metrics", "/api/v1/routes", "/api/v1/events"] {
+        assert_eq!(call(Method::GET, path, vec![]).await, 401, "{path}");
+        let wrong = vec![("authorization", "Bearer s3cre")];
+        assert_eq!(call(Method::GET, path, wrong).await, 401, "{path}");
+        assert_eq!(call(Method::GET, path, vec![auth]).await, 200, "{path}");
+    }
+    let start = "/api/v1/routes/shop/rollout/start";
+    assert_eq!(call(Method::POST, start, vec![]).await, 401);
+    let foreign = vec![auth, ("origin", "https://evil.example")];
+    assert_eq!(call(Method::POST, start, foreign).await, 403);
+    assert_eq!(shop_status_with(&veer, &[auth]).await["phase"], "idle");
+    assert_eq!(call(Method::POST, start, vec![auth]).await, 200);
+    assert_eq!(shop_status_with(&veer, &[auth]).await["phase"], "ramping");
+    veer.shutdown().await;
+}
+
+async fn shop_status_with(veer: &Veer, headers: &[(&str, &str)]) -> Value {
+    let (status, _, body) = get(&veer.admin_url("/api/v1/routes/shop"), headers).await;
+    assert_eq!(status, StatusCode::OK);
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[test]
+fn a_non_loopback_admin_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let text = config_text(dir.path(), "", &route("shop", unused, unused, "")).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        "[admin]\nlisten = \"0.0.0.0:9901\"",
+    );
+    let errors = veer::config::parse(&text, None).unwrap_err();
+    let error = errors
+        .0
+        .iter()
+        .find(|e| e.path.starts_with("admin"))
+        .unwrap_or_else(|| panic!("no admin error in {errors}"));
+    assert!(error.message.contains("token"), "{error}");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("listen = \"0.0.0.0"))
+        .unwrap()
+        + 1;
+    assert_eq!(error.line, Some(line), "{error}");
+    let with_token = text.replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
+    assert!(veer::config::parse(&with_token, None).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI, as a separate process.
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the built `veer` binary (off the runtime, so that the in-process veer keeps serving).
+async fn veer_cli(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(&args)
+            .env_remove("VEER_ADMIN")
+            .env_remove("VEER_ADMIN_TOKEN")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cli_status_and_rollout_start_talk_to_the_admin_api() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = start_shop(&blue, &green).await;
+    let admin = format!("http://{}", veer.admin);
+
+    let (code, out, err) = veer_cli(&["status", "--admin", &admin]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("ROUTE") && lines[0].contains("PHASE"),
+        "{out}"
+    );
+    let row = |slot: &str| {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(slot))
+            .unwrap_or_else(|| panic!("no {slot} row in\n{out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    let (blue_row, green_row) = (row("blue"), row("green"));
+    assert_eq!(
+        blue_row[..6],
+        ["shop", "blue", "v1", "stable", "100.00%", "idle"]
+    );
+    assert_eq!(
+        green_row[..6],
+        ["shop", "green", "v2", "canary", "0.00%", "idle"]
+    );
+
+    let (code, out, err) = veer_cli(&["rollout", "start", "shop", "--admin", &admin]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ramping") && out.contains("10.00%"), "{out}");
+    assert_eq!(veer.route_status("shop").await["phase"], "ramping");
+
+    // Not allowed now: a runtime failure (exit 2) that names the phase.
+    let (code, out, err) = veer_cli(&["rollout", "start", "shop", "--admin", &admin]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("409") && err.contains("ramping"), "{err}");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn cli_check_accepts_a_valid_file_and_points_at_the_invalid_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let valid = config_text(
+        dir.path(),
+        "",
+        &route(
+            "shop",
+            unused,
+            unused,
+            "[route.rollout]\nsteps = [10, 50, 100]\n",
+        ),
+    );
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, &valid).unwrap();
+    let (code, out, err) = veer_cli(&["check", "-c", good.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok (1 route)"), "{out}");
+
+    let invalid = valid.replace("steps = [10, 50, 100]", "steps = [50, 10, 100]");
+    let line = invalid
+        .lines()
+        .position(|l| l.starts_with("steps ="))
+        .unwrap()
+        + 1;
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, &invalid).unwrap();
+    let (code, out, err) = veer_cli(&["check", "-c", bad.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    let expected = format!("route[0].rollout.steps: must be increasing, line {line}");
+    assert!(out.contains(&expected), "expected {expected:?} in\n{out}");
+}
