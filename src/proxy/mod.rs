@@ -380,10 +380,7 @@ fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, LocalError>
     }
     match host {
         Some(host) => {
-            let valid = host
-                .to_str()
-                .ok()
-                .is_some_and(|h| h.parse::<Authority>().is_ok());
+            let valid = valid_host(host.as_bytes());
             if valid {
                 Ok(Some(host.clone()))
             } else {
@@ -395,6 +392,33 @@ fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, LocalError>
         }
         None => Ok(None),
     }
+}
+
+/// A Host header value that can be an authority: `host[:port]` with a reg-name, IPv4 or
+/// bracketed IPv6 host. Checked without allocating.
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(i) if !value.starts_with(b"[") || value.get(i.wrapping_sub(1)) == Some(&b']') => {
+            (&value[..i], &value[i + 1..])
+        }
+        _ => (value, &b""[..]),
+    };
+    let port_ok = port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+    let host_ok = match host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
+        Some(v6) => {
+            !v6.is_empty()
+                && v6
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        None => {
+            !host.is_empty()
+                && host
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
+        }
+    };
+    host_ok && port_ok
 }
 
 /// `host[:port]` → `host` (IPv6 literals keep their brackets).
@@ -471,6 +495,33 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_headers_are_checked_without_parsing_into_an_authority() {
+        for good in [
+            "shop.example.com",
+            "shop.example.com:8080",
+            "127.0.0.1:1",
+            "[::1]:80",
+            "[::1]",
+            "a_b",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a b",
+            "a/b",
+            "a@b",
+            "[::1",
+            "host:80x",
+            "host:123456",
+            "[zz]:1",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn ports_are_stripped_from_hosts() {
