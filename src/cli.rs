@@ -86,6 +86,39 @@ pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `veer health`: `GET /healthz` answers 200 within 5 s.
+pub async fn health(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
+    let base = admin.trim_end_matches('/');
+    let uri: Uri = format!("{base}/healthz")
+        .parse()
+        .map_err(|_| CliError::Url(admin.to_string()))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(CliError::Url(admin.to_string()).into());
+    }
+    let mut request = Request::builder().uri(uri);
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|_| CliError::Url(admin.to_string()))?;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let unreachable = |reason: String| CliError::Unreachable {
+        url: base.to_string(),
+        reason,
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.request(request))
+        .await
+        .map_err(|_| unreachable("no answer within 5 s".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        anyhow::bail!("admin API answered {status} to /healthz");
+    }
+    println!("ok");
+    Ok(())
+}
+
 /// `veer rollout ACTION ROUTE`.
 pub async fn rollout(
     admin: &str,

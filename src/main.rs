@@ -49,6 +49,13 @@ enum Command {
         #[arg(long, env = "VEER_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Exit 0 when the admin API answers `/healthz` with 200, else 1 (container health checks).
+    Health {
+        #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
+        admin: String,
+        #[arg(long, env = "VEER_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Drive a route's rollout (same as the admin API POSTs).
     Rollout {
         #[arg(value_parser = ["start", "pause", "resume", "promote", "rollback"])]
@@ -87,6 +94,9 @@ fn main() -> ExitCode {
         Command::Status { admin, token } => {
             report(block_on(cli::status(&admin, token.as_deref())), 2)
         }
+        Command::Health { admin, token } => {
+            report(block_on(cli::health(&admin, token.as_deref())), 1)
+        }
         Command::Rollout {
             action,
             route,
@@ -100,7 +110,8 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -75,7 +75,8 @@ impl Tail {
 
 impl Drop for Tail {
     fn drop(&mut self) {
-        if let Some((logger, mut record, started)) = self.extra.as_mut().and_then(|e| e.log.take()) {
+        if let Some((logger, mut record, started)) = self.extra.as_mut().and_then(|e| e.log.take())
+        {
             record.bytes = self.bytes;
             record.total_ms = started.elapsed().as_secs_f64() * 1000.0;
             logger.log(record);

@@ -43,19 +43,20 @@ pub fn new_cookie_id() -> [u8; COOKIE_ID_LEN] {
     out
 }
 
-/// veer's cookie value in the request, if present and well-formed. Foreign or malformed values
-/// are treated as absent (a new id will be set), never as an error.
+/// veer's cookie value in the request: the first well-formed one of that name. Foreign or
+/// malformed values are treated as absent (a new id will be set when none is left), never as
+/// an error; a browser may send several cookies of one name (other paths or domains).
 pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b';'))
-        .find_map(|pair| {
+        .filter_map(|pair| {
             let pair = pair.trim_ascii();
             let (key, value) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
             (key == name.as_bytes()).then_some(&value[1..])
         })
-        .filter(|value| {
+        .find(|value| {
             value.len() == COOKIE_ID_LEN
                 && value
                     .iter()
@@ -127,6 +128,29 @@ mod tests {
             HeaderValue::from_static("veer_shop=0123456789ABCDEF0123456789abcdef"),
         );
         assert_eq!(cookie_value(&headers, "veer_shop"), None);
+    }
+
+    #[test]
+    fn a_well_formed_cookie_wins_over_malformed_ones_of_the_same_name() {
+        let id = &b"0123456789abcdef0123456789abcdef"[..];
+        for value in [
+            "veer_shop=stale; veer_shop=0123456789abcdef0123456789abcdef",
+            "veer_shop=0123456789abcdef0123456789abcdef; veer_shop=stale",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::COOKIE, HeaderValue::from_static(value));
+            assert_eq!(cookie_value(&headers, "veer_shop"), Some(id), "{value}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("veer_shop=x"),
+        );
+        headers.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("veer_shop=0123456789abcdef0123456789abcdef"),
+        );
+        assert_eq!(cookie_value(&headers, "veer_shop"), Some(id));
     }
 
     #[test]

@@ -1,0 +1,459 @@
+//! Shadow traffic over real sockets: the mirrored share, which methods and bodies are mirrored,
+//! the marker header, isolation of the client from the shadow (slow, dead or different), and
+//! the outcome counters in the admin API and in Prometheus.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use serde_json::Value;
+use support::*;
+
+/// A route on `prefix` (any host) with `sticky.by = "none"`, all traffic on blue, and a
+/// shadow at `shadow` with `shadow_extra` in `[route.shadow]`.
+fn shadow_route(
+    name: &str,
+    prefix: &str,
+    blue: SocketAddr,
+    green: SocketAddr,
+    shadow: Option<(SocketAddr, &str)>,
+) -> String {
+    let shadow = shadow.map_or(String::new(), |(addr, extra)| {
+        format!("[route.shadow]\nendpoints = [\"{addr}\"]\n{extra}\n")
+    });
+    format!(
+        "[[route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\n\
+         [route.blue]\nendpoints = [\"{blue}\"]\nversion = \"v1\"\n\
+         [route.green]\nendpoints = [\"{green}\"]\nversion = \"v2\"\n\
+         [route.sticky]\nby = \"none\"\n{shadow}"
+    )
+}
+
+async fn upstream(name: &str) -> Upstream {
+    Upstream::builder(name).record(true).start().await.unwrap()
+}
+
+fn counter(shadow: &Value, key: &str) -> u64 {
+    shadow[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key}: {shadow}"))
+}
+
+/// Every chosen shadow has an outcome and none is in flight.
+fn settled(shadow: &Value) -> bool {
+    let outcomes: u64 = ["match", "mismatch", "error", "dropped_busy", "dropped_body"]
+        .iter()
+        .map(|key| counter(shadow, key))
+        .sum();
+    outcomes == counter(shadow, "requests") && counter(shadow, "in_flight") == 0
+}
+
+/// The route's shadow JSON once every chosen shadow has an outcome (polled for up to 10 s).
+async fn settled_shadow(veer: &Veer, route: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let shadow = veer.route_status(route).await["shadow"].clone();
+        if settled(&shadow) {
+            return shadow;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shadow of {route} never settled: {shadow}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_n(veer: &Veer, path: &str, n: usize) -> Vec<(http::StatusCode, Bytes)> {
+    get_many(&veer.url(path), vec![vec![]; n], 8)
+        .await
+        .into_iter()
+        .map(|(status, _, body)| (status, body))
+        .collect()
+}
+
+#[tokio::test]
+async fn mirrored_share_matches_percent() {
+    let (blue, green, shadow) = (
+        upstream("blue").await,
+        upstream("green").await,
+        upstream("shadow").await,
+    );
+    let extra = "percent = 20.0\nmax_in_flight = 10000";
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    );
+    let veer = Veer::start("", &routes).await;
+    let answers = get_n(&veer, "/share", 2_000).await;
+    assert!(answers
+        .iter()
+        .all(|(status, body)| *status == 200 && body == "blue\n"));
+    let stats = settled_shadow(&veer, "mirror").await;
+    let mirrored = counter(&stats, "requests");
+    // N = 2000 GETs at 20 %: sd = sqrt(2000 * 0.2 * 0.8) = 17.9 requests; bound 90 (5 sd).
+    assert!(mirrored.abs_diff(400) <= 90, "{mirrored} of 2000 mirrored");
+    assert_eq!(shadow.request_count(), mirrored);
+    assert_eq!(counter(&stats, "match"), mirrored);
+    assert_eq!(blue.request_count(), 2_000);
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_the_listed_methods_are_mirrored() {
+    let (blue, green, shadow) = (
+        upstream("blue").await,
+        upstream("green").await,
+        upstream("shadow").await,
+    );
+    let extra = "percent = 100.0";
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    );
+    let veer = Veer::start("", &routes).await;
+    for method in [Method::POST, Method::PUT, Method::DELETE] {
+        for _ in 0..10 {
+            let (status, _, _) = send(method.clone(), &veer.url("/m"), &[], "x".into()).await;
+            assert_eq!(status, 200);
+        }
+    }
+    // The shadow draw and the method check happen before the primary is forwarded.
+    let stats = veer.route_status("mirror").await["shadow"].clone();
+    assert_eq!(counter(&stats, "requests"), 0, "{stats}");
+    for method in [Method::GET, Method::HEAD] {
+        for _ in 0..10 {
+            let (status, _, _) = send(method.clone(), &veer.url("/m"), &[], Bytes::new()).await;
+            assert_eq!(status, 200);
+        }
+    }
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "requests"), 20, "{stats}");
+    let methods: Vec<Method> = shadow.seen().into_iter().map(|s| s.method).collect();
+    assert_eq!(methods.len(), 20);
+    assert!(methods
+        .iter()
+        .all(|m| m == Method::GET || m == Method::HEAD));
+    assert_eq!(blue.request_count(), 50);
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn shadow_copy_is_marked_and_never_reaches_the_client() {
+    let blue = upstream("blue").await;
+    let green = upstream("green").await;
+    let shadow = Upstream::builder("shadow")
+        .status(201)
+        .body("from the shadow\n")
+        .record(true)
+        .start()
+        .await
+        .unwrap();
+    let extra = "percent = 100.0";
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    );
+    let veer = Veer::start("", &routes).await;
+    let path = "/some/path?q=1&r=two";
+    for _ in 0..10 {
+        // A client cannot pass itself off as a shadow copy.
+        let headers = [("x-veer-shadow", "1"), ("x-custom", "abc")];
+        let (status, headers, body) = get(&veer.url(path), &headers).await;
+        assert_eq!(status, 200);
+        assert_eq!(body, "blue\n");
+        assert_eq!(headers["x-upstream"], "blue");
+        assert!(!headers.contains_key("x-veer-shadow"));
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            shadow.request_count() == 10
+        })
+        .await
+    );
+    for seen in blue.seen() {
+        assert!(!seen.headers.contains_key("x-veer-shadow"), "{seen:?}");
+        assert_eq!(seen.uri, path);
+    }
+    for seen in shadow.seen() {
+        assert_eq!(seen.method, Method::GET);
+        assert_eq!(seen.uri, path);
+        let marks: Vec<_> = seen.headers.get_all("x-veer-shadow").iter().collect();
+        assert_eq!(marks, ["1"]);
+        assert_eq!(seen.headers["x-custom"], "abc");
+    }
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "mismatch"), 10, "201 vs 200: {stats}");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_blackholed_shadow_is_capped_and_never_fails_the_primary() {
+    let blue = upstream("blue").await;
+    let green = upstream("green").await;
+    let shadow = Upstream::builder("shadow")
+        .behaviour(Behaviour::Blackhole)
+        .start()
+        .await
+        .unwrap();
+    // The shadow timeout outlasts the test: the first 4 copies hold their permits throughout.
+    let extra = "percent = 100.0\nmax_in_flight = 4\ntimeout = \"60s\"";
+    let routes = shadow_route(
+        "mirrored",
+        "/mirrored",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    ) + &shadow_route("plain", "/plain", blue.addr, green.addr, None);
+    let veer = Veer::start("", &routes).await;
+    let mirrored = get_n(&veer, "/mirrored", 40).await;
+    let plain = get_n(&veer, "/plain", 40).await;
+    let failed = |answers: &[(http::StatusCode, Bytes)]| {
+        answers
+            .iter()
+            .filter(|(status, body)| *status != 200 || body != "blue\n")
+            .count()
+    };
+    assert_eq!((failed(&mirrored), failed(&plain)), (0, 0));
+    for route in ["mirrored", "plain"] {
+        let status = veer.route_status(route).await;
+        let blue = &status["slots"]["blue"];
+        assert_eq!(blue["requests"], 40, "{route}: {blue}");
+        assert_eq!(blue["error_rate"], 0.0, "{route}: {blue}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            shadow.request_count() == 4
+        })
+        .await
+    );
+    let stats = veer.route_status("mirrored").await["shadow"].clone();
+    assert_eq!(counter(&stats, "requests"), 40, "{stats}");
+    assert_eq!(counter(&stats, "dropped_busy"), 36, "{stats}");
+    assert_eq!(counter(&stats, "in_flight"), 4, "{stats}");
+    assert_eq!(
+        shadow
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst),
+        4
+    );
+    let metrics = prometheus(&veer).await;
+    assert_eq!(sample(&metrics, "mirrored", "dropped_busy"), Some(36.0));
+    veer.shutdown().await;
+}
+
+/// A closed port on loopback.
+async fn dead_addr() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn prometheus(veer: &Veer) -> String {
+    let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
+    assert_eq!(status, 200);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The value of `veer_shadow_total{route, outcome}`.
+fn sample(metrics: &str, route: &str, outcome: &str) -> Option<f64> {
+    let prefix = format!("veer_shadow_total{{route=\"{route}\",outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map(|value| value.parse().unwrap())
+}
+
+#[tokio::test]
+async fn shadow_outcomes_are_counted_in_the_api_and_in_prometheus() {
+    let blue = upstream("blue").await;
+    let green = upstream("green").await;
+    let failing = Upstream::builder("shadow")
+        .status(500)
+        .start()
+        .await
+        .unwrap();
+    let same = Upstream::builder("shadow").start().await.unwrap();
+    let other_body = Upstream::builder("shadow")
+        .body("something else\n")
+        .start()
+        .await
+        .unwrap();
+    let same_body = Upstream::builder("shadow")
+        .body("blue\n")
+        .start()
+        .await
+        .unwrap();
+    let dead = dead_addr().await;
+    let status = "percent = 100.0\ncompare = \"status\"";
+    let body = "percent = 100.0\ncompare = \"body\"";
+    let (b, g) = (blue.addr, green.addr);
+    let routes = [
+        shadow_route(
+            "status-diff",
+            "/status-diff",
+            b,
+            g,
+            Some((failing.addr, status)),
+        ),
+        shadow_route(
+            "status-same",
+            "/status-same",
+            b,
+            g,
+            Some((same.addr, status)),
+        ),
+        shadow_route(
+            "body-diff",
+            "/body-diff",
+            b,
+            g,
+            Some((other_body.addr, body)),
+        ),
+        shadow_route(
+            "body-same",
+            "/body-same",
+            b,
+            g,
+            Some((same_body.addr, body)),
+        ),
+        shadow_route("dead", "/dead", b, g, Some((dead, status))),
+    ]
+    .concat();
+    let veer = Veer::start("", &routes).await;
+    for prefix in [
+        "status-diff",
+        "status-same",
+        "body-diff",
+        "body-same",
+        "dead",
+    ] {
+        let answers = get_n(&veer, &format!("/{prefix}/x"), 10).await;
+        assert!(
+            answers
+                .iter()
+                .all(|(s, body)| *s == 200 && body == "blue\n"),
+            "{prefix}"
+        );
+    }
+    // (route, match, mismatch, error)
+    let expected = [
+        ("status-diff", 0, 10, 0),
+        ("status-same", 10, 0, 0),
+        ("body-diff", 0, 10, 0),
+        ("body-same", 10, 0, 0),
+        ("dead", 0, 0, 10),
+    ];
+    for (route, matched, mismatched, errors) in expected {
+        let stats = settled_shadow(&veer, route).await;
+        let counts = (
+            counter(&stats, "match"),
+            counter(&stats, "mismatch"),
+            counter(&stats, "error"),
+        );
+        assert_eq!(counts, (matched, mismatched, errors), "{route}: {stats}");
+        let recent = stats["recent_mismatches"].as_array().unwrap();
+        assert_eq!(recent.len() as u64, mismatched, "{route}: {stats}");
+        for mismatch in recent {
+            assert_eq!(mismatch["path"], format!("/{route}/x"));
+            assert_eq!(mismatch["method"], "GET");
+            assert_eq!(mismatch["primary_status"], 200);
+        }
+    }
+    let recent = veer.route_status("status-diff").await["shadow"]["recent_mismatches"].clone();
+    assert_eq!(recent[0]["shadow_status"], 500, "{recent}");
+    let recent = veer.route_status("body-diff").await["shadow"]["recent_mismatches"].clone();
+    assert_eq!(recent[0]["shadow_status"], 200, "{recent}");
+    assert_eq!(recent[0]["body_differs"], true, "{recent}");
+
+    let metrics = prometheus(&veer).await;
+    for (route, matched, mismatched, errors) in expected {
+        let got = (
+            sample(&metrics, route, "match"),
+            sample(&metrics, route, "mismatch"),
+            sample(&metrics, route, "error"),
+            sample(&metrics, route, "dropped_busy"),
+            sample(&metrics, route, "dropped_body"),
+        );
+        let want = (
+            Some(matched as f64),
+            Some(mismatched as f64),
+            Some(errors as f64),
+            Some(0.0),
+            Some(0.0),
+        );
+        assert_eq!(got, want, "{route}");
+    }
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn large_bodies_are_not_mirrored_and_small_ones_are_copied_intact() {
+    let (blue, green, shadow) = (
+        upstream("blue").await,
+        upstream("green").await,
+        upstream("shadow").await,
+    );
+    let extra = "percent = 100.0\nmethods = [\"POST\"]\nmax_body_bytes = 1024";
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    );
+    let veer = Veer::start("", &routes).await;
+    let large: Bytes = (0..65_536u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let (status, _, _) = send(Method::POST, &veer.url("/upload"), &[], large.clone()).await;
+    assert_eq!(status, 200);
+    // Declared too large: dropped on the request path.
+    let stats = veer.route_status("mirror").await["shadow"].clone();
+    assert_eq!(counter(&stats, "dropped_body"), 1, "{stats}");
+
+    // Chunked, so only seen too large while it streams.
+    let chunk = vec![b'c'; 4096];
+    let mut request = b"POST /chunked HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\
+                        Connection: close\r\n\r\n1000\r\n"
+        .to_vec();
+    request.extend_from_slice(&chunk);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    assert_eq!(raw_status(&raw(veer.addr, &request).await), Some(200));
+
+    let small = Bytes::from_static(b"a small body, mirrored whole");
+    let (status, _, _) = send(Method::POST, &veer.url("/small"), &[], small.clone()).await;
+    assert_eq!(status, 200);
+
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "dropped_body"), 2, "{stats}");
+    assert_eq!(counter(&stats, "match"), 1, "{stats}");
+    let seen = shadow.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/small");
+    assert_eq!(seen[0].body.as_ref(), Some(&small));
+    let primary: Vec<(String, Option<Bytes>)> =
+        blue.seen().into_iter().map(|s| (s.uri, s.body)).collect();
+    assert_eq!(
+        primary,
+        [
+            ("/upload".to_string(), Some(large)),
+            ("/chunked".to_string(), Some(Bytes::from(chunk))),
+            ("/small".to_string(), Some(small)),
+        ]
+    );
+    veer.shutdown().await;
+}
