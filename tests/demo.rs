@@ -7,25 +7,42 @@ use std::process::Command;
 
 fn demo(args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_veer"))
-        .args(["demo", "--min-step-time", "1s", "--rate", "600", "--timeout", "150s"])
+        .args([
+            "demo",
+            "--min-step-time",
+            "1s",
+            "--rate",
+            "600",
+            "--timeout",
+            "150s",
+        ])
         .args(args)
         .output()
         .expect("veer demo runs");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), format!("{stdout}\n--- stderr ---\n{stderr}"))
+    (
+        output.status.success(),
+        format!("{stdout}\n--- stderr ---\n{stderr}"),
+    )
 }
 
 #[test]
 fn demo_promotes_a_healthy_green() {
     let (ok, output) = demo(&[]);
     assert!(ok, "{output}");
-    assert!(output.contains("Promoted: green (v2) is now stable."), "{output}");
+    assert!(
+        output.contains("Promoted: green (v2) is now stable."),
+        "{output}"
+    );
 }
 
 #[test]
 fn demo_rolls_back_a_green_with_errors() {
     let (ok, output) = demo(&["--green-errors", "0.2"]);
     assert!(ok, "{output}");
-    assert!(output.contains("Rolled back: all traffic is on blue (v1)."), "{output}");
+    assert!(
+        output.contains("Rolled back: all traffic is on blue (v1)."),
+        "{output}"
+    );
 }

@@ -203,7 +203,11 @@ fn f(v: &Value) -> f64 {
 fn render(route: &Value) -> String {
     // Green's share, whichever slot is stable (after a promotion green is stable).
     let canary = f(&route["canary_weight"]);
-    let weight = if route["stable"] == "green" { 100.0 - canary } else { canary };
+    let weight = if route["stable"] == "green" {
+        100.0 - canary
+    } else {
+        canary
+    };
     let filled = (weight / 100.0 * 40.0).round() as usize;
     let bar: String = "#".repeat(filled.min(40)) + &"-".repeat(40 - filled.min(40));
     let steps = route["steps"].as_array().map_or(0, Vec::len);

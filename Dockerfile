@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+#
+# veer in a container: built with the Rust toolchain image, run on a distroless base as a
+# non-root user (uid 65532).
+#
+#   docker build -t veer .
+#   docker run --rm -p 8080:8080 \
+#     -v "$PWD/my-veer.toml:/etc/veer/veer.toml:ro" -v veer-state:/var/lib/veer veer
+#
+# The config is mounted at /etc/veer/veer.toml (the default command runs
+# `veer run -c /etc/veer/veer.toml`; other commands work too: `docker run veer check -c ...`).
+# Inside the container:
+#   - listen on all interfaces, e.g. `listen = ["0.0.0.0:8080"]`, so the published port reaches
+#     veer;
+#   - set `[state] dir = "/var/lib/veer"`, a volume writable by the non-root user, so rollout
+#     state and the decision journal survive restarts (a relative dir would be resolved next to
+#     the read-only config);
+#   - the admin API (port 9901) stays on 127.0.0.1 unless published on purpose: then
+#     `listen = "0.0.0.0:9901"` with `token_env = "VEER_ADMIN_TOKEN"` and
+#     `-e VEER_ADMIN_TOKEN=...`. The health check below asks http://127.0.0.1:9901/healthz
+#     either way and reads the same token variable.
+# See config/sidecar.toml and config/gateway.toml for complete files.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p veer --bin veer \
+    && install -D -m 0755 target/release/veer /out/veer
+# An empty state dir owned by the runtime user (the runtime image has no shell to make one).
+RUN install -d -o 65532 -g 65532 /out/state
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/veer /usr/local/bin/veer
+COPY --from=build --chown=65532:65532 /out/state /var/lib/veer
+USER 65532:65532
+WORKDIR /var/lib/veer
+VOLUME ["/var/lib/veer"]
+EXPOSE 8080 9901
+HEALTHCHECK --interval=10s --timeout=6s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/veer", "health", "--admin", "http://127.0.0.1:9901"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/veer"]
+CMD ["run", "-c", "/etc/veer/veer.toml"]

@@ -1,0 +1,421 @@
+#!/usr/bin/env bash
+# The peer comparison: veer, NGINX and HAProxy with the same 90/10 split over the same two
+# loopback upstreams, one worker each, keep-alive on both sides; and veer with every feature on
+# (cookie stickiness, 1 % shadow to a third upstream, the admin API scraped every second)
+# against veer doing plain forwarding. wrk runs against each in turn, interleaved, several
+# rounds; the script prints the medians and veer's ratios, and writes the same table to
+# loadtest/results/compare.md.
+#
+# Everything listens on 127.0.0.1 only; every process is started under `timeout`, every wrk
+# run is bounded, and everything is killed on exit.
+#
+# Usage: loadtest/compare.sh            (ROUNDS=3 DURATION=10 CONNECTIONS=50 WARMUP=2)
+# Needs: cargo; installs nginx, haproxy and wrk with apt-get when they are missing.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-50}
+WARMUP=${WARMUP:-2}
+USERS=${USERS:-10000}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=$ROOT/loadtest/results
+WORK=$(mktemp -d /tmp/veer-compare.XXXXXX)
+# Upper bound on the life of every server started here.
+LIFE=$((ROUNDS * 4 * (DURATION + WARMUP + 10) + 120))
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "== $*" >&2; }
+
+install_missing() {
+  local need=()
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+  command -v wrk >/dev/null || need+=(wrk)
+  [ ${#need[@]} -eq 0 ] && return
+  log "installing ${need[*]}"
+  # Keep the packages from starting their system services (they would listen on port 80 of
+  # every interface): a policy-rc.d that refuses, only for the time of the install.
+  local policy=/usr/sbin/policy-rc.d created=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    created=1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if [ -n "$created" ]; then
+    rm -f "$policy"
+  fi
+}
+
+# A free loopback TCP port, not handed out before by this script.
+TAKEN=" "
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 40000))
+    case "$TAKEN" in *" $port "*) continue ;; esac
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      TAKEN="$TAKEN$port "
+      echo "$port"
+      return
+    fi
+  done
+}
+
+# Starts a command under `timeout` in the background; its PID (timeout's) goes to PIDS and
+# to ROOTPID[name].
+declare -A PORT ROOTPID
+start() {
+  local name=$1
+  shift
+  timeout "$LIFE" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  PIDS+=($!)
+  ROOTPID[$name]=$!
+}
+
+# Waits for `name` to listen on its port; shows its log when it does not.
+wait_port() {
+  local name=$1 i
+  for i in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/${PORT[$name]}") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$name does not listen on 127.0.0.1:${PORT[$name]}:" >&2
+  tail -20 "$WORK/$name.err" >&2 || true
+  return 1
+}
+
+# The PIDs of a process and all its descendants.
+tree() {
+  local pid=$1 child
+  echo "$pid"
+  for child in $(pgrep -P "$pid" || true); do
+    tree "$child"
+  done
+}
+
+# The proxy's own processes: the tree under timeout's PID, without timeout itself.
+proxy_pids() { tree "$1" | tail -n +2; }
+
+# utime + stime, in clock ticks, summed over PIDs.
+cpu_ticks() {
+  local total=0 pid stat fields
+  for pid in "$@"; do
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    # After "pid (comm) ", the words start at field 3 (state): utime (14) and stime (15) are
+    # words 11 and 12 from 0.
+    read -ra fields <<<"${stat##*) }"
+    total=$((total + fields[11] + fields[12]))
+  done
+  echo "$total"
+}
+
+# The status code of GET / on a loopback port.
+http_status() {
+  local status
+  exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+  printf 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3
+  status=$(head -1 <&3 | awk '{print $2}')
+  exec 3<&-
+  echo "$status"
+}
+
+# Peak resident set (VmHWM, kB) summed over PIDs.
+peak_rss_kb() {
+  local total=0 pid kb
+  for pid in "$@"; do
+    kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    total=$((total + ${kb:-0}))
+  done
+  echo "$total"
+}
+
+# wrk's latency figures in ms.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+    printf "%.3f", n
+  }'
+}
+
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+install_missing
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+CLK_TCK=$(getconf CLK_TCK)
+
+log "building veer (release)"
+(cd "$ROOT" && cargo build --release -q -p veer -p veer-loadtest)
+VEER=$TARGET/release/veer
+UPSTREAM=$TARGET/release/upstream
+
+# ---------------------------------------------------------------- upstreams
+upstream() {
+  local name=$1
+  PORT[$name]=$(free_port)
+  start "$name" "$UPSTREAM" --name "$name" --listen "127.0.0.1:${PORT[$name]}" --threads 1 \
+    --max-time "${LIFE}s"
+  wait_port "$name"
+}
+upstream blue
+upstream green
+upstream shadow
+BLUE=${PORT[blue]}
+GREEN=${PORT[green]}
+SHADOW=${PORT[shadow]}
+log "upstreams: blue :$BLUE, green :$GREEN, shadow :$SHADOW"
+
+# ---------------------------------------------------------------- proxies
+declare -A ADMIN
+
+veer_config() {
+  local name=$1 port=$2 admin=$3 sticky=$4 shadow=$5
+  cat <<EOF
+[server]
+listen = ["127.0.0.1:$port"]
+workers = 1
+idle_timeout = "120s"
+upstream_idle_timeout = "60s"
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$WORK/$name-state"
+
+[[route]]
+name = "bench"
+[route.blue]
+endpoints = ["127.0.0.1:$BLUE"]
+version = "v1"
+[route.green]
+endpoints = ["127.0.0.1:$GREEN"]
+version = "v2"
+[route.sticky]
+$sticky
+[route.rollout]
+mode = "manual"
+weight = 10
+$shadow
+EOF
+}
+
+start_veer() {
+  local name=$1 sticky=$2 shadow=$3
+  PORT[$name]=$(free_port)
+  ADMIN[$name]=$(free_port)
+  veer_config "$name" "${PORT[$name]}" "${ADMIN[$name]}" "$sticky" "$shadow" >"$WORK/$name.toml"
+  "$VEER" check -c "$WORK/$name.toml" >/dev/null
+  start "$name" "$VEER" run -c "$WORK/$name.toml"
+  wait_port "$name"
+}
+
+start_veer veer 'by = "none"' ""
+start_veer veer-full 'by = "cookie"
+cookie = "veer_bench"' "[route.shadow]
+endpoints = [\"127.0.0.1:$SHADOW\"]
+percent = 1"
+
+PORT[nginx]=$(free_port)
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  fastcgi_temp_path $WORK/nginx/fastcgi;
+  uwsgi_temp_path $WORK/nginx/uwsgi;
+  scgi_temp_path $WORK/nginx/scgi;
+  keepalive_timeout 120s;
+  keepalive_requests 1000000;
+  split_clients "\${request_id}" \$slot {
+    10% green;
+    *   blue;
+  }
+  upstream blue  { server 127.0.0.1:$BLUE;  keepalive 64; keepalive_requests 1000000; }
+  upstream green { server 127.0.0.1:$GREEN; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:${PORT[nginx]};
+    location / {
+      proxy_pass http://\$slot;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+    }
+  }
+}
+EOF
+start nginx "$NGINX" -e "$WORK/nginx-error.log" -p "$WORK/nginx" -c "$WORK/nginx.conf"
+wait_port nginx
+
+PORT[haproxy]=$(free_port)
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:${PORT[haproxy]}
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  default_backend be
+backend be
+  balance roundrobin
+  server blue 127.0.0.1:$BLUE weight 90
+  server green 127.0.0.1:$GREEN weight 10
+EOF
+start haproxy "$HAPROXY" -db -f "$WORK/haproxy.cfg"
+wait_port haproxy
+
+# Returning users: each request carries one of $USERS veer-style cookie ids (32 hex digits),
+# the same for every proxy (only veer-full reads it).
+cat >"$WORK/users.lua" <<EOF
+local requests, n, i = {}, $USERS, 0
+init = function(args)
+  math.randomseed(42)
+  for k = 1, n do
+    local id = string.format("%08x%08x%08x%08x", math.random(0, 0x7fffffff),
+      math.random(0, 0x7fffffff), math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
+    requests[k] = wrk.format("GET", "/", { ["Cookie"] = "veer_bench=" .. id })
+  end
+end
+request = function()
+  i = i % n + 1
+  return requests[i]
+end
+EOF
+
+# The admin API scraped once a second while veer-full is measured (telemetry in use).
+scrape() {
+  local end=$((SECONDS + DURATION))
+  while [ $SECONDS -lt $end ]; do
+    exec 3<>"/dev/tcp/127.0.0.1/${ADMIN[veer-full]}" || return 0
+    printf 'GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n' >&3
+    cat <&3 >/dev/null
+    exec 3<&-
+    sleep 1
+  done
+}
+
+# ---------------------------------------------------------------- runs
+RESULTS=$WORK/runs.tsv
+: >"$RESULTS"
+PROXIES=(veer nginx haproxy veer-full)
+for name in "${PROXIES[@]}"; do
+  status=$(http_status "${PORT[$name]}")
+  log "$name on :${PORT[$name]} answers $status"
+  if [ "$status" != 200 ]; then
+    echo "$name does not answer 200; logs in $WORK/$name.err" >&2
+    cat "$WORK/$name.err" >&2 || true
+    exit 1
+  fi
+done
+
+url() { echo "http://127.0.0.1:${PORT[$1]}/"; }
+
+for round in $(seq "$ROUNDS"); do
+  for name in "${PROXIES[@]}"; do
+    timeout $((WARMUP + 10)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$WORK/users.lua" "$(url "$name")" >/dev/null
+    mapfile -t pids < <(proxy_pids "${ROOTPID[$name]}")
+    before=$(cpu_ticks "${pids[@]}")
+    scraper=""
+    if [ "$name" = veer-full ]; then
+      scrape &
+      scraper=$!
+    fi
+    timeout $((DURATION + 15)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
+      -s "$WORK/users.lua" "$(url "$name")" >"$WORK/wrk.out"
+    after=$(cpu_ticks "${pids[@]}")
+    if [ -n "$scraper" ]; then
+      wait "$scraper"
+    fi
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$WORK/wrk.out")
+    requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
+    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$WORK/wrk.out")")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$WORK/wrk.out")")
+    errors=$(awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(/,/, ""); n += $4 + $6 + $8 + $10} END {print n + 0}' "$WORK/wrk.out")
+    cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$requests" "$errors" >>"$RESULTS"
+    log "round $round $name: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us us CPU/request, $errors errors"
+  done
+done
+
+# ---------------------------------------------------------------- summary
+declare -A RPS P50 P99 CPU RSS ERR
+for name in "${PROXIES[@]}"; do
+  col() { awk -v n="$name" -v c="$1" -F'\t' '$2 == n {print $c}' "$RESULTS" | median; }
+  RPS[$name]=$(col 3)
+  P50[$name]=$(col 4)
+  P99[$name]=$(col 5)
+  CPU[$name]=$(col 6)
+  ERR[$name]=$(awk -v n="$name" -F'\t' '$2 == n {s += $8} END {print s + 0}' "$RESULTS")
+  mapfile -t pids < <(proxy_pids "${ROOTPID[$name]}")
+  RSS[$name]=$(awk -v kb="$(peak_rss_kb "${pids[@]}")" 'BEGIN {printf "%.1f", kb / 1024}')
+done
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+
+{
+  echo "Medians of $ROUNDS interleaved rounds; wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run."
+  echo
+  echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/request | peak RSS MiB | errors (all rounds) |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for name in "${PROXIES[@]}"; do
+    echo "| $name | ${RPS[$name]} | ${P50[$name]} | ${P99[$name]} | ${CPU[$name]} | ${RSS[$name]} | ${ERR[$name]} |"
+  done
+  echo
+  echo "| ratio | req/s | p50 | p99 | CPU/request | peak RSS |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for pair in "veer nginx" "veer haproxy" "veer-full veer"; do
+    set -- $pair
+    echo "| $1 / $2 | $(ratio "${RPS[$1]}" "${RPS[$2]}") | $(ratio "${P50[$1]}" "${P50[$2]}") | $(ratio "${P99[$1]}" "${P99[$2]}") | $(ratio "${CPU[$1]}" "${CPU[$2]}") | $(ratio "${RSS[$1]}" "${RSS[$2]}") |"
+  done
+  echo
+  echo "Every run:"
+  echo
+  echo "| round | proxy | req/s | p50 ms | p99 ms | CPU µs/request | requests | errors |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|"
+  awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8}' "$RESULTS"
+} | tee "$WORK/table.md"
+# Sanity check of the split: what the upstreams served (all proxies and warm-ups together).
+for name in blue green shadow; do
+  kill "${ROOTPID[$name]}" 2>/dev/null || true
+  wait "${ROOTPID[$name]}" 2>/dev/null || true
+done
+served() { awk '/^served/ {print $2}' "$WORK/$1.err"; }
+{
+  echo
+  echo "Upstreams served: blue $(served blue), green $(served green) ($(awk -v b="$(served blue)" -v g="$(served green)" 'BEGIN {printf "%.2f", 100 * g / (b + g)}') % green), shadow $(served shadow) (veer-full mirrors 1 %)."
+} | tee -a "$WORK/table.md"
+mkdir -p "$OUT"
+cp "$WORK/table.md" "$OUT/compare.md"
+log "table written to loadtest/results/compare.md"
