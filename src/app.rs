@@ -15,7 +15,8 @@ use tracing::{info, warn};
 use crate::access_log::AccessLogger;
 use crate::admin;
 use crate::config::{Config, ConfigError, ConfigErrors, RouteConfig};
-use crate::listener::{tls, Listener};
+use crate::listener::workers::Workers;
+use crate::listener::{self, tls, Listener};
 use crate::metrics::SLICE;
 use crate::proxy::Proxy;
 use crate::rollout::{self, Store};
@@ -30,6 +31,8 @@ pub enum AppError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot start the access log: {0}")]
     AccessLog(std::io::Error),
 }
@@ -66,6 +69,7 @@ pub struct Running {
     graceful: Arc<GracefulShutdown>,
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    workers: Workers,
 }
 
 /// Builds a snapshot, carrying each route's long-lived state over from `previous` by name
@@ -103,13 +107,22 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         None => None,
     };
     let access_log = AccessLogger::start(&config.server.access_log).map_err(AppError::AccessLog)?;
-    let mut listeners = Vec::new();
+    let workers = Workers::start(config.server.workers).map_err(AppError::Workers)?;
+    // sockets[address][worker]
+    let mut sockets = Vec::with_capacity(config.server.listen.len());
     for &addr in &config.server.listen {
-        let listener = Listener::bind(addr)
-            .await
+        let bound = listener::workers::bind(addr, workers.handles().len())
             .map_err(|source| AppError::Bind { addr, source })?;
-        listeners.push(listener);
+        sockets.push(bound);
     }
+    let proxy_addrs: Vec<SocketAddr> = sockets
+        .iter()
+        .filter_map(|bound| bound.first().and_then(|s| s.local_addr().ok()))
+        .collect();
+    let connections: Vec<(String, Arc<AtomicI64>)> = proxy_addrs
+        .iter()
+        .map(|addr| (addr.to_string(), Arc::new(AtomicI64::new(0))))
+        .collect();
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| AppError::Bind {
@@ -130,24 +143,30 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         reloads_applied: AtomicU64::new(0),
         reloads_rejected: AtomicU64::new(0),
         last_reload: Mutex::new(ReloadStatus::default()),
-        connections: listeners
-            .iter()
-            .map(|l| (l.name.clone(), Arc::clone(&l.connections)))
-            .collect(),
+        connections,
         ready: AtomicBool::new(false),
         access_log: access_log.clone(),
         tls: Arc::new(ArcSwapOption::new(tls_acceptor)),
         reload_lock: tokio::sync::Mutex::new(()),
     });
-    let proxy = Arc::new(Proxy::new(Arc::clone(&table), access_log));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
-    let proxy_addrs = listeners.iter().map(|l| l.addr).collect();
+    for addr in &proxy_addrs {
+        info!(listen = %addr, tls = app.tls.load().is_some(), workers = workers.handles().len(), "Proxy listening.");
+    }
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, Arc<AtomicI64>)>> =
+        workers.handles().iter().map(|_| Vec::new()).collect();
+    for (bound, (_, gauge)) in sockets.into_iter().zip(&app.connections) {
+        for (socket, mine) in bound.into_iter().zip(per_worker.iter_mut()) {
+            mine.push((socket, Arc::clone(gauge)));
+        }
+    }
     let mut accept_loops = Vec::new();
-    for listener in listeners {
-        info!(listen = %listener.addr, tls = app.tls.load().is_some(), "Proxy listening.");
-        accept_loops.push(tokio::spawn(listener.serve(
-            Arc::clone(&proxy),
+    for (handle, mine) in workers.handles().iter().zip(per_worker) {
+        accept_loops.push(handle.spawn(serve_worker(
+            mine,
+            Arc::clone(&table),
+            access_log.clone(),
             Arc::clone(&app.tls),
             Arc::clone(&graceful),
             shutdown_rx.clone(),
@@ -183,7 +202,36 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         graceful,
         listeners: accept_loops,
         tasks,
+        workers,
     })
+}
+
+/// One worker: its own proxy (and upstream pool) and an accept loop per listen address.
+async fn serve_worker(
+    sockets: Vec<(std::net::TcpListener, Arc<AtomicI64>)>,
+    table: Arc<ArcSwap<RoutingTable>>,
+    access_log: Option<AccessLogger>,
+    tls: Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>,
+    graceful: Arc<GracefulShutdown>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let proxy = Arc::new(Proxy::new(table, access_log));
+    let mut loops = Vec::with_capacity(sockets.len());
+    for (socket, gauge) in sockets {
+        match Listener::from_std(socket, gauge) {
+            Ok(listener) => loops.push(tokio::spawn(listener.serve(
+                Arc::clone(&proxy),
+                Arc::clone(&tls),
+                Arc::clone(&graceful),
+                shutdown.clone(),
+            ))),
+            Err(error) => warn!(%error, "Cannot register a listener with its worker."),
+        }
+    }
+    drop(graceful);
+    for accept_loop in loops {
+        let _ = accept_loop.await;
+    }
 }
 
 impl Running {
@@ -211,6 +259,7 @@ impl Running {
         for task in self.tasks {
             task.abort();
         }
+        self.workers.stop().await;
         info!("Stopped.");
     }
 }

@@ -157,12 +157,9 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let workers = match config.server.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    // Requests are handled on `server.workers` threads of their own (see listener::workers);
+    // this runtime only runs the admin API, the controller and the config watcher.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     let result = runtime.context("cannot start the runtime").and_then(|rt| {
@@ -190,3 +187,6 @@ fn report<T>(result: anyhow::Result<T>, code: u8) -> ExitCode {
         }
     }
 }
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

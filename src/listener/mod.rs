@@ -2,6 +2,7 @@
 //! HTTP/1.1 and HTTP/2 (h2c prior knowledge or ALPN) on one port, graceful drain.
 
 pub mod tls;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,13 +36,17 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
-        let tcp = TcpListener::bind(addr).await?;
+    /// Wraps a bound, non-blocking std listener; must run inside the worker's runtime.
+    pub fn from_std(
+        tcp: std::net::TcpListener,
+        connections: Arc<AtomicI64>,
+    ) -> std::io::Result<Listener> {
+        let tcp = TcpListener::from_std(tcp)?;
         let addr = tcp.local_addr()?;
         Ok(Listener {
             addr,
             name: addr.to_string(),
-            connections: Arc::new(AtomicI64::new(0)),
+            connections,
             tcp,
         })
     }

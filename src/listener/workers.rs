@@ -1,0 +1,85 @@
+//! Request-handling threads: one single-threaded tokio runtime per worker, each accepting on
+//! its own `SO_REUSEPORT` socket of every listen address and keeping its own upstream pool.
+//! A connection lives on one thread from accept to close, so the request path never hops
+//! between threads; state shared by all workers (routing snapshot, metrics, rollout) is
+//! lock-free or off the request path.
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Socket, Type};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+/// Binds `count` sockets to `addr` with `SO_REUSEPORT`, so that the kernel spreads new
+/// connections over the workers. With port 0 the first socket picks the port and the others
+/// share it.
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        sockets.push(listener);
+    }
+    Ok(sockets)
+}
+
+/// The worker threads; dropping this (or `stop`) ends them and every task on them.
+pub struct Workers {
+    handles: Vec<Handle>,
+    threads: Vec<JoinHandle<()>>,
+    terminate: watch::Sender<bool>,
+}
+
+impl Workers {
+    /// Starts `count` worker threads (0 = one per core).
+    pub fn start(count: usize) -> std::io::Result<Workers> {
+        let count = match count {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (terminate, terminated) = watch::channel(false);
+        let mut workers = Workers {
+            handles: Vec::with_capacity(count),
+            threads: Vec::with_capacity(count),
+            terminate,
+        };
+        for i in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            workers.handles.push(runtime.handle().clone());
+            let mut terminated = terminated.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("veer-worker-{i}"))
+                .spawn(move || {
+                    runtime.block_on(crate::app::stopped(&mut terminated));
+                })?;
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
+    /// Ends every worker (their remaining tasks are dropped) and waits for the threads.
+    pub async fn stop(self) {
+        let _ = self.terminate.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
