@@ -4,8 +4,9 @@
 //!
 //! Pass criteria, checked at the end and printed as JSON: no failed request; the upstreams
 //! together saw exactly as many requests as the clients sent; `veer_requests_total` (summed)
-//! never went backwards between samples; no reload was rejected. Rewrites closer together than
-//! the watcher's debounce (200 ms) are applied as one reload; `reloads_applied` says how many.
+//! never went backwards between samples; no reload was rejected. Each rewrite is also applied
+//! with an explicit reload, so `reloads_applied` is at least `rewrites` (the file watcher adds
+//! its own reloads on top).
 //!
 //! `cargo run --release -p veer-loadtest --bin reload -- --seconds 20 --rewrites 100`
 
@@ -138,6 +139,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(every).await;
         let weight = if i % 2 == 0 { 50 } else { 10 };
         write_atomically(&path, &config(&dir, blue.addr, green.addr, weight))?;
+        // Also reload explicitly (as `POST /api/v1/config/reload` does), so that every rewrite
+        // is swapped in even when rewrites come faster than the watcher's debounce.
+        if let Err(errors) = app.reload().await {
+            bail!("reload rejected: {errors}");
+        }
     }
     tokio::time::sleep_until(started + run).await;
     stop.store(true, Ordering::Relaxed);
