@@ -126,37 +126,12 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
 }
 
 fn rollout_action(app: &App, name: &str, action: &str) -> Answer {
-    let Some(action) = Action::parse(action) else {
-        return json_error(
+    match Action::parse(action) {
+        Some(action) => apply(app, name, action, "requested through the admin API"),
+        None => json_error(
             StatusCode::NOT_FOUND,
             "unknown action (start, pause, resume, promote, rollback)",
-        );
-    };
-    let table = app.table.load();
-    let Some(route) = table.route(name) else {
-        return not_found(name);
-    };
-    match rollout::act(
-        &route.shared,
-        &route.config,
-        action,
-        "requested through the admin API",
-    ) {
-        Ok(_) => {
-            info!(
-                route = name,
-                action = action.as_str(),
-                "Rollout action from the admin API."
-            );
-            json_answer(StatusCode::OK, &status::route_json(route))
-        }
-        Err(error) => {
-            let phase = route.shared.rollout.view().state.phase.as_str();
-            json_answer(
-                StatusCode::CONFLICT,
-                &json!({ "error": error.to_string(), "phase": phase }),
-            )
-        }
+        ),
     }
 }
 
@@ -168,33 +143,43 @@ async fn set_weight(app: &App, name: &str, req: Request<Incoming>) -> Answer {
     let percent = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|v| v.get("canary_percent").and_then(Value::as_f64));
-    let Some(bp) = percent.and_then(basis_points) else {
-        return json_error(
+    match percent.and_then(crate::config::basis_points) {
+        Some(bp) => apply(
+            app,
+            name,
+            Action::SetWeight(bp),
+            "weight set through the admin API",
+        ),
+        None => json_error(
             StatusCode::BAD_REQUEST,
             "expected {\"canary_percent\": N} with N in [0, 100], 0.01 steps",
-        );
-    };
+        ),
+    }
+}
+
+/// One rollout transition on a route: 200 with the new state, 409 with the current phase.
+fn apply(app: &App, name: &str, action: Action, reason: &str) -> Answer {
     let table = app.table.load();
     let Some(route) = table.route(name) else {
         return not_found(name);
     };
-    match rollout::act(
-        &route.shared,
-        &route.config,
-        Action::SetWeight(bp),
-        "weight set through the admin API",
-    ) {
-        Ok(_) => json_answer(StatusCode::OK, &status::route_json(route)),
-        Err(error) => json_answer(StatusCode::CONFLICT, &json!({ "error": error.to_string() })),
+    match rollout::act(&route.shared, &route.config, action, reason) {
+        Ok(_) => {
+            info!(
+                route = name,
+                action = action.as_str(),
+                "Rollout changed through the admin API."
+            );
+            json_answer(StatusCode::OK, &status::route_json(route))
+        }
+        Err(error) => {
+            let phase = route.shared.rollout.view().state.phase.as_str();
+            json_answer(
+                StatusCode::CONFLICT,
+                &json!({ "error": error.to_string(), "phase": phase }),
+            )
+        }
     }
-}
-
-fn basis_points(percent: f64) -> Option<u32> {
-    let scaled = percent * 100.0;
-    let ok = percent.is_finite()
-        && (0.0..=100.0).contains(&percent)
-        && (scaled - scaled.round()).abs() < 1e-6;
-    ok.then_some(scaled.round() as u32)
 }
 
 fn events(app: &App, query: &str) -> Answer {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use crate::Slot;
-pub use validate::{parse, ConfigError, ConfigErrors};
+pub use validate::{basis_points, parse, ConfigError, ConfigErrors};
 
 /// A fully validated configuration. Every invariant the rest of veer relies on holds here.
 #[derive(Clone, Debug)]

@@ -703,7 +703,7 @@ impl Validator<'_> {
 }
 
 /// Percent with 0.01 steps → basis points.
-fn basis_points(percent: f64) -> Option<u32> {
+pub fn basis_points(percent: f64) -> Option<u32> {
     if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
         return None;
     }
