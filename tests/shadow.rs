@@ -457,3 +457,28 @@ async fn large_bodies_are_not_mirrored_and_small_ones_are_copied_intact() {
     );
     veer.shutdown().await;
 }
+
+/// When the primary fails (its slot refuses connections), the chosen shadow is still sent and
+/// compared with the status the client got: every chosen shadow ends with an outcome.
+#[tokio::test]
+async fn a_failed_primary_still_gets_its_shadow_compared() {
+    let dead = dead_addr().await;
+    let green = upstream("green").await;
+    let shadow = upstream("shadow").await;
+    let route = shadow_route(
+        "failing",
+        "/",
+        dead,
+        green.addr,
+        Some((shadow.addr, "percent = 100")),
+    );
+    let veer = Veer::start("", &route).await;
+    for (status, _) in get_n(&veer, "/x", 10).await {
+        assert_eq!(status, 502);
+    }
+    let state = settled_shadow(&veer, "failing").await;
+    assert_eq!(counter(&state, "requests"), 10, "{state}");
+    assert_eq!(counter(&state, "mismatch"), 10, "{state}");
+    assert_eq!(shadow.request_count(), 10);
+    veer.shutdown().await;
+}

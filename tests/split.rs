@@ -424,3 +424,19 @@ async fn promotion_from_a_hand_weight_moves_nobody_who_was_at_full_weight() {
     assert_eq!(on(&again, "blue"), on(&at_30, "green"));
     veer.shutdown().await;
 }
+
+/// A first visit answered by veer itself (the stable slot refuses connections) still gets its
+/// sticky cookie, so the user keeps the same bucket on the next request.
+#[tokio::test]
+async fn a_local_error_still_sets_the_sticky_cookie() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = Veer::start("", &route("shop", dead, green.addr, "")).await;
+    let (status, headers, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 502);
+    let cookie = headers.get("set-cookie").unwrap().to_str().unwrap();
+    assert!(cookie.starts_with("veer_shop="), "{cookie}");
+    veer.shutdown().await;
+}

@@ -132,10 +132,15 @@ impl Proxy {
         pending.done();
         let response = match result {
             Ok(Ok(response)) => response,
-            Ok(Err(error)) => return self.failed(route, &decision, &error, latency),
+            Ok(Err(error)) => {
+                let local = self.failed(route, &decision, &error, latency);
+                return self.local_answer(route, &decision, conn, local, shadow);
+            }
             Err(_elapsed) => {
-                metrics.record_failure(crate::metrics::ErrorKind::Timeout, latency);
-                return LocalError::Upstream(crate::metrics::ErrorKind::Timeout).response();
+                let kind = crate::metrics::ErrorKind::Timeout;
+                metrics.record_failure(kind, latency);
+                let local = LocalError::Upstream(kind);
+                return self.local_answer(route, &decision, conn, local, shadow);
             }
         };
         // Phase 7 (head): record once, for the chosen slot.
@@ -201,7 +206,7 @@ impl Proxy {
         decision: &Decision,
         error: &hyper_util::client::legacy::Error,
         latency: std::time::Duration,
-    ) -> Response<ProxyBody> {
+    ) -> LocalError {
         let metrics = route.shared.slot_metrics(decision.slot);
         let local = match upstream::classify(error) {
             Failure::Upstream(kind) => {
@@ -216,7 +221,33 @@ impl Proxy {
             }
         };
         debug!(route = route.name(), slot = %decision.slot, %error, status = local.status().as_u16(), "Upstream exchange failed.");
-        local.response()
+        local
+    }
+
+    /// veer's own answer after a failed exchange. The sticky cookie is still set (so the next
+    /// request keeps the bucket), and a chosen shadow is still sent when the failure was the
+    /// upstream's: its outcome is compared with the status the client got.
+    fn local_answer(
+        &self,
+        route: &Route,
+        decision: &Decision,
+        conn: ConnInfo,
+        local: LocalError,
+        shadow: Option<ShadowJob>,
+    ) -> Response<ProxyBody> {
+        if let (Some(job), error::Fault::Upstream) = (shadow, local.fault()) {
+            let primary = PrimaryOutcome {
+                status: local.status().as_u16(),
+            };
+            tokio::spawn(job.run(self.shadow_client.clone(), primary));
+        }
+        let mut response = local.response();
+        if let Some(id) = decision.new_cookie {
+            if let Some(cookie) = set_cookie(route, &id, conn.tls) {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+        }
+        response
     }
 
     /// Chooses and prepares the shadow copy; counts drops.
@@ -233,13 +264,16 @@ impl Proxy {
             return None;
         }
         let stats = &route.shared.shadow;
-        let permit = stats.try_acquire(config.max_in_flight)?;
         if content_length(parts).is_some_and(|len| len > config.max_body_bytes) {
+            stats
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             stats
                 .dropped_body
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return None;
         }
+        let permit = stats.try_acquire(config.max_in_flight)?;
         let endpoint = route.shadow_endpoint()?;
         let (body, tee) = if empty_body {
             (ShadowBody::Empty, None)

@@ -208,8 +208,12 @@ impl ShadowJob {
                     stats.dropped_body.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                // The client aborted its upload: the primary did not complete, no shadow.
-                Err(_) => return,
+                // The body never completed (the client aborted its upload, or the primary's
+                // exchange ended before reading it): nothing whole to mirror.
+                Err(_) => {
+                    stats.dropped_body.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             },
         };
         let (parts, ()) = request.into_parts();
