@@ -112,15 +112,20 @@ struct Connection {
 
 impl Connection {
     async fn run(self, stream: TcpStream) {
-        let server = self.proxy.table.load().config.server.clone();
-        let head_deadline = Instant::now() + server.header_timeout;
+        // Settings from the current snapshot; the snapshot itself is not held for the
+        // connection's lifetime.
+        let (builder, header_timeout) = {
+            let table = self.proxy.table.load();
+            let server = &table.config.server;
+            (builder(server), server.header_timeout)
+        };
+        let head_deadline = Instant::now() + header_timeout;
         match self.tls.clone() {
-            None => self.serve(stream, false, &server, head_deadline).await,
+            None => self.serve(stream, false, builder, head_deadline).await,
             Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(server.header_timeout, acceptor.accept(stream));
+                let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(stream)) => self.serve(stream, true, &server, head_deadline).await,
+                    Ok(Ok(stream)) => self.serve(stream, true, builder, head_deadline).await,
                     Ok(Err(error)) => debug!(peer = %self.peer, %error, "TLS handshake failed."),
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out."),
                 }
@@ -128,8 +133,13 @@ impl Connection {
         }
     }
 
-    async fn serve<I>(self, io: I, tls: bool, server: &ServerConfig, head_deadline: Instant)
-    where
+    async fn serve<I>(
+        self,
+        io: I,
+        tls: bool,
+        builder: auto::Builder<TokioExecutor>,
+        head_deadline: Instant,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let info = ConnInfo {
@@ -144,7 +154,6 @@ impl Connection {
             let proxy = Arc::clone(&proxy);
             async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
         });
-        let builder = builder(server);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let conn = self.watcher.watch(conn.into_owned());
         tokio::pin!(conn);
