@@ -3,6 +3,7 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+mod request;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -19,7 +20,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::access_log::{AccessLogger, Record};
-use crate::config::{Compare, ServerConfig};
+use crate::config::Compare;
 use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
@@ -27,6 +28,7 @@ use crate::upstream::{self, Failure, RequestBody, UpstreamClient};
 use body::{Extra, ProxyBody, Tail};
 use error::LocalError;
 use headers::Forwarded;
+use request::{body_too_large, check_request, content_length, effective_authority, strip_port};
 
 /// The downstream connection a request came on.
 #[derive(Clone, Copy, Debug)]
@@ -342,132 +344,6 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Bad-input checks that answer before anything is forwarded.
-fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), LocalError> {
-    if parts.method == Method::CONNECT {
-        return Err(LocalError::BadRequest("CONNECT is not supported"));
-    }
-    let uri_len = parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
-    if uri_len > server.max_uri_bytes {
-        return Err(LocalError::UriTooLong);
-    }
-    let header_bytes: usize = parts
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if header_bytes + uri_len > server.max_header_bytes {
-        return Err(LocalError::HeadersTooLarge);
-    }
-    let mut te = parts.headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(first) = te.next() {
-        let chunked = first
-            .to_str()
-            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-        if !chunked || te.next().is_some() {
-            return Err(LocalError::BadRequest("unsupported Transfer-Encoding"));
-        }
-        if parts.headers.contains_key(header::CONTENT_LENGTH) {
-            return Err(LocalError::BadRequest(
-                "both Content-Length and Transfer-Encoding",
-            ));
-        }
-    }
-    let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
-    if let Some(first) = lengths.next() {
-        let valid = first
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if valid.is_none() || lengths.any(|other| other != first) {
-            return Err(LocalError::BadRequest("invalid Content-Length"));
-        }
-    }
-    Ok(())
-}
-
-fn content_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn body_too_large(parts: &Parts, max: u64) -> Option<LocalError> {
-    (max > 0 && content_length(parts).is_some_and(|len| len > max))
-        .then_some(LocalError::BodyTooLarge)
-}
-
-/// The effective authority: the URI's (absolute form or HTTP/2), else the single Host
-/// header. HTTP/1.1 without one, or with two, is a 400.
-fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, LocalError> {
-    if let Some(authority) = parts.uri.authority() {
-        return HeaderValue::from_str(authority.as_str())
-            .map(Some)
-            .map_err(|_| LocalError::BadRequest("invalid authority"));
-    }
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(LocalError::BadRequest("duplicate Host header"));
-    }
-    match host {
-        Some(host) => {
-            let valid = valid_host(host.as_bytes());
-            if valid {
-                Ok(Some(host.clone()))
-            } else {
-                Err(LocalError::BadRequest("invalid Host header"))
-            }
-        }
-        None if parts.version == Version::HTTP_11 => {
-            Err(LocalError::BadRequest("missing Host header"))
-        }
-        None => Ok(None),
-    }
-}
-
-/// A Host header value that can be an authority: `host[:port]` with a reg-name, IPv4 or
-/// bracketed IPv6 host. Checked without allocating.
-fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = match value.iter().rposition(|&b| b == b':') {
-        Some(i) if !value.starts_with(b"[") || value.get(i.wrapping_sub(1)) == Some(&b']') => {
-            (&value[..i], &value[i + 1..])
-        }
-        _ => (value, &b""[..]),
-    };
-    let port_ok = port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
-    let host_ok = match host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
-        Some(v6) => {
-            !v6.is_empty()
-                && v6
-                    .iter()
-                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        }
-        None => {
-            !host.is_empty()
-                && host
-                    .iter()
-                    .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
-        }
-    };
-    host_ok && port_ok
-}
-
-/// `host[:port]` → `host` (IPv6 literals keep their brackets).
-fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return authority
-            .find(']')
-            .map_or(authority, |end| &authority[..=end]);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
-    }
-}
-
 fn upstream_uri(endpoint: &Authority, uri: &Uri) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
@@ -523,45 +399,5 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
     let mut up = TokioIo::new(up);
     if let Err(error) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
         debug!(%error, "Tunnel closed with an error.");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_headers_are_checked_without_parsing_into_an_authority() {
-        for good in [
-            "shop.example.com",
-            "shop.example.com:8080",
-            "127.0.0.1:1",
-            "[::1]:80",
-            "[::1]",
-            "a_b",
-        ] {
-            assert!(valid_host(good.as_bytes()), "{good}");
-        }
-        for bad in [
-            "",
-            ":80",
-            "a b",
-            "a/b",
-            "a@b",
-            "[::1",
-            "host:80x",
-            "host:123456",
-            "[zz]:1",
-        ] {
-            assert!(!valid_host(bad.as_bytes()), "{bad}");
-        }
-    }
-
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("shop.example.com:8080"), "shop.example.com");
-        assert_eq!(strip_port("shop.example.com"), "shop.example.com");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("[::1]"), "[::1]");
     }
 }
