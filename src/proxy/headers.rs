@@ -43,8 +43,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
 }
 
 /// True when a request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade`).
+/// An `Upgrade: h2c` (HTTP/2 over cleartext by upgrade) is not tunnelled: veer speaks h2c
+/// itself (prior knowledge), so the request is forwarded as plain HTTP/1.1.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let upgrade = headers.get(header::UPGRADE);
+    upgrade.is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"h2c"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -141,6 +144,18 @@ mod tests {
         remove_hop_by_hop(&mut headers, false);
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn h2c_upgrades_are_not_tunnelled() {
+        let mut headers = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(!wants_upgrade(&headers));
+        remove_hop_by_hop(&mut headers, false);
+        assert!(headers.is_empty(), "{headers:?}");
     }
 
     #[test]
