@@ -143,6 +143,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
     stop.store(true, Ordering::Relaxed);
     let _ = load.await;
     let summary = crate::admin::status::route_json(route);
+    let mut journal = running.app.store.journal.tail(20).unwrap_or_default();
+    journal.reverse();
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&state);
     print_summary(
@@ -150,6 +152,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
         outcome.as_ref().ok().copied(),
         sent.load(Ordering::Relaxed),
     );
+    print_journal(&journal);
     outcome
 }
 
@@ -251,9 +254,26 @@ fn print_summary(route: &Value, outcome: Option<Outcome>, sent: u64) {
         None => println!("\nThe rollout did not finish."),
     }
     println!(
-        "{sent} requests sent; blue served {}, green {} in the last minute; journal lines show every decision.",
+        "{sent} requests sent; blue served {}, green {}.",
         route["slots"]["blue"]["requests"], route["slots"]["green"]["requests"]
     );
+}
+
+/// The decisions, oldest first, as the journal recorded them.
+fn print_journal(entries: &[Value]) {
+    println!("\nDecision journal:");
+    for e in entries.iter().filter(|e| e["event"] == "transition") {
+        println!(
+            "  {}  {:<12} {:>11} -> {:<11} canary weight {:>6.2}% -> {:>6.2}%  {}",
+            e["at"].as_str().unwrap_or("-"),
+            e["action"].as_str().unwrap_or("-"),
+            e["from"].as_str().unwrap_or("-"),
+            e["to"].as_str().unwrap_or("-"),
+            f(&e["weight_from"]),
+            f(&e["weight_to"]),
+            e["reason"].as_str().unwrap_or(""),
+        );
+    }
 }
 
 /// A paced load of many distinct users (`x-user` header), until `stop`.
