@@ -1,5 +1,6 @@
 //! Header rewriting both ways: hop-by-hop removal, forwarded headers, veer's own headers.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -99,11 +100,16 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    // One allocation: the buffer becomes the header value's storage without a copy.
+    let existing = headers.get(&name).map(HeaderValue::as_bytes);
+    let mut value = Vec::with_capacity(existing.map_or(0, |e| e.len() + 2) + 39);
+    if let Some(existing) = existing {
+        value.extend_from_slice(existing);
+        value.extend_from_slice(b", ");
+    }
+    // Writing into a Vec cannot fail.
+    let _ = write!(value, "{ip}");
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(name, value);
     }
 }
