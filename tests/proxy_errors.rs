@@ -326,3 +326,49 @@ async fn errors_count_against_the_chosen_slot_only() {
     assert_eq!(blue.request_count(), 0);
     veer.shutdown().await;
 }
+
+/// An upstream body that sends nothing for `idle_timeout` is cut: the client sees an aborted
+/// response (never a clean end), and the slot counts a timeout. A body whose pieces come
+/// faster than that streams through whole.
+#[tokio::test]
+async fn an_upstream_body_stalling_past_idle_timeout_is_cut_and_counted() {
+    let body = "x".repeat(100);
+    let stalling = Upstream::builder("blue")
+        .body(body.clone())
+        .slow_body(Duration::from_secs(5)) // a piece every 500 ms
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::start(
+        "idle_timeout = \"200ms\"",
+        &route("shop", stalling.addr, stalling.addr, ""),
+    )
+    .await;
+    let answer = raw(veer.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.ends_with("0\r\n\r\n"),
+        "a stalled body must not end cleanly: {answer}"
+    );
+    assert!(answer.matches('x').count() < body.len(), "{answer}");
+    let slot = blue_slot(&veer).await;
+    assert_eq!(slot["errors"]["timeout"], 1, "{slot}");
+    veer.shutdown().await;
+
+    let steady = Upstream::builder("blue")
+        .body(body.clone())
+        .slow_body(Duration::from_millis(500)) // a piece every 50 ms
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::start(
+        "idle_timeout = \"200ms\"",
+        &route("shop", steady.addr, steady.addr, ""),
+    )
+    .await;
+    let (status, _, got) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(got, body.as_bytes());
+    assert_eq!(blue_slot(&veer).await["errors"]["timeout"], 0);
+    veer.shutdown().await;
+}

@@ -1,16 +1,20 @@
 //! The response body to the client: veer's own short answers, or the upstream's body streamed
 //! frame by frame. An upstream failure mid-body is passed on as an error, so the client sees an
-//! aborted response (connection closed or stream reset), never a clean truncated one.
+//! aborted response (connection closed or stream reset), never a clean truncated one; so is an
+//! upstream body that sends nothing for `idle_timeout`.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{AccessLogger, Record};
 use crate::metrics::ErrorKind;
@@ -47,6 +51,19 @@ pub struct Tail {
     pub slot: Slot,
     pub bytes: u64,
     pub extra: Option<Box<Extra>>,
+    /// How long the upstream body may send nothing.
+    pub idle: Duration,
+    /// Armed only once the upstream body actually makes the client wait.
+    pub timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why a response body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    #[error("upstream body failed: {0}")]
+    Upstream(#[from] hyper::Error),
+    #[error("upstream body sent nothing for {0:?}")]
+    Stalled(Duration),
 }
 
 #[derive(Default)]
@@ -62,6 +79,25 @@ impl Tail {
         if let Some((hasher, _)) = self.extra.as_mut().and_then(|e| e.hash.as_mut()) {
             hasher.update(data);
         }
+    }
+
+    /// The upstream body has nothing yet: wait, up to `idle`.
+    fn wait(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        let idle = self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.route
+            .slot_metrics(self.slot)
+            .record_body_failure(ErrorKind::Timeout);
+        tracing::debug!(route = %self.route.name, slot = %self.slot, "Upstream body stalled.");
+        Poll::Ready(Some(Err(ResponseBodyError::Stalled(idle))))
     }
 
     fn end(&mut self) {
@@ -86,18 +122,24 @@ impl Drop for Tail {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         match self.project() {
             ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBodyProj::Upstream { mut inner, tail } => {
-                let polled = inner.as_mut().poll_frame(cx);
+                let polled = match inner.as_mut().poll_frame(cx) {
+                    Poll::Pending => return tail.wait(cx),
+                    Poll::Ready(polled) => polled,
+                };
+                if let Some(timer) = tail.timer.as_mut() {
+                    timer.as_mut().reset(Instant::now() + tail.idle);
+                }
                 match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
+                    Some(Ok(frame)) => {
                         if let Some(data) = frame.data_ref() {
                             tail.data(data);
                         }
@@ -105,7 +147,7 @@ impl Body for ProxyBody {
                             tail.end();
                         }
                     }
-                    Poll::Ready(Some(Err(error))) => {
+                    Some(Err(error)) => {
                         let kind = if error.is_timeout() {
                             ErrorKind::Timeout
                         } else {
@@ -114,10 +156,9 @@ impl Body for ProxyBody {
                         tail.route.slot_metrics(tail.slot).record_body_failure(kind);
                         tracing::debug!(route = %tail.route.name, slot = %tail.slot, %error, "Upstream body failed.");
                     }
-                    Poll::Ready(None) => tail.end(),
-                    Poll::Pending => {}
+                    None => tail.end(),
                 }
-                polled
+                Poll::Ready(polled.map(|frame| frame.map_err(ResponseBodyError::from)))
             }
         }
     }

@@ -197,6 +197,8 @@ impl Proxy {
             slot: decision.slot,
             bytes: 0,
             extra,
+            idle: server.idle_timeout,
+            timer: None,
         };
         Response::from_parts(rparts, ProxyBody::upstream(rbody, tail))
     }
