@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::access_log::{AccessLogger, Record};
-use crate::config::Compare;
+use crate::config::{Compare, ServerConfig};
 use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
@@ -62,50 +62,87 @@ impl Proxy {
         // Phase 2: one routing snapshot for the whole request.
         let table = self.table.load_full();
         let server = &table.config.server;
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         // Phase 3: the request itself, then route, bucket and slot.
-        if let Err(error) = check_request(&parts, server) {
-            return error.response();
-        }
-        let host = match effective_authority(&parts) {
-            Ok(host) => host,
+        let (route, decision, host) = match route_request(&table, &parts, conn) {
+            Ok(routed) => routed,
             Err(error) => return error.response(),
         };
-        let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map(strip_port);
-        let Some(route) = table.find(host_name, parts.uri.path()) else {
-            return LocalError::NoRoute.response();
-        };
-        let decision = route.decide(&parts.headers, conn.peer.ip());
-        let metrics = route.shared.slot_metrics(decision.slot);
-        let Some(endpoint) = route.endpoint(decision.slot) else {
-            return LocalError::NoEndpoint.response();
-        };
-        if let Some(error) = body_too_large(&parts, server.max_body_bytes) {
-            return error.response();
-        }
         // Phase 4: the upstream request, and the shadow copy if chosen.
-        let tunnelling =
-            parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
-        let downstream_upgrade = if tunnelling {
-            parts.extensions.remove::<OnUpgrade>()
-        } else {
-            None
+        let mut exchange = Exchange {
+            route,
+            decision,
+            conn,
+            started,
+            idle: server.idle_timeout,
+            tunnelling: false,
+            downstream_upgrade: None,
+            shadow: None,
+            log: None,
         };
-        headers::to_upstream(
-            &mut parts.headers,
-            &Forwarded {
-                client_ip: conn.peer.ip(),
-                tls: conn.tls,
-                host: host.as_ref(),
-                version: parts.version,
-                override_header: route.config.sticky.override_header.as_ref(),
-            },
-            tunnelling,
-        );
+        let request = match self.upstream_request(&mut exchange, parts, body, host, server) {
+            Ok(request) => request,
+            Err(error) => return error.response(),
+        };
+        // Phase 5: forward with the deadline.
+        let metrics = route.shared.slot_metrics(decision.slot);
+        let mut pending = Pending::new(metrics);
+        let sent = Instant::now();
+        let result =
+            tokio::time::timeout(server.request_timeout, self.client.request(request)).await;
+        let latency = sent.elapsed();
+        pending.done();
+        match result {
+            Ok(Ok(response)) => self.respond(exchange, response, latency),
+            Ok(Err(error)) => {
+                let local = failed(route, &decision, &error, latency);
+                self.local_answer(exchange, local)
+            }
+            Err(_elapsed) => {
+                let kind = crate::metrics::ErrorKind::Timeout;
+                metrics.record_failure(kind, latency);
+                self.local_answer(exchange, LocalError::Upstream(kind))
+            }
+        }
+    }
+
+    /// Phase 4: rewrites the request for the chosen slot's next endpoint, prepares the shadow
+    /// copy and the access-log line, and wraps the body (size cap, idle timeout, tee).
+    fn upstream_request(
+        &self,
+        exchange: &mut Exchange<'_>,
+        mut parts: Parts,
+        body: Incoming,
+        host: Option<HeaderValue>,
+        server: &ServerConfig,
+    ) -> Result<Request<RequestBody>, LocalError> {
+        let route = exchange.route;
+        let endpoint = route
+            .endpoint(exchange.decision.slot)
+            .ok_or(LocalError::NoEndpoint)?;
+        if let Some(error) = body_too_large(&parts, server.max_body_bytes) {
+            return Err(error);
+        }
+        exchange.tunnelling =
+            parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
+        if exchange.tunnelling {
+            exchange.downstream_upgrade = parts.extensions.remove::<OnUpgrade>();
+        }
+        let forwarded = Forwarded {
+            client_ip: exchange.conn.peer.ip(),
+            tls: exchange.conn.tls,
+            host: host.as_ref(),
+            version: parts.version,
+            override_header: route.config.sticky.override_header.as_ref(),
+        };
+        headers::to_upstream(&mut parts.headers, &forwarded, exchange.tunnelling);
         let empty_body = http_body::Body::is_end_stream(&body);
-        let (shadow, tee) = match self.shadow_job(route, &decision, &parts, empty_body) {
-            Some((job, tee)) => (Some(job), tee),
-            None => (None, None),
+        let tee = match self.shadow_job(route, &exchange.decision, &parts, empty_body) {
+            Some((job, tee)) => {
+                exchange.shadow = Some(job);
+                tee
+            }
+            None => None,
         };
         if host.is_none() {
             // HTTP/1.0 without Host: the upstream still needs one on HTTP/1.1.
@@ -115,46 +152,45 @@ impl Proxy {
         }
         parts.uri = upstream_uri(endpoint, &parts.uri);
         parts.version = Version::HTTP_11;
-        let log = self.access_log.as_ref().map(|logger| {
+        exchange.log = self.access_log.as_ref().map(|logger| {
+            let shadowed = exchange.shadow.is_some();
             (
                 logger.clone(),
-                record(route, &decision, &parts, shadow.is_some()),
+                record(route, &exchange.decision, &parts, shadowed),
             )
         });
-        let request = Request::from_parts(
-            parts,
-            RequestBody::new(body, server.max_body_bytes, server.idle_timeout, tee),
-        );
-        // Phase 5: forward with the deadline.
-        let mut pending = Pending::new(metrics);
-        let sent = Instant::now();
-        let result =
-            tokio::time::timeout(server.request_timeout, self.client.request(request)).await;
-        let latency = sent.elapsed();
-        pending.done();
-        let response = match result {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                let local = self.failed(route, &decision, &error, latency);
-                return self.local_answer(route, &decision, conn, local, shadow);
-            }
-            Err(_elapsed) => {
-                let kind = crate::metrics::ErrorKind::Timeout;
-                metrics.record_failure(kind, latency);
-                let local = LocalError::Upstream(kind);
-                return self.local_answer(route, &decision, conn, local, shadow);
-            }
-        };
-        // Phase 7 (head): record once, for the chosen slot.
+        let body = RequestBody::new(body, server.max_body_bytes, server.idle_timeout, tee);
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// Phases 6 and 7: record the answer once for the chosen slot, rewrite its headers, start
+    /// the tunnel or the shadow, and stream the body back.
+    fn respond(
+        &self,
+        exchange: Exchange<'_>,
+        response: Response<Incoming>,
+        latency: std::time::Duration,
+    ) -> Response<ProxyBody> {
+        let Exchange {
+            route,
+            decision,
+            conn,
+            started,
+            idle,
+            tunnelling,
+            downstream_upgrade,
+            shadow,
+            log,
+        } = exchange;
         let status = response.status();
         let is_error = route
             .config
             .rollout
             .error_statuses
             .contains(status.as_u16());
+        let metrics = route.shared.slot_metrics(decision.slot);
         metrics.record_response(status.as_u16(), is_error, latency);
         debug!(route = route.name(), slot = %decision.slot, bucket = decision.bucket, status = status.as_u16(), "Forwarded.");
-        // Phase 6: stream the response back.
         let (mut rparts, rbody) = response.into_parts();
         let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && tunnelling;
         if upgraded {
@@ -164,100 +200,60 @@ impl Proxy {
             }
         }
         headers::to_client(&mut rparts.headers, upgraded);
-        if let Some(id) = decision.new_cookie {
-            if let Some(cookie) = set_cookie(route, &id, conn.tls) {
-                rparts.headers.append(header::SET_COOKIE, cookie);
-            }
-        }
+        add_cookie(&mut rparts.headers, route, &decision, conn);
         let mut extra: Option<Box<Extra>> = None;
-        let primary_hash = match &shadow {
-            Some(job) if job.config.compare == Compare::Body => {
+        if let Some(mut job) = shadow {
+            if job.config.compare == Compare::Body {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let hasher = mirror::BodyHasher::new(job.config.max_body_bytes);
                 extra.get_or_insert_with(Box::default).hash = Some((hasher, tx));
-                Some(rx)
+                job.primary_hash = Some(rx);
             }
-            _ => None,
-        };
+            let primary = PrimaryOutcome {
+                status: status.as_u16(),
+            };
+            tokio::spawn(job.run(self.shadow_client.clone(), primary));
+        }
         if let Some((logger, mut record)) = log {
             record.status = status.as_u16();
             record.upstream_ms = latency.as_secs_f64() * 1000.0;
             extra.get_or_insert_with(Box::default).log = Some((logger, record, started));
-        }
-        if let Some(mut job) = shadow {
-            job.primary_hash = primary_hash;
-            let client = self.shadow_client.clone();
-            let primary = PrimaryOutcome {
-                status: status.as_u16(),
-            };
-            tokio::spawn(job.run(client, primary));
         }
         let tail = Tail {
             route: Arc::clone(&route.shared),
             slot: decision.slot,
             bytes: 0,
             extra,
-            idle: server.idle_timeout,
+            idle,
             timer: None,
         };
         Response::from_parts(rparts, ProxyBody::upstream(rbody, tail))
     }
 
-    /// An exchange that failed before a response head: count it where it belongs, answer.
-    fn failed(
-        &self,
-        route: &Route,
-        decision: &Decision,
-        error: &hyper_util::client::legacy::Error,
-        latency: std::time::Duration,
-    ) -> LocalError {
-        let metrics = route.shared.slot_metrics(decision.slot);
-        let local = match upstream::classify(error) {
-            Failure::Upstream(kind) => {
-                metrics.record_failure(kind, latency);
-                LocalError::Upstream(kind)
-            }
-            Failure::BodyTooLarge => LocalError::BodyTooLarge,
-            Failure::BodyIdle => LocalError::BodyTimeout,
-            Failure::ClientAbort => {
-                metrics.record_client_abort();
-                LocalError::BadRequest("request body aborted")
-            }
-        };
-        debug!(route = route.name(), slot = %decision.slot, %error, status = local.status().as_u16(), "Upstream exchange failed.");
-        local
-    }
-
     /// veer's own answer after a failed exchange. The sticky cookie is still set (so the next
     /// request keeps the bucket), and a chosen shadow is still sent when the failure was the
     /// upstream's: its outcome is compared with the status the client got.
-    fn local_answer(
-        &self,
-        route: &Route,
-        decision: &Decision,
-        conn: ConnInfo,
-        local: LocalError,
-        shadow: Option<ShadowJob>,
-    ) -> Response<ProxyBody> {
-        if let (Some(job), error::Fault::Upstream) = (shadow, local.fault()) {
+    fn local_answer(&self, exchange: Exchange<'_>, local: LocalError) -> Response<ProxyBody> {
+        if let (Some(job), error::Fault::Upstream) = (exchange.shadow, local.fault()) {
             let primary = PrimaryOutcome {
                 status: local.status().as_u16(),
             };
             tokio::spawn(job.run(self.shadow_client.clone(), primary));
         }
         let mut response = local.response();
-        if let Some(id) = decision.new_cookie {
-            if let Some(cookie) = set_cookie(route, &id, conn.tls) {
-                response.headers_mut().append(header::SET_COOKIE, cookie);
-            }
-        }
+        add_cookie(
+            response.headers_mut(),
+            exchange.route,
+            &exchange.decision,
+            exchange.conn,
+        );
         response
     }
 
     /// Chooses and prepares the shadow copy; counts drops.
     fn shadow_job(
         &self,
-        route: &Arc<Route>,
+        route: &Route,
         decision: &Decision,
         parts: &Parts,
         empty_body: bool,
@@ -316,6 +312,69 @@ impl Proxy {
             primary_hash: None,
         };
         Some((job, tee))
+    }
+}
+
+/// One request's context from routing to the response.
+struct Exchange<'a> {
+    route: &'a Route,
+    decision: Decision,
+    conn: ConnInfo,
+    started: Instant,
+    /// How long the upstream's response body may send nothing.
+    idle: std::time::Duration,
+    tunnelling: bool,
+    downstream_upgrade: Option<OnUpgrade>,
+    shadow: Option<ShadowJob>,
+    log: Option<(AccessLogger, Record)>,
+}
+
+/// Phase 3: the request's own checks, its route, and the slot decision.
+fn route_request<'t>(
+    table: &'t RoutingTable,
+    parts: &Parts,
+    conn: ConnInfo,
+) -> Result<(&'t Route, Decision, Option<HeaderValue>), LocalError> {
+    check_request(parts, &table.config.server)?;
+    let host = effective_authority(parts)?;
+    let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map(strip_port);
+    let route = table
+        .find(host_name, parts.uri.path())
+        .ok_or(LocalError::NoRoute)?;
+    let decision = route.decide(&parts.headers, conn.peer.ip());
+    Ok((route, decision, host))
+}
+
+/// An exchange that failed before a response head: count it where it belongs, answer.
+fn failed(
+    route: &Route,
+    decision: &Decision,
+    error: &hyper_util::client::legacy::Error,
+    latency: std::time::Duration,
+) -> LocalError {
+    let metrics = route.shared.slot_metrics(decision.slot);
+    let local = match upstream::classify(error) {
+        Failure::Upstream(kind) => {
+            metrics.record_failure(kind, latency);
+            LocalError::Upstream(kind)
+        }
+        Failure::BodyTooLarge => LocalError::BodyTooLarge,
+        Failure::BodyIdle => LocalError::BodyTimeout,
+        Failure::ClientAbort => {
+            metrics.record_client_abort();
+            LocalError::BadRequest("request body aborted")
+        }
+    };
+    debug!(route = route.name(), slot = %decision.slot, %error, status = local.status().as_u16(), "Upstream exchange failed.");
+    local
+}
+
+/// Sets veer's sticky cookie when the decision drew a new id.
+fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision, conn: ConnInfo) {
+    if let Some(id) = decision.new_cookie {
+        if let Some(cookie) = set_cookie(route, &id, conn.tls) {
+            headers.append(header::SET_COOKIE, cookie);
+        }
     }
 }
 
