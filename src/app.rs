@@ -17,7 +17,6 @@ use crate::admin;
 use crate::config::{Config, ConfigError, ConfigErrors, RouteConfig};
 use crate::listener::workers::Workers;
 use crate::listener::{self, tls, Listener};
-use crate::metrics::SLICE;
 use crate::proxy::Proxy;
 use crate::rollout::{self, Store};
 use crate::routing::{RouteShared, RoutingTable};
@@ -303,18 +302,15 @@ async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, app: Arc<App>) {
 
 /// Advances every slot's sliding window, off the request path.
 async fn rotate_windows(table: Arc<ArcSwap<RoutingTable>>) {
-    let mut tick = tokio::time::interval(SLICE);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
+    crate::metrics::rotate_every_slice(move || {
         for route in table.load().routes() {
             for metrics in &route.shared.metrics {
                 metrics.rotate();
             }
             route.shared.shadow_metrics.rotate();
         }
-    }
+    })
+    .await;
 }
 
 impl App {

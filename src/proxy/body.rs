@@ -35,10 +35,6 @@ impl ProxyBody {
         ProxyBody::Local { data: Some(data) }
     }
 
-    pub fn empty() -> Self {
-        ProxyBody::Local { data: None }
-    }
-
     pub fn upstream(inner: Incoming, tail: Tail) -> Self {
         ProxyBody::Upstream { inner, tail }
     }
