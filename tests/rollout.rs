@@ -250,16 +250,47 @@ async fn a_hold_between_failures_restarts_the_count() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_sparse_but_grossly_slower_canary_fails_fast() {
+    let c = Controller::new("max_step_time = \"10s\"\n");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    // The same sparse traffic, but every canary request takes 40 ms against stable's 10 ms
+    // (bound 15 ms): conclusive from a few dozen canary requests, far below min_requests (100)
+    // and the 100 samples a p90 pass needs.
+    let mut canary = 0;
+    for second in 0..600 {
+        feed(&shared, Slot::Blue, 10, 0, 10);
+        if second % 10 == 0 {
+            feed(&shared, Slot::Green, 1, 0, 40);
+            canary += 1;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rollout::analyse(&shared, &c.route);
+        if phase_step_weight(&shared).0 == Phase::RolledBack {
+            break;
+        }
+    }
+    assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
+    assert!((20..100).contains(&canary), "rolled back after {canary} canary requests");
+    let journal = c.journal();
+    let failing = &journal[journal.len() - 2];
+    assert_eq!(failing["judgement"]["verdict"], "fail", "{failing}");
+    let reason = failing["reason"].as_str().unwrap();
+    assert!(reason.contains("canary p90"), "{reason}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn sparse_traffic_holds_past_max_step_time_and_never_fails() {
     let c = Controller::new("max_step_time = \"10s\"\n");
     let shared = c.restore();
     rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
     // 10 minutes at 10 stable requests/s and one canary request every 10 s: 60 canary
-    // requests, short of min_requests (100) and of the 100 latency samples p90 needs.
+    // requests, short of min_requests (100) and of the 100 latency samples p90 needs. The
+    // canary is a little slower (12 ms vs 10 ms, within the bound of 15 ms).
     for second in 0..600 {
         feed(&shared, Slot::Blue, 10, 0, 10);
         if second % 10 == 0 {
-            feed(&shared, Slot::Green, 1, 0, 40);
+            feed(&shared, Slot::Green, 1, 0, 12);
         }
         tokio::time::advance(Duration::from_secs(1)).await;
         rollout::analyse(&shared, &c.route);

@@ -60,19 +60,27 @@
 //!
 //! # Latency test
 //!
-//! Computed only when both sides have at least `10 / (1 − q)` latency samples (`n·(1−q) >= 10`:
-//! ten samples beyond the quantile; 1,000 for p99), so the quantile is an order statistic with a
-//! real tail behind it. `bound = max(stable_q · max_latency_ratio, stable_q + min_latency_delta)`.
-//! A quantile compared against a threshold every second is noisy too, so "canary_q > bound"
+//! `bound = max(stable_q · max_latency_ratio, stable_q + min_latency_delta)`, with `stable_q`
+//! the stable's quantile, used once stable has at least `10 / (1 − q)` samples (`n·(1−q) >= 10`:
+//! ten samples beyond the quantile; 1,000 for p99), so that its quantile has a real tail behind
+//! it. A quantile compared against a threshold every second is noisy too, so "canary_q > bound"
 //! alone is not enough to fail: we also require that the fraction of canary samples above the
 //! bound, `k/n`, is conclusively above `1 − q` (which is what `canary_q > bound` means in the
-//! population), by the same mixture test on one proportion with `θ₀ = 1 − q`,
-//! `τ = 1 − q` (a doubling of the tail) and variance `max(p₀(1−p₀), p̃(1−p̃))/n` (the null
-//! variance, or the observed one when larger). The stable quantile is treated as fixed; the
+//! population), by a mixture test on one proportion with `θ₀ = 1 − q` and variance
+//! `max(p₀(1−p₀), p̃(1−p̃))/n` (the null variance, or the observed one when larger, which keeps
+//! small samples from crossing on a few slow requests). The mixing distribution is an
+//! equal-weight average of normal mixtures with `τ = (1 − q) · {1, 4, 16}`: an average of
+//! martingales is a martingale, so Ville's bound still holds; the spread gives power both for a
+//! doubling of the tail (τ = 1 − q) and for gross regressions (τ = 16 (1 − q)), at a cost of at
+//! most ln 3 nats where one τ alone would fit. The stable quantile is treated as fixed; the
 //! ratio/delta slack in the bound absorbs its noise (stable is usually the larger sample).
 //!
-//! Because a pass needs both tests computable, the effective minimum canary sample per step is
-//! `max(min_requests, 10 / (1 − latency_quantile))` latency samples (1,000 at p99).
+//! Fail fast, pass slowly: the canary is tested from [`MIN_TEST_REQUESTS`] samples on, so a
+//! grossly slower canary fails long before its own quantile could be estimated (every request
+//! +50 ms on a 20 ms/63 ms-p99 service: after 72 canary samples, not 1,000). A pass needs the
+//! canary's `10 / (1 − q)` samples too ([`LatencyTest::complete`]), so the effective minimum
+//! canary sample per step is `max(min_requests, 10 / (1 − latency_quantile))` latency samples
+//! (1,000 at p99).
 //!
 //! # Measured false-rollback rate
 //!
@@ -242,6 +250,9 @@ pub struct LatencyTest {
     pub bound_ms: f64,
     pub canary_samples: u64,
     pub stable_samples: u64,
+    /// Both sides have `10 / (1 − quantile)` samples: the test can pass. Below that (a canary
+    /// with at least [`MIN_TEST_REQUESTS`] samples) it can only fail.
+    pub complete: bool,
     /// Canary samples above the bound (to the histogram's resolution).
     pub canary_above_bound: u64,
     /// `canary_samples · (1 − quantile)`: what the null allows at most, on average.
@@ -264,7 +275,8 @@ pub struct Judgement {
     pub canary: SlotSummary,
     pub stable: SlotSummary,
     pub error_test: ErrorTest,
-    /// `None` when a side has too few samples for the quantile.
+    /// `None` while stable has fewer than `10 / (1 − quantile)` samples or the canary fewer
+    /// than [`MIN_TEST_REQUESTS`].
     pub latency_test: Option<LatencyTest>,
 }
 
@@ -274,8 +286,9 @@ pub fn error_mixing_sd(error_rate_margin: f64) -> f64 {
     (2.0 * margin).max(MIN_ERROR_MIXING_SD)
 }
 
-/// Latency samples a slot needs before the latency test is computed: `ceil(10 / (1 − q))`,
-/// `None` when `q >= 1` (never).
+/// Latency samples a slot needs before its quantile is judged (stable: before the latency test
+/// is computed; canary: before it can pass): `ceil(10 / (1 − q))`, `None` when `q >= 1`
+/// (never).
 pub fn min_latency_samples(latency_quantile: f64) -> Option<u64> {
     let tail = 1.0 - fraction_or(latency_quantile, 0.99);
     if tail <= 0.0 {
@@ -342,7 +355,10 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
         } else {
             let time_ok = evidence.step_elapsed >= policy.min_step_time;
             let requests_ok = canary.requests >= policy.min_requests;
-            match (&latency_test, time_ok && requests_ok && error_test.computed) {
+            match (
+                latency_test.as_ref().filter(|t| t.complete),
+                time_ok && requests_ok && error_test.computed,
+            ) {
                 (Some(t), true) => (
                     Verdict::Pass,
                     format!(
@@ -372,7 +388,7 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
                             canary.requests, stable.requests
                         ));
                     }
-                    if latency_test.is_none() {
+                    if !latency_test.as_ref().is_some_and(|t| t.complete) {
                         match min_latency_samples(p.quantile) {
                             Some(n) => reason.push_str(&format!(
                             "; {qlabel} needs {n} latency samples per slot (canary {}, stable {})",
@@ -475,6 +491,20 @@ fn mixture_log_lr(delta: f64, var: f64, tau2: f64) -> f64 {
     finite(value)
 }
 
+/// The mixing sds of the latency test, as multiples of `1 − q`.
+const LATENCY_MIXING_SCALES: [f64; 3] = [1.0, 4.0, 16.0];
+
+/// ln of the equal-weight average of [`mixture_log_lr`] over several mixing variances (itself
+/// a mixture over θ, so the same bound holds), summed in log space.
+fn mixtures_log_lr(delta: f64, var: f64, tau2s: impl Iterator<Item = f64> + Clone) -> f64 {
+    let logs = tau2s.map(|tau2| mixture_log_lr(delta, var, tau2));
+    let (count, max) = logs
+        .clone()
+        .fold((0.0, f64::MIN), |(c, m), l| (c + 1.0, f64::max(m, l)));
+    let sum: f64 = logs.map(|l| (l - max).exp()).sum();
+    finite(max + (sum / count).ln())
+}
+
 fn finite(x: f64) -> f64 {
     if x.is_finite() {
         x
@@ -526,7 +556,7 @@ fn latency_test(
     let needed = min_latency_samples(p.quantile)?;
     let (ch, sh) = (canary.0, stable.0);
     let (nc, ns) = (ch.len(), sh.len());
-    if nc < needed || ns < needed {
+    if ns < needed || nc < MIN_TEST_REQUESTS {
         return None;
     }
     let tail = 1.0 - p.quantile;
@@ -541,7 +571,11 @@ fn latency_test(
     let corrected = (above as f64 + 0.5) / (n + 1.0);
     let var = (tail * (1.0 - tail)).max(corrected * (1.0 - corrected)) / n;
     let delta = observed - tail;
-    let log_lr = mixture_log_lr(delta, var, tail * tail);
+    let log_lr = mixtures_log_lr(
+        delta,
+        var,
+        LATENCY_MIXING_SCALES.iter().map(|k| (k * tail).powi(2)),
+    );
     let conclusive = log_lr >= p.threshold;
     Some(LatencyTest {
         quantile: p.quantile,
@@ -550,6 +584,7 @@ fn latency_test(
         bound_ms: finite(bound_us / 1e3),
         canary_samples: nc,
         stable_samples: ns,
+        complete: nc >= needed,
         canary_above_bound: above,
         expected_above_bound: n * tail,
         log_lr,
@@ -898,7 +933,15 @@ mod tests {
         let c = filled(999, 1.0, 3);
         let j = judge(&policy, &evidence((999, 10, &c), (5_000, 50, &s), 60));
         assert_eq!(j.verdict, Verdict::Hold, "{}", j.reason);
-        assert!(j.latency_test.is_none());
+        assert!(
+            j.reason.contains("p99 needs 1000 latency samples"),
+            "{}",
+            j.reason
+        );
+        assert!(j
+            .latency_test
+            .as_ref()
+            .is_some_and(|t| !t.complete && !t.failing));
         let c = filled(1_000, 1.0, 3);
         let j = judge(&policy, &evidence((1_000, 10, &c), (5_000, 50, &s), 60));
         assert_eq!(j.verdict, Verdict::Pass, "{}", j.reason);
@@ -906,6 +949,67 @@ mod tests {
         assert_eq!(min_latency_samples(0.999), Some(10_000));
         assert_eq!(min_latency_samples(0.5), Some(20));
         assert_eq!(min_latency_samples(1.0), None);
+    }
+
+    #[test]
+    fn a_grossly_slower_canary_fails_long_before_its_quantile_can_be_judged() {
+        // +50 ms on every canary request (stable p99 ≈ 63 ms, bound ≈ 79 ms): the 1,000 samples
+        // a p99 pass needs take a 1 % canary ~8 minutes at 200 req/s; the failure must not.
+        let s = filled(20_000, 1.0, 3);
+        let slower = |n: u64| {
+            let mut h = histogram(3);
+            for i in 0..n {
+                let u = (i as f64 + 0.5) / n as f64;
+                h.saturating_record(latency_us(u) + 50_000);
+            }
+            h
+        };
+        let first_failing = (1..=1_000u64)
+            .find(|&n| {
+                let c = slower(n);
+                judge(
+                    &Policy::default(),
+                    &evidence((n, 0, &c), (20_000, 0, &s), 1),
+                )
+                .verdict
+                    == Verdict::Fail
+            })
+            .unwrap();
+        // Below MIN_TEST_REQUESTS nothing is judged; the evenly spread sample has ~70 % of its
+        // values above the bound, which is conclusive after a few dozen samples.
+        assert!(first_failing >= MIN_TEST_REQUESTS, "{first_failing}");
+        assert!(first_failing <= 100, "{first_failing}");
+        let c = slower(first_failing);
+        let j = judge(
+            &Policy::default(),
+            &evidence((first_failing, 0, &c), (20_000, 0, &s), 1),
+        );
+        let t = j.latency_test.as_ref().unwrap();
+        assert!(t.failing && !t.complete, "{t:?}");
+        assert!(j.reason.contains("canary p99"), "{}", j.reason);
+    }
+
+    #[test]
+    fn a_small_healthy_canary_never_fails_the_latency_test() {
+        // Sample sizes 20..1,000 drawn at random from the stable's own distribution, 200 draws
+        // per size class, 10,000 judgements in all: none may fail (the small-sample path must
+        // not trade validity for speed; the whole-rollout simulation below covers it too).
+        let s = filled(20_000, 1.0, 3);
+        let mut rng = Rng(7);
+        let mut failed = 0;
+        for i in 0..10_000u64 {
+            let n = 20 + (i % 50) * 20 - (i % 50) / 49;
+            let mut c = histogram(3);
+            for _ in 0..n {
+                c.saturating_record(latency_us(rng.unit()));
+            }
+            let j = judge(
+                &Policy::default(),
+                &evidence((n, 0, &c), (20_000, 0, &s), 1),
+            );
+            failed += u32::from(j.latency_test.is_some_and(|t| t.failing));
+        }
+        assert_eq!(failed, 0);
     }
 
     #[test]
