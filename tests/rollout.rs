@@ -84,6 +84,26 @@ fn phase_step_weight(shared: &RouteShared) -> (Phase, usize, u32) {
     (state.phase, state.step, state.canary_bp)
 }
 
+/// One second of sparse traffic: 10 stable requests at 10 ms, and on every tenth second one
+/// canary request (`canary_errors` of 1 failing, taking `canary_ms`); then the controller
+/// looks. True when this second carried a canary request.
+async fn sparse_second(
+    c: &Controller,
+    shared: &RouteShared,
+    second: u64,
+    canary_errors: u64,
+    canary_ms: u64,
+) -> bool {
+    feed(shared, Slot::Blue, 10, 0, 10);
+    let canary = second % 10 == 0;
+    if canary {
+        feed(shared, Slot::Green, 1, canary_errors, canary_ms);
+    }
+    tokio::time::advance(Duration::from_secs(1)).await;
+    rollout::analyse(shared, &c.route);
+    canary
+}
+
 fn last_verdict(shared: &RouteShared) -> String {
     let last = shared.rollout.view().last.expect("an analysis ran");
     last.judgement.verdict.as_str().to_string()
@@ -259,19 +279,16 @@ async fn a_sparse_but_grossly_slower_canary_fails_fast() {
     // and the 100 samples a p90 pass needs.
     let mut canary = 0;
     for second in 0..600 {
-        feed(&shared, Slot::Blue, 10, 0, 10);
-        if second % 10 == 0 {
-            feed(&shared, Slot::Green, 1, 0, 40);
-            canary += 1;
-        }
-        tokio::time::advance(Duration::from_secs(1)).await;
-        rollout::analyse(&shared, &c.route);
+        canary += u32::from(sparse_second(&c, &shared, second, 0, 40).await);
         if phase_step_weight(&shared).0 == Phase::RolledBack {
             break;
         }
     }
     assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
-    assert!((20..100).contains(&canary), "rolled back after {canary} canary requests");
+    assert!(
+        (20..100).contains(&canary),
+        "rolled back after {canary} canary requests"
+    );
     let journal = c.journal();
     let failing = &journal[journal.len() - 2];
     assert_eq!(failing["judgement"]["verdict"], "fail", "{failing}");
@@ -288,12 +305,7 @@ async fn sparse_traffic_holds_past_max_step_time_and_never_fails() {
     // requests, short of min_requests (100) and of the 100 latency samples p90 needs. The
     // canary is a little slower (12 ms vs 10 ms, within the bound of 15 ms).
     for second in 0..600 {
-        feed(&shared, Slot::Blue, 10, 0, 10);
-        if second % 10 == 0 {
-            feed(&shared, Slot::Green, 1, 0, 12);
-        }
-        tokio::time::advance(Duration::from_secs(1)).await;
-        rollout::analyse(&shared, &c.route);
+        sparse_second(&c, &shared, second, 0, 12).await;
         assert_eq!(last_verdict(&shared), "hold", "second {second}");
         assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
         assert_eq!(shared.rollout.view().state.failures, 0);
@@ -310,12 +322,7 @@ async fn a_bad_canary_is_judged_only_from_twenty_requests_on() {
     rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
     // Every canary request fails, one every 10 s; 19 are too few to judge anything.
     for second in 0..190 {
-        feed(&shared, Slot::Blue, 10, 0, 10);
-        if second % 10 == 0 {
-            feed(&shared, Slot::Green, 1, 1, 10);
-        }
-        tokio::time::advance(Duration::from_secs(1)).await;
-        rollout::analyse(&shared, &c.route);
+        sparse_second(&c, &shared, second, 1, 10).await;
         assert_eq!(last_verdict(&shared), "hold", "second {second}");
     }
     assert_eq!(shared.slot_metrics(Slot::Green).step().requests, 19);
