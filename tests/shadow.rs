@@ -33,8 +33,25 @@ fn shadow_route(
     )
 }
 
-async fn upstream(name: &str) -> Upstream {
-    Upstream::builder(name).record(true).start().await.unwrap()
+/// veer with the route `mirror` on `/` between recording blue and green upstreams (all traffic
+/// on blue), mirroring to `shadow` with `extra` in `[route.shadow]`; returns veer, blue, green
+/// and the shadow.
+async fn mirror(shadow: Upstream, extra: &str) -> (Veer, Upstream, Upstream, Upstream) {
+    let (blue, green) = (recording("blue").await, recording("green").await);
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    );
+    let veer = Veer::start("", &routes).await;
+    (veer, blue, green, shadow)
+}
+
+/// The route's shadow JSON as it is now.
+async fn shadow_stats(veer: &Veer, route: &str) -> Value {
+    veer.route_status(route).await["shadow"].clone()
 }
 
 fn counter(shadow: &Value, key: &str) -> u64 {
@@ -56,7 +73,7 @@ fn settled(shadow: &Value) -> bool {
 async fn settled_shadow(veer: &Veer, route: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let shadow = veer.route_status(route).await["shadow"].clone();
+        let shadow = shadow_stats(veer, route).await;
         if settled(&shadow) {
             return shadow;
         }
@@ -76,26 +93,30 @@ async fn get_n(veer: &Veer, path: &str, n: usize) -> Vec<(http::StatusCode, Byte
         .collect()
 }
 
+/// How many answers are not blue's `200 blue`.
+fn not_from_blue(answers: &[(http::StatusCode, Bytes)]) -> usize {
+    answers
+        .iter()
+        .filter(|(status, body)| *status != 200 || body != "blue\n")
+        .count()
+}
+
+/// Ten requests of each of `methods` to `/m` with `body`, each answered 200.
+async fn ten_of_each(veer: &Veer, methods: &[Method], body: Bytes) {
+    for method in methods {
+        for _ in 0..10 {
+            let (status, _, _) = send(method.clone(), &veer.url("/m"), &[], body.clone()).await;
+            assert_eq!(status, 200, "{method}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn mirrored_share_matches_percent() {
-    let (blue, green, shadow) = (
-        upstream("blue").await,
-        upstream("green").await,
-        upstream("shadow").await,
-    );
     let extra = "percent = 20.0\nmax_in_flight = 10000";
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, extra)),
-    );
-    let veer = Veer::start("", &routes).await;
+    let (veer, blue, _green, shadow) = mirror(recording("shadow").await, extra).await;
     let answers = get_n(&veer, "/share", 2_000).await;
-    assert!(answers
-        .iter()
-        .all(|(status, body)| *status == 200 && body == "blue\n"));
+    assert_eq!(not_from_blue(&answers), 0);
     let stats = settled_shadow(&veer, "mirror").await;
     let mirrored = counter(&stats, "requests");
     // N = 2000 GETs at 20 %: sd = sqrt(2000 * 0.2 * 0.8) = 17.9 requests; bound 90 (5 sd).
@@ -108,35 +129,13 @@ async fn mirrored_share_matches_percent() {
 
 #[tokio::test]
 async fn only_the_listed_methods_are_mirrored() {
-    let (blue, green, shadow) = (
-        upstream("blue").await,
-        upstream("green").await,
-        upstream("shadow").await,
-    );
-    let extra = "percent = 100.0";
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, extra)),
-    );
-    let veer = Veer::start("", &routes).await;
-    for method in [Method::POST, Method::PUT, Method::DELETE] {
-        for _ in 0..10 {
-            let (status, _, _) = send(method.clone(), &veer.url("/m"), &[], "x".into()).await;
-            assert_eq!(status, 200);
-        }
-    }
+    let (veer, blue, _green, shadow) = mirror(recording("shadow").await, "percent = 100.0").await;
+    let unlisted = [Method::POST, Method::PUT, Method::DELETE];
+    ten_of_each(&veer, &unlisted, "x".into()).await;
     // The shadow draw and the method check happen before the primary is forwarded.
-    let stats = veer.route_status("mirror").await["shadow"].clone();
+    let stats = shadow_stats(&veer, "mirror").await;
     assert_eq!(counter(&stats, "requests"), 0, "{stats}");
-    for method in [Method::GET, Method::HEAD] {
-        for _ in 0..10 {
-            let (status, _, _) = send(method.clone(), &veer.url("/m"), &[], Bytes::new()).await;
-            assert_eq!(status, 200);
-        }
-    }
+    ten_of_each(&veer, &[Method::GET, Method::HEAD], Bytes::new()).await;
     let stats = settled_shadow(&veer, "mirror").await;
     assert_eq!(counter(&stats, "requests"), 20, "{stats}");
     let methods: Vec<Method> = shadow.seen().into_iter().map(|s| s.method).collect();
@@ -150,8 +149,6 @@ async fn only_the_listed_methods_are_mirrored() {
 
 #[tokio::test]
 async fn shadow_copy_is_marked_and_never_reaches_the_client() {
-    let blue = upstream("blue").await;
-    let green = upstream("green").await;
     let shadow = Upstream::builder("shadow")
         .status(201)
         .body("from the shadow\n")
@@ -159,15 +156,7 @@ async fn shadow_copy_is_marked_and_never_reaches_the_client() {
         .start()
         .await
         .unwrap();
-    let extra = "percent = 100.0";
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, extra)),
-    );
-    let veer = Veer::start("", &routes).await;
+    let (veer, blue, _green, shadow) = mirror(shadow, "percent = 100.0").await;
     let path = "/some/path?q=1&r=two";
     for _ in 0..10 {
         // A client cannot pass itself off as a shadow copy.
@@ -178,12 +167,7 @@ async fn shadow_copy_is_marked_and_never_reaches_the_client() {
         assert_eq!(headers["x-upstream"], "blue");
         assert!(!headers.contains_key("x-veer-shadow"));
     }
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            shadow.request_count() == 10
-        })
-        .await
-    );
+    await_requests(&shadow, 10, Duration::from_secs(10)).await;
     for seen in blue.seen() {
         assert!(!seen.headers.contains_key("x-veer-shadow"), "{seen:?}");
         assert_eq!(seen.uri, path);
@@ -202,8 +186,8 @@ async fn shadow_copy_is_marked_and_never_reaches_the_client() {
 
 #[tokio::test]
 async fn a_blackholed_shadow_is_capped_and_never_fails_the_primary() {
-    let blue = upstream("blue").await;
-    let green = upstream("green").await;
+    let blue = recording("blue").await;
+    let green = recording("green").await;
     let shadow = Upstream::builder("shadow")
         .behaviour(Behaviour::Blackhole)
         .start()
@@ -221,26 +205,15 @@ async fn a_blackholed_shadow_is_capped_and_never_fails_the_primary() {
     let veer = Veer::start("", &routes).await;
     let mirrored = get_n(&veer, "/mirrored", 40).await;
     let plain = get_n(&veer, "/plain", 40).await;
-    let failed = |answers: &[(http::StatusCode, Bytes)]| {
-        answers
-            .iter()
-            .filter(|(status, body)| *status != 200 || body != "blue\n")
-            .count()
-    };
-    assert_eq!((failed(&mirrored), failed(&plain)), (0, 0));
+    assert_eq!((not_from_blue(&mirrored), not_from_blue(&plain)), (0, 0));
     for route in ["mirrored", "plain"] {
         let status = veer.route_status(route).await;
         let blue = &status["slots"]["blue"];
         assert_eq!(blue["requests"], 40, "{route}: {blue}");
         assert_eq!(blue["error_rate"], 0.0, "{route}: {blue}");
     }
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            shadow.request_count() == 4
-        })
-        .await
-    );
-    let stats = veer.route_status("mirrored").await["shadow"].clone();
+    await_requests(&shadow, 4, Duration::from_secs(10)).await;
+    let stats = shadow_stats(&veer, "mirrored").await;
     assert_eq!(counter(&stats, "requests"), 40, "{stats}");
     assert_eq!(counter(&stats, "dropped_busy"), 36, "{stats}");
     assert_eq!(counter(&stats, "in_flight"), 4, "{stats}");
@@ -253,12 +226,6 @@ async fn a_blackholed_shadow_is_capped_and_never_fails_the_primary() {
     let metrics = prometheus(&veer).await;
     assert_eq!(sample(&metrics, "mirrored", "dropped_busy"), Some(36.0));
     veer.shutdown().await;
-}
-
-/// A closed port on loopback.
-async fn dead_addr() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
 }
 
 async fn prometheus(veer: &Veer) -> String {
@@ -278,8 +245,8 @@ fn sample(metrics: &str, route: &str, outcome: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn shadow_outcomes_are_counted_in_the_api_and_in_prometheus() {
-    let blue = upstream("blue").await;
-    let green = upstream("green").await;
+    let blue = recording("blue").await;
+    let green = recording("green").await;
     let failing = Upstream::builder("shadow")
         .status(500)
         .start()
@@ -296,58 +263,23 @@ async fn shadow_outcomes_are_counted_in_the_api_and_in_prometheus() {
         .start()
         .await
         .unwrap();
-    let dead = dead_addr().await;
+    let dead = closed_addr().await;
     let status = "percent = 100.0\ncompare = \"status\"";
     let body = "percent = 100.0\ncompare = \"body\"";
-    let (b, g) = (blue.addr, green.addr);
+    // A route named `name` on `/name`, mirrored to `shadow`.
+    let mirrored = |name: &str, shadow: SocketAddr, extra: &str| {
+        let prefix = format!("/{name}");
+        shadow_route(name, &prefix, blue.addr, green.addr, Some((shadow, extra)))
+    };
     let routes = [
-        shadow_route(
-            "status-diff",
-            "/status-diff",
-            b,
-            g,
-            Some((failing.addr, status)),
-        ),
-        shadow_route(
-            "status-same",
-            "/status-same",
-            b,
-            g,
-            Some((same.addr, status)),
-        ),
-        shadow_route(
-            "body-diff",
-            "/body-diff",
-            b,
-            g,
-            Some((other_body.addr, body)),
-        ),
-        shadow_route(
-            "body-same",
-            "/body-same",
-            b,
-            g,
-            Some((same_body.addr, body)),
-        ),
-        shadow_route("dead", "/dead", b, g, Some((dead, status))),
+        mirrored("status-diff", failing.addr, status),
+        mirrored("status-same", same.addr, status),
+        mirrored("body-diff", other_body.addr, body),
+        mirrored("body-same", same_body.addr, body),
+        mirrored("dead", dead, status),
     ]
     .concat();
     let veer = Veer::start("", &routes).await;
-    for prefix in [
-        "status-diff",
-        "status-same",
-        "body-diff",
-        "body-same",
-        "dead",
-    ] {
-        let answers = get_n(&veer, &format!("/{prefix}/x"), 10).await;
-        assert!(
-            answers
-                .iter()
-                .all(|(s, body)| *s == 200 && body == "blue\n"),
-            "{prefix}"
-        );
-    }
     // (route, match, mismatch, error)
     let expected = [
         ("status-diff", 0, 10, 0),
@@ -356,6 +288,10 @@ async fn shadow_outcomes_are_counted_in_the_api_and_in_prometheus() {
         ("body-same", 10, 0, 0),
         ("dead", 0, 0, 10),
     ];
+    for (route, _, _, _) in expected {
+        let answers = get_n(&veer, &format!("/{route}/x"), 10).await;
+        assert_eq!(not_from_blue(&answers), 0, "{route}");
+    }
     for (route, matched, mismatched, errors) in expected {
         let stats = settled_shadow(&veer, route).await;
         let counts = (
@@ -401,20 +337,8 @@ async fn shadow_outcomes_are_counted_in_the_api_and_in_prometheus() {
 
 #[tokio::test]
 async fn large_bodies_are_not_mirrored_and_small_ones_are_copied_intact() {
-    let (blue, green, shadow) = (
-        upstream("blue").await,
-        upstream("green").await,
-        upstream("shadow").await,
-    );
     let extra = "percent = 100.0\nmethods = [\"POST\"]\nmax_body_bytes = 1024";
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, extra)),
-    );
-    let veer = Veer::start("", &routes).await;
+    let (veer, blue, _green, shadow) = mirror(recording("shadow").await, extra).await;
     let large: Bytes = (0..65_536u32)
         .map(|i| (i % 251) as u8)
         .collect::<Vec<_>>()
@@ -422,7 +346,7 @@ async fn large_bodies_are_not_mirrored_and_small_ones_are_copied_intact() {
     let (status, _, _) = send(Method::POST, &veer.url("/upload"), &[], large.clone()).await;
     assert_eq!(status, 200);
     // Declared too large: dropped on the request path.
-    let stats = veer.route_status("mirror").await["shadow"].clone();
+    let stats = shadow_stats(&veer, "mirror").await;
     assert_eq!(counter(&stats, "dropped_body"), 1, "{stats}");
 
     // Chunked, so only seen too large while it streams.
@@ -462,9 +386,9 @@ async fn large_bodies_are_not_mirrored_and_small_ones_are_copied_intact() {
 /// compared with the status the client got: every chosen shadow ends with an outcome.
 #[tokio::test]
 async fn a_failed_primary_still_gets_its_shadow_compared() {
-    let dead = dead_addr().await;
-    let green = upstream("green").await;
-    let shadow = upstream("shadow").await;
+    let dead = closed_addr().await;
+    let green = recording("green").await;
+    let shadow = recording("shadow").await;
     let route = shadow_route(
         "failing",
         "/",

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use veer::demo::upstream::{Behaviour, Upstream};
+pub use veer::demo::upstream::{Behaviour, Seen, Upstream};
 
 pub mod load;
 pub mod wire;
@@ -67,7 +67,24 @@ pub fn host_route(name: &str, hosts: &[&str], prefix: &str, upstream: SocketAddr
     )
 }
 
+/// An upstream named `name` (it answers `name` and a newline) that records every request.
+pub async fn recording(name: &str) -> Upstream {
+    Upstream::builder(name).record(true).start().await.unwrap()
+}
+
+/// A port on loopback that refuses connections: bound on `127.0.0.1:0`, then closed.
+pub async fn closed_addr() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
 impl Veer {
+    /// veer with `server_extra` in `[server]` and one route, `shop`, on any host and `/`, with
+    /// both slots on `upstream`.
+    pub async fn shop(server_extra: &str, upstream: SocketAddr) -> Veer {
+        Self::start(server_extra, &route("shop", upstream, upstream, "")).await
+    }
+
     /// Starts veer from config text written to `<tempdir>/veer.toml` (so reloads work).
     pub async fn start(server_extra: &str, routes: &str) -> Veer {
         let dir = tempfile::tempdir().unwrap();
@@ -123,6 +140,11 @@ impl Veer {
         value
     }
 
+    /// `slots.<slot>` of the route JSON of `route`.
+    pub async fn slot(&self, route: &str, slot: &str) -> Value {
+        self.route_status(route).await["slots"][slot].clone()
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
@@ -168,6 +190,13 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Connects to `addr` and writes `bytes`; the connection stays open for the test to go on.
+pub async fn raw_open(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
 /// The status code of a raw HTTP/1.1 answer (`HTTP/1.1 400 ...`).
 pub fn raw_status(answer: &str) -> Option<u16> {
     answer
@@ -190,6 +219,35 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// True when a slot's JSON (`slots.<slot>` of a route) counts no error of any kind.
+pub fn no_errors(slot: &Value) -> bool {
+    slot["errors"].as_object().unwrap().values().all(|n| n == 0)
+}
+
+/// Asserts that `upstream` has received exactly `n` requests within `timeout` (polled).
+pub async fn await_requests(upstream: &Upstream, n: u64, timeout: Duration) {
+    let reached = eventually(timeout, || async { upstream.request_count() == n }).await;
+    assert!(
+        reached,
+        "{} requests after {timeout:?}, expected {n}",
+        upstream.request_count()
+    );
+}
+
+/// The one request a recording upstream has seen, once it has finished recording it (up to
+/// 5 s: a request is recorded when its body has ended or failed). Fails when there is none
+/// or more than one.
+pub async fn only_request(upstream: &Upstream) -> Seen {
+    let recorded = eventually(Duration::from_secs(5), || async {
+        !upstream.seen().is_empty()
+    })
+    .await;
+    assert!(recorded, "no request recorded within 5 s");
+    let mut seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    seen.remove(0)
 }
 
 /// GETs `url` once per header list, `concurrency` at a time over one pool of keep-alive
