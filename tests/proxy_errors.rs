@@ -14,31 +14,34 @@ use tokio::net::TcpStream;
 
 /// veer with `server` in `[server]` in front of one recording upstream (both slots).
 async fn proxy_with(server: &str) -> (Veer, Upstream) {
-    let upstream = Upstream::builder("blue")
-        .record(true)
-        .start()
-        .await
-        .unwrap();
-    let veer = Veer::start(server, &route("shop", upstream.addr, upstream.addr, "")).await;
+    let upstream = recording("blue").await;
+    let veer = Veer::shop(server, upstream.addr).await;
     (veer, upstream)
 }
 
 /// `slots.blue` of the route status.
 async fn blue_slot(veer: &Veer) -> Value {
-    veer.route_status("shop").await["slots"]["blue"].clone()
+    veer.slot("shop", "blue").await
 }
 
-fn no_errors(slot: &Value) -> bool {
-    slot["errors"].as_object().unwrap().values().all(|n| n == 0)
-}
-
-/// Reads until the peer closes; `None` when it is still open after 5 s.
-async fn until_closed(stream: &mut TcpStream) -> Option<String> {
+/// Reads until the peer closes; fails when it is still open after 5 s.
+async fn until_closed(stream: &mut TcpStream) -> String {
     let mut out = Vec::new();
-    match tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await {
-        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
-        Err(_) => None,
-    }
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "connection still open after 5 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A POST to `/` with the header lines `framing` and the chunked body `hello`.
+fn chunked_hello(framing: &str) -> String {
+    format!("POST / HTTP/1.1\r\nHost: shop\r\n{framing}\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+}
+
+/// Sends `request` on a connection of its own and asserts that veer answers `status`;
+/// `label` names the case in the failure message.
+async fn assert_answers(veer: &Veer, request: &str, status: u16, label: &str) {
+    let answer = raw(veer.addr, request.as_bytes()).await;
+    assert_eq!(raw_status(&answer), Some(status), "{label}: {answer}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -54,10 +57,7 @@ async fn transfer_encodings_other_than_one_chunked_are_400_and_never_forwarded()
         "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
         "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
     ] {
-        let request =
-            format!("POST / HTTP/1.1\r\nHost: shop\r\n{encoding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
-        let answer = raw(veer.addr, request.as_bytes()).await;
-        assert_eq!(raw_status(&answer), Some(400), "{encoding}: {answer}");
+        assert_answers(&veer, &chunked_hello(encoding), 400, encoding).await;
     }
     assert_eq!(upstream.request_count(), 0);
     // The one accepted form goes through, body intact.
@@ -77,8 +77,7 @@ async fn conflicting_or_invalid_content_lengths_are_400_and_never_forwarded() {
         "Content-Length: five",
     ] {
         let request = format!("POST / HTTP/1.1\r\nHost: shop\r\n{lengths}\r\n\r\nhello!");
-        let answer = raw(veer.addr, request.as_bytes()).await;
-        assert_eq!(raw_status(&answer), Some(400), "{lengths}: {answer}");
+        assert_answers(&veer, &request, 400, lengths).await;
     }
     assert_eq!(upstream.request_count(), 0);
     veer.shutdown().await;
@@ -93,10 +92,7 @@ async fn content_length_with_transfer_encoding_is_400() {
         "Content-Length: 3\r\nTransfer-Encoding: chunked",
         "Transfer-Encoding: chunked\r\nContent-Length: 3",
     ] {
-        let request =
-            format!("POST / HTTP/1.1\r\nHost: shop\r\n{both}\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
-        let answer = raw(veer.addr, request.as_bytes()).await;
-        assert_eq!(raw_status(&answer), Some(400), "{both}: {answer}");
+        assert_answers(&veer, &chunked_hello(both), 400, both).await;
     }
     assert_eq!(upstream.request_count(), 0);
     veer.shutdown().await;
@@ -109,14 +105,9 @@ async fn content_length_with_transfer_encoding_never_reaches_the_upstream_with_b
         "Content-Length: 3\r\nTransfer-Encoding: chunked",
         "Transfer-Encoding: chunked\r\nContent-Length: 3",
     ] {
-        let request =
-            format!("POST / HTTP/1.1\r\nHost: shop\r\n{both}\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
-        let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut stream = raw_open(veer.addr, chunked_hello(both).as_bytes()).await;
         // Either refused, or framed by Transfer-Encoding alone; the connection ends after it.
-        let answer = until_closed(&mut stream)
-            .await
-            .expect("connection kept open");
+        let answer = until_closed(&mut stream).await;
         match raw_status(&answer) {
             Some(400) => {}
             Some(200) => {}
@@ -141,8 +132,7 @@ async fn a_header_section_over_max_header_bytes_is_431() {
         request.push_str(&format!("X-Filler-{i}: {}\r\n", "a".repeat(1024)));
     }
     request.push_str("\r\n");
-    let answer = raw(veer.addr, request.as_bytes()).await;
-    assert_eq!(raw_status(&answer), Some(431), "{answer}");
+    assert_answers(&veer, &request, 431, "20 KiB of headers").await;
     assert_eq!(upstream.request_count(), 0);
     veer.shutdown().await;
 }
@@ -150,9 +140,8 @@ async fn a_header_section_over_max_header_bytes_is_431() {
 #[tokio::test]
 async fn a_declared_body_over_max_body_bytes_is_413() {
     let (veer, upstream) = proxy_with("max_body_bytes = 1000").await;
-    let head = b"POST / HTTP/1.1\r\nHost: shop\r\nContent-Length: 5000\r\n\r\n";
-    let answer = raw(veer.addr, head).await;
-    assert_eq!(raw_status(&answer), Some(413), "{answer}");
+    let head = "POST / HTTP/1.1\r\nHost: shop\r\nContent-Length: 5000\r\n\r\n";
+    assert_answers(&veer, head, 413, "Content-Length: 5000").await;
     assert_eq!(upstream.request_count(), 0);
     veer.shutdown().await;
 }
@@ -160,38 +149,20 @@ async fn a_declared_body_over_max_body_bytes_is_413() {
 #[tokio::test]
 async fn a_chunked_body_growing_over_max_body_bytes_never_arrives_complete() {
     let (veer, upstream) = proxy_with("max_body_bytes = 1000").await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
     let chunk = format!("258\r\n{}\r\n", "b".repeat(600));
     let head = "POST / HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n";
-    stream
-        .write_all(format!("{head}{chunk}").as_bytes())
-        .await
-        .unwrap();
+    let mut stream = raw_open(veer.addr, format!("{head}{chunk}").as_bytes()).await;
     // The first 600 bytes are within the limit and stream on.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            upstream.request_count() == 1
-        })
-        .await
-    );
+    await_requests(&upstream, 1, Duration::from_secs(5)).await;
     stream
         .write_all(format!("{chunk}0\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let answer = until_closed(&mut stream)
-        .await
-        .expect("connection kept open");
+    let answer = until_closed(&mut stream).await;
     let status = raw_status(&answer);
     assert!(status.is_none() || status == Some(413), "{answer}");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            !upstream.seen().is_empty()
-        })
-        .await
-    );
-    let seen = upstream.seen();
-    assert_eq!(seen.len(), 1);
-    assert!(seen[0].body.is_none(), "the upstream saw a complete body");
+    let seen = only_request(&upstream).await;
+    assert!(seen.body.is_none(), "the upstream saw a complete body");
     veer.shutdown().await;
 }
 
@@ -204,11 +175,9 @@ async fn a_uri_over_max_uri_bytes_is_414() {
             "u".repeat(len)
         )
     };
-    let answer = raw(veer.addr, request(2000).as_bytes()).await;
-    assert_eq!(raw_status(&answer), Some(414), "{answer}");
+    assert_answers(&veer, &request(2000), 414, "2000 bytes").await;
     assert_eq!(upstream.request_count(), 0);
-    let answer = raw(veer.addr, request(1000).as_bytes()).await;
-    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    assert_answers(&veer, &request(1000), 200, "1000 bytes").await;
     veer.shutdown().await;
 }
 
@@ -218,14 +187,9 @@ async fn a_uri_over_max_uri_bytes_is_414() {
 #[tokio::test]
 async fn a_request_head_slower_than_header_timeout_gets_the_connection_closed() {
     let (veer, upstream) = proxy_with("header_timeout = \"1s\"").await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\nX-Half: ")
-        .await
-        .unwrap();
+    let mut stream = raw_open(veer.addr, b"GET / HTTP/1.1\r\nHost: shop\r\nX-Half: ").await;
     // The default header_timeout (10 s) would keep it open past this 5 s bound.
-    let answer = until_closed(&mut stream).await;
-    assert!(answer.is_some(), "still open after 5 s");
+    until_closed(&mut stream).await;
     assert_eq!(upstream.request_count(), 0);
     veer.shutdown().await;
 }
@@ -233,14 +197,9 @@ async fn a_request_head_slower_than_header_timeout_gets_the_connection_closed() 
 #[tokio::test]
 async fn a_stalled_body_ends_the_exchange_without_counting_against_the_slot() {
     let (veer, upstream) = proxy_with("idle_timeout = \"500ms\"").await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream
-        .write_all(b"POST / HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let answer = until_closed(&mut stream)
-        .await
-        .expect("connection kept open");
+    let head = b"POST / HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\n0123456789";
+    let mut stream = raw_open(veer.addr, head).await;
+    let answer = until_closed(&mut stream).await;
     let status = raw_status(&answer);
     assert!(status.is_none() || status == Some(408), "{answer}");
     assert!(upstream.seen().iter().all(|seen| seen.body.is_none()));
@@ -255,11 +214,7 @@ async fn a_stalled_body_ends_the_exchange_without_counting_against_the_slot() {
 
 #[tokio::test]
 async fn a_refused_upstream_is_502_and_a_connect_error_of_the_slot() {
-    let closed = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
-    let veer = Veer::start("", &route("shop", closed, closed, "")).await;
+    let veer = Veer::shop("", closed_addr().await).await;
     let (status, headers, body) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 502);
     assert!(headers["content-type"]
@@ -280,11 +235,7 @@ async fn an_upstream_slower_than_request_timeout_is_504_and_a_timeout_of_the_slo
         .start()
         .await
         .unwrap();
-    let veer = Veer::start(
-        "request_timeout = \"300ms\"",
-        &route("shop", upstream.addr, upstream.addr, ""),
-    )
-    .await;
+    let veer = Veer::shop("request_timeout = \"300ms\"", upstream.addr).await;
     let (status, _, body) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 504);
     assert!(!body.is_empty() && body.len() < 100, "{body:?}");
@@ -298,7 +249,7 @@ async fn an_upstream_slower_than_request_timeout_is_504_and_a_timeout_of_the_slo
 #[tokio::test]
 async fn an_upstream_503_passes_through_and_counts_as_a_status_error() {
     let upstream = Upstream::builder("blue").status(503).start().await.unwrap();
-    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    let veer = Veer::shop("", upstream.addr).await;
     let (status, headers, body) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 503);
     // The upstream's own answer, not one of veer's.
@@ -312,12 +263,8 @@ async fn an_upstream_503_passes_through_and_counts_as_a_status_error() {
 
 #[tokio::test]
 async fn errors_count_against_the_chosen_slot_only() {
-    let closed = {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
     let blue = Upstream::builder("blue").start().await.unwrap();
-    let veer = Veer::start("", &route("shop", blue.addr, closed, "")).await;
+    let veer = Veer::start("", &route("shop", blue.addr, closed_addr().await, "")).await;
     let (status, _, _) = get(&veer.url("/"), &[("x-veer-slot", "green")]).await;
     assert_eq!(status, 502);
     let route = veer.route_status("shop").await;
@@ -327,23 +274,27 @@ async fn errors_count_against_the_chosen_slot_only() {
     veer.shutdown().await;
 }
 
+/// veer with `idle_timeout = 200ms` in front of an upstream that sends `body` in ten pieces
+/// spread over `duration`.
+async fn slow_body(body: &str, duration: Duration) -> (Veer, Upstream) {
+    let upstream = Upstream::builder("blue")
+        .body(body.to_string())
+        .slow_body(duration)
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop("idle_timeout = \"200ms\"", upstream.addr).await;
+    (veer, upstream)
+}
+
 /// An upstream body that sends nothing for `idle_timeout` is cut: the client sees an aborted
 /// response (never a clean end), and the slot counts a timeout. A body whose pieces come
 /// faster than that streams through whole.
 #[tokio::test]
 async fn an_upstream_body_stalling_past_idle_timeout_is_cut_and_counted() {
     let body = "x".repeat(100);
-    let stalling = Upstream::builder("blue")
-        .body(body.clone())
-        .slow_body(Duration::from_secs(5)) // a piece every 500 ms
-        .start()
-        .await
-        .unwrap();
-    let veer = Veer::start(
-        "idle_timeout = \"200ms\"",
-        &route("shop", stalling.addr, stalling.addr, ""),
-    )
-    .await;
+    // A piece every 500 ms.
+    let (veer, _stalling) = slow_body(&body, Duration::from_secs(5)).await;
     let answer = raw(veer.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
@@ -355,17 +306,8 @@ async fn an_upstream_body_stalling_past_idle_timeout_is_cut_and_counted() {
     assert_eq!(slot["errors"]["timeout"], 1, "{slot}");
     veer.shutdown().await;
 
-    let steady = Upstream::builder("blue")
-        .body(body.clone())
-        .slow_body(Duration::from_millis(500)) // a piece every 50 ms
-        .start()
-        .await
-        .unwrap();
-    let veer = Veer::start(
-        "idle_timeout = \"200ms\"",
-        &route("shop", steady.addr, steady.addr, ""),
-    )
-    .await;
+    // A piece every 50 ms.
+    let (veer, _steady) = slow_body(&body, Duration::from_millis(500)).await;
     let (status, _, got) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(got, body.as_bytes());
