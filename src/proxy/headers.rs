@@ -20,6 +20,20 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 /// Removes hop-by-hop headers; `Upgrade` (and `Connection: upgrade`) stay when tunnelling.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
+    // Most messages carry none of them: one pass over the names costs less than a hashed
+    // lookup per name. `Connection` is among them, so listed names are found too.
+    let any = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if any {
+        remove_present_hop_by_hop(headers, tunnelling);
+    }
+    if tunnelling {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn remove_present_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -36,9 +50,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    if tunnelling {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    if !tunnelling {
         headers.remove(header::UPGRADE);
     }
 }
@@ -151,6 +163,41 @@ mod tests {
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["x-kept"]);
     }
+
+    proptest::proptest! {
+        /// The scan that skips the removals must never skip one that was needed.
+        #[test]
+        fn skipping_the_removals_changes_nothing(
+            picks in proptest::collection::vec((0..HEADER_NAMES.len(), 0..HEADER_VALUES.len()), 0..8),
+            tunnelling: bool,
+        ) {
+            let mut headers = HeaderMap::new();
+            for (name, value) in picks {
+                headers.append(HEADER_NAMES[name], HeaderValue::from_static(HEADER_VALUES[value]));
+            }
+            let mut every_removal = headers.clone();
+            remove_present_hop_by_hop(&mut every_removal, tunnelling);
+            if tunnelling {
+                every_removal.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
+            remove_hop_by_hop(&mut headers, tunnelling);
+            proptest::prop_assert_eq!(headers, every_removal);
+        }
+    }
+
+    const HEADER_NAMES: [&str; 10] = [
+        "connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "x-listed",
+        "x-kept",
+        "host",
+    ];
+    const HEADER_VALUES: [&str; 4] = ["close", "keep-alive, x-listed", "Upgrade", "websocket"];
 
     #[test]
     fn h2c_upgrades_are_not_tunnelled() {
