@@ -8,6 +8,7 @@ mod support;
 use std::collections::HashSet;
 
 use http::HeaderMap;
+use serde_json::Value;
 use support::*;
 use veer::routing::sticky;
 
@@ -17,17 +18,15 @@ fn manual(weight: f64, sticky: &str) -> String {
 }
 
 async fn upstreams() -> (Upstream, Upstream) {
-    let blue = Upstream::builder("blue")
-        .record(true)
-        .start()
-        .await
-        .unwrap();
-    let green = Upstream::builder("green")
-        .record(true)
-        .start()
-        .await
-        .unwrap();
-    (blue, green)
+    (recording("blue").await, recording("green").await)
+}
+
+/// veer with the route `split` between recording blue and green upstreams, `extra` appended
+/// to the route (e.g. `manual(..)`); returns veer, blue and green.
+async fn split(extra: &str) -> (Veer, Upstream, Upstream) {
+    let (blue, green) = upstreams().await;
+    let veer = Veer::start("", &route("split", blue.addr, green.addr, extra)).await;
+    (veer, blue, green)
 }
 
 /// The slot that answered, from the upstream's `x-upstream` header.
@@ -39,12 +38,8 @@ fn users(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("user-{i}")).collect()
 }
 
-/// The slot of each user (`x-user` header), one request each.
-async fn slots_of_users(veer: &Veer, users: &[String]) -> Vec<String> {
-    let requests = users
-        .iter()
-        .map(|u| vec![("x-user".to_string(), u.clone())])
-        .collect();
+/// The slot that answered each request (GETs of `/` with these header lists), each a 200.
+async fn slots_of(veer: &Veer, requests: Vec<Vec<(String, String)>>) -> Vec<String> {
     get_many(&veer.url("/"), requests, 16)
         .await
         .into_iter()
@@ -55,8 +50,22 @@ async fn slots_of_users(veer: &Veer, users: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The slot of each user (`x-user` header), one request each.
+async fn slots_of_users(veer: &Veer, users: &[String]) -> Vec<String> {
+    let requests = users
+        .iter()
+        .map(|u| vec![("x-user".to_string(), u.clone())])
+        .collect();
+    slots_of(veer, requests).await
+}
+
 fn count(slots: &[String], slot: &str) -> usize {
     slots.iter().filter(|s| *s == slot).count()
+}
+
+/// The percentage of `slots` on green.
+fn green_share(slots: &[String]) -> f64 {
+    count(slots, "green") as f64 * 100.0 / slots.len() as f64
 }
 
 async fn set_weight(veer: &Veer, route: &str, percent: f64) {
@@ -68,6 +77,14 @@ async fn set_weight(veer: &Veer, route: &str, percent: f64) {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["canary_weight"], percent, "{body}");
+}
+
+/// POSTs `/api/v1/routes/split/rollout/{action}`; the answer must be a 200.
+async fn rollout(veer: &Veer, action: &str) -> Value {
+    let path = format!("/api/v1/routes/split/rollout/{action}");
+    let (status, body) = veer.admin_post(&path, "").await;
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// `(name, value, attributes)` of a `Set-Cookie` value.
@@ -90,13 +107,8 @@ fn is_veer_id(id: &str) -> bool {
 
 #[tokio::test]
 async fn first_visit_sets_a_cookie_that_keeps_its_slot() {
-    let (blue, green) = upstreams().await;
     let sticky = "by = \"cookie\"\ncookie = \"veer_sess\"\ncookie_max_age = \"1h\"";
-    let veer = Veer::start(
-        "",
-        &route("split", blue.addr, green.addr, &manual(50.0, sticky)),
-    )
-    .await;
+    let (veer, _blue, _green) = split(&manual(50.0, sticky)).await;
     let mut first_slots = HashSet::new();
     for _ in 0..20 {
         let (status, headers, _) = get(&veer.url("/"), &[]).await;
@@ -126,13 +138,8 @@ async fn first_visit_sets_a_cookie_that_keeps_its_slot() {
 
 #[tokio::test]
 async fn malformed_or_foreign_cookie_is_treated_as_absent() {
-    let (blue, green) = upstreams().await;
     let sticky = "by = \"cookie\"\ncookie = \"veer_sess\"";
-    let veer = Veer::start(
-        "",
-        &route("split", blue.addr, green.addr, &manual(50.0, sticky)),
-    )
-    .await;
+    let (veer, _blue, _green) = split(&manual(50.0, sticky)).await;
     let sent = [
         "veer_sess=evil",
         "veer_sess=",
@@ -156,13 +163,8 @@ async fn malformed_or_foreign_cookie_is_treated_as_absent() {
 
 #[tokio::test]
 async fn a_valid_cookie_wins_over_a_malformed_one_of_the_same_name() {
-    let (blue, green) = upstreams().await;
     let sticky = "by = \"cookie\"\ncookie = \"veer_sess\"";
-    let veer = Veer::start(
-        "",
-        &route("split", blue.addr, green.addr, &manual(50.0, sticky)),
-    )
-    .await;
+    let (veer, _blue, _green) = split(&manual(50.0, sticky)).await;
     for _ in 0..10 {
         let (_, headers, _) = get(&veer.url("/"), &[]).await;
         let (_, id, _) = parse_set_cookie(headers["set-cookie"].to_str().unwrap());
@@ -183,9 +185,7 @@ async fn a_valid_cookie_wins_over_a_malformed_one_of_the_same_name() {
 
 #[tokio::test]
 async fn header_key_keeps_its_slot_and_a_missing_header_is_random() {
-    let (blue, green) = upstreams().await;
-    let extra = manual(50.0, "by = \"header:x-user\"");
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, &extra)).await;
+    let (veer, blue, green) = split(&manual(50.0, "by = \"header:x-user\"")).await;
     let users = users(200);
     let repeated: Vec<String> = users.iter().flat_map(|u| vec![u.clone(); 5]).collect();
     let slots = slots_of_users(&veer, &repeated).await;
@@ -199,8 +199,7 @@ async fn header_key_keeps_its_slot_and_a_missing_header_is_random() {
     assert!(count(&slots, "green") > 0 && count(&slots, "blue") > 0);
     assert!(!blue.seen().is_empty() && !green.seen().is_empty());
 
-    let keyless = get_many(&veer.url("/"), vec![vec![]; 200], 16).await;
-    let keyless: Vec<String> = keyless.iter().map(|(_, h, _)| slot_of(h)).collect();
+    let keyless = slots_of(&veer, vec![vec![]; 200]).await;
     // Without the header each request draws a bucket: 200 requests at 50 % all in one slot
     // has a chance of 2^-199.
     assert!(count(&keyless, "green") > 0 && count(&keyless, "blue") > 0);
@@ -209,11 +208,8 @@ async fn header_key_keeps_its_slot_and_a_missing_header_is_random() {
 
 #[tokio::test]
 async fn client_ip_puts_every_request_from_one_address_in_one_slot() {
-    let (blue, green) = upstreams().await;
-    let extra = manual(50.0, "by = \"client-ip\"");
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, &extra)).await;
-    let answers = get_many(&veer.url("/"), vec![vec![]; 200], 16).await;
-    let slots: Vec<String> = answers.iter().map(|(_, h, _)| slot_of(h)).collect();
+    let (veer, _blue, _green) = split(&manual(50.0, "by = \"client-ip\"")).await;
+    let slots = slots_of(&veer, vec![vec![]; 200]).await;
     let bucket = sticky::bucket(sticky::seed("split"), &[127, 0, 0, 1]);
     let expected = if bucket < 5_000 { "green" } else { "blue" };
     assert_eq!(count(&slots, expected), 200, "bucket {bucket}");
@@ -222,17 +218,13 @@ async fn client_ip_puts_every_request_from_one_address_in_one_slot() {
 
 #[tokio::test]
 async fn sticky_none_splits_each_request_by_the_weight() {
-    let (blue, green) = upstreams().await;
-    let extra = manual(30.0, "by = \"none\"");
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, &extra)).await;
+    let (veer, _blue, green) = split(&manual(30.0, "by = \"none\"")).await;
     // One and the same `x-user` on every request: with `none` it does not matter.
     let requests = vec![vec![("x-user".to_string(), "same".to_string())]; 2_000];
-    let answers = get_many(&veer.url("/"), requests, 16).await;
-    let slots: Vec<String> = answers.iter().map(|(_, h, _)| slot_of(h)).collect();
-    assert!(answers.iter().all(|(status, _, _)| *status == 200));
+    let slots = slots_of(&veer, requests).await;
     // N = 2000 requests at 30 %: sd = sqrt(0.3 * 0.7 / 2000) = 1.02 points; bound 5 points
     // (4.9 sd).
-    let share = count(&slots, "green") as f64 * 100.0 / 2_000.0;
+    let share = green_share(&slots);
     assert!((share - 30.0).abs() <= 5.0, "{share} % on the canary");
     assert_eq!(green.request_count() as usize, count(&slots, "green"));
     veer.shutdown().await;
@@ -250,19 +242,18 @@ fn moves(before: &[String], after: &[String]) -> HashSet<(String, String)> {
 
 #[tokio::test]
 async fn changing_the_weight_moves_users_only_across_its_boundary() {
-    let (blue, green) = upstreams().await;
-    let extra = manual(10.0, "by = \"header:x-user\"");
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, &extra)).await;
+    let (veer, _blue, _green) = split(&manual(10.0, "by = \"header:x-user\"")).await;
     // N = 2000 distinct users. At 10 % the canary share has sd 0.67 points, at 50 % 1.12
     // points; the bounds below (3 and 5 points) are above 4.4 sd.
     let users = users(2_000);
     let at_10 = slots_of_users(&veer, &users).await;
-    let share = |slots: &[String]| count(slots, "green") as f64 * 100.0 / 2_000.0;
-    assert!((share(&at_10) - 10.0).abs() <= 3.0, "{}", share(&at_10));
+    let share = green_share(&at_10);
+    assert!((share - 10.0).abs() <= 3.0, "{share}");
 
     set_weight(&veer, "split", 50.0).await;
     let at_50 = slots_of_users(&veer, &users).await;
-    assert!((share(&at_50) - 50.0).abs() <= 5.0, "{}", share(&at_50));
+    let share = green_share(&at_50);
+    assert!((share - 50.0).abs() <= 5.0, "{share}");
     let up = moves(&at_10, &at_50);
     assert_eq!(
         up,
@@ -287,9 +278,7 @@ async fn changing_the_weight_moves_users_only_across_its_boundary() {
 
 #[tokio::test]
 async fn override_header_forces_a_slot_and_is_not_forwarded() {
-    let (blue, green) = upstreams().await;
-    let extra = manual(0.0, "by = \"header:x-user\"");
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, &extra)).await;
+    let (veer, blue, green) = split(&manual(0.0, "by = \"header:x-user\"")).await;
     for _ in 0..10 {
         let (status, headers, _) = get(&veer.url("/"), &[("x-veer-slot", "green")]).await;
         assert_eq!(status, 200);
@@ -310,9 +299,8 @@ async fn override_header_forces_a_slot_and_is_not_forwarded() {
 
 #[tokio::test]
 async fn an_empty_override_header_disables_the_override() {
-    let (blue, green) = upstreams().await;
     let extra = manual(0.0, "by = \"header:x-user\"\noverride_header = \"\"");
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, &extra)).await;
+    let (veer, blue, green) = split(&extra).await;
     for _ in 0..10 {
         let (_, headers, _) = get(&veer.url("/"), &[("x-veer-slot", "green")]).await;
         assert_eq!(slot_of(&headers), "blue");
@@ -348,7 +336,7 @@ async fn two_instances_with_the_same_config_agree_on_every_key() {
         assert_eq!(slot == "green", canary, "{user}");
     }
     // N = 10000 at 50 %: sd 0.5 points; bound 3 points.
-    let share = count(&a, "green") as f64 / 100.0;
+    let share = green_share(&a);
     assert!((share - 50.0).abs() <= 3.0, "{share}");
     one.shutdown().await;
     two.shutdown().await;
@@ -361,16 +349,12 @@ fn on(slots: &[String], slot: &str) -> HashSet<usize> {
 
 #[tokio::test]
 async fn promotion_while_ramping_keeps_users_where_they_are_at_full_weight() {
-    let (blue, green) = upstreams().await;
     // `interval = "1h"`: the controller never analyses during the test, the step holds.
     let extra = "[route.sticky]\nby = \"header:x-user\"\n[route.rollout]\nmode = \"auto\"\n\
                  steps = [10, 50, 100]\ninterval = \"1h\"\n";
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, extra)).await;
+    let (veer, _blue, _green) = split(extra).await;
     let users = users(2_000);
-    let (status, body) = veer
-        .admin_post("/api/v1/routes/split/rollout/start", "")
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = rollout(&veer, "start").await;
     assert_eq!(
         (body["phase"].as_str(), body["canary_weight"].as_f64()),
         (Some("ramping"), Some(10.0))
@@ -379,20 +363,14 @@ async fn promotion_while_ramping_keeps_users_where_they_are_at_full_weight() {
     let first_canary = on(&ramping, "green");
     assert!(!first_canary.is_empty() && first_canary.len() < 2_000);
 
-    let (status, body) = veer
-        .admin_post("/api/v1/routes/split/rollout/promote", "")
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = rollout(&veer, "promote").await;
     assert_eq!(body["stable"], "green", "{body}");
     assert_eq!(body["canary_weight"], 0.0, "{body}");
     let promoted = slots_of_users(&veer, &users).await;
     assert_eq!(count(&promoted, "green"), 2_000, "everyone as at 100 %");
 
     // The next rollout moves the lowest buckets first again: the same users as before.
-    let (status, body) = veer
-        .admin_post("/api/v1/routes/split/rollout/start", "")
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = rollout(&veer, "start").await;
     assert_eq!(body["canary"], "blue", "{body}");
     let next = slots_of_users(&veer, &users).await;
     assert_eq!(on(&next, "blue"), first_canary);
@@ -401,18 +379,13 @@ async fn promotion_while_ramping_keeps_users_where_they_are_at_full_weight() {
 
 #[tokio::test]
 async fn promotion_from_a_hand_weight_moves_nobody_who_was_at_full_weight() {
-    let (blue, green) = upstreams().await;
-    let extra = manual(30.0, "by = \"header:x-user\"");
-    let veer = Veer::start("", &route("split", blue.addr, green.addr, &extra)).await;
+    let (veer, _blue, _green) = split(&manual(30.0, "by = \"header:x-user\"")).await;
     let users = users(2_000);
     let at_30 = slots_of_users(&veer, &users).await;
     set_weight(&veer, "split", 100.0).await;
     let at_100 = slots_of_users(&veer, &users).await;
     assert_eq!(count(&at_100, "green"), 2_000);
-    let (status, body) = veer
-        .admin_post("/api/v1/routes/split/rollout/promote", "")
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = rollout(&veer, "promote").await;
     assert_eq!(body["stable"], "green", "{body}");
     assert_eq!(body["phase"], "idle", "{body}");
     let promoted = slots_of_users(&veer, &users).await;
@@ -429,11 +402,8 @@ async fn promotion_from_a_hand_weight_moves_nobody_who_was_at_full_weight() {
 /// sticky cookie, so the user keeps the same bucket on the next request.
 #[tokio::test]
 async fn a_local_error_still_sets_the_sticky_cookie() {
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = closed.local_addr().unwrap();
-    drop(closed);
     let green = Upstream::builder("green").start().await.unwrap();
-    let veer = Veer::start("", &route("shop", dead, green.addr, "")).await;
+    let veer = Veer::start("", &route("shop", closed_addr().await, green.addr, "")).await;
     let (status, headers, _) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 502);
     let cookie = headers.get("set-cookie").unwrap().to_str().unwrap();
