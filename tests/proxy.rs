@@ -16,10 +16,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn named(name: &str) -> Upstream {
-    Upstream::builder(name).record(true).start().await.unwrap()
-}
-
 /// A body of `len` bytes that is not all alike, so that a reordering or a gap shows.
 fn pattern(len: usize) -> Bytes {
     (0..len)
@@ -36,7 +32,7 @@ async fn exact_host_beats_wildcard_beats_any_host_and_the_longest_prefix_wins() 
     let names = ["exact", "exact-api", "wild", "any", "any-static"];
     let mut upstreams = Vec::new();
     for name in names {
-        upstreams.push(named(name).await);
+        upstreams.push(recording(name).await);
     }
     let routes = [
         host_route("exact", &["shop.example.com"], "/", upstreams[0].addr),
@@ -75,7 +71,7 @@ async fn exact_host_beats_wildcard_beats_any_host_and_the_longest_prefix_wins() 
 
 #[tokio::test]
 async fn a_request_no_route_matches_gets_a_short_404_from_veer() {
-    let upstream = named("shop").await;
+    let upstream = recording("shop").await;
     let route = host_route("shop", &["shop.example.com"], "/shop", upstream.addr);
     let veer = Veer::start("", &route).await;
     for (host, path) in [("other.example.com", "/shop"), ("shop.example.com", "/")] {
@@ -93,7 +89,7 @@ async fn a_request_no_route_matches_gets_a_short_404_from_veer() {
 
 #[tokio::test]
 async fn http11_without_host_or_with_two_hosts_is_400_and_http10_without_host_is_routed() {
-    let upstream = named("blue").await;
+    let upstream = recording("blue").await;
     let veer = Veer::start("", &host_route("any", &[], "/", upstream.addr)).await;
     let missing = raw(veer.addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
     assert_eq!(raw_status(&missing), Some(400), "{missing}");
@@ -110,8 +106,8 @@ async fn http11_without_host_or_with_two_hosts_is_400_and_http10_without_host_is
 
 #[tokio::test]
 async fn an_absolute_form_authority_wins_over_the_host_header() {
-    let shop = named("shop").await;
-    let other = named("other").await;
+    let shop = recording("shop").await;
+    let other = recording("other").await;
     let routes = host_route("shop", &["shop.example.com"], "/", shop.addr)
         + &host_route("other", &["other.example.com"], "/", other.addr);
     let veer = Veer::start("", &routes).await;
@@ -133,8 +129,8 @@ async fn an_absolute_form_authority_wins_over_the_host_header() {
 
 #[tokio::test]
 async fn hop_by_hop_and_internal_headers_stay_behind_and_forwarded_headers_are_set() {
-    let upstream = named("blue").await;
-    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("", upstream.addr).await;
     let request = b"GET /h HTTP/1.1\r\nHost: shop.example.com\r\n\
         Connection: close, x-secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
         Trailer: x-checksum\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n\
@@ -173,7 +169,7 @@ async fn hop_by_hop_headers_of_the_response_stay_behind() {
           Trailer: x-checksum\r\nX-Up-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
     )
     .await;
-    let veer = Veer::start("", &route("shop", upstream, upstream, "")).await;
+    let veer = Veer::shop("", upstream).await;
     let (status, headers, body) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"ok");
@@ -201,12 +197,9 @@ async fn a_response_with_both_framings_reaches_the_client_well_framed() {
           Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     )
     .await;
-    let veer = Veer::start("", &route("shop", upstream, upstream, "")).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let veer = Veer::shop("", upstream).await;
+    let request = b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+    let mut stream = raw_open(veer.addr, request).await;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
     let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
@@ -237,7 +230,7 @@ async fn an_8_mib_body_streams_through_intact_both_ways() {
         .start()
         .await
         .unwrap();
-    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    let veer = Veer::shop("", upstream.addr).await;
     let (status, _, body) = send(Method::POST, &veer.url("/up"), &[], large.clone()).await;
     assert_eq!(status, 200);
     assert!(body == large, "download differs ({} bytes)", body.len());
@@ -259,13 +252,9 @@ async fn an_upstream_dying_mid_body_reaches_the_client_as_an_aborted_response() 
         .start()
         .await
         .unwrap();
-    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
+    let veer = Veer::shop("", upstream.addr).await;
     // A raw client sees fewer bytes than the declared length, then the connection ends.
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = raw_open(veer.addr, b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n").await;
     let answer = read_response(&mut stream).await.unwrap();
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("content-length"), Some("2000"));
@@ -281,7 +270,7 @@ async fn an_upstream_dying_mid_body_reaches_the_client_as_an_aborted_response() 
     assert_eq!(response.status(), 200);
     assert!(response.into_body().collect().await.is_err());
     let slot_errors = || async {
-        veer.route_status("shop").await["slots"]["blue"]["errors"]["reset"]
+        veer.slot("shop", "blue").await["errors"]["reset"]
             .as_u64()
             .unwrap_or(0)
     };
@@ -296,38 +285,23 @@ async fn an_upstream_dying_mid_body_reaches_the_client_as_an_aborted_response() 
 
 #[tokio::test]
 async fn a_client_upload_aborted_mid_body_reaches_the_upstream_as_aborted() {
-    let upstream = named("blue").await;
-    let veer = Veer::start("", &route("shop", upstream.addr, upstream.addr, "")).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream
-        .write_all(b"POST /up HTTP/1.1\r\nHost: shop\r\nContent-Length: 1000\r\n\r\n")
-        .await
-        .unwrap();
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    let head = b"POST /up HTTP/1.1\r\nHost: shop\r\nContent-Length: 1000\r\n\r\n";
+    let mut stream = raw_open(veer.addr, head).await;
     stream.write_all(&[b'a'; 400]).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            upstream.request_count() == 1
-        })
-        .await
-    );
+    await_requests(&upstream, 1, Duration::from_secs(5)).await;
     drop(stream);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            !upstream.seen().is_empty()
-        })
-        .await
-    );
-    let seen = upstream.seen();
-    assert_eq!(seen.len(), 1);
-    assert!(seen[0].body.is_none(), "a shorter body arrived as complete");
+    let seen = only_request(&upstream).await;
+    assert!(seen.body.is_none(), "a shorter body arrived as complete");
     // The client's abort is not the slot's fault.
     let aborted = || async {
-        let slot = &veer.route_status("shop").await["slots"]["blue"];
+        let slot = veer.slot("shop", "blue").await;
         slot["client_aborts"].as_u64() == Some(1)
     };
     assert!(eventually(Duration::from_secs(5), aborted).await);
-    let slot = &veer.route_status("shop").await["slots"]["blue"];
-    assert!(slot["errors"].as_object().unwrap().values().all(|n| n == 0));
+    let slot = veer.slot("shop", "blue").await;
+    assert!(no_errors(&slot), "{slot}");
     veer.shutdown().await;
 }
 
@@ -341,19 +315,10 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
         .start()
         .await
         .unwrap();
-    let veer = Veer::start(
-        "drain_timeout = \"10s\"",
-        &route("shop", upstream.addr, upstream.addr, ""),
-    )
-    .await;
+    let veer = Veer::shop("drain_timeout = \"10s\"", upstream.addr).await;
     let (addr, url) = (veer.addr, veer.url("/slow"));
     let in_flight = tokio::spawn(async move { get(&url, &[]).await });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            upstream.request_count() == 1
-        })
-        .await
-    );
+    await_requests(&upstream, 1, Duration::from_secs(5)).await;
     veer.shutdown().await;
     let (status, _, body) = in_flight.await.unwrap();
     assert_eq!(status, 200);
@@ -366,7 +331,7 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
 
 #[tokio::test]
 async fn a_request_writes_one_json_access_log_line() {
-    let upstream = named("blue").await;
+    let upstream = recording("blue").await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let server = format!("access_log = \"{}\"", log.display());
