@@ -2,26 +2,30 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-/// `veer run` with its stderr on a pipe (as under `docker logs` or journald) writes plain
-/// log lines: no terminal colour codes.
-#[test]
-fn logs_to_a_pipe_carry_no_colour_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("veer.toml");
+fn config(dir: &Path, listen: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("veer-{}.toml", listen.replace([':', '.'], "-")));
     std::fs::write(
-        &config,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[route]]\nname = \"app\"\n[route.blue]\nendpoints = [\"127.0.0.1:9\"]\n\
-         [route.green]\nendpoints = [\"127.0.0.1:9\"]\n",
+        &path,
+        format!(
+            "[server]\nlisten = [\"{listen}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[route]]\nname = \"app\"\n[route.blue]\nendpoints = [\"127.0.0.1:9\"]\n\
+             [route.green]\nendpoints = [\"127.0.0.1:9\"]\n"
+        ),
     )
     .unwrap();
+    path
+}
+
+/// `veer run -c config` with stderr on a pipe, its lines sent to the receiver as they come.
+fn run(config: &Path) -> (Child, Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
         .args(["run", "-c"])
-        .arg(&config)
+        .arg(config)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -38,20 +42,71 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
             }
         }
     });
+    (child, rx)
+}
+
+/// The lines up to the first one containing `needle` (at most 20 s of waiting per line).
+fn lines_until(rx: &Receiver<String>, needle: &str) -> Vec<String> {
     let mut lines = Vec::new();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
-        let done = line.contains("Admin API listening");
+        let done = line.contains(needle);
         lines.push(line);
         if done {
             break;
         }
     }
+    lines
+}
+
+/// `veer run` with its stderr on a pipe (as under `docker logs` or journald) writes plain
+/// log lines: no terminal colour codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, rx) = run(&config(dir.path(), "127.0.0.1:0"));
+    let text = lines_until(&rx, "Admin API listening").join("\n");
     child.kill().unwrap();
     child.wait().unwrap();
-    let text = lines.join("\n");
     assert!(text.contains("Admin API listening"), "{text}");
     assert!(
         !text.contains('\u{1b}'),
         "colour codes in piped logs: {text:?}"
+    );
+}
+
+/// A second veer on a port the first one listens on stops with exit code 2 instead of
+/// joining the first one's `SO_REUSEPORT` group and taking half of its connections.
+#[test]
+fn a_second_veer_on_the_same_port_cannot_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, rx) = run(&config(dir.path(), "127.0.0.1:0"));
+    let lines = lines_until(&rx, "Proxy listening");
+    let line = lines.last().expect("the first veer logs its listener");
+    let listen = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("listen="))
+        .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+    let (mut second, second_rx) = run(&config(dir.path(), listen));
+    // Bounded: a second veer that did bind would run until killed.
+    let mut status = None;
+    for _ in 0..200 {
+        status = second.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if status.is_none() {
+        second.kill().unwrap();
+        second.wait().unwrap();
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The reader thread ends at the pipe's end, now that the second veer is gone.
+    let stderr = second_rx.iter().collect::<Vec<_>>().join("\n");
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind {listen}")),
+        "{stderr}"
     );
 }

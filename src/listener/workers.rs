@@ -14,7 +14,16 @@ use tokio::sync::watch;
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT`, so that the kernel spreads new
 /// connections over the workers. With port 0 the first socket picks the port and the others
 /// share it.
+///
+/// `SO_REUSEPORT` would also let a second veer of the same user join the group and silently
+/// take half of the connections; so a port already in use is refused first (`AddrInUse`) by
+/// a probe bind without the option.
 pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let mut sockets = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
@@ -81,5 +90,22 @@ impl Workers {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_another_group_listens_on_is_refused() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = first[0].local_addr().unwrap();
+        assert!(first.iter().all(|l| l.local_addr().unwrap() == addr));
+        // Without the probe this second group would join the first one.
+        let error = bind(addr, 2).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        drop(first);
+        assert_eq!(bind(addr, 2).unwrap().len(), 2);
     }
 }
