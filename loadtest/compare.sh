@@ -342,6 +342,15 @@ done
 
 url() { echo "http://127.0.0.1:${PORT[$1]}/"; }
 
+# Instructions per request (user + kernel, counted by perf for the proxy's processes) do not
+# move with the machine's noise as seconds do; measured when perf can count here.
+PERF=""
+if command -v perf >/dev/null && perf stat -e instructions true >/dev/null 2>&1; then
+  PERF=1
+else
+  log "perf cannot count instructions here: that column stays empty"
+fi
+
 for round in $(seq "$ROUNDS"); do
   for name in "${PROXIES[@]}"; do
     timeout $((WARMUP + 10)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$WORK/users.lua" "$(url "$name")" >/dev/null
@@ -352,9 +361,22 @@ for round in $(seq "$ROUNDS"); do
       scrape &
       scraper=$!
     fi
+    counter=""
+    if [ -n "$PERF" ]; then
+      perf stat -x, -e instructions -p "$(IFS=,; echo "${pids[*]}")" -o "$WORK/perf.out" \
+        -- sleep $((DURATION + 1)) 2>/dev/null &
+      counter=$!
+    fi
     timeout $((DURATION + 15)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
       -s "$WORK/users.lua" "$(url "$name")" >"$WORK/wrk.out"
     after=$(cpu_ticks "${pids[@]}")
+    kinstr="-"
+    if [ -n "$counter" ]; then
+      wait "$counter" || true
+      kinstr=$(awk -F, -v n="$(awk '/requests in/ {print $1}' "$WORK/wrk.out")" \
+        '$3 ~ /^instructions/ && $1 + 0 > 0 && n > 0 {printf "%.1f", $1 / n / 1000; found = 1}
+         END {if (!found) print "-"}' "$WORK/perf.out")
+    fi
     if [ -n "$scraper" ]; then
       wait "$scraper"
     fi
@@ -364,19 +386,21 @@ for round in $(seq "$ROUNDS"); do
     p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$WORK/wrk.out")")
     errors=$(awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(/,/, ""); n += $4 + $6 + $8 + $10} END {print n + 0}' "$WORK/wrk.out")
     cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$requests" "$errors" >>"$RESULTS"
-    log "round $round $name: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us us CPU/request, $errors errors"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$requests" "$errors" "$kinstr" >>"$RESULTS"
+    log "round $round $name: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us us CPU/request, $kinstr k instructions/request, $errors errors"
   done
 done
 
 # ---------------------------------------------------------------- summary
-declare -A RPS P50 P99 CPU RSS ERR
+declare -A RPS P50 P99 CPU INS RSS ERR
 for name in "${PROXIES[@]}"; do
   col() { awk -v n="$name" -v c="$1" -F'\t' '$2 == n {print $c}' "$RESULTS" | median; }
   RPS[$name]=$(col 3)
   P50[$name]=$(col 4)
   P99[$name]=$(col 5)
   CPU[$name]=$(col 6)
+  INS[$name]=$(awk -v n="$name" -F'\t' '$2 == n && $9 != "-" {print $9}' "$RESULTS" | median)
+  [ "${INS[$name]}" != nan ] || INS[$name]="-"
   ERR[$name]=$(awk -v n="$name" -F'\t' '$2 == n {s += $8} END {print s + 0}' "$RESULTS")
   mapfile -t pids < <(proxy_pids "${ROOTPID[$name]}")
   RSS[$name]=$(awk -v kb="$(peak_rss_kb "${pids[@]}")" 'BEGIN {printf "%.1f", kb / 1024}')
@@ -387,24 +411,24 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else print
 {
   echo "Medians of $ROUNDS interleaved rounds; wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run."
   echo
-  echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/request | peak RSS MiB | errors (all rounds) |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
+  echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/request | k instructions/request | peak RSS MiB | errors (all rounds) |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   for name in "${PROXIES[@]}"; do
-    echo "| $name | ${RPS[$name]} | ${P50[$name]} | ${P99[$name]} | ${CPU[$name]} | ${RSS[$name]} | ${ERR[$name]} |"
+    echo "| $name | ${RPS[$name]} | ${P50[$name]} | ${P99[$name]} | ${CPU[$name]} | ${INS[$name]} | ${RSS[$name]} | ${ERR[$name]} |"
   done
   echo
-  echo "| ratio | req/s | p50 | p99 | CPU/request | peak RSS |"
-  echo "|---|---:|---:|---:|---:|---:|"
+  echo "| ratio | req/s | p50 | p99 | CPU/request | instructions/request | peak RSS |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
   for pair in "veer nginx" "veer haproxy" "veer-full veer"; do
     set -- $pair
-    echo "| $1 / $2 | $(ratio "${RPS[$1]}" "${RPS[$2]}") | $(ratio "${P50[$1]}" "${P50[$2]}") | $(ratio "${P99[$1]}" "${P99[$2]}") | $(ratio "${CPU[$1]}" "${CPU[$2]}") | $(ratio "${RSS[$1]}" "${RSS[$2]}") |"
+    echo "| $1 / $2 | $(ratio "${RPS[$1]}" "${RPS[$2]}") | $(ratio "${P50[$1]}" "${P50[$2]}") | $(ratio "${P99[$1]}" "${P99[$2]}") | $(ratio "${CPU[$1]}" "${CPU[$2]}") | $(ratio "${INS[$1]}" "${INS[$2]}") | $(ratio "${RSS[$1]}" "${RSS[$2]}") |"
   done
   echo
   echo "Every run:"
   echo
-  echo "| round | proxy | req/s | p50 ms | p99 ms | CPU µs/request | requests | errors |"
-  echo "|---:|---|---:|---:|---:|---:|---:|---:|"
-  awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8}' "$RESULTS"
+  echo "| round | proxy | req/s | p50 ms | p99 ms | CPU µs/request | k instructions/request | requests | errors |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+  awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $9, $7, $8}' "$RESULTS"
 } | tee "$WORK/table.md"
 # Sanity check of the split: what the upstreams served (all proxies and warm-ups together).
 for name in blue green shadow; do
