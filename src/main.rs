@@ -91,7 +91,10 @@ fn main() -> ExitCode {
             Some(path) => check(path),
             None => usage("veer check needs -c FILE"),
         },
-        Command::Demo(options) => report(block_on(veer::demo::run(options)), 2),
+        Command::Demo(options) => {
+            raise_open_files_limit();
+            report(block_on(veer::demo::run(options)), 2)
+        }
         Command::Status { admin, token } => {
             report(block_on(cli::status(&admin, token.as_deref())), 2)
         }
@@ -161,6 +164,7 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    raise_open_files_limit();
     // Requests are handled on `server.workers` threads of their own (see listener::workers);
     // this runtime only runs the admin API, the controller and the config watcher.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -172,6 +176,16 @@ fn run(path: &Path) -> ExitCode {
         outcome.context("veer stopped")
     });
     report(result, 2)
+}
+
+/// Every proxied connection takes two descriptors (client and upstream), so the common soft
+/// limit of 1,024 would refuse connections from about 500 concurrent clients on. Raise the soft
+/// limit to the hard one, as a server is expected to; the hard limit stays the operator's.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "Open files limit."),
+        Err(error) => tracing::warn!(%error, "Cannot raise the open files limit."),
+    }
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {

@@ -23,9 +23,13 @@ fn config(dir: &Path, listen: &str) -> std::path::PathBuf {
 
 /// `veer run -c config` with stderr on a pipe, its lines sent to the receiver as they come.
 fn run(config: &Path) -> (Child, Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
-        .args(["run", "-c"])
-        .arg(config)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_veer"));
+    command.args(["run", "-c"]).arg(config);
+    spawn(command)
+}
+
+fn spawn(mut command: Command) -> (Child, Receiver<String>) {
+    let mut child = command
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -109,4 +113,31 @@ fn a_second_veer_on_the_same_port_cannot_bind() {
         stderr.contains(&format!("cannot bind {listen}")),
         "{stderr}"
     );
+}
+
+/// Started with a soft open-files limit of 64 (each proxied connection takes two descriptors),
+/// veer raises it to the hard limit.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("ulimit -Sn 64 && exec \"$0\" run -c \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_veer"))
+        .arg(config(dir.path(), "127.0.0.1:0"));
+    let (mut child, rx) = spawn(command);
+    let text = lines_until(&rx, "Admin API listening").join("\n");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(text.contains("Admin API listening"), "{text}");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "64", "{line}");
+    assert_eq!(soft, hard, "{line}");
 }
