@@ -214,7 +214,18 @@ async fn serve_worker(
     graceful: Arc<GracefulShutdown>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let idle = table.load().config.server.upstream_idle_timeout;
     let proxy = Arc::new(Proxy::new(table, access_log));
+    let expiry = tokio::spawn({
+        let proxy = Arc::clone(&proxy);
+        async move {
+            let mut tick = tokio::time::interval(idle);
+            loop {
+                tick.tick().await;
+                proxy.expire_idle();
+            }
+        }
+    });
     let mut loops = Vec::with_capacity(sockets.len());
     for (socket, gauge) in sockets {
         match Listener::from_std(socket, gauge) {
@@ -231,6 +242,7 @@ async fn serve_worker(
     for accept_loop in loops {
         let _ = accept_loop.await;
     }
+    expiry.abort();
 }
 
 impl Running {

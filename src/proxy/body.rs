@@ -20,6 +20,7 @@ use crate::access_log::{AccessLogger, Record};
 use crate::metrics::ErrorKind;
 use crate::routing::RouteShared;
 use crate::upstream::mirror::BodyHasher;
+use crate::upstream::pool::Lease;
 use crate::Slot;
 
 pin_project! {
@@ -51,6 +52,8 @@ pub struct Tail {
     pub idle: Duration,
     /// Armed only once the upstream body actually makes the client wait.
     pub timer: Option<Pin<Box<Sleep>>>,
+    /// The upstream connection, back to the pool when the body has ended.
+    pub lease: Option<Lease>,
 }
 
 /// Why a response body stopped early.
@@ -97,6 +100,9 @@ impl Tail {
     }
 
     fn end(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
         if let Some(extra) = self.extra.as_mut() {
             if let Some((hasher, tx)) = extra.hash.take() {
                 let _ = tx.send(hasher.finish());

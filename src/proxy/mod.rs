@@ -24,7 +24,8 @@ use crate::config::{Compare, ServerConfig};
 use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
-use crate::upstream::{self, Failure, RequestBody, UpstreamClient};
+use crate::upstream::pool::{Lease, Pool, UpstreamError};
+use crate::upstream::{self, Failure, RequestBody};
 use body::{Extra, ProxyBody, Tail};
 use error::LocalError;
 use headers::Forwarded;
@@ -37,10 +38,11 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// The proxy: the routing snapshot, the upstream clients and the access log.
+/// The proxy of one worker: the routing snapshot, the upstream pool, the shadow client and
+/// the access log.
 pub struct Proxy {
     pub table: Arc<ArcSwap<RoutingTable>>,
-    client: UpstreamClient,
+    pool: Pool,
     shadow_client: ShadowClient,
     access_log: Option<AccessLogger>,
 }
@@ -49,11 +51,16 @@ impl Proxy {
     pub fn new(table: Arc<ArcSwap<RoutingTable>>, access_log: Option<AccessLogger>) -> Self {
         let server = table.load().config.server.clone();
         Self {
-            client: upstream::client(&server),
+            pool: upstream::pool(&server),
             shadow_client: mirror::client(server.connect_timeout, server.upstream_idle_timeout),
             table,
             access_log,
         }
+    }
+
+    /// Closes the upstream connections idle for longer than `upstream_idle_timeout`.
+    pub fn expire_idle(&self) {
+        self.pool.expire();
     }
 
     /// Handles one request: validate, route, decide, forward, stream back, record.
@@ -80,20 +87,21 @@ impl Proxy {
             shadow: None,
             log: None,
         };
-        let request = match self.upstream_request(&mut exchange, parts, body, host, server) {
-            Ok(request) => request,
-            Err(error) => return error.response(),
-        };
+        let (endpoint, request) =
+            match self.upstream_request(&mut exchange, parts, body, host, server) {
+                Ok(request) => request,
+                Err(error) => return error.response(),
+            };
         // Phase 5: forward with the deadline.
         let metrics = route.shared.slot_metrics(decision.slot);
         let mut pending = Pending::new(metrics);
         let sent = Instant::now();
         let result =
-            tokio::time::timeout(server.request_timeout, self.client.request(request)).await;
+            tokio::time::timeout(server.request_timeout, self.pool.send(endpoint, request)).await;
         let latency = sent.elapsed();
         pending.done();
         match result {
-            Ok(Ok(response)) => self.respond(exchange, response, latency),
+            Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
             Ok(Err(error)) => {
                 let local = failed(route, &decision, &error, latency);
                 self.local_answer(exchange, local)
@@ -108,14 +116,14 @@ impl Proxy {
 
     /// Phase 4: rewrites the request for the chosen slot's next endpoint, prepares the shadow
     /// copy and the access-log line, and wraps the body (size cap, idle timeout, tee).
-    fn upstream_request(
+    fn upstream_request<'a>(
         &self,
-        exchange: &mut Exchange<'_>,
+        exchange: &mut Exchange<'a>,
         mut parts: Parts,
         body: Incoming,
         host: Option<HeaderValue>,
         server: &ServerConfig,
-    ) -> Result<Request<RequestBody>, LocalError> {
+    ) -> Result<(&'a Authority, Request<RequestBody>), LocalError> {
         let route = exchange.route;
         let endpoint = route
             .endpoint(exchange.decision.slot)
@@ -150,7 +158,7 @@ impl Proxy {
                 parts.headers.insert(header::HOST, value);
             }
         }
-        parts.uri = upstream_uri(endpoint, &parts.uri);
+        parts.uri = origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
         exchange.log = self.access_log.as_ref().map(|logger| {
             let shadowed = exchange.shadow.is_some();
@@ -160,7 +168,7 @@ impl Proxy {
             )
         });
         let body = RequestBody::new(body, server.max_body_bytes, server.idle_timeout, tee);
-        Ok(Request::from_parts(parts, body))
+        Ok((endpoint, Request::from_parts(parts, body)))
     }
 
     /// Phases 6 and 7: record the answer once for the chosen slot, rewrite its headers, start
@@ -169,6 +177,7 @@ impl Proxy {
         &self,
         exchange: Exchange<'_>,
         response: Response<Incoming>,
+        lease: Lease,
         latency: std::time::Duration,
     ) -> Response<ProxyBody> {
         let Exchange {
@@ -219,6 +228,17 @@ impl Proxy {
             record.upstream_ms = latency.as_secs_f64() * 1000.0;
             extra.get_or_insert_with(Box::default).log = Some((logger, record, started));
         }
+        // The connection goes back to the pool once the body has been read to its end; after a
+        // 101 it belongs to the tunnel (or to nobody).
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        let lease = match (switched, http_body::Body::is_end_stream(&rbody)) {
+            (true, _) => None,
+            (false, true) => {
+                lease.release();
+                None
+            }
+            (false, false) => Some(lease),
+        };
         let tail = Tail {
             route: Arc::clone(&route.shared),
             slot: decision.slot,
@@ -226,6 +246,7 @@ impl Proxy {
             extra,
             idle,
             timer: None,
+            lease,
         };
         Response::from_parts(rparts, ProxyBody::upstream(rbody, tail))
     }
@@ -349,7 +370,7 @@ fn route_request<'t>(
 fn failed(
     route: &Route,
     decision: &Decision,
-    error: &hyper_util::client::legacy::Error,
+    error: &UpstreamError,
     latency: std::time::Duration,
 ) -> LocalError {
     let metrics = route.shared.slot_metrics(decision.slot);
@@ -405,6 +426,13 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// The request target as an origin server expects it: path and query only.
+fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
+}
+
+/// An absolute URI on `endpoint` (for the shadow client, which connects by URI).
 fn upstream_uri(endpoint: &Authority, uri: &Uri) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);

@@ -1,10 +1,11 @@
-//! Upstream side: the pooled client, the streamed request body, and error classification.
+//! Upstream side: the connection pool, the streamed request body, and error classification.
 //!
-//! One keep-alive pooled HTTP/1.1 client serves every slot of every route (its pool is keyed
-//! by endpoint, so a reload that keeps an endpoint keeps its connections). The shadow has its
-//! own client and pool (`mirror`).
+//! Each worker has its own pool of keep-alive HTTP/1.1 connections for every slot of every
+//! route ([`pool`], keyed by endpoint, so a reload that keeps an endpoint keeps its
+//! connections). The shadow has its own client and pool (`mirror`).
 
 pub mod mirror;
+pub mod pool;
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -16,8 +17,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -25,16 +24,12 @@ use crate::config::ServerConfig;
 use crate::metrics::ErrorKind;
 use mirror::Tee;
 
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
-
-/// The client for primary requests.
-pub fn client(server: &ServerConfig) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(server.upstream_idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .retry_canceled_requests(true)
-        .set_host(false)
-        .build(connector(server.connect_timeout))
+/// The pool for primary requests of one worker.
+pub fn pool(server: &ServerConfig) -> pool::Pool {
+    pool::Pool::new(
+        connector(server.connect_timeout),
+        server.upstream_idle_timeout,
+    )
 }
 
 pub(crate) fn connector(connect_timeout: Duration) -> HttpConnector {
@@ -159,11 +154,9 @@ pub enum Failure {
     ClientAbort,
 }
 
-/// Classifies an error of the upstream client by walking its source chain.
+/// Classifies an error of an exchange with an upstream by walking its source chain.
 pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
-    let connect = error
-        .downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(|e| e.is_connect());
+    let mut connect = false;
     let mut current: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = current {
         if let Some(body) = e.downcast_ref::<BodyError>() {
@@ -186,6 +179,12 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
                 return Failure::Upstream(ErrorKind::Protocol);
             }
         }
+        connect |= matches!(
+            e.downcast_ref::<pool::UpstreamError>(),
+            Some(pool::UpstreamError::Connect { .. })
+        ) || e
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(|e| e.is_connect());
         current = e.source();
     }
     if connect {

@@ -1,0 +1,180 @@
+//! The upstream connection pool of one worker: idle keep-alive HTTP/1.1 connections per
+//! endpoint. Connections are made by hyper-util's `HttpConnector` (name resolution, connect
+//! timeout, `TCP_NODELAY`, TCP keepalive) and driven by hyper's `client::conn::http1`; this
+//! module only keeps the idle ones.
+//!
+//! Why not hyper-util's legacy `Client`, which pools too: on the request path it cost about a
+//! sixth of veer's user-space instructions per request (SipHash of the authority, byte by byte,
+//! at every checkout and return; a lazy connect future built and dropped for every request; a
+//! task per returned connection), measured with `perf stat` against this pool on the same build
+//! (`loadtest/RESULTS.md`). Here a worker's pool is used by that worker's thread only, so its
+//! lock is never contended.
+//!
+//! The rules:
+//! - a connection carries one exchange at a time, and goes back to the pool only when its
+//!   response body has been read to the end ([`Lease::release`]); an exchange that ends early
+//!   (client gone, timeout, upstream error, upgrade) drops its connection instead;
+//! - the most recently used idle connection is reused first; one idle for longer than
+//!   `upstream_idle_timeout` is closed, at the next checkout of its endpoint or by [`Pool::expire`];
+//! - a request that a reused connection could not even send (the upstream closed it
+//!   meanwhile) is sent on the next idle connection or a new one: it never reached the
+//!   upstream, so it cannot be duplicated. Once sent, a request is never sent again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::RequestBody;
+
+type Sender = http1::SendRequest<RequestBody>;
+
+/// Why an exchange with an upstream failed before its response head.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: Authority,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// Idle connections by endpoint (`host:port`).
+type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>>;
+
+/// One worker's pool. Cheap to share by reference; [`Lease`]s hold it weakly.
+pub struct Pool {
+    idle: Arc<Mutex<Idle>>,
+    connector: HttpConnector,
+    idle_timeout: Duration,
+}
+
+/// A connection carrying one exchange: give it back with [`Lease::release`] once the response
+/// body has ended; dropping it closes the connection.
+pub struct Lease {
+    sender: Sender,
+    endpoint: Authority,
+    pool: Weak<Mutex<Idle>>,
+}
+
+impl Lease {
+    /// The response body ended: the connection can carry the next exchange.
+    pub fn release(self) {
+        if let Some(idle) = self.pool.upgrade() {
+            if !self.sender.is_closed() {
+                lock(&idle)
+                    .entry(self.endpoint.as_str().into())
+                    .or_default()
+                    .push((self.sender, Instant::now()));
+            }
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(connector: HttpConnector, idle_timeout: Duration) -> Pool {
+        Pool {
+            idle: Arc::default(),
+            connector,
+            idle_timeout,
+        }
+    }
+
+    /// Sends `request` (its URI in origin form) to `endpoint` on an idle connection, or on a
+    /// new one when none is left.
+    pub async fn send(
+        &self,
+        endpoint: &Authority,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        while let Some(mut sender) = self.checkout(endpoint) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, self.lease(sender, endpoint))),
+                Err(mut error) => match error.take_message() {
+                    // Not sent: the connection was closed under it. Next one.
+                    Some(unsent) => request = unsent,
+                    None => return Err(error.into_error().into()),
+                },
+            }
+        }
+        let mut sender = self.connect(endpoint).await?;
+        let response = sender.send_request(request).await?;
+        Ok((response, self.lease(sender, endpoint)))
+    }
+
+    /// Closes the connections idle for longer than the idle timeout.
+    pub fn expire(&self) {
+        let Some(oldest_kept) = Instant::now().checked_sub(self.idle_timeout) else {
+            return;
+        };
+        lock(&self.idle).retain(|_, list| {
+            list.retain(|(sender, since)| *since >= oldest_kept && !sender.is_closed());
+            !list.is_empty()
+        });
+    }
+
+    /// The most recently used idle connection to `endpoint` that is not past the idle timeout.
+    fn checkout(&self, endpoint: &Authority) -> Option<Sender> {
+        let mut idle = lock(&self.idle);
+        let list = idle.get_mut(endpoint.as_str())?;
+        let now = Instant::now();
+        while let Some((sender, since)) = list.pop() {
+            if now.saturating_duration_since(since) < self.idle_timeout && !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, endpoint: &Authority) -> Result<Sender, UpstreamError> {
+        let connect_error = |source| UpstreamError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(endpoint.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| connect_error(e.into()))?;
+        let io = self
+            .connector
+            .clone()
+            .call(uri)
+            .await
+            .map_err(|e| connect_error(e.into()))?;
+        let (sender, connection) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "Upstream connection ended.");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn lease(&self, sender: Sender, endpoint: &Authority) -> Lease {
+        Lease {
+            sender,
+            endpoint: endpoint.clone(),
+            pool: Arc::downgrade(&self.idle),
+        }
+    }
+}
+
+/// A poisoned lock still holds a consistent map: every change under it is one push or pop.
+fn lock(idle: &Mutex<Idle>) -> MutexGuard<'_, Idle> {
+    idle.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,164 @@
+//! The upstream connection pool, seen from the upstream: connections are reused once their
+//! exchange is over, never shared by two exchanges at once, closed when idle for too long, and
+//! an upstream that closes idle connections costs no request.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{eventually, get, route, Veer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A bare HTTP/1.1 upstream that counts what the pool does to it: connections accepted,
+/// requests answered, connections that reached their end. GET `/` gets `ok`, `/empty` a 204;
+/// every answer waits `delay` first.
+#[derive(Clone, Default)]
+struct Counts {
+    accepted: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+}
+
+impl Counts {
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+    fn closed(&self) -> u64 {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts the upstream; with `close_after_answer` it closes every connection right after its
+/// first answer, without saying so (like an upstream whose keep-alive timeout has just run out).
+async fn upstream(delay: Duration, close_after_answer: bool) -> (SocketAddr, Counts) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Counts::default();
+    let shared = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            shared.accepted.fetch_add(1, Ordering::SeqCst);
+            let counts = shared.clone();
+            tokio::spawn(async move {
+                serve(stream, &counts, delay, close_after_answer).await;
+                counts.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, counts)
+}
+
+async fn serve(mut stream: TcpStream, counts: &Counts, delay: Duration, close_after_answer: bool) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        counts.requests.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(delay).await;
+        let answer: &[u8] = if head.starts_with("GET /empty ") {
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        };
+        if stream.write_all(answer).await.is_err() || close_after_answer {
+            return;
+        }
+    }
+}
+
+/// veer with one worker (one pool) in front of `upstream`, with `server_extra` in `[server]`.
+async fn veer(server_extra: &str, upstream: SocketAddr) -> Veer {
+    let extra = format!("workers = 1\n{server_extra}");
+    Veer::start(&extra, &route("shop", upstream, upstream, "")).await
+}
+
+#[tokio::test]
+async fn sequential_exchanges_reuse_one_upstream_connection() {
+    let (addr, counts) = upstream(Duration::ZERO, false).await;
+    let veer = veer("", addr).await;
+    for path in ["/", "/empty"] {
+        for _ in 0..10 {
+            let (status, _, _) = get(&veer.url(path), &[]).await;
+            assert!(status.is_success(), "{status}");
+        }
+    }
+    assert_eq!(counts.requests(), 20);
+    assert_eq!(
+        counts.accepted(),
+        1,
+        "a finished exchange gives its connection back"
+    );
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_exchanges_never_share_a_connection() {
+    let (addr, counts) = upstream(Duration::from_millis(200), false).await;
+    let veer = veer("", addr).await;
+    for round in 1..=2 {
+        let url = veer.url("/");
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { get(&url, &[]).await.0 })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap(), StatusCode::OK);
+        }
+        assert_eq!(counts.requests(), 8 * round);
+        // 8 exchanges at once need 8 connections; the second round reuses them.
+        assert_eq!(counts.accepted(), 8, "round {round}");
+    }
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_costs_no_request() {
+    let (addr, counts) = upstream(Duration::ZERO, true).await;
+    let veer = veer("", addr).await;
+    for i in 1..=10 {
+        let (status, _, body) = get(&veer.url("/"), &[]).await;
+        assert_eq!(status, StatusCode::OK, "request {i}");
+        assert_eq!(&body[..], b"ok");
+        // Give veer the time to see the close before the next request.
+        assert!(eventually(Duration::from_secs(5), || async { counts.closed() == i }).await);
+    }
+    // Every request reached the upstream exactly once, each on a connection of its own.
+    assert_eq!(counts.requests(), 10);
+    assert_eq!(counts.accepted(), 10);
+    let slot = veer.slot("shop", "blue").await;
+    assert!(support::no_errors(&slot), "{slot}");
+    veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_upstream_idle_timeout() {
+    let (addr, counts) = upstream(Duration::ZERO, false).await;
+    let veer = veer("upstream_idle_timeout = \"300ms\"", addr).await;
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    // Closed by veer (the upstream itself never closes): within a few idle periods.
+    assert!(eventually(Duration::from_secs(5), || async { counts.closed() == 1 }).await);
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(counts.accepted(), 2);
+    veer.shutdown().await;
+}
