@@ -13,7 +13,7 @@ use http::StatusCode;
 use serde_json::Value;
 use support::load::{Load, LoadSpec};
 use support::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Manual mode at 50 %, a fresh random bucket per request.
@@ -113,8 +113,9 @@ async fn two_thousand_concurrent_requests_lose_no_count() {
     veer.shutdown().await;
 }
 
-/// An upstream that reads the request and hangs up without answering.
-async fn hanging_up_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// An upstream that reads the request, writes `answer` (nothing: it hangs up without answering)
+/// and closes the connection.
+async fn answering_upstream(answer: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -122,6 +123,7 @@ async fn hanging_up_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             tokio::spawn(async move {
                 let mut head = [0u8; 4096];
                 let _ = stream.read(&mut head).await;
+                let _ = stream.write_all(answer).await;
             });
         }
     });
@@ -160,7 +162,8 @@ async fn every_error_kind_is_produced_and_counted() {
         .start()
         .await
         .unwrap();
-    let (hangup, _hangup_task) = hanging_up_upstream().await;
+    let (hangup, _hangup_task) = answering_upstream(b"").await;
+    let (garbage, _garbage_task) = answering_upstream(b"NOT HTTP AT ALL\r\n\r\n").await;
     let closed = closed_port().await;
     let green = Upstream::builder("green").start().await.unwrap();
     let routes = [
@@ -168,6 +171,7 @@ async fn every_error_kind_is_produced_and_counted() {
         path_route("connect", closed, green.addr),
         path_route("timeout", blackhole.addr, green.addr),
         path_route("reset", hangup, green.addr),
+        path_route("protocol", garbage, green.addr),
         path_route("midbody", cut.addr, green.addr),
     ]
     .concat();
@@ -178,6 +182,7 @@ async fn every_error_kind_is_produced_and_counted() {
         ("connect", 502, "connect", "error"),
         ("timeout", 504, "timeout", "error"),
         ("reset", 502, "reset", "error"),
+        ("protocol", 502, "protocol", "error"),
     ];
     const N: u64 = 5;
     let sends: Vec<_> = cases

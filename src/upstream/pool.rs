@@ -45,7 +45,7 @@ pub enum UpstreamError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error(transparent)]
+    #[error("{0}")]
     Http(#[from] hyper::Error),
 }
 
@@ -150,9 +150,11 @@ impl Pool {
             .path_and_query("/")
             .build()
             .map_err(|e| connect_error(e.into()))?;
-        let io = self
-            .connector
-            .clone()
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| connect_error(e.into()))?;
+        let io = connector
             .call(uri)
             .await
             .map_err(|e| connect_error(e.into()))?;
