@@ -70,12 +70,19 @@ pub struct Lease {
 impl Lease {
     /// The response body ended: the connection can carry the next exchange.
     pub fn release(self) {
-        if let Some(idle) = self.pool.upgrade() {
-            if !self.sender.is_closed() {
-                lock(&idle)
-                    .entry(self.endpoint.as_str().into())
-                    .or_default()
-                    .push((self.sender, Instant::now()));
+        let Some(idle) = self.pool.upgrade() else {
+            return;
+        };
+        if self.sender.is_closed() {
+            return;
+        }
+        let entry = (self.sender, Instant::now());
+        let mut idle = lock(&idle);
+        // Look up by `&str` first: the owned key is allocated once per endpoint, not per release.
+        match idle.get_mut(self.endpoint.as_str()) {
+            Some(list) => list.push(entry),
+            None => {
+                idle.insert(self.endpoint.as_str().into(), vec![entry]);
             }
         }
     }
