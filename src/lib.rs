@@ -10,8 +10,8 @@
 //! - [`listener`]: accept loops, per-connection tasks, TLS, graceful drain.
 //! - [`proxy`]: the request path, one phase after another (`handle`), header rewriting
 //!   (`headers`) and the single error → status mapping (`error`).
-//! - [`upstream`]: pooled clients per slot, timeouts, error classification; the shadow copy
-//!   (`mirror`).
+//! - [`upstream`]: each worker's pool of upstream HTTP/1.1 connections (`pool`), the request
+//!   body wrapper, error classification; the shadow copy (`mirror`).
 //! - [`metrics`]: per route × slot counters and sliding HdrHistogram windows; Prometheus text.
 //! - [`rollout`]: the controller task, the pure judge, the state machine with persistence and
 //!   the decision journal.
@@ -25,8 +25,9 @@
 //! 3. match the route, compute the bucket from the sticky key, choose the slot;
 //! 4. build the upstream request (hop-by-hop removal, forwarded headers) and, if chosen, start
 //!    the shadow copy without waiting for it;
-//! 5. forward with timeouts;
-//! 6. stream the response back, setting the sticky cookie if new;
+//! 5. forward with timeouts on a pooled connection of this worker;
+//! 6. stream the response back, setting the sticky cookie if new; the connection returns to
+//!    the pool when the body has ended;
 //! 7. record once, per slot, lock-free.
 
 pub mod access_log;
