@@ -218,6 +218,40 @@ async fn a_response_with_both_framings_reaches_the_client_well_framed() {
     veer.shutdown().await;
 }
 
+/// An HTTP/1.0 upstream that ends its body by closing the connection: an HTTP/1.1 client still
+/// gets HTTP/1.1 answers (chunked) and keeps its connection from one request to the next.
+#[tokio::test]
+async fn an_http_1_0_upstream_answers_an_http_1_1_client_in_http_1_1() {
+    let (upstream, task) = scripted_upstream(b"HTTP/1.0 200 OK\r\n\r\nhello-until-eof").await;
+    let veer = Veer::shop("", upstream).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    for i in 0..2 {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !answer.ends_with(b"\r\n0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("request {i}: answer incomplete after 5 s: {answer:?}"))
+                .unwrap();
+            assert!(n > 0, "request {i}: connection closed: {answer:?}");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(
+            dechunk(body.as_bytes()).as_deref(),
+            Some(&b"hello-until-eof"[..])
+        );
+    }
+    task.abort();
+    veer.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Streaming
 

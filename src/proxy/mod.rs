@@ -201,6 +201,10 @@ impl Proxy {
         metrics.record_response(status.as_u16(), is_error, latency);
         debug!(route = route.name(), slot = %decision.slot, bucket = decision.bucket, status = status.as_u16(), "Forwarded.");
         let (mut rparts, rbody) = response.into_parts();
+        // veer answers in its own HTTP version, whatever the upstream spoke: an HTTP/1.0
+        // upstream must not turn a keep-alive HTTP/1.1 client into a close-delimited one
+        // (hyper still answers HTTP/1.0 clients in HTTP/1.0, and HTTP/2 ones in HTTP/2).
+        rparts.version = Version::HTTP_11;
         let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && tunnelling;
         if upgraded {
             let upstream_upgrade = rparts.extensions.remove::<OnUpgrade>();
