@@ -4,13 +4,16 @@
 //! rewrite of one typical browser request (`proxy::headers::to_upstream`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+use common::browser_headers;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -109,21 +112,9 @@ fn print_ratio(rt: &Runtime, client: &HttpClient, direct: &http::Uri, through: &
     );
 }
 
-/// The headers of a typical browser GET.
-fn browser_headers() -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, value) in [
-        ("host", "shop.example.com"),
-        (
-            "user-agent",
-            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
-        ),
-        (
-            "accept",
-            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
-        ),
-        ("accept-language", "en-GB,en;q=0.5"),
-        ("accept-encoding", "gzip, deflate, br, zstd"),
+fn header_rewrite(c: &mut Criterion) {
+    // A 10-header browser GET.
+    let headers = browser_headers(&[
         ("connection", "keep-alive"),
         (
             "cookie",
@@ -132,17 +123,7 @@ fn browser_headers() -> HeaderMap {
         ("upgrade-insecure-requests", "1"),
         ("x-request-id", "7f0c7a9e-2b1d-4c55-9a3e-0d6f3b1e8a42"),
         ("x-forwarded-for", "203.0.113.9"),
-    ] {
-        headers.append(
-            HeaderName::from_static(name),
-            HeaderValue::from_static(value),
-        );
-    }
-    headers
-}
-
-fn header_rewrite(c: &mut Criterion) {
-    let headers = browser_headers();
+    ]);
     let host = HeaderValue::from_static("shop.example.com");
     let override_header = HeaderName::from_static("x-veer-slot");
     let fwd = Forwarded {

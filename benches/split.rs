@@ -3,12 +3,14 @@
 //! lookup (`RoutingTable::find`) among 50 routes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+use common::browser_headers;
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue};
 use veer::config::parse;
 use veer::rollout::RouteRollout;
 use veer::routing::{RouteShared, RoutingTable, Split};
@@ -35,30 +37,6 @@ fn route(name: &str, hosts: &str, prefix: &str, sticky: &str) -> String {
          [route.blue]\nendpoints = [\"127.0.0.1:1\"]\n[route.green]\nendpoints = [\"127.0.0.1:2\"]\n\
          [route.sticky]\n{sticky}\n"
     )
-}
-
-/// The headers of a typical browser request, plus `extra`.
-fn browser_headers(extra: &[(&'static str, &str)]) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, value) in [
-        ("host", "shop.example.com"),
-        (
-            "user-agent",
-            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
-        ),
-        (
-            "accept",
-            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
-        ),
-        ("accept-language", "en-GB,en;q=0.5"),
-        ("accept-encoding", "gzip, deflate, br"),
-    ] {
-        headers.insert(name, HeaderValue::from_static(value));
-    }
-    for (name, value) in extra {
-        headers.insert(*name, HeaderValue::from_str(value).unwrap());
-    }
-    headers
 }
 
 fn decide(c: &mut Criterion) {
