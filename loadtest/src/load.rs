@@ -45,6 +45,31 @@ pub struct Sample {
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// A load started in its own task by [`Load::start`]; [`Load::finish`] stops it and returns
+/// its samples.
+pub struct Load {
+    /// When request 0 was due.
+    pub start: Instant,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+}
+
+impl Load {
+    /// Starts `plan` against `target` now.
+    pub fn start(target: SocketAddr, plan: Plan) -> Load {
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(target, plan, start, Arc::clone(&stop)));
+        Load { start, stop, task }
+    }
+
+    /// Stops the schedule and waits for the requests under way; every sample, in due order.
+    pub async fn finish(self) -> Result<Vec<Sample>, tokio::task::JoinError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await
+    }
+}
+
 /// Sends `plan` to `target` from `start` on, until the schedule ends or `stop` is set, then waits
 /// for the requests still in flight (each bounded by `plan.timeout`). At most
 /// `rate × duration` requests.

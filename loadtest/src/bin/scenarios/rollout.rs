@@ -3,17 +3,14 @@
 //! time bound), then a short tail so the chart shows what followed.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::json;
-use tokio::time::Instant;
 use veer::demo::upstream::Upstream;
 use veer::rollout::state::{Action, Phase, RolloutState};
 use veer::Slot;
-use veer_loadtest::load::{self, Plan};
+use veer_loadtest::load::{Load, Plan};
 use veer_loadtest::series::{self, Sampler, PERIOD};
 
 use crate::report::{self, Outcome, Report};
@@ -150,9 +147,8 @@ pub async fn run(scenario: &Scenario, default_rate: f64) -> anyhow::Result<Repor
         timeout: Duration::from_secs(5),
         users: 20_000,
     };
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(load::run(proxy, plan, start, Arc::clone(&stop)));
+    let load = Load::start(proxy, plan);
+    let start = load.start;
     let mut sampler = Sampler::default();
     let mut points = Vec::new();
     let mut decision: Option<(&'static str, Duration)> = None;
@@ -172,8 +168,7 @@ pub async fn run(scenario: &Scenario, default_rate: f64) -> anyhow::Result<Repor
             break view.state;
         }
     };
-    stop.store(true, Ordering::Relaxed);
-    let samples = load.await.context("load task")?;
+    let samples = load.finish().await.context("load task")?;
     series::attach_client(&mut points, &samples, Duration::ZERO);
     running.shutdown().await;
     let observed = match decision {

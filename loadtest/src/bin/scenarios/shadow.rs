@@ -2,16 +2,14 @@
 //! mirroring every request to a healthy shadow, and mirroring every request to a shadow that
 //! never answers. The primary's latency and errors must not care.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 use veer::demo::upstream::{Behaviour, Upstream};
 use veer_loadtest::chart::{self, Line, Mark, Panel};
-use veer_loadtest::load::{self, Plan, Sample};
+use veer_loadtest::load::{self, Load, Plan, Sample};
 use veer_loadtest::series::{self, Point, Sampler, PERIOD};
 
 use crate::report::{self, Outcome, Report};
@@ -94,9 +92,8 @@ async fn stage(
         timeout: Duration::from_secs(5),
         users: 20_000,
     };
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(load::run(proxy, plan, start, Arc::clone(&stop)));
+    let load = Load::start(proxy, plan);
+    let start = load.start;
     let mut sampler = Sampler::default();
     let mut points = Vec::new();
     let mut tick = tokio::time::interval_at(start + PERIOD, PERIOD);
@@ -110,8 +107,7 @@ async fn stage(
         point.extra = json!({"stage": stage.as_str(), "shadow": counters});
         points.push(point);
     }
-    stop.store(true, Ordering::Relaxed);
-    let samples = load.await.context("load task")?;
+    let samples = load.finish().await.context("load task")?;
     series::attach_client(&mut points, &samples, offset);
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&state);
