@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use veer_loadtest::load::{Load, Plan};
 
 #[derive(Parser)]
 #[command(
@@ -91,4 +92,19 @@ fn finish(name: &str, result: anyhow::Result<report::Report>, args: &Args) -> bo
         return false;
     }
     o.ok
+}
+
+/// Distinct users of the scenarios' load.
+const USERS: u32 = 20_000;
+
+/// Starts the scenarios' load on `proxy`: `rate` requests per second for at most `duration`,
+/// [`USERS`] distinct users, 5 s to answer.
+fn start_load(proxy: std::net::SocketAddr, rate: f64, duration: std::time::Duration) -> Load {
+    let plan = Plan {
+        rate,
+        duration,
+        timeout: std::time::Duration::from_secs(5),
+        users: USERS,
+    };
+    Load::start(proxy, plan)
 }

@@ -10,7 +10,6 @@ use serde_json::json;
 use veer::demo::upstream::Upstream;
 use veer::rollout::state::{Action, Phase, RolloutState};
 use veer::Slot;
-use veer_loadtest::load::{Load, Plan};
 use veer_loadtest::series::{self, Sampler, PERIOD};
 
 use crate::report::{self, Outcome, Report};
@@ -141,13 +140,7 @@ pub async fn run(scenario: &Scenario, default_rate: f64) -> anyhow::Result<Repor
         veer::rollout::act(&route.shared, &route.config, Action::Start, "load test")
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let plan = Plan {
-        rate,
-        duration: scenario.max_time + TAIL,
-        timeout: Duration::from_secs(5),
-        users: 20_000,
-    };
-    let load = Load::start(proxy, plan);
+    let load = crate::start_load(proxy, rate, scenario.max_time + TAIL);
     let start = load.start;
     let mut sampler = Sampler::default();
     let mut points = Vec::new();
@@ -191,7 +184,7 @@ pub async fn run(scenario: &Scenario, default_rate: f64) -> anyhow::Result<Repor
         config: json!({
             "policy": POLICY,
             "sticky": "header:x-user",
-            "load": {"rate": rate, "users": plan.users, "open_loop": true,
+            "load": {"rate": rate, "users": crate::USERS, "open_loop": true,
                      "max_time_s": scenario.max_time.as_secs_f64()},
             "green": {"error_rate": scenario.green_error_rate,
                       "added_latency_ms": scenario.green_latency.as_secs_f64() * 1000.0},

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 use veer::demo::upstream::{Behaviour, Upstream};
 use veer_loadtest::chart::{self, Line, Mark, Panel};
-use veer_loadtest::load::{self, Load, Plan, Sample};
+use veer_loadtest::load::{self, Sample};
 use veer_loadtest::series::{self, Point, Sampler, PERIOD};
 
 use crate::report::{self, Outcome, Report};
@@ -86,13 +86,7 @@ async fn stage(
     let config = veer::config::parse(&text, None).map_err(|e| anyhow::anyhow!("config: {e}"))?;
     let running = veer::app::start(config, None).await?;
     let proxy = *running.proxy_addrs.first().context("no listener")?;
-    let plan = Plan {
-        rate,
-        duration: STAGE_TIME,
-        timeout: Duration::from_secs(5),
-        users: 20_000,
-    };
-    let load = Load::start(proxy, plan);
+    let load = crate::start_load(proxy, rate, STAGE_TIME);
     let start = load.start;
     let mut sampler = Sampler::default();
     let mut points = Vec::new();
