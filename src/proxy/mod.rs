@@ -145,7 +145,7 @@ impl Proxy {
         };
         headers::to_upstream(&mut parts.headers, &forwarded, exchange.tunnelling);
         let empty_body = http_body::Body::is_end_stream(&body);
-        let tee = match self.shadow_job(route, &exchange.decision, &parts, empty_body) {
+        let tee = match self.shadow_job(route, &exchange.decision, &parts, empty_body, server) {
             Some((job, tee)) => {
                 exchange.shadow = Some(job);
                 tee
@@ -158,7 +158,7 @@ impl Proxy {
                 parts.headers.insert(header::HOST, value);
             }
         }
-        parts.uri = origin_form(&parts.uri);
+        parts.uri = origin_form(std::mem::take(&mut parts.uri));
         parts.version = Version::HTTP_11;
         exchange.log = self.access_log.as_ref().map(|logger| {
             let shadowed = exchange.shadow.is_some();
@@ -205,7 +205,8 @@ impl Proxy {
         // upstream must not turn a keep-alive HTTP/1.1 client into a close-delimited one
         // (hyper still answers HTTP/1.0 clients in HTTP/1.0, and HTTP/2 ones in HTTP/2).
         rparts.version = Version::HTTP_11;
-        let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && tunnelling;
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        let upgraded = switched && tunnelling;
         if upgraded {
             let upstream_upgrade = rparts.extensions.remove::<OnUpgrade>();
             if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
@@ -234,7 +235,6 @@ impl Proxy {
         }
         // The connection goes back to the pool once the body has been read to its end; after a
         // 101 it belongs to the tunnel (or to nobody).
-        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
         let lease = match (switched, http_body::Body::is_end_stream(&rbody)) {
             (true, _) => None,
             (false, true) => {
@@ -282,6 +282,7 @@ impl Proxy {
         decision: &Decision,
         parts: &Parts,
         empty_body: bool,
+        server: &ServerConfig,
     ) -> Option<(ShadowJob, Option<Box<Tee>>)> {
         let config = route.config.shadow.as_ref()?;
         if decision.shadow_bucket >= config.basis_points || !config.methods.contains(&parts.method)
@@ -323,7 +324,7 @@ impl Proxy {
             }
         }
         let timeout = if config.timeout.is_zero() {
-            self.table.load().config.server.request_timeout
+            server.request_timeout
         } else {
             config.timeout
         };
@@ -430,8 +431,12 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// The request target as an origin server expects it: path and query only.
-fn origin_form(uri: &Uri) -> Uri {
+/// The request target as an origin server expects it: path and query only (an HTTP/1.1
+/// request in origin form is passed through as it is).
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
     uri.path_and_query()
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
 }
