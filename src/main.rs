@@ -114,8 +114,10 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // notify reports its own bookkeeping at info (e.g. a watch the kernel already dropped when
+    // the config file was replaced); only its warnings concern an operator.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},notify=warn")));
     // Colours only for a person at a terminal: a pipe, a file, journald or `docker logs` get
     // plain text.
     let builder = tracing_subscriber::fmt()
