@@ -5,10 +5,14 @@
 #
 #   docker build -t veer .
 #   docker run --rm -p 8080:8080 \
-#     -v "$PWD/my-veer.toml:/etc/veer/veer.toml:ro" -v veer-state:/var/lib/veer veer
+#     -v "$PWD/veer-conf:/etc/veer:ro" -v veer-state:/var/lib/veer veer
 #
-# The config is mounted at /etc/veer/veer.toml (the default command runs
-# `veer run -c /etc/veer/veer.toml`; other commands work too: `docker run veer check -c ...`).
+# The config is /etc/veer/veer.toml (the default command runs `veer run -c /etc/veer/veer.toml`;
+# other commands work too: `docker run veer check -c ...`). Mount the directory that holds it, as
+# above, so that hot reload sees every way of editing it. A single-file mount
+# (`-v "$PWD/veer.toml:/etc/veer/veer.toml:ro"`) follows the file's inode: writes into that file
+# are seen, but an editor that saves by writing a new file and renaming it (vim, sed -i) leaves
+# the container on the old content until a restart. `docker kill -s HUP` reloads as well.
 # Inside the container:
 #   - listen on all interfaces, e.g. `listen = ["0.0.0.0:8080"]`, so the published port reaches
 #     veer;
