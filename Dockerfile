@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # veer in a container: built with the Rust toolchain image, run on a distroless base as a
 # non-root user (uid 65532).
 #
