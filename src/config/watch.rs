@@ -1,14 +1,16 @@
 //! Watches the config file's directory (so that write-to-temp-then-rename and Kubernetes
 //! ConfigMap symlink swaps are seen) and the file itself (so that writes reaching it by another
 //! path are seen: a file bind-mounted into a container, a hard link), debounces bursts, and
-//! reloads when the content changed. A rejected file keeps the old config serving (see
+//! reloads when the content changed. Writes to other files in the directory (a log next to the
+//! config) are ignored, so they can neither delay a reload nor cause reads. A rejected file keeps the old config serving (see
 //! `App::reload`).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -18,6 +20,8 @@ use crate::app::App;
 
 /// How long a burst of file events must be quiet before a reload.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// The longest a burst can put a reload off: events that never stop still get one this often.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
 fn content_hash(path: &Path) -> Option<u64> {
     std::fs::read(path).ok().map(|bytes| xxh3_64(&bytes))
@@ -41,9 +45,10 @@ pub fn watch(path: PathBuf) -> Option<Watching> {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let name = path.file_name().map(OsString::from).unwrap_or_default();
     let (tx, rx) = mpsc::channel::<()>(16);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|event| may_change(&event.kind)) {
+        if event.is_ok_and(|event| may_change(&event, &name)) {
             // A full channel already holds a wake-up: dropping this one loses nothing.
             let _ = tx.try_send(());
         }
@@ -72,11 +77,22 @@ pub fn watch(path: PathBuf) -> Option<Watching> {
     })
 }
 
-/// Whether a file event can mean new content. Reads (opening, closing without writing) cannot,
-/// and reloading reads the file: waking on them would read it again and again.
-fn may_change(kind: &EventKind) -> bool {
-    match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+/// Whether a file event can mean new content for the config file called `name`. Reads
+/// (opening, closing without writing) cannot, and reloading reads the file: waking on them would
+/// read it again and again. Writes count when they are to the file itself; a creation, removal or
+/// rename counts whatever its name (an editor's save, a Kubernetes ConfigMap's `..data` swap).
+fn may_change(event: &notify::Event, name: &OsString) -> bool {
+    let names_the_file = || {
+        event
+            .paths
+            .iter()
+            .any(|path| path.file_name() == Some(name.as_os_str()))
+    };
+    match event.kind {
+        EventKind::Modify(ModifyKind::Name(_)) => true,
+        EventKind::Modify(_) | EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+            names_the_file()
+        }
         EventKind::Access(_) => false,
         _ => true,
     }
@@ -85,9 +101,7 @@ fn may_change(kind: &EventKind) -> bool {
 impl Watching {
     /// Reloads whenever the file's content changed, until the process ends.
     pub async fn run(mut self, app: Arc<App>) {
-        while self.rx.recv().await.is_some() {
-            // Debounce: wait until events stop for DEBOUNCE.
-            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, self.rx.recv()).await {}
+        while self.settled().await {
             let now = content_hash(&self.path);
             if now.is_none() || now == self.last {
                 continue;
@@ -96,6 +110,20 @@ impl Watching {
             self.last = now;
             let _ = app.reload().await;
         }
+    }
+
+    /// Waits for a burst of events to settle: quiet for [`DEBOUNCE`], or [`MAX_DELAY`] after its
+    /// first event. `false` once the watcher is gone.
+    async fn settled(&mut self) -> bool {
+        if self.rx.recv().await.is_none() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + MAX_DELAY;
+        let quiet = async {
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, self.rx.recv()).await {}
+        };
+        let _ = tokio::time::timeout_at(deadline, quiet).await;
+        true
     }
 }
 
@@ -108,26 +136,48 @@ mod tests {
     const SOON: Duration = Duration::from_secs(5);
 
     #[test]
-    fn only_events_that_can_change_content_wake() {
-        use notify::event::{CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+    fn only_events_that_can_change_the_file_wake() {
+        use notify::event::{CreateKind, DataChange, RemoveKind, RenameMode};
+        use notify::Event;
+        let name = OsString::from("veer.toml");
+        let event = |kind, path: &str| Event::new(kind).add_path(PathBuf::from(path));
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
         let wakes = [
-            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
-            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
-            EventKind::Create(CreateKind::File),
-            EventKind::Remove(RemoveKind::File),
-            EventKind::Access(AccessKind::Close(AccessMode::Write)),
-            EventKind::Any,
+            event(write, "/etc/veer/veer.toml"),
+            event(closed, "/etc/veer/veer.toml"),
+            event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/etc/veer/veer.toml",
+            ),
+            event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/etc/veer/..data",
+            ),
+            event(EventKind::Create(CreateKind::File), "/etc/veer/..data_tmp"),
+            event(EventKind::Remove(RemoveKind::File), "/etc/veer/veer.toml"),
+            event(EventKind::Any, "/etc/veer/other"),
         ];
-        for kind in wakes {
-            assert!(may_change(&kind), "{kind:?} must wake the watcher");
+        for event in wakes {
+            assert!(may_change(&event, &name), "{event:?} must wake the watcher");
         }
-        let reads = [
-            EventKind::Access(AccessKind::Open(AccessMode::Any)),
-            EventKind::Access(AccessKind::Close(AccessMode::Read)),
-            EventKind::Access(AccessKind::Read),
+        let ignored = [
+            event(
+                EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                "/etc/veer/veer.toml",
+            ),
+            event(
+                EventKind::Access(AccessKind::Close(AccessMode::Read)),
+                "/etc/veer/veer.toml",
+            ),
+            event(write, "/etc/veer/access.log"),
+            event(closed, "/etc/veer/access.log"),
         ];
-        for kind in reads {
-            assert!(!may_change(&kind), "{kind:?} must not wake the watcher");
+        for event in ignored {
+            assert!(
+                !may_change(&event, &name),
+                "{event:?} must not wake the watcher"
+            );
         }
     }
 
@@ -154,6 +204,50 @@ mod tests {
         assert!(
             woken(&mut watching, SOON).await,
             "a write did not wake the watcher"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_to_other_files_in_the_directory_do_not_wake_the_watcher() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("veer.toml");
+        std::fs::write(&path, "a = 1\n").expect("write");
+        let mut watching = watch(path.clone()).expect("watch");
+        let mut log = std::fs::File::create(dir.path().join("access.log")).expect("create");
+        // The creation of the log is a directory change: let it pass.
+        woken(&mut watching, QUIET).await;
+        for _ in 0..5 {
+            log.write_all(b"a line\n").expect("append");
+        }
+        drop(log);
+        assert!(
+            !woken(&mut watching, QUIET).await,
+            "appends to a log woke the watcher"
+        );
+    }
+
+    /// Changes that never stop (files created every 50 ms for 4 s) put a reload off by at most
+    /// MAX_DELAY.
+    #[tokio::test]
+    async fn a_burst_that_never_stops_delays_a_reload_by_at_most_max_delay() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("veer.toml");
+        std::fs::write(&path, "a = 1\n").expect("write");
+        let mut watching = watch(path.clone()).expect("watch");
+        let churn = dir.path().to_path_buf();
+        let churning = tokio::spawn(async move {
+            for i in 0..80 {
+                let _ = std::fs::write(churn.join(format!("tmp{i}")), b"x");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert!(watching.settled().await);
+        let waited = started.elapsed();
+        churning.abort();
+        assert!(
+            waited < MAX_DELAY + Duration::from_secs(1),
+            "settled after {waited:?} under constant changes"
         );
     }
 
