@@ -111,20 +111,45 @@ async fn ten_of_each(veer: &Veer, methods: &[Method], body: Bytes) {
     }
 }
 
-#[tokio::test]
-async fn mirrored_share_matches_percent() {
+/// 2,000 GETs through a route keyed `by`; asserts the mirrored share is `percent = 20`.
+async fn mirrored_share_is_percent(by: &str) {
+    let shadow = recording("shadow").await;
+    let (blue, green) = (recording("blue").await, recording("green").await);
     let extra = "percent = 20.0\nmax_in_flight = 10000";
-    let (veer, blue, _green, shadow) = mirror(recording("shadow").await, extra).await;
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    )
+    .replace("by = \"none\"", &format!("by = \"{by}\""));
+    let veer = Veer::start("", &routes).await;
     let answers = get_n(&veer, "/share", 2_000).await;
     assert_eq!(not_from_blue(&answers), 0);
     let stats = settled_shadow(&veer, "mirror").await;
     let mirrored = counter(&stats, "requests");
     // N = 2000 GETs at 20 %: sd = sqrt(2000 * 0.2 * 0.8) = 17.9 requests; bound 90 (5 sd).
-    assert!(mirrored.abs_diff(400) <= 90, "{mirrored} of 2000 mirrored");
+    assert!(
+        mirrored.abs_diff(400) <= 90,
+        "{mirrored} of 2000 mirrored ({by})"
+    );
     assert_eq!(shadow.request_count(), mirrored);
     assert_eq!(counter(&stats, "match"), mirrored);
     assert_eq!(blue.request_count(), 2_000);
     veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn mirrored_share_matches_percent() {
+    mirrored_share_is_percent("none").await;
+}
+
+/// `percent` is a share of requests: one user (every request from one client IP) is mirrored
+/// at that share too, not always or never.
+#[tokio::test]
+async fn one_users_requests_are_mirrored_at_percent() {
+    mirrored_share_is_percent("client-ip").await;
 }
 
 #[tokio::test]

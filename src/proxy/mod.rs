@@ -145,7 +145,7 @@ impl Proxy {
         };
         headers::to_upstream(&mut parts.headers, &forwarded, exchange.tunnelling);
         let empty_body = http_body::Body::is_end_stream(&body);
-        let tee = match self.shadow_job(route, &exchange.decision, &parts, empty_body, server) {
+        let tee = match self.shadow_job(route, &parts, empty_body, server) {
             Some((job, tee)) => {
                 exchange.shadow = Some(job);
                 tee
@@ -279,13 +279,14 @@ impl Proxy {
     fn shadow_job(
         &self,
         route: &Route,
-        decision: &Decision,
         parts: &Parts,
         empty_body: bool,
         server: &ServerConfig,
     ) -> Option<(ShadowJob, Option<Box<Tee>>)> {
         let config = route.config.shadow.as_ref()?;
-        if decision.shadow_bucket >= config.basis_points || !config.methods.contains(&parts.method)
+        // A draw per request: `percent` is a share of requests, whoever sends them.
+        if !config.methods.contains(&parts.method)
+            || crate::routing::sticky::random_bucket() >= config.basis_points
         {
             return None;
         }

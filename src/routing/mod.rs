@@ -25,9 +25,6 @@ use crate::upstream::mirror::ShadowStats;
 use crate::Slot;
 pub use weights::{SharedSplit, Split};
 
-/// Mixed into a route's seed for the shadow draw, so that it is independent of the bucket.
-const SHADOW_SEED: u64 = 0x5348_4144_4f57_0001;
-
 /// Per-route state that survives reloads.
 pub struct RouteShared {
     pub name: String,
@@ -77,9 +74,6 @@ pub struct Decision {
     pub overridden: bool,
     /// True when the bucket came from a sticky key (not a fresh random draw).
     pub keyed: bool,
-    /// The shadow draw in `0..10000`: independent of `bucket`, from the same key when there
-    /// is one (a user's session is mirrored consistently), random otherwise.
-    pub shadow_bucket: u32,
 }
 
 impl Route {
@@ -107,7 +101,7 @@ impl Route {
 
     /// Picks the slot for a request. The override header wins over the bucket.
     pub fn decide(&self, headers: &HeaderMap, peer: IpAddr) -> Decision {
-        let (bucket, shadow_bucket, new_cookie, keyed) = self.bucket(headers, peer);
+        let (bucket, new_cookie, keyed) = self.bucket(headers, peer);
         let split = self.shared.split.load();
         let forced = self
             .config
@@ -123,28 +117,17 @@ impl Route {
             new_cookie,
             overridden: forced.is_some(),
             keyed,
-            shadow_bucket,
         }
     }
 
-    /// `(bucket, shadow draw, new cookie id, keyed)`.
+    /// `(bucket, new cookie id, keyed)`.
     fn bucket(
         &self,
         headers: &HeaderMap,
         peer: IpAddr,
-    ) -> (u32, u32, Option<[u8; sticky::COOKIE_ID_LEN]>, bool) {
-        let keyed = |key: &[u8], cookie| {
-            let (bucket, shadow) = self.draws(key);
-            (bucket, shadow, cookie, true)
-        };
-        let random = || {
-            (
-                sticky::random_bucket(),
-                sticky::random_bucket(),
-                None,
-                false,
-            )
-        };
+    ) -> (u32, Option<[u8; sticky::COOKIE_ID_LEN]>, bool) {
+        let keyed = |key: &[u8], cookie| (sticky::bucket(self.seed, key), cookie, true);
+        let random = || (sticky::random_bucket(), None, false);
         match &self.config.sticky.by {
             StickyBy::Cookie => match sticky::cookie_value(headers, &self.config.sticky.cookie) {
                 Some(id) => keyed(id, None),
@@ -163,16 +146,6 @@ impl Route {
             }
             StickyBy::None => random(),
         }
-    }
-
-    /// The slot bucket and, when the route has a shadow, the shadow draw for a key.
-    fn draws(&self, key: &[u8]) -> (u32, u32) {
-        let bucket = sticky::bucket(self.seed, key);
-        let shadow = match self.config.shadow {
-            Some(_) => sticky::bucket(self.seed ^ SHADOW_SEED, key),
-            None => sticky::BUCKETS,
-        };
-        (bucket, shadow)
     }
 
     /// The next endpoint of a slot, round robin.
