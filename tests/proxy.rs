@@ -88,13 +88,22 @@ async fn a_request_no_route_matches_gets_a_short_404_from_veer() {
 }
 
 #[tokio::test]
-async fn http11_without_host_or_with_two_hosts_is_400_and_http10_without_host_is_routed() {
+async fn http11_without_host_or_with_two_hosts_is_400_in_any_form_and_http10_without_host_is_routed(
+) {
     let upstream = recording("blue").await;
     let veer = Veer::start("", &host_route("any", &[], "/", upstream.addr)).await;
     let missing = raw(veer.addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
     assert_eq!(raw_status(&missing), Some(400), "{missing}");
     let twice =
         b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n";
+    let duplicate = raw(veer.addr, twice).await;
+    assert_eq!(raw_status(&duplicate), Some(400), "{duplicate}");
+    // The same rules for an absolute-form target, whose authority is the one routed by.
+    let absolute = b"GET http://a.example/ HTTP/1.1\r\nConnection: close\r\n\r\n";
+    let missing = raw(veer.addr, absolute).await;
+    assert_eq!(raw_status(&missing), Some(400), "{missing}");
+    let twice = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\
+                  Connection: close\r\n\r\n";
     let duplicate = raw(veer.addr, twice).await;
     assert_eq!(raw_status(&duplicate), Some(400), "{duplicate}");
     assert_eq!(upstream.request_count(), 0);

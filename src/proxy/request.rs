@@ -65,30 +65,25 @@ pub(super) fn body_too_large(parts: &Parts, max: u64) -> Option<LocalError> {
 }
 
 /// The effective authority: the URI's (absolute form or HTTP/2), else the single Host
-/// header. HTTP/1.1 without one, or with two, is a 400.
+/// header. HTTP/1.1 without a Host header, or any request with two, is a 400, whatever the form
+/// of its target (RFC 9112 §3.2).
 pub(super) fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, LocalError> {
-    if let Some(authority) = parts.uri.authority() {
-        return HeaderValue::from_str(authority.as_str())
-            .map(Some)
-            .map_err(|_| LocalError::BadRequest("invalid authority"));
-    }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(LocalError::BadRequest("duplicate Host header"));
     }
+    if host.is_none() && parts.version == Version::HTTP_11 {
+        return Err(LocalError::BadRequest("missing Host header"));
+    }
+    if let Some(authority) = parts.uri.authority() {
+        return HeaderValue::from_str(authority.as_str())
+            .map(Some)
+            .map_err(|_| LocalError::BadRequest("invalid authority"));
+    }
     match host {
-        Some(host) => {
-            let valid = valid_host(host.as_bytes());
-            if valid {
-                Ok(Some(host.clone()))
-            } else {
-                Err(LocalError::BadRequest("invalid Host header"))
-            }
-        }
-        None if parts.version == Version::HTTP_11 => {
-            Err(LocalError::BadRequest("missing Host header"))
-        }
+        Some(host) if valid_host(host.as_bytes()) => Ok(Some(host.clone())),
+        Some(_) => Err(LocalError::BadRequest("invalid Host header")),
         None => Ok(None),
     }
 }
