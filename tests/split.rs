@@ -284,6 +284,12 @@ async fn override_header_forces_a_slot_and_is_not_forwarded() {
         assert_eq!(status, 200);
         assert_eq!(slot_of(&headers), "green");
     }
+    let (_, headers, _) = get(&veer.url("/"), &[("x-veer-slot", " GREEN")]).await;
+    assert_eq!(
+        slot_of(&headers),
+        "green",
+        "the value's letter case does not matter"
+    );
     let (_, headers, _) = get(&veer.url("/"), &[("x-veer-slot", "purple")]).await;
     assert_eq!(slot_of(&headers), "blue", "an unknown value is ignored");
     set_weight(&veer, "split", 100.0).await;
@@ -291,9 +297,9 @@ async fn override_header_forces_a_slot_and_is_not_forwarded() {
     assert_eq!(slot_of(&headers), "blue", "the override wins at 100 % too");
 
     let seen: Vec<_> = blue.seen().into_iter().chain(green.seen()).collect();
-    assert_eq!(seen.len(), 12);
+    assert_eq!(seen.len(), 13);
     assert!(seen.iter().all(|s| !s.headers.contains_key("x-veer-slot")));
-    assert_eq!(green.seen().len(), 10);
+    assert_eq!(green.seen().len(), 11);
     veer.shutdown().await;
 }
 

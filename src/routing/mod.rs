@@ -109,8 +109,7 @@ impl Route {
             .override_header
             .as_ref()
             .and_then(|name| headers.get(name))
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| Slot::parse(value.trim()));
+            .and_then(|value| forced_slot(value.as_bytes()));
         Decision {
             slot: forced.unwrap_or_else(|| split.slot_for(bucket)),
             bucket,
@@ -163,6 +162,14 @@ impl Route {
     pub fn name(&self) -> &str {
         &self.config.name
     }
+}
+
+/// The slot an override header's value names, in any letter case.
+fn forced_slot(value: &[u8]) -> Option<Slot> {
+    let value = value.trim_ascii();
+    [Slot::Blue, Slot::Green]
+        .into_iter()
+        .find(|slot| value.eq_ignore_ascii_case(slot.as_str().as_bytes()))
 }
 
 fn pick<'a>(list: &'a [Authority], counter: &AtomicUsize) -> Option<&'a Authority> {
