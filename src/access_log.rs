@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::config::AccessLog;
+use crate::Slot;
 
 const QUEUE: usize = 8192;
 
@@ -19,9 +20,10 @@ const QUEUE: usize = 8192;
 pub struct Record {
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
-    pub route: String,
-    pub slot: &'static str,
-    pub bucket: u32,
+    /// `null` for a request veer answered before it had a route (404, 400).
+    pub route: Option<String>,
+    pub slot: Option<&'static str>,
+    pub bucket: Option<u32>,
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -29,6 +31,25 @@ pub struct Record {
     pub total_ms: f64,
     pub bytes: u64,
     pub shadowed: bool,
+}
+
+impl Record {
+    /// A record stamped now, to be completed with the answer.
+    pub fn new(route: Option<&str>, slot: Option<(Slot, u32)>, method: &str, path: &str) -> Self {
+        Record {
+            time: SystemTime::now(),
+            route: route.map(str::to_string),
+            slot: slot.map(|(slot, _)| slot.as_str()),
+            bucket: slot.map(|(_, bucket)| bucket),
+            method: method.to_string(),
+            path: path.to_string(),
+            status: 0,
+            upstream_ms: 0.0,
+            total_ms: 0.0,
+            bytes: 0,
+            shadowed: false,
+        }
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -99,19 +120,9 @@ mod tests {
         let logger = AccessLogger::start(&AccessLog::File(path.clone()))
             .unwrap()
             .unwrap();
-        logger.log(Record {
-            time: SystemTime::now(),
-            route: "shop".into(),
-            slot: "green",
-            bucket: 42,
-            method: "GET".into(),
-            path: "/a".into(),
-            status: 200,
-            upstream_ms: 1.5,
-            total_ms: 2.0,
-            bytes: 10,
-            shadowed: false,
-        });
+        let mut record = Record::new(Some("shop"), Some((Slot::Green, 42)), "GET", "/a");
+        record.status = 200;
+        logger.log(record);
         let mut text = String::new();
         for _ in 0..200 {
             text = std::fs::read_to_string(&path).unwrap_or_default();

@@ -400,3 +400,88 @@ async fn a_request_writes_one_json_access_log_line() {
     assert_eq!(line["bytes"], body.len());
     veer.shutdown().await;
 }
+
+#[tokio::test]
+async fn answers_veer_gives_itself_are_logged_too() {
+    let upstream = recording("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let server = format!("max_body_bytes = 10\naccess_log = \"{}\"", log.display());
+    let routes = host_route("shop", &[], "/ok", upstream.addr)
+        + &host_route("dead", &[], "/dead", closed_addr().await);
+    let text = config_text(dir.path(), &server, &routes);
+    let veer = Veer::start_in(dir, &text).await;
+    let asks = [
+        (Method::GET, "/ok/1", Bytes::new(), 200),
+        (Method::GET, "/nothing", Bytes::new(), 404),
+        (Method::GET, "/dead/1", Bytes::new(), 502),
+        (Method::POST, "/ok/2", Bytes::from_static(&[b'x'; 20]), 413),
+    ];
+    for (method, path, body, status) in &asks {
+        let (got, _, _) = send(method.clone(), &veer.url(path), &[], body.clone()).await;
+        assert_eq!(got, *status, "{method} {path}");
+    }
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let all_logged = || async { read().lines().count() == asks.len() };
+    assert!(
+        eventually(Duration::from_secs(5), all_logged).await,
+        "{}",
+        read()
+    );
+    let mut lines: Vec<serde_json::Value> = read()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    lines.sort_by_key(|line| line["path"].as_str().unwrap_or_default().to_string());
+    let seen: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["path"].clone(),
+                l["status"].clone(),
+                l["route"].clone(),
+                l["slot"].clone(),
+            )
+        })
+        .collect();
+    let expected = [
+        (
+            "/dead/1",
+            502,
+            serde_json::json!("dead"),
+            serde_json::json!("blue"),
+        ),
+        (
+            "/nothing",
+            404,
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+        ),
+        (
+            "/ok/1",
+            200,
+            serde_json::json!("shop"),
+            serde_json::json!("blue"),
+        ),
+        (
+            "/ok/2",
+            413,
+            serde_json::json!("shop"),
+            serde_json::json!("blue"),
+        ),
+    ]
+    .map(|(path, status, route, slot)| {
+        (
+            serde_json::json!(path),
+            serde_json::json!(status),
+            route,
+            slot,
+        )
+    });
+    assert_eq!(seen, expected);
+    for line in &lines {
+        assert!(line["bytes"].as_u64().unwrap() > 0, "{line}");
+        assert!(line["total_ms"].as_f64().unwrap() >= 0.0, "{line}");
+    }
+    veer.shutdown().await;
+}

@@ -7,7 +7,7 @@ mod request;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::request::Parts;
@@ -73,7 +73,7 @@ impl Proxy {
         // Phase 3: the request itself, then route, bucket and slot.
         let (route, decision, host) = match route_request(&table, &parts, conn) {
             Ok(routed) => routed,
-            Err(error) => return error.response(),
+            Err(error) => return self.unrouted_answer(&parts, error, started),
         };
         // Phase 4: the upstream request, and the shadow copy if chosen.
         let mut exchange = Exchange {
@@ -85,12 +85,15 @@ impl Proxy {
             tunnelling: false,
             downstream_upgrade: None,
             shadow: None,
-            log: None,
+            log: self
+                .access_log
+                .as_ref()
+                .map(|logger| (logger.clone(), record(route, &decision, &parts))),
         };
         let (endpoint, request) =
             match self.upstream_request(&mut exchange, parts, body, host, server) {
                 Ok(request) => request,
-                Err(error) => return error.response(),
+                Err(error) => return self.local_answer(exchange, error, Duration::ZERO),
             };
         // Phase 5: forward with the deadline.
         let metrics = route.shared.slot_metrics(decision.slot);
@@ -104,18 +107,18 @@ impl Proxy {
             Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
             Ok(Err(error)) => {
                 let local = failed(route, &decision, &error, latency);
-                self.local_answer(exchange, local)
+                self.local_answer(exchange, local, latency)
             }
             Err(_elapsed) => {
                 let kind = crate::metrics::ErrorKind::Timeout;
                 metrics.record_failure(kind, latency);
-                self.local_answer(exchange, LocalError::Upstream(kind))
+                self.local_answer(exchange, LocalError::Upstream(kind), latency)
             }
         }
     }
 
     /// Phase 4: rewrites the request for the chosen slot's next endpoint, prepares the shadow
-    /// copy and the access-log line, and wraps the body (size cap, idle timeout, tee).
+    /// copy, and wraps the body (size cap, idle timeout, tee).
     fn upstream_request<'a>(
         &self,
         exchange: &mut Exchange<'a>,
@@ -160,13 +163,9 @@ impl Proxy {
         }
         parts.uri = origin_form(std::mem::take(&mut parts.uri));
         parts.version = Version::HTTP_11;
-        exchange.log = self.access_log.as_ref().map(|logger| {
-            let shadowed = exchange.shadow.is_some();
-            (
-                logger.clone(),
-                record(route, &exchange.decision, &parts, shadowed),
-            )
-        });
+        if let Some((_, record)) = &mut exchange.log {
+            record.shadowed = exchange.shadow.is_some();
+        }
         let body = RequestBody::new(body, server.max_body_bytes, server.idle_timeout, tee);
         Ok((endpoint, Request::from_parts(parts, body)))
     }
@@ -230,7 +229,7 @@ impl Proxy {
         }
         if let Some((logger, mut record)) = log {
             record.status = status.as_u16();
-            record.upstream_ms = latency.as_secs_f64() * 1000.0;
+            record.upstream_ms = millis(latency);
             extra.get_or_insert_with(Box::default).log = Some((logger, record, started));
         }
         // The connection goes back to the pool once the body has been read to its end; after a
@@ -255,10 +254,16 @@ impl Proxy {
         Response::from_parts(rparts, ProxyBody::upstream(rbody, tail))
     }
 
-    /// veer's own answer after a failed exchange. The sticky cookie is still set (so the next
-    /// request keeps the bucket), and a chosen shadow is still sent when the failure was the
-    /// upstream's: its outcome is compared with the status the client got.
-    fn local_answer(&self, exchange: Exchange<'_>, local: LocalError) -> Response<ProxyBody> {
+    /// veer's own answer when the exchange failed or could not start (`upstream` is how long
+    /// the upstream was waited for). The sticky cookie is still set (so the next request keeps
+    /// the bucket), and a chosen shadow is still sent when the failure was the upstream's: its
+    /// outcome is compared with the status the client got.
+    fn local_answer(
+        &self,
+        exchange: Exchange<'_>,
+        local: LocalError,
+        upstream: Duration,
+    ) -> Response<ProxyBody> {
         if let (Some(job), error::Fault::Upstream) = (exchange.shadow, local.fault()) {
             let primary = PrimaryOutcome {
                 status: local.status().as_u16(),
@@ -272,6 +277,26 @@ impl Proxy {
             &exchange.decision,
             exchange.conn,
         );
+        if let Some((logger, mut record)) = exchange.log {
+            record.upstream_ms = millis(upstream);
+            logged(&logger, record, &response, exchange.started);
+        }
+        response
+    }
+
+    /// veer's own answer to a request that has no route (a 404, or a request refused before
+    /// routing); logged without route, slot or bucket.
+    fn unrouted_answer(
+        &self,
+        parts: &Parts,
+        local: LocalError,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let response = local.response();
+        if let Some(logger) = &self.access_log {
+            let record = Record::new(None, None, parts.method.as_str(), parts.uri.path());
+            logged(logger, record, &response, started);
+        }
         response
     }
 
@@ -469,20 +494,32 @@ fn set_cookie(route: &Route, id: &[u8], tls: bool) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
-fn record(route: &Route, decision: &Decision, parts: &Parts, shadowed: bool) -> Record {
-    Record {
-        time: SystemTime::now(),
-        route: route.name().to_string(),
-        slot: decision.slot.as_str(),
-        bucket: decision.bucket,
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_string(),
-        status: 0,
-        upstream_ms: 0.0,
-        total_ms: 0.0,
-        bytes: 0,
-        shadowed,
-    }
+fn record(route: &Route, decision: &Decision, parts: &Parts) -> Record {
+    Record::new(
+        Some(route.name()),
+        Some((decision.slot, decision.bucket)),
+        parts.method.as_str(),
+        parts.uri.path(),
+    )
+}
+
+/// Logs a local answer, whose body is all there is to send.
+fn logged(
+    logger: &AccessLogger,
+    mut record: Record,
+    response: &Response<ProxyBody>,
+    started: Instant,
+) {
+    record.status = response.status().as_u16();
+    record.total_ms = millis(started.elapsed());
+    record.bytes = http_body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or(0);
+    logger.log(record);
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.
