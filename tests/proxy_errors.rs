@@ -44,6 +44,16 @@ async fn assert_answers(veer: &Veer, request: &str, status: u16, label: &str) {
     assert_eq!(raw_status(&answer), Some(status), "{label}: {answer}");
 }
 
+/// Like [`assert_answers`], and the answer's body gives `reason`.
+async fn assert_answers_why(veer: &Veer, request: &str, status: u16, reason: &str, label: &str) {
+    let answer = raw(veer.addr, request.as_bytes()).await;
+    assert_eq!(raw_status(&answer), Some(status), "{label}: {answer}");
+    assert!(
+        answer.ends_with(&format!("\r\n\r\n{reason}\n")),
+        "{label}: {answer}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Framing
 
@@ -132,7 +142,8 @@ async fn a_header_section_over_max_header_bytes_is_431() {
         request.push_str(&format!("X-Filler-{i}: {}\r\n", "a".repeat(1024)));
     }
     request.push_str("\r\n");
-    assert_answers(&veer, &request, 431, "20 KiB of headers").await;
+    let reason = "request header section too large";
+    assert_answers_why(&veer, &request, 431, reason, "20 KiB of headers").await;
     assert_eq!(upstream.request_count(), 0);
     veer.shutdown().await;
 }
@@ -168,14 +179,17 @@ async fn a_chunked_body_growing_over_max_body_bytes_never_arrives_complete() {
 
 #[tokio::test]
 async fn a_uri_over_max_uri_bytes_is_414() {
-    let (veer, upstream) = proxy_with("max_uri_bytes = 1024").await;
+    let (veer, upstream) = proxy_with("max_uri_bytes = 1024\nmax_header_bytes = 16384").await;
     let request = |len: usize| {
         format!(
             "GET /{} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
             "u".repeat(len)
         )
     };
-    assert_answers(&veer, &request(2000), 414, "2000 bytes").await;
+    let reason = "request URI too long";
+    assert_answers_why(&veer, &request(2000), 414, reason, "2000 bytes").await;
+    // Larger than the whole head may be (max_header_bytes): still veer's 414, with its reason.
+    assert_answers_why(&veer, &request(20_000), 414, reason, "20,000 bytes").await;
     assert_eq!(upstream.request_count(), 0);
     assert_answers(&veer, &request(1000), 200, "1000 bytes").await;
     veer.shutdown().await;

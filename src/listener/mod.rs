@@ -186,7 +186,13 @@ fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // hyper starts this timer while waiting for the next head, so it is the keep-alive
         // idle limit; the first head's deadline (header_timeout) is enforced in `serve`.
         .header_read_timeout(server.idle_timeout.max(server.header_timeout))
-        .max_buf_size(server.max_header_bytes.max(8192))
+        // Room for a head up to twice the limits, so that veer itself answers one that is over
+        // them, with its reason (414 or 431); hyper refuses larger ones with a bare 431.
+        .max_buf_size(
+            (server.max_header_bytes.max(server.max_uri_bytes))
+                .saturating_mul(2)
+                .max(8192),
+        )
         .keep_alive(true);
     builder
         .http2()
