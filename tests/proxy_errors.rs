@@ -208,19 +208,35 @@ async fn a_request_head_slower_than_header_timeout_gets_the_connection_closed() 
     veer.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_stalled_body_ends_the_exchange_without_counting_against_the_slot() {
-    let (veer, upstream) = proxy_with("idle_timeout = \"500ms\"").await;
+/// A client that stops sending its body, with `server` settings; the answer is 408 at most,
+/// and nothing counts against the slot.
+async fn stalled_body(server: &str) {
+    let (veer, upstream) = proxy_with(server).await;
     let head = b"POST / HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\n0123456789";
     let mut stream = raw_open(veer.addr, head).await;
     let answer = until_closed(&mut stream).await;
     let status = raw_status(&answer);
-    assert!(status.is_none() || status == Some(408), "{answer}");
+    assert!(
+        status.is_none() || status == Some(408),
+        "{server}: {answer}"
+    );
     assert!(upstream.seen().iter().all(|seen| seen.body.is_none()));
     let slot = blue_slot(&veer).await;
-    assert!(no_errors(&slot), "{slot}");
-    assert_eq!(slot["requests"], 0, "{slot}");
+    assert!(no_errors(&slot), "{server}: {slot}");
+    assert_eq!(slot["requests"], 0, "{server}: {slot}");
     veer.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_body_ends_the_exchange_without_counting_against_the_slot() {
+    stalled_body("idle_timeout = \"500ms\"").await;
+}
+
+/// `request_timeout` passing while the upstream waits for the client's body is the client's
+/// fault too.
+#[tokio::test]
+async fn a_body_stalled_past_request_timeout_is_the_clients_fault() {
+    stalled_body("request_timeout = \"500ms\"\nidle_timeout = \"10s\"").await;
 }
 
 // ---------------------------------------------------------------------------------------------

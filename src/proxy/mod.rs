@@ -25,7 +25,7 @@ use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
 use crate::upstream::pool::{Lease, Pool, UpstreamError};
-use crate::upstream::{self, Failure, RequestBody};
+use crate::upstream::{self, ClientWait, Failure, RequestBody};
 use body::{Extra, ProxyBody, Tail};
 use error::LocalError;
 use headers::Forwarded;
@@ -85,6 +85,7 @@ impl Proxy {
             tunnelling: false,
             downstream_upgrade: None,
             shadow: None,
+            client_wait: ClientWait::default(),
             log: self
                 .access_log
                 .as_ref()
@@ -108,6 +109,11 @@ impl Proxy {
             Ok(Err(error)) => {
                 let local = failed(route, &decision, &error, latency);
                 self.local_answer(exchange, local, latency)
+            }
+            // The deadline passed while the upstream was waiting for the client's body: the
+            // client's fault (408), not the slot's.
+            Err(_elapsed) if exchange.client_wait.is_waiting() => {
+                self.local_answer(exchange, LocalError::BodyTimeout, latency)
             }
             Err(_elapsed) => {
                 let kind = crate::metrics::ErrorKind::Timeout;
@@ -166,7 +172,9 @@ impl Proxy {
         if let Some((_, record)) = &mut exchange.log {
             record.shadowed = exchange.shadow.is_some();
         }
-        let body = RequestBody::new(body, server.max_body_bytes, server.idle_timeout, tee);
+        let (body, waiting) =
+            RequestBody::new(body, server.max_body_bytes, server.idle_timeout, tee);
+        exchange.client_wait = waiting;
         Ok((endpoint, Request::from_parts(parts, body)))
     }
 
@@ -189,6 +197,7 @@ impl Proxy {
             downstream_upgrade,
             shadow,
             log,
+            client_wait: _,
         } = exchange;
         let status = response.status();
         let is_error = route
@@ -378,6 +387,8 @@ struct Exchange<'a> {
     tunnelling: bool,
     downstream_upgrade: Option<OnUpgrade>,
     shadow: Option<ShadowJob>,
+    /// Whether the request body is waiting for the client.
+    client_wait: ClientWait,
     log: Option<(AccessLogger, Record)>,
 }
 

@@ -10,6 +10,8 @@ pub mod pool;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -65,19 +67,53 @@ pin_project! {
         // Armed only while the body is actually waiting for the client.
         timer: Option<Pin<Box<Sleep>>>,
         tee: Option<Box<Tee>>,
+        waiting: ClientWait,
     }
 }
 
 impl RequestBody {
-    /// `limit` 0 = unlimited.
-    pub fn new(inner: Incoming, limit: u64, idle: Duration, tee: Option<Box<Tee>>) -> Self {
-        Self {
+    /// `limit` 0 = unlimited. The [`ClientWait`] tells whether the body is waiting for the
+    /// client.
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        idle: Duration,
+        tee: Option<Box<Tee>>,
+    ) -> (Self, ClientWait) {
+        let waiting = ClientWait::new(!inner.is_end_stream());
+        let body = Self {
             inner,
             limit,
             seen: 0,
             idle,
             timer: None,
             tee,
+            waiting: waiting.clone(),
+        };
+        (body, waiting)
+    }
+}
+
+/// Whether a request body is waiting for the client to send more: shared between the body,
+/// polled by the upstream connection, and the exchange, which decides whose fault a timeout is.
+/// Nothing to share (and no allocation) for a request without a body.
+#[derive(Clone, Debug, Default)]
+pub struct ClientWait(Option<Arc<AtomicBool>>);
+
+impl ClientWait {
+    fn new(has_body: bool) -> Self {
+        Self(has_body.then(|| Arc::new(AtomicBool::new(false))))
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
+
+    fn set(&self, waiting: bool) {
+        if let Some(flag) = &self.0 {
+            flag.store(waiting, Ordering::Relaxed);
         }
     }
 }
@@ -91,7 +127,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let mut this = self.project();
-        let frame = match this.inner.as_mut().poll_frame(cx) {
+        let polled = this.inner.as_mut().poll_frame(cx);
+        this.waiting.set(polled.is_pending());
+        let frame = match polled {
             Poll::Pending => {
                 let idle = *this.idle;
                 let timer = this
