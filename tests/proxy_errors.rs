@@ -306,15 +306,31 @@ async fn errors_count_against_the_chosen_slot_only() {
 
 /// veer with `idle_timeout = 200ms` in front of an upstream that sends `body` in ten pieces
 /// spread over `duration`.
-async fn slow_body(body: &str, duration: Duration) -> (Veer, Upstream) {
+/// veer with `server` settings before an upstream that sends `body` in ten pieces spread over
+/// `duration`.
+async fn slow_body(server: &str, body: &str, duration: Duration) -> (Veer, Upstream) {
     let upstream = Upstream::builder("blue")
         .body(body.to_string())
         .slow_body(duration)
         .start()
         .await
         .unwrap();
-    let veer = Veer::shop("idle_timeout = \"200ms\"", upstream.addr).await;
+    let veer = Veer::shop(server, upstream.addr).await;
     (veer, upstream)
+}
+
+/// Asserts that a body from `veer` was cut: a 200 head, no clean end, part of `body`, and
+/// one timeout counted against the slot.
+async fn assert_cut(veer: &Veer, body: &str) {
+    let answer = raw(veer.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.ends_with("0\r\n\r\n"),
+        "a cut body must not end cleanly: {answer}"
+    );
+    assert!(answer.matches('x').count() < body.len(), "{answer}");
+    let slot = blue_slot(veer).await;
+    assert_eq!(slot["errors"]["timeout"], 1, "{slot}");
 }
 
 /// An upstream body that sends nothing for `idle_timeout` is cut: the client sees an aborted
@@ -323,21 +339,34 @@ async fn slow_body(body: &str, duration: Duration) -> (Veer, Upstream) {
 #[tokio::test]
 async fn an_upstream_body_stalling_past_idle_timeout_is_cut_and_counted() {
     let body = "x".repeat(100);
+    let idle = "idle_timeout = \"200ms\"";
     // A piece every 500 ms.
-    let (veer, _stalling) = slow_body(&body, Duration::from_secs(5)).await;
-    let answer = raw(veer.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(
-        !answer.ends_with("0\r\n\r\n"),
-        "a stalled body must not end cleanly: {answer}"
-    );
-    assert!(answer.matches('x').count() < body.len(), "{answer}");
-    let slot = blue_slot(&veer).await;
-    assert_eq!(slot["errors"]["timeout"], 1, "{slot}");
+    let (veer, _stalling) = slow_body(idle, &body, Duration::from_secs(5)).await;
+    assert_cut(&veer, &body).await;
     veer.shutdown().await;
 
     // A piece every 50 ms.
-    let (veer, _steady) = slow_body(&body, Duration::from_millis(500)).await;
+    let (veer, _steady) = slow_body(idle, &body, Duration::from_millis(500)).await;
+    let (status, _, got) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(got, body.as_bytes());
+    assert_eq!(blue_slot(&veer).await["errors"]["timeout"], 0);
+    veer.shutdown().await;
+}
+
+/// `request_timeout` bounds the whole exchange: a body still coming when it passes is cut,
+/// however steadily it comes; one done within it streams through whole.
+#[tokio::test]
+async fn an_upstream_body_not_done_within_request_timeout_is_cut_and_counted() {
+    let body = "x".repeat(100);
+    let server = "request_timeout = \"1s\"\nidle_timeout = \"10s\"";
+    // A piece every 300 ms, for 3 s.
+    let (veer, _slow) = slow_body(server, &body, Duration::from_secs(3)).await;
+    assert_cut(&veer, &body).await;
+    veer.shutdown().await;
+
+    // A piece every 30 ms, for 300 ms.
+    let (veer, _fast) = slow_body(server, &body, Duration::from_millis(300)).await;
     let (status, _, got) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(got, body.as_bytes());

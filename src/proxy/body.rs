@@ -1,7 +1,8 @@
 //! The response body to the client: veer's own short answers, or the upstream's body streamed
 //! frame by frame. An upstream failure mid-body is passed on as an error, so the client sees an
 //! aborted response (connection closed or stream reset), never a clean truncated one; so is an
-//! upstream body that sends nothing for `idle_timeout`.
+//! upstream body that sends nothing for `idle_timeout`, or that keeps the client waiting past
+//! the exchange's deadline (`request_timeout`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,6 +51,8 @@ pub struct Tail {
     pub extra: Option<Box<Extra>>,
     /// How long the upstream body may send nothing.
     pub idle: Duration,
+    /// When the exchange must be over: the body may not make the client wait after it.
+    pub deadline: Instant,
     /// Armed only once the upstream body actually makes the client wait.
     pub timer: Option<Pin<Box<Sleep>>>,
     /// The upstream connection, back to the pool when the body has ended.
@@ -63,6 +66,8 @@ pub enum ResponseBodyError {
     Upstream(#[from] hyper::Error),
     #[error("upstream body sent nothing for {0:?}")]
     Stalled(Duration),
+    #[error("upstream body not done within request_timeout")]
+    Deadline,
 }
 
 #[derive(Default)]
@@ -80,15 +85,20 @@ impl Tail {
         }
     }
 
-    /// The upstream body has nothing yet: wait, up to `idle`.
+    /// When the upstream body, waited for from now, has kept the client waiting too long.
+    fn wait_until(&self) -> Instant {
+        (Instant::now() + self.idle).min(self.deadline)
+    }
+
+    /// The upstream body has nothing yet: wait, up to `idle` and at most until the deadline.
     fn wait(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        let idle = self.idle;
+        let until = self.wait_until();
         let timer = self
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
         if timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
@@ -96,7 +106,12 @@ impl Tail {
             .slot_metrics(self.slot)
             .record_body_failure(ErrorKind::Timeout);
         tracing::debug!(route = %self.route.name, slot = %self.slot, "Upstream body stalled.");
-        Poll::Ready(Some(Err(ResponseBodyError::Stalled(idle))))
+        let error = if timer.deadline() >= self.deadline {
+            ResponseBodyError::Deadline
+        } else {
+            ResponseBodyError::Stalled(self.idle)
+        };
+        Poll::Ready(Some(Err(error)))
     }
 
     fn end(&mut self) {
@@ -137,8 +152,11 @@ impl Body for ProxyBody {
                     Poll::Pending => return tail.wait(cx),
                     Poll::Ready(polled) => polled,
                 };
-                if let Some(timer) = tail.timer.as_mut() {
-                    timer.as_mut().reset(Instant::now() + tail.idle);
+                if tail.timer.is_some() {
+                    let until = tail.wait_until();
+                    if let Some(timer) = tail.timer.as_mut() {
+                        timer.as_mut().reset(until);
+                    }
                 }
                 match &polled {
                     Some(Ok(frame)) => {

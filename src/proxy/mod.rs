@@ -82,6 +82,7 @@ impl Proxy {
             conn,
             started,
             idle: server.idle_timeout,
+            deadline: started + server.request_timeout,
             tunnelling: false,
             downstream_upgrade: None,
             shadow: None,
@@ -193,6 +194,7 @@ impl Proxy {
             conn,
             started,
             idle,
+            deadline,
             tunnelling,
             downstream_upgrade,
             shadow,
@@ -257,6 +259,7 @@ impl Proxy {
             bytes: 0,
             extra,
             idle,
+            deadline,
             timer: None,
             lease,
         };
@@ -384,6 +387,8 @@ struct Exchange<'a> {
     started: Instant,
     /// How long the upstream's response body may send nothing.
     idle: std::time::Duration,
+    /// When the exchange with the upstream must be over (`request_timeout`).
+    deadline: Instant,
     tunnelling: bool,
     downstream_upgrade: Option<OnUpgrade>,
     shadow: Option<ShadowJob>,
