@@ -887,6 +887,59 @@ async fn admin_requires_the_token_and_refuses_foreign_origins() {
     veer.shutdown().await;
 }
 
+/// A path that is no admin endpoint is a 404; an endpoint asked with a method it does not
+/// serve is a 405 naming the one it does in `Allow` (RFC 9110 §15.5.6), and changes nothing.
+#[tokio::test]
+async fn unknown_admin_paths_are_404_and_wrong_methods_405_with_allow() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = start_shop(&blue, &green).await;
+    let call = |method: Method, path: &str| {
+        let url = veer.admin_url(path);
+        async move {
+            let (status, headers, body) = send(method, &url, &[], bytes::Bytes::new()).await;
+            let allow = headers
+                .get("allow")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            (status.as_u16(), allow, body)
+        }
+    };
+    for (method, path) in [
+        (Method::GET, "/api/v1/nope"),
+        (Method::POST, "/api/v1/nope"),
+        (Method::GET, "/api/v1"),
+        (Method::GET, "/api/v1/routes/shop/extra"),
+        (Method::GET, "/api/v1/routes/shop/rollout"),
+        (Method::POST, "/api/v1/routes/shop/rollout/start/now"),
+        (Method::GET, "/api/v1/routes/shop/rollout/explode"),
+        (Method::DELETE, "/api/v1/config"),
+        (Method::GET, "/nope"),
+    ] {
+        let (status, allow, body) = call(method.clone(), path).await;
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert_eq!(allow, None, "{method} {path}");
+        assert!(body["error"].is_string(), "{method} {path}: {body}");
+    }
+    for (method, path, allowed) in [
+        (Method::POST, "/healthz", "GET"),
+        (Method::PUT, "/metrics", "GET"),
+        (Method::POST, "/api/v1/routes", "GET"),
+        (Method::DELETE, "/api/v1/routes/shop", "GET"),
+        (Method::GET, "/api/v1/routes/shop/rollout/start", "POST"),
+        (Method::PUT, "/api/v1/routes/shop/weight", "POST"),
+        (Method::POST, "/api/v1/events", "GET"),
+        (Method::GET, "/api/v1/config/reload", "POST"),
+    ] {
+        let (status, allow, body) = call(method.clone(), path).await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert_eq!(allow.as_deref(), Some(allowed), "{method} {path}");
+        assert!(body["error"].is_string(), "{method} {path}: {body}");
+    }
+    assert_eq!(veer.route_status("shop").await["phase"], "idle");
+    veer.shutdown().await;
+}
+
 async fn shop_status_with(veer: &Veer, headers: &[(&str, &str)]) -> Value {
     let (status, _, body) = get(&veer.admin_url("/api/v1/routes/shop"), headers).await;
     assert_eq!(status, StatusCode::OK);

@@ -55,26 +55,84 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Re
 
 type Answer = Response<Full<Bytes>>;
 
-/// Routes one admin request.
+/// The admin endpoints, each served for one method.
+enum Endpoint<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Routes,
+    Route(&'a str),
+    Rollout(&'a str, Action),
+    Weight(&'a str),
+    Events,
+    Reload,
+}
+
+impl<'a> Endpoint<'a> {
+    /// The endpoint at `path`, or the message of the 404 when there is none.
+    fn parse(path: &'a str) -> Result<Self, &'static str> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        Ok(match segments.as_slice() {
+            ["healthz"] => Endpoint::Healthz,
+            ["readyz"] => Endpoint::Readyz,
+            ["metrics"] => Endpoint::Metrics,
+            ["api", "v1", "routes"] => Endpoint::Routes,
+            ["api", "v1", "routes", name] => Endpoint::Route(name),
+            ["api", "v1", "routes", name, "rollout", action] => match Action::parse(action) {
+                Some(action) => Endpoint::Rollout(name, action),
+                None => return Err("unknown action (start, pause, resume, promote, rollback)"),
+            },
+            ["api", "v1", "routes", name, "weight"] => Endpoint::Weight(name),
+            ["api", "v1", "events"] => Endpoint::Events,
+            ["api", "v1", "config", "reload"] => Endpoint::Reload,
+            _ => return Err("no such admin endpoint"),
+        })
+    }
+
+    /// The one method the endpoint answers.
+    fn method(&self) -> Method {
+        match self {
+            Endpoint::Healthz
+            | Endpoint::Readyz
+            | Endpoint::Metrics
+            | Endpoint::Routes
+            | Endpoint::Route(_)
+            | Endpoint::Events => Method::GET,
+            Endpoint::Rollout(..) | Endpoint::Weight(_) | Endpoint::Reload => Method::POST,
+        }
+    }
+}
+
+/// Routes one admin request: 404 for a path that is no endpoint, 405 with `Allow` for an
+/// endpoint asked with another method.
 pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
     let token = app.table.load().config.admin.token.clone();
     if let Err(answer) = auth::check(&req, token.as_deref()) {
         return *answer;
     }
     let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let method = req.method().clone();
-    match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, ["readyz"]) => {
+    let endpoint = match Endpoint::parse(&path) {
+        Ok(endpoint) => endpoint,
+        Err(message) => return json_error(StatusCode::NOT_FOUND, message),
+    };
+    let allowed = endpoint.method();
+    if req.method() != allowed {
+        let mut answer = json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here");
+        if let Ok(allow) = HeaderValue::from_str(allowed.as_str()) {
+            answer.headers_mut().insert(header::ALLOW, allow);
+        }
+        return answer;
+    }
+    match endpoint {
+        Endpoint::Healthz => text(StatusCode::OK, "ok\n"),
+        Endpoint::Readyz => {
             if app.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (&Method::GET, ["metrics"]) => {
+        Endpoint::Metrics => {
             let mut response = Response::new(Full::new(Bytes::from(prometheus::render(app))));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -82,61 +140,46 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
             );
             response
         }
-        (&Method::GET, ["api", "v1", "routes"]) => {
-            let table = app.table.load();
-            let routes: Vec<Value> = table
-                .routes()
-                .iter()
-                .map(|r| status::route_json(r))
-                .collect();
-            let reload = app
-                .last_reload
-                .lock()
-                .map(|s| s.clone())
-                .unwrap_or_default();
-            json_answer(
-                StatusCode::OK,
-                &json!({ "routes": routes, "reload": reload }),
-            )
-        }
-        (&Method::GET, ["api", "v1", "routes", name]) => match app.table.load().route(name) {
+        Endpoint::Routes => routes(app),
+        Endpoint::Route(name) => match app.table.load().route(name) {
             Some(route) => json_answer(StatusCode::OK, &status::route_json(route)),
             None => not_found(name),
         },
-        (&Method::POST, ["api", "v1", "routes", name, "rollout", action]) => {
-            rollout_action(app, name, action)
+        Endpoint::Rollout(name, action) => {
+            apply(app, name, action, "requested through the admin API")
         }
-        (&Method::POST, ["api", "v1", "routes", name, "weight"]) => {
-            let name = name.to_string();
-            set_weight(app, &name, req).await
-        }
-        (&Method::GET, ["api", "v1", "events"]) => events(app, &query),
-        (&Method::POST, ["api", "v1", "config", "reload"]) => match app.reload().await {
+        Endpoint::Weight(name) => set_weight(app, name, req.into_body()).await,
+        Endpoint::Events => events(app, req.uri().query().unwrap_or("")),
+        Endpoint::Reload => match app.reload().await {
             Ok(()) => json_answer(StatusCode::OK, &json!({ "result": "applied" })),
             Err(errors) => json_answer(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &json!({ "result": "rejected", "errors": errors.0 }),
             ),
         },
-        (_, ["healthz" | "readyz" | "metrics"] | ["api", "v1", ..]) => {
-            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
-        }
-        _ => json_error(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
 }
 
-fn rollout_action(app: &App, name: &str, action: &str) -> Answer {
-    match Action::parse(action) {
-        Some(action) => apply(app, name, action, "requested through the admin API"),
-        None => json_error(
-            StatusCode::NOT_FOUND,
-            "unknown action (start, pause, resume, promote, rollback)",
-        ),
-    }
+fn routes(app: &App) -> Answer {
+    let table = app.table.load();
+    let routes: Vec<Value> = table
+        .routes()
+        .iter()
+        .map(|r| status::route_json(r))
+        .collect();
+    let reload = app
+        .last_reload
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    json_answer(
+        StatusCode::OK,
+        &json!({ "routes": routes, "reload": reload }),
+    )
 }
 
-async fn set_weight(app: &App, name: &str, req: Request<Incoming>) -> Answer {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+async fn set_weight(app: &App, name: &str, body: Incoming) -> Answer {
+    let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
         Err(_) => return json_error(StatusCode::BAD_REQUEST, "unreadable or too large body"),
     };
