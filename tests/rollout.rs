@@ -877,6 +877,17 @@ async fn admin_requires_the_token_and_refuses_foreign_origins() {
         assert_eq!(call(Method::GET, path, wrong).await, 401, "{path}");
         assert_eq!(call(Method::GET, path, vec![auth]).await, 200, "{path}");
     }
+    // The scheme name in any letter case (RFC 9110 §11.1); the token only exactly.
+    for (value, expected) in [
+        ("bearer s3cret", 200),
+        ("BEARER s3cret", 200),
+        ("Bearer S3CRET", 401),
+        ("Basic s3cret", 401),
+    ] {
+        let headers = vec![("authorization", value)];
+        let got = call(Method::GET, "/api/v1/routes", headers).await;
+        assert_eq!(got, expected, "{value}");
+    }
     let start = "/api/v1/routes/shop/rollout/start";
     assert_eq!(call(Method::POST, start, vec![]).await, 401);
     let foreign = vec![auth, ("origin", "https://evil.example")];

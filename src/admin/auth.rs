@@ -11,8 +11,7 @@ pub fn check<B>(req: &Request<B>, token: Option<&str>) -> Result<(), Box<Answer>
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_credentials);
         if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
             let mut answer = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             answer.headers_mut().insert(
@@ -29,6 +28,15 @@ pub fn check<B>(req: &Request<B>, token: Option<&str>) -> Result<(), Box<Answer>
         )));
     }
     Ok(())
+}
+
+/// The credentials of an `Authorization` value in the `Bearer` scheme, whose name is matched
+/// in any letter case (RFC 9110 §11.1); the credentials themselves are taken as they are.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
 }
 
 /// An `Origin` whose host:port is not the one the request was sent to (browsers send it on
@@ -77,6 +85,27 @@ mod tests {
         let right = req(Method::GET, &[("authorization", "Bearer s3")]);
         assert_eq!(status(check(&right, Some("s3"))), None);
         assert_eq!(status(check(&req(Method::GET, &[]), None)), None);
+    }
+
+    #[test]
+    fn the_scheme_name_is_matched_in_any_case_and_the_token_exactly() {
+        let status = |value: &str| {
+            let r = req(Method::GET, &[("authorization", value)]);
+            check(&r, Some("s3")).err().map(|a| a.status().as_u16())
+        };
+        for accepted in ["Bearer s3", "bearer s3", "BEARER s3", "bEaReR  s3"] {
+            assert_eq!(status(accepted), None, "{accepted}");
+        }
+        for refused in [
+            "Bearer S3",
+            "Bearers3",
+            "Basic s3",
+            "s3",
+            "Bearer",
+            "Bearer s3x",
+        ] {
+            assert_eq!(status(refused), Some(401), "{refused}");
+        }
     }
 
     #[test]
