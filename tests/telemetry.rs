@@ -412,6 +412,39 @@ async fn health_and_readiness_answer_200() {
     veer.shutdown().await;
 }
 
+/// A slot that has served nothing sums to `0`: no sample anywhere reads `-0`.
+#[tokio::test]
+async fn an_idle_slot_sums_to_zero_and_no_value_is_negative_zero() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = Veer::start("", &route("shop", blue.addr, green.addr, "")).await;
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = metrics_text(&veer).await;
+    let metrics = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let sum = |slot| {
+        metrics
+            .family("veer_request_duration_seconds")
+            .find(|s| {
+                s.name == "veer_request_duration_seconds_sum"
+                    && s.labels["route"] == "shop"
+                    && s.labels["slot"] == slot
+            })
+            .unwrap_or_else(|| panic!("no sum for {slot} in\n{text}"))
+            .value
+    };
+    assert!(sum("blue") > 0.0, "{text}");
+    assert_eq!(sum("green"), 0.0, "{text}");
+    let green_sum = "veer_request_duration_seconds_sum{route=\"shop\",slot=\"green\"} 0";
+    assert!(text.lines().any(|l| l == green_sum), "{text}");
+    let negative_zero: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.rsplit(' ').next() == Some("-0"))
+        .collect();
+    assert!(negative_zero.is_empty(), "{negative_zero:?}");
+    veer.shutdown().await;
+}
+
 async fn metrics_text(veer: &Veer) -> String {
     let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
     assert_eq!(status, StatusCode::OK);

@@ -155,9 +155,12 @@ fn escape(text: &str, quote: bool) -> String {
     out
 }
 
-/// A float as Prometheus reads it: `+Inf`, `-Inf`, `NaN`, or the shortest decimal.
+/// A float as Prometheus reads it: `+Inf`, `-Inf`, `NaN`, or the shortest decimal; zero is
+/// `0` whatever its sign (an empty sum is `-0.0` in Rust).
 pub fn format_value(value: f64) -> String {
-    if value.is_nan() {
+    if value == 0.0 {
+        "0".to_owned()
+    } else if value.is_nan() {
         "NaN".to_owned()
     } else if value.is_infinite() {
         if value > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
@@ -545,13 +548,43 @@ mod tests {
 
     #[test]
     fn values_use_prometheus_spellings() {
-        let spelled: Vec<_> = [1.0, 0.0025, 1e9, f64::INFINITY, f64::NEG_INFINITY, f64::NAN]
-            .into_iter()
-            .map(format_value)
-            .collect();
+        let spelled: Vec<_> = [
+            1.0,
+            0.0025,
+            1e9,
+            0.0,
+            -0.0,
+            -2.5,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ]
+        .into_iter()
+        .map(format_value)
+        .collect();
         assert_eq!(
             spelled,
-            ["1", "0.0025", "1000000000", "+Inf", "-Inf", "NaN"]
+            [
+                "1",
+                "0.0025",
+                "1000000000",
+                "0",
+                "0",
+                "-2.5",
+                "+Inf",
+                "-Inf",
+                "NaN"
+            ]
         );
+    }
+
+    #[test]
+    fn an_empty_histogram_sums_to_zero_not_negative_zero() {
+        let mut w = PromWriter::new();
+        write_slot(&mut w, "shop", "green", "v2", &SlotMetrics::new().totals());
+        let text = w.finish();
+        let sum = format!("{REQUEST_DURATION}_sum{{route=\"shop\",slot=\"green\"}} 0\n");
+        assert!(text.contains(&sum), "{text}");
+        assert!(!text.contains(" -0"), "{text}");
     }
 }
