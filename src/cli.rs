@@ -138,6 +138,17 @@ pub async fn rollout(
     Ok(())
 }
 
+/// A route's step as `i/n` while a rollout is under way (`step` of the route JSON counts from
+/// 1), else `-`.
+pub fn step_label(route: &Value) -> String {
+    let steps = route["steps"].as_array().map_or(0, Vec::len);
+    match route["step"].as_u64().unwrap_or(0) {
+        0 => "-".into(),
+        _ if steps == 0 => "-".into(),
+        step => format!("{step}/{steps}"),
+    }
+}
+
 /// The status table: one row per route and slot.
 pub fn render_table(routes: &[Value], colour: bool) -> String {
     let header = [
@@ -151,8 +162,6 @@ pub fn render_table(routes: &[Value], colour: bool) -> String {
         let name = s(&route["name"]);
         let stable = s(&route["stable"]);
         let weight = f(&route["canary_weight"]);
-        let steps = route["steps"].as_array().map_or(0, Vec::len);
-        let step = route["step"].as_u64().unwrap_or(0) + 1;
         for slot in ["blue", "green"] {
             let stats = &route["slots"][slot];
             let (role, share) = if slot == stable {
@@ -167,11 +176,7 @@ pub fn render_table(routes: &[Value], colour: bool) -> String {
                 role.to_string(),
                 format!("{share:.2}%"),
                 s(&route["phase"]),
-                if steps > 0 {
-                    format!("{step}/{steps}")
-                } else {
-                    "-".into()
-                },
+                step_label(route),
                 format!("{:.1}", f(&stats["rps"])),
                 format!("{:.2}", f(&stats["error_rate"]) * 100.0),
                 format!("{:.1}", f(&stats["latency_ms"]["p99"])),
@@ -256,8 +261,34 @@ mod tests {
         assert!(
             lines[2].contains("green") && lines[2].contains("canary") && lines[2].contains("2.00")
         );
-        assert!(lines[2].contains("2/3"));
+        assert!(lines[2].contains("1/3"));
         assert_eq!(lines[0].find("SLOT"), lines[1].find("blue"));
         assert!(lines[3].contains("last verdict hold"));
+    }
+
+    #[test]
+    fn the_step_column_shows_i_of_n_only_while_a_rollout_is_under_way() {
+        let steps = json!([10.0, 50.0, 100.0]);
+        for (phase, step, label) in [
+            ("idle", 0, "-"),
+            ("ramping", 1, "1/3"),
+            ("ramping", 3, "3/3"),
+            ("paused", 2, "2/3"),
+            ("paused", 0, "-"),
+            ("rolled_back", 0, "-"),
+        ] {
+            let route = json!({"phase": phase, "step": step, "steps": steps});
+            assert_eq!(step_label(&route), label, "{phase} {step}");
+            let table = render_table(&[route], false);
+            let column = |line: &str| line.split_whitespace().nth(6).map(str::to_string);
+            let header = table
+                .lines()
+                .next()
+                .and_then(|l| l.split_whitespace().position(|c| c == "STEP"));
+            assert_eq!(header, Some(6), "{table}");
+            for row in table.lines().skip(1) {
+                assert_eq!(column(row).as_deref(), Some(label), "{table}");
+            }
+        }
     }
 }

@@ -387,8 +387,11 @@ async fn rollout_state_and_journal_survive_a_restart() {
 
     let journal = c.journal();
     assert_eq!(journal.len(), 2);
+    // The journal's step counts from 1, as the admin API's does.
+    assert_eq!(journal[0]["step"], 1);
     let pass = &journal[1];
     assert_eq!(pass["action"], "step_passed");
+    assert_eq!(pass["step"], 2);
     assert_eq!(
         (pass["weight_from"].as_f64(), pass["weight_to"].as_f64()),
         (Some(10.0), Some(50.0))
@@ -683,7 +686,7 @@ async fn one_request_per_second_holds_at_the_first_step() {
     assert_eq!(report.sent(), 6);
     let shop = veer.route_status("shop").await;
     assert_eq!(shop["phase"], "ramping");
-    assert_eq!(shop["step"], 0);
+    assert_eq!(shop["step"], 1);
     assert_eq!(shop["failures"], 0);
     assert_eq!(shop["last_verdict"]["result"], "hold", "{shop:#}");
     assert!(shop["waiting"]
@@ -748,6 +751,49 @@ async fn rollout_state_survives_a_process_restart() {
     veer.shutdown().await;
 }
 
+/// A state file as veer writes it (the step an index from 0) is restored as it was, and shown
+/// counting from 1.
+#[tokio::test]
+async fn a_saved_ramping_state_is_restored_and_its_step_shown_from_one() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let routes_dir = dir.path().join("state/routes");
+    std::fs::create_dir_all(&routes_dir).unwrap();
+    std::fs::write(
+        routes_dir.join("shop.json"),
+        "{\"stable\": \"blue\", \"phase\": \"ramping\", \"step\": 1, \"canary_bp\": 5000,\n\
+         \"failures\": 0, \"versions\": [\"v1\", \"v2\"]}\n",
+    )
+    .unwrap();
+    let routes = route("shop", blue.addr, green.addr, &e2e_policy());
+    let text = config_text(dir.path(), "", &routes);
+    let veer = Veer::start_in(dir, &text).await;
+    let shop = veer.route_status("shop").await;
+    assert_eq!(shop["phase"], "ramping", "{shop:#}");
+    assert_eq!(shop["canary_weight"], 50.0, "{shop:#}");
+    assert_eq!(shop["step"], 2, "{shop:#}");
+    // Written back unchanged: the file keeps the index from 0.
+    let (status, body) = veer
+        .admin_post("/api/v1/routes/shop/rollout/pause", "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["phase"].as_str(), body["step"].as_u64()),
+        (Some("paused"), Some(2))
+    );
+    let saved: Value = serde_json::from_str(
+        &std::fs::read_to_string(veer.dir.path().join("state/routes/shop.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (saved["phase"].as_str(), saved["step"].as_u64()),
+        (Some("paused"), Some(1))
+    );
+    assert_eq!(saved["canary_bp"], 5000);
+    veer.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Admin API and auth.
 // ---------------------------------------------------------------------------------------------
@@ -758,25 +804,29 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
     let green = Upstream::builder("green").start().await.unwrap();
     let veer = start_shop(&blue, &green).await;
     let action = |name: &str| format!("/api/v1/routes/shop/rollout/{name}");
-    // (action, expected status, expected phase, expected canary weight)
-    let script: [(&str, u16, &str, Option<f64>); 10] = [
+    // (action, expected status, expected phase, expected canary weight and step); the step
+    // counts from 1 while a rollout is under way and is 0 without one.
+    type Line = (&'static str, u16, &'static str, Option<(f64, u64)>);
+    let script: [Line; 10] = [
         ("pause", 409, "idle", None),
-        ("start", 200, "ramping", Some(10.0)),
+        ("start", 200, "ramping", Some((10.0, 1))),
         ("start", 409, "ramping", None),
-        ("pause", 200, "paused", Some(10.0)),
-        ("resume", 200, "ramping", Some(10.0)),
-        ("promote", 200, "idle", Some(0.0)),
+        ("pause", 200, "paused", Some((10.0, 1))),
+        ("resume", 200, "ramping", Some((10.0, 1))),
+        ("promote", 200, "idle", Some((0.0, 0))),
         ("rollback", 409, "idle", None),
-        ("start", 200, "ramping", Some(10.0)),
-        ("rollback", 200, "rolled_back", Some(0.0)),
+        ("start", 200, "ramping", Some((10.0, 1))),
+        ("rollback", 200, "rolled_back", Some((0.0, 0))),
         ("resume", 409, "rolled_back", None),
     ];
-    for (name, status, phase, weight) in script {
+    for (name, status, phase, expected) in script {
         let (got, body) = veer.admin_post(&action(name), "").await;
         assert_eq!(got.as_u16(), status, "{name}: {body}");
         assert_eq!(body["phase"], phase, "{name}: {body}");
-        if let Some(weight) = weight {
+        if let Some((weight, step)) = expected {
             assert_eq!(body["canary_weight"], weight, "{name}: {body}");
+            assert_eq!(body["step"], step, "{name}: {body}");
+            assert_eq!(veer.route_status("shop").await["step"], step, "{name}");
         } else {
             assert!(
                 body["error"].as_str().unwrap().starts_with("cannot"),
@@ -797,6 +847,20 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["canary_weight"], 10.0);
     assert_eq!(body["phase"], "paused");
+    // Paused at the first step's weight: step 1, where `resume` goes on.
+    assert_eq!(body["step"], 1);
+    let (status, body) = veer
+        .admin_post("/api/v1/routes/shop/weight", "{\"canary_percent\": 20}")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["phase"].as_str(), body["step"].as_u64()),
+        (Some("paused"), Some(0))
+    );
+    let (status, body) = veer
+        .admin_post("/api/v1/routes/shop/weight", "{\"canary_percent\": 10}")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     for bad in [
         "{\"canary_percent\": ",
         "{\"canary_percent\": 150}",
@@ -827,25 +891,31 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
         .collect();
     assert_eq!(
         actions,
-        ["start", "pause", "resume", "promote", "start", "rollback", "weight"]
+        [
+            "start", "pause", "resume", "promote", "start", "rollback", "weight", "weight",
+            "weight"
+        ]
     );
-    let newest = events(&veer, 3).await;
-    let newest: Vec<(&str, f64, f64)> = newest
+    let newest = events(&veer, 5).await;
+    let newest: Vec<(&str, f64, f64, u64)> = newest
         .iter()
         .map(|e| {
             (
                 e["action"].as_str().unwrap(),
                 e["weight_from"].as_f64().unwrap(),
                 e["weight_to"].as_f64().unwrap(),
+                e["step"].as_u64().unwrap(),
             )
         })
         .collect();
     assert_eq!(
         newest,
         [
-            ("weight", 0.0, 10.0),
-            ("rollback", 10.0, 0.0),
-            ("start", 0.0, 10.0)
+            ("weight", 20.0, 10.0, 1),
+            ("weight", 10.0, 20.0, 0),
+            ("weight", 0.0, 10.0, 1),
+            ("rollback", 10.0, 0.0, 0),
+            ("start", 0.0, 10.0, 1)
         ]
     );
     let (status, _) = veer.admin_get("/api/v1/events?limit=zero").await;
@@ -1035,14 +1105,23 @@ async fn cli_status_and_rollout_start_talk_to_the_admin_api() {
         ["shop", "blue", "v1", "stable", "100.00%", "idle"]
     );
     assert_eq!(
-        green_row[..6],
-        ["shop", "green", "v2", "canary", "0.00%", "idle"]
+        green_row[..7],
+        ["shop", "green", "v2", "canary", "0.00%", "idle", "-"]
     );
+    assert_eq!(blue_row[6], "-", "no step without a rollout:\n{out}");
 
     let (code, out, err) = veer_cli(&["rollout", "start", "shop", "--admin", &admin]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ramping") && out.contains("10.00%"), "{out}");
     assert_eq!(veer.route_status("shop").await["phase"], "ramping");
+    let (code, out, err) = veer_cli(&["status", "--admin", &admin]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let green_row = out
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("green"))
+        .unwrap_or_else(|| panic!("no green row in\n{out}"));
+    let green_row: Vec<&str> = green_row.split_whitespace().collect();
+    assert_eq!(green_row[5..7], ["ramping", "1/3"], "{out}");
 
     // Not allowed now: a runtime failure (exit 2) that names the phase.
     let (code, out, err) = veer_cli(&["rollout", "start", "shop", "--admin", &admin]).await;

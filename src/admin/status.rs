@@ -52,7 +52,7 @@ pub fn route_json(route: &Route) -> Value {
         "canary": split.canary(),
         "canary_weight": split.canary_percent(),
         "phase": view.state.phase.as_str(),
-        "step": view.state.step,
+        "step": view.state.step_number(&config.rollout.steps),
         "steps": config.rollout.steps.iter().map(|&bp| f64::from(bp) / 100.0).collect::<Vec<_>>(),
         "mode": match config.rollout.mode { crate::config::Mode::Auto => "auto", crate::config::Mode::Manual => "manual" },
         "failures": view.state.failures,

@@ -213,12 +213,10 @@ fn render(route: &Value) -> String {
     };
     let filled = (weight / 100.0 * 40.0).round() as usize;
     let bar: String = "#".repeat(filled.min(40)) + &"-".repeat(40 - filled.min(40));
-    let steps = route["steps"].as_array().map_or(0, Vec::len);
     let mut out = format!(
-        "[{bar}] green {weight:>6.2}%  phase {}  step {}/{}  {}\n",
+        "[{bar}] green {weight:>6.2}%  phase {}  step {}  {}\n",
         route["phase"].as_str().unwrap_or("-"),
-        route["step"].as_u64().unwrap_or(0) + 1,
-        steps,
+        crate::cli::step_label(route),
         route["waiting"].as_str().unwrap_or(""),
     );
     for slot in ["blue", "green"] {

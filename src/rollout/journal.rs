@@ -24,6 +24,7 @@ pub struct Entry<'a> {
     pub stable: &'static str,
     pub weight_from: f64,
     pub weight_to: f64,
+    /// The step after the change, as the admin API shows it (from 1; 0 with no rollout).
     pub step: usize,
     pub failures: u32,
     pub reason: &'a str,
@@ -119,7 +120,7 @@ mod tests {
             stable: "blue",
             weight_from: 0.0,
             weight_to: 1.0,
-            step: 0,
+            step: 1,
             failures: 0,
             reason,
             judgement: None,

@@ -156,7 +156,16 @@ pub fn act(
 ) -> Result<RolloutState, IllegalTransition> {
     let mut inner = shared.rollout.lock();
     let next = inner.state.apply(action, &config.rollout.steps)?;
-    commit(shared, &mut inner, next, action.as_str(), reason, None);
+    let steps = &config.rollout.steps;
+    commit(
+        shared,
+        &mut inner,
+        next,
+        steps,
+        action.as_str(),
+        reason,
+        None,
+    );
     Ok(inner.state.clone())
 }
 
@@ -164,6 +173,7 @@ fn commit(
     shared: &RouteShared,
     inner: &mut Inner,
     next: RolloutState,
+    steps: &[u32],
     action: &'static str,
     reason: &str,
     judgement: Option<&Judgement>,
@@ -220,7 +230,7 @@ fn commit(
         stable: state.stable.as_str(),
         weight_from: from_split.canary_percent(),
         weight_to: to_split.canary_percent(),
-        step: state.step,
+        step: state.step_number(steps),
         failures: state.failures,
         reason,
         judgement,
@@ -269,7 +279,8 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
         }
     };
     if next != inner.state {
-        commit(shared, &mut inner, next, action, reason, None);
+        let steps = &config.rollout.steps;
+        commit(shared, &mut inner, next, steps, action, reason, None);
     }
 }
 
@@ -356,7 +367,15 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
     match next {
         Ok(next) => {
             let reason = judgement.reason.clone();
-            commit(shared, &mut inner, next, action, &reason, Some(&judgement));
+            commit(
+                shared,
+                &mut inner,
+                next,
+                steps,
+                action,
+                &reason,
+                Some(&judgement),
+            );
         }
         Err(error) => warn!(route = %shared.name, %error, "Controller transition refused."),
     }

@@ -132,6 +132,21 @@ impl RolloutState {
         self.stable.other()
     }
 
+    /// The step as the admin API, the journal and the CLI show it: `i` for the i-th of `steps`
+    /// (counting from 1) while ramping, or while paused at that step's weight (where `resume`
+    /// goes on); 0 when no rollout is under way (idle, rolled back) or a hand-set weight is
+    /// off the steps.
+    pub fn step_number(&self, steps: &[u32]) -> usize {
+        match self.phase {
+            Phase::Ramping => (self.step + 1).min(steps.len()),
+            Phase::Paused => steps
+                .iter()
+                .position(|&bp| bp == self.canary_bp)
+                .map_or(0, |i| i + 1),
+            Phase::Idle | Phase::RolledBack => 0,
+        }
+    }
+
     /// The legal moves. `steps` are the policy's canary weights (basis points, increasing,
     /// ending at 10000).
     pub fn apply(&self, action: Action, steps: &[u32]) -> Result<RolloutState, IllegalTransition> {
@@ -340,6 +355,37 @@ mod tests {
         );
         let again = back.apply(Action::Start, &STEPS).unwrap();
         assert_eq!((again.phase, again.canary_bp), (Phase::Ramping, 100));
+    }
+
+    #[test]
+    fn the_shown_step_counts_from_one_and_is_zero_without_a_rollout() {
+        let shown = |state: &RolloutState| state.step_number(&STEPS);
+        let idle = idle();
+        assert_eq!(shown(&idle), 0);
+        let first = idle.apply(Action::Start, &STEPS).unwrap();
+        assert_eq!((first.step, shown(&first)), (0, 1));
+        let second = first.apply(Action::StepPassed, &STEPS).unwrap();
+        assert_eq!((second.step, shown(&second)), (1, 2));
+        let paused = second.apply(Action::Pause, &STEPS).unwrap();
+        assert_eq!(shown(&paused), 2);
+        let on_a_step = paused.apply(Action::SetWeight(5000), &STEPS).unwrap();
+        assert_eq!((on_a_step.phase, shown(&on_a_step)), (Phase::Paused, 3));
+        let off_steps = paused.apply(Action::SetWeight(2000), &STEPS).unwrap();
+        assert_eq!((off_steps.phase, shown(&off_steps)), (Phase::Paused, 0));
+        let resumed = off_steps.apply(Action::Resume, &STEPS).unwrap();
+        assert_eq!((resumed.phase, shown(&resumed)), (Phase::Ramping, 3));
+        let back = resumed.apply(Action::Rollback, &STEPS).unwrap();
+        assert_eq!((back.step, shown(&back)), (2, 0));
+        let mut last = back.apply(Action::Start, &STEPS).unwrap();
+        while last.canary_bp < 10_000 {
+            last = last.apply(Action::StepPassed, &STEPS).unwrap();
+        }
+        assert_eq!(shown(&last), STEPS.len());
+        let promoted = last.apply(Action::StepPassed, &STEPS).unwrap();
+        assert_eq!((promoted.phase, shown(&promoted)), (Phase::Idle, 0));
+        // A saved index beyond a shortened steps list shows the last step.
+        let shortened = RolloutState { step: 7, ..first };
+        assert_eq!(shown(&shortened), STEPS.len());
     }
 
     fn action() -> impl Strategy<Value = Action> {
