@@ -13,12 +13,50 @@ use serde_json::Value;
 pub enum CliError {
     #[error("{0:?} is not an admin URL like http://127.0.0.1:9901")]
     Url(String),
+    #[error("the token cannot be sent in an Authorization header (control characters?)")]
+    Token,
+    #[error("{0:?} is not a route name (1 to 64 characters of [a-z0-9_-])")]
+    Route(String),
     #[error("cannot reach the admin API at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("admin API answered {status}: {message}")]
     Refused { status: StatusCode, message: String },
     #[error("admin API answered something that is not JSON")]
     NotJson,
+}
+
+impl CliError {
+    /// A usage error (exit 1: what the command was given cannot work), as opposed to a
+    /// failure at run time (exit 2: the admin API is unreachable or refused).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            CliError::Url(_) | CliError::Token | CliError::Route(_)
+        )
+    }
+}
+
+/// The admin request `method admin+path` with the token, if any, as a bearer token.
+fn admin_request(
+    admin: &str,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+) -> Result<http::request::Builder, CliError> {
+    let base = admin.trim_end_matches('/');
+    let uri: Uri = format!("{base}{path}")
+        .parse()
+        .map_err(|_| CliError::Url(admin.to_string()))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(CliError::Url(admin.to_string()));
+    }
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        let value =
+            http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| CliError::Token)?;
+        request = request.header(header::AUTHORIZATION, value);
+    }
+    Ok(request)
 }
 
 /// One admin request; the answer's status and JSON body.
@@ -30,15 +68,7 @@ pub async fn call(
     body: Option<Value>,
 ) -> Result<(StatusCode, Value), CliError> {
     let base = admin.trim_end_matches('/');
-    let url = format!("{base}{path}");
-    let uri: Uri = url.parse().map_err(|_| CliError::Url(admin.to_string()))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(CliError::Url(admin.to_string()));
-    }
-    let mut request = Request::builder().method(method).uri(uri);
-    if let Some(token) = token {
-        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
+    let mut request = admin_request(admin, token, method, path)?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     if !payload.is_empty() {
         request = request.header(header::CONTENT_TYPE, "application/json");
@@ -89,17 +119,7 @@ pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
 /// `veer health`: `GET /healthz` answers 200 within 5 s.
 pub async fn health(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     let base = admin.trim_end_matches('/');
-    let uri: Uri = format!("{base}/healthz")
-        .parse()
-        .map_err(|_| CliError::Url(admin.to_string()))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(CliError::Url(admin.to_string()).into());
-    }
-    let mut request = Request::builder().uri(uri);
-    if let Some(token) = token {
-        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = request
+    let request = admin_request(admin, token, Method::GET, "/healthz")?
         .body(Full::new(Bytes::new()))
         .map_err(|_| CliError::Url(admin.to_string()))?;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -126,6 +146,10 @@ pub async fn rollout(
     action: &str,
     route: &str,
 ) -> anyhow::Result<()> {
+    let valid = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
+    if route.is_empty() || route.len() > 64 || !route.bytes().all(valid) {
+        return Err(CliError::Route(route.to_string()).into());
+    }
     let path = format!("/api/v1/routes/{route}/rollout/{action}");
     let (_, value) = call(admin, token, Method::POST, &path, None).await?;
     print!(

@@ -96,7 +96,7 @@ fn main() -> ExitCode {
             report(block_on(veer::demo::run(options)), 2)
         }
         Command::Status { admin, token } => {
-            report(block_on(cli::status(&admin, token.as_deref())), 2)
+            report_admin(block_on(cli::status(&admin, token.as_deref())))
         }
         Command::Health { admin, token } => {
             report(block_on(cli::health(&admin, token.as_deref())), 1)
@@ -106,10 +106,12 @@ fn main() -> ExitCode {
             route,
             admin,
             token,
-        } => report(
-            block_on(cli::rollout(&admin, token.as_deref(), &action, &route)),
-            2,
-        ),
+        } => report_admin(block_on(cli::rollout(
+            &admin,
+            token.as_deref(),
+            &action,
+            &route,
+        ))),
     }
 }
 
@@ -196,6 +198,17 @@ fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> 
         .build()
         .context("cannot start the runtime")?
         .block_on(future)
+}
+
+/// The outcome of an admin-API command: 1 for a usage error (a malformed `--admin` URL, token
+/// or route name), 2 when the admin API is unreachable or refuses.
+fn report_admin<T>(result: anyhow::Result<T>) -> ExitCode {
+    let usage = result
+        .as_ref()
+        .err()
+        .and_then(|error| error.downcast_ref::<cli::CliError>())
+        .is_some_and(cli::CliError::is_usage);
+    report(result, if usage { 1 } else { 2 })
 }
 
 fn report<T>(result: anyhow::Result<T>, code: u8) -> ExitCode {

@@ -141,3 +141,70 @@ fn the_open_files_limit_is_raised_to_the_hard_one() {
     assert_ne!(soft, "64", "{line}");
     assert_eq!(soft, hard, "{line}");
 }
+
+/// `veer` with `args`, no admin URL or token from the environment: exit code and stderr.
+fn admin_command(args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(args)
+        .env_remove("VEER_ADMIN")
+        .env_remove("VEER_ADMIN_TOKEN")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("veer runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A malformed `--admin` URL (or token, or route name) is a usage error, exit 1, named in the
+/// message; an admin API that cannot be reached is a runtime failure, exit 2.
+#[test]
+fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failure() {
+    for admin in [
+        "notaurl",
+        "https://127.0.0.1:9901",
+        "http://",
+        "127.0.0.1:9901",
+    ] {
+        for args in [
+            vec!["status", "--admin", admin],
+            vec!["rollout", "start", "shop", "--admin", admin],
+        ] {
+            let (code, stderr) = admin_command(&args);
+            assert_eq!(code, Some(1), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{admin:?} is not an admin URL")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    let (code, stderr) = admin_command(&["status", "--token", "a\nb"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("token"), "{stderr}");
+    let (code, stderr) = admin_command(&["rollout", "pause", "no route", "--admin", "http://x"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("\"no route\" is not a route name"),
+        "{stderr}"
+    );
+
+    // Nothing listens on a port just bound and closed again.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let admin = format!("http://{closed}");
+    for args in [
+        vec!["status", "--admin", &admin],
+        vec!["rollout", "start", "shop", "--admin", &admin],
+    ] {
+        let (code, stderr) = admin_command(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot reach the admin API"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -965,6 +965,13 @@ async fn admin_requires_the_token_and_refuses_foreign_origins() {
     assert_eq!(shop_status_with(&veer, &[auth]).await["phase"], "idle");
     assert_eq!(call(Method::POST, start, vec![auth]).await, 200);
     assert_eq!(shop_status_with(&veer, &[auth]).await["phase"], "ramping");
+    // The CLI: a refused token is a runtime failure (exit 2), not a usage error.
+    let admin = format!("http://{}", veer.admin);
+    let (code, out, err) = veer_cli(&["status", "--admin", &admin, "--token", "nope"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("401"), "{err}");
+    let (code, out, err) = veer_cli(&["status", "--admin", &admin, "--token", "s3cret"]).await;
+    assert_eq!(code, 0, "{out}{err}");
     veer.shutdown().await;
 }
 
@@ -1127,6 +1134,10 @@ async fn cli_status_and_rollout_start_talk_to_the_admin_api() {
     let (code, out, err) = veer_cli(&["rollout", "start", "shop", "--admin", &admin]).await;
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("409") && err.contains("ramping"), "{err}");
+    // So is a route the admin API does not know (404).
+    let (code, out, err) = veer_cli(&["rollout", "pause", "nope", "--admin", &admin]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("404"), "{err}");
     veer.shutdown().await;
 }
 
