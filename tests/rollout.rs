@@ -312,7 +312,13 @@ async fn sparse_traffic_holds_past_max_step_time_and_never_fails() {
     }
     let reason = shared.rollout.view().last.unwrap().judgement.reason;
     assert!(reason.starts_with("waiting for evidence"), "{reason}");
-    assert_eq!(c.journal().len(), 1, "holds journal nothing");
+    // The start, and the hold once the step passed max_step_time; other holds journal nothing.
+    let journal = c.journal();
+    assert_eq!(journal.len(), 2, "{journal:?}");
+    assert_eq!(journal[1]["action"], "hold", "{journal:?}");
+    assert_eq!(journal[1]["weight_to"], journal[1]["weight_from"]);
+    let reason = journal[1]["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("waiting for evidence"), "{reason}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -350,18 +350,20 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
         }
         Verdict::Pass => (state.apply(Action::StepPassed, steps), "step_passed"),
         Verdict::Hold => {
-            if step_elapsed > config.rollout.max_step_time && !inner.hold_warned {
+            let overdue = step_elapsed > config.rollout.max_step_time && !inner.hold_warned;
+            if overdue {
                 inner.hold_warned = true;
                 warn!(route = %shared.name, reason = %judgement.reason, "Step is past max_step_time without enough evidence; holding.");
             }
-            if state.failures == 0 {
+            if state.failures == 0 && !overdue {
                 return;
             }
             // Failures must be consecutive analyses: a hold breaks the run, saved and
             // journaled like any other change of the count (a restart must not resume it).
+            // A step held past max_step_time is journaled once, with its evidence.
             let mut next = state.clone();
             next.failures = 0;
-            (Ok(next), "analysis")
+            (Ok(next), if overdue { "hold" } else { "analysis" })
         }
     };
     match next {
