@@ -208,3 +208,31 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
         );
     }
 }
+
+/// A certificate that cannot be read is a config problem: `check` names its key and line, and
+/// `run` refuses to start with the config exit code, 1.
+#[test]
+fn an_unreadable_tls_certificate_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[server]\n",
+        "[server]\ntls = { cert = \"missing.pem\", key = \"missing-key.pem\" }\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    for command in ["check", "run"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args([command, "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{command}: {said}");
+        assert!(
+            said.contains("server.tls.cert: cannot read"),
+            "{command}: {said}"
+        );
+        assert!(said.contains("line 2"), "{command}: {said}");
+    }
+}

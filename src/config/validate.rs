@@ -59,21 +59,6 @@ impl fmt::Display for ConfigErrors {
 /// Parses and validates config text. `base` resolves relative file paths (TLS files, state
 /// dir, access log); pass the config file's directory.
 pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
-    let deserializer = toml::Deserializer::new(text);
-    let raw: RawConfig = match serde_path_to_error::deserialize(deserializer) {
-        Ok(raw) => raw,
-        Err(error) => {
-            let path = error.path().to_string();
-            let inner = error.into_inner();
-            let line = inner.span().map(|span| line_of(text, span.start));
-            let path = if path == "." { String::new() } else { path };
-            return Err(ConfigErrors::single(ConfigError {
-                path,
-                line,
-                message: inner.message().trim().to_string(),
-            }));
-        }
-    };
     let doc = toml_edit::ImDocument::parse(text).ok();
     let mut v = Validator {
         text,
@@ -81,15 +66,127 @@ pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
         base: base.map(Path::to_path_buf),
         errors: Vec::new(),
     };
-    let config = v.config(raw);
-    if v.errors.is_empty() {
+    let (raw, key_errors) = deserialize_all(text, &v);
+    let config = raw.and_then(|raw| v.config(raw));
+    // A key already reported as unknown or mistyped was left out: what follows from its
+    // absence (a required key now missing) is not a second problem.
+    let follows = |error: &ConfigError| key_errors.iter().any(|key| within(&error.path, &key.path));
+    let mut errors = v.errors;
+    errors.retain(|error| !follows(error));
+    errors.extend(key_errors);
+    if errors.is_empty() {
         if let Some(config) = config {
             return Ok(config);
         }
     }
-    let mut errors = v.errors;
     errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
     Err(ConfigErrors(errors))
+}
+
+/// Whether key path `path` is `key` or lies under it (`route[0].rollout` under `route[0]`).
+fn within(path: &str, key: &str) -> bool {
+    path.strip_prefix(key)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// How many key-level problems one file reports at most.
+const MAX_KEY_ERRORS: usize = 100;
+
+/// Deserializes `text`, reporting every key-level problem (an unknown key, a wrong type), not
+/// just the first: the offending key is left out and the rest deserialized again. Lines are
+/// those of the original text. The raw config is `None` when what is left cannot be read (a
+/// table without a key it needs, a file that is not TOML).
+fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, Vec<ConfigError>) {
+    let mut errors: Vec<ConfigError> = Vec::new();
+    // The text with the reported keys removed, once there is one.
+    let mut edited: Option<toml_edit::DocumentMut> = None;
+    loop {
+        let source = edited.as_ref().map(ToString::to_string);
+        let deserializer = toml::Deserializer::new(source.as_deref().unwrap_or(text));
+        let error = match serde_path_to_error::deserialize::<_, RawConfig>(deserializer) {
+            Ok(raw) => return (Some(raw), errors),
+            Err(error) => error,
+        };
+        let segments: Vec<Segment> = error
+            .path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => Some(Segment::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(Segment::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        let path = error.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = error.into_inner();
+        let message = inner.message().trim().to_string();
+        let borrowed: Vec<Seg<'_>> = segments.iter().map(Segment::as_seg).collect();
+        let line = match &source {
+            None => inner.span().map(|span| line_of(text, span.start)),
+            Some(_) => v.line(&borrowed),
+        };
+        // A table that lacks a key because its wrong value was left out: already reported.
+        let consequence =
+            message.starts_with("missing field") && errors.iter().any(|e| within(&e.path, &path));
+        if !consequence {
+            errors.push(ConfigError {
+                path: path.clone(),
+                line,
+                message,
+            });
+        }
+        let doc = match &mut edited {
+            Some(doc) => doc,
+            None => match text.parse::<toml_edit::DocumentMut>() {
+                Ok(doc) => edited.insert(doc),
+                Err(_) => return (None, errors),
+            },
+        };
+        if consequence || errors.len() >= MAX_KEY_ERRORS || !remove_key(doc, &segments) {
+            return (None, errors);
+        }
+    }
+}
+
+/// An owned key path segment, as serde reports it.
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl Segment {
+    fn as_seg(&self) -> Seg<'_> {
+        match self {
+            Segment::Key(key) => Seg::Key(key),
+            Segment::Index(i) => Seg::Index(*i),
+        }
+    }
+}
+
+/// Removes the key at `path` from `doc`: the last key of the path (an array element takes its
+/// whole array, so that the other elements keep their indexes). False when there is no such
+/// key.
+fn remove_key(doc: &mut toml_edit::DocumentMut, path: &[Segment]) -> bool {
+    let Some(last_key) = path.iter().rposition(|s| matches!(s, Segment::Key(_))) else {
+        return false;
+    };
+    let mut item = doc.as_item_mut();
+    for segment in &path[..last_key] {
+        let next = match segment {
+            Segment::Key(key) => item.as_table_like_mut().and_then(|t| t.get_mut(key)),
+            Segment::Index(i) => item.get_mut(*i),
+        };
+        match next {
+            Some(next) => item = next,
+            None => return false,
+        }
+    }
+    let Segment::Key(key) = &path[last_key] else {
+        return false;
+    };
+    item.as_table_like_mut()
+        .and_then(|table| table.remove(key))
+        .is_some()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -216,6 +313,25 @@ impl Validator<'_> {
         }
     }
 
+    /// The certificate chain and key must load into a TLS config, as they will at start.
+    fn tls_files(&mut self, tls: &TlsConfig) {
+        use crate::listener::tls::{acceptor, TlsError};
+        let Err(error) = acceptor(tls) else {
+            return;
+        };
+        let key = match &error {
+            TlsError::Read { path, .. } | TlsError::NoCertificate { path } if *path == tls.cert => {
+                "cert"
+            }
+            TlsError::Read { .. } | TlsError::NoKey { .. } => "key",
+            TlsError::NoCertificate { .. } | TlsError::Rustls(_) => "cert",
+        };
+        self.error(
+            &[Seg::Key("server"), Seg::Key("tls"), Seg::Key(key)],
+            error.to_string(),
+        );
+    }
+
     fn path_of(&self, text: &str) -> PathBuf {
         let path = PathBuf::from(text);
         match &self.base {
@@ -248,6 +364,9 @@ impl Validator<'_> {
             cert: self.path_of(&tls.cert),
             key: self.path_of(&tls.key),
         });
+        if let Some(tls) = &tls {
+            self.tls_files(tls);
+        }
         let access_log = match raw.access_log.as_str() {
             "off" | "" => AccessLog::Off,
             "stderr" => AccessLog::Stderr,
@@ -360,10 +479,8 @@ impl Validator<'_> {
         let blue = self.slot(i, "blue", raw.blue);
         let green = self.slot(i, "green", raw.green);
         let sticky = self.sticky(i, raw.sticky, &name);
-        let shadow = match raw.shadow {
-            Some(shadow) => Some(self.shadow(i, shadow)?),
-            None => None,
-        };
+        // Every section is checked before any is given up on, so that all problems show.
+        let shadow = raw.shadow.map(|shadow| self.shadow(i, shadow));
         let rollout = self.rollout(i, raw.rollout);
         Some(RouteConfig {
             name,
@@ -373,7 +490,10 @@ impl Validator<'_> {
             blue: blue?,
             green: green?,
             sticky: sticky?,
-            shadow,
+            shadow: match shadow {
+                Some(shadow) => Some(shadow?),
+                None => None,
+            },
             rollout: rollout?,
         })
     }
@@ -853,6 +973,124 @@ endpoints = ["127.0.0.1:9002"]
             "{rendered:?}"
         );
         assert!(rendered.iter().any(|e| e.starts_with("route[0].rollout.min_step_time:") && e.ends_with("line 14")), "{rendered:?}");
+    }
+
+    /// Rendered problems, in the order `veer check` prints them.
+    fn rendered(text: &str) -> Vec<String> {
+        errors(text).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_do_not_hide_each_other_or_other_problems() {
+        let text = MINIMAL
+            .replace("listen = [", "foo = 1\nlisten = [")
+            .replace("name = \"shop\"", "name = \"shop\"\nstable = 3")
+            + "[route.rollout]\nsteps = [5, 1]\nbar = 2\n";
+        let got = rendered(&text);
+        let paths: Vec<&str> = got
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "server.foo",
+                "route[0].stable",
+                "route[0].rollout.steps",
+                "route[0].rollout.bar"
+            ],
+            "{got:#?}"
+        );
+        // Lines are those of the file as written.
+        for (error, line) in got.iter().zip([3, 8, 14, 15]) {
+            assert!(error.ends_with(&format!(", line {line}")), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_key_left_out_for_its_type_is_not_reported_again_as_missing() {
+        let text = MINIMAL.replace("listen = [\"127.0.0.1:8080\"]", "listen = 5");
+        let got = rendered(&text);
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(
+            got[0].starts_with("server.listen: invalid type"),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn a_shadow_problem_does_not_hide_the_rollouts() {
+        let text = format!(
+            "{MINIMAL}[route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\ncompare = \"bogus\"\n\
+             [route.rollout]\nsteps = [5, 1, 100]\nconfidence = 1.5\n"
+        );
+        let errs = errors(&text);
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "route[0].shadow.compare",
+                "route[0].rollout.steps",
+                "route[0].rollout.confidence"
+            ],
+            "{errs:?}"
+        );
+    }
+
+    /// A self-signed certificate and its key, written to `dir`; their paths.
+    fn self_signed(dir: &Path) -> (String, String) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    }
+
+    #[test]
+    fn tls_files_that_cannot_be_loaded_are_reported_at_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let with_tls = |cert: &str, key: &str| {
+            MINIMAL.replace(
+                "listen = [",
+                &format!("tls = {{ cert = \"{cert}\", key = \"{key}\" }}\nlisten = ["),
+            )
+        };
+        assert!(parse(&with_tls(&cert, &key), None).is_ok());
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let cases = [
+            (with_tls(&missing, &key), "server.tls.cert", "cannot read"),
+            (with_tls(&cert, &missing), "server.tls.key", "cannot read"),
+            (with_tls(&key, &key), "server.tls.cert", "no certificate"),
+            (with_tls(&cert, &cert), "server.tls.key", "no private key"),
+        ];
+        for (text, path, message) in cases {
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].path, path, "{errs:?}");
+            assert!(errs[0].message.contains(message), "{errs:?}");
+            assert_eq!(errs[0].line, Some(3), "{errs:?}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_files_are_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let files = [
+            ("example", include_str!("../../config/example.toml")),
+            ("sidecar", include_str!("../../config/sidecar.toml")),
+            ("gateway", include_str!("../../config/gateway.toml")),
+        ];
+        for (name, text) in files {
+            // gateway.toml's certificate is where the container mounts it.
+            let text = text
+                .replace("/etc/veer/tls/cert.pem", &cert)
+                .replace("/etc/veer/tls/key.pem", &key);
+            if let Err(errors) = parse(&text, Some(dir.path())) {
+                panic!("config/{name}.toml:\n{errors}");
+            }
+        }
     }
 
     #[test]
