@@ -26,9 +26,10 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
+# Symbols stay (function names in a backtrace); the line tables, most of the binary, do not.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p veer --bin veer \
+    CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked -p veer --bin veer \
     && install -D -m 0755 target/release/veer /out/veer
 # An empty state dir owned by the runtime user (the runtime image has no shell to make one).
 RUN install -d -o 65532 -g 65532 /out/state
