@@ -37,6 +37,15 @@ fn shadow_route(
 /// on blue), mirroring to `shadow` with `extra` in `[route.shadow]`; returns veer, blue, green
 /// and the shadow.
 async fn mirror(shadow: Upstream, extra: &str) -> (Veer, Upstream, Upstream, Upstream) {
+    mirror_keyed(shadow, extra, "none").await
+}
+
+/// [`mirror`] with the route's sticky key `by`.
+async fn mirror_keyed(
+    shadow: Upstream,
+    extra: &str,
+    by: &str,
+) -> (Veer, Upstream, Upstream, Upstream) {
     let (blue, green) = (recording("blue").await, recording("green").await);
     let routes = shadow_route(
         "mirror",
@@ -44,7 +53,8 @@ async fn mirror(shadow: Upstream, extra: &str) -> (Veer, Upstream, Upstream, Ups
         blue.addr,
         green.addr,
         Some((shadow.addr, extra)),
-    );
+    )
+    .replace("by = \"none\"", &format!("by = \"{by}\""));
     let veer = Veer::start("", &routes).await;
     (veer, blue, green, shadow)
 }
@@ -113,18 +123,8 @@ async fn ten_of_each(veer: &Veer, methods: &[Method], body: Bytes) {
 
 /// 2,000 GETs through a route keyed `by`; asserts the mirrored share is `percent = 20`.
 async fn mirrored_share_is_percent(by: &str) {
-    let shadow = recording("shadow").await;
-    let (blue, green) = (recording("blue").await, recording("green").await);
     let extra = "percent = 20.0\nmax_in_flight = 10000";
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, extra)),
-    )
-    .replace("by = \"none\"", &format!("by = \"{by}\""));
-    let veer = Veer::start("", &routes).await;
+    let (veer, blue, _green, shadow) = mirror_keyed(recording("shadow").await, extra, by).await;
     let answers = get_n(&veer, "/share", 2_000).await;
     assert_eq!(not_from_blue(&answers), 0);
     let stats = settled_shadow(&veer, "mirror").await;

@@ -181,6 +181,15 @@ mod tests {
         }
     }
 
+    /// A config file `veer.toml` in a new directory, and a watch on it.
+    fn watched() -> (tempfile::TempDir, PathBuf, Watching) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("veer.toml");
+        std::fs::write(&path, "a = 1\n").expect("write");
+        let watching = watch(path.clone()).expect("watch");
+        (dir, path, watching)
+    }
+
     /// Wake-ups arriving within `within`, counting each burst once.
     async fn woken(watching: &mut Watching, within: Duration) -> bool {
         let woke = tokio::time::timeout(within, watching.rx.recv())
@@ -192,10 +201,7 @@ mod tests {
 
     #[tokio::test]
     async fn reading_the_file_does_not_wake_the_watcher_and_writing_does() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("veer.toml");
-        std::fs::write(&path, "a = 1\n").expect("write");
-        let mut watching = watch(path.clone()).expect("watch");
+        let (_dir, path, mut watching) = watched();
         for _ in 0..3 {
             std::fs::read(&path).expect("read");
         }
@@ -209,10 +215,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_to_other_files_in_the_directory_do_not_wake_the_watcher() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("veer.toml");
-        std::fs::write(&path, "a = 1\n").expect("write");
-        let mut watching = watch(path.clone()).expect("watch");
+        let (dir, _path, mut watching) = watched();
         let mut log = std::fs::File::create(dir.path().join("access.log")).expect("create");
         // The creation of the log is a directory change: let it pass.
         woken(&mut watching, QUIET).await;
@@ -230,10 +233,7 @@ mod tests {
     /// MAX_DELAY.
     #[tokio::test]
     async fn a_burst_that_never_stops_delays_a_reload_by_at_most_max_delay() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("veer.toml");
-        std::fs::write(&path, "a = 1\n").expect("write");
-        let mut watching = watch(path.clone()).expect("watch");
+        let (dir, _path, mut watching) = watched();
         let churn = dir.path().to_path_buf();
         let churning = tokio::spawn(async move {
             for i in 0..80 {
