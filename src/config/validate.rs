@@ -119,7 +119,7 @@ fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, Vec<Con
         let path = error.path().to_string();
         let path = if path == "." { String::new() } else { path };
         let inner = error.into_inner();
-        let message = inner.message().trim().to_string();
+        let message = plain_message(inner.message());
         let borrowed: Vec<Seg<'_>> = segments.iter().map(Segment::as_seg).collect();
         let line = match &source {
             None => inner.span().map(|span| line_of(text, span.start)),
@@ -142,9 +142,27 @@ fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, Vec<Con
                 Err(_) => return (None, errors),
             },
         };
-        if consequence || errors.len() >= MAX_KEY_ERRORS || !remove_key(doc, &segments) {
+        if errors.len() >= MAX_KEY_ERRORS {
+            errors.push(ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("more problems not shown: the first {MAX_KEY_ERRORS} are"),
+            });
             return (None, errors);
         }
+        if consequence || !remove_key(doc, &segments) {
+            return (None, errors);
+        }
+    }
+}
+
+/// serde's message without the names of veer's own types: "expected struct RawSlot" reads
+/// "expected a table".
+fn plain_message(message: &str) -> String {
+    let message = message.trim();
+    match message.find("expected struct Raw") {
+        Some(at) => format!("{}expected a table", &message[..at]),
+        None => message.to_string(),
     }
 }
 
@@ -1015,6 +1033,28 @@ endpoints = ["127.0.0.1:9002"]
         assert!(
             got[0].starts_with("server.listen: invalid type"),
             "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn messages_name_no_internal_types_and_say_when_problems_were_left_out() {
+        let text = MINIMAL
+            .replace("[route.green]\nendpoints = [\"127.0.0.1:9002\"]\n", "")
+            .replace("name = \"shop\"\n", "name = \"shop\"\ngreen = 5\n");
+        let got = rendered(&text);
+        assert!(
+            got.iter()
+                .any(|e| e
+                    .starts_with("route[0].green: invalid type: integer `5`, expected a table")),
+            "{got:#?}"
+        );
+        assert!(got.iter().all(|e| !e.contains("Raw")), "{got:#?}");
+        let many: String = (0..150).map(|i| format!("k{i} = 1\n")).collect();
+        let got = rendered(&MINIMAL.replace("listen = [", &format!("{many}listen = [")));
+        assert_eq!(got.len(), MAX_KEY_ERRORS + 1, "{got:#?}");
+        assert_eq!(
+            got.last().map(String::as_str),
+            Some("more problems not shown: the first 100 are")
         );
     }
 
