@@ -333,6 +333,14 @@ async fn assert_cut(veer: &Veer, body: &str) {
     assert_eq!(slot["errors"]["timeout"], 1, "{slot}");
 }
 
+/// Asserts that `body` from `veer` arrived whole, with no timeout counted against the slot.
+async fn assert_whole(veer: &Veer, body: &str) {
+    let (status, _, got) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(got, body.as_bytes());
+    assert_eq!(blue_slot(veer).await["errors"]["timeout"], 0);
+}
+
 /// An upstream body that sends nothing for `idle_timeout` is cut: the client sees an aborted
 /// response (never a clean end), and the slot counts a timeout. A body whose pieces come
 /// faster than that streams through whole.
@@ -347,10 +355,7 @@ async fn an_upstream_body_stalling_past_idle_timeout_is_cut_and_counted() {
 
     // A piece every 50 ms.
     let (veer, _steady) = slow_body(idle, &body, Duration::from_millis(500)).await;
-    let (status, _, got) = get(&veer.url("/"), &[]).await;
-    assert_eq!(status, 200);
-    assert_eq!(got, body.as_bytes());
-    assert_eq!(blue_slot(&veer).await["errors"]["timeout"], 0);
+    assert_whole(&veer, &body).await;
     veer.shutdown().await;
 }
 
@@ -367,9 +372,6 @@ async fn an_upstream_body_not_done_within_request_timeout_is_cut_and_counted() {
 
     // A piece every 30 ms, for 300 ms.
     let (veer, _fast) = slow_body(server, &body, Duration::from_millis(300)).await;
-    let (status, _, got) = get(&veer.url("/"), &[]).await;
-    assert_eq!(status, 200);
-    assert_eq!(got, body.as_bytes());
-    assert_eq!(blue_slot(&veer).await["errors"]["timeout"], 0);
+    assert_whole(&veer, &body).await;
     veer.shutdown().await;
 }
