@@ -126,8 +126,14 @@ fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, Vec<Con
             Some(_) => v.line(&borrowed),
         };
         // A table that lacks a key because its wrong value was left out: already reported.
-        let consequence =
-            message.starts_with("missing field") && errors.iter().any(|e| within(&e.path, &path));
+        let consequence = missing_field(&message).is_some_and(|field| {
+            let key = if path.is_empty() {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+            errors.iter().any(|e| within(&e.path, &key))
+        });
         if !consequence {
             errors.push(ConfigError {
                 path: path.clone(),
@@ -154,6 +160,11 @@ fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, Vec<Con
             return (None, errors);
         }
     }
+}
+
+/// The key a "missing field `name`" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
 }
 
 /// serde's message without the names of veer's own types: "expected struct RawSlot" reads
@@ -1055,6 +1066,22 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(
             got.last().map(String::as_str),
             Some("more problems not shown: the first 100 are")
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_really_missing_is_reported_beside_other_problems_of_its_table() {
+        let text = MINIMAL.replace(
+            "listen = [",
+            "tls = { cert = \"cert.pem\", colour = \"red\" }\nlisten = [",
+        );
+        let got = rendered(&text);
+        assert_eq!(
+            got,
+            [
+                "server.tls.colour: unknown field `colour`, expected `cert` or `key`, line 3",
+                "server.tls: missing field `key`, line 3",
+            ],
         );
     }
 
