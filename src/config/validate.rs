@@ -1045,6 +1045,17 @@ endpoints = ["127.0.0.1:9002"]
             got[0].starts_with("server.listen: invalid type"),
             "{got:#?}"
         );
+        // A key serde requires: left out, then missing; reported once.
+        let text = MINIMAL.replace(
+            "listen = [",
+            "tls = { cert = 5, key = \"key.pem\" }\nlisten = [",
+        );
+        let got = rendered(&text);
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(
+            got[0].starts_with("server.tls.cert: invalid type"),
+            "{got:#?}"
+        );
     }
 
     #[test]
