@@ -7,6 +7,8 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Method;
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -255,6 +257,34 @@ async fn a_refused_upstream_is_502_and_a_connect_error_of_the_slot() {
     let slot = blue_slot(&veer).await;
     assert_eq!(slot["errors"]["connect"], 1, "{slot}");
     assert_eq!(slot["requests"], 1, "{slot}");
+    veer.shutdown().await;
+}
+
+/// A request no connection could be made for reached no upstream: it goes to the slot's next
+/// endpoint, and the client never sees the refusal.
+#[tokio::test]
+async fn a_refused_endpoint_among_several_costs_no_request() {
+    let live = recording("blue").await;
+    let dead = closed_addr().await;
+    let routes = route("shop", live.addr, live.addr, "").replacen(
+        &format!("endpoints = [\"{}\"]", live.addr),
+        &format!("endpoints = [\"{dead}\", \"{}\"]", live.addr),
+        1,
+    );
+    assert!(routes.contains(&dead.to_string()), "{routes}");
+    let veer = Veer::start("", &routes).await;
+    for i in 0..20 {
+        let (status, _, body) = send(Method::POST, &veer.url("/"), &[], Bytes::from("hi")).await;
+        assert_eq!(status, 200, "request {i}: {body:?}");
+    }
+    assert_eq!(live.request_count(), 20);
+    assert!(live
+        .seen()
+        .iter()
+        .all(|seen| seen.body.as_deref() == Some(&b"hi"[..])));
+    let slot = blue_slot(&veer).await;
+    assert!(no_errors(&slot), "{slot}");
+    assert_eq!(slot["requests"], 20, "{slot}");
     veer.shutdown().await;
 }
 

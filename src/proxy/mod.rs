@@ -24,8 +24,9 @@ use crate::config::{Compare, ServerConfig};
 use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
-use crate::upstream::pool::{Lease, Pool, UpstreamError};
+use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
 use crate::upstream::{self, ClientWait, Failure, RequestBody};
+use crate::Slot;
 use body::{Extra, ProxyBody, Tail};
 use error::LocalError;
 use headers::Forwarded;
@@ -101,8 +102,8 @@ impl Proxy {
         let metrics = route.shared.slot_metrics(decision.slot);
         let mut pending = Pending::new(metrics);
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(server.request_timeout, self.pool.send(endpoint, request)).await;
+        let forwarded = self.forward(route, decision.slot, endpoint, request);
+        let result = tokio::time::timeout(server.request_timeout, forwarded).await;
         let latency = sent.elapsed();
         pending.done();
         match result {
@@ -120,6 +121,38 @@ impl Proxy {
                 let kind = crate::metrics::ErrorKind::Timeout;
                 metrics.record_failure(kind, latency);
                 self.local_answer(exchange, LocalError::Upstream(kind), latency)
+            }
+        }
+    }
+
+    /// Phase 5: sends the request to `endpoint`. A request that no connection could be made
+    /// for has reached no upstream, so it goes to the slot's other endpoints in turn (each at
+    /// most once); an endpoint that refused is passed over for a while.
+    async fn forward(
+        &self,
+        route: &Route,
+        slot: Slot,
+        mut endpoint: &Authority,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let mut others = route.endpoint_count(slot).saturating_sub(1);
+        loop {
+            let Failed { error, unsent } = match self.pool.send(endpoint, request).await {
+                Ok(answer) => return Ok(answer),
+                Err(failed) => failed,
+            };
+            let Some(unsent) = unsent else {
+                return Err(error);
+            };
+            route.eject(slot, endpoint);
+            match route.endpoint(slot) {
+                Some(next) if others > 0 => {
+                    debug!(route = route.name(), %slot, %error, next = %next, "Cannot connect; trying the slot's next endpoint.");
+                    others -= 1;
+                    endpoint = next;
+                    request = *unsent;
+                }
+                _ => return Err(error),
             }
         }
     }

@@ -12,11 +12,13 @@ mod split_tests;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http::uri::Authority;
 use http::HeaderMap;
+use tokio::time::Instant;
 
 use crate::config::{Config, HostPattern, RouteConfig, StickyBy};
 use crate::metrics::SlotMetrics;
@@ -61,6 +63,8 @@ pub struct Route {
     pub shared: Arc<RouteShared>,
     seed: u64,
     endpoints: [Vec<Authority>; 2],
+    /// Per endpoint of `endpoints`: passed over until this [`clock_ms`]; 0 = never ejected.
+    down_until: [Box<[AtomicU64]>; 2],
     shadow_endpoints: Vec<Authority>,
 }
 
@@ -83,12 +87,16 @@ impl Route {
                 .filter_map(|e| e.parse::<Authority>().ok())
                 .collect::<Vec<_>>()
         };
+        let endpoints = [
+            parse(&config.blue.endpoints),
+            parse(&config.green.endpoints),
+        ];
+        let never_ejected =
+            |list: &Vec<Authority>| list.iter().map(|_| AtomicU64::new(0)).collect();
         Self {
             seed: sticky::seed(&config.sticky.salt),
-            endpoints: [
-                parse(&config.blue.endpoints),
-                parse(&config.green.endpoints),
-            ],
+            down_until: [never_ejected(&endpoints[0]), never_ejected(&endpoints[1])],
+            endpoints,
             shadow_endpoints: config
                 .shadow
                 .as_ref()
@@ -147,12 +155,40 @@ impl Route {
         }
     }
 
-    /// The next endpoint of a slot, round robin.
+    /// The next endpoint of a slot, round robin, passing over endpoints that refused a
+    /// connection in the last [`EJECTED_FOR`] (unless all of them did).
     pub fn endpoint(&self, slot: Slot) -> Option<&Authority> {
-        pick(
-            &self.endpoints[slot.index()],
-            &self.shared.round_robin[slot.index()],
-        )
+        let list = &self.endpoints[slot.index()];
+        let down = &self.down_until[slot.index()];
+        let n = list.len();
+        if n < 2 {
+            return list.first();
+        }
+        let start = self.shared.round_robin[slot.index()].fetch_add(1, Ordering::Relaxed) % n;
+        let mut now = None;
+        let up = (0..n).map(|k| (start + k) % n).find(|&i| {
+            let until = down[i].load(Ordering::Relaxed);
+            until == 0 || until <= *now.get_or_insert_with(clock_ms)
+        });
+        list.get(up.unwrap_or(start))
+    }
+
+    /// `endpoint` of `slot` could not be connected to: pass over it for [`EJECTED_FOR`]. A slot
+    /// with one endpoint keeps trying it.
+    pub fn eject(&self, slot: Slot, endpoint: &Authority) {
+        let list = &self.endpoints[slot.index()];
+        if list.len() < 2 {
+            return;
+        }
+        if let Some(i) = list.iter().position(|e| e == endpoint) {
+            let until = clock_ms() + EJECTED_FOR.as_millis() as u64;
+            self.down_until[slot.index()][i].store(until, Ordering::Relaxed);
+        }
+    }
+
+    /// How many endpoints `slot` has.
+    pub fn endpoint_count(&self, slot: Slot) -> usize {
+        self.endpoints[slot.index()].len()
     }
 
     pub fn shadow_endpoint(&self) -> Option<&Authority> {
@@ -170,6 +206,15 @@ fn forced_slot(value: &[u8]) -> Option<Slot> {
     [Slot::Blue, Slot::Green]
         .into_iter()
         .find(|slot| value.eq_ignore_ascii_case(slot.as_str().as_bytes()))
+}
+
+/// How long an endpoint that refused a connection is passed over.
+pub const EJECTED_FOR: Duration = Duration::from_secs(10);
+
+/// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never ejected).
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 fn pick<'a>(list: &'a [Authority], counter: &AtomicUsize) -> Option<&'a Authority> {
@@ -296,6 +341,40 @@ mod tests {
             "[[route]]\nname = \"{name}\"\nhosts = [{hosts}]\npath_prefix = \"{prefix}\"\n\
              [route.blue]\nendpoints = [\"127.0.0.1:1\"]\n[route.green]\nendpoints = [\"127.0.0.1:2\"]\n"
         )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_is_passed_over_until_its_time_is_up() {
+        let text = "[server]\nlisten = [\"127.0.0.1:0\"]\n[[route]]\nname = \"r\"\n\
+             [route.blue]\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\"]\n\
+             [route.green]\nendpoints = [\"127.0.0.1:4\"]\n";
+        let t = table(text);
+        let r = &t.routes()[0];
+        let picks = |n: usize| -> Vec<String> {
+            (0..n)
+                .filter_map(|_| r.endpoint(Slot::Blue).map(ToString::to_string))
+                .collect()
+        };
+        let all: std::collections::HashSet<_> = picks(3).into_iter().collect();
+        assert_eq!(all.len(), 3, "round robin over all three: {all:?}");
+        let two: Authority = "127.0.0.1:2".parse().unwrap();
+        r.eject(Slot::Blue, &two);
+        let after = picks(30);
+        assert!(after.iter().all(|e| e != "127.0.0.1:2"), "{after:?}");
+        assert!(after.contains(&"127.0.0.1:1".into()) && after.contains(&"127.0.0.1:3".into()));
+        // Every endpoint ejected: still one to try, round robin.
+        for e in ["127.0.0.1:1", "127.0.0.1:3"] {
+            r.eject(Slot::Blue, &e.parse().unwrap());
+        }
+        assert_eq!(picks(30).len(), 30);
+        // A slot's only endpoint is never passed over.
+        let four: Authority = "127.0.0.1:4".parse().unwrap();
+        r.eject(Slot::Green, &four);
+        assert_eq!(r.endpoint(Slot::Green), Some(&four));
+        // Back in turn once EJECTED_FOR has passed.
+        tokio::time::advance(EJECTED_FOR + Duration::from_millis(1)).await;
+        let back: std::collections::HashSet<_> = picks(3).into_iter().collect();
+        assert_eq!(back.len(), 3, "{back:?}");
     }
 
     #[test]

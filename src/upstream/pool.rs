@@ -49,6 +49,31 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
 }
 
+/// A failed exchange, with the request when it never reached the upstream (no connection could
+/// be made): it can be sent to another endpoint.
+pub struct Failed {
+    pub error: UpstreamError,
+    pub unsent: Option<Box<Request<RequestBody>>>,
+}
+
+impl Failed {
+    fn unsent(error: UpstreamError, request: Request<RequestBody>) -> Self {
+        Failed {
+            error,
+            unsent: Some(Box::new(request)),
+        }
+    }
+}
+
+impl From<UpstreamError> for Failed {
+    fn from(error: UpstreamError) -> Self {
+        Failed {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 /// Idle connections by endpoint (`host:port`).
 type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>>;
 
@@ -103,7 +128,7 @@ impl Pool {
         &self,
         endpoint: &Authority,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+    ) -> Result<(Response<Incoming>, Lease), Failed> {
         while let Some(mut sender) = self.checkout(endpoint) {
             if sender.ready().await.is_err() {
                 continue;
@@ -113,12 +138,18 @@ impl Pool {
                 Err(mut error) => match error.take_message() {
                     // Not sent: the connection was closed under it. Next one.
                     Some(unsent) => request = unsent,
-                    None => return Err(error.into_error().into()),
+                    None => return Err(UpstreamError::from(error.into_error()).into()),
                 },
             }
         }
-        let mut sender = self.connect(endpoint).await?;
-        let response = sender.send_request(request).await?;
+        let mut sender = match self.connect(endpoint).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(Failed::unsent(error, request)),
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(UpstreamError::from)?;
         Ok((response, self.lease(sender, endpoint)))
     }
 
