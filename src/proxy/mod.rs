@@ -102,8 +102,23 @@ impl Proxy {
         let metrics = route.shared.slot_metrics(decision.slot);
         let mut pending = Pending::new(metrics);
         let sent = Instant::now();
-        let forwarded = self.forward(route, decision.slot, endpoint, request);
-        let result = tokio::time::timeout(server.request_timeout, forwarded).await;
+        let deadline = sent + server.request_timeout;
+        let result = match tokio::time::timeout_at(deadline, self.pool.send(endpoint, request))
+            .await
+        {
+            Ok(Ok(answer)) => Ok(Ok(answer)),
+            Ok(Err(Failed {
+                error,
+                unsent: Some(unsent),
+            })) => {
+                // Out of line: the rare path must not grow every request's future.
+                let others =
+                    Box::pin(self.next_endpoints(route, decision.slot, endpoint, unsent, error));
+                tokio::time::timeout_at(deadline, others).await
+            }
+            Ok(Err(Failed { error, .. })) => Ok(Err(error)),
+            Err(elapsed) => Err(elapsed),
+        };
         let latency = sent.elapsed();
         pending.done();
         match result {
@@ -125,36 +140,34 @@ impl Proxy {
         }
     }
 
-    /// Phase 5: sends the request to `endpoint`. A request that no connection could be made
-    /// for has reached no upstream, so it goes to the slot's other endpoints in turn (each at
-    /// most once); an endpoint that refused is passed over for a while.
-    async fn forward(
+    /// Phase 5, when no connection could be made to `refused` for `request`: the request
+    /// reached no upstream, so it goes to the slot's other endpoints in turn (each at most
+    /// once), and an endpoint that refused is passed over for a while.
+    async fn next_endpoints(
         &self,
         route: &Route,
         slot: Slot,
-        mut endpoint: &Authority,
-        mut request: Request<RequestBody>,
+        mut refused: &Authority,
+        mut request: Box<Request<RequestBody>>,
+        mut error: UpstreamError,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        let mut others = route.endpoint_count(slot).saturating_sub(1);
-        loop {
-            let Failed { error, unsent } = match self.pool.send(endpoint, request).await {
+        for _ in 1..route.endpoint_count(slot) {
+            route.eject(slot, refused);
+            let Some(next) = route.endpoint(slot) else {
+                break;
+            };
+            debug!(route = route.name(), %slot, %error, %next, "Cannot connect; trying the slot's next endpoint.");
+            match self.pool.send(next, *request).await {
                 Ok(answer) => return Ok(answer),
-                Err(failed) => failed,
-            };
-            let Some(unsent) = unsent else {
-                return Err(error);
-            };
-            route.eject(slot, endpoint);
-            match route.endpoint(slot) {
-                Some(next) if others > 0 => {
-                    debug!(route = route.name(), %slot, %error, next = %next, "Cannot connect; trying the slot's next endpoint.");
-                    others -= 1;
-                    endpoint = next;
-                    request = *unsent;
-                }
-                _ => return Err(error),
+                Err(Failed {
+                    error: failed,
+                    unsent: Some(unsent),
+                }) => (refused, request, error) = (next, unsent, failed),
+                Err(Failed { error, .. }) => return Err(error),
             }
         }
+        route.eject(slot, refused);
+        Err(error)
     }
 
     /// Phase 4: rewrites the request for the chosen slot's next endpoint, prepares the shadow
