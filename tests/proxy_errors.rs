@@ -288,6 +288,27 @@ async fn a_refused_endpoint_among_several_costs_no_request() {
     veer.shutdown().await;
 }
 
+/// Every endpoint of the slot refusing: one 502, one connect error of the slot.
+#[tokio::test]
+async fn a_slot_whose_endpoints_all_refuse_answers_502_once() {
+    let (first, second) = (closed_addr().await, closed_addr().await);
+    let routes = route("shop", first, first, "").replacen(
+        &format!("endpoints = [\"{first}\"]"),
+        &format!("endpoints = [\"{first}\", \"{second}\"]"),
+        1,
+    );
+    assert!(routes.contains(&second.to_string()), "{routes}");
+    let veer = Veer::start("", &routes).await;
+    for _ in 0..3 {
+        let (status, _, _) = get(&veer.url("/"), &[]).await;
+        assert_eq!(status, 502);
+    }
+    let slot = blue_slot(&veer).await;
+    assert_eq!(slot["errors"]["connect"], 3, "{slot}");
+    assert_eq!(slot["requests"], 3, "{slot}");
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_upstream_slower_than_request_timeout_is_504_and_a_timeout_of_the_slot() {
     let upstream = Upstream::builder("blue")
