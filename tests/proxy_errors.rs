@@ -260,19 +260,24 @@ async fn a_refused_upstream_is_502_and_a_connect_error_of_the_slot() {
     veer.shutdown().await;
 }
 
+/// veer with the route `shop`: blue on endpoints `first` and `second`, green on `first`.
+async fn two_blue_endpoints(first: std::net::SocketAddr, second: std::net::SocketAddr) -> Veer {
+    let routes = route("shop", first, first, "").replacen(
+        &format!("endpoints = [\"{first}\"]"),
+        &format!("endpoints = [\"{first}\", \"{second}\"]"),
+        1,
+    );
+    assert!(routes.contains(&second.to_string()), "{routes}");
+    Veer::start("", &routes).await
+}
+
 /// A request no connection could be made for reached no upstream: it goes to the slot's next
 /// endpoint, and the client never sees the refusal.
 #[tokio::test]
 async fn a_refused_endpoint_among_several_costs_no_request() {
     let live = recording("blue").await;
     let dead = closed_addr().await;
-    let routes = route("shop", live.addr, live.addr, "").replacen(
-        &format!("endpoints = [\"{}\"]", live.addr),
-        &format!("endpoints = [\"{dead}\", \"{}\"]", live.addr),
-        1,
-    );
-    assert!(routes.contains(&dead.to_string()), "{routes}");
-    let veer = Veer::start("", &routes).await;
+    let veer = two_blue_endpoints(dead, live.addr).await;
     for i in 0..20 {
         let (status, _, body) = send(Method::POST, &veer.url("/"), &[], Bytes::from("hi")).await;
         assert_eq!(status, 200, "request {i}: {body:?}");
@@ -292,13 +297,7 @@ async fn a_refused_endpoint_among_several_costs_no_request() {
 #[tokio::test]
 async fn a_slot_whose_endpoints_all_refuse_answers_502_once() {
     let (first, second) = (closed_addr().await, closed_addr().await);
-    let routes = route("shop", first, first, "").replacen(
-        &format!("endpoints = [\"{first}\"]"),
-        &format!("endpoints = [\"{first}\", \"{second}\"]"),
-        1,
-    );
-    assert!(routes.contains(&second.to_string()), "{routes}");
-    let veer = Veer::start("", &routes).await;
+    let veer = two_blue_endpoints(first, second).await;
     for _ in 0..3 {
         let (status, _, _) = get(&veer.url("/"), &[]).await;
         assert_eq!(status, 502);
