@@ -66,14 +66,13 @@ pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
         base: base.map(Path::to_path_buf),
         errors: Vec::new(),
     };
-    let (raw, key_errors) = deserialize_all(text, &v);
+    let (raw, keys) = deserialize_all(text, &v);
     let config = raw.and_then(|raw| v.config(raw));
-    // A key already reported as unknown or mistyped was left out: what follows from its
-    // absence (a required key now missing) is not a second problem.
-    let follows = |error: &ConfigError| key_errors.iter().any(|key| within(&error.path, &key.path));
+    // What follows from a key being left out (a required key or table now missing, an array
+    // now empty) is not a second problem.
     let mut errors = v.errors;
-    errors.retain(|error| !follows(error));
-    errors.extend(key_errors);
+    errors.retain(|error| !keys.left_out(&error.path));
+    errors.extend(keys.errors);
     if errors.is_empty() {
         if let Some(config) = config {
             return Ok(config);
@@ -92,35 +91,41 @@ fn within(path: &str, key: &str) -> bool {
 /// How many key-level problems one file reports at most.
 const MAX_KEY_ERRORS: usize = 100;
 
-/// Deserializes `text`, reporting every key-level problem (an unknown key, a wrong type), not
-/// just the first: the offending key is left out and the rest deserialized again. Lines are
-/// those of the original text. The raw config is `None` when what is left cannot be read (a
-/// table without a key it needs, a file that is not TOML).
-fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, Vec<ConfigError>) {
-    let mut errors: Vec<ConfigError> = Vec::new();
-    // The text with the reported keys removed, once there is one.
+/// The key-level problems of one file, and the keys left out to read the rest.
+#[derive(Default)]
+struct KeyProblems {
+    errors: Vec<ConfigError>,
+    /// Key paths removed from the document (`route[0].blue.endpoints`).
+    removed: Vec<String>,
+}
+
+impl KeyProblems {
+    /// Whether `path` was left out, itself or with a key above it.
+    fn left_out(&self, path: &str) -> bool {
+        self.removed.iter().any(|key| within(path, key))
+    }
+}
+
+/// Deserializes `text`, reporting every key-level problem (an unknown key, a wrong type, a
+/// missing key serde requires), not just the first: the offending key is left out and the rest
+/// deserialized again. Lines are those of the original text. The raw config is `None` when what
+/// is left cannot be read (a file that is not TOML, or too many problems).
+fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, KeyProblems) {
+    let mut found = KeyProblems::default();
+    // The text with the offending keys removed, once there is one.
     let mut edited: Option<toml_edit::DocumentMut> = None;
     loop {
         let source = edited.as_ref().map(ToString::to_string);
         let deserializer = toml::Deserializer::new(source.as_deref().unwrap_or(text));
         let error = match serde_path_to_error::deserialize::<_, RawConfig>(deserializer) {
-            Ok(raw) => return (Some(raw), errors),
+            Ok(raw) => return (Some(raw), found),
             Err(error) => error,
         };
-        let segments: Vec<Segment> = error
-            .path()
-            .iter()
-            .filter_map(|segment| match segment {
-                serde_path_to_error::Segment::Map { key } => Some(Segment::Key(key.clone())),
-                serde_path_to_error::Segment::Seq { index } => Some(Segment::Index(*index)),
-                _ => None,
-            })
-            .collect();
-        let path = error.path().to_string();
-        let path = if path == "." { String::new() } else { path };
+        let segments = segments(error.path());
+        let borrowed: Vec<Seg<'_>> = segments.iter().map(Segment::as_seg).collect();
+        let path = render(&borrowed);
         let inner = error.into_inner();
         let message = plain_message(inner.message());
-        let borrowed: Vec<Seg<'_>> = segments.iter().map(Segment::as_seg).collect();
         let line = match &source {
             None => inner.span().map(|span| line_of(text, span.start)),
             Some(_) => v.line(&borrowed),
@@ -132,34 +137,64 @@ fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, Vec<Con
             } else {
                 format!("{path}.{field}")
             };
-            errors.iter().any(|e| within(&e.path, &key))
+            found.left_out(&key)
         });
         if !consequence {
-            errors.push(ConfigError {
-                path: path.clone(),
+            found.errors.push(ConfigError {
+                path,
                 line,
                 message,
             });
+        }
+        if found.errors.len() >= MAX_KEY_ERRORS {
+            found.errors.push(ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("more problems not shown: the first {MAX_KEY_ERRORS} are"),
+            });
+            return (None, found);
         }
         let doc = match &mut edited {
             Some(doc) => doc,
             None => match text.parse::<toml_edit::DocumentMut>() {
                 Ok(doc) => edited.insert(doc),
-                Err(_) => return (None, errors),
+                Err(_) => return (None, found),
             },
         };
-        if errors.len() >= MAX_KEY_ERRORS {
-            errors.push(ConfigError {
-                path: String::new(),
-                line: None,
-                message: format!("more problems not shown: the first {MAX_KEY_ERRORS} are"),
-            });
-            return (None, errors);
-        }
-        if consequence || !remove_key(doc, &segments) {
-            return (None, errors);
+        // Each pass removes a key, so the loop ends.
+        match remove_key(doc, &segments) {
+            Some(removed) => found.removed.push(removed),
+            None => return (None, found),
         }
     }
+}
+
+/// A serde key path as owned segments.
+fn segments(path: &serde_path_to_error::Path) -> Vec<Segment> {
+    path.iter()
+        .filter_map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(Segment::Key(key.clone())),
+            serde_path_to_error::Segment::Seq { index } => Some(Segment::Index(*index)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `route[1].rollout.steps`.
+fn render(path: &[Seg<'_>]) -> String {
+    let mut rendered = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(key) => {
+                if !rendered.is_empty() {
+                    rendered.push('.');
+                }
+                rendered.push_str(key);
+            }
+            Seg::Index(i) => rendered.push_str(&format!("[{i}]")),
+        }
+    }
+    rendered
 }
 
 /// The key a "missing field `name`" message names.
@@ -193,29 +228,23 @@ impl Segment {
 }
 
 /// Removes the key at `path` from `doc`: the last key of the path (an array element takes its
-/// whole array, so that the other elements keep their indexes). False when there is no such
-/// key.
-fn remove_key(doc: &mut toml_edit::DocumentMut, path: &[Segment]) -> bool {
-    let Some(last_key) = path.iter().rposition(|s| matches!(s, Segment::Key(_))) else {
-        return false;
-    };
+/// whole array, so that the other elements keep their indexes). The removed key's path; `None`
+/// when there is no such key.
+fn remove_key(doc: &mut toml_edit::DocumentMut, path: &[Segment]) -> Option<String> {
+    let last_key = path.iter().rposition(|s| matches!(s, Segment::Key(_)))?;
     let mut item = doc.as_item_mut();
     for segment in &path[..last_key] {
-        let next = match segment {
-            Segment::Key(key) => item.as_table_like_mut().and_then(|t| t.get_mut(key)),
-            Segment::Index(i) => item.get_mut(*i),
+        item = match segment {
+            Segment::Key(key) => item.as_table_like_mut()?.get_mut(key)?,
+            Segment::Index(i) => item.get_mut(*i)?,
         };
-        match next {
-            Some(next) => item = next,
-            None => return false,
-        }
     }
     let Segment::Key(key) = &path[last_key] else {
-        return false;
+        return None;
     };
-    item.as_table_like_mut()
-        .and_then(|table| table.remove(key))
-        .is_some()
+    item.as_table_like_mut()?.remove(key)?;
+    let removed: Vec<Seg<'_>> = path[..=last_key].iter().map(Segment::as_seg).collect();
+    Some(render(&removed))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -243,21 +272,9 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn error(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
-        let mut rendered = String::new();
-        for seg in path {
-            match seg {
-                Seg::Key(key) => {
-                    if !rendered.is_empty() {
-                        rendered.push('.');
-                    }
-                    rendered.push_str(key);
-                }
-                Seg::Index(i) => rendered.push_str(&format!("[{i}]")),
-            }
-        }
         let line = self.line(path);
         self.errors.push(ConfigError {
-            path: rendered,
+            path: render(path),
             line,
             message: message.into(),
         });
@@ -1055,6 +1072,42 @@ endpoints = ["127.0.0.1:9002"]
         assert!(
             got[0].starts_with("server.tls.cert: invalid type"),
             "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn a_key_required_by_its_table_and_left_out_hides_nothing_else() {
+        let text = MINIMAL.replace(
+            "listen = [",
+            "tls = { cert = 5, key = \"key.pem\" }\nfoo = 1\nlisten = [",
+        ) + "[route.rollout]\nsteps = [5, 1]\n";
+        let got = rendered(&text);
+        let paths: Vec<&str> = got
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            paths,
+            ["server.tls.cert", "server.foo", "route[0].rollout.steps"],
+            "{got:#?}"
+        );
+        for (error, line) in got.iter().zip([3, 4, 14]) {
+            assert!(error.ends_with(&format!(", line {line}")), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_mistyped_array_element_is_not_reported_again_as_an_empty_array() {
+        let text = MINIMAL
+            .replace("[\"127.0.0.1:8080\"]", "[5]")
+            .replace("[\"127.0.0.1:9001\"]", "[\"127.0.0.1:9001\", 5]");
+        let got = rendered(&text);
+        assert_eq!(
+            got,
+            [
+                "server.listen[0]: invalid type: integer `5`, expected a string, line 3",
+                "route[0].blue.endpoints[1]: invalid type: integer `5`, expected a string, line 8",
+            ],
         );
     }
 
