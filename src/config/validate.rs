@@ -78,7 +78,10 @@ pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
             return Ok(config);
         }
     }
-    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    errors.sort_by(|a, b| {
+        let line = |e: &ConfigError| e.line.unwrap_or(usize::MAX);
+        line(a).cmp(&line(b)).then_with(|| a.path.cmp(&b.path))
+    });
     Err(ConfigErrors(errors))
 }
 
@@ -359,6 +362,25 @@ impl Validator<'_> {
         }
     }
 
+    /// Both files named, and loadable.
+    fn tls(&mut self, raw: super::file::RawTls) -> Option<TlsConfig> {
+        let mut file = |key, name: Option<String>| {
+            if name.is_none() {
+                let path = [Seg::Key("server"), Seg::Key("tls"), Seg::Key(key)];
+                self.error(&path, "required: a PEM file");
+            }
+            name.map(|name| self.path_of(&name))
+        };
+        let cert = file("cert", raw.cert);
+        let key = file("key", raw.key);
+        let tls = TlsConfig {
+            cert: cert?,
+            key: key?,
+        };
+        self.tls_files(&tls);
+        Some(tls)
+    }
+
     /// The certificate chain and key must load into a TLS config, as they will at start.
     fn tls_files(&mut self, tls: &TlsConfig) {
         use crate::listener::tls::{acceptor, TlsError};
@@ -406,13 +428,7 @@ impl Validator<'_> {
                 }
             }
         }
-        let tls = raw.tls.map(|tls| TlsConfig {
-            cert: self.path_of(&tls.cert),
-            key: self.path_of(&tls.key),
-        });
-        if let Some(tls) = &tls {
-            self.tls_files(tls);
-        }
+        let tls = raw.tls.and_then(|tls| self.tls(tls));
         let access_log = match raw.access_log.as_str() {
             "off" | "" => AccessLog::Off,
             "stderr" => AccessLog::Stderr,
@@ -1097,6 +1113,19 @@ endpoints = ["127.0.0.1:9002"]
     }
 
     #[test]
+    fn a_missing_tls_key_is_reported_beside_a_mistyped_one() {
+        let text = MINIMAL.replace("listen = [", "tls = { cert = 5 }\nlisten = [");
+        let got = rendered(&text);
+        assert_eq!(
+            got,
+            [
+                "server.tls.cert: invalid type: integer `5`, expected a string, line 3",
+                "server.tls.key: required: a PEM file, line 3",
+            ],
+        );
+    }
+
+    #[test]
     fn a_mistyped_array_element_is_not_reported_again_as_an_empty_array() {
         let text = MINIMAL
             .replace("[\"127.0.0.1:8080\"]", "[5]")
@@ -1144,7 +1173,7 @@ endpoints = ["127.0.0.1:9002"]
             got,
             [
                 "server.tls.colour: unknown field `colour`, expected `cert` or `key`, line 3",
-                "server.tls: missing field `key`, line 3",
+                "server.tls.key: required: a PEM file, line 3",
             ],
         );
     }
