@@ -209,8 +209,8 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
     }
 }
 
-/// A certificate that cannot be read is a config problem: `check` names its key and line, and
-/// `run` refuses to start with the config exit code, 1.
+/// A certificate and key that cannot be read are config problems: `check` names their keys and
+/// line, and `run` refuses to start with the config exit code, 1.
 #[test]
 fn an_unreadable_tls_certificate_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,5 +234,10 @@ fn an_unreadable_tls_certificate_is_a_config_error() {
             "{command}: {said}"
         );
         assert!(said.contains("line 2"), "{command}: {said}");
+        // The key is unreadable too, and said so.
+        assert!(
+            said.contains("server.tls.key: cannot read"),
+            "{command}: {said}"
+        );
     }
 }

@@ -381,23 +381,19 @@ impl Validator<'_> {
         Some(tls)
     }
 
-    /// The certificate chain and key must load into a TLS config, as they will at start.
+    /// The certificate chain and key must load into a TLS config, as they will at start: each
+    /// file's problem at its own key.
     fn tls_files(&mut self, tls: &TlsConfig) {
-        use crate::listener::tls::{acceptor, TlsError};
-        let Err(error) = acceptor(tls) else {
-            return;
-        };
-        let key = match &error {
-            TlsError::Read { path, .. } | TlsError::NoCertificate { path } if *path == tls.cert => {
-                "cert"
+        use crate::listener::tls::{certificates, private_key, server_config};
+        let at = |key| [Seg::Key("server"), Seg::Key("tls"), Seg::Key(key)];
+        let certs = certificates(&tls.cert).map_err(|e| self.error(&at("cert"), e.to_string()));
+        let key = private_key(&tls.key).map_err(|e| self.error(&at("key"), e.to_string()));
+        if let (Ok(certs), Ok(key)) = (certs, key) {
+            // rustls refuses a key of a kind it cannot use or that is not the certificate's.
+            if let Err(error) = server_config(certs, key) {
+                self.error(&at("key"), error.to_string());
             }
-            TlsError::Read { .. } | TlsError::NoKey { .. } => "key",
-            TlsError::NoCertificate { .. } | TlsError::Rustls(_) => "cert",
-        };
-        self.error(
-            &[Seg::Key("server"), Seg::Key("tls"), Seg::Key(key)],
-            error.to_string(),
-        );
+        }
     }
 
     fn path_of(&self, text: &str) -> PathBuf {
@@ -1231,6 +1227,40 @@ endpoints = ["127.0.0.1:9002"]
             assert!(errs[0].message.contains(message), "{errs:?}");
             assert_eq!(errs[0].line, Some(3), "{errs:?}");
         }
+    }
+
+    #[test]
+    fn a_bad_tls_certificate_does_not_hide_a_bad_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = self_signed(dir.path());
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let text = MINIMAL.replace(
+            "8080\"]\n",
+            &format!("8080\"]\n[server.tls]\ncert = \"{missing}\"\nkey = \"{cert}\"\n"),
+        );
+        let errs = errors(&text);
+        let got: Vec<(&str, Option<usize>)> =
+            errs.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            [("server.tls.cert", Some(5)), ("server.tls.key", Some(6))],
+            "{errs:?}"
+        );
+        assert!(errs[0].message.starts_with("cannot read"), "{errs:?}");
+        assert!(
+            errs[1].message.ends_with("no private key found"),
+            "{errs:?}"
+        );
+        // A key that loads but is not the certificate's.
+        let other = tempfile::tempdir().unwrap();
+        let (_, other_key) = self_signed(other.path());
+        let text = MINIMAL.replace(
+            "listen = [",
+            &format!("tls = {{ cert = \"{cert}\", key = \"{other_key}\" }}\nlisten = ["),
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "server.tls.key", "{errs:?}");
     }
 
     #[test]

@@ -30,13 +30,21 @@ pub enum TlsError {
 pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     let certs = certificates(&config.cert)?;
     let key = private_key(&config.key)?;
+    Ok(TlsAcceptor::from(Arc::new(server_config(certs, key)?)))
+}
+
+/// The rustls server config for a certificate chain and its key, with ALPN h2 and http/1.1.
+pub(crate) fn server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    Ok(server)
 }
 
 fn open(path: &Path) -> Result<BufReader<File>, TlsError> {
@@ -48,7 +56,8 @@ fn open(path: &Path) -> Result<BufReader<File>, TlsError> {
         })
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificate chain in a PEM file.
+pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = rustls_pemfile::certs(&mut open(path)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Read {
@@ -63,7 +72,8 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+/// The first private key in a PEM file.
+pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     rustls_pemfile::private_key(&mut open(path)?)
         .map_err(|source| TlsError::Read {
             path: path.to_path_buf(),
