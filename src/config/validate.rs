@@ -273,6 +273,13 @@ struct Validator<'a> {
     errors: Vec<ConfigError>,
 }
 
+/// The route names and matches (sorted hosts, path_prefix) seen so far.
+#[derive(Default)]
+struct Unique {
+    names: HashSet<String>,
+    matches: HashSet<(Vec<HostPattern>, String)>,
+}
+
 impl Validator<'_> {
     fn error(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
         let line = self.line(path);
@@ -327,19 +334,13 @@ impl Validator<'_> {
             self.error(&[Seg::Key("route")], "at least one [[route]] is required");
         }
         let mut routes = Vec::with_capacity(raw.route.len());
-        let mut names = HashSet::new();
+        let mut unique = Unique::default();
         for (i, route) in raw.route.into_iter().enumerate() {
             if let Some(route) = self.route(i, route) {
-                if !names.insert(route.name.clone()) {
-                    self.error(
-                        &[Seg::Key("route"), Seg::Index(i), Seg::Key("name")],
-                        format!("duplicate route name {:?}", route.name),
-                    );
-                }
+                self.check_unique(i, &route, &mut unique);
                 routes.push(route);
             }
         }
-        self.check_overlaps(&routes);
         Some(Config {
             server: server?,
             admin: admin?,
@@ -348,17 +349,20 @@ impl Validator<'_> {
         })
     }
 
-    fn check_overlaps(&mut self, routes: &[RouteConfig]) {
-        let mut seen: HashSet<(Vec<HostPattern>, &str)> = HashSet::new();
-        for (i, route) in routes.iter().enumerate() {
-            let mut hosts = route.hosts.clone();
-            hosts.sort();
-            if !seen.insert((hosts, route.path_prefix.as_str())) {
-                self.error(
-                    &[Seg::Key("route"), Seg::Index(i), Seg::Key("path_prefix")],
-                    "another route has the same hosts and path_prefix; it would never match",
-                );
-            }
+    /// Route `i`'s name and its hosts and path_prefix must differ from those of the routes
+    /// before it.
+    fn check_unique(&mut self, i: usize, route: &RouteConfig, unique: &mut Unique) {
+        let r = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key(key)];
+        if !unique.names.insert(route.name.clone()) {
+            self.error(&r("name"), format!("duplicate route name {:?}", route.name));
+        }
+        let mut hosts = route.hosts.clone();
+        hosts.sort();
+        if !unique.matches.insert((hosts, route.path_prefix.clone())) {
+            self.error(
+                &r("path_prefix"),
+                "another route has the same hosts and path_prefix; it would never match",
+            );
         }
     }
 
@@ -1295,6 +1299,30 @@ endpoints = ["127.0.0.1:9002"]
         assert!(paths.contains(&"route[1].green"), "{errs:?}");
         let name = errs.iter().find(|e| e.path == "route[1].name").unwrap();
         assert_eq!(name.line, Some(13));
+    }
+
+    #[test]
+    fn an_overlap_is_reported_at_its_own_route_after_a_route_with_problems() {
+        let route = |name: &str, endpoint: &str| {
+            format!(
+                "[[route]]\nname = \"{name}\"\n[route.blue]\nendpoints = [\"{endpoint}\"]\n\
+                 [route.green]\nendpoints = [\"127.0.0.1:1\"]\n"
+            )
+        };
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n{}{}{}",
+            route("a", "nope"),
+            route("b", "127.0.0.1:1"),
+            route("c", "127.0.0.1:1"),
+        );
+        let errs = errors(&text);
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["route[0].blue.endpoints[0]", "route[2].path_prefix"],
+            "{errs:?}"
+        );
+        assert_eq!(errs[1].line, Some(15), "{errs:?}");
     }
 
     #[test]
