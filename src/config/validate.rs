@@ -65,13 +65,19 @@ pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
         doc: doc.as_ref(),
         base: base.map(Path::to_path_buf),
         errors: Vec::new(),
+        left_out: Vec::new(),
     };
     let (raw, keys) = deserialize_all(text, &v);
+    v.left_out = keys.removed;
     let config = raw.and_then(|raw| v.config(raw));
     // What follows from a key being left out (a required key or table now missing, an array
     // now empty) is not a second problem.
-    let mut errors = v.errors;
-    errors.retain(|error| !keys.left_out(&error.path));
+    let Validator {
+        mut errors,
+        left_out,
+        ..
+    } = v;
+    errors.retain(|error| !under_any(&error.path, &left_out));
     errors.extend(keys.errors);
     if errors.is_empty() {
         if let Some(config) = config {
@@ -91,6 +97,11 @@ fn within(path: &str, key: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
 }
 
+/// Whether key path `path` is one of `keys` or lies under one.
+fn under_any(path: &str, keys: &[String]) -> bool {
+    keys.iter().any(|key| within(path, key))
+}
+
 /// How many key-level problems one file reports at most.
 const MAX_KEY_ERRORS: usize = 100;
 
@@ -105,7 +116,7 @@ struct KeyProblems {
 impl KeyProblems {
     /// Whether `path` was left out, itself or with a key above it.
     fn left_out(&self, path: &str) -> bool {
-        self.removed.iter().any(|key| within(path, key))
+        under_any(path, &self.removed)
     }
 }
 
@@ -271,6 +282,9 @@ struct Validator<'a> {
     doc: Option<&'a toml_edit::ImDocument<&'a str>>,
     base: Option<PathBuf>,
     errors: Vec<ConfigError>,
+    /// Key paths left out for a problem already reported: checks that compare them with
+    /// another key are not made.
+    left_out: Vec<String>,
 }
 
 /// The route names and matches (sorted hosts, path_prefix) seen so far.
@@ -281,6 +295,11 @@ struct Unique {
 }
 
 impl Validator<'_> {
+    /// Whether the key at `path` was read as written (not left out for a problem).
+    fn read(&self, path: &[Seg<'_>]) -> bool {
+        !under_any(&render(path), &self.left_out)
+    }
+
     fn error(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
         let line = self.line(path);
         self.errors.push(ConfigError {
@@ -353,8 +372,12 @@ impl Validator<'_> {
     /// before it.
     fn check_unique(&mut self, i: usize, route: &RouteConfig, unique: &mut Unique) {
         let r = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key(key)];
-        if !unique.names.insert(route.name.clone()) {
+        // A route without a name has that problem already.
+        if !route.name.is_empty() && !unique.names.insert(route.name.clone()) {
             self.error(&r("name"), format!("duplicate route name {:?}", route.name));
+        }
+        if !(self.read(&r("hosts")) && self.read(&r("path_prefix"))) {
+            return;
         }
         let mut hosts = route.hosts.clone();
         hosts.sort();
@@ -495,7 +518,9 @@ impl Validator<'_> {
             self.error(&[Seg::Key("admin"), Seg::Key("token")], "must not be empty");
         }
         let listen = listen?;
-        if !listen.ip().is_loopback() && token.is_none() {
+        let token_read = self.read(&[Seg::Key("admin"), Seg::Key("token")])
+            && self.read(&[Seg::Key("admin"), Seg::Key("token_env")]);
+        if !listen.ip().is_loopback() && token.is_none() && token_read {
             self.error(
                 &[Seg::Key("admin"), Seg::Key("listen")],
                 "a non-loopback admin address needs admin.token or admin.token_env",
@@ -747,7 +772,7 @@ impl Validator<'_> {
             self.error(&p("max_latency_ratio"), "must be a number >= 1");
         }
         if let (Some(min), Some(max)) = (min_step_time, max_step_time) {
-            if max < min {
+            if max < min && self.read(&p("min_step_time")) && self.read(&p("max_step_time")) {
                 self.error(&p("max_step_time"), "must be at least min_step_time");
             }
         }
@@ -1122,6 +1147,32 @@ endpoints = ["127.0.0.1:9002"]
                 "server.tls.cert: invalid type: integer `5`, expected a string, line 3",
                 "server.tls.key: required: a PEM file, line 3",
             ],
+        );
+    }
+
+    #[test]
+    fn a_key_left_out_does_not_fail_the_checks_that_compare_it_with_another() {
+        let text = MINIMAL.replace("name = \"shop\"", "name = 5")
+            + "[route.rollout]\nmin_step_time = 5\nmax_step_time = \"10s\"\n\
+               [[route]]\nhosts = 5\n\
+               [route.blue]\nendpoints = [\"127.0.0.1:1\"]\n\
+               [route.green]\nendpoints = [\"127.0.0.1:1\"]\n\
+               [admin]\nlisten = \"0.0.0.0:9901\"\ntoken = 5\n";
+        let got = rendered(&text);
+        let paths: Vec<&str> = got
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "route[0].name",
+                "route[0].rollout.min_step_time",
+                "route[1].name",
+                "route[1].hosts",
+                "admin.token",
+            ],
+            "{got:#?}"
         );
     }
 
