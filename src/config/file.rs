@@ -215,11 +215,39 @@ impl Default for RawRollout {
 }
 
 /// `steps = [1, 5, 100]` or `steps = "geometric:1:2"`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawSteps {
     List(Vec<f64>),
     Spec(String),
+}
+
+impl<'de> Deserialize<'de> for RawSteps {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StepsVisitor)
+    }
+}
+
+/// Reads either form of `steps`, so that a value of another type is told what steps can be.
+struct StepsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StepsVisitor {
+    type Value = RawSteps;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of percents or \"geometric:START:FACTOR\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, spec: &str) -> Result<RawSteps, E> {
+        Ok(RawSteps::Spec(spec.to_string()))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawSteps, A::Error> {
+        let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(percent) = seq.next_element::<f64>()? {
+            list.push(percent);
+        }
+        Ok(RawSteps::List(list))
+    }
 }
 
 fn d_header_timeout() -> String {

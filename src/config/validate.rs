@@ -1214,6 +1214,22 @@ endpoints = ["127.0.0.1:9002"]
     }
 
     #[test]
+    fn steps_of_another_type_are_told_what_steps_can_be() {
+        let got = rendered(&format!("{MINIMAL}[route.rollout]\nsteps = true\n"));
+        assert_eq!(
+            got,
+            ["route[0].rollout.steps: invalid type: boolean `true`, expected a list of percents \
+              or \"geometric:START:FACTOR\", line 12"],
+        );
+        let got = rendered(&format!("{MINIMAL}[route.rollout]\nsteps = [5, \"x\"]\n"));
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(
+            got[0].starts_with("route[0].rollout.steps[1]: invalid type: string \"x\""),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
     fn a_key_that_is_really_missing_is_reported_beside_other_problems_of_its_table() {
         let text = MINIMAL.replace(
             "listen = [",
