@@ -291,7 +291,7 @@ struct Validator<'a> {
 #[derive(Default)]
 struct Unique {
     names: HashSet<String>,
-    matches: HashSet<(Vec<HostPattern>, String)>,
+    matches: HashSet<(Vec<String>, String)>,
 }
 
 impl Validator<'_> {
@@ -355,8 +355,9 @@ impl Validator<'_> {
         let mut routes = Vec::with_capacity(raw.route.len());
         let mut unique = Unique::default();
         for (i, route) in raw.route.into_iter().enumerate() {
+            // Checked on what the file says, so that a route's other problems hide nothing.
+            self.check_unique(i, &route, &mut unique);
             if let Some(route) = self.route(i, route) {
-                self.check_unique(i, &route, &mut unique);
                 routes.push(route);
             }
         }
@@ -370,17 +371,21 @@ impl Validator<'_> {
 
     /// Route `i`'s name and its hosts and path_prefix must differ from those of the routes
     /// before it.
-    fn check_unique(&mut self, i: usize, route: &RouteConfig, unique: &mut Unique) {
+    fn check_unique(&mut self, i: usize, route: &RawRoute, unique: &mut Unique) {
         let r = |key| [Seg::Key("route"), Seg::Index(i), Seg::Key(key)];
         // A route without a name has that problem already.
-        if !route.name.is_empty() && !unique.names.insert(route.name.clone()) {
-            self.error(&r("name"), format!("duplicate route name {:?}", route.name));
+        if let Some(name) = route.name.as_ref().filter(|name| !name.is_empty()) {
+            if !unique.names.insert(name.clone()) {
+                self.error(&r("name"), format!("duplicate route name {name:?}"));
+            }
         }
         if !(self.read(&r("hosts")) && self.read(&r("path_prefix"))) {
             return;
         }
-        let mut hosts = route.hosts.clone();
+        // Host names match in any letter case.
+        let mut hosts: Vec<String> = route.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
         hosts.sort();
+        hosts.dedup();
         if !unique.matches.insert((hosts, route.path_prefix.clone())) {
             self.error(
                 &r("path_prefix"),
@@ -646,11 +651,14 @@ impl Validator<'_> {
                 }
             },
         };
+        // The default name comes from the route's name: a bad one is that key's problem alone.
+        let derived = raw.cookie.is_none();
         let cookie = raw.cookie.unwrap_or_else(|| format!("veer_{route}"));
-        let cookie_ok = !cookie.is_empty()
-            && cookie
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let cookie_ok = derived
+            || !cookie.is_empty()
+                && cookie
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !cookie_ok {
             self.error(
                 &p("cookie"),
@@ -1246,6 +1254,30 @@ endpoints = ["127.0.0.1:9002"]
     }
 
     #[test]
+    fn a_route_with_problems_still_gets_its_duplicate_reported() {
+        let second = "[[route]]\nname = \"shop\"\n[route.blue]\nendpoints = []\n\
+                      [route.green]\nendpoints = [\"127.0.0.1:9002\"]\n";
+        let errs = errors(&format!("{MINIMAL}{second}"));
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "route[1].path_prefix",
+                "route[1].name",
+                "route[1].blue.endpoints"
+            ],
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_route_name_is_not_also_a_bad_cookie_name() {
+        let errs = errors(&MINIMAL.replace("name = \"shop\"", "name = \"Bad Name\""));
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["route[0].name"], "{errs:?}");
+    }
+
+    #[test]
     fn a_shadow_problem_does_not_hide_the_rollouts() {
         let text = format!(
             "{MINIMAL}[route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\ncompare = \"bogus\"\n\
@@ -1384,12 +1416,17 @@ endpoints = ["127.0.0.1:9002"]
         );
         let errs = errors(&text);
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        // A route's own problems do not take it out of the overlap check: b and c both repeat a.
         assert_eq!(
             paths,
-            ["route[0].blue.endpoints[0]", "route[2].path_prefix"],
+            [
+                "route[0].blue.endpoints[0]",
+                "route[1].path_prefix",
+                "route[2].path_prefix"
+            ],
             "{errs:?}"
         );
-        assert_eq!(errs[1].line, Some(15), "{errs:?}");
+        assert_eq!(errs[2].line, Some(15), "{errs:?}");
     }
 
     #[test]
