@@ -59,6 +59,30 @@ async fn h2c_prior_knowledge_works_and_routes_by_authority() {
     veer.shutdown().await;
 }
 
+/// An HTTP/2 request head over `max_header_bytes` gets veer's 431 with its reason, as on
+/// HTTP/1.1 (the stream used to be refused by the protocol layer, with no answer).
+#[tokio::test]
+async fn an_h2_head_over_max_header_bytes_is_431_with_a_reason() {
+    let upstream = named("a").await;
+    let veer = Veer::shop("max_header_bytes = 16384", upstream.addr).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("http://shop/")
+        .header("x-big", "b".repeat(20_000))
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 431);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "request header section too large\n");
+    assert_eq!(upstream.request_count(), 0);
+    veer.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS
 

@@ -179,6 +179,11 @@ impl Connection {
 
 /// The per-connection protocol settings from the current config.
 fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    // Room for a head up to twice the limits, so that veer itself answers one that is over
+    // them, with its reason (414 or 431); hyper refuses larger ones (HTTP/1.1: a bare 431).
+    let head_room = (server.max_header_bytes.max(server.max_uri_bytes))
+        .saturating_mul(2)
+        .max(8192);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -186,18 +191,12 @@ fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // hyper starts this timer while waiting for the next head, so it is the keep-alive
         // idle limit; the first head's deadline (header_timeout) is enforced in `serve`.
         .header_read_timeout(server.idle_timeout.max(server.header_timeout))
-        // Room for a head up to twice the limits, so that veer itself answers one that is over
-        // them, with its reason (414 or 431); hyper refuses larger ones with a bare 431.
-        .max_buf_size(
-            (server.max_header_bytes.max(server.max_uri_bytes))
-                .saturating_mul(2)
-                .max(8192),
-        )
+        .max_buf_size(head_room)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(head_room).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024)
         .keep_alive_interval(Some(server.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
