@@ -401,6 +401,40 @@ async fn a_request_writes_one_json_access_log_line() {
     veer.shutdown().await;
 }
 
+/// A client that goes away before the answer still gets its line, with status 499.
+#[tokio::test]
+async fn a_client_gone_before_the_answer_is_logged_as_499() {
+    let slow = Upstream::builder("blue")
+        .latency(Duration::from_secs(3))
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let server = format!("access_log = \"{}\"", log.display());
+    let text = config_text(
+        dir.path(),
+        &server,
+        &host_route("shop", &[], "/", slow.addr),
+    );
+    let veer = Veer::start_in(dir, &text).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(b"GET /gone HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await
+        .unwrap();
+    await_requests(&slow, 1, Duration::from_secs(5)).await;
+    drop(stream);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(5), || async { read().ends_with('\n') }).await);
+    let line: serde_json::Value = serde_json::from_str(read().trim()).unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["path"], "/gone", "{line}");
+    assert_eq!(line["route"], "shop", "{line}");
+    assert_eq!(veer.slot("shop", "blue").await["client_aborts"], 1);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn answers_veer_gives_itself_are_logged_too() {
     let upstream = recording("blue").await;

@@ -100,7 +100,7 @@ impl Proxy {
             };
         // Phase 5: forward with the deadline.
         let metrics = route.shared.slot_metrics(decision.slot);
-        let mut pending = Pending::new(metrics);
+        let mut pending = Pending::new(metrics, exchange.log.take(), started);
         let sent = Instant::now();
         let deadline = sent + server.request_timeout;
         let result = match tokio::time::timeout_at(deadline, self.pool.send(endpoint, request))
@@ -120,7 +120,7 @@ impl Proxy {
             Err(elapsed) => Err(elapsed),
         };
         let latency = sent.elapsed();
-        pending.done();
+        exchange.log = pending.done();
         match result {
             Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
             Ok(Err(error)) => {
@@ -492,32 +492,52 @@ fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision,
     }
 }
 
-/// Counts a client abort when the request future is dropped before the upstream answered.
+/// Counts a client abort, and logs the request with status 499 (the client went away, as
+/// NGINX logs it), when the request future is dropped before the upstream answered.
 struct Pending<'a> {
     metrics: &'a SlotMetrics,
     done: bool,
+    log: Option<(AccessLogger, Record)>,
+    started: Instant,
 }
 
 impl<'a> Pending<'a> {
-    fn new(metrics: &'a SlotMetrics) -> Self {
+    fn new(
+        metrics: &'a SlotMetrics,
+        log: Option<(AccessLogger, Record)>,
+        started: Instant,
+    ) -> Self {
         Self {
             metrics,
             done: false,
+            log,
+            started,
         }
     }
 
-    fn done(&mut self) {
+    /// The upstream answered or failed: the access-log line goes on with the exchange.
+    fn done(&mut self) -> Option<(AccessLogger, Record)> {
         self.done = true;
+        self.log.take()
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            self.metrics.record_client_abort();
+        if self.done {
+            return;
+        }
+        self.metrics.record_client_abort();
+        if let Some((logger, mut record)) = self.log.take() {
+            record.status = CLIENT_WENT_AWAY;
+            record.total_ms = millis(self.started.elapsed());
+            logger.log(record);
         }
     }
 }
+
+/// The access log's status for a client that went away before the answer.
+const CLIENT_WENT_AWAY: u16 = 499;
 
 /// The request target as an origin server expects it: path and query only (an HTTP/1.1
 /// request in origin form is passed through as it is).
