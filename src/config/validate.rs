@@ -1070,6 +1070,17 @@ endpoints = ["127.0.0.1:9002"]
         assert!(rendered.iter().any(|e| e.starts_with("route[0].rollout.min_step_time:") && e.ends_with("line 14")), "{rendered:?}");
     }
 
+    /// MINIMAL with `lines` (each ending in a newline) at the top of `[server]`.
+    fn with_server(lines: &str) -> String {
+        MINIMAL.replace("listen = [", &format!("{lines}listen = ["))
+    }
+
+    /// Asserts that `got` is one problem, starting with `start`.
+    fn only_problem(got: &[String], start: &str) {
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(got[0].starts_with(start), "{got:#?}");
+    }
+
     /// Rendered problems, in the order `veer check` prints them.
     fn rendered(text: &str) -> Vec<String> {
         errors(text).iter().map(ToString::to_string).collect()
@@ -1106,30 +1117,17 @@ endpoints = ["127.0.0.1:9002"]
     fn a_key_left_out_for_its_type_is_not_reported_again_as_missing() {
         let text = MINIMAL.replace("listen = [\"127.0.0.1:8080\"]", "listen = 5");
         let got = rendered(&text);
-        assert_eq!(got.len(), 1, "{got:#?}");
-        assert!(
-            got[0].starts_with("server.listen: invalid type"),
-            "{got:#?}"
-        );
+        only_problem(&got, "server.listen: invalid type");
         // A key serde requires: left out, then missing; reported once.
-        let text = MINIMAL.replace(
-            "listen = [",
-            "tls = { cert = 5, key = \"key.pem\" }\nlisten = [",
-        );
+        let text = with_server("tls = { cert = 5, key = \"key.pem\" }\n");
         let got = rendered(&text);
-        assert_eq!(got.len(), 1, "{got:#?}");
-        assert!(
-            got[0].starts_with("server.tls.cert: invalid type"),
-            "{got:#?}"
-        );
+        only_problem(&got, "server.tls.cert: invalid type");
     }
 
     #[test]
     fn a_key_required_by_its_table_and_left_out_hides_nothing_else() {
-        let text = MINIMAL.replace(
-            "listen = [",
-            "tls = { cert = 5, key = \"key.pem\" }\nfoo = 1\nlisten = [",
-        ) + "[route.rollout]\nsteps = [5, 1]\n";
+        let text = with_server("tls = { cert = 5, key = \"key.pem\" }\nfoo = 1\n")
+            + "[route.rollout]\nsteps = [5, 1]\n";
         let got = rendered(&text);
         let paths: Vec<&str> = got
             .iter()
@@ -1147,7 +1145,7 @@ endpoints = ["127.0.0.1:9002"]
 
     #[test]
     fn a_missing_tls_key_is_reported_beside_a_mistyped_one() {
-        let text = MINIMAL.replace("listen = [", "tls = { cert = 5 }\nlisten = [");
+        let text = with_server("tls = { cert = 5 }\n");
         let got = rendered(&text);
         assert_eq!(
             got,
@@ -1213,7 +1211,7 @@ endpoints = ["127.0.0.1:9002"]
         );
         assert!(got.iter().all(|e| !e.contains("Raw")), "{got:#?}");
         let many: String = (0..150).map(|i| format!("k{i} = 1\n")).collect();
-        let got = rendered(&MINIMAL.replace("listen = [", &format!("{many}listen = [")));
+        let got = rendered(&with_server(&many));
         assert_eq!(got.len(), MAX_KEY_ERRORS + 1, "{got:#?}");
         assert_eq!(
             got.last().map(String::as_str),
@@ -1230,19 +1228,15 @@ endpoints = ["127.0.0.1:9002"]
               or \"geometric:START:FACTOR\", line 12"],
         );
         let got = rendered(&format!("{MINIMAL}[route.rollout]\nsteps = [5, \"x\"]\n"));
-        assert_eq!(got.len(), 1, "{got:#?}");
-        assert!(
-            got[0].starts_with("route[0].rollout.steps[1]: invalid type: string \"x\""),
-            "{got:#?}"
+        only_problem(
+            &got,
+            "route[0].rollout.steps[1]: invalid type: string \"x\"",
         );
     }
 
     #[test]
     fn a_key_that_is_really_missing_is_reported_beside_other_problems_of_its_table() {
-        let text = MINIMAL.replace(
-            "listen = [",
-            "tls = { cert = \"cert.pem\", colour = \"red\" }\nlisten = [",
-        );
+        let text = with_server("tls = { cert = \"cert.pem\", colour = \"red\" }\n");
         let got = rendered(&text);
         assert_eq!(
             got,
@@ -1310,10 +1304,7 @@ endpoints = ["127.0.0.1:9002"]
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = self_signed(dir.path());
         let with_tls = |cert: &str, key: &str| {
-            MINIMAL.replace(
-                "listen = [",
-                &format!("tls = {{ cert = \"{cert}\", key = \"{key}\" }}\nlisten = ["),
-            )
+            with_server(&format!("tls = {{ cert = \"{cert}\", key = \"{key}\" }}\n"))
         };
         assert!(parse(&with_tls(&cert, &key), None).is_ok());
         let missing = dir.path().join("missing.pem").display().to_string();
@@ -1357,10 +1348,9 @@ endpoints = ["127.0.0.1:9002"]
         // A key that loads but is not the certificate's.
         let other = tempfile::tempdir().unwrap();
         let (_, other_key) = self_signed(other.path());
-        let text = MINIMAL.replace(
-            "listen = [",
-            &format!("tls = {{ cert = \"{cert}\", key = \"{other_key}\" }}\nlisten = ["),
-        );
+        let text = with_server(&format!(
+            "tls = {{ cert = \"{cert}\", key = \"{other_key}\" }}\n"
+        ));
         let errs = errors(&text);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!(errs[0].path, "server.tls.key", "{errs:?}");
