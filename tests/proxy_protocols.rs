@@ -29,6 +29,17 @@ fn pattern(len: usize) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // HTTP/2 (h2c prior knowledge)
 
+/// An HTTP/2 (prior knowledge) connection to veer.
+async fn h2c(veer: &Veer) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge_works_and_routes_by_authority() {
     let a = named("a").await;
@@ -36,12 +47,7 @@ async fn h2c_prior_knowledge_works_and_routes_by_authority() {
     let routes = host_route("a", &["a.example"], "/", a.addr)
         + &host_route("b", &["b.example"], "/", b.addr);
     let veer = Veer::start("", &routes).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(&veer).await;
     for (authority, expected) in [("b.example", "b\n"), ("a.example:8443", "a\n")] {
         let request = Request::get(format!("http://{authority}/x"))
             .body(Full::<Bytes>::default())
@@ -65,12 +71,7 @@ async fn h2c_prior_knowledge_works_and_routes_by_authority() {
 async fn an_h2_head_over_max_header_bytes_is_431_with_a_reason() {
     let upstream = named("a").await;
     let veer = Veer::shop("max_header_bytes = 16384", upstream.addr).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(&veer).await;
     let request = Request::get("http://shop/")
         .header("x-big", "b".repeat(20_000))
         .body(Full::<Bytes>::default())
