@@ -100,7 +100,7 @@ impl Proxy {
             };
         // Phase 5: forward with the deadline.
         let metrics = route.shared.slot_metrics(decision.slot);
-        let mut pending = Pending::new(metrics, exchange.log.take(), started);
+        let pending = Pending::new(metrics, &mut exchange.log, started);
         let sent = Instant::now();
         let deadline = sent + server.request_timeout;
         let result = match tokio::time::timeout_at(deadline, self.pool.send(endpoint, request))
@@ -120,7 +120,7 @@ impl Proxy {
             Err(elapsed) => Err(elapsed),
         };
         let latency = sent.elapsed();
-        exchange.log = pending.done();
+        pending.done();
         match result {
             Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
             Ok(Err(error)) => {
@@ -497,14 +497,15 @@ fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision,
 struct Pending<'a> {
     metrics: &'a SlotMetrics,
     done: bool,
-    log: Option<(AccessLogger, Record)>,
+    /// The exchange's access-log line, borrowed (not moved) while the upstream is waited for.
+    log: &'a mut Option<(AccessLogger, Record)>,
     started: Instant,
 }
 
 impl<'a> Pending<'a> {
     fn new(
         metrics: &'a SlotMetrics,
-        log: Option<(AccessLogger, Record)>,
+        log: &'a mut Option<(AccessLogger, Record)>,
         started: Instant,
     ) -> Self {
         Self {
@@ -515,10 +516,9 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// The upstream answered or failed: the access-log line goes on with the exchange.
-    fn done(&mut self) -> Option<(AccessLogger, Record)> {
+    /// The upstream answered or failed.
+    fn done(mut self) {
         self.done = true;
-        self.log.take()
     }
 }
 
