@@ -83,6 +83,7 @@ impl Proxy {
             conn,
             started,
             idle: server.idle_timeout,
+            // One deadline for the whole exchange: response head and body.
             deadline: started + server.request_timeout,
             tunnelling: false,
             downstream_upgrade: None,
@@ -102,7 +103,7 @@ impl Proxy {
         let metrics = route.shared.slot_metrics(decision.slot);
         let pending = Pending::new(metrics, &mut exchange.log, started);
         let sent = Instant::now();
-        let deadline = sent + server.request_timeout;
+        let deadline = exchange.deadline;
         let result = match tokio::time::timeout_at(deadline, self.pool.send(endpoint, request))
             .await
         {
