@@ -982,7 +982,8 @@ async fn admin_requires_the_token_and_refuses_foreign_origins() {
 }
 
 /// A path that is no admin endpoint is a 404; an endpoint asked with a method it does not
-/// serve is a 405 naming the one it does in `Allow` (RFC 9110 §15.5.6), and changes nothing.
+/// serve is a 405 naming the ones it does in `Allow` (RFC 9110 §15.5.6), and changes nothing;
+/// HEAD is answered wherever GET is.
 #[tokio::test]
 async fn unknown_admin_paths_are_404_and_wrong_methods_405_with_allow() {
     let blue = Upstream::builder("blue").start().await.unwrap();
@@ -1016,19 +1017,47 @@ async fn unknown_admin_paths_are_404_and_wrong_methods_405_with_allow() {
         assert!(body["error"].is_string(), "{method} {path}: {body}");
     }
     for (method, path, allowed) in [
-        (Method::POST, "/healthz", "GET"),
-        (Method::PUT, "/metrics", "GET"),
-        (Method::POST, "/api/v1/routes", "GET"),
-        (Method::DELETE, "/api/v1/routes/shop", "GET"),
+        (Method::POST, "/healthz", "GET, HEAD"),
+        (Method::PUT, "/metrics", "GET, HEAD"),
+        (Method::POST, "/api/v1/routes", "GET, HEAD"),
+        (Method::DELETE, "/api/v1/routes/shop", "GET, HEAD"),
         (Method::GET, "/api/v1/routes/shop/rollout/start", "POST"),
         (Method::PUT, "/api/v1/routes/shop/weight", "POST"),
-        (Method::POST, "/api/v1/events", "GET"),
+        (Method::POST, "/api/v1/events", "GET, HEAD"),
         (Method::GET, "/api/v1/config/reload", "POST"),
+        (Method::HEAD, "/api/v1/routes/shop/rollout/promote", "POST"),
     ] {
         let (status, allow, body) = call(method.clone(), path).await;
         assert_eq!(status, 405, "{method} {path}: {body}");
         assert_eq!(allow.as_deref(), Some(allowed), "{method} {path}");
-        assert!(body["error"].is_string(), "{method} {path}: {body}");
+        // An answer to HEAD has no body.
+        assert!(
+            body["error"].is_string() || method == Method::HEAD,
+            "{method} {path}: {body}"
+        );
+    }
+    // HEAD answers what GET answers, without the body.
+    for path in ["/healthz", "/readyz", "/metrics", "/api/v1/routes/shop"] {
+        let (get_status, get_headers, get_body) =
+            send(Method::GET, &veer.admin_url(path), &[], bytes::Bytes::new()).await;
+        let (status, headers, body) = send(
+            Method::HEAD,
+            &veer.admin_url(path),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+        assert_eq!(
+            (status, get_status),
+            (StatusCode::OK, StatusCode::OK),
+            "HEAD {path}"
+        );
+        assert!(body.is_empty() && !get_body.is_empty(), "HEAD {path}");
+        assert_eq!(
+            headers.get("content-type"),
+            get_headers.get("content-type"),
+            "HEAD {path}"
+        );
     }
     assert_eq!(veer.route_status("shop").await["phase"], "idle");
     veer.shutdown().await;

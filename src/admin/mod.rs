@@ -89,16 +89,30 @@ impl<'a> Endpoint<'a> {
         })
     }
 
-    /// The one method the endpoint answers.
-    fn method(&self) -> Method {
-        match self {
-            Endpoint::Healthz
-            | Endpoint::Readyz
-            | Endpoint::Metrics
-            | Endpoint::Routes
-            | Endpoint::Route(_)
-            | Endpoint::Events => Method::GET,
-            Endpoint::Rollout(..) | Endpoint::Weight(_) | Endpoint::Reload => Method::POST,
+    /// Whether the endpoint only reads (GET) rather than acts (POST).
+    fn reads(&self) -> bool {
+        !matches!(
+            self,
+            Endpoint::Rollout(..) | Endpoint::Weight(_) | Endpoint::Reload
+        )
+    }
+
+    /// Every reading endpoint also answers HEAD (the same head, no body), as HTTP asks of
+    /// every server.
+    fn answers(&self, method: &Method) -> bool {
+        match *method {
+            Method::GET | Method::HEAD => self.reads(),
+            Method::POST => !self.reads(),
+            _ => false,
+        }
+    }
+
+    /// The `Allow` header of a 405.
+    fn allow(&self) -> &'static str {
+        if self.reads() {
+            "GET, HEAD"
+        } else {
+            "POST"
         }
     }
 }
@@ -115,12 +129,11 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
         Ok(endpoint) => endpoint,
         Err(message) => return json_error(StatusCode::NOT_FOUND, message),
     };
-    let allowed = endpoint.method();
-    if req.method() != allowed {
+    if !endpoint.answers(req.method()) {
         let mut answer = json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here");
-        if let Ok(allow) = HeaderValue::from_str(allowed.as_str()) {
-            answer.headers_mut().insert(header::ALLOW, allow);
-        }
+        answer
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(endpoint.allow()));
         return answer;
     }
     match endpoint {
