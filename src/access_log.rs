@@ -27,7 +27,9 @@ pub struct Record {
     pub method: String,
     pub path: String,
     pub status: u16,
+    #[serde(serialize_with = "to_microsecond")]
     pub upstream_ms: f64,
+    #[serde(serialize_with = "to_microsecond")]
     pub total_ms: f64,
     pub bytes: u64,
     pub shadowed: bool,
@@ -54,6 +56,11 @@ impl Record {
 
 fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*time))
+}
+
+/// Milliseconds to three decimals: `0.771`, not `0.7712110000000001`.
+fn to_microsecond<S: serde::Serializer>(ms: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((ms * 1000.0).round() / 1000.0)
 }
 
 /// A handle to the writer; cheap to clone.
@@ -122,6 +129,8 @@ mod tests {
             .unwrap();
         let mut record = Record::new(Some("shop"), Some((Slot::Green, 42)), "GET", "/a");
         record.status = 200;
+        record.upstream_ms = 12.3456789;
+        record.total_ms = 0.7712110000000001;
         logger.log(record);
         let mut text = String::new();
         for _ in 0..200 {
@@ -135,6 +144,11 @@ mod tests {
         assert_eq!(line["route"], "shop");
         assert_eq!(line["slot"], "green");
         assert_eq!(line["status"], 200);
+        // Times to the microsecond, written as such.
+        assert!(
+            text.contains(r#""upstream_ms":12.346,"total_ms":0.771,"#),
+            "{text}"
+        );
         assert_eq!(logger.dropped.load(Ordering::Relaxed), 0);
     }
 }

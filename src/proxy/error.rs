@@ -57,7 +57,7 @@ impl LocalError {
             LocalError::BodyTooLarge => "request body too large",
             LocalError::BodyTimeout => "request body timed out",
             LocalError::NoEndpoint => "no upstream endpoint available",
-            LocalError::Upstream(ErrorKind::Connect) => "upstream refused the connection",
+            LocalError::Upstream(ErrorKind::Connect) => "could not connect to the upstream",
             LocalError::Upstream(ErrorKind::Timeout) => "upstream timed out",
             LocalError::Upstream(ErrorKind::Reset) => "upstream reset the connection",
             LocalError::Upstream(ErrorKind::Protocol) => "upstream sent an invalid response",
