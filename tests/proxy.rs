@@ -199,6 +199,21 @@ async fn hop_by_hop_headers_of_the_response_stay_behind() {
     veer.shutdown().await;
 }
 
+/// A 101 answers only an upgrade request: an upstream that switches protocols unasked sent an
+/// invalid answer, a 502 counted as a protocol error of the slot.
+#[tokio::test]
+async fn an_unasked_101_from_the_upstream_is_a_502_protocol_error() {
+    let (upstream, task) = scripted_upstream(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").await;
+    let veer = Veer::shop("", upstream).await;
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(&body[..], b"upstream sent an invalid response\n");
+    let blue = veer.slot("shop", "blue").await;
+    assert_eq!(blue["errors"]["protocol"], 1, "{blue}");
+    task.abort();
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_response_with_both_framings_reaches_the_client_well_framed() {
     let (upstream, task) = scripted_upstream(

@@ -84,6 +84,80 @@ async fn an_h2_head_over_max_header_bytes_is_431_with_a_reason() {
     veer.shutdown().await;
 }
 
+/// HTTP/2 clients (browsers) send their cookies as several `cookie` fields; the HTTP/1.1
+/// upstream gets them as one header, joined with "; " (RFC 9113 §8.2.3).
+#[tokio::test]
+async fn h2_cookie_fields_reach_the_upstream_as_one_header() {
+    let upstream = named("a").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    let mut sender = h2c(&veer).await;
+    let request = Request::get("http://shop/")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "session=xyz")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = only_request(&upstream).await;
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; session=xyz"]);
+    veer.shutdown().await;
+}
+
+/// An authority is checked as strictly as a Host header: userinfo (RFC 9113 §8.3.1) is a 400
+/// and nothing is forwarded, over HTTP/2 and in an HTTP/1.1 absolute-form target alike.
+#[tokio::test]
+async fn an_authority_with_userinfo_is_a_400() {
+    let upstream = named("a").await;
+    let routes = host_route("wild", &["*.wild.test"], "/", upstream.addr);
+    let veer = Veer::start("", &routes).await;
+    let mut sender = h2c(&veer).await;
+    let request = Request::get("http://user:pw@a.wild.test/x")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 400);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "invalid authority\n");
+    let answer = raw(
+        veer.addr,
+        b"GET http://user:pw@a.wild.test/x HTTP/1.1\r\nHost: a.wild.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&answer), Some(400), "{answer}");
+    // The same request without userinfo goes through.
+    let request = Request::get("http://a.wild.test/x")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    assert_eq!(upstream.request_count(), 1);
+    veer.shutdown().await;
+}
+
+/// HTTP/2 has no 101: an upstream's 101 to an HTTP/2 client's request is veer's 502, and the
+/// connection goes on serving the client's other streams.
+#[tokio::test]
+async fn an_upstream_101_to_an_h2_request_is_a_502_and_the_connection_lives_on() {
+    let (switching, task) =
+        support::wire::scripted_upstream(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+            .await;
+    let upstream = named("a").await;
+    let routes = host_route("switching", &["switching"], "/", switching)
+        + &host_route("a", &["a"], "/", upstream.addr);
+    let veer = Veer::start("", &routes).await;
+    let mut sender = h2c(&veer).await;
+    for (authority, expected) in [("switching", 502), ("a", 200)] {
+        let request = Request::get(format!("http://{authority}/"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), expected, "{authority}");
+    }
+    task.abort();
+    veer.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS
 

@@ -84,6 +84,9 @@ pub struct Forwarded<'a> {
 /// Rewrites a client request's headers for the upstream.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: bool) {
     remove_hop_by_hop(headers, tunnelling);
+    if fwd.version == http::Version::HTTP_2 {
+        join_cookies(headers);
+    }
     if let Some(name) = fwd.override_header {
         headers.remove(name);
     }
@@ -104,6 +107,27 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
         _ => "1.1 veer",
     };
     headers.append(header::VIA, HeaderValue::from_static(via));
+}
+
+/// HTTP/2 clients may send their cookies as several `cookie` fields; on HTTP/1.1 they go as
+/// one, joined with "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let Some(first) = cookies.next() else {
+        return;
+    };
+    let rest: Vec<&HeaderValue> = cookies.collect();
+    if rest.is_empty() {
+        return;
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for value in rest {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {

@@ -123,6 +123,15 @@ impl Proxy {
         let latency = sent.elapsed();
         pending.done();
         match result {
+            // A 101 answers only an upgrade request (RFC 9110 §15.2.2), and HTTP/2 has none:
+            // an upstream that switches protocols unasked sent an invalid answer.
+            Ok(Ok((response, _lease)))
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS && !exchange.tunnelling =>
+            {
+                let kind = crate::metrics::ErrorKind::Protocol;
+                metrics.record_failure(kind, latency);
+                self.local_answer(exchange, LocalError::Upstream(kind), latency)
+            }
             Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
             Ok(Err(error)) => {
                 let local = failed(route, &decision, &error, latency);

@@ -77,6 +77,10 @@ pub(super) fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, 
         return Err(LocalError::BadRequest("missing Host header"));
     }
     if let Some(authority) = parts.uri.authority() {
+        // As strict as for Host: no userinfo (RFC 9113 §8.3.1), no empty host.
+        if !valid_host(authority.as_str().as_bytes()) {
+            return Err(LocalError::BadRequest("invalid authority"));
+        }
         return HeaderValue::from_str(authority.as_str())
             .map(Some)
             .map_err(|_| LocalError::BadRequest("invalid authority"));
