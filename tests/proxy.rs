@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
-use support::wire::{dechunk, read_response, scripted_upstream};
+use support::wire::{chunked_upstream, dechunk, read_response, scripted_upstream};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -183,15 +183,11 @@ async fn hop_by_hop_headers_of_the_response_stay_behind() {
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"ok");
     assert_eq!(headers["x-up-kept"], "yes");
-    for gone in [
-        "x-up-secret",
-        "keep-alive",
-        "proxy-connection",
-        "upgrade",
-        "trailer",
-    ] {
+    for gone in ["x-up-secret", "keep-alive", "proxy-connection", "upgrade"] {
         assert!(!headers.contains_key(gone), "{gone} reached the client");
     }
+    // `Trailer` is end to end (it declares the trailer fields).
+    assert_eq!(headers["trailer"], "x-checksum");
     if let Some(connection) = headers.get("connection") {
         assert!(!connection.to_str().unwrap().contains("x-up-secret"));
     }
@@ -210,6 +206,41 @@ async fn an_unasked_101_from_the_upstream_is_a_502_protocol_error() {
     assert_eq!(&body[..], b"upstream sent an invalid response\n");
     let blue = veer.slot("shop", "blue").await;
     assert_eq!(blue["errors"]["protocol"], 1, "{blue}");
+    task.abort();
+    veer.shutdown().await;
+}
+
+/// Trailer fields go through both ways on HTTP/1.1: the request's to the upstream, and the
+/// response's to a client that said `TE: trailers` (the upstream is told it may send them).
+#[tokio::test]
+async fn trailers_pass_both_ways() {
+    let (upstream, request, task) = chunked_upstream(
+        b"HTTP/1.1 200 OK\r\nTrailer: x-sum\r\nTransfer-Encoding: chunked\r\n\r\n\
+          2\r\nok\r\n0\r\nx-sum: 42\r\n\r\n",
+    )
+    .await;
+    let veer = Veer::shop("", upstream).await;
+    let mut stream = raw_open(
+        veer.addr,
+        b"POST / HTTP/1.1\r\nHost: shop\r\nTE: trailers\r\nConnection: TE, close\r\n\
+          Trailer: x-checksum\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n",
+    )
+    .await;
+    let response = read_response(&mut stream).await.unwrap();
+    let request = String::from_utf8(request.await.unwrap())
+        .unwrap()
+        .to_ascii_lowercase();
+    let (head, body) = request.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("\r\nte: trailers\r\n"), "{head}");
+    assert!(head.contains("\r\ntrailer: x-checksum\r\n"), "{head}");
+    assert!(
+        body.ends_with("\r\n0\r\nx-checksum: abc\r\n\r\n"),
+        "{body:?}"
+    );
+    assert_eq!(response.status, 200);
+    let raw_body = String::from_utf8_lossy(&response.body).to_ascii_lowercase();
+    assert!(raw_body.ends_with("0\r\nx-sum: 42\r\n\r\n"), "{raw_body:?}");
     task.abort();
     veer.shutdown().await;
 }

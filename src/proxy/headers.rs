@@ -8,32 +8,42 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::upstream::mirror::SHADOW_HEADER;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that are never forwarded, besides those that
-/// `Connection` lists.
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// `Connection` lists. `Trailer` is end to end: it declares the trailer fields that HTTP/1.1
+/// framing then carries.
+const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
 ];
 
 /// Removes hop-by-hop headers; `Upgrade` (and `Connection: upgrade`) stay when tunnelling.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
+/// Returns whether a `TE` header accepted trailers.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) -> bool {
     // Most messages carry none of them: one pass over the names costs less than a hashed
     // lookup per name. `Connection` is among them, so listed names are found too.
     let any = headers
         .keys()
         .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
-    if any {
-        remove_present_hop_by_hop(headers, tunnelling);
-    }
+    let trailers = any && remove_present_hop_by_hop(headers, tunnelling);
     if tunnelling {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    trailers
 }
 
-fn remove_present_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
+fn remove_present_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) -> bool {
+    // Read before `Connection: TE` takes it away.
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| {
+            let coding = token.split(';').next().unwrap_or("");
+            coding.trim().eq_ignore_ascii_case("trailers")
+        });
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -53,6 +63,7 @@ fn remove_present_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) {
     if !tunnelling {
         headers.remove(header::UPGRADE);
     }
+    trailers
 }
 
 /// True when a request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade`).
@@ -83,7 +94,10 @@ pub struct Forwarded<'a> {
 
 /// Rewrites a client request's headers for the upstream.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: bool) {
-    remove_hop_by_hop(headers, tunnelling);
+    if remove_hop_by_hop(headers, tunnelling) {
+        // The client takes trailers, and veer passes them on: the upstream may send them.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if fwd.version == http::Version::HTTP_2 {
         join_cookies(headers);
     }
@@ -182,10 +196,38 @@ mod tests {
             ("upgrade", "websocket"),
             ("proxy-connection", "keep-alive"),
             ("x-kept", "yes"),
+            ("trailer", "x-checksum"),
         ]);
-        remove_hop_by_hop(&mut headers, false);
+        assert!(remove_hop_by_hop(&mut headers, false));
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, vec!["x-kept"]);
+        assert_eq!(names, vec!["x-kept", "trailer"]);
+    }
+
+    #[test]
+    fn te_trailers_is_seen_in_any_spelling_and_passed_on_alone() {
+        for (te, connection, trailers) in [
+            ("trailers", "", true),
+            ("gzip;q=0.5, Trailers", "", true),
+            ("trailers", "TE", true),
+            ("gzip, deflate", "", false),
+            ("trailersx", "", false),
+        ] {
+            let mut headers = map(&[("te", te)]);
+            if !connection.is_empty() {
+                headers.insert(header::CONNECTION, HeaderValue::from_static(connection));
+            }
+            let fwd = Forwarded {
+                client_ip: IpAddr::from([127, 0, 0, 1]),
+                tls: false,
+                host: None,
+                version: http::Version::HTTP_11,
+                override_header: None,
+            };
+            to_upstream(&mut headers, &fwd, false);
+            let sent = headers.get(header::TE).map(|v| v.to_str().unwrap());
+            assert_eq!(sent, trailers.then_some("trailers"), "TE: {te}");
+            assert!(!headers.contains_key(header::CONNECTION), "TE: {te}");
+        }
     }
 
     proptest::proptest! {
@@ -200,11 +242,11 @@ mod tests {
                 headers.append(HEADER_NAMES[name], HeaderValue::from_static(HEADER_VALUES[value]));
             }
             let mut every_removal = headers.clone();
-            remove_present_hop_by_hop(&mut every_removal, tunnelling);
+            let trailers = remove_present_hop_by_hop(&mut every_removal, tunnelling);
             if tunnelling {
                 every_removal.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             }
-            remove_hop_by_hop(&mut headers, tunnelling);
+            proptest::prop_assert_eq!(remove_hop_by_hop(&mut headers, tunnelling), trailers);
             proptest::prop_assert_eq!(headers, every_removal);
         }
     }
@@ -221,7 +263,13 @@ mod tests {
         "x-kept",
         "host",
     ];
-    const HEADER_VALUES: [&str; 4] = ["close", "keep-alive, x-listed", "Upgrade", "websocket"];
+    const HEADER_VALUES: [&str; 5] = [
+        "close",
+        "keep-alive, x-listed",
+        "Upgrade",
+        "websocket",
+        "trailers",
+    ];
 
     #[test]
     fn h2c_upgrades_are_not_tunnelled() {

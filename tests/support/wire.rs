@@ -130,3 +130,33 @@ pub async fn scripted_upstream(response: &'static [u8]) -> (SocketAddr, JoinHand
     });
     (addr, task)
 }
+
+/// An upstream on `127.0.0.1:0` for one chunked request: reads it whole (head, chunks and
+/// trailer section; at most 5 s), hands the bytes over, answers with `response` and closes.
+pub async fn chunked_upstream(
+    response: &'static [u8],
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<Vec<u8>>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut request = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // The last chunk ("0\r\n") and the empty line that ends the trailer section.
+        let complete = |r: &[u8]| {
+            find(r, b"\r\n0\r\n").is_some_and(|last| find(&r[last + 2..], b"\r\n\r\n").is_some())
+        };
+        while !complete(&request) && read_more(&mut stream, &mut request, deadline).await {}
+        let _ = tx.send(request);
+        let _ = stream.write_all(response).await;
+        let _ = stream.shutdown().await;
+    });
+    (addr, rx, task)
+}
