@@ -9,11 +9,7 @@
 # Everything listens on 127.0.0.1 only; every process is started under `timeout`, every wrk
 # run is bounded, and everything is killed on exit.
 #
-# With two cores or more the proxy being measured runs on a core of its own and wrk and the
-# upstreams on the others (PIN=0 turns this off): left to the scheduler, the proxy now and then
-# shares a core with wrk for a whole run, and that run's figures drop by half.
-#
-# Usage: loadtest/compare.sh            (ROUNDS=3 DURATION=10 CONNECTIONS=50 WARMUP=2 PIN=1)
+# Usage: loadtest/compare.sh            (ROUNDS=3 DURATION=10 CONNECTIONS=50 WARMUP=2)
 # Needs: cargo; installs nginx, haproxy and wrk with apt-get when they are missing.
 set -euo pipefail
 
@@ -22,7 +18,6 @@ DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-50}
 WARMUP=${WARMUP:-2}
 USERS=${USERS:-10000}
-PIN=${PIN:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=$ROOT/loadtest/results
@@ -157,18 +152,6 @@ to_ms() {
   }'
 }
 
-# Command prefixes that run a command on the proxy's core / on the other cores.
-CPUS=$(nproc)
-if [ "$PIN" = 1 ] && [ "$CPUS" -ge 2 ] && command -v taskset >/dev/null; then
-  ON_PROXY_CPU=(taskset -c "$((CPUS - 1))")
-  ON_LOAD_CPUS=(taskset -c "0-$((CPUS - 2))")
-  PINNING="proxy on CPU $((CPUS - 1)), wrk and upstreams on CPU 0-$((CPUS - 2))"
-else
-  ON_PROXY_CPU=()
-  ON_LOAD_CPUS=()
-  PINNING="no CPU pinning"
-fi
-
 median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 install_missing
@@ -185,7 +168,7 @@ UPSTREAM=$TARGET/release/upstream
 upstream() {
   local name=$1
   PORT[$name]=$(free_port)
-  start "$name" "${ON_LOAD_CPUS[@]}" "$UPSTREAM" --name "$name" --listen "127.0.0.1:${PORT[$name]}" --threads 1 \
+  start "$name" "$UPSTREAM" --name "$name" --listen "127.0.0.1:${PORT[$name]}" --threads 1 \
     --max-time "${LIFE}s"
   wait_port "$name"
 }
@@ -236,7 +219,7 @@ start_veer() {
   ADMIN[$name]=$(free_port)
   veer_config "$name" "${PORT[$name]}" "${ADMIN[$name]}" "$sticky" "$shadow" >"$WORK/$name.toml"
   "$VEER" check -c "$WORK/$name.toml" >/dev/null
-  start "$name" "${ON_PROXY_CPU[@]}" "$VEER" run -c "$WORK/$name.toml"
+  start "$name" "$VEER" run -c "$WORK/$name.toml"
   wait_port "$name"
 }
 
@@ -283,7 +266,7 @@ http {
   }
 }
 EOF
-start nginx "${ON_PROXY_CPU[@]}" "$NGINX" -e "$WORK/nginx-error.log" -p "$WORK/nginx" -c "$WORK/nginx.conf"
+start nginx "$NGINX" -e "$WORK/nginx-error.log" -p "$WORK/nginx" -c "$WORK/nginx.conf"
 wait_port nginx
 
 PORT[haproxy]=$(free_port)
@@ -310,7 +293,7 @@ backend be
   server blue 127.0.0.1:$BLUE weight 90
   server green 127.0.0.1:$GREEN weight 10
 EOF
-start haproxy "${ON_PROXY_CPU[@]}" "$HAPROXY" -db -f "$WORK/haproxy.cfg"
+start haproxy "$HAPROXY" -db -f "$WORK/haproxy.cfg"
 wait_port haproxy
 
 # Returning users: each request carries one of $USERS veer-style cookie ids (32 hex digits),
@@ -370,7 +353,7 @@ fi
 
 for round in $(seq "$ROUNDS"); do
   for name in "${PROXIES[@]}"; do
-    timeout $((WARMUP + 10)) "${ON_LOAD_CPUS[@]}" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$WORK/users.lua" "$(url "$name")" >/dev/null
+    timeout $((WARMUP + 10)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$WORK/users.lua" "$(url "$name")" >/dev/null
     mapfile -t pids < <(proxy_pids "${ROOTPID[$name]}")
     before=$(cpu_ticks "${pids[@]}")
     scraper=""
@@ -384,7 +367,7 @@ for round in $(seq "$ROUNDS"); do
         -- sleep $((DURATION + 1)) 2>/dev/null &
       counter=$!
     fi
-    timeout $((DURATION + 15)) "${ON_LOAD_CPUS[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
+    timeout $((DURATION + 15)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
       -s "$WORK/users.lua" "$(url "$name")" >"$WORK/wrk.out"
     after=$(cpu_ticks "${pids[@]}")
     kinstr="-"
@@ -433,7 +416,7 @@ round_ratio() {
 }
 
 {
-  echo "Medians of $ROUNDS interleaved rounds; wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run; $PINNING."
+  echo "Medians of $ROUNDS interleaved rounds; wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run."
   echo
   echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/request | k instructions/request | peak RSS MiB | errors (all rounds) |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
