@@ -158,6 +158,58 @@ async fn an_upstream_101_to_an_h2_request_is_a_502_and_the_connection_lives_on()
     veer.shutdown().await;
 }
 
+/// An HTTP/2 connection where no request starts for `idle_timeout` is closed (GOAWAY), as an
+/// idle HTTP/1.1 one is; one in use stays open, and a response still streaming when the
+/// connection goes idle is finished first.
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_after_idle_timeout() {
+    let upstream = named("a").await;
+    let slow = Upstream::builder("slow")
+        .body("0123456789".repeat(10))
+        .slow_body(Duration::from_millis(900))
+        .start()
+        .await
+        .unwrap();
+    let routes = host_route("a", &["a"], "/", upstream.addr)
+        + &host_route("slow", &["slow"], "/", slow.addr);
+    let veer = Veer::start("idle_timeout = \"400ms\"", &routes).await;
+    let connect = || async {
+        let tcp = TcpStream::connect(veer.addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        (sender, tokio::spawn(conn))
+    };
+    let get = |authority: &'static str| {
+        Request::get(format!("http://{authority}/"))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+
+    // In use: a request every 150 ms for 1.2 s, all on the one connection.
+    let (mut sender, conn) = connect().await;
+    for _ in 0..8 {
+        let response = sender.send_request(get("a")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(!conn.is_finished());
+    // Then idle: veer closes it.
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    assert!(matches!(closed, Ok(Ok(Ok(())))), "{closed:?}");
+
+    // A body that takes 900 ms, past the idle limit, still arrives whole.
+    let (mut sender, conn) = connect().await;
+    let response = sender.send_request(get("slow")).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "0123456789".repeat(10));
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    assert!(matches!(closed, Ok(Ok(Ok(())))), "{closed:?}");
+    veer.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS
 

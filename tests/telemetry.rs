@@ -131,11 +131,6 @@ async fn answering_upstream(answer: &'static [u8]) -> (SocketAddr, tokio::task::
 }
 
 /// A loopback address nothing listens on: bound, then closed.
-async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
 fn path_route(name: &str, blue: SocketAddr, green: SocketAddr) -> String {
     route(name, blue, green, "").replacen(
         &format!("name = \"{name}\"\n"),
@@ -164,7 +159,7 @@ async fn every_error_kind_is_produced_and_counted() {
         .unwrap();
     let (hangup, _hangup_task) = answering_upstream(b"").await;
     let (garbage, _garbage_task) = answering_upstream(b"NOT HTTP AT ALL\r\n\r\n").await;
-    let closed = closed_port().await;
+    let closed = closed_addr().await;
     let green = Upstream::builder("green").start().await.unwrap();
     let routes = [
         path_route("status", status.addr, green.addr),

@@ -6,14 +6,14 @@ pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
@@ -78,6 +78,7 @@ impl Listener {
                 proxy: Arc::clone(&proxy),
                 tls: tls.load_full(),
                 watcher: graceful.watcher(),
+                shutdown: shutdown.clone(),
                 gauge: Gauge::new(&self.connections),
                 peer,
             };
@@ -105,7 +106,9 @@ impl Drop for Gauge {
 struct Connection {
     proxy: Arc<Proxy>,
     tls: Option<Arc<TlsAcceptor>>,
+    /// Held while the connection lives: the drain waits for every watcher to go.
     watcher: Watcher,
+    shutdown: watch::Receiver<bool>,
     gauge: Gauge,
     peer: SocketAddr,
 }
@@ -114,18 +117,24 @@ impl Connection {
     async fn run(self, stream: TcpStream) {
         // Settings from the current snapshot; the snapshot itself is not held for the
         // connection's lifetime.
-        let (builder, header_timeout) = {
+        let (builder, header_timeout, idle_timeout) = {
             let table = self.proxy.table.load();
             let server = &table.config.server;
-            (builder(server), server.header_timeout)
+            (builder(server), server.header_timeout, server.idle_timeout)
         };
         let head_deadline = Instant::now() + header_timeout;
         match self.tls.clone() {
-            None => self.serve(stream, false, builder, head_deadline).await,
+            None => {
+                self.serve(stream, false, builder, head_deadline, idle_timeout)
+                    .await
+            }
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(stream)) => self.serve(stream, true, builder, head_deadline).await,
+                    Ok(Ok(stream)) => {
+                        self.serve(stream, true, builder, head_deadline, idle_timeout)
+                            .await
+                    }
                     Ok(Err(error)) => debug!(peer = %self.peer, %error, "TLS handshake failed."),
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out."),
                 }
@@ -133,12 +142,16 @@ impl Connection {
         }
     }
 
+    /// Serves the connection until it ends: closed at `head_deadline` when no request came;
+    /// shut down gracefully (in-flight requests finish) on the drain signal, and for HTTP/2
+    /// once no request has started for `idle_timeout` (HTTP/1.1 idling is hyper's own timer).
     async fn serve<I>(
         self,
         io: I,
         tls: bool,
         builder: auto::Builder<TokioExecutor>,
         head_deadline: Instant,
+        idle_timeout: Duration,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -147,26 +160,44 @@ impl Connection {
             tls,
         };
         let proxy = self.proxy;
-        let first_request = Arc::new(AtomicBool::new(false));
-        let seen = Arc::clone(&first_request);
+        let activity = Arc::new(Activity::new());
+        let seen = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
-            seen.store(true, Ordering::Relaxed);
+            seen.request(req.version());
             let proxy = Arc::clone(&proxy);
             async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        let conn = self.watcher.watch(conn.into_owned());
         tokio::pin!(conn);
-        // The first request's head must arrive within header_timeout of the accept; later
-        // heads within idle_timeout of the previous response (hyper's own timer).
-        let result = tokio::select! {
-            result = &mut conn => Some(result),
-            () = tokio::time::sleep_until(head_deadline) => {
-                if first_request.load(Ordering::Relaxed) {
-                    Some(conn.await)
-                } else {
-                    debug!(peer = %self.peer, "No request head within header_timeout; closing.");
-                    None
+        let mut shutdown = self.shutdown;
+        let mut head_deadline = Some(head_deadline);
+        let mut closing = false;
+        let result = loop {
+            // HTTP/2 or not is known from the first request: until then, look every
+            // idle_timeout.
+            let check_at = activity
+                .h2_idle_at(idle_timeout)
+                .unwrap_or_else(|| Instant::now() + idle_timeout);
+            tokio::select! {
+                result = conn.as_mut() => break Some(result),
+                () = crate::app::stopped(&mut shutdown), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = sleep_until(head_deadline) => {
+                    if !activity.seen.load(Ordering::Relaxed) {
+                        debug!(peer = %self.peer, "No request head within header_timeout; closing.");
+                        break None;
+                    }
+                    head_deadline = None;
+                }
+                () = tokio::time::sleep_until(check_at), if !closing => {
+                    let idle_at = activity.h2_idle_at(idle_timeout);
+                    if idle_at.is_some_and(|at| at <= Instant::now()) {
+                        debug!(peer = %self.peer, "HTTP/2 connection idle for idle_timeout; closing.");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
                 }
             }
         };
@@ -174,6 +205,51 @@ impl Connection {
             debug!(peer = %self.peer, %error, "Connection closed with an error.");
         }
         drop(self.gauge);
+        drop(self.watcher);
+    }
+}
+
+/// What a connection's requests tell its task.
+struct Activity {
+    opened: Instant,
+    /// A request head arrived.
+    seen: AtomicBool,
+    /// When the latest HTTP/2 request started, in milliseconds after `opened`, plus one (0:
+    /// none yet).
+    last_h2: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            seen: AtomicBool::new(false),
+            last_h2: AtomicU64::new(0),
+        }
+    }
+
+    fn request(&self, version: Version) {
+        self.seen.store(true, Ordering::Relaxed);
+        if version == Version::HTTP_2 {
+            let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last_h2.store(ms.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// When an HTTP/2 connection becomes idle: `idle` after its latest request started.
+    fn h2_idle_at(&self, idle: Duration) -> Option<Instant> {
+        match self.last_h2.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.opened + Duration::from_millis(ms - 1) + idle),
+        }
+    }
+}
+
+/// Sleeps until `at`; never wakes for `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

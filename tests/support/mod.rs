@@ -72,10 +72,15 @@ pub async fn recording(name: &str) -> Upstream {
     Upstream::builder(name).record(true).start().await.unwrap()
 }
 
-/// A port on loopback that refuses connections: bound on `127.0.0.1:0`, then closed.
+/// A port on loopback that refuses connections.
 pub async fn closed_addr() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+    // Bound but not listening: connecting is refused, and no other test can take the port
+    // while the socket is held, which is for the rest of the test process.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
+    addr
 }
 
 impl Veer {
