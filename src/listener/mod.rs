@@ -6,17 +6,21 @@ pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -144,7 +148,8 @@ impl Connection {
 
     /// Serves the connection until it ends: closed at `head_deadline` when no request came;
     /// shut down gracefully (in-flight requests finish) on the drain signal, and for HTTP/2
-    /// once no request has started for `idle_timeout` (HTTP/1.1 idling is hyper's own timer).
+    /// once no stream has been open for `idle_timeout` (HTTP/1.1 idling is hyper's own
+    /// timer).
     async fn serve<I>(
         self,
         io: I,
@@ -163,9 +168,13 @@ impl Connection {
         let activity = Arc::new(Activity::new());
         let seen = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
-            seen.request(req.version());
+            // Held until the response body is done with (or the request is dropped).
+            let stream = Activity::request(&seen, req.version());
             let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+            async move {
+                let response = proxy.handle(req, info).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked { body, stream }))
+            }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
@@ -173,25 +182,30 @@ impl Connection {
         let mut head_deadline = Some(head_deadline);
         let mut closing = false;
         let result = loop {
-            // HTTP/2 or not is known from the first request: until then, look every
-            // idle_timeout.
-            let check_at = activity
-                .h2_idle_at(idle_timeout)
-                .unwrap_or_else(|| Instant::now() + idle_timeout);
+            // Until the first request tells the protocol, look every idle_timeout.
+            let check_at = match activity.protocol() {
+                Protocol::Http1 => None,
+                Protocol::Http2 | Protocol::Unknown => Some(
+                    activity
+                        .h2_idle_at(idle_timeout)
+                        .unwrap_or_else(|| Instant::now() + idle_timeout),
+                ),
+            };
             tokio::select! {
+                biased;
                 result = conn.as_mut() => break Some(result),
                 () = crate::app::stopped(&mut shutdown), if !closing => {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
                 () = sleep_until(head_deadline) => {
-                    if !activity.seen.load(Ordering::Relaxed) {
+                    if activity.protocol() == Protocol::Unknown {
                         debug!(peer = %self.peer, "No request head within header_timeout; closing.");
                         break None;
                     }
                     head_deadline = None;
                 }
-                () = tokio::time::sleep_until(check_at), if !closing => {
+                () = sleep_until(check_at), if !closing => {
                     let idle_at = activity.h2_idle_at(idle_timeout);
                     if idle_at.is_some_and(|at| at <= Instant::now()) {
                         debug!(peer = %self.peer, "HTTP/2 connection idle for idle_timeout; closing.");
@@ -209,39 +223,105 @@ impl Connection {
     }
 }
 
-/// What a connection's requests tell its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Unknown,
+    Http1,
+    Http2,
+}
+
+/// What a connection's requests tell its task: the protocol, and for HTTP/2 whether a stream
+/// is open and since when none is.
 struct Activity {
     opened: Instant,
-    /// A request head arrived.
-    seen: AtomicBool,
-    /// When the latest HTTP/2 request started, in milliseconds after `opened`, plus one (0:
-    /// none yet).
-    last_h2: AtomicU64,
+    /// A `Protocol` as a number, known once a request head arrived.
+    protocol: AtomicU8,
+    /// HTTP/2 streams whose exchange is under way (request not yet answered or response body
+    /// not yet done).
+    open: AtomicUsize,
+    /// When the last open stream ended, in milliseconds after `opened`.
+    quiet_since: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
         Activity {
             opened: Instant::now(),
-            seen: AtomicBool::new(false),
-            last_h2: AtomicU64::new(0),
+            protocol: AtomicU8::new(Protocol::Unknown as u8),
+            open: AtomicUsize::new(0),
+            quiet_since: AtomicU64::new(0),
         }
     }
 
-    fn request(&self, version: Version) {
-        self.seen.store(true, Ordering::Relaxed);
-        if version == Version::HTTP_2 {
-            let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.last_h2.store(ms.saturating_add(1), Ordering::Relaxed);
+    fn protocol(&self) -> Protocol {
+        match self.protocol.load(Ordering::Relaxed) {
+            1 => Protocol::Http1,
+            2 => Protocol::Http2,
+            _ => Protocol::Unknown,
         }
     }
 
-    /// When an HTTP/2 connection becomes idle: `idle` after its latest request started.
+    /// Notes a request; for HTTP/2, its stream counts as open while the guard lives.
+    fn request(this: &Arc<Self>, version: Version) -> Option<OpenStream> {
+        if version != Version::HTTP_2 {
+            this.protocol
+                .store(Protocol::Http1 as u8, Ordering::Relaxed);
+            return None;
+        }
+        this.protocol
+            .store(Protocol::Http2 as u8, Ordering::Relaxed);
+        this.open.fetch_add(1, Ordering::Relaxed);
+        Some(OpenStream(Arc::clone(this)))
+    }
+
+    /// When an HTTP/2 connection with no stream open becomes idle; `None` while one is open.
     fn h2_idle_at(&self, idle: Duration) -> Option<Instant> {
-        match self.last_h2.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(self.opened + Duration::from_millis(ms - 1) + idle),
+        if self.protocol() != Protocol::Http2 || self.open.load(Ordering::Relaxed) > 0 {
+            return None;
         }
+        let quiet = Duration::from_millis(self.quiet_since.load(Ordering::Relaxed));
+        Some(self.opened + quiet + idle)
+    }
+}
+
+/// One open HTTP/2 stream of a connection.
+struct OpenStream(Arc<Activity>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let ms = u64::try_from(activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.quiet_since.store(ms, Ordering::Relaxed);
+        activity.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its stream counted as open until it is dropped.
+    struct Tracked<B> {
+        #[pin]
+        body: B,
+        stream: Option<OpenStream>,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -94,9 +94,11 @@ pub struct Forwarded<'a> {
 
 /// Rewrites a client request's headers for the upstream.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: bool) {
-    if remove_hop_by_hop(headers, tunnelling) {
-        // The client takes trailers, and veer passes them on: the upstream may send them.
+    if remove_hop_by_hop(headers, tunnelling) && !tunnelling {
+        // The client takes trailers, and veer passes them on: the upstream may send them. TE
+        // goes with its connection option (RFC 9110 §10.1.4).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("te"));
     }
     if fwd.version == http::Version::HTTP_2 {
         join_cookies(headers);
@@ -126,17 +128,18 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
 /// HTTP/2 clients may send their cookies as several `cookie` fields; on HTTP/1.1 they go as
 /// one, joined with "; " (RFC 9113 §8.2.3).
 fn join_cookies(headers: &mut HeaderMap) {
-    let mut cookies = headers.get_all(header::COOKIE).iter();
-    let Some(first) = cookies.next() else {
-        return;
-    };
-    let rest: Vec<&HeaderValue> = cookies.collect();
-    if rest.is_empty() {
+    let cookies = headers.get_all(header::COOKIE);
+    let (count, len) = cookies
+        .iter()
+        .fold((0, 0), |(n, len), v| (n + 1, len + v.len() + 2));
+    if count < 2 {
         return;
     }
-    let mut joined = first.as_bytes().to_vec();
-    for value in rest {
-        joined.extend_from_slice(b"; ");
+    let mut joined = Vec::with_capacity(len);
+    for (i, value) in cookies.iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
         joined.extend_from_slice(value.as_bytes());
     }
     if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
@@ -226,7 +229,8 @@ mod tests {
             to_upstream(&mut headers, &fwd, false);
             let sent = headers.get(header::TE).map(|v| v.to_str().unwrap());
             assert_eq!(sent, trailers.then_some("trailers"), "TE: {te}");
-            assert!(!headers.contains_key(header::CONNECTION), "TE: {te}");
+            let connection = headers.get(header::CONNECTION).map(|v| v.to_str().unwrap());
+            assert_eq!(connection, trailers.then_some("te"), "TE: {te}");
         }
     }
 
