@@ -8,6 +8,7 @@
 //! - [`routing`]: the immutable [`routing::RoutingTable`] snapshot behind one `ArcSwap`, route
 //!   matching, the sticky bucket (`sticky`) and the slot decision (`weights`).
 //! - [`listener`]: accept loops, per-connection tasks, TLS, graceful drain.
+//! - [`io`]: small gathered writes sent as one `send`, on both sides of the proxy.
 //! - [`proxy`]: the request path, one phase after another (`handle`), header rewriting
 //!   (`headers`) and the single error → status mapping (`error`).
 //! - [`upstream`]: each worker's pool of upstream HTTP/1.1 connections (`pool`), the request
@@ -36,6 +37,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod io;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

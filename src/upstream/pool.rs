@@ -29,6 +29,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -196,6 +197,7 @@ impl Pool {
             .call(uri)
             .await
             .map_err(|e| connect_error(e.into()))?;
+        let io = TokioIo::new(crate::io::Coalesced::new(io.into_inner()));
         let (sender, connection) = http1::handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
