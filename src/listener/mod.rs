@@ -161,10 +161,7 @@ impl Connection {
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let info = ConnInfo {
-            peer: self.peer,
-            tls,
-        };
+        let info = ConnInfo::new(self.peer, tls);
         let proxy = self.proxy;
         let activity = Arc::new(Activity::new());
         let seen = Arc::clone(&activity);
@@ -172,8 +169,9 @@ impl Connection {
             // Held until the response body is done with (or the request is dropped).
             let stream = Activity::request(&seen, req.version());
             let proxy = Arc::clone(&proxy);
+            let info = info.clone();
             async move {
-                let response = proxy.handle(req, info).await;
+                let response = proxy.handle(req, &info).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, stream }))
             }
         });

@@ -33,10 +33,22 @@ use headers::Forwarded;
 use request::{body_too_large, check_request, content_length, effective_authority, strip_port};
 
 /// The downstream connection a request came on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's address as `X-Forwarded-For` gives it, made once per connection.
+    pub forwarded_for: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        ConnInfo {
+            peer,
+            tls,
+            forwarded_for: headers::client_address(peer.ip()),
+        }
+    }
 }
 
 /// The proxy of one worker: the routing snapshot, the upstream pool, the shadow client and
@@ -65,7 +77,7 @@ impl Proxy {
     }
 
     /// Handles one request: validate, route, decide, forward, stream back, record.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let started = Instant::now();
         // Phase 2: one routing snapshot for the whole request.
         let table = self.table.load_full();
@@ -203,7 +215,7 @@ impl Proxy {
             exchange.downstream_upgrade = parts.extensions.remove::<OnUpgrade>();
         }
         let forwarded = Forwarded {
-            client_ip: exchange.conn.peer.ip(),
+            client: &exchange.conn.forwarded_for,
             tls: exchange.conn.tls,
             host: host.as_ref(),
             version: parts.version,
@@ -439,7 +451,7 @@ impl Proxy {
 struct Exchange<'a> {
     route: &'a Route,
     decision: Decision,
-    conn: ConnInfo,
+    conn: &'a ConnInfo,
     started: Instant,
     /// How long the upstream's response body may send nothing.
     idle: std::time::Duration,
@@ -457,7 +469,7 @@ struct Exchange<'a> {
 fn route_request<'t>(
     table: &'t RoutingTable,
     parts: &Parts,
-    conn: ConnInfo,
+    conn: &ConnInfo,
 ) -> Result<(&'t Route, Decision, Option<HeaderValue>), LocalError> {
     check_request(parts, &table.config.server)?;
     let host = effective_authority(parts)?;
@@ -494,7 +506,7 @@ fn failed(
 }
 
 /// Sets veer's sticky cookie when the decision drew a new id.
-fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision, conn: ConnInfo) {
+fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision, conn: &ConnInfo) {
     if let Some(id) = decision.new_cookie {
         if let Some(cookie) = set_cookie(route, &id, conn.tls) {
             headers.append(header::SET_COOKIE, cookie);
