@@ -355,9 +355,13 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
         } else {
             let time_ok = evidence.step_elapsed >= policy.min_step_time;
             let requests_ok = canary.requests >= policy.min_requests;
+            // A canary that looks worse than the margin allows is not passed on the strength
+            // of a test that has not decided yet: it holds until the test fails it or the
+            // difference shrinks.
+            let within_margin = error_test.difference <= p.margin;
             match (
                 latency_test.as_ref().filter(|t| t.complete),
-                time_ok && requests_ok && error_test.computed,
+                time_ok && requests_ok && error_test.computed && within_margin,
             ) {
                 (Some(t), true) => (
                     Verdict::Pass,
@@ -386,6 +390,15 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
                             "; error test needs {MIN_TEST_REQUESTS} requests per slot (canary {}, \
                          stable {})",
                             canary.requests, stable.requests
+                        ));
+                    }
+                    if error_test.computed && !within_margin {
+                        reason.push_str(&format!(
+                            "; canary error rate {} vs stable {} is above the {} margin, not yet \
+                         conclusively",
+                            pct(canary.error_rate),
+                            pct(stable.error_rate),
+                            pct(p.margin)
                         ));
                     }
                     if !latency_test.as_ref().is_some_and(|t| t.complete) {
@@ -924,6 +937,26 @@ mod tests {
         let j = judge(&policy, &evidence((1_500, 15, &c), (6_000, 60, &s), 30));
         assert_eq!(j.verdict, Verdict::Pass, "{}", j.reason);
         assert!(j.reason.starts_with("canary healthy"), "{}", j.reason);
+    }
+
+    /// 20 % errors against none, seen before the test can decide (a controller that looked
+    /// late, with the step's time and requests already met): held, not passed.
+    #[test]
+    fn a_canary_worse_than_the_margin_holds_until_the_test_decides() {
+        let policy = Policy {
+            min_requests: 100,
+            max_error_rate: 0.25,
+            ..Policy::default()
+        };
+        let c = filled(1_000, 1.0, 3);
+        let s = filled(5_000, 1.0, 3);
+        let j = judge(&policy, &evidence((120, 24, &c), (5_000, 0, &s), 60));
+        assert!(!j.error_test.conclusive, "{}", j.reason);
+        assert_eq!(j.verdict, Verdict::Hold, "{}", j.reason);
+        assert!(j.reason.contains("above the 0.5% margin"), "{}", j.reason);
+        // The same canary without the errors passes.
+        let j = judge(&policy, &evidence((1_000, 0, &c), (5_000, 0, &s), 60));
+        assert_eq!(j.verdict, Verdict::Pass, "{}", j.reason);
     }
 
     #[test]
