@@ -1,105 +1,30 @@
-//! A socket wrapper that sends a small gathered write as one `send` instead of a `writev`.
+//! Sockets that send a small gathered write as one `send` instead of a `writev`.
 //!
 //! hyper hands a message over as several slices (the head, then each body chunk) and writes
 //! them with one `writev`. On Linux `writev` on a socket goes through the VFS layer and costs
 //! more than `send` (about 150 ns per call on loopback here: `writev` of a 150-byte head and a
 //! 5-byte body against `send` of the same 155 bytes), and a typical API exchange makes two
-//! such writes. A single slice is sent as it is; several, up to [`FLAT_MAX`] bytes in all, are
-//! copied into one buffer and sent with `send`; larger writes stay vectored, so big bodies are
-//! not copied.
+//! such writes. tokio's `BufWriter` does what is needed: writes smaller than its buffer are
+//! copied into it and go out with one `send` when hyper (or h2) flushes, which they do after
+//! every batch; larger ones stay vectored, so big bodies are not copied.
 
-use std::io::{self, IoSlice};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use tokio::io::BufWriter;
 
-use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// Gathered writes up to this many bytes are copied and sent flat.
+/// Writes up to this many bytes in all are copied and sent flat; the buffer is this large.
 pub const FLAT_MAX: usize = 2048;
 
-pin_project! {
-    /// `T` with small gathered writes sent flat; everything else passes through.
-    #[derive(Debug)]
-    pub struct Coalesced<T> {
-        #[pin]
-        inner: T,
-        // Reused for every flat write; grows to the largest one, at most FLAT_MAX.
-        flat: Vec<u8>,
-    }
-}
-
-impl<T> Coalesced<T> {
-    pub fn new(inner: T) -> Self {
-        Coalesced {
-            inner,
-            flat: Vec::new(),
-        }
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for Coalesced<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for Coalesced<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        if let [one] = bufs {
-            return this.inner.poll_write(cx, one);
-        }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total > FLAT_MAX {
-            return this.inner.poll_write_vectored(cx, bufs);
-        }
-        // A short write reports how many bytes went, as a vectored write would; the caller
-        // offers the rest again.
-        this.flat.clear();
-        for buf in bufs {
-            this.flat.extend_from_slice(buf);
-        }
-        this.inner.poll_write(cx, this.flat)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
+/// `io` with small writes sent flat (reads pass through).
+pub fn send_flat<T: tokio::io::AsyncWrite>(io: T) -> BufWriter<T> {
+    BufWriter::with_capacity(FLAT_MAX, io)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use std::io::{self, IoSlice};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
     /// Records each write it is given: (vectored or not, the bytes).
     #[derive(Default)]
@@ -144,7 +69,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_gathered_writes_and_single_slices_go_flat_and_large_ones_stay_vectored() {
-        let mut io = Coalesced::new(Recorder::default());
+        let mut io = send_flat(Recorder::default());
         let head = vec![b'h'; 150];
         let big = vec![b'b'; FLAT_MAX];
         let n = io
@@ -152,13 +77,17 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 155);
+        // hyper flushes after every batch of writes; that is when buffered bytes go out.
+        io.flush().await.unwrap();
         let n = io
             .write_vectored(&[IoSlice::new(&head), IoSlice::new(&big)])
             .await
             .unwrap();
         assert_eq!(n, 150 + FLAT_MAX);
+        io.flush().await.unwrap();
         let n = io.write_vectored(&[IoSlice::new(b"one")]).await.unwrap();
         assert_eq!(n, 3);
+        io.flush().await.unwrap();
         let writes = &io.get_ref().0;
         let mut small = head.clone();
         small.extend_from_slice(b"blue\n");
@@ -178,7 +107,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let sender = tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let mut io = Coalesced::new(stream);
+            let mut io = send_flat(stream);
             let mut sent = Vec::new();
             for i in 0..200usize {
                 let a = vec![(i % 251) as u8; i * 7 % 300];

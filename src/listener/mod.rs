@@ -129,7 +129,7 @@ impl Connection {
         let head_deadline = Instant::now() + header_timeout;
         match self.tls.clone() {
             None => {
-                let stream = crate::io::Coalesced::new(stream);
+                let stream = crate::io::send_flat(stream);
                 self.serve(stream, false, builder, head_deadline, idle_timeout)
                     .await
             }

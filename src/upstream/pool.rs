@@ -197,7 +197,7 @@ impl Pool {
             .call(uri)
             .await
             .map_err(|e| connect_error(e.into()))?;
-        let io = TokioIo::new(crate::io::Coalesced::new(io.into_inner()));
+        let io = TokioIo::new(crate::io::send_flat(io.into_inner()));
         let (sender, connection) = http1::handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
