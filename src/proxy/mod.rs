@@ -263,7 +263,7 @@ impl Proxy {
             started,
             idle,
             deadline,
-            tunnelling,
+            tunnelling: _,
             downstream_upgrade,
             shadow,
             log,
@@ -283,15 +283,15 @@ impl Proxy {
         // upstream must not turn a keep-alive HTTP/1.1 client into a close-delimited one
         // (hyper still answers HTTP/1.0 clients in HTTP/1.0, and HTTP/2 ones in HTTP/2).
         rparts.version = Version::HTTP_11;
+        // Only a 101 the request asked for gets here (`handle` turns any other into a 502).
         let switched = status == StatusCode::SWITCHING_PROTOCOLS;
-        let upgraded = switched && tunnelling;
-        if upgraded {
+        if switched {
             let upstream_upgrade = rparts.extensions.remove::<OnUpgrade>();
             if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
                 tokio::spawn(tunnel(down, up));
             }
         }
-        headers::to_client(&mut rparts.headers, upgraded);
+        headers::to_client(&mut rparts.headers, switched);
         add_cookie(&mut rparts.headers, route, &decision, conn);
         let mut extra: Option<Box<Extra>> = None;
         if let Some(mut job) = shadow {

@@ -394,8 +394,8 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
                     }
                     if error_test.computed && !within_margin {
                         reason.push_str(&format!(
-                            "; canary error rate {} vs stable {} is above the {} margin, not yet \
-                         conclusively",
+                            "; canary error rate {} vs stable {} is above the {} margin (not yet \
+                         conclusive)",
                             pct(canary.error_rate),
                             pct(stable.error_rate),
                             pct(p.margin)
