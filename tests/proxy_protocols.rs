@@ -29,22 +29,9 @@ fn pattern(len: usize) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // HTTP/2 (h2c prior knowledge)
 
-type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
-
 /// An HTTP/2 (prior knowledge) connection to veer.
 async fn h2c(veer: &Veer) -> H2Sender {
-    h2c_driven(veer).await.0
-}
-
-/// An HTTP/2 (prior knowledge) connection to veer, and the task that drives it (it ends when
-/// the connection does).
-async fn h2c_driven(veer: &Veer) -> (H2Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    (sender, tokio::spawn(conn))
+    h2c_to(veer.addr).await.0
 }
 
 #[tokio::test]
@@ -191,7 +178,7 @@ async fn an_idle_h2_connection_is_closed_after_idle_timeout() {
     };
 
     // In use: a request every 100 ms for over a second, all on the one connection.
-    let (mut sender, conn) = h2c_driven(&veer).await;
+    let (mut sender, conn) = h2c_to(veer.addr).await;
     for _ in 0..12 {
         let response = sender.send_request(get("a")).await.unwrap();
         assert_eq!(response.status(), 200);
@@ -203,7 +190,7 @@ async fn an_idle_h2_connection_is_closed_after_idle_timeout() {
 
     // Streaming for longer than the idle limit: the body arrives whole, and the connection
     // still takes the next request.
-    let (mut sender, conn) = h2c_driven(&veer).await;
+    let (mut sender, conn) = h2c_to(veer.addr).await;
     let response = sender.send_request(get("slow")).await.unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "0123456789".repeat(10));

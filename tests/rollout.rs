@@ -1074,17 +1074,10 @@ async fn unknown_admin_paths_are_404_and_wrong_methods_405_with_allow() {
 
 /// A HEAD request over HTTP/2 (prior knowledge): status, headers and whatever body came.
 async fn h2c_head(addr: SocketAddr, path: &str) -> (StatusCode, http::HeaderMap, bytes::Bytes) {
-    use http_body_util::{BodyExt, Empty};
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    use http_body_util::{BodyExt, Full};
+    let (mut sender, _conn) = h2c_to(addr).await;
     let request = http::Request::head(format!("http://{addr}{path}"))
-        .body(Empty::<bytes::Bytes>::new())
+        .body(Full::<bytes::Bytes>::default())
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
     let (parts, body) = response.into_parts();

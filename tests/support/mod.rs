@@ -157,6 +157,21 @@ impl Veer {
     }
 }
 
+pub type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/2 (prior knowledge) connection to `addr`, and the task that drives it (it ends when
+/// the connection does).
+pub async fn h2c_to(addr: SocketAddr) -> (H2Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 /// One request with hyper's client (HTTP/1.1); returns status, headers and the whole body.
 pub async fn send(
     method: Method,
