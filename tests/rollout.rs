@@ -370,6 +370,141 @@ async fn pause_freezes_the_weight_and_resume_never_lowers_it() {
     assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 10_000));
 }
 
+/// Ramps the shop route of `c` to its 100 % step on healthy traffic (200 requests per slot
+/// and step, 0 errors, 10 ms).
+async fn ramp_to_full(c: &Controller, shared: &RouteShared) {
+    rollout::act(shared, &c.route, Action::Start, "test").unwrap();
+    for _ in 0..2 {
+        feed(shared, Slot::Blue, 200, 0, 10);
+        feed(shared, Slot::Green, 200, 0, 10);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        rollout::analyse(shared, &c.route);
+    }
+    assert_eq!(phase_step_weight(shared), (Phase::Ramping, 2, 10_000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_100_percent_a_pause_and_resume_keep_the_baseline_and_a_bad_canary_is_rolled_back() {
+    // 15 % canary errors against stable's 0 of 200 from the 50 % step: conclusive at once (z
+    // about 8), below max_error_rate. Without the baseline, stable has no requests at 100 %
+    // and the canary would hold there forever.
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_full(&c, &shared).await;
+    rollout::act(&shared, &c.route, Action::Pause, "test").unwrap();
+    rollout::act(&shared, &c.route, Action::Resume, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 10_000));
+    // Two consecutive failing looks (failure_threshold) within three.
+    for _ in 0..3 {
+        feed(&shared, Slot::Green, 200, 30, 10);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        rollout::analyse(&shared, &c.route);
+    }
+    let last = shared.rollout.view().last.unwrap();
+    assert_eq!(
+        last.judgement.stable.requests, 200,
+        "{}",
+        last.judgement.reason
+    );
+    assert!(
+        last.judgement.error_test.failing,
+        "{}",
+        last.judgement.reason
+    );
+    assert_eq!(phase_step_weight(&shared).0, Phase::RolledBack);
+    assert_eq!(shared.split.load().stable, Slot::Blue);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_at_100_percent_keeps_the_baseline_and_a_healthy_canary_is_promoted() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_full(&c, &shared).await;
+    drop(shared);
+    // A new process: a new store on the same directory, empty histograms.
+    let store = Arc::new(Store::new(&veer::config::StateConfig {
+        dir: c.dir.path().join("state"),
+    }));
+    let restored = rollout::restore(&c.route, &store);
+    assert_eq!(phase_step_weight(&restored), (Phase::Ramping, 2, 10_000));
+    feed(&restored, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(&restored, &c.route);
+    let state = restored.rollout.view().state;
+    assert_eq!((state.phase, state.stable), (Phase::Idle, Slot::Green));
+    let pass = c.journal().pop().unwrap();
+    assert_eq!(pass["judgement"]["verdict"], "pass");
+    assert_eq!(pass["judgement"]["stable"]["requests"], 200);
+    assert_eq!(pass["judgement"]["stable"]["latency_samples"], 200);
+    let stable_ms = pass["judgement"]["stable"]["quantile_ms"].as_f64().unwrap();
+    assert!((10.0..10.1).contains(&stable_ms), "{stable_ms}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_100_percent_without_any_baseline_the_hold_says_what_to_do() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    // A hand-set 100 % on a route whose stable never served: nothing to compare with.
+    rollout::act(&shared, &c.route, Action::SetWeight(10_000), "test").unwrap();
+    rollout::act(&shared, &c.route, Action::Resume, "test").unwrap();
+    feed(&shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(last_verdict(&shared), "hold");
+    let reason = shared.rollout.view().last.unwrap().judgement.reason;
+    assert!(reason.contains("promote or roll back by hand"), "{reason}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn steps_changed_by_a_reload_never_lower_the_weight() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    feed(&shared, Slot::Blue, 200, 0, 10);
+    feed(&shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+
+    let mut finer = c.route.clone();
+    finer.rollout.steps = vec![1000, 2000, 3000, 6000, 10_000];
+    rollout::reconcile(&shared, &finer, Some(&c.route));
+    // The weight stays; the step shown is the one at or above it.
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 3, 5000));
+    feed(&shared, Slot::Blue, 200, 0, 10);
+    feed(&shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(&shared, &finer);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 3, 6000));
+    let weights: Vec<(f64, f64)> = c
+        .journal()
+        .iter()
+        .map(|e| {
+            (
+                e["weight_from"].as_f64().unwrap(),
+                e["weight_to"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(weights.iter().all(|(from, to)| to >= from), "{weights:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_route_refuses_start_and_resume() {
+    let c = Controller::new("mode = \"manual\"\n");
+    let shared = c.restore();
+    for action in [Action::Start, Action::Resume] {
+        let error = rollout::act(&shared, &c.route, action, "test").unwrap_err();
+        assert!(error.to_string().contains("manual mode"), "{error}");
+    }
+    assert_eq!(phase_step_weight(&shared).0, Phase::Idle);
+    // The weight, promote and rollback still work by hand.
+    rollout::act(&shared, &c.route, Action::SetWeight(2500), "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 2500));
+    rollout::act(&shared, &c.route, Action::Rollback, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn rollout_state_and_journal_survive_a_restart() {
     let c = Controller::new("");

@@ -21,6 +21,14 @@ pub fn check<B>(req: &Request<B>, token: Option<&str>) -> Result<(), Box<Answer>
             return Err(Box::new(answer));
         }
     }
+    if token.is_none() && !names_this_machine(req) {
+        // Without a token the API listens on loopback only; a page that rebinds its own DNS
+        // name to 127.0.0.1 would still reach it, with its own name in Host.
+        return Err(Box::new(json_error(
+            StatusCode::FORBIDDEN,
+            "Host must be an IP address or localhost (or configure admin.token)",
+        )));
+    }
     if req.method() == Method::POST && foreign_origin(req) {
         return Err(Box::new(json_error(
             StatusCode::FORBIDDEN,
@@ -58,6 +66,28 @@ fn foreign_origin<B>(req: &Request<B>) -> bool {
         (Some(origin), Some(host)) => !origin.eq_ignore_ascii_case(host),
         _ => true,
     }
+}
+
+/// Whether the request's Host (or URI authority) is an IP address or `localhost`, with any
+/// port. No Host at all (HTTP/1.0) names nothing else either.
+fn names_this_machine<B>(req: &Request<B>) -> bool {
+    let host = match req.headers().get(header::HOST) {
+        Some(host) => host.to_str().ok(),
+        None => req.uri().host(),
+    };
+    let Some(host) = host else {
+        return req.headers().get(header::HOST).is_none();
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(address, _)| address),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name
+            .get(name.len().saturating_sub(10)..)
+            .is_some_and(|tail| tail.eq_ignore_ascii_case(".localhost"))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -106,6 +136,41 @@ mod tests {
         ] {
             assert_eq!(status(refused), Some(401), "{refused}");
         }
+    }
+
+    #[test]
+    fn without_a_token_only_addresses_and_localhost_are_accepted_as_host() {
+        let status = |host: Option<&str>, token: Option<&str>| {
+            let mut headers = vec![("authorization", "Bearer s3")];
+            headers.extend(host.map(|h| ("host", h)));
+            check(&req(Method::GET, &headers), token)
+                .err()
+                .map(|a| a.status().as_u16())
+        };
+        for accepted in [
+            "127.0.0.1:9901",
+            "127.0.0.1",
+            "[::1]:9901",
+            "[::1]",
+            "localhost:9901",
+            "LOCALHOST",
+            "admin.localhost:9901",
+            "10.1.2.3:9901",
+        ] {
+            assert_eq!(status(Some(accepted), None), None, "{accepted}");
+        }
+        assert_eq!(status(None, None), None);
+        // A DNS name rebound to 127.0.0.1 by a web page.
+        for refused in [
+            "evil.example:9901",
+            "evil.example",
+            "localhost.evil.example",
+            "[::1",
+        ] {
+            assert_eq!(status(Some(refused), None), Some(403), "{refused}");
+        }
+        // With a token, the token protects the API, whatever the name.
+        assert_eq!(status(Some("admin.internal:9901"), Some("s3")), None);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use hdrhistogram::Histogram;
 use tokio::time::{Duration, Instant, MissedTickBehavior};
 
+pub use window::{empty_histogram, MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 use window::{Aggregate, Shard};
-pub use window::{MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 
 /// Length of one time slice of the sliding window; `rotate` is due this often.
 pub const SLICE: Duration = Duration::from_secs(10);

@@ -19,15 +19,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hdrhistogram::Histogram;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{Mode, RouteConfig, StateConfig};
+use crate::config::{Mode, RolloutConfig, RouteConfig, StateConfig};
 use crate::metrics::WindowStats;
 use crate::routing::{RouteShared, RoutingTable, Split};
 use journal::{Entry, Journal};
 use judge::{Evidence, Judgement, Policy, SlotEvidence, Verdict};
-use state::{Action, IllegalTransition, Phase, RolloutState, StateFiles};
+use state::{Action, Baseline, IllegalTransition, Phase, RolloutState, StateFiles};
 
 /// Where rollout state and the journal are written.
 #[derive(Debug)]
@@ -56,9 +57,6 @@ struct Inner {
     state: RolloutState,
     step_started: Instant,
     last: Option<LastVerdict>,
-    /// Stable's figures from the previous step: the baseline at 100 %, where stable gets no
-    /// traffic.
-    previous_stable: Option<WindowStats>,
     hold_warned: bool,
 }
 
@@ -85,7 +83,6 @@ impl RouteRollout {
                 state,
                 step_started: Instant::now(),
                 last: None,
-                previous_stable: None,
                 hold_warned: false,
             }),
             store,
@@ -154,14 +151,18 @@ pub fn act(
     action: Action,
     reason: &str,
 ) -> Result<RolloutState, IllegalTransition> {
+    if config.rollout.mode == Mode::Manual && matches!(action, Action::Start | Action::Resume) {
+        return Err(IllegalTransition::Manual {
+            action: action.as_str(),
+        });
+    }
     let mut inner = shared.rollout.lock();
     let next = inner.state.apply(action, &config.rollout.steps)?;
-    let steps = &config.rollout.steps;
     commit(
         shared,
         &mut inner,
         next,
-        steps,
+        &config.rollout,
         action.as_str(),
         reason,
         None,
@@ -172,23 +173,36 @@ pub fn act(
 fn commit(
     shared: &RouteShared,
     inner: &mut Inner,
-    next: RolloutState,
-    steps: &[u32],
+    mut next: RolloutState,
+    policy: &RolloutConfig,
     action: &'static str,
     reason: &str,
     judgement: Option<&Judgement>,
 ) {
-    let prev = std::mem::replace(&mut inner.state, next);
-    let state = &inner.state;
-    let moved = prev.canary_bp != state.canary_bp
-        || prev.step != state.step
-        || prev.stable != state.stable
-        || prev.phase != state.phase;
+    let steps = &policy.steps;
+    let moved = inner.state.canary_bp != next.canary_bp
+        || inner.state.step != next.step
+        || inner.state.stable != next.stable
+        || inner.state.phase != next.phase;
+    let stable_relabelled = inner.state.stable == next.stable
+        && inner.state.versions[next.stable.index()] != next.versions[next.stable.index()];
+    if inner.state.stable != next.stable || stable_relabelled {
+        next.baseline = None;
+    }
     if moved {
         // Read and reset in one go, so that nothing recorded in between is lost to both steps.
-        let baseline = shared.slot_metrics(prev.stable).take_step();
-        shared.slot_metrics(prev.stable.other()).reset_step();
-        inner.previous_stable = (prev.stable == state.stable).then_some(baseline);
+        let window = shared.slot_metrics(inner.state.stable).take_step();
+        shared.slot_metrics(inner.state.stable.other()).reset_step();
+        if inner.state.stable == next.stable
+            && !stable_relabelled
+            && better_baseline(&window, next.baseline.as_ref(), policy)
+        {
+            next.baseline = Some(baseline_of(&window));
+        }
+    }
+    let prev = std::mem::replace(&mut inner.state, next);
+    let state = &inner.state;
+    if moved {
         inner.step_started = Instant::now();
         inner.hold_warned = false;
         shared.split.store(state.split());
@@ -223,7 +237,11 @@ fn commit(
     let entry = Entry {
         at: journal::now_rfc3339(),
         route: &shared.name,
-        event: if moved { "transition" } else { "analysis" },
+        event: match (moved, action) {
+            (true, _) => "transition",
+            (false, "reload") => "reload",
+            (false, _) => "analysis",
+        },
         action,
         from: prev.phase.as_str(),
         to: state.phase.as_str(),
@@ -240,6 +258,39 @@ fn commit(
     }
 }
 
+/// Whether stable's window of the step just left should replace the kept baseline: it has at
+/// least as many requests, or (being fresher) enough for every test on its own.
+fn better_baseline(window: &WindowStats, kept: Option<&Baseline>, policy: &RolloutConfig) -> bool {
+    let enough = judge::min_latency_samples(policy.latency_quantile)
+        .unwrap_or(0)
+        .max(policy.min_requests)
+        .max(judge::MIN_TEST_REQUESTS);
+    window.requests > 0 && window.requests >= kept.map_or(0, |b| b.requests).min(enough)
+}
+
+fn baseline_of(window: &WindowStats) -> Baseline {
+    Baseline {
+        requests: window.requests,
+        errors: window.errors,
+        latency_us: window
+            .histogram
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect(),
+    }
+}
+
+fn baseline_histogram(baseline: &Baseline) -> Histogram<u64> {
+    let mut histogram = crate::metrics::empty_histogram();
+    for &(value, count) in &baseline.latency_us {
+        // `record_n` grows the histogram; the saturating form clamps to its current range.
+        if histogram.record_n(value, count).is_err() {
+            histogram.saturating_record_n(value, count);
+        }
+    }
+    histogram
+}
+
 /// Brings a route's rollout state in line with a (new or reloaded) config: a manual weight
 /// that changed applies; in auto mode a new version label on the idle slot starts a rollout.
 pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&RouteConfig>) {
@@ -249,6 +300,15 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
     let label_changed = inner.state.versions[canary.index()] != labels[canary.index()];
     let mut next = inner.state.clone();
     next.versions = labels;
+    // Steps changed by a reload: show the step at or above the current weight (the weight
+    // itself stays; the next pass moves to the first step above it).
+    if next.phase == Phase::Ramping {
+        let steps = &config.rollout.steps;
+        next.step = steps
+            .iter()
+            .position(|&bp| bp >= next.canary_bp)
+            .unwrap_or(steps.len().saturating_sub(1));
+    }
     let (action, reason) = match config.rollout.mode {
         Mode::Manual => {
             let weight_changed = previous.is_none_or(|p| p.rollout.weight != config.rollout.weight);
@@ -262,7 +322,7 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
                 next.step = 0;
                 ("weight", "manual weight from the config")
             } else {
-                ("reload", "")
+                ("reload", "version labels or steps changed by a reload")
             }
         }
         Mode::Auto => {
@@ -274,13 +334,20 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
                 }
                 ("start", "new version label on the idle slot")
             } else {
-                ("reload", "")
+                ("reload", "version labels or steps changed by a reload")
             }
         }
     };
     if next != inner.state {
-        let steps = &config.rollout.steps;
-        commit(shared, &mut inner, next, steps, action, reason, None);
+        commit(
+            shared,
+            &mut inner,
+            next,
+            &config.rollout,
+            action,
+            reason,
+            None,
+        );
     }
 }
 
@@ -310,13 +377,21 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
     }
     let split: Split = inner.state.split();
     let canary = shared.slot_metrics(split.canary()).step();
-    let stable_now = shared.slot_metrics(split.stable).step();
-    let stable = match (&inner.previous_stable, split.canary_bp >= 10_000) {
-        (Some(previous), true) => previous,
-        _ => &stable_now,
+    let full = split.canary_bp >= 10_000;
+    // At 100 % stable serves nothing: the canary is judged against the kept baseline.
+    let (stable_requests, stable_errors, stable_latency) = match &inner.state.baseline {
+        Some(baseline) if full => (
+            baseline.requests,
+            baseline.errors,
+            baseline_histogram(baseline),
+        ),
+        _ => {
+            let now = shared.slot_metrics(split.stable).step();
+            (now.requests, now.errors, now.histogram)
+        }
     };
     let step_elapsed = inner.step_started.elapsed();
-    let judgement = judge::judge(
+    let mut judgement = judge::judge(
         &policy(config),
         &Evidence {
             canary: SlotEvidence {
@@ -325,13 +400,19 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
                 latency_us: &canary.histogram,
             },
             stable: SlotEvidence {
-                requests: stable.requests,
-                errors: stable.errors,
-                latency_us: &stable.histogram,
+                requests: stable_requests,
+                errors: stable_errors,
+                latency_us: &stable_latency,
             },
             step_elapsed,
         },
     );
+    if full && inner.state.baseline.is_none() && judgement.verdict == Verdict::Hold {
+        judgement.reason.push_str(
+            "; at 100 % stable serves nothing and no stable figures from an earlier step are \
+             kept: promote or roll back by hand",
+        );
+    }
     inner.last = Some(LastVerdict {
         at: journal::now_rfc3339(),
         judgement: judgement.clone(),
@@ -373,7 +454,7 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
                 shared,
                 &mut inner,
                 next,
-                steps,
+                &config.rollout,
                 action,
                 &reason,
                 Some(&judgement),

@@ -84,10 +84,28 @@ impl Action {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("cannot {action} a rollout that is {phase}")]
-pub struct IllegalTransition {
-    pub action: &'static str,
-    pub phase: &'static str,
+pub enum IllegalTransition {
+    #[error("cannot {action} a rollout that is {phase}")]
+    Phase {
+        action: &'static str,
+        phase: &'static str,
+    },
+    #[error(
+        "cannot {action} a rollout in manual mode: the controller does not ramp it; set the \
+         weight instead"
+    )]
+    Manual { action: &'static str },
+}
+
+/// Stable's figures from the last step in which it served traffic: the baseline at 100 %,
+/// where stable gets none. Saved with the state, so that a restart, or a pause and resume at
+/// 100 %, keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub requests: u64,
+    pub errors: u64,
+    /// Upstream latency in microseconds: `[value, count]` per recorded histogram bucket.
+    pub latency_us: Vec<(u64, u64)>,
 }
 
 /// The persisted rollout state of one route.
@@ -103,6 +121,10 @@ pub struct RolloutState {
     /// Version labels last seen per slot (`[blue, green]`): a new label on the idle slot
     /// starts a rollout.
     pub versions: [String; 2],
+    /// Stable's baseline for the 100 % step (see [`Baseline`]); kept by the controller, not
+    /// by [`RolloutState::apply`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
 }
 
 impl RolloutState {
@@ -118,6 +140,7 @@ impl RolloutState {
             canary_bp,
             failures: 0,
             versions,
+            baseline: None,
         }
     }
 
@@ -182,16 +205,19 @@ impl RolloutState {
                 next.failures = 0;
             }
             (Phase::Ramping, Action::StepPassed) => {
-                if self.step + 1 < steps.len() && self.canary_bp < 10_000 {
-                    next.step = self.step + 1;
-                    next.canary_bp = steps[next.step];
-                    next.failures = 0;
-                } else {
-                    next.promote();
+                // The next step is the first weight above the current one (not index + 1: the
+                // steps may have changed by a reload), so a passed step never lowers it.
+                match steps.iter().position(|&bp| bp > self.canary_bp) {
+                    Some(step) if self.canary_bp < 10_000 => {
+                        next.step = step;
+                        next.canary_bp = steps[step];
+                        next.failures = 0;
+                    }
+                    _ => next.promote(),
                 }
             }
             (phase, action) => {
-                return Err(IllegalTransition {
+                return Err(IllegalTransition::Phase {
                     action: action.as_str(),
                     phase: phase.as_str(),
                 })
@@ -342,6 +368,33 @@ mod tests {
         assert_eq!(paused.phase, Phase::Paused);
         let resumed = paused.apply(Action::Resume, &STEPS).unwrap();
         assert_eq!((resumed.step, resumed.canary_bp), (2, 5000));
+    }
+
+    #[test]
+    fn a_passed_step_never_lowers_the_weight_when_the_steps_changed() {
+        // Ramping at 50 % (step 1 of [10, 50, 100]); a reload makes the steps finer.
+        let coarse = [1000, 5000, 10_000];
+        let fine = [1000, 2000, 3000, 6000, 10_000];
+        let mut state = idle().apply(Action::Start, &coarse).unwrap();
+        state = state.apply(Action::StepPassed, &coarse).unwrap();
+        assert_eq!((state.step, state.canary_bp), (1, 5000));
+        let next = state.apply(Action::StepPassed, &fine).unwrap();
+        assert_eq!(
+            (next.phase, next.step, next.canary_bp),
+            (Phase::Ramping, 3, 6000)
+        );
+        // Past the last step below 100 %, the next pass is the 100 % step, then promotion.
+        let last = RolloutState {
+            canary_bp: 9000,
+            ..next.clone()
+        };
+        let full = last.apply(Action::StepPassed, &fine).unwrap();
+        assert_eq!((full.step, full.canary_bp), (4, 10_000));
+        let promoted = full.apply(Action::StepPassed, &fine).unwrap();
+        assert_eq!(
+            (promoted.phase, promoted.stable),
+            (Phase::Idle, Slot::Green)
+        );
     }
 
     #[test]
