@@ -169,6 +169,19 @@ async fn only_the_listed_methods_are_mirrored() {
         .iter()
         .all(|m| m == Method::GET || m == Method::HEAD));
     assert_eq!(blue.request_count(), 50);
+    // The per-slot families count the 50 client requests only; the 20 copies have their own.
+    let metrics = prometheus(&veer).await;
+    let requests: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("veer_requests_total{route=\"mirror\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(requests, 50.0, "{metrics}");
+    assert!(!metrics.contains("slot=\"shadow\""), "{metrics}");
+    assert!(
+        metrics.contains("veer_shadow_duration_seconds_count{route=\"mirror\"} 20"),
+        "{metrics}"
+    );
     veer.shutdown().await;
 }
 

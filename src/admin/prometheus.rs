@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::app::App;
-use crate::metrics::prometheus::{write_slot, Kind, PromWriter};
+use crate::metrics::prometheus::{write_slot, Kind, PromWriter, LATENCY_BOUNDS};
 use crate::rollout::state::Phase;
 use crate::Slot;
 
@@ -44,7 +44,18 @@ pub fn render(app: &App) -> String {
             );
         }
         if route.config.shadow.is_some() {
-            write_slot(&mut w, name, "shadow", "", &shared.shadow_metrics.totals());
+            // Its own family: the per-slot ones count what clients were answered with.
+            w.family(
+                "veer_shadow_duration_seconds",
+                Kind::Histogram,
+                "Shadow upstream latency to the response head.",
+            );
+            w.histogram_seconds(
+                "veer_shadow_duration_seconds",
+                &[("route", name)],
+                &shared.shadow_metrics.totals().histogram,
+                LATENCY_BOUNDS,
+            );
         }
         let view = shared.rollout.view();
         w.sample(
