@@ -347,6 +347,10 @@ fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // idle limit; the first head's deadline (header_timeout) is enforced in `serve`.
         .header_read_timeout(server.idle_timeout.max(server.header_timeout))
         .max_buf_size(head_room)
+        // A client that shuts its write side after the request (`nc -N`, socat, scripts)
+        // still reads the answer. Such a client cannot be told from one that has gone: that
+        // one's request ends at `request_timeout` at the latest.
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
