@@ -6,9 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::wire::read_response;
+use support::wire::{dechunk, read_response};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------------------------------------
 // Half-closed clients
@@ -69,5 +70,134 @@ async fn a_client_gone_after_its_request_holds_nothing_past_request_timeout() {
     })
     .await;
     assert!(gone, "{} connections still open", veer.open_connections());
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-alive: idle_timeout between requests, header_timeout for every request head
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n";
+
+/// A keep-alive connection to veer on which one request has been answered.
+async fn kept_alive(veer: &Veer) -> TcpStream {
+    let mut stream = raw_open(veer.addr, GET).await;
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    stream
+}
+
+/// How long until veer closes `stream` (reading and dropping whatever comes); fails after 10 s.
+async fn closed_after(stream: &mut TcpStream) -> Duration {
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still open after 10 s");
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn an_idle_connection_closes_after_idle_timeout_even_below_header_timeout() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop(
+        "idle_timeout = \"1s\"\nheader_timeout = \"10s\"",
+        upstream.addr,
+    )
+    .await;
+    let mut stream = kept_alive(&veer).await;
+    let idle = closed_after(&mut stream).await;
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(3),
+        "closed after {idle:?}, idle_timeout 1 s"
+    );
+    veer.shutdown().await;
+}
+
+/// A later request head on a kept-alive connection has header_timeout to arrive whole, counted
+/// from its first byte, however long the connection was idle before it.
+#[tokio::test]
+async fn a_later_request_head_gets_header_timeout_from_its_first_byte() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop(
+        "idle_timeout = \"60s\"\nheader_timeout = \"1s\"",
+        upstream.addr,
+    )
+    .await;
+
+    // Idle for longer than header_timeout, then a whole request: answered.
+    let mut stream = kept_alive(&veer).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(GET).await.unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.head);
+
+    // Then a head that drips in a byte every 100 ms and never ends: cut at about 1 s.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let drip = async {
+        while stream.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(10), drip).await;
+    let after = started.elapsed();
+    assert!(cut.is_ok(), "a dripping head was not cut within 10 s");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "cut after {after:?}, header_timeout 1 s"
+    );
+    assert_eq!(upstream.request_count(), 2);
+    veer.shutdown().await;
+}
+
+/// Neither timer cuts an exchange under way: a slow answer, a slow upload or a long streaming
+/// response, each longer than both limits, and the connection still takes the next request.
+#[tokio::test]
+async fn exchanges_longer_than_both_timers_are_not_cut() {
+    let late = Upstream::builder("late")
+        .latency(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    // Ten pieces 150 ms apart.
+    let streaming = Upstream::builder("streaming")
+        .body("0123456789".repeat(10))
+        .slow_body(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    let upload = recording("upload").await;
+    let routes = host_route("late", &["late"], "/", late.addr)
+        + &host_route("streaming", &["streaming"], "/", streaming.addr)
+        + &host_route("upload", &["upload"], "/", upload.addr);
+    let veer = Veer::start("idle_timeout = \"1s\"\nheader_timeout = \"1s\"", &routes).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    for host in ["late", "streaming", "upload"] {
+        if host == "upload" {
+            // 1.5 s of body, a piece every 150 ms.
+            let head = "POST / HTTP/1.1\r\nHost: upload\r\nContent-Length: 100\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.unwrap();
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                stream.write_all(b"0123456789").await.unwrap();
+            }
+        } else {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.unwrap();
+        }
+        let answer = read_response(&mut stream).await.unwrap();
+        assert_eq!(answer.status, 200, "{host}: {}", answer.head);
+        assert!(!answer.cut, "{host}: body cut");
+        if host == "streaming" {
+            let body = dechunk(&answer.body).unwrap();
+            assert_eq!(body, "0123456789".repeat(10).as_bytes());
+        }
+    }
+    assert_eq!(
+        upload.seen()[0].body.as_deref(),
+        Some("0123456789".repeat(10).as_bytes())
+    );
     veer.shutdown().await;
 }
