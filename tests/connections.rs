@@ -201,3 +201,79 @@ async fn exchanges_longer_than_both_timers_are_not_cut() {
     );
     veer.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Drain
+
+const UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// veer (`server` in `[server]`) in front of a WebSocket echo upstream, and a tunnel through it.
+async fn tunnel(server: &str) -> (Veer, Upstream, TcpStream) {
+    let upstream = Upstream::builder("ws")
+        .behaviour(Behaviour::WebSocketEcho)
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop(server, upstream.addr).await;
+    let mut stream = raw_open(veer.addr, UPGRADE).await;
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.head);
+    echoes(&mut stream).await;
+    (veer, upstream, stream)
+}
+
+/// Asserts that bytes sent through the tunnel come back.
+async fn echoes(stream: &mut TcpStream) {
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed)).await;
+    assert!(matches!(read, Ok(Ok(4))), "{read:?}");
+    assert_eq!(&echoed, b"ping");
+}
+
+/// An open tunnel is in-flight work: the drain waits for it to end, while nothing new is
+/// accepted.
+#[tokio::test]
+async fn shutdown_waits_for_an_open_tunnel_to_end() {
+    let (mut veer, _upstream, mut stream) = tunnel("drain_timeout = \"10s\"").await;
+    let addr = veer.addr;
+    let running = veer.running.take().unwrap();
+    let started = tokio::time::Instant::now();
+    let mut stopping = tokio::spawn(running.shutdown());
+    let refused = eventually(Duration::from_secs(5), || async {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(refused, "still accepting while shutting down");
+    // The tunnel still carries bytes, and the shutdown waits.
+    echoes(&mut stream).await;
+    assert!(!stopping.is_finished(), "stopped with a tunnel open");
+    // The client ends the tunnel: the shutdown completes, well before drain_timeout.
+    stream.shutdown().await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), &mut stopping).await;
+    assert!(stopped.is_ok(), "not stopped 5 s after the tunnel ended");
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// A tunnel still open at `drain_timeout` is cut then.
+#[tokio::test]
+async fn a_tunnel_open_at_drain_timeout_is_cut() {
+    let (mut veer, _upstream, mut stream) = tunnel("drain_timeout = \"1s\"").await;
+    let running = veer.running.take().unwrap();
+    let started = tokio::time::Instant::now();
+    let stopping = tokio::spawn(running.shutdown());
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        cut.is_ok(),
+        "tunnel still open 5 s after the shutdown began"
+    );
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "tunnel cut after {after:?}, drain_timeout 1 s"
+    );
+    stopping.await.unwrap();
+}

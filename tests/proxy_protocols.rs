@@ -325,6 +325,8 @@ async fn an_upgrade_answered_101_becomes_a_tunnel_both_ways() {
             .unwrap();
         assert!(echoed == message, "echo differs");
     }
+    // An open tunnel would hold up the shutdown until drain_timeout.
+    drop(stream);
     veer.shutdown().await;
 }
 

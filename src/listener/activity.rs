@@ -15,6 +15,8 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::Open;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Protocol {
     Unknown,
@@ -180,17 +182,19 @@ impl<B: Body> Body for Tracked<B> {
 
 pin_project! {
     /// The connection's socket, telling its `Activity` when bytes arrive (a relaxed load per
-    /// read; a clock read only for the first byte of a head).
+    /// read; a clock read only for the first byte of a head), and holding what an open
+    /// connection holds until it is closed.
     pub(super) struct Watched<I> {
         #[pin]
         io: I,
         activity: Arc<Activity>,
+        open: Open,
     }
 }
 
 impl<I> Watched<I> {
-    pub(super) fn new(io: I, activity: Arc<Activity>) -> Self {
-        Watched { io, activity }
+    pub(super) fn new(io: I, activity: Arc<Activity>, open: Open) -> Self {
+        Watched { io, activity, open }
     }
 }
 

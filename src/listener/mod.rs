@@ -105,10 +105,17 @@ impl Drop for Gauge {
     }
 }
 
+/// What a client connection holds while its socket is open, whoever holds the socket: the
+/// connection's task, or after an upgrade the tunnel.
+pub(super) struct Open {
+    /// The drain waits for every watcher to go.
+    _watcher: Watcher,
+    _gauge: Gauge,
+}
+
 struct Connection {
     proxy: Arc<Proxy>,
     tls: Option<Arc<TlsAcceptor>>,
-    /// Held while the connection lives: the drain waits for every watcher to go.
     watcher: Watcher,
     shutdown: watch::Receiver<bool>,
     gauge: Gauge,
@@ -173,7 +180,13 @@ impl Connection {
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, exchange }))
             }
         });
-        let io = TokioIo::new(Watched::new(io, Arc::clone(&activity)));
+        // The socket counts as open, and holds up the drain, until it is closed: an upgraded
+        // connection's tunnel has it after the connection's task has ended.
+        let open = Open {
+            _watcher: self.watcher,
+            _gauge: self.gauge,
+        };
+        let io = TokioIo::new(Watched::new(io, Arc::clone(&activity), open));
         let conn = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
         let mut shutdown = self.shutdown;
@@ -211,8 +224,6 @@ impl Connection {
         if let Some(Err(error)) = result {
             debug!(peer = %self.peer, %error, "Connection closed with an error.");
         }
-        drop(self.gauge);
-        drop(self.watcher);
     }
 }
 
