@@ -152,6 +152,56 @@ async fn an_upstream_101_to_an_h2_request_is_a_502_and_the_connection_lives_on()
     veer.shutdown().await;
 }
 
+/// veer's own early answer to an HTTP/2 request (a 413 on its Content-Length) reads and drops
+/// the rest of the body, so the client sends it all and the stream ends without a reset (which
+/// curl 7.88 reports as a failure instead of the answer).
+#[tokio::test]
+async fn an_early_h2_413_lets_the_client_send_its_body_without_a_reset() {
+    let upstream = named("a").await;
+    let veer = Veer::shop("max_body_bytes = 1048576", upstream.addr).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let len = 5 << 20;
+    let request = Request::post("http://shop/")
+        .header("content-length", len)
+        .body(())
+        .unwrap();
+    let (response, mut body) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 413);
+    let mut answer = response.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = answer.data().await {
+        let data = data.unwrap();
+        let _ = answer.flow_control().release_capacity(data.len());
+        text.extend_from_slice(&data);
+    }
+    assert_eq!(text, b"request body too large\n");
+    // Then the whole body, as far as veer's flow control lets it.
+    let chunk = Bytes::from(vec![b'x'; 65536]);
+    let mut sent = 0;
+    while sent < len {
+        body.reserve_capacity(chunk.len().min(len - sent));
+        let capacity = std::future::poll_fn(|cx| body.poll_capacity(cx));
+        let capacity = tokio::time::timeout(Duration::from_secs(5), capacity).await;
+        let granted = match capacity {
+            Ok(Some(Ok(granted))) => granted,
+            other => panic!("after {sent} bytes: {other:?}"),
+        };
+        body.send_data(chunk.slice(..granted), sent + granted == len)
+            .unwrap_or_else(|error| panic!("after {sent} bytes: {error}"));
+        sent += granted;
+    }
+    assert_eq!(upstream.request_count(), 0);
+    veer.shutdown().await;
+}
+
 /// An HTTP/2 connection with no stream open for `idle_timeout` is closed (GOAWAY), as an idle
 /// HTTP/1.1 one is; one in use stays open, and so does one whose response is still streaming.
 #[tokio::test]
@@ -325,6 +375,8 @@ async fn an_upgrade_answered_101_becomes_a_tunnel_both_ways() {
             .unwrap();
         assert!(echoed == message, "echo differs");
     }
+    // An open tunnel would hold up the shutdown until drain_timeout.
+    drop(stream);
     veer.shutdown().await;
 }
 

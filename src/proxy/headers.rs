@@ -158,16 +158,22 @@ pub fn client_address(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
+/// Appends the client to `X-Forwarded-For`; a list sent on several lines becomes one, in
+/// order.
 fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
     let name = HeaderName::from_static("x-forwarded-for");
-    let Some(existing) = headers.get(&name) else {
+    let hops = headers.get_all(&name);
+    let len: usize = hops.iter().map(|hop| hop.len() + 2).sum();
+    if len == 0 {
         headers.insert(name, client.clone());
         return;
-    };
+    }
     // One allocation: the buffer becomes the header value's storage without a copy.
-    let mut value = Vec::with_capacity(existing.len() + 2 + client.len());
-    value.extend_from_slice(existing.as_bytes());
-    value.extend_from_slice(b", ");
+    let mut value = Vec::with_capacity(len + client.len());
+    for hop in hops.iter().filter(|hop| !hop.is_empty()) {
+        value.extend_from_slice(hop.as_bytes());
+        value.extend_from_slice(b", ");
+    }
     value.extend_from_slice(client.as_bytes());
     if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(name, value);
@@ -329,6 +335,29 @@ mod tests {
         assert_eq!(headers["via"], "1.1 veer");
         assert!(!headers.contains_key("x-veer-slot"));
         assert!(!headers.contains_key("x-veer-shadow"));
+    }
+
+    #[test]
+    fn forwarded_for_sent_on_several_lines_keeps_every_hop_in_order() {
+        let client = client_address(IpAddr::from([127, 0, 0, 1]));
+        for (lines, expected) in [
+            (&["1.1.1.1", "2.2.2.2"][..], "1.1.1.1, 2.2.2.2, 127.0.0.1"),
+            (
+                &["1.1.1.1, 2.2.2.2", "3.3.3.3"][..],
+                "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1",
+            ),
+            (&["1.1.1.1"][..], "1.1.1.1, 127.0.0.1"),
+            (&[""][..], "127.0.0.1"),
+            (&[][..], "127.0.0.1"),
+        ] {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append("x-forwarded-for", HeaderValue::from_static(line));
+            }
+            append_forwarded_for(&mut headers, &client);
+            let sent: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+            assert_eq!(sent, [expected], "{lines:?}");
+        }
     }
 
     #[test]

@@ -30,7 +30,9 @@ use crate::Slot;
 use body::{Extra, ProxyBody, Tail};
 use error::LocalError;
 use headers::Forwarded;
-use request::{body_too_large, check_request, content_length, effective_authority, strip_port};
+use request::{
+    body_too_large, check_request, content_length, discard_unread, effective_authority, strip_port,
+};
 
 /// The downstream connection a request came on.
 #[derive(Clone, Debug)]
@@ -86,7 +88,10 @@ impl Proxy {
         // Phase 3: the request itself, then route, bucket and slot.
         let (route, decision, host) = match route_request(&table, &parts, conn) {
             Ok(routed) => routed,
-            Err(error) => return self.unrouted_answer(&parts, error, started),
+            Err(error) => {
+                discard_unread(parts.version, body);
+                return self.unrouted_answer(&parts, error, started);
+            }
         };
         // Phase 4: the upstream request, and the shadow copy if chosen.
         let mut exchange = Exchange {
@@ -203,12 +208,19 @@ impl Proxy {
         server: &ServerConfig,
     ) -> Result<(&'a Authority, Request<RequestBody>), LocalError> {
         let route = exchange.route;
-        let endpoint = route
-            .endpoint(exchange.decision.slot)
-            .ok_or(LocalError::NoEndpoint)?;
-        if let Some(error) = body_too_large(&parts, server.max_body_bytes) {
-            return Err(error);
-        }
+        let checked = match route.endpoint(exchange.decision.slot) {
+            None => Err(LocalError::NoEndpoint),
+            Some(endpoint) => {
+                body_too_large(&parts, server.max_body_bytes).map_or(Ok(endpoint), Err)
+            }
+        };
+        let endpoint = match checked {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                discard_unread(parts.version, body);
+                return Err(error);
+            }
+        };
         exchange.tunnelling =
             parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
         if exchange.tunnelling {

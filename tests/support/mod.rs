@@ -150,6 +150,17 @@ impl Veer {
         self.route_status(route).await["slots"][slot].clone()
     }
 
+    /// Client connections open on the proxy listeners now.
+    pub fn open_connections(&self) -> i64 {
+        let running = self.running.as_ref().expect("veer is running");
+        running
+            .app
+            .connections
+            .iter()
+            .map(|(_, open)| open.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;

@@ -29,8 +29,9 @@ impl RawResponse {
     }
 }
 
-/// Reads one response head and its `Content-Length` body (with no length: until the peer
-/// closes). Gives up after 5 s; `None` when no complete head arrived.
+/// Reads one response head and its body: `Content-Length` bytes, a whole chunked body (kept
+/// as sent, see [`dechunk`]), or with neither until the peer closes. Gives up after 5 s;
+/// `None` when no complete head arrived.
 pub async fn read_response(stream: &mut TcpStream) -> Option<RawResponse> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut buf = Vec::new();
@@ -56,12 +57,15 @@ pub async fn read_response(stream: &mut TcpStream) -> Option<RawResponse> {
         None if status == 101 || status == 304 || status == 204 => Some(0),
         None => None,
     };
+    let chunked = response
+        .header("transfer-encoding")
+        .is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
     loop {
-        if length.is_some_and(|len| body.len() >= len) {
+        if length.is_some_and(|len| body.len() >= len) || chunked && chunked_end(&body).is_some() {
             break;
         }
         if !read_more(stream, &mut body, deadline).await {
-            response.cut = length.is_some();
+            response.cut = length.is_some() || chunked;
             break;
         }
     }
@@ -87,6 +91,29 @@ async fn read_more(
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The length of the complete chunked body (chunks, last chunk and trailer section) at the
+/// start of `data`; `None` while it is incomplete or when it is malformed.
+fn chunked_end(data: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let line = find(data.get(at..)?, b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[at..at + line]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        at += line + 2;
+        if size == 0 {
+            // Trailer fields, up to the empty line.
+            loop {
+                let line = find(data.get(at..)?, b"\r\n")?;
+                at += line + 2;
+                if line == 0 {
+                    return Some(at);
+                }
+            }
+        }
+        at += size + 2;
+    }
 }
 
 /// Decodes a complete chunked body; `None` when it is malformed or incomplete.

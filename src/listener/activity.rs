@@ -1,0 +1,330 @@
+//! What a connection's task needs to know to enforce its timers without a timer per request:
+//! the protocol, whether an exchange is under way and since when none is, and when the first
+//! byte of an HTTP/1.1 request head arrived. The requests and the connection's reads write it;
+//! the task reads it only when its one sleep fires.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use hyper::Version;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::Open;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Protocol {
+    Unknown,
+    Http1,
+    Http2,
+}
+
+/// `head_at` while no head is awaited (an exchange is under way, or HTTP/2).
+const NO_HEAD: u64 = u64::MAX;
+/// `head_at` while an idle HTTP/1.1 connection waits for the first byte of the next head.
+const AWAITING_HEAD: u64 = u64::MAX - 1;
+
+/// The connection's timers, from the config.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Timers {
+    /// A request head must arrive whole within this of its first byte (the first head: of
+    /// the accept).
+    pub header: Duration,
+    /// A connection with no exchange under way is closed after this.
+    pub idle: Duration,
+}
+
+/// What the connection's task is to do when its sleep fires.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Due {
+    /// Nothing yet: look again then.
+    At(Instant),
+    /// No exchange for `idle`: close gracefully.
+    Idle,
+    /// A request head did not arrive whole in time: close at once.
+    SlowHead,
+}
+
+pub(super) struct Activity {
+    opened: Instant,
+    /// A `Protocol` as a number, known once a request head arrived.
+    protocol: AtomicU8,
+    /// Exchanges under way: request not yet answered or response body not yet done.
+    open: AtomicUsize,
+    /// When the last exchange ended, in milliseconds after `opened`.
+    quiet_since: AtomicU64,
+    /// When the first byte of the awaited request head arrived, in milliseconds after
+    /// `opened`, or `AWAITING_HEAD`, or `NO_HEAD`. The first head counts from `opened`.
+    head_at: AtomicU64,
+}
+
+impl Activity {
+    /// A connection accepted at `opened`.
+    pub(super) fn new(opened: Instant) -> Self {
+        Activity {
+            opened,
+            protocol: AtomicU8::new(Protocol::Unknown as u8),
+            open: AtomicUsize::new(0),
+            quiet_since: AtomicU64::new(0),
+            head_at: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn protocol(&self) -> Protocol {
+        match self.protocol.load(Ordering::Relaxed) {
+            1 => Protocol::Http1,
+            2 => Protocol::Http2,
+            _ => Protocol::Unknown,
+        }
+    }
+
+    fn millis(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(AWAITING_HEAD - 1)
+    }
+
+    /// Notes a request: its exchange is under way while the guard lives.
+    pub(super) fn request(this: &Arc<Self>, version: Version) -> InFlight {
+        let protocol = if version == Version::HTTP_2 {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
+        this.protocol.store(protocol as u8, Ordering::Relaxed);
+        this.head_at.store(NO_HEAD, Ordering::Relaxed);
+        this.open.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(this))
+    }
+
+    /// Bytes were read: if they start an awaited request head, its clock starts.
+    fn read(&self) {
+        if self.head_at.load(Ordering::Relaxed) == AWAITING_HEAD {
+            self.head_at.store(self.millis(), Ordering::Relaxed);
+        }
+    }
+
+    /// What is due at `now`.
+    pub(super) fn due(&self, now: Instant, timers: Timers) -> Due {
+        // Look again soon enough to see in time whatever may happen until then: a head
+        // that starts, an exchange that ends.
+        let next_look = now + timers.idle.min(timers.header);
+        let head = self.head_at.load(Ordering::Relaxed);
+        if head < AWAITING_HEAD {
+            let at = self.opened + Duration::from_millis(head) + timers.header;
+            return if at <= now {
+                Due::SlowHead
+            } else {
+                Due::At(at.min(next_look))
+            };
+        }
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Due::At(next_look);
+        }
+        let quiet = Duration::from_millis(self.quiet_since.load(Ordering::Relaxed));
+        let idle_at = self.opened + quiet + timers.idle;
+        if idle_at <= now {
+            Due::Idle
+        } else {
+            Due::At(idle_at.min(next_look))
+        }
+    }
+}
+
+/// One exchange under way on a connection.
+pub(super) struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        activity
+            .quiet_since
+            .store(activity.millis(), Ordering::Relaxed);
+        // HTTP/1.1 has one exchange at a time: the next head is awaited now.
+        if activity.protocol() == Protocol::Http1 {
+            activity.head_at.store(AWAITING_HEAD, Ordering::Relaxed);
+        }
+        activity.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its exchange under way until it is dropped.
+    pub(super) struct Tracked<B> {
+        #[pin]
+        pub(super) body: B,
+        pub(super) exchange: InFlight,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project! {
+    /// The connection's socket, telling its `Activity` when bytes arrive (a relaxed load per
+    /// read; a clock read only for the first byte of a head), and holding what an open
+    /// connection holds until it is closed.
+    pub(super) struct Watched<I> {
+        #[pin]
+        io: I,
+        activity: Arc<Activity>,
+        open: Open,
+    }
+}
+
+impl<I> Watched<I> {
+    pub(super) fn new(io: I, activity: Arc<Activity>, open: Open) -> Self {
+        Watched { io, activity, open }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Watched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.read();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Watched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMERS: Timers = Timers {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+
+    fn after(secs: u64) -> Instant {
+        Instant::now() + Duration::from_secs(secs)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_head_is_due_header_timeout_after_the_accept() {
+        let activity = Activity::new(Instant::now());
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::SlowHead);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_connection_idles_then_times_its_next_head_from_the_first_byte() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let exchange = Activity::request(&activity, Version::HTTP_11);
+        // Reads during the exchange (its body) start no head.
+        activity.read();
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+        drop(exchange);
+        let idle_at = after(60);
+        // Looked at every 10 s while idle, to see a head start in time.
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+        activity.read();
+        let head_due = after(10);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(head_due));
+        // A byte more does not move the head's deadline.
+        activity.read();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::SlowHead);
+        assert!(idle_at > Instant::now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_head_is_looked_at_again_within_idle_timeout() {
+        let activity = Activity::new(Instant::now());
+        let timers = Timers {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(1),
+        };
+        assert_eq!(activity.due(Instant::now(), timers), Due::At(after(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_due_idle_timeout_after_its_last_exchange() {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let activity = Arc::new(Activity::new(Instant::now()));
+            drop(Activity::request(&activity, version));
+            let timers = Timers {
+                header: Duration::from_secs(10),
+                idle: Duration::from_secs(1),
+            };
+            assert_eq!(activity.due(Instant::now(), timers), Due::At(after(1)));
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(
+                activity.due(Instant::now(), timers),
+                Due::Idle,
+                "{version:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_reads_start_no_head() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        drop(Activity::request(&activity, Version::HTTP_2));
+        activity.read();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+    }
+}

@@ -1,0 +1,279 @@
+//! The life of a client connection over real sockets: clients that half-close after their
+//! request, the keep-alive idle and request-head timers, and the drain on shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::wire::{dechunk, read_response};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---------------------------------------------------------------------------------------------
+// Half-closed clients
+
+/// Sends `request`, shuts the write side (as `nc -N` or `socat` do) and reads the answer.
+async fn half_closed(veer: &Veer, request: &[u8]) -> support::wire::RawResponse {
+    let mut stream = raw_open(veer.addr, request).await;
+    stream.shutdown().await.unwrap();
+    let answer = read_response(&mut stream).await;
+    let answer =
+        answer.unwrap_or_else(|| panic!("no answer to {}", String::from_utf8_lossy(request)));
+    // Then veer closes: nothing more comes.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?} {rest:?}");
+    answer
+}
+
+/// A client that sends a whole request and then shuts its write side still gets the answer:
+/// the request is forwarded and the connection closed after the response.
+#[tokio::test]
+async fn a_request_followed_by_a_half_close_is_answered_then_the_connection_closed() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    let requests: [&[u8]; 4] = [
+        b"GET /close HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
+        b"GET /keep HTTP/1.1\r\nHost: shop\r\n\r\n",
+        b"GET /old HTTP/1.0\r\n\r\n",
+        b"POST /post HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello",
+    ];
+    for request in requests {
+        let answer = half_closed(&veer, request).await;
+        assert_eq!(answer.status, 200, "{}", answer.head);
+        assert_eq!(answer.body, b"blue\n");
+    }
+    let seen = upstream.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
+    assert_eq!(paths, ["/close", "/keep", "/old", "/post"]);
+    assert_eq!(seen[3].body.as_deref(), Some(&b"hello"[..]));
+    veer.shutdown().await;
+}
+
+/// A client that closes after its request cannot be told from one that only half-closed, so
+/// its request goes on; but not past `request_timeout`.
+#[tokio::test]
+async fn a_client_gone_after_its_request_holds_nothing_past_request_timeout() {
+    let upstream = Upstream::builder("blue")
+        .behaviour(Behaviour::Blackhole)
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop("request_timeout = \"1s\"", upstream.addr).await;
+    let stream = raw_open(veer.addr, b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    await_requests(&upstream, 1, Duration::from_secs(5)).await;
+    drop(stream);
+    let gone = eventually(Duration::from_secs(3), || async {
+        veer.open_connections() == 0
+    })
+    .await;
+    assert!(gone, "{} connections still open", veer.open_connections());
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-alive: idle_timeout between requests, header_timeout for every request head
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n";
+
+/// A keep-alive connection to veer on which one request has been answered.
+async fn kept_alive(veer: &Veer) -> TcpStream {
+    let mut stream = raw_open(veer.addr, GET).await;
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    stream
+}
+
+/// How long until veer closes `stream` (reading and dropping whatever comes); fails after 10 s.
+async fn closed_after(stream: &mut TcpStream) -> Duration {
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "still open after 10 s");
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn an_idle_connection_closes_after_idle_timeout_even_below_header_timeout() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop(
+        "idle_timeout = \"1s\"\nheader_timeout = \"10s\"",
+        upstream.addr,
+    )
+    .await;
+    let mut stream = kept_alive(&veer).await;
+    let idle = closed_after(&mut stream).await;
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(3),
+        "closed after {idle:?}, idle_timeout 1 s"
+    );
+    veer.shutdown().await;
+}
+
+/// A later request head on a kept-alive connection has header_timeout to arrive whole, counted
+/// from its first byte, however long the connection was idle before it.
+#[tokio::test]
+async fn a_later_request_head_gets_header_timeout_from_its_first_byte() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop(
+        "idle_timeout = \"60s\"\nheader_timeout = \"1s\"",
+        upstream.addr,
+    )
+    .await;
+
+    // Idle for longer than header_timeout, then a whole request: answered.
+    let mut stream = kept_alive(&veer).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(GET).await.unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.head);
+
+    // Then a head that drips in a byte every 100 ms and never ends: cut at about 1 s.
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let drip = async {
+        while stream.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(10), drip).await;
+    let after = started.elapsed();
+    assert!(cut.is_ok(), "a dripping head was not cut within 10 s");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "cut after {after:?}, header_timeout 1 s"
+    );
+    assert_eq!(upstream.request_count(), 2);
+    veer.shutdown().await;
+}
+
+/// Neither timer cuts an exchange under way: a slow answer, a slow upload or a long streaming
+/// response, each longer than both limits, and the connection still takes the next request.
+#[tokio::test]
+async fn exchanges_longer_than_both_timers_are_not_cut() {
+    let late = Upstream::builder("late")
+        .latency(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    // Ten pieces 150 ms apart.
+    let streaming = Upstream::builder("streaming")
+        .body("0123456789".repeat(10))
+        .slow_body(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    let upload = recording("upload").await;
+    let routes = host_route("late", &["late"], "/", late.addr)
+        + &host_route("streaming", &["streaming"], "/", streaming.addr)
+        + &host_route("upload", &["upload"], "/", upload.addr);
+    let veer = Veer::start("idle_timeout = \"1s\"\nheader_timeout = \"1s\"", &routes).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    for host in ["late", "streaming", "upload"] {
+        if host == "upload" {
+            // 1.5 s of body, a piece every 150 ms.
+            let head = "POST / HTTP/1.1\r\nHost: upload\r\nContent-Length: 100\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.unwrap();
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                stream.write_all(b"0123456789").await.unwrap();
+            }
+        } else {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.unwrap();
+        }
+        let answer = read_response(&mut stream).await.unwrap();
+        assert_eq!(answer.status, 200, "{host}: {}", answer.head);
+        assert!(!answer.cut, "{host}: body cut");
+        if host == "streaming" {
+            let body = dechunk(&answer.body).unwrap();
+            assert_eq!(body, "0123456789".repeat(10).as_bytes());
+        }
+    }
+    assert_eq!(
+        upload.seen()[0].body.as_deref(),
+        Some("0123456789".repeat(10).as_bytes())
+    );
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drain
+
+const UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// veer (`server` in `[server]`) in front of a WebSocket echo upstream, and a tunnel through it.
+async fn tunnel(server: &str) -> (Veer, Upstream, TcpStream) {
+    let upstream = Upstream::builder("ws")
+        .behaviour(Behaviour::WebSocketEcho)
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop(server, upstream.addr).await;
+    let mut stream = raw_open(veer.addr, UPGRADE).await;
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.head);
+    echoes(&mut stream).await;
+    (veer, upstream, stream)
+}
+
+/// Asserts that bytes sent through the tunnel come back.
+async fn echoes(stream: &mut TcpStream) {
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed)).await;
+    assert!(matches!(read, Ok(Ok(4))), "{read:?}");
+    assert_eq!(&echoed, b"ping");
+}
+
+/// An open tunnel is in-flight work: the drain waits for it to end, while nothing new is
+/// accepted.
+#[tokio::test]
+async fn shutdown_waits_for_an_open_tunnel_to_end() {
+    let (mut veer, _upstream, mut stream) = tunnel("drain_timeout = \"10s\"").await;
+    let addr = veer.addr;
+    let running = veer.running.take().unwrap();
+    let started = tokio::time::Instant::now();
+    let mut stopping = tokio::spawn(running.shutdown());
+    let refused = eventually(Duration::from_secs(5), || async {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(refused, "still accepting while shutting down");
+    // The tunnel still carries bytes, and the shutdown waits.
+    echoes(&mut stream).await;
+    assert!(!stopping.is_finished(), "stopped with a tunnel open");
+    // The client ends the tunnel: the shutdown completes, well before drain_timeout.
+    stream.shutdown().await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), &mut stopping).await;
+    assert!(stopped.is_ok(), "not stopped 5 s after the tunnel ended");
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// A tunnel still open at `drain_timeout` is cut then.
+#[tokio::test]
+async fn a_tunnel_open_at_drain_timeout_is_cut() {
+    let (mut veer, _upstream, mut stream) = tunnel("drain_timeout = \"1s\"").await;
+    let running = veer.running.take().unwrap();
+    let started = tokio::time::Instant::now();
+    let stopping = tokio::spawn(running.shutdown());
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        cut.is_ok(),
+        "tunnel still open 5 s after the shutdown began"
+    );
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "tunnel cut after {after:?}, drain_timeout 1 s"
+    );
+    stopping.await.unwrap();
+}
