@@ -46,3 +46,30 @@ fn demo_rolls_back_a_green_with_errors() {
         "{output}"
     );
 }
+
+/// Options the demo cannot run with are usage errors (exit 1) that name the option; the demo
+/// does not start. `--timeout 1s` bounds a demo that would start anyway.
+#[test]
+fn impossible_demo_options_are_usage_errors() {
+    for args in [
+        ["--green-errors", "2"],
+        ["--green-errors", "1.5"],
+        ["--green-errors", "nan"],
+        ["--green-errors", "inf"],
+        ["--green-errors=-0.1", "--rate=800"],
+        ["--rate", "0"],
+        ["--admin", "0.0.0.0:0"],
+        ["--admin", "not-an-address"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["demo", "--timeout", "1s"])
+            .args(args)
+            .output()
+            .expect("veer demo runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        let option = args[0].split('=').next().unwrap();
+        assert!(stderr.contains(option), "{args:?}: {stderr}");
+        assert!(!stderr.contains("demo config"), "{args:?}: {stderr}");
+    }
+}

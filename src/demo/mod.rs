@@ -24,17 +24,17 @@ use upstream::Upstream;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
-    /// Fraction of green's answers that are 500s (e.g. 0.05): watch the rollback.
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of green's answers that are 500s, from 0 to 1 (e.g. 0.05): watch the rollback.
+    #[arg(long, value_parser = fraction, default_value_t = 0.0)]
     pub green_errors: f64,
     /// Latency added to every green answer (e.g. 50ms): watch the rollback.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
     pub green_latency: Duration,
-    /// Keep the admin API on this address while the demo runs (e.g. 127.0.0.1:9901).
-    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9901")]
+    /// Keep the admin API on this loopback address while the demo runs (e.g. 127.0.0.1:9901).
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9901", value_parser = loopback)]
     pub admin: Option<SocketAddr>,
-    /// Requests per second of the synthetic load.
-    #[arg(long, default_value_t = 800)]
+    /// Requests per second of the synthetic load (1 or more).
+    #[arg(long, default_value_t = 800, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate: u32,
     /// Give up after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
@@ -42,6 +42,25 @@ pub struct DemoOptions {
     /// Seconds each step lasts at least.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     pub min_step_time: Duration,
+}
+
+/// `--green-errors`: a number from 0 to 1.
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err("must be a fraction from 0 to 1, e.g. 0.05".into()),
+    }
+}
+
+/// `--admin`: a loopback ip:port. The demo's admin API has no token, so it stays on this host.
+fn loopback(text: &str) -> Result<SocketAddr, String> {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() => Ok(addr),
+        Ok(_) => Err("must be a loopback address such as 127.0.0.1:9901: \
+                      the demo's admin API has no token"
+            .into()),
+        Err(_) => Err("must be an ip:port address such as 127.0.0.1:9901".into()),
+    }
 }
 
 /// How the demo ended.
