@@ -241,3 +241,61 @@ fn an_unreadable_tls_certificate_is_a_config_error() {
         );
     }
 }
+
+/// An admin address whose port accepts connections but never answers: `status`, `rollout` and
+/// `health` give up after 5 s and say so, instead of hanging: exit code 2 (a runtime failure),
+/// or 1 for `health`, the code a container runtime reads as unhealthy.
+#[test]
+fn admin_commands_give_up_on_an_admin_api_that_never_answers() {
+    // Bound and listening but never accepting: the kernel completes the handshakes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = format!("http://{}", silent.local_addr().unwrap());
+    let children: Vec<(Vec<&str>, Child)> = [
+        vec!["status", "--admin", &admin],
+        vec!["rollout", "pause", "shop", "--admin", &admin],
+        vec!["health", "--admin", &admin],
+    ]
+    .into_iter()
+    .map(|args| {
+        let child = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(&args)
+            .env_remove("VEER_ADMIN")
+            .env_remove("VEER_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (args, child)
+    })
+    .collect();
+    for (args, mut child) in children {
+        // Bounded: a command without a timeout would wait for ever.
+        let mut status = None;
+        for _ in 0..300 {
+            status = child.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if status.is_none() {
+            child.kill().unwrap();
+        }
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let code = if args[0] == "health" { 1 } else { 2 };
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(code),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "cannot reach the admin API at {admin}: no answer within 5s"
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+    drop(silent);
+}
