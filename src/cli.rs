@@ -1,6 +1,7 @@
 //! The admin-API commands of the CLI: `veer status` and `veer rollout ACTION ROUTE`.
 
 use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -90,6 +91,17 @@ async fn send(admin: &str, request: Request<Full<Bytes>>) -> Result<(StatusCode,
             let within = humantime::format_duration(ANSWER_TIMEOUT);
             unreachable(format!("no answer within {within}"))
         })?
+}
+
+/// The URL of an admin API listening on `listen`; an unspecified address (`0.0.0.0`, `[::]`)
+/// is reached on loopback.
+pub fn admin_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
 }
 
 /// One admin request; the answer's status and JSON body.
@@ -270,6 +282,19 @@ pub fn render_table(routes: &[Value], colour: bool) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_admin_api_on_an_unspecified_address_is_reached_on_loopback() {
+        for (listen, url) in [
+            ("0.0.0.0:9901", "http://127.0.0.1:9901"),
+            ("[::]:9901", "http://[::1]:9901"),
+            ("10.0.0.5:9000", "http://10.0.0.5:9000"),
+            ("[::1]:9901", "http://[::1]:9901"),
+        ] {
+            let listen: SocketAddr = listen.parse().unwrap();
+            assert_eq!(admin_url(listen), url);
+        }
+    }
 
     #[test]
     fn table_has_a_row_per_slot_with_aligned_columns() {

@@ -299,3 +299,113 @@ fn admin_commands_give_up_on_an_admin_api_that_never_answers() {
     }
     drop(silent);
 }
+
+/// A stand-in admin API on 127.0.0.1: answers every request 200 with `{"routes": []}` and
+/// sends each request head to the receiver.
+fn fake_admin() -> (std::net::SocketAddr, Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let body = r#"{"routes": []}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if tx
+                .send(String::from_utf8_lossy(&head).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// With `-c FILE`, `status`, `rollout` and `health` ask the admin API that file configures
+/// (an unspecified address reached on loopback) with its token; `--admin` and `--token` still
+/// win.
+#[test]
+fn admin_commands_take_the_admin_api_and_token_from_the_config_file() {
+    let (addr, requests) = fake_admin();
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"0.0.0.0:{}\"\ntoken = \"s3cret\"", addr.port()),
+    );
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap();
+    for (args, authorization) in [
+        (vec!["status", "-c", path], "Bearer s3cret"),
+        (vec!["rollout", "pause", "app", "-c", path], "Bearer s3cret"),
+        (vec!["health", "-c", path], "Bearer s3cret"),
+        (
+            vec!["status", "-c", path, "--token", "other"],
+            "Bearer other",
+        ),
+    ] {
+        let (code, stderr) = admin_command(&args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        let head = requests.recv_timeout(Duration::from_secs(10)).unwrap();
+        let expected = format!("authorization: {authorization}\r\n");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&expected.to_ascii_lowercase()),
+            "{args:?}: {head}"
+        );
+    }
+    // An explicit --admin wins over the file's.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let admin = format!("http://{closed}");
+    let (code, stderr) = admin_command(&["status", "-c", path, "--admin", &admin]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach the admin API at {admin}")),
+        "{stderr}"
+    );
+}
+
+/// A config file given to an admin command must be valid and name a usable admin port; the
+/// demo makes its own config and refuses one. Each is a usage error, exit 1.
+#[test]
+fn a_config_file_an_admin_command_cannot_use_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let invalid = dir.path().join("invalid.toml");
+    std::fs::write(&invalid, "[server]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
+    let invalid = invalid.to_str().unwrap();
+    let port_zero = config(dir.path(), "127.0.0.1:0");
+    let port_zero = port_zero.to_str().unwrap();
+    for args in [
+        vec!["status", "-c", invalid],
+        vec!["rollout", "start", "app", "-c", invalid],
+        vec!["health", "-c", invalid],
+    ] {
+        let (code, stderr) = admin_command(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{invalid}: route: at least one")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (code, stderr) = admin_command(&["status", "-c", port_zero]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("admin.listen has port 0"), "{stderr}");
+    let (code, stderr) = admin_command(&["demo", "-c", port_zero, "--timeout", "1s"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("veer demo takes no -c FILE"), "{stderr}");
+}
