@@ -90,25 +90,11 @@ fn a_second_veer_on_the_same_port_cannot_bind() {
         .split_whitespace()
         .find_map(|word| word.strip_prefix("listen="))
         .unwrap_or_else(|| panic!("no listen= in {line:?}"));
-    let (mut second, second_rx) = run(&config(dir.path(), listen));
     // Bounded: a second veer that did bind would run until killed.
-    let mut status = None;
-    for _ in 0..200 {
-        status = second.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if status.is_none() {
-        second.kill().unwrap();
-        second.wait().unwrap();
-    }
+    let (code, stderr) = run_to_exit(&config(dir.path(), listen));
     first.kill().unwrap();
     first.wait().unwrap();
-    // The reader thread ends at the pipe's end, now that the second veer is gone.
-    let stderr = second_rx.iter().collect::<Vec<_>>().join("\n");
-    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!("cannot bind {listen}")),
         "{stderr}"
@@ -408,4 +394,43 @@ fn a_config_file_an_admin_command_cannot_use_is_a_usage_error() {
     let (code, stderr) = admin_command(&["demo", "-c", port_zero, "--timeout", "1s"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("veer demo takes no -c FILE"), "{stderr}");
+}
+
+/// A state dir that cannot be made stops `veer run` at start with exit code 2, naming the key,
+/// the path and the reason, instead of failing at the first save.
+#[test]
+fn run_stops_at_start_when_the_state_dir_cannot_be_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    // Nothing, not even root, can make a directory in /proc.
+    let state = format!("/proc/veer-state-{}", std::process::id());
+    let text = std::fs::read_to_string(&path).unwrap() + &format!("[state]\ndir = \"{state}\"\n");
+    std::fs::write(&path, text).unwrap();
+    let (code, stderr) = run_to_exit(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("state.dir: cannot use {state:?}: ")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(os error"), "{stderr}");
+}
+
+/// `veer run -c config` until it exits (killed after 20 s): exit code and stderr.
+fn run_to_exit(config: &Path) -> (Option<i32>, String) {
+    let (mut child, rx) = run(config);
+    let mut status = None;
+    for _ in 0..200 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if status.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // The reader thread ends at the pipe's end, now that veer is gone.
+    let stderr = rx.iter().collect::<Vec<_>>().join("\n");
+    (status.and_then(|s| s.code()), stderr)
 }

@@ -349,6 +349,7 @@ impl Validator<'_> {
         let state = StateConfig {
             dir: self.path_of(&raw.state.dir),
         };
+        self.state_dir(&state.dir);
         if raw.route.is_empty() {
             self.error(&[Seg::Key("route")], "at least one [[route]] is required");
         }
@@ -367,6 +368,20 @@ impl Validator<'_> {
             state,
             routes,
         })
+    }
+
+    /// `state.dir` must be a directory or one that can be made: the nearest part of the path
+    /// that exists must be a directory. (Whether it can be written is found at start.)
+    fn state_dir(&mut self, dir: &Path) {
+        let existing = dir
+            .ancestors()
+            .find(|p| !p.as_os_str().is_empty() && p.exists());
+        if let Some(file) = existing.filter(|p| !p.is_dir()) {
+            self.error(
+                &[Seg::Key("state"), Seg::Key("dir")],
+                format!("{file:?} exists and is not a directory"),
+            );
+        }
     }
 
     /// Route `i`'s name and its hosts and path_prefix must differ from those of the routes
@@ -1458,6 +1473,27 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(errs[0].path, "admin.listen");
         let ok = format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"s3cret\"\n");
         assert!(parse(&ok, None).is_ok());
+    }
+
+    #[test]
+    fn a_state_dir_that_is_a_file_or_under_one_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        for state in [file.clone(), file.join("state")] {
+            let text = format!("{MINIMAL}[state]\ndir = \"{}\"\n", state.display());
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].path, "state.dir", "{errs:?}");
+            assert_eq!(errs[0].line, Some(12), "{errs:?}");
+            let said = format!("{file:?} exists and is not a directory");
+            assert_eq!(errs[0].message, said, "{errs:?}");
+        }
+        // A dir that is there, or can be made in one that is, is fine.
+        for state in [dir.path().to_path_buf(), dir.path().join("a/b")] {
+            let text = format!("{MINIMAL}[state]\ndir = \"{}\"\n", state.display());
+            assert!(parse(&text, None).is_ok(), "{text}");
+        }
     }
 
     #[test]
