@@ -362,12 +362,33 @@ impl Validator<'_> {
                 routes.push(route);
             }
         }
+        if let (Some(server), Some(admin)) = (&server, &admin) {
+            self.admin_apart(&server.listen, admin.listen);
+        }
         Some(Config {
             server: server?,
             admin: admin?,
             state,
             routes,
         })
+    }
+
+    /// The admin API cannot listen where the proxy does: the same port on the same address,
+    /// or on any address when either is unspecified (`0.0.0.0`, `[::]`).
+    fn admin_apart(&mut self, listen: &[SocketAddr], admin: SocketAddr) {
+        let clash = |addr: &&SocketAddr| {
+            addr.port() == admin.port()
+                && admin.port() != 0
+                && (addr.ip() == admin.ip()
+                    || addr.ip().is_unspecified()
+                    || admin.ip().is_unspecified())
+        };
+        if let Some(addr) = listen.iter().find(clash) {
+            self.error(
+                &[Seg::Key("admin"), Seg::Key("listen")],
+                format!("{admin} takes the port of server.listen {addr}"),
+            );
+        }
     }
 
     /// `state.dir` must be a directory or one that can be made: the nearest part of the path
@@ -1493,6 +1514,39 @@ endpoints = ["127.0.0.1:9002"]
         for state in [dir.path().to_path_buf(), dir.path().join("a/b")] {
             let text = format!("{MINIMAL}[state]\ndir = \"{}\"\n", state.display());
             assert!(parse(&text, None).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_admin_api_cannot_listen_where_the_proxy_does() {
+        let with = |server: &str, admin: &str| {
+            MINIMAL.replace("127.0.0.1:8080", server)
+                + &format!("[admin]\nlisten = \"{admin}\"\ntoken = \"t\"\n")
+        };
+        for (server, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("[::]:8080", "[::1]:8080"),
+        ] {
+            let errs = errors(&with(server, admin));
+            assert_eq!(errs.len(), 1, "{server} {admin}: {errs:?}");
+            assert_eq!(errs[0].path, "admin.listen", "{errs:?}");
+            assert_eq!(errs[0].line, Some(12), "{errs:?}");
+            assert!(
+                errs[0].message.contains("takes the port of server.listen"),
+                "{errs:?}"
+            );
+        }
+        for (server, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:9901"),
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert!(
+                parse(&with(server, admin), None).is_ok(),
+                "{server} {admin}"
+            );
         }
     }
 
