@@ -32,8 +32,8 @@ pub enum AppError {
     Tls(#[from] tls::TlsError),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
-    #[error("cannot start the access log: {0}")]
-    AccessLog(std::io::Error),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
     #[error("state.dir: cannot use {path:?}: {source}")]
     State {
         path: PathBuf,
@@ -114,7 +114,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         Some(t) => Some(Arc::new(tls::acceptor(t)?)),
         None => None,
     };
-    let access_log = AccessLogger::start(&config.server.access_log).map_err(AppError::AccessLog)?;
+    let access_log = AccessLogger::start(&config.server.access_log)?;
     let workers = Workers::start(config.server.workers).map_err(AppError::Workers)?;
     // sockets[address][worker]
     let mut sockets = Vec::with_capacity(config.server.listen.len());

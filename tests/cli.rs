@@ -434,3 +434,23 @@ fn run_to_exit(config: &Path) -> (Option<i32>, String) {
     let stderr = rx.iter().collect::<Vec<_>>().join("\n");
     (status.and_then(|s| s.code()), stderr)
 }
+
+/// An access log file that cannot be opened stops `veer run` at start with exit code 2,
+/// naming the key and the path.
+#[test]
+fn run_stops_at_start_when_the_access_log_cannot_be_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    // Nothing, not even root, can make a file in /proc.
+    let log = format!("/proc/veer-access-{}.log", std::process::id());
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[server]\n", &format!("[server]\naccess_log = \"{log}\"\n"));
+    std::fs::write(&path, text).unwrap();
+    let (code, stderr) = run_to_exit(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("server.access_log: cannot open {log:?}: ")),
+        "{stderr}"
+    );
+}

@@ -496,7 +496,11 @@ impl Validator<'_> {
         let access_log = match raw.access_log.as_str() {
             "off" | "" => AccessLog::Off,
             "stderr" => AccessLog::Stderr,
-            path => AccessLog::File(self.path_of(path)),
+            path => {
+                let path = self.path_of(path);
+                self.access_log_file(&path);
+                AccessLog::File(path)
+            }
         };
         let header_timeout = self.duration(&s("header_timeout"), &raw.header_timeout, false);
         let request_timeout = self.duration(&s("request_timeout"), &raw.request_timeout, false);
@@ -530,6 +534,23 @@ impl Validator<'_> {
             drain_timeout: drain_timeout?,
             access_log,
         })
+    }
+
+    /// The access log file must be one that can be opened: not a directory, in one that
+    /// exists.
+    fn access_log_file(&mut self, path: &Path) {
+        let at = [Seg::Key("server"), Seg::Key("access_log")];
+        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        if path.is_dir() {
+            self.error(&at, format!("{path:?} is a directory"));
+        } else if let Some(dir) = dir.filter(|dir| !dir.is_dir()) {
+            let reason = if dir.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
+            self.error(&at, format!("cannot open {path:?}: {dir:?} {reason}"));
+        }
     }
 
     fn admin(&mut self, raw: super::file::RawAdmin) -> Option<AdminConfig> {
@@ -1548,6 +1569,43 @@ endpoints = ["127.0.0.1:9002"]
                 "{server} {admin}"
             );
         }
+    }
+
+    #[test]
+    fn an_access_log_that_cannot_be_opened_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let missing = dir.path().join("missing");
+        for (log, message) in [
+            (
+                missing.join("x.log"),
+                format!(
+                    "cannot open {:?}: {missing:?} does not exist",
+                    missing.join("x.log")
+                ),
+            ),
+            (
+                file.join("x.log"),
+                format!(
+                    "cannot open {:?}: {file:?} is not a directory",
+                    file.join("x.log")
+                ),
+            ),
+            (
+                dir.path().to_path_buf(),
+                format!("{:?} is a directory", dir.path()),
+            ),
+        ] {
+            let text = with_server(&format!("access_log = \"{}\"\n", log.display()));
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].path, "server.access_log", "{errs:?}");
+            assert_eq!(errs[0].line, Some(3), "{errs:?}");
+            assert_eq!(errs[0].message, message, "{errs:?}");
+        }
+        let text = with_server(&format!("access_log = \"{}\"\n", file.display()));
+        assert!(parse(&text, None).is_ok(), "{text}");
     }
 
     #[test]
