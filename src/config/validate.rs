@@ -555,6 +555,7 @@ impl Validator<'_> {
 
     fn admin(&mut self, raw: super::file::RawAdmin) -> Option<AdminConfig> {
         let listen = self.socket_addr(&[Seg::Key("admin"), Seg::Key("listen")], &raw.listen);
+        let raw_token_env = raw.token.is_none() && raw.token_env.is_some();
         let token = match (raw.token, raw.token_env) {
             (Some(_), Some(_)) => {
                 self.error(
@@ -576,8 +577,16 @@ impl Validator<'_> {
             },
             (None, None) => None,
         };
-        if token.as_deref() == Some("") {
-            self.error(&[Seg::Key("admin"), Seg::Key("token")], "must not be empty");
+        // The key the token came from: a problem with the value is that key's.
+        let key = if raw_token_env { "token_env" } else { "token" };
+        match token.as_deref() {
+            Some("") => self.error(&[Seg::Key("admin"), Seg::Key(key)], "must not be empty"),
+            Some(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => self.error(
+                &[Seg::Key("admin"), Seg::Key(key)],
+                "must be visible ASCII, without spaces or control characters: \
+                 it is sent in an Authorization header",
+            ),
+            _ => {}
         }
         let listen = listen?;
         let token_read = self.read(&[Seg::Key("admin"), Seg::Key("token")])
@@ -618,8 +627,12 @@ impl Validator<'_> {
                 ),
             }
         }
-        if !raw.path_prefix.starts_with('/') {
-            self.error(&r("path_prefix"), "must start with '/'");
+        let in_path = |c: char| !(c == '?' || c == '#' || c.is_whitespace() || c.is_control());
+        if !(raw.path_prefix.starts_with('/') && raw.path_prefix.chars().all(in_path)) {
+            self.error(
+                &r("path_prefix"),
+                "must start with '/' and have no '?', '#', spaces or control characters",
+            );
         }
         let stable = Slot::parse(&raw.stable);
         if stable.is_none() {
@@ -669,17 +682,20 @@ impl Validator<'_> {
         }
         let mut ok = true;
         for (j, endpoint) in list.iter().enumerate() {
-            let valid = endpoint
+            let port = endpoint
                 .parse::<http::uri::Authority>()
                 .ok()
-                .is_some_and(|a| a.port_u16().is_some() && !a.host().is_empty())
-                && !endpoint.contains('@');
-            if !valid {
-                let mut at = path.clone();
-                at.push(Seg::Index(j));
-                self.error(&at, format!("{endpoint:?} is not host:port"));
-                ok = false;
-            }
+                .filter(|a| !a.host().is_empty() && !endpoint.contains('@'))
+                .and_then(|a| a.port_u16());
+            let problem = match port {
+                None => "is not host:port",
+                Some(0) => "has port 0, which cannot be connected to",
+                Some(_) => continue,
+            };
+            let mut at = path.clone();
+            at.push(Seg::Index(j));
+            self.error(&at, format!("{endpoint:?} {problem}"));
+            ok = false;
         }
         ok.then(|| list.to_vec())
     }
@@ -727,6 +743,13 @@ impl Validator<'_> {
             Some(None)
         } else {
             match HeaderName::try_from(raw.override_header.as_str()) {
+                Ok(name) if RESERVED_HEADERS.contains(&name.as_str()) => {
+                    self.error(
+                        &p("override_header"),
+                        format!("{name} is a hop-by-hop or framing header; choose another (\"\" disables)"),
+                    );
+                    None
+                }
                 Ok(name) => Some(Some(name)),
                 Err(_) => {
                     self.error(
@@ -780,6 +803,15 @@ impl Validator<'_> {
             Some(t) => self.duration(&p("timeout"), t, false),
             None => Some(Duration::ZERO),
         };
+        let host_char = |b: u8| b.is_ascii_alphanumeric() || b"-._".contains(&b);
+        if let Some(suffix) = &raw.host_suffix {
+            if suffix.is_empty() || !suffix.bytes().all(host_char) {
+                self.error(
+                    &p("host_suffix"),
+                    format!("{suffix:?} is not a host name suffix: letters, digits, '-', '.', '_'"),
+                );
+            }
+        }
         Some(ShadowConfig {
             endpoints: endpoints?,
             basis_points: basis_points?,
@@ -887,6 +919,14 @@ impl Validator<'_> {
                 }
             },
         };
+        if steps.len() > MAX_STEPS {
+            let n = steps.len();
+            self.error(
+                path,
+                format!("makes {n} steps; at most {MAX_STEPS} are allowed"),
+            );
+            return None;
+        }
         if steps.windows(2).any(|w| w[0] >= w[1]) {
             self.error(path, "must be increasing");
             return None;
@@ -974,6 +1014,22 @@ impl Validator<'_> {
     }
 }
 
+/// Headers the connection or the framing owns: no config key may take one of them over.
+const RESERVED_HEADERS: [&str; 9] = [
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "trailer",
+];
+
+/// How many steps a rollout may have.
+const MAX_STEPS: usize = 100;
+
 /// Percent with 0.01 steps → basis points.
 pub fn basis_points(percent: f64) -> Option<u32> {
     if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
@@ -1009,13 +1065,14 @@ fn geometric(spec: &str) -> Option<Vec<u32>> {
 fn parse_statuses(text: &str) -> Option<StatusSet> {
     let mut set = StatusSet::default();
     let mut any = false;
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in text.split(',').map(str::trim) {
         let (lo, hi) = if let Some(class) = part.strip_suffix("xx") {
             let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
             (c * 100, c * 100 + 99)
         } else if let Some((a, b)) = part.split_once('-') {
             (a.trim().parse().ok()?, b.trim().parse().ok()?)
         } else {
+            // An empty part (`"5xx,"`) fails here too.
             let code: u16 = part.parse().ok()?;
             (code, code)
         };
@@ -1041,7 +1098,7 @@ fn host_pattern(text: &str) -> Option<HostPattern> {
             !label.is_empty()
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !valid {
         return None;
@@ -1505,6 +1562,9 @@ endpoints = ["127.0.0.1:9002"]
         assert!(parse_statuses("6xx").is_none());
         assert!(parse_statuses("").is_none());
         assert!(parse_statuses("abc").is_none());
+        assert!(parse_statuses("5xx,").is_none());
+        assert!(parse_statuses(",5xx").is_none());
+        assert!(parse_statuses("5xx,,429").is_none());
     }
 
     #[test]
@@ -1608,6 +1668,57 @@ endpoints = ["127.0.0.1:9002"]
         assert!(parse(&text, None).is_ok(), "{text}");
     }
 
+    /// Asserts that `text` has exactly one problem, at `path` on `line`, saying `says`.
+    fn one_problem_at(text: &str, path: &str, line: usize, says: &str) {
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1, "{text}\n{errs:#?}");
+        assert_eq!(errs[0].path, path, "{text}\n{errs:#?}");
+        assert_eq!(errs[0].line, Some(line), "{text}\n{errs:#?}");
+        assert!(errs[0].message.contains(says), "{text}\n{errs:#?}");
+    }
+
+    #[test]
+    fn values_veer_could_not_use_are_reported_at_their_key() {
+        let endpoint = MINIMAL.replace("127.0.0.1:9001", "127.0.0.1:0");
+        one_problem_at(&endpoint, "route[0].blue.endpoints[0]", 8, "port 0");
+        for prefix in ["shop", "/a?b", "/a#b", "/a b", "/a\\u0001"] {
+            let text = MINIMAL.replace(
+                "name = \"shop\"",
+                &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
+            );
+            one_problem_at(&text, "route[0].path_prefix", 7, "must start with '/'");
+        }
+        for statuses in ["5xx,", ",5xx", "5xx,,429"] {
+            let text = format!("{MINIMAL}[route.rollout]\nerror_statuses = \"{statuses}\"\n");
+            one_problem_at(&text, "route[0].rollout.error_statuses", 12, "comma list");
+        }
+        for token in ["a b", "a\\tb", "a\\u007f", "caf\u{e9}"] {
+            let text = format!("{MINIMAL}[admin]\ntoken = \"{token}\"\n");
+            one_problem_at(&text, "admin.token", 12, "visible ASCII");
+        }
+        for suffix in ["", ".sha dow", "a/b", ".x:1"] {
+            let text = format!(
+                "{MINIMAL}[route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\n\
+                 host_suffix = \"{suffix}\"\n"
+            );
+            one_problem_at(&text, "route[0].shadow.host_suffix", 13, "host name suffix");
+        }
+        for name in RESERVED_HEADERS.iter().copied().chain(["Content-Length"]) {
+            let text = format!("{MINIMAL}[route.sticky]\noverride_header = \"{name}\"\n");
+            one_problem_at(&text, "route[0].sticky.override_header", 12, "hop-by-hop");
+        }
+        let text = format!("{MINIMAL}[route.rollout]\nsteps = \"geometric:0.01:1.0001\"\n");
+        one_problem_at(&text, "route[0].rollout.steps", 12, "at most 100");
+        // What they may be.
+        let text = MINIMAL.replace(
+            "name = \"shop\"",
+            "name = \"shop\"\nhosts = [\"a_b.internal\"]\npath_prefix = \"/api/v1\"",
+        ) + "[admin]\ntoken = \"s3cret-~!\"\n\
+             [route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\nhost_suffix = \".shadow_1\"\n\
+             [route.rollout]\nerror_statuses = \" 5xx , 429\"\nsteps = \"geometric:1:1.1\"\n";
+        assert!(parse(&text, None).is_ok(), "{text}\n{:#?}", errors(&text));
+    }
+
     #[test]
     fn wildcard_hosts_become_suffixes() {
         assert_eq!(
@@ -1615,6 +1726,12 @@ endpoints = ["127.0.0.1:9002"]
             Some(HostPattern::Suffix(".example.com".into()))
         );
         assert_eq!(host_pattern("a..b"), None);
+        // Internal names use underscores.
+        assert_eq!(
+            host_pattern("a_b.com"),
+            Some(HostPattern::Exact("a_b.com".into()))
+        );
+        assert_eq!(host_pattern("a b.com"), None);
         assert_eq!(host_pattern("*"), None);
     }
 }
