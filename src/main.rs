@@ -158,8 +158,15 @@ fn admin_target(
 fn init_tracing(format: LogFormat, default_level: &str) {
     // notify reports its own bookkeeping at info (e.g. a watch the kernel already dropped when
     // the config file was replaced); only its warnings concern an operator.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},notify=warn")));
+    let default = format!("{default_level},notify=warn");
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|value| !value.is_empty());
+    let (filter, rejected) = match asked.as_deref().map(log_filter) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(reason)) => (EnvFilter::new(&default), Some(reason)),
+        None => (EnvFilter::new(&default), None),
+    };
     // Colours only for a person at a terminal: a pipe, a file, journald or `docker logs` get
     // plain text.
     let builder = tracing_subscriber::fmt()
@@ -170,6 +177,29 @@ fn init_tracing(format: LogFormat, default_level: &str) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    if let Some(reason) = rejected {
+        tracing::warn!(
+            rust_log = asked,
+            reason,
+            default,
+            "RUST_LOG is not a valid filter; using the default."
+        );
+    }
+}
+
+/// A `RUST_LOG` filter, or why it is not one. tracing takes any word for a target, so a target
+/// that no Rust module path could be (`garbage!!`) is refused here: it would turn off every log.
+fn log_filter(value: &str) -> Result<EnvFilter, String> {
+    let target_char = |c: char| c.is_ascii_alphanumeric() || "_:-.".contains(c);
+    for directive in value.split(',').map(str::trim) {
+        let target = directive.split(['[', '=']).next().unwrap_or("");
+        if !target.chars().all(target_char) {
+            return Err(format!("{directive:?} is not a target or level"));
+        }
+    }
+    EnvFilter::builder()
+        .parse(value)
+        .map_err(|error| error.to_string())
 }
 
 fn usage(message: &str) -> ExitCode {

@@ -454,3 +454,28 @@ fn run_stops_at_start_when_the_access_log_cannot_be_opened() {
         "{stderr}"
     );
 }
+
+/// A `RUST_LOG` that is not a filter does not turn the logs off: veer warns and logs at the
+/// default level.
+#[test]
+fn an_invalid_rust_log_is_warned_about_and_the_default_used() {
+    let dir = tempfile::tempdir().unwrap();
+    for rust_log in ["garbage!!", "=x"] {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("RUST_LOG=\"$2\" exec \"$0\" run -c \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_veer"))
+            .arg(config(dir.path(), "127.0.0.1:0"))
+            .arg(rust_log);
+        let (mut child, rx) = spawn(command);
+        let text = lines_until(&rx, "Admin API listening").join("\n");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            text.contains("RUST_LOG is not a valid filter; using the default."),
+            "{rust_log}: {text}"
+        );
+        assert!(text.contains("Admin API listening"), "{rust_log}: {text}");
+    }
+}

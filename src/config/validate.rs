@@ -216,15 +216,36 @@ fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
 }
 
-/// serde's message without the names of veer's own types: "expected struct RawSlot" reads
-/// "expected a table".
+/// serde's and toml's message on one line, in words rather than type names: "expected struct
+/// RawSlot" reads "expected a table", "expected usize" "expected a non-negative integer".
 fn plain_message(message: &str) -> String {
-    let message = message.trim();
-    match message.find("expected struct Raw") {
-        Some(at) => format!("{}expected a table", &message[..at]),
-        None => message.to_string(),
+    let lines: Vec<&str> = message.lines().map(str::trim).collect();
+    let message = lines
+        .iter()
+        .filter(|l| !l.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(": ");
+    if let Some(at) = message.find("expected struct Raw") {
+        return format!("{}expected a table", &message[..at]);
     }
+    for (rust, words) in TYPE_WORDS {
+        if let Some(start) = message.strip_suffix(rust) {
+            return format!("{start}{words}");
+        }
+    }
+    message
 }
+
+/// The Rust types of config values, as a message puts them to a person.
+const TYPE_WORDS: [(&str, &str); 6] = [
+    ("expected usize", "expected a non-negative integer"),
+    ("expected u64", "expected a non-negative integer"),
+    ("expected u32", "expected a non-negative integer"),
+    ("expected i64", "expected an integer"),
+    ("expected i32", "expected an integer"),
+    ("expected f64", "expected a number"),
+];
 
 /// An owned key path segment, as serde reports it.
 enum Segment {
@@ -556,6 +577,7 @@ impl Validator<'_> {
     fn admin(&mut self, raw: super::file::RawAdmin) -> Option<AdminConfig> {
         let listen = self.socket_addr(&[Seg::Key("admin"), Seg::Key("listen")], &raw.listen);
         let raw_token_env = raw.token.is_none() && raw.token_env.is_some();
+        let token_given = raw.token.is_some() || raw.token_env.is_some();
         let token = match (raw.token, raw.token_env) {
             (Some(_), Some(_)) => {
                 self.error(
@@ -591,7 +613,8 @@ impl Validator<'_> {
         let listen = listen?;
         let token_read = self.read(&[Seg::Key("admin"), Seg::Key("token")])
             && self.read(&[Seg::Key("admin"), Seg::Key("token_env")]);
-        if !listen.ip().is_loopback() && token.is_none() && token_read {
+        // A token_env that names an unset variable has that problem only.
+        if !listen.ip().is_loopback() && !token_given && token_read {
             self.error(
                 &[Seg::Key("admin"), Seg::Key("listen")],
                 "a non-loopback admin address needs admin.token or admin.token_env",
@@ -1717,6 +1740,40 @@ endpoints = ["127.0.0.1:9002"]
              [route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\nhost_suffix = \".shadow_1\"\n\
              [route.rollout]\nerror_statuses = \" 5xx , 429\"\nsteps = \"geometric:1:1.1\"\n";
         assert!(parse(&text, None).is_ok(), "{text}\n{:#?}", errors(&text));
+    }
+
+    #[test]
+    fn an_unset_token_env_is_the_only_problem_of_a_non_loopback_admin() {
+        let text = format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9901\"\n\
+             token_env = \"VEER_TEST_VARIABLE_THAT_IS_NOT_SET\"\n"
+        );
+        one_problem_at(&text, "admin.token_env", 13, "is not set");
+    }
+
+    #[test]
+    fn type_errors_name_kinds_of_value_not_rust_types() {
+        let text = with_server(
+            "workers = -1
+max_header_bytes = \"x\"\n",
+        ) + "[route.rollout]\nweight = \"a\"\nmin_requests = 1.5\n";
+        assert_eq!(
+            rendered(&text),
+            [
+                "server.workers: invalid value: integer `-1`, expected a non-negative integer, \
+                 line 3",
+                "server.max_header_bytes: invalid type: string \"x\", expected an integer, line 4",
+                "route[0].rollout.weight: invalid type: string \"a\", expected a number, line 14",
+                "route[0].rollout.min_requests: invalid type: floating point `1.5`, expected an \
+                 integer, line 15",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_line() {
+        let got = rendered(&format!("{MINIMAL}[route.x\n"));
+        assert_eq!(got, ["line 11: invalid table header: expected `.`, `]`"]);
     }
 
     #[test]
