@@ -98,7 +98,13 @@ fn main() -> ExitCode {
         }
         Command::Demo(options) => {
             raise_open_files_limit();
-            report(block_on(veer::demo::run(options)), 2)
+            let result = block_on(veer::demo::run(options));
+            let interrupted = result.as_ref().err().and_then(|error| {
+                error
+                    .downcast_ref::<veer::demo::Interrupted>()
+                    .map(|i| i.code)
+            });
+            report(result, interrupted.unwrap_or(2))
         }
         Command::Status(target) => match admin_target(target, cli.config.as_deref()) {
             Ok((admin, token)) => report_admin(block_on(cli::status(&admin, token.as_deref()))),
