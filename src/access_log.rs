@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -63,6 +64,17 @@ fn to_microsecond<S: serde::Serializer>(ms: &f64, s: S) -> Result<S::Ok, S::Erro
     s.serialize_f64((ms * 1000.0).round() / 1000.0)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum AccessLogError {
+    #[error("server.access_log: cannot open {path:?}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the access log writer: {0}")]
+    Thread(std::io::Error),
+}
+
 /// A handle to the writer; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AccessLogger {
@@ -72,18 +84,23 @@ pub struct AccessLogger {
 
 impl AccessLogger {
     /// Starts the writer thread, or returns `None` when the log is off.
-    pub fn start(config: &AccessLog) -> std::io::Result<Option<AccessLogger>> {
+    pub fn start(config: &AccessLog) -> Result<Option<AccessLogger>, AccessLogError> {
         let out: Box<dyn Write + Send> = match config {
             AccessLog::Off => return Ok(None),
             AccessLog::Stderr => Box::new(std::io::stderr()),
             AccessLog::File(path) => {
-                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+                let file = OpenOptions::new().create(true).append(true).open(path);
+                Box::new(file.map_err(|source| AccessLogError::Open {
+                    path: path.clone(),
+                    source,
+                })?)
             }
         };
         let (tx, rx) = sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("veer-access-log".into())
-            .spawn(move || write_loop(rx, out))?;
+            .spawn(move || write_loop(rx, out))
+            .map_err(AccessLogError::Thread)?;
         Ok(Some(AccessLogger {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),

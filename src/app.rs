@@ -32,8 +32,13 @@ pub enum AppError {
     Tls(#[from] tls::TlsError),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
-    #[error("cannot start the access log: {0}")]
-    AccessLog(std::io::Error),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
+    #[error("state.dir: cannot use {path:?}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The outcome of the last reload, for the admin API.
@@ -100,12 +105,16 @@ fn build_table(
 
 /// Binds everything and starts serving. Errors here are startup failures (exit code 2).
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, AppError> {
-    let store = Arc::new(Store::new(&config.state));
+    let store = Store::open(&config.state).map_err(|source| AppError::State {
+        path: config.state.dir.clone(),
+        source,
+    })?;
+    let store = Arc::new(store);
     let tls_acceptor = match &config.server.tls {
         Some(t) => Some(Arc::new(tls::acceptor(t)?)),
         None => None,
     };
-    let access_log = AccessLogger::start(&config.server.access_log).map_err(AppError::AccessLog)?;
+    let access_log = AccessLogger::start(&config.server.access_log)?;
     let workers = Workers::start(config.server.workers).map_err(AppError::Workers)?;
     // sockets[address][worker]
     let mut sockets = Vec::with_capacity(config.server.listen.len());

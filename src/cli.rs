@@ -1,6 +1,8 @@
 //! The admin-API commands of the CLI: `veer status` and `veer rollout ACTION ROUTE`.
 
 use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode, Uri};
@@ -59,6 +61,49 @@ fn admin_request(
     Ok(request)
 }
 
+/// How long an admin command waits for the connection, the answer and its body together.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends `request` to the admin API at `admin`: the answer's status and body, or
+/// [`CliError::Unreachable`] when there is none within [`ANSWER_TIMEOUT`].
+async fn send(admin: &str, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), CliError> {
+    let unreachable = |reason: String| CliError::Unreachable {
+        url: admin.trim_end_matches('/').to_string(),
+        reason,
+    };
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let exchange = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok((status, body.to_bytes()))
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            let within = humantime::format_duration(ANSWER_TIMEOUT);
+            unreachable(format!("no answer within {within}"))
+        })?
+}
+
+/// The URL of an admin API listening on `listen`; an unspecified address (`0.0.0.0`, `[::]`)
+/// is reached on loopback.
+pub fn admin_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
 /// One admin request; the answer's status and JSON body.
 pub async fn call(
     admin: &str,
@@ -67,7 +112,6 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<(StatusCode, Value), CliError> {
-    let base = admin.trim_end_matches('/');
     let mut request = admin_request(admin, token, method, path)?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     if !payload.is_empty() {
@@ -76,22 +120,7 @@ pub async fn call(
     let request = request
         .body(Full::new(Bytes::from(payload)))
         .map_err(|_| CliError::Url(admin.to_string()))?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let unreachable = |reason: String| CliError::Unreachable {
-        url: base.to_string(),
-        reason,
-    };
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .to_bytes();
+    let (status, bytes) = send(admin, request).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|_| CliError::NotJson)?;
     if !status.is_success() {
         let message = value
@@ -116,22 +145,12 @@ pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `veer health`: `GET /healthz` answers 200 within 5 s.
+/// `veer health`: `GET /healthz` answers 200 within [`ANSWER_TIMEOUT`].
 pub async fn health(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
-    let base = admin.trim_end_matches('/');
     let request = admin_request(admin, token, Method::GET, "/healthz")?
         .body(Full::new(Bytes::new()))
         .map_err(|_| CliError::Url(admin.to_string()))?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let unreachable = |reason: String| CliError::Unreachable {
-        url: base.to_string(),
-        reason,
-    };
-    let response = tokio::time::timeout(std::time::Duration::from_secs(5), client.request(request))
-        .await
-        .map_err(|_| unreachable("no answer within 5 s".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = response.status();
+    let (status, _) = send(admin, request).await?;
     if status != StatusCode::OK {
         anyhow::bail!("admin API answered {status} to /healthz");
     }
@@ -263,6 +282,19 @@ pub fn render_table(routes: &[Value], colour: bool) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_admin_api_on_an_unspecified_address_is_reached_on_loopback() {
+        for (listen, url) in [
+            ("0.0.0.0:9901", "http://127.0.0.1:9901"),
+            ("[::]:9901", "http://[::1]:9901"),
+            ("10.0.0.5:9000", "http://10.0.0.5:9000"),
+            ("[::1]:9901", "http://[::1]:9901"),
+        ] {
+            let listen: SocketAddr = listen.parse().unwrap();
+            assert_eq!(admin_url(listen), url);
+        }
+    }
 
     #[test]
     fn table_has_a_row_per_slot_with_aligned_columns() {

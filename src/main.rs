@@ -19,7 +19,8 @@ use veer::config::Config;
     about = "A reverse proxy that shifts traffic from blue to green by itself, on evidence."
 )]
 struct Cli {
-    /// Config file (same as `veer run -c FILE`).
+    /// Config file: the one to run or check. `status`, `rollout` and `health` take the admin
+    /// API's address and token from it.
     #[arg(short, long, global = true)]
     config: Option<PathBuf>,
     /// Log format on stderr (RUST_LOG sets the level).
@@ -44,29 +45,30 @@ enum Command {
     /// A self-contained rollout demo on loopback: upstreams, proxy, load, live view.
     Demo(veer::demo::DemoOptions),
     /// One table of every route: stable, weight, phase, per-slot req/s, error %, p99.
-    Status {
-        #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
-        admin: String,
-        #[arg(long, env = "VEER_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-    },
+    Status(AdminArgs),
     /// Exit 0 when the admin API answers `/healthz` with 200, else 1 (container health checks).
-    Health {
-        #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
-        admin: String,
-        #[arg(long, env = "VEER_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-    },
+    Health(AdminArgs),
     /// Drive a route's rollout (same as the admin API POSTs).
     Rollout {
         #[arg(value_parser = ["start", "pause", "resume", "promote", "rollback"])]
         action: String,
         route: String,
-        #[arg(long, env = "VEER_ADMIN", default_value = "http://127.0.0.1:9901")]
-        admin: String,
-        #[arg(long, env = "VEER_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        #[command(flatten)]
+        target: AdminArgs,
     },
+}
+
+/// Where an admin command finds the admin API: each flag, else the `-c` file's `[admin]`, else
+/// the environment, else the default URL and no token.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API URL [default: -c FILE's admin.listen, else $VEER_ADMIN, else
+    /// http://127.0.0.1:9901]
+    #[arg(long)]
+    admin: Option<String>,
+    /// Bearer token [default: -c FILE's admin token, else $VEER_ADMIN_TOKEN]
+    #[arg(long)]
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -91,35 +93,86 @@ fn main() -> ExitCode {
             Some(path) => check(path),
             None => usage("veer check needs -c FILE"),
         },
+        Command::Demo(_) if cli.config.is_some() => {
+            usage("veer demo takes no -c FILE: it makes its own config on loopback")
+        }
         Command::Demo(options) => {
             raise_open_files_limit();
-            report(block_on(veer::demo::run(options)), 2)
+            let result = block_on(veer::demo::run(options));
+            let interrupted = result.as_ref().err().and_then(|error| {
+                error
+                    .downcast_ref::<veer::demo::Interrupted>()
+                    .map(|i| i.code)
+            });
+            report(result, interrupted.unwrap_or(2))
         }
-        Command::Status { admin, token } => {
-            report_admin(block_on(cli::status(&admin, token.as_deref())))
-        }
-        Command::Health { admin, token } => {
-            report(block_on(cli::health(&admin, token.as_deref())), 1)
-        }
+        Command::Status(target) => match admin_target(target, cli.config.as_deref()) {
+            Ok((admin, token)) => report_admin(block_on(cli::status(&admin, token.as_deref()))),
+            Err(code) => code,
+        },
+        Command::Health(target) => match admin_target(target, cli.config.as_deref()) {
+            Ok((admin, token)) => report(block_on(cli::health(&admin, token.as_deref())), 1),
+            Err(code) => code,
+        },
         Command::Rollout {
             action,
             route,
-            admin,
-            token,
-        } => report_admin(block_on(cli::rollout(
-            &admin,
-            token.as_deref(),
-            &action,
-            &route,
-        ))),
+            target,
+        } => match admin_target(target, cli.config.as_deref()) {
+            Ok((admin, token)) => report_admin(block_on(cli::rollout(
+                &admin,
+                token.as_deref(),
+                &action,
+                &route,
+            ))),
+            Err(code) => code,
+        },
     }
+}
+
+/// The admin URL and token of an admin command (see [`AdminArgs`]). A config file that is not
+/// valid, or whose admin port is chosen at start, is a usage error.
+fn admin_target(
+    args: AdminArgs,
+    config: Option<&Path>,
+) -> Result<(String, Option<String>), ExitCode> {
+    let env = |name| {
+        std::env::var(name)
+            .ok()
+            .filter(|value: &String| !value.is_empty())
+    };
+    let file = match config {
+        Some(path) => Some(load(path)?),
+        None => None,
+    };
+    let admin =
+        match (args.admin, &file) {
+            (Some(admin), _) => admin,
+            (None, Some(config)) if config.admin.listen.port() == 0 => return Err(usage(
+                "admin.listen has port 0 (chosen at start): give the admin API with --admin URL",
+            )),
+            (None, Some(config)) => cli::admin_url(config.admin.listen),
+            (None, None) => env("VEER_ADMIN").unwrap_or_else(|| "http://127.0.0.1:9901".into()),
+        };
+    let token = args
+        .token
+        .or_else(|| file.and_then(|config| config.admin.token))
+        .or_else(|| env("VEER_ADMIN_TOKEN"));
+    Ok((admin, token))
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
     // notify reports its own bookkeeping at info (e.g. a watch the kernel already dropped when
     // the config file was replaced); only its warnings concern an operator.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},notify=warn")));
+    let default = format!("{default_level},notify=warn");
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|value| !value.is_empty());
+    let (filter, rejected) = match asked.as_deref().map(log_filter) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(reason)) => (EnvFilter::new(&default), Some(reason)),
+        None => (EnvFilter::new(&default), None),
+    };
     // Colours only for a person at a terminal: a pipe, a file, journald or `docker logs` get
     // plain text.
     let builder = tracing_subscriber::fmt()
@@ -130,6 +183,29 @@ fn init_tracing(format: LogFormat, default_level: &str) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    if let Some(reason) = rejected {
+        tracing::warn!(
+            rust_log = asked,
+            reason,
+            default,
+            "RUST_LOG is not a valid filter; using the default."
+        );
+    }
+}
+
+/// A `RUST_LOG` filter, or why it is not one. tracing takes any word for a target, so a target
+/// that no Rust module path could be (`garbage!!`) is refused here: it would turn off every log.
+fn log_filter(value: &str) -> Result<EnvFilter, String> {
+    let target_char = |c: char| c.is_ascii_alphanumeric() || "_:-.".contains(c);
+    for directive in value.split(',').map(str::trim) {
+        let target = directive.split(['[', '=']).next().unwrap_or("");
+        if !target.chars().all(target_char) {
+            return Err(format!("{directive:?} is not a target or level"));
+        }
+    }
+    EnvFilter::builder()
+        .parse(value)
+        .map_err(|error| error.to_string())
 }
 
 fn usage(message: &str) -> ExitCode {
@@ -158,15 +234,20 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
-        Err(errors) => {
-            for error in &errors.0 {
-                eprintln!("{}: {error}", path.display());
-            }
-            return ExitCode::from(1);
+/// Loads a config file, or prints its problems on stderr: exit code 1.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        for error in &errors.0 {
+            eprintln!("{}: {error}", path.display());
         }
+        ExitCode::from(1)
+    })
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     raise_open_files_limit();
     // Requests are handled on `server.workers` threads of their own (see listener::workers);

@@ -90,25 +90,11 @@ fn a_second_veer_on_the_same_port_cannot_bind() {
         .split_whitespace()
         .find_map(|word| word.strip_prefix("listen="))
         .unwrap_or_else(|| panic!("no listen= in {line:?}"));
-    let (mut second, second_rx) = run(&config(dir.path(), listen));
     // Bounded: a second veer that did bind would run until killed.
-    let mut status = None;
-    for _ in 0..200 {
-        status = second.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if status.is_none() {
-        second.kill().unwrap();
-        second.wait().unwrap();
-    }
+    let (code, stderr) = run_to_exit(&config(dir.path(), listen));
     first.kill().unwrap();
     first.wait().unwrap();
-    // The reader thread ends at the pipe's end, now that the second veer is gone.
-    let stderr = second_rx.iter().collect::<Vec<_>>().join("\n");
-    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!("cannot bind {listen}")),
         "{stderr}"
@@ -239,5 +225,257 @@ fn an_unreadable_tls_certificate_is_a_config_error() {
             said.contains("server.tls.key: cannot read"),
             "{command}: {said}"
         );
+    }
+}
+
+/// An admin address whose port accepts connections but never answers: `status`, `rollout` and
+/// `health` give up after 5 s and say so, instead of hanging: exit code 2 (a runtime failure),
+/// or 1 for `health`, the code a container runtime reads as unhealthy.
+#[test]
+fn admin_commands_give_up_on_an_admin_api_that_never_answers() {
+    // Bound and listening but never accepting: the kernel completes the handshakes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = format!("http://{}", silent.local_addr().unwrap());
+    let children: Vec<(Vec<&str>, Child)> = [
+        vec!["status", "--admin", &admin],
+        vec!["rollout", "pause", "shop", "--admin", &admin],
+        vec!["health", "--admin", &admin],
+    ]
+    .into_iter()
+    .map(|args| {
+        let child = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(&args)
+            .env_remove("VEER_ADMIN")
+            .env_remove("VEER_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (args, child)
+    })
+    .collect();
+    for (args, mut child) in children {
+        // Bounded: a command without a timeout would wait for ever.
+        let mut status = None;
+        for _ in 0..300 {
+            status = child.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if status.is_none() {
+            child.kill().unwrap();
+        }
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let code = if args[0] == "health" { 1 } else { 2 };
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(code),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "cannot reach the admin API at {admin}: no answer within 5s"
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+    drop(silent);
+}
+
+/// A stand-in admin API on 127.0.0.1: answers every request 200 with `{"routes": []}` and
+/// sends each request head to the receiver.
+fn fake_admin() -> (std::net::SocketAddr, Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let body = r#"{"routes": []}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if tx
+                .send(String::from_utf8_lossy(&head).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// With `-c FILE`, `status`, `rollout` and `health` ask the admin API that file configures
+/// (an unspecified address reached on loopback) with its token; `--admin` and `--token` still
+/// win.
+#[test]
+fn admin_commands_take_the_admin_api_and_token_from_the_config_file() {
+    let (addr, requests) = fake_admin();
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"0.0.0.0:{}\"\ntoken = \"s3cret\"", addr.port()),
+    );
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap();
+    for (args, authorization) in [
+        (vec!["status", "-c", path], "Bearer s3cret"),
+        (vec!["rollout", "pause", "app", "-c", path], "Bearer s3cret"),
+        (vec!["health", "-c", path], "Bearer s3cret"),
+        (
+            vec!["status", "-c", path, "--token", "other"],
+            "Bearer other",
+        ),
+    ] {
+        let (code, stderr) = admin_command(&args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        let head = requests.recv_timeout(Duration::from_secs(10)).unwrap();
+        let expected = format!("authorization: {authorization}\r\n");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&expected.to_ascii_lowercase()),
+            "{args:?}: {head}"
+        );
+    }
+    // An explicit --admin wins over the file's.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let admin = format!("http://{closed}");
+    let (code, stderr) = admin_command(&["status", "-c", path, "--admin", &admin]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach the admin API at {admin}")),
+        "{stderr}"
+    );
+}
+
+/// A config file given to an admin command must be valid and name a usable admin port; the
+/// demo makes its own config and refuses one. Each is a usage error, exit 1.
+#[test]
+fn a_config_file_an_admin_command_cannot_use_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let invalid = dir.path().join("invalid.toml");
+    std::fs::write(&invalid, "[server]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
+    let invalid = invalid.to_str().unwrap();
+    let port_zero = config(dir.path(), "127.0.0.1:0");
+    let port_zero = port_zero.to_str().unwrap();
+    for args in [
+        vec!["status", "-c", invalid],
+        vec!["rollout", "start", "app", "-c", invalid],
+        vec!["health", "-c", invalid],
+    ] {
+        let (code, stderr) = admin_command(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{invalid}: route: at least one")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (code, stderr) = admin_command(&["status", "-c", port_zero]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("admin.listen has port 0"), "{stderr}");
+    let (code, stderr) = admin_command(&["demo", "-c", port_zero, "--timeout", "1s"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("veer demo takes no -c FILE"), "{stderr}");
+}
+
+/// A state dir that cannot be made stops `veer run` at start with exit code 2, naming the key,
+/// the path and the reason, instead of failing at the first save.
+#[test]
+fn run_stops_at_start_when_the_state_dir_cannot_be_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    // Nothing, not even root, can make a directory in /proc.
+    let state = format!("/proc/veer-state-{}", std::process::id());
+    let text = std::fs::read_to_string(&path).unwrap() + &format!("[state]\ndir = \"{state}\"\n");
+    std::fs::write(&path, text).unwrap();
+    let (code, stderr) = run_to_exit(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("state.dir: cannot use {state:?}: ")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(os error"), "{stderr}");
+}
+
+/// `veer run -c config` until it exits (killed after 20 s): exit code and stderr.
+fn run_to_exit(config: &Path) -> (Option<i32>, String) {
+    let (mut child, rx) = run(config);
+    let mut status = None;
+    for _ in 0..200 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if status.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // The reader thread ends at the pipe's end, now that veer is gone.
+    let stderr = rx.iter().collect::<Vec<_>>().join("\n");
+    (status.and_then(|s| s.code()), stderr)
+}
+
+/// An access log file that cannot be opened stops `veer run` at start with exit code 2,
+/// naming the key and the path.
+#[test]
+fn run_stops_at_start_when_the_access_log_cannot_be_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    // Nothing, not even root, can make a file in /proc.
+    let log = format!("/proc/veer-access-{}.log", std::process::id());
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[server]\n", &format!("[server]\naccess_log = \"{log}\"\n"));
+    std::fs::write(&path, text).unwrap();
+    let (code, stderr) = run_to_exit(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("server.access_log: cannot open {log:?}: ")),
+        "{stderr}"
+    );
+}
+
+/// A `RUST_LOG` that is not a filter does not turn the logs off: veer warns and logs at the
+/// default level.
+#[test]
+fn an_invalid_rust_log_is_warned_about_and_the_default_used() {
+    let dir = tempfile::tempdir().unwrap();
+    for rust_log in ["garbage!!", "=x"] {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("RUST_LOG=\"$2\" exec \"$0\" run -c \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_veer"))
+            .arg(config(dir.path(), "127.0.0.1:0"))
+            .arg(rust_log);
+        let (mut child, rx) = spawn(command);
+        let text = lines_until(&rx, "Admin API listening").join("\n");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            text.contains("RUST_LOG is not a valid filter; using the default."),
+            "{rust_log}: {text}"
+        );
+        assert!(text.contains("Admin API listening"), "{rust_log}: {text}");
     }
 }

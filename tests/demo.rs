@@ -46,3 +46,72 @@ fn demo_rolls_back_a_green_with_errors() {
         "{output}"
     );
 }
+
+/// Options the demo cannot run with are usage errors (exit 1) that name the option; the demo
+/// does not start. `--timeout 1s` bounds a demo that would start anyway.
+#[test]
+fn impossible_demo_options_are_usage_errors() {
+    for args in [
+        ["--green-errors", "2"],
+        ["--green-errors", "1.5"],
+        ["--green-errors", "nan"],
+        ["--green-errors", "inf"],
+        ["--green-errors=-0.1", "--rate=800"],
+        ["--rate", "0"],
+        ["--admin", "0.0.0.0:0"],
+        ["--admin", "not-an-address"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["demo", "--timeout", "1s"])
+            .args(args)
+            .output()
+            .expect("veer demo runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        let option = args[0].split('=').next().unwrap();
+        assert!(stderr.contains(option), "{args:?}: {stderr}");
+        assert!(!stderr.contains("demo config"), "{args:?}: {stderr}");
+    }
+}
+
+/// SIGINT or SIGTERM stops the demo: it removes its state dir and exits with the code a shell
+/// gives that signal (130, 143), saying why.
+#[test]
+fn a_signal_stops_the_demo_and_it_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["demo", "--timeout", "60s"])
+            .env("TMPDIR", tmp.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The live view's first line: the demo is under way.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let state = tmp.path().join(format!("veer-demo-{}", child.id()));
+        assert!(state.is_dir(), "{line}");
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        // Bounded by the demo's own --timeout.
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "SIG{signal}: {stderr}");
+        assert!(
+            stderr.contains(&format!("interrupted by SIG{signal}")),
+            "{stderr}"
+        );
+        assert!(
+            !state.exists(),
+            "SIG{signal}: {} left behind",
+            state.display()
+        );
+    }
+}

@@ -216,15 +216,36 @@ fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
 }
 
-/// serde's message without the names of veer's own types: "expected struct RawSlot" reads
-/// "expected a table".
+/// serde's and toml's message on one line, in words rather than type names: "expected struct
+/// RawSlot" reads "expected a table", "expected usize" "expected a non-negative integer".
 fn plain_message(message: &str) -> String {
-    let message = message.trim();
-    match message.find("expected struct Raw") {
-        Some(at) => format!("{}expected a table", &message[..at]),
-        None => message.to_string(),
+    let lines: Vec<&str> = message.lines().map(str::trim).collect();
+    let message = lines
+        .iter()
+        .filter(|l| !l.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(": ");
+    if let Some(at) = message.find("expected struct Raw") {
+        return format!("{}expected a table", &message[..at]);
     }
+    for (rust, words) in TYPE_WORDS {
+        if let Some(start) = message.strip_suffix(rust) {
+            return format!("{start}{words}");
+        }
+    }
+    message
 }
+
+/// The Rust types of config values, as a message puts them to a person.
+const TYPE_WORDS: [(&str, &str); 6] = [
+    ("expected usize", "expected a non-negative integer"),
+    ("expected u64", "expected a non-negative integer"),
+    ("expected u32", "expected a non-negative integer"),
+    ("expected i64", "expected an integer"),
+    ("expected i32", "expected an integer"),
+    ("expected f64", "expected a number"),
+];
 
 /// An owned key path segment, as serde reports it.
 enum Segment {
@@ -349,6 +370,7 @@ impl Validator<'_> {
         let state = StateConfig {
             dir: self.path_of(&raw.state.dir),
         };
+        self.state_dir(&state.dir);
         if raw.route.is_empty() {
             self.error(&[Seg::Key("route")], "at least one [[route]] is required");
         }
@@ -361,12 +383,47 @@ impl Validator<'_> {
                 routes.push(route);
             }
         }
+        if let (Some(server), Some(admin)) = (&server, &admin) {
+            self.admin_apart(&server.listen, admin.listen);
+        }
         Some(Config {
             server: server?,
             admin: admin?,
             state,
             routes,
         })
+    }
+
+    /// The admin API cannot listen where the proxy does: the same port on the same address,
+    /// or on any address when either is unspecified (`0.0.0.0`, `[::]`).
+    fn admin_apart(&mut self, listen: &[SocketAddr], admin: SocketAddr) {
+        let clash = |addr: &&SocketAddr| {
+            addr.port() == admin.port()
+                && admin.port() != 0
+                && (addr.ip() == admin.ip()
+                    || addr.ip().is_unspecified()
+                    || admin.ip().is_unspecified())
+        };
+        if let Some(addr) = listen.iter().find(clash) {
+            self.error(
+                &[Seg::Key("admin"), Seg::Key("listen")],
+                format!("{admin} takes the port of server.listen {addr}"),
+            );
+        }
+    }
+
+    /// `state.dir` must be a directory or one that can be made: the nearest part of the path
+    /// that exists must be a directory. (Whether it can be written is found at start.)
+    fn state_dir(&mut self, dir: &Path) {
+        let existing = dir
+            .ancestors()
+            .find(|p| !p.as_os_str().is_empty() && p.exists());
+        if let Some(file) = existing.filter(|p| !p.is_dir()) {
+            self.error(
+                &[Seg::Key("state"), Seg::Key("dir")],
+                format!("{file:?} exists and is not a directory"),
+            );
+        }
     }
 
     /// Route `i`'s name and its hosts and path_prefix must differ from those of the routes
@@ -460,7 +517,11 @@ impl Validator<'_> {
         let access_log = match raw.access_log.as_str() {
             "off" | "" => AccessLog::Off,
             "stderr" => AccessLog::Stderr,
-            path => AccessLog::File(self.path_of(path)),
+            path => {
+                let path = self.path_of(path);
+                self.access_log_file(&path);
+                AccessLog::File(path)
+            }
         };
         let header_timeout = self.duration(&s("header_timeout"), &raw.header_timeout, false);
         let request_timeout = self.duration(&s("request_timeout"), &raw.request_timeout, false);
@@ -496,8 +557,27 @@ impl Validator<'_> {
         })
     }
 
+    /// The access log file must be one that can be opened: not a directory, in one that
+    /// exists.
+    fn access_log_file(&mut self, path: &Path) {
+        let at = [Seg::Key("server"), Seg::Key("access_log")];
+        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        if path.is_dir() {
+            self.error(&at, format!("{path:?} is a directory"));
+        } else if let Some(dir) = dir.filter(|dir| !dir.is_dir()) {
+            let reason = if dir.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
+            self.error(&at, format!("cannot open {path:?}: {dir:?} {reason}"));
+        }
+    }
+
     fn admin(&mut self, raw: super::file::RawAdmin) -> Option<AdminConfig> {
         let listen = self.socket_addr(&[Seg::Key("admin"), Seg::Key("listen")], &raw.listen);
+        let raw_token_env = raw.token.is_none() && raw.token_env.is_some();
+        let token_given = raw.token.is_some() || raw.token_env.is_some();
         let token = match (raw.token, raw.token_env) {
             (Some(_), Some(_)) => {
                 self.error(
@@ -519,13 +599,22 @@ impl Validator<'_> {
             },
             (None, None) => None,
         };
-        if token.as_deref() == Some("") {
-            self.error(&[Seg::Key("admin"), Seg::Key("token")], "must not be empty");
+        // The key the token came from: a problem with the value is that key's.
+        let key = if raw_token_env { "token_env" } else { "token" };
+        match token.as_deref() {
+            Some("") => self.error(&[Seg::Key("admin"), Seg::Key(key)], "must not be empty"),
+            Some(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => self.error(
+                &[Seg::Key("admin"), Seg::Key(key)],
+                "must be visible ASCII, without spaces or control characters: \
+                 it is sent in an Authorization header",
+            ),
+            _ => {}
         }
         let listen = listen?;
         let token_read = self.read(&[Seg::Key("admin"), Seg::Key("token")])
             && self.read(&[Seg::Key("admin"), Seg::Key("token_env")]);
-        if !listen.ip().is_loopback() && token.is_none() && token_read {
+        // A token_env that names an unset variable has that problem only.
+        if !listen.ip().is_loopback() && !token_given && token_read {
             self.error(
                 &[Seg::Key("admin"), Seg::Key("listen")],
                 "a non-loopback admin address needs admin.token or admin.token_env",
@@ -561,8 +650,12 @@ impl Validator<'_> {
                 ),
             }
         }
-        if !raw.path_prefix.starts_with('/') {
-            self.error(&r("path_prefix"), "must start with '/'");
+        let in_path = |c: char| !(c == '?' || c == '#' || c.is_whitespace() || c.is_control());
+        if !(raw.path_prefix.starts_with('/') && raw.path_prefix.chars().all(in_path)) {
+            self.error(
+                &r("path_prefix"),
+                "must start with '/' and have no '?', '#', spaces or control characters",
+            );
         }
         let stable = Slot::parse(&raw.stable);
         if stable.is_none() {
@@ -612,17 +705,20 @@ impl Validator<'_> {
         }
         let mut ok = true;
         for (j, endpoint) in list.iter().enumerate() {
-            let valid = endpoint
+            let port = endpoint
                 .parse::<http::uri::Authority>()
                 .ok()
-                .is_some_and(|a| a.port_u16().is_some() && !a.host().is_empty())
-                && !endpoint.contains('@');
-            if !valid {
-                let mut at = path.clone();
-                at.push(Seg::Index(j));
-                self.error(&at, format!("{endpoint:?} is not host:port"));
-                ok = false;
-            }
+                .filter(|a| !a.host().is_empty() && !endpoint.contains('@'))
+                .and_then(|a| a.port_u16());
+            let problem = match port {
+                None => "is not host:port",
+                Some(0) => "has port 0, which cannot be connected to",
+                Some(_) => continue,
+            };
+            let mut at = path.clone();
+            at.push(Seg::Index(j));
+            self.error(&at, format!("{endpoint:?} {problem}"));
+            ok = false;
         }
         ok.then(|| list.to_vec())
     }
@@ -670,6 +766,13 @@ impl Validator<'_> {
             Some(None)
         } else {
             match HeaderName::try_from(raw.override_header.as_str()) {
+                Ok(name) if RESERVED_HEADERS.contains(&name.as_str()) => {
+                    self.error(
+                        &p("override_header"),
+                        format!("{name} is a hop-by-hop or framing header; choose another (\"\" disables)"),
+                    );
+                    None
+                }
                 Ok(name) => Some(Some(name)),
                 Err(_) => {
                     self.error(
@@ -723,6 +826,15 @@ impl Validator<'_> {
             Some(t) => self.duration(&p("timeout"), t, false),
             None => Some(Duration::ZERO),
         };
+        let host_char = |b: u8| b.is_ascii_alphanumeric() || b"-._".contains(&b);
+        if let Some(suffix) = &raw.host_suffix {
+            if suffix.is_empty() || !suffix.bytes().all(host_char) {
+                self.error(
+                    &p("host_suffix"),
+                    format!("{suffix:?} is not a host name suffix: letters, digits, '-', '.', '_'"),
+                );
+            }
+        }
         Some(ShadowConfig {
             endpoints: endpoints?,
             basis_points: basis_points?,
@@ -830,6 +942,14 @@ impl Validator<'_> {
                 }
             },
         };
+        if steps.len() > MAX_STEPS {
+            let n = steps.len();
+            self.error(
+                path,
+                format!("makes {n} steps; at most {MAX_STEPS} are allowed"),
+            );
+            return None;
+        }
         if steps.windows(2).any(|w| w[0] >= w[1]) {
             self.error(path, "must be increasing");
             return None;
@@ -917,6 +1037,22 @@ impl Validator<'_> {
     }
 }
 
+/// Headers the connection or the framing owns: no config key may take one of them over.
+const RESERVED_HEADERS: [&str; 9] = [
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "trailer",
+];
+
+/// How many steps a rollout may have.
+const MAX_STEPS: usize = 100;
+
 /// Percent with 0.01 steps → basis points.
 pub fn basis_points(percent: f64) -> Option<u32> {
     if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
@@ -952,13 +1088,14 @@ fn geometric(spec: &str) -> Option<Vec<u32>> {
 fn parse_statuses(text: &str) -> Option<StatusSet> {
     let mut set = StatusSet::default();
     let mut any = false;
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in text.split(',').map(str::trim) {
         let (lo, hi) = if let Some(class) = part.strip_suffix("xx") {
             let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
             (c * 100, c * 100 + 99)
         } else if let Some((a, b)) = part.split_once('-') {
             (a.trim().parse().ok()?, b.trim().parse().ok()?)
         } else {
+            // An empty part (`"5xx,"`) fails here too.
             let code: u16 = part.parse().ok()?;
             (code, code)
         };
@@ -984,7 +1121,7 @@ fn host_pattern(text: &str) -> Option<HostPattern> {
             !label.is_empty()
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if !valid {
         return None;
@@ -1448,6 +1585,9 @@ endpoints = ["127.0.0.1:9002"]
         assert!(parse_statuses("6xx").is_none());
         assert!(parse_statuses("").is_none());
         assert!(parse_statuses("abc").is_none());
+        assert!(parse_statuses("5xx,").is_none());
+        assert!(parse_statuses(",5xx").is_none());
+        assert!(parse_statuses("5xx,,429").is_none());
     }
 
     #[test]
@@ -1461,12 +1601,194 @@ endpoints = ["127.0.0.1:9002"]
     }
 
     #[test]
+    fn a_state_dir_that_is_a_file_or_under_one_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        for state in [file.clone(), file.join("state")] {
+            let text = format!("{MINIMAL}[state]\ndir = \"{}\"\n", state.display());
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].path, "state.dir", "{errs:?}");
+            assert_eq!(errs[0].line, Some(12), "{errs:?}");
+            let said = format!("{file:?} exists and is not a directory");
+            assert_eq!(errs[0].message, said, "{errs:?}");
+        }
+        // A dir that is there, or can be made in one that is, is fine.
+        for state in [dir.path().to_path_buf(), dir.path().join("a/b")] {
+            let text = format!("{MINIMAL}[state]\ndir = \"{}\"\n", state.display());
+            assert!(parse(&text, None).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_admin_api_cannot_listen_where_the_proxy_does() {
+        let with = |server: &str, admin: &str| {
+            MINIMAL.replace("127.0.0.1:8080", server)
+                + &format!("[admin]\nlisten = \"{admin}\"\ntoken = \"t\"\n")
+        };
+        for (server, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("[::]:8080", "[::1]:8080"),
+        ] {
+            let errs = errors(&with(server, admin));
+            assert_eq!(errs.len(), 1, "{server} {admin}: {errs:?}");
+            assert_eq!(errs[0].path, "admin.listen", "{errs:?}");
+            assert_eq!(errs[0].line, Some(12), "{errs:?}");
+            assert!(
+                errs[0].message.contains("takes the port of server.listen"),
+                "{errs:?}"
+            );
+        }
+        for (server, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:9901"),
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert!(
+                parse(&with(server, admin), None).is_ok(),
+                "{server} {admin}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_access_log_that_cannot_be_opened_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let missing = dir.path().join("missing");
+        for (log, message) in [
+            (
+                missing.join("x.log"),
+                format!(
+                    "cannot open {:?}: {missing:?} does not exist",
+                    missing.join("x.log")
+                ),
+            ),
+            (
+                file.join("x.log"),
+                format!(
+                    "cannot open {:?}: {file:?} is not a directory",
+                    file.join("x.log")
+                ),
+            ),
+            (
+                dir.path().to_path_buf(),
+                format!("{:?} is a directory", dir.path()),
+            ),
+        ] {
+            let text = with_server(&format!("access_log = \"{}\"\n", log.display()));
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].path, "server.access_log", "{errs:?}");
+            assert_eq!(errs[0].line, Some(3), "{errs:?}");
+            assert_eq!(errs[0].message, message, "{errs:?}");
+        }
+        let text = with_server(&format!("access_log = \"{}\"\n", file.display()));
+        assert!(parse(&text, None).is_ok(), "{text}");
+    }
+
+    /// Asserts that `text` has exactly one problem, at `path` on `line`, saying `says`.
+    fn one_problem_at(text: &str, path: &str, line: usize, says: &str) {
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1, "{text}\n{errs:#?}");
+        assert_eq!(errs[0].path, path, "{text}\n{errs:#?}");
+        assert_eq!(errs[0].line, Some(line), "{text}\n{errs:#?}");
+        assert!(errs[0].message.contains(says), "{text}\n{errs:#?}");
+    }
+
+    #[test]
+    fn values_veer_could_not_use_are_reported_at_their_key() {
+        let endpoint = MINIMAL.replace("127.0.0.1:9001", "127.0.0.1:0");
+        one_problem_at(&endpoint, "route[0].blue.endpoints[0]", 8, "port 0");
+        for prefix in ["shop", "/a?b", "/a#b", "/a b", "/a\\u0001"] {
+            let text = MINIMAL.replace(
+                "name = \"shop\"",
+                &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
+            );
+            one_problem_at(&text, "route[0].path_prefix", 7, "must start with '/'");
+        }
+        for statuses in ["5xx,", ",5xx", "5xx,,429"] {
+            let text = format!("{MINIMAL}[route.rollout]\nerror_statuses = \"{statuses}\"\n");
+            one_problem_at(&text, "route[0].rollout.error_statuses", 12, "comma list");
+        }
+        for token in ["a b", "a\\tb", "a\\u007f", "caf\u{e9}"] {
+            let text = format!("{MINIMAL}[admin]\ntoken = \"{token}\"\n");
+            one_problem_at(&text, "admin.token", 12, "visible ASCII");
+        }
+        for suffix in ["", ".sha dow", "a/b", ".x:1"] {
+            let text = format!(
+                "{MINIMAL}[route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\n\
+                 host_suffix = \"{suffix}\"\n"
+            );
+            one_problem_at(&text, "route[0].shadow.host_suffix", 13, "host name suffix");
+        }
+        for name in RESERVED_HEADERS.iter().copied().chain(["Content-Length"]) {
+            let text = format!("{MINIMAL}[route.sticky]\noverride_header = \"{name}\"\n");
+            one_problem_at(&text, "route[0].sticky.override_header", 12, "hop-by-hop");
+        }
+        let text = format!("{MINIMAL}[route.rollout]\nsteps = \"geometric:0.01:1.0001\"\n");
+        one_problem_at(&text, "route[0].rollout.steps", 12, "at most 100");
+        // What they may be.
+        let text = MINIMAL.replace(
+            "name = \"shop\"",
+            "name = \"shop\"\nhosts = [\"a_b.internal\"]\npath_prefix = \"/api/v1\"",
+        ) + "[admin]\ntoken = \"s3cret-~!\"\n\
+             [route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\nhost_suffix = \".shadow_1\"\n\
+             [route.rollout]\nerror_statuses = \" 5xx , 429\"\nsteps = \"geometric:1:1.1\"\n";
+        assert!(parse(&text, None).is_ok(), "{text}\n{:#?}", errors(&text));
+    }
+
+    #[test]
+    fn an_unset_token_env_is_the_only_problem_of_a_non_loopback_admin() {
+        let text = format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9901\"\n\
+             token_env = \"VEER_TEST_VARIABLE_THAT_IS_NOT_SET\"\n"
+        );
+        one_problem_at(&text, "admin.token_env", 13, "is not set");
+    }
+
+    #[test]
+    fn type_errors_name_kinds_of_value_not_rust_types() {
+        let text = with_server(
+            "workers = -1
+max_header_bytes = \"x\"\n",
+        ) + "[route.rollout]\nweight = \"a\"\nmin_requests = 1.5\n";
+        assert_eq!(
+            rendered(&text),
+            [
+                "server.workers: invalid value: integer `-1`, expected a non-negative integer, \
+                 line 3",
+                "server.max_header_bytes: invalid type: string \"x\", expected an integer, line 4",
+                "route[0].rollout.weight: invalid type: string \"a\", expected a number, line 14",
+                "route[0].rollout.min_requests: invalid type: floating point `1.5`, expected an \
+                 integer, line 15",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_line() {
+        let got = rendered(&format!("{MINIMAL}[route.x\n"));
+        assert_eq!(got, ["line 11: invalid table header: expected `.`, `]`"]);
+    }
+
+    #[test]
     fn wildcard_hosts_become_suffixes() {
         assert_eq!(
             host_pattern("*.Example.com"),
             Some(HostPattern::Suffix(".example.com".into()))
         );
         assert_eq!(host_pattern("a..b"), None);
+        // Internal names use underscores.
+        assert_eq!(
+            host_pattern("a_b.com"),
+            Some(HostPattern::Exact("a_b.com".into()))
+        );
+        assert_eq!(host_pattern("a b.com"), None);
         assert_eq!(host_pattern("*"), None);
     }
 }

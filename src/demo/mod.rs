@@ -6,6 +6,7 @@ pub mod upstream;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,22 +20,24 @@ use serde_json::Value;
 
 use crate::app;
 use crate::config;
+use crate::metrics::SlotMetrics;
 use crate::rollout::state::{Action, Phase};
+use crate::Slot;
 use upstream::Upstream;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
-    /// Fraction of green's answers that are 500s (e.g. 0.05): watch the rollback.
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of green's answers that are 500s, from 0 to 1 (e.g. 0.05): watch the rollback.
+    #[arg(long, value_parser = fraction, default_value_t = 0.0)]
     pub green_errors: f64,
     /// Latency added to every green answer (e.g. 50ms): watch the rollback.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
     pub green_latency: Duration,
-    /// Keep the admin API on this address while the demo runs (e.g. 127.0.0.1:9901).
-    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9901")]
+    /// Keep the admin API on this loopback address while the demo runs (e.g. 127.0.0.1:9901).
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9901", value_parser = loopback)]
     pub admin: Option<SocketAddr>,
-    /// Requests per second of the synthetic load.
-    #[arg(long, default_value_t = 800)]
+    /// Requests per second of the synthetic load (1 or more).
+    #[arg(long, default_value_t = 800, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate: u32,
     /// Give up after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
@@ -42,6 +45,25 @@ pub struct DemoOptions {
     /// Seconds each step lasts at least.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     pub min_step_time: Duration,
+}
+
+/// `--green-errors`: a number from 0 to 1.
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err("must be a fraction from 0 to 1, e.g. 0.05".into()),
+    }
+}
+
+/// `--admin`: a loopback ip:port. The demo's admin API has no token, so it stays on this host.
+fn loopback(text: &str) -> Result<SocketAddr, String> {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() => Ok(addr),
+        Ok(_) => Err("must be a loopback address such as 127.0.0.1:9901: \
+                      the demo's admin API has no token"
+            .into()),
+        Err(_) => Err("must be an ip:port address such as 127.0.0.1:9901".into()),
+    }
 }
 
 /// How the demo ended.
@@ -94,9 +116,43 @@ failure_threshold = 2
     config::parse(&text, None).map_err(|e| anyhow::anyhow!("demo config: {e}"))
 }
 
+/// The demo was stopped by a signal, and cleaned up after itself; `code` is the exit code a
+/// shell gives a process ended by that signal.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {signal}")]
+pub struct Interrupted {
+    pub signal: &'static str,
+    pub code: u8,
+}
+
+/// Resolves at the first SIGINT or SIGTERM. Listening starts when this is called, so that from
+/// then on neither ends the process before the demo has cleaned up.
+fn interrupted() -> anyhow::Result<impl std::future::Future<Output = Interrupted>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => Interrupted { signal: "SIGINT", code: 130 },
+            _ = term.recv() => Interrupted { signal: "SIGTERM", code: 143 },
+        }
+    })
+}
+
+/// The demo's state dir, removed when dropped: however the demo ends.
+struct StateDir(PathBuf);
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the demo to its end; `Ok` with the outcome (rolled back is a success too: it is what
-/// a bad green should get).
+/// a bad green should get). A SIGINT or SIGTERM ends it early with [`Interrupted`].
 pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
+    let interrupted = interrupted()?;
+    let state = StateDir(std::env::temp_dir().join(format!("veer-demo-{}", std::process::id())));
     let blue = Upstream::builder("blue v1").start().await?;
     let green = Upstream::builder("green v2")
         .error_rate(options.green_errors)
@@ -104,7 +160,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
         .start()
         .await?;
     let shadow = Upstream::builder("shadow v2").start().await?;
-    let state = std::env::temp_dir().join(format!("veer-demo-{}", std::process::id()));
     let admin = options
         .admin
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -113,7 +168,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
         green.addr,
         shadow.addr,
         admin,
-        &state,
+        &state.0,
         options.min_step_time,
     )?;
     let running = app::start(config, None)
@@ -139,19 +194,27 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
         Arc::clone(&stop),
         Arc::clone(&sent),
     ));
-    let outcome = watch(&running, options.timeout).await;
+    let outcome = tokio::select! {
+        outcome = watch(&running, options.timeout) => outcome,
+        signal = interrupted => Err(signal.into()),
+    };
     stop.store(true, Ordering::Relaxed);
     let _ = load.await;
-    let summary = crate::admin::status::route_json(route);
+    let json = crate::admin::status::route_json(route);
+    let summary = summary(
+        outcome.as_ref().ok().copied(),
+        json["last_verdict"]["reason"].as_str().unwrap_or("-"),
+        sent.load(Ordering::Relaxed),
+        [Slot::Blue, Slot::Green].map(|slot| route.shared.slot_metrics(slot)),
+    );
     let mut journal = running.app.store.journal.tail(20).unwrap_or_default();
     journal.reverse();
     running.shutdown().await;
-    let _ = std::fs::remove_dir_all(&state);
-    print_summary(
-        &summary,
-        outcome.as_ref().ok().copied(),
-        sent.load(Ordering::Relaxed),
-    );
+    drop(state);
+    if outcome.as_ref().is_err_and(|e| e.is::<Interrupted>()) {
+        return outcome;
+    }
+    print!("{summary}");
     print_journal(&journal);
     outcome
 }
@@ -242,19 +305,23 @@ fn render(route: &Value) -> String {
     out
 }
 
-fn print_summary(route: &Value, outcome: Option<Outcome>, sent: u64) {
-    let verdict = route["last_verdict"]["reason"].as_str().unwrap_or("-");
-    match outcome {
-        Some(Outcome::Promoted) => println!("\nPromoted: green (v2) is now stable. {verdict}"),
-        Some(Outcome::RolledBack) => {
-            println!("\nRolled back: all traffic is on blue (v1). {verdict}")
-        }
-        None => println!("\nThe rollout did not finish."),
-    }
-    println!(
-        "{sent} requests sent; blue served {}, green {}.",
-        route["slots"]["blue"]["requests"], route["slots"]["green"]["requests"]
-    );
+/// How the rollout ended, and the requests of the whole demo: sent, and served per slot.
+fn summary(
+    outcome: Option<Outcome>,
+    verdict: &str,
+    sent: u64,
+    [blue, green]: [&SlotMetrics; 2],
+) -> String {
+    let ended = match outcome {
+        Some(Outcome::Promoted) => format!("Promoted: green (v2) is now stable. {verdict}"),
+        Some(Outcome::RolledBack) => format!("Rolled back: all traffic is on blue (v1). {verdict}"),
+        None => "The rollout did not finish.".into(),
+    };
+    format!(
+        "\n{ended}\n{sent} requests sent; blue served {}, green {}.\n",
+        blue.totals().requests(),
+        green.totals().requests()
+    )
 }
 
 /// The decisions, oldest first, as the journal recorded them.
@@ -304,5 +371,31 @@ async fn load(proxy: SocketAddr, rate: u32, stop: Arc<AtomicBool>, sent: Arc<Ato
     }
     for task in tasks {
         let _ = task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A demo longer than the 60 s the admin API shows still sums up all of its requests.
+    #[test]
+    fn the_summary_counts_every_request_of_the_demo() {
+        let (blue, green) = (SlotMetrics::new(), SlotMetrics::new());
+        for _ in 0..10 {
+            blue.record_response(200, false, Duration::from_millis(1));
+        }
+        // Past the sliding window.
+        for _ in 0..20 {
+            blue.rotate();
+        }
+        blue.record_response(200, false, Duration::from_millis(1));
+        green.record_response(200, false, Duration::from_millis(1));
+        assert_eq!(blue.last_60s().requests, 1);
+        let text = summary(Some(Outcome::Promoted), "passed", 12, [&blue, &green]);
+        assert!(
+            text.contains("12 requests sent; blue served 11, green 1."),
+            "{text}"
+        );
     }
 }

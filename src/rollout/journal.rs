@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -58,6 +58,19 @@ impl Journal {
     pub fn append(&self, entry: &Entry<'_>) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        let mut guard = self.opened()?;
+        match guard.as_mut() {
+            Some(file) => file.write_all(&line),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens the file for appending (creating it and its directory) unless it is open.
+    pub fn open(&self) -> std::io::Result<()> {
+        self.opened().map(drop)
+    }
+
+    fn opened(&self) -> std::io::Result<MutexGuard<'_, Option<File>>> {
         let mut guard = self
             .file
             .lock()
@@ -73,10 +86,7 @@ impl Journal {
                     .open(&self.path)?,
             );
         }
-        match guard.as_mut() {
-            Some(file) => file.write_all(&line),
-            None => Ok(()),
-        }
+        Ok(guard)
     }
 
     /// The newest `limit` entries, newest first (reads at most the last 4 MiB of the file).

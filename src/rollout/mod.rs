@@ -44,6 +44,15 @@ impl Store {
             journal: Journal::new(&config.dir),
         }
     }
+
+    /// Creates the state dir and opens the journal, so that a dir that cannot be written is
+    /// found at start rather than at the first save.
+    pub fn open(config: &StateConfig) -> std::io::Result<Self> {
+        let store = Self::new(config);
+        store.files.create_dir()?;
+        store.journal.open()?;
+        Ok(store)
+    }
 }
 
 /// The last analysis of a route, for the admin API.

@@ -254,6 +254,11 @@ impl StateFiles {
         }
     }
 
+    /// Creates `state.dir/routes` if it is not there.
+    pub fn create_dir(&self) -> std::io::Result<()> {
+        fs::create_dir_all(&self.dir)
+    }
+
     fn path(&self, route: &str) -> PathBuf {
         self.dir.join(format!("{route}.json"))
     }
