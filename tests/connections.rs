@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::wire::{dechunk, read_response};
@@ -86,13 +88,11 @@ async fn kept_alive(veer: &Veer) -> TcpStream {
     stream
 }
 
-/// How long until veer closes `stream` (reading and dropping whatever comes); fails after 10 s.
-async fn closed_after(stream: &mut TcpStream) -> Duration {
-    let started = tokio::time::Instant::now();
+/// Waits until veer closes `stream` (reading and dropping whatever comes); fails after 10 s.
+async fn await_close(stream: &mut TcpStream) {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "still open after 10 s");
-    started.elapsed()
 }
 
 #[tokio::test]
@@ -103,11 +103,15 @@ async fn an_idle_connection_closes_after_idle_timeout_even_below_header_timeout(
         upstream.addr,
     )
     .await;
+    // Timed from before the request: veer's idle clock starts after it, whenever this client
+    // gets to read the answer.
+    let sent = tokio::time::Instant::now();
     let mut stream = kept_alive(&veer).await;
-    let idle = closed_after(&mut stream).await;
+    await_close(&mut stream).await;
+    let idle = sent.elapsed();
     assert!(
-        idle >= Duration::from_millis(900) && idle < Duration::from_secs(3),
-        "closed after {idle:?}, idle_timeout 1 s"
+        idle >= Duration::from_millis(990) && idle < Duration::from_secs(3),
+        "closed {idle:?} after the request, idle_timeout 1 s"
     );
     veer.shutdown().await;
 }
@@ -276,4 +280,65 @@ async fn a_tunnel_open_at_drain_timeout_is_cut() {
         "tunnel cut after {after:?}, drain_timeout 1 s"
     );
     stopping.await.unwrap();
+}
+
+/// An upstream that answers 401 as soon as it has the request head, then reads the body as it
+/// comes and drops it; the count of body bytes it read.
+async fn answers_before_the_body() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let read = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&read);
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        let body_start = loop {
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break head.len() - (end + 4);
+            }
+        };
+        counted.store(body_start, Ordering::SeqCst);
+        socket
+            .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => counted.fetch_add(n, Ordering::SeqCst),
+            };
+        }
+    });
+    (addr, read)
+}
+
+#[tokio::test]
+async fn an_upload_read_on_after_an_early_answer_is_not_cut_by_header_timeout() {
+    let (upstream, read) = answers_before_the_body().await;
+    let routes = host_route("early", &["early"], "/", upstream);
+    let veer = Veer::start("header_timeout = \"1s\"\nidle_timeout = \"5s\"", &routes).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    let head = "POST / HTTP/1.1\r\nHost: early\r\nContent-Length: 200000\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // 20 pieces over 2 s: the answer comes at once, the body goes on past header_timeout.
+    let piece = vec![b'x'; 10_000];
+    for i in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream
+            .write_all(&piece)
+            .await
+            .unwrap_or_else(|e| panic!("upload cut after {i} pieces: {e}"));
+    }
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 401, "{}", answer.head);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while read.load(Ordering::SeqCst) < 200_000 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(read.load(Ordering::SeqCst), 200_000, "body bytes upstream");
+    veer.shutdown().await;
 }

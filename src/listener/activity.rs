@@ -134,20 +134,30 @@ impl Activity {
     }
 }
 
-/// One exchange under way on a connection.
-pub(super) struct InFlight(Arc<Activity>);
+/// A hold on one exchange under way on a connection. The exchange is over when its last hold
+/// is dropped: the response body's, and the request body's, which may be read on after the
+/// answer (an upstream that answered before the upload ended).
+pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// Another hold on the same exchange.
+    pub(super) fn also(&self) -> InFlight {
+        self.0.open.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(&self.0))
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
         activity
             .quiet_since
-            .store(activity.millis(), Ordering::Relaxed);
-        // HTTP/1.1 has one exchange at a time: the next head is awaited now.
-        if activity.protocol() == Protocol::Http1 {
+            .fetch_max(activity.millis(), Ordering::Relaxed);
+        let last = activity.open.fetch_sub(1, Ordering::AcqRel) == 1;
+        // HTTP/1.1 has one exchange at a time: once it is over, the next head is awaited.
+        if last && activity.protocol() == Protocol::Http1 {
             activity.head_at.store(AWAITING_HEAD, Ordering::Relaxed);
         }
-        activity.open.fetch_sub(1, Ordering::Release);
     }
 }
 

@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
+pub use activity::InFlight;
 use activity::{Activity, Due, Timers, Tracked, Watched};
 
 /// One proxy listener.
@@ -173,10 +174,12 @@ impl Connection {
         let service = service_fn(move |req: Request<Incoming>| {
             // Held until the response body is done with (or the request is dropped).
             let exchange = Activity::request(&seen, req.version());
+            // The request body holds the exchange too, until it ends or is dropped.
+            let reading = (!http_body::Body::is_end_stream(req.body())).then(|| exchange.also());
             let proxy = Arc::clone(&proxy);
             let info = info.clone();
             async move {
-                let response = proxy.handle(req, &info).await;
+                let response = proxy.handle(req, &info, reading).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, exchange }))
             }
         });

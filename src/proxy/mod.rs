@@ -21,6 +21,7 @@ use tracing::debug;
 
 use crate::access_log::{AccessLogger, Record};
 use crate::config::{Compare, ServerConfig};
+use crate::listener::InFlight;
 use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
@@ -79,7 +80,15 @@ impl Proxy {
     }
 
     /// Handles one request: validate, route, decide, forward, stream back, record.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    ///
+    /// `reading` is held by the request body as it goes upstream, until the body ends or is
+    /// dropped (the connection counts the exchange as under way until then).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        reading: Option<InFlight>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         // Phase 2: one routing snapshot for the whole request.
         let table = self.table.load_full();
@@ -112,7 +121,7 @@ impl Proxy {
                 .map(|logger| (logger.clone(), record(route, &decision, &parts))),
         };
         let (endpoint, request) =
-            match self.upstream_request(&mut exchange, parts, body, host, server) {
+            match self.upstream_request(&mut exchange, parts, (body, reading), host, server) {
                 Ok(request) => request,
                 Err(error) => return self.local_answer(exchange, error, Duration::ZERO),
             };
@@ -203,7 +212,7 @@ impl Proxy {
         &self,
         exchange: &mut Exchange<'a>,
         mut parts: Parts,
-        body: Incoming,
+        (body, reading): (Incoming, Option<InFlight>),
         host: Option<HeaderValue>,
         server: &ServerConfig,
     ) -> Result<(&'a Authority, Request<RequestBody>), LocalError> {
@@ -253,8 +262,13 @@ impl Proxy {
         if let Some((_, record)) = &mut exchange.log {
             record.shadowed = exchange.shadow.is_some();
         }
-        let (body, waiting) =
-            RequestBody::new(body, server.max_body_bytes, server.idle_timeout, tee);
+        let (body, waiting) = RequestBody::new(
+            body,
+            server.max_body_bytes,
+            server.idle_timeout,
+            tee,
+            reading,
+        );
         exchange.client_wait = waiting;
         Ok((endpoint, Request::from_parts(parts, body)))
     }

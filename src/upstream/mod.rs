@@ -23,6 +23,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ServerConfig;
+use crate::listener::InFlight;
 use crate::metrics::ErrorKind;
 use mirror::Tee;
 
@@ -68,6 +69,8 @@ pin_project! {
         timer: Option<Pin<Box<Sleep>>>,
         tee: Option<Box<Tee>>,
         waiting: ClientWait,
+        // The connection's exchange stays under way while the body is being read.
+        reading: Option<InFlight>,
     }
 }
 
@@ -79,6 +82,7 @@ impl RequestBody {
         limit: u64,
         idle: Duration,
         tee: Option<Box<Tee>>,
+        reading: Option<InFlight>,
     ) -> (Self, ClientWait) {
         let waiting = ClientWait::new(!inner.is_end_stream());
         let body = Self {
@@ -89,6 +93,7 @@ impl RequestBody {
             timer: None,
             tee,
             waiting: waiting.clone(),
+            reading,
         };
         (body, waiting)
     }
@@ -148,6 +153,7 @@ impl Body for RequestBody {
                 if let Some(mut tee) = this.tee.take() {
                     tee.finish();
                 }
+                *this.reading = None;
                 return Poll::Ready(None);
             }
             Some(Err(error)) => return Poll::Ready(Some(Err(BodyError::Aborted(error)))),
@@ -166,6 +172,7 @@ impl Body for RequestBody {
             if let Some(mut tee) = this.tee.take() {
                 tee.finish();
             }
+            *this.reading = None;
         }
         Poll::Ready(Some(Ok(frame)))
     }
