@@ -469,8 +469,9 @@ async fn steps_changed_by_a_reload_never_lower_the_weight() {
     let mut finer = c.route.clone();
     finer.rollout.steps = vec![1000, 2000, 3000, 6000, 10_000];
     rollout::reconcile(&shared, &finer, Some(&c.route));
-    // The weight stays; the step shown is the one at or above it.
+    // The weight stays; the step shown is the one at or above it; the step goes on.
     assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 3, 5000));
+    assert_eq!(c.journal().last().unwrap()["event"], "reload");
     feed(&shared, Slot::Blue, 200, 0, 10);
     feed(&shared, Slot::Green, 200, 0, 10);
     tokio::time::advance(Duration::from_millis(1001)).await;

@@ -189,8 +189,8 @@ fn commit(
     judgement: Option<&Judgement>,
 ) {
     let steps = &policy.steps;
+    // A step index changed alone (steps changed by a reload) moves nobody: the step goes on.
     let moved = inner.state.canary_bp != next.canary_bp
-        || inner.state.step != next.step
         || inner.state.stable != next.stable
         || inner.state.phase != next.phase;
     let stable_relabelled = inner.state.stable == next.stable
@@ -204,9 +204,9 @@ fn commit(
         shared.slot_metrics(inner.state.stable.other()).reset_step();
         if inner.state.stable == next.stable
             && !stable_relabelled
-            && better_baseline(&window, next.baseline.as_ref(), policy)
+            && better_baseline(&window, next.baseline.as_deref(), policy)
         {
-            next.baseline = Some(baseline_of(&window));
+            next.baseline = Some(Arc::new(baseline_of(&window)));
         }
     }
     let prev = std::mem::replace(&mut inner.state, next);

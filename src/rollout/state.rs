@@ -7,6 +7,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -124,7 +125,7 @@ pub struct RolloutState {
     /// Stable's baseline for the 100 % step (see [`Baseline`]); kept by the controller, not
     /// by [`RolloutState::apply`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub baseline: Option<Baseline>,
+    pub baseline: Option<Arc<Baseline>>,
 }
 
 impl RolloutState {
@@ -177,6 +178,8 @@ impl RolloutState {
         let first = steps.first().copied().unwrap_or(10_000);
         match (self.phase, action) {
             (Phase::Idle | Phase::RolledBack, Action::Start) => {
+                // A new rollout judges against stable's figures of its own steps only.
+                next.baseline = None;
                 next.phase = Phase::Ramping;
                 next.step = 0;
                 next.canary_bp = first;
@@ -306,7 +309,8 @@ impl StateFiles {
         };
         fs::create_dir_all(&self.dir).map_err(io)?;
         let tmp = self.dir.join(format!(".{route}.json.tmp"));
-        let text = serde_json::to_vec_pretty(state).unwrap_or_default();
+        // Compact: the baseline's histogram has up to a few thousand buckets.
+        let text = serde_json::to_vec(state).unwrap_or_default();
         let mut file = fs::File::create(&tmp).map_err(io)?;
         file.write_all(&text).map_err(io)?;
         file.sync_all().map_err(io)?;
@@ -400,6 +404,19 @@ mod tests {
             (promoted.phase, promoted.stable),
             (Phase::Idle, Slot::Green)
         );
+    }
+
+    #[test]
+    fn a_new_rollout_starts_without_the_last_ones_baseline() {
+        let mut rolled_back = idle().apply(Action::Start, &STEPS).unwrap();
+        rolled_back = rolled_back.apply(Action::Rollback, &STEPS).unwrap();
+        rolled_back.baseline = Some(Arc::new(Baseline {
+            requests: 10,
+            errors: 0,
+            latency_us: vec![(1000, 10)],
+        }));
+        let started = rolled_back.apply(Action::Start, &STEPS).unwrap();
+        assert_eq!(started.baseline, None);
     }
 
     #[test]
