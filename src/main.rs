@@ -130,35 +130,72 @@ fn main() -> ExitCode {
     }
 }
 
-/// The admin URL and token of an admin command (see [`AdminArgs`]). A config file that is not
-/// valid, or whose admin port is chosen at start, is a usage error.
+/// The admin URL and token of an admin command (see [`AdminArgs`]). Only the `[admin]` table
+/// of a config file is read, loosely: a file the proxy would reject for another reason (a
+/// typo in a route, a key file this user cannot read) still names its admin API, so that
+/// `veer health -c FILE` never fails a healthy proxy over an unrelated edit. A file that is not
+/// TOML, or whose admin port is chosen at start, is a usage error.
 fn admin_target(
     args: AdminArgs,
     config: Option<&Path>,
 ) -> Result<(String, Option<String>), ExitCode> {
-    let env = |name| {
-        std::env::var(name)
-            .ok()
-            .filter(|value: &String| !value.is_empty())
-    };
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
     let file = match config {
-        Some(path) => Some(load(path)?),
+        Some(path) => Some(admin_table(path)?),
         None => None,
     };
-    let admin =
-        match (args.admin, &file) {
-            (Some(admin), _) => admin,
-            (None, Some(config)) if config.admin.listen.port() == 0 => return Err(usage(
-                "admin.listen has port 0 (chosen at start): give the admin API with --admin URL",
-            )),
-            (None, Some(config)) => cli::admin_url(config.admin.listen),
-            (None, None) => env("VEER_ADMIN").unwrap_or_else(|| "http://127.0.0.1:9901".into()),
-        };
+    let text = |table: &toml::Table, key: &str| {
+        table
+            .get(key)
+            .and_then(|value| value.as_str())
+            .map(String::from)
+    };
+    let admin = match (args.admin, &file) {
+        (Some(admin), _) => admin,
+        (None, Some(table)) => {
+            let listen = text(table, "listen").unwrap_or_else(|| "127.0.0.1:9901".into());
+            match listen.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.port() == 0 => {
+                    return Err(usage(
+                        "admin.listen has port 0 (chosen at start): give the admin API with \
+                         --admin URL",
+                    ))
+                }
+                Ok(addr) => cli::admin_url(addr),
+                Err(_) => {
+                    return Err(usage(&format!(
+                        "admin.listen {listen:?} is not an address like 127.0.0.1:9901"
+                    )))
+                }
+            }
+        }
+        (None, None) => env("VEER_ADMIN").unwrap_or_else(|| "http://127.0.0.1:9901".into()),
+    };
     let token = args
         .token
-        .or_else(|| file.and_then(|config| config.admin.token))
+        .or_else(|| {
+            let table = file.as_ref()?;
+            text(table, "token").or_else(|| env(&text(table, "token_env")?))
+        })
         .or_else(|| env("VEER_ADMIN_TOKEN"));
     Ok((admin, token))
+}
+
+/// The `[admin]` table of a config file (empty when it has none).
+fn admin_table(path: &Path) -> Result<toml::Table, ExitCode> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| usage(&format!("cannot read {}: {error}", path.display())))?;
+    let mut file: toml::Table = text.parse().map_err(|error: toml::de::Error| {
+        usage(&format!(
+            "{}: not a TOML file: {}",
+            path.display(),
+            error.message()
+        ))
+    })?;
+    Ok(match file.remove("admin") {
+        Some(toml::Value::Table(admin)) => admin,
+        _ => toml::Table::new(),
+    })
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {

@@ -366,28 +366,43 @@ fn admin_commands_take_the_admin_api_and_token_from_the_config_file() {
     );
 }
 
-/// A config file given to an admin command must be valid and name a usable admin port; the
-/// demo makes its own config and refuses one. Each is a usage error, exit 1.
+/// An admin command reads only `[admin]` of a config file: one the proxy would reject for
+/// another reason still names its admin API. A file that is not TOML, or an admin port chosen
+/// at start, is a usage error (exit 1); the demo makes its own config and refuses one.
 #[test]
-fn a_config_file_an_admin_command_cannot_use_is_a_usage_error() {
+fn admin_commands_read_only_the_admin_table_of_a_config_file() {
     let dir = tempfile::tempdir().unwrap();
-    let invalid = dir.path().join("invalid.toml");
-    std::fs::write(&invalid, "[server]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
-    let invalid = invalid.to_str().unwrap();
-    let port_zero = config(dir.path(), "127.0.0.1:0");
-    let port_zero = port_zero.to_str().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let no_routes = dir.path().join("no-routes.toml");
+    let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"{closed}\"\n");
+    std::fs::write(&no_routes, text).unwrap();
+    let no_routes = no_routes.to_str().unwrap();
     for args in [
-        vec!["status", "-c", invalid],
-        vec!["rollout", "start", "app", "-c", invalid],
-        vec!["health", "-c", invalid],
+        vec!["status", "-c", no_routes],
+        vec!["rollout", "start", "app", "-c", no_routes],
     ] {
         let (code, stderr) = admin_command(&args);
-        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(
-            stderr.contains(&format!("{invalid}: route: at least one")),
+            stderr.contains(&format!("cannot reach the admin API at http://{closed}")),
             "{args:?}: {stderr}"
         );
     }
+    let (code, stderr) = admin_command(&["health", "-c", no_routes]);
+    assert_ne!(code, Some(0), "{stderr}");
+
+    let not_toml = dir.path().join("not.toml");
+    std::fs::write(&not_toml, "[admin\nlisten =").unwrap();
+    let not_toml = not_toml.to_str().unwrap();
+    let (code, stderr) = admin_command(&["status", "-c", not_toml]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("not a TOML file"), "{stderr}");
+
+    let port_zero = config(dir.path(), "127.0.0.1:0");
+    let port_zero = port_zero.to_str().unwrap();
     let (code, stderr) = admin_command(&["status", "-c", port_zero]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("admin.listen has port 0"), "{stderr}");
