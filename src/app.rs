@@ -376,7 +376,7 @@ impl App {
                 "no config file to reload (started without one)",
             ));
         };
-        let config = Config::load(path)?;
+        let config = Config::load_for(path, crate::config::Purpose::Reload)?;
         let current = self.table.load_full();
         let old = &current.config;
         if config.server.listen != old.server.listen {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use crate::Slot;
-pub use validate::{basis_points, parse, ConfigError, ConfigErrors};
+pub use validate::{basis_points, parse, parse_for, ConfigError, ConfigErrors, Purpose};
 
 /// A fully validated configuration. Every invariant the rest of veer relies on holds here.
 #[derive(Clone, Debug)]
@@ -188,8 +188,13 @@ impl StatusSet {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file for a start (or `veer check`).
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_for(path, Purpose::Start)
+    }
+
+    /// Reads and validates a config file for `purpose`.
+    pub fn load_for(path: &Path, purpose: Purpose) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|error| {
             ConfigErrors::single(ConfigError {
                 path: String::new(),
@@ -197,7 +202,7 @@ impl Config {
                 message: format!("cannot read {}: {error}", path.display()),
             })
         })?;
-        parse(&text, path.parent())
+        parse_for(&text, path.parent(), purpose)
     }
 
     pub fn route(&self, name: &str) -> Option<&RouteConfig> {

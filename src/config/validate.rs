@@ -56,9 +56,28 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Parses and validates config text. `base` resolves relative file paths (TLS files, state
-/// dir, access log); pass the config file's directory.
+/// Parses and validates config text for a start (or `veer check`). `base` resolves relative
+/// file paths (TLS files, state dir, access log); pass the config file's directory.
 pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
+    parse_for(text, base, Purpose::Start)
+}
+
+/// What a config is validated for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A start or `veer check`: the state dir and the access log's directory must be usable.
+    Start,
+    /// A reload: those two need a restart to change, so they are not looked at again (a log
+    /// directory renamed since the start must not reject an unrelated route change).
+    Reload,
+}
+
+/// Parses and validates config text for `purpose`.
+pub fn parse_for(
+    text: &str,
+    base: Option<&Path>,
+    purpose: Purpose,
+) -> Result<Config, ConfigErrors> {
     let doc = toml_edit::ImDocument::parse(text).ok();
     let mut v = Validator {
         text,
@@ -66,6 +85,7 @@ pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
         base: base.map(Path::to_path_buf),
         errors: Vec::new(),
         left_out: Vec::new(),
+        purpose,
     };
     let (raw, keys) = deserialize_all(text, &v);
     v.left_out = keys.removed;
@@ -306,6 +326,7 @@ struct Validator<'a> {
     /// Key paths left out for a problem already reported: checks that compare them with
     /// another key are not made.
     left_out: Vec<String>,
+    purpose: Purpose,
 }
 
 /// The route names and matches (sorted hosts, path_prefix) seen so far.
@@ -370,7 +391,9 @@ impl Validator<'_> {
         let state = StateConfig {
             dir: self.path_of(&raw.state.dir),
         };
-        self.state_dir(&state.dir);
+        if self.purpose == Purpose::Start {
+            self.state_dir(&state.dir);
+        }
         if raw.route.is_empty() {
             self.error(&[Seg::Key("route")], "at least one [[route]] is required");
         }
@@ -519,7 +542,9 @@ impl Validator<'_> {
             "stderr" => AccessLog::Stderr,
             path => {
                 let path = self.path_of(path);
-                self.access_log_file(&path);
+                if self.purpose == Purpose::Start {
+                    self.access_log_file(&path);
+                }
                 AccessLog::File(path)
             }
         };
@@ -1686,6 +1711,8 @@ endpoints = ["127.0.0.1:9002"]
             assert_eq!(errs[0].path, "server.access_log", "{errs:?}");
             assert_eq!(errs[0].line, Some(3), "{errs:?}");
             assert_eq!(errs[0].message, message, "{errs:?}");
+            // A reload keeps the log the process opened at start: not looked at again.
+            assert!(parse_for(&text, None, Purpose::Reload).is_ok(), "{text}");
         }
         let text = with_server(&format!("access_log = \"{}\"\n", file.display()));
         assert!(parse(&text, None).is_ok(), "{text}");
