@@ -342,3 +342,30 @@ async fn an_upload_read_on_after_an_early_answer_is_not_cut_by_header_timeout() 
     assert_eq!(read.load(Ordering::SeqCst), 200_000, "body bytes upstream");
     veer.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
+    // 32 MiB: more than the kernel buffers on both sides of veer can hold.
+    let big = Upstream::builder("big")
+        .body(vec![b'x'; 32 << 20])
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop("idle_timeout = \"1s\"", big.addr).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(veer.addr).await.unwrap();
+    stream.write_all(GET).await.unwrap();
+    // Read nothing for a while: veer's writes block, and after idle_timeout it gives up.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+    let read = read.expect("veer still writing after 14 s: the stalled client was not cut");
+    // Cut: an aborted connection, or a close before the whole body.
+    assert!(
+        read.is_err() || got.len() < 32 << 20,
+        "the whole body arrived ({} bytes)",
+        got.len()
+    );
+    veer.shutdown().await;
+}

@@ -48,7 +48,13 @@ pub(super) enum Due {
     Idle,
     /// A request head did not arrive whole in time: close at once.
     SlowHead,
+    /// The client has taken no byte of what veer writes for `idle`: close at once (the
+    /// exchange's upstream connection goes with it).
+    Stalled,
 }
+
+/// `write_blocked_at` while the socket takes what veer writes.
+const NOT_BLOCKED: u64 = u64::MAX;
 
 pub(super) struct Activity {
     opened: Instant,
@@ -61,6 +67,9 @@ pub(super) struct Activity {
     /// When the first byte of the awaited request head arrived, in milliseconds after
     /// `opened`, or `AWAITING_HEAD`, or `NO_HEAD`. The first head counts from `opened`.
     head_at: AtomicU64,
+    /// Since when a write or flush has found the socket full, in milliseconds after `opened`,
+    /// or `NOT_BLOCKED`.
+    write_blocked_at: AtomicU64,
 }
 
 impl Activity {
@@ -72,6 +81,7 @@ impl Activity {
             open: AtomicUsize::new(0),
             quiet_since: AtomicU64::new(0),
             head_at: AtomicU64::new(0),
+            write_blocked_at: AtomicU64::new(NOT_BLOCKED),
         }
     }
 
@@ -107,8 +117,31 @@ impl Activity {
         }
     }
 
+    /// A write or flush found the socket full (`blocked`), or got through.
+    fn wrote(&self, blocked: bool) {
+        let since = self.write_blocked_at.load(Ordering::Relaxed);
+        if blocked && since == NOT_BLOCKED {
+            self.write_blocked_at
+                .store(self.millis(), Ordering::Relaxed);
+        } else if !blocked && since != NOT_BLOCKED {
+            self.write_blocked_at.store(NOT_BLOCKED, Ordering::Relaxed);
+        }
+    }
+
     /// What is due at `now`.
     pub(super) fn due(&self, now: Instant, timers: Timers) -> Due {
+        let blocked = self.write_blocked_at.load(Ordering::Relaxed);
+        let stall_at = (blocked != NOT_BLOCKED)
+            .then(|| self.opened + Duration::from_millis(blocked) + timers.idle);
+        match (stall_at, self.due_reading(now, timers)) {
+            (Some(at), _) if at <= now => Due::Stalled,
+            (Some(at), Due::At(next)) => Due::At(next.min(at)),
+            (_, due) => due,
+        }
+    }
+
+    /// What is due at `now` on the reading side: a head in time, an idle close.
+    fn due_reading(&self, now: Instant, timers: Timers) -> Due {
         // Look again soon enough to see in time whatever may happen until then: a head
         // that starts, an exchange that ends.
         let next_look = now + timers.idle.min(timers.header);
@@ -230,7 +263,10 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        let this = self.project();
+        let polled = this.io.poll_write(cx, buf);
+        this.activity.wrote(polled.is_pending());
+        polled
     }
 
     fn poll_write_vectored(
@@ -238,7 +274,10 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let polled = this.io.poll_write_vectored(cx, bufs);
+        this.activity.wrote(polled.is_pending());
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -246,7 +285,10 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        let this = self.project();
+        let polled = this.io.poll_flush(cx);
+        this.activity.wrote(polled.is_pending());
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -196,7 +196,7 @@ impl Connection {
         // One sleep for all the timers, re-armed only when it fires.
         let mut check_at = match activity.due(accepted, timers) {
             Due::At(at) => Some(at),
-            Due::SlowHead | Due::Idle => Some(accepted),
+            Due::SlowHead | Due::Idle | Due::Stalled => Some(accepted),
         };
         let mut closing = false;
         let result = loop {
@@ -211,6 +211,10 @@ impl Connection {
                     Due::At(at) => check_at = Some(at),
                     Due::SlowHead => {
                         debug!(peer = %self.peer, "Request head not complete within header_timeout; closing.");
+                        break None;
+                    }
+                    Due::Stalled => {
+                        debug!(peer = %self.peer, "Client took nothing for idle_timeout; closing.");
                         break None;
                     }
                     Due::Idle => {
