@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -80,31 +80,36 @@ pub enum AccessLogError {
 pub struct AccessLogger {
     tx: SyncSender<Record>,
     pub dropped: Arc<AtomicU64>,
+    /// Set by [`AccessLogger::reopen`]; the writer reopens the file before its next lines.
+    reopen: Arc<AtomicBool>,
 }
 
 impl AccessLogger {
     /// Starts the writer thread, or returns `None` when the log is off.
     pub fn start(config: &AccessLog) -> Result<Option<AccessLogger>, AccessLogError> {
-        let out: Box<dyn Write + Send> = match config {
+        let (out, path): (Box<dyn Write + Send>, _) = match config {
             AccessLog::Off => return Ok(None),
-            AccessLog::Stderr => Box::new(std::io::stderr()),
-            AccessLog::File(path) => {
-                let file = OpenOptions::new().create(true).append(true).open(path);
-                Box::new(file.map_err(|source| AccessLogError::Open {
-                    path: path.clone(),
-                    source,
-                })?)
-            }
+            AccessLog::Stderr => (Box::new(std::io::stderr()), None),
+            AccessLog::File(path) => (Box::new(open(path)?), Some(path.clone())),
         };
         let (tx, rx) = sync_channel(QUEUE);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let asked = Arc::clone(&reopen);
         std::thread::Builder::new()
             .name("veer-access-log".into())
-            .spawn(move || write_loop(rx, out))
+            .spawn(move || write_loop(rx, out, path, &asked))
             .map_err(AccessLogError::Thread)?;
         Ok(Some(AccessLogger {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            reopen,
         }))
+    }
+
+    /// Has the writer open the file anew (at the same path) before its next lines: after a
+    /// log rotation moved or removed it. Every reload asks for it (`SIGHUP` included).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
     }
 
     /// Queues a record without waiting; counts it as dropped when the queue is full.
@@ -116,9 +121,34 @@ impl AccessLogger {
     }
 }
 
-fn write_loop(rx: Receiver<Record>, out: Box<dyn Write + Send>) {
+fn open(path: &PathBuf) -> Result<std::fs::File, AccessLogError> {
+    let file = OpenOptions::new().create(true).append(true).open(path);
+    file.map_err(|source| AccessLogError::Open {
+        path: path.clone(),
+        source,
+    })
+}
+
+fn write_loop(
+    rx: Receiver<Record>,
+    out: Box<dyn Write + Send>,
+    path: Option<PathBuf>,
+    reopen: &AtomicBool,
+) {
     let mut out = BufWriter::new(out);
     while let Ok(record) = rx.recv() {
+        if let Some(path) = path
+            .as_ref()
+            .filter(|_| reopen.swap(false, Ordering::Relaxed))
+        {
+            match open(path) {
+                Ok(file) => {
+                    let _ = out.flush();
+                    out = BufWriter::new(Box::new(file));
+                }
+                Err(error) => tracing::warn!(%error, "Cannot reopen the access log; writing on."),
+            }
+        }
         let mut write = |record: &Record| -> std::io::Result<()> {
             serde_json::to_writer(&mut out, record)?;
             out.write_all(b"\n")
@@ -136,6 +166,41 @@ fn write_loop(rx: Receiver<Record>, out: Box<dyn Write + Send>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits until `path` holds at least `lines` lines; its text.
+    fn lines_in(path: &std::path::Path, lines: usize) -> String {
+        let mut text = String::new();
+        for _ in 0..500 {
+            text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= lines {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        text
+    }
+
+    #[test]
+    fn a_rotated_log_is_reopened_at_its_path_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let logger = AccessLogger::start(&AccessLog::File(path.clone()))
+            .unwrap()
+            .unwrap();
+        logger.log(Record::new(None, None, "GET", "/before"));
+        assert_eq!(lines_in(&path, 1).lines().count(), 1);
+        let rotated = dir.path().join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        logger.reopen();
+        logger.log(Record::new(None, None, "GET", "/after"));
+        let text = lines_in(&path, 1);
+        assert!(text.contains("/after"), "{text:?}");
+        assert!(!text.contains("/before"), "{text:?}");
+        assert_eq!(
+            std::fs::read_to_string(&rotated).unwrap().lines().count(),
+            1
+        );
+    }
 
     #[test]
     fn records_reach_the_file_as_json_lines() {

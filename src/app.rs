@@ -346,6 +346,10 @@ impl App {
     /// Re-reads the config file; applies it whole or not at all.
     pub async fn reload(&self) -> Result<(), ConfigErrors> {
         let _guard = self.reload_lock.lock().await;
+        // Whatever becomes of the config: `SIGHUP` after a log rotation must reopen the log.
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
         let result = self.try_reload();
         let (label, errors) = match &result {
             Ok(()) => {
