@@ -64,6 +64,12 @@ fn lines_until(rx: &Receiver<String>, needle: &str) -> Vec<String> {
 
 /// `veer run` with its stderr on a pipe (as under `docker logs` or journald) writes plain
 /// log lines: no terminal colour codes.
+/// A loopback address nothing listens on (a port just given back by the kernel).
+fn refused_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
 #[test]
 fn logs_to_a_pipe_carry_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -177,10 +183,7 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
     );
 
     // Nothing listens on a port just bound and closed again.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = refused_addr();
     let admin = format!("http://{closed}");
     for args in [
         vec!["status", "--admin", &admin],
@@ -353,10 +356,7 @@ fn admin_commands_take_the_admin_api_and_token_from_the_config_file() {
         );
     }
     // An explicit --admin wins over the file's.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = refused_addr();
     let admin = format!("http://{closed}");
     let (code, stderr) = admin_command(&["status", "-c", path, "--admin", &admin]);
     assert_eq!(code, Some(2), "{stderr}");
@@ -372,10 +372,7 @@ fn admin_commands_take_the_admin_api_and_token_from_the_config_file() {
 #[test]
 fn admin_commands_read_only_the_admin_table_of_a_config_file() {
     let dir = tempfile::tempdir().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = refused_addr();
     let no_routes = dir.path().join("no-routes.toml");
     let text = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"{closed}\"\n");
     std::fs::write(&no_routes, text).unwrap();
