@@ -162,6 +162,14 @@ fn admin_target(
                     ))
                 }
                 Ok(addr) => cli::admin_url(addr),
+                // A name, such as localhost:9901, as the proxy accepts it.
+                Err(_)
+                    if listen.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    }) =>
+                {
+                    format!("http://{listen}")
+                }
                 Err(_) => {
                     return Err(usage(&format!(
                         "admin.listen {listen:?} is not an address like 127.0.0.1:9901"
@@ -192,10 +200,20 @@ fn admin_table(path: &Path) -> Result<toml::Table, ExitCode> {
             error.message()
         ))
     })?;
-    Ok(match file.remove("admin") {
+    let admin = match file.remove("admin") {
         Some(toml::Value::Table(admin)) => admin,
-        _ => toml::Table::new(),
-    })
+        None => toml::Table::new(),
+        Some(_) => return Err(usage(&format!("{}: admin is not a table", path.display()))),
+    };
+    for key in ["listen", "token", "token_env"] {
+        if admin.get(key).is_some_and(|value| !value.is_str()) {
+            return Err(usage(&format!(
+                "{}: admin.{key} is not a string",
+                path.display()
+            )));
+        }
+    }
+    Ok(admin)
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {

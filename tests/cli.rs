@@ -62,14 +62,14 @@ fn lines_until(rx: &Receiver<String>, needle: &str) -> Vec<String> {
     lines
 }
 
-/// `veer run` with its stderr on a pipe (as under `docker logs` or journald) writes plain
-/// log lines: no terminal colour codes.
 /// A loopback address nothing listens on (a port just given back by the kernel).
 fn refused_addr() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
 }
 
+/// `veer run` with its stderr on a pipe (as under `docker logs` or journald) writes plain
+/// log lines: no terminal colour codes.
 #[test]
 fn logs_to_a_pipe_carry_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -390,6 +390,23 @@ fn admin_commands_read_only_the_admin_table_of_a_config_file() {
     }
     let (code, stderr) = admin_command(&["health", "-c", no_routes]);
     assert_ne!(code, Some(0), "{stderr}");
+
+    // A name, as the proxy accepts it; a listen that is no string is a usage error.
+    let named = dir.path().join("named.toml");
+    let port = closed.port();
+    std::fs::write(&named, format!("[admin]\nlisten = \"localhost:{port}\"\n")).unwrap();
+    let (code, stderr) = admin_command(&["status", "-c", named.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach the admin API at http://localhost:{port}"
+        )),
+        "{stderr}"
+    );
+    std::fs::write(&named, "[admin]\nlisten = 5\n").unwrap();
+    let (code, stderr) = admin_command(&["status", "-c", named.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("admin.listen is not a string"), "{stderr}");
 
     let not_toml = dir.path().join("not.toml");
     std::fs::write(&not_toml, "[admin\nlisten =").unwrap();

@@ -117,13 +117,19 @@ impl Activity {
         }
     }
 
-    /// A write or flush found the socket full (`blocked`), or got through.
-    fn wrote(&self, blocked: bool) {
-        let since = self.write_blocked_at.load(Ordering::Relaxed);
-        if blocked && since == NOT_BLOCKED {
+    /// A write or flush found the socket full: the stall clock starts, unless it runs.
+    fn blocked(&self) {
+        if self.write_blocked_at.load(Ordering::Relaxed) == NOT_BLOCKED {
             self.write_blocked_at
                 .store(self.millis(), Ordering::Relaxed);
-        } else if !blocked && since != NOT_BLOCKED {
+        }
+    }
+
+    /// A flush got everything written down to the socket: the stall clock stops. (A write
+    /// that returns at once may only have been copied into a buffer above the socket, so it
+    /// says nothing: a heartbeat must not restart the clock of a client that reads nothing.)
+    fn flushed(&self) {
+        if self.write_blocked_at.load(Ordering::Relaxed) != NOT_BLOCKED {
             self.write_blocked_at.store(NOT_BLOCKED, Ordering::Relaxed);
         }
     }
@@ -145,6 +151,11 @@ impl Activity {
         // Look again soon enough to see in time whatever may happen until then: a head
         // that starts, an exchange that ends.
         let next_look = now + timers.idle.min(timers.header);
+        // While an exchange is under way no head is awaited, whatever `head_at` says: the
+        // last hold to go re-arms it.
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Due::At(next_look);
+        }
         let head = self.head_at.load(Ordering::Relaxed);
         if head < AWAITING_HEAD {
             let at = self.opened + Duration::from_millis(head) + timers.header;
@@ -153,9 +164,6 @@ impl Activity {
             } else {
                 Due::At(at.min(next_look))
             };
-        }
-        if self.open.load(Ordering::Acquire) > 0 {
-            return Due::At(next_look);
         }
         let quiet = Duration::from_millis(self.quiet_since.load(Ordering::Relaxed));
         let idle_at = self.opened + quiet + timers.idle;
@@ -265,7 +273,9 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let polled = this.io.poll_write(cx, buf);
-        this.activity.wrote(polled.is_pending());
+        if polled.is_pending() {
+            this.activity.blocked();
+        }
         polled
     }
 
@@ -276,7 +286,9 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let polled = this.io.poll_write_vectored(cx, bufs);
-        this.activity.wrote(polled.is_pending());
+        if polled.is_pending() {
+            this.activity.blocked();
+        }
         polled
     }
 
@@ -287,7 +299,10 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.project();
         let polled = this.io.poll_flush(cx);
-        this.activity.wrote(polled.is_pending());
+        match polled {
+            Poll::Pending => this.activity.blocked(),
+            Poll::Ready(_) => this.activity.flushed(),
+        }
         polled
     }
 
@@ -307,6 +322,34 @@ mod tests {
 
     fn after(secs: u64) -> Instant {
         Instant::now() + Duration::from_secs(secs)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_runs_from_the_first_blocked_write_until_a_flush_gets_through() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let _exchange = Activity::request(&activity, Version::HTTP_11);
+        activity.blocked();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // A heartbeat copied into a buffer, then a flush that finds the socket still full.
+        activity.blocked();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::Stalled);
+        activity.flushed();
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_head_is_timed_while_an_exchange_is_under_way() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let exchange = Activity::request(&activity, Version::HTTP_11);
+        // Even with a head clock left running (a late store from another hold's drop).
+        activity.head_at.store(0, Ordering::Relaxed);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+        drop(exchange);
+        activity.read();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(activity.due(Instant::now(), TIMERS), Due::SlowHead);
     }
 
     #[tokio::test(start_paused = true)]

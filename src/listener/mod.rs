@@ -223,7 +223,8 @@ impl Connection {
                             conn.as_mut().graceful_shutdown();
                             closing = true;
                         }
-                        check_at = None;
+                        // The close flushes first: a client that takes nothing is still cut.
+                        check_at = Some(Instant::now() + timers.idle);
                     }
                 },
             }

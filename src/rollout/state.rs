@@ -178,7 +178,8 @@ impl RolloutState {
         let first = steps.first().copied().unwrap_or(10_000);
         match (self.phase, action) {
             (Phase::Idle | Phase::RolledBack, Action::Start) => {
-                // A new rollout judges against stable's figures of its own steps only.
+                // A new rollout does not inherit the last one's baseline: the stable window
+                // just before it (the idle time) becomes the first one.
                 next.baseline = None;
                 next.phase = Phase::Ramping;
                 next.step = 0;
