@@ -369,3 +369,52 @@ async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
     );
     veer.shutdown().await;
 }
+
+/// An upstream that answers 401 at once and then neither reads the rest nor closes.
+async fn answers_then_stops_reading() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let _ = socket.read(&mut head).await;
+        let answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+        socket.write_all(answer).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(socket);
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_body_no_one_reads_after_the_answer_is_cut_at_request_timeout() {
+    let upstream = answers_then_stops_reading().await;
+    let routes = host_route("early", &["early"], "/", upstream);
+    let veer = Veer::start("request_timeout = \"1s\"\nmax_body_bytes = 0", &routes).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    // 64 MiB announced, written until the sockets on the way take no more for 300 ms.
+    let head = "POST / HTTP/1.1\r\nHost: early\r\nContent-Length: 67108864\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let piece = vec![b'x'; 64 * 1024];
+    for _ in 0..1024 {
+        let wrote = tokio::time::timeout(Duration::from_millis(300), stream.write_all(&piece));
+        if !matches!(wrote.await, Ok(Ok(()))) {
+            break;
+        }
+    }
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 401, "{}", answer.head);
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "connection still held 10 s after the answer"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    veer.shutdown().await;
+}

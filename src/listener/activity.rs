@@ -37,6 +37,10 @@ pub(super) struct Timers {
     pub header: Duration,
     /// A connection with no exchange under way is closed after this.
     pub idle: Duration,
+    /// An HTTP/1.1 request body still being read this long after its answer ended is cut
+    /// (`request_timeout`: the exchange is over for the client, and the upstream may have
+    /// stopped reading without closing).
+    pub exchange: Duration,
 }
 
 /// What the connection's task is to do when its sleep fires.
@@ -48,8 +52,9 @@ pub(super) enum Due {
     Idle,
     /// A request head did not arrive whole in time: close at once.
     SlowHead,
-    /// The client has taken no byte of what veer writes for `idle`: close at once (the
-    /// exchange's upstream connection goes with it).
+    /// The client has taken no byte of what veer writes for `idle`, or an HTTP/1.1 request
+    /// body is still being read `exchange` after its answer: close at once (the exchange's
+    /// upstream connection goes with it).
     Stalled,
 }
 
@@ -60,8 +65,10 @@ pub(super) struct Activity {
     opened: Instant,
     /// A `Protocol` as a number, known once a request head arrived.
     protocol: AtomicU8,
-    /// Exchanges under way: request not yet answered or response body not yet done.
+    /// Holds on exchanges under way: response bodies not yet done, and request bodies.
     open: AtomicUsize,
+    /// Of those, the response bodies (and requests not yet answered).
+    answering: AtomicUsize,
     /// When the last exchange ended, in milliseconds after `opened`.
     quiet_since: AtomicU64,
     /// When the first byte of the awaited request head arrived, in milliseconds after
@@ -79,6 +86,7 @@ impl Activity {
             opened,
             protocol: AtomicU8::new(Protocol::Unknown as u8),
             open: AtomicUsize::new(0),
+            answering: AtomicUsize::new(0),
             quiet_since: AtomicU64::new(0),
             head_at: AtomicU64::new(0),
             write_blocked_at: AtomicU64::new(NOT_BLOCKED),
@@ -107,7 +115,11 @@ impl Activity {
         this.protocol.store(protocol as u8, Ordering::Relaxed);
         this.head_at.store(NO_HEAD, Ordering::Relaxed);
         this.open.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(this))
+        this.answering.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            activity: Arc::clone(this),
+            answering: true,
+        }
     }
 
     /// Bytes were read: if they start an awaited request head, its clock starts.
@@ -150,10 +162,20 @@ impl Activity {
     fn due_reading(&self, now: Instant, timers: Timers) -> Due {
         // Look again soon enough to see in time whatever may happen until then: a head
         // that starts, an exchange that ends.
-        let next_look = now + timers.idle.min(timers.header);
+        let next_look = now + timers.idle.min(timers.header).min(timers.exchange);
         // While an exchange is under way no head is awaited, whatever `head_at` says: the
         // last hold to go re-arms it.
         if self.open.load(Ordering::Acquire) > 0 {
+            let reading_only = self.answering.load(Ordering::Acquire) == 0;
+            if reading_only && self.protocol() == Protocol::Http1 {
+                let answered = Duration::from_millis(self.quiet_since.load(Ordering::Relaxed));
+                let cut_at = self.opened + answered + timers.exchange;
+                return if cut_at <= now {
+                    Due::Stalled
+                } else {
+                    Due::At(cut_at.min(next_look))
+                };
+            }
             return Due::At(next_look);
         }
         let head = self.head_at.load(Ordering::Relaxed);
@@ -178,22 +200,32 @@ impl Activity {
 /// A hold on one exchange under way on a connection. The exchange is over when its last hold
 /// is dropped: the response body's, and the request body's, which may be read on after the
 /// answer (an upstream that answered before the upload ended).
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    /// The response's hold (not the request body's).
+    answering: bool,
+}
 
 impl InFlight {
-    /// Another hold on the same exchange.
+    /// The request body's hold on the same exchange.
     pub(super) fn also(&self) -> InFlight {
-        self.0.open.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(&self.0))
+        self.activity.open.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            activity: Arc::clone(&self.activity),
+            answering: false,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.0;
+        let activity = &self.activity;
         activity
             .quiet_since
             .fetch_max(activity.millis(), Ordering::Relaxed);
+        if self.answering {
+            activity.answering.fetch_sub(1, Ordering::AcqRel);
+        }
         let last = activity.open.fetch_sub(1, Ordering::AcqRel) == 1;
         // HTTP/1.1 has one exchange at a time: once it is over, the next head is awaited.
         if last && activity.protocol() == Protocol::Http1 {
@@ -318,6 +350,7 @@ mod tests {
     const TIMERS: Timers = Timers {
         header: Duration::from_secs(10),
         idle: Duration::from_secs(60),
+        exchange: Duration::from_secs(60),
     };
 
     fn after(secs: u64) -> Instant {
@@ -391,6 +424,7 @@ mod tests {
         let timers = Timers {
             header: Duration::from_secs(10),
             idle: Duration::from_secs(1),
+            exchange: Duration::from_secs(60),
         };
         assert_eq!(activity.due(Instant::now(), timers), Due::At(after(1)));
     }
@@ -403,6 +437,7 @@ mod tests {
             let timers = Timers {
                 header: Duration::from_secs(10),
                 idle: Duration::from_secs(1),
+                exchange: Duration::from_secs(60),
             };
             assert_eq!(activity.due(Instant::now(), timers), Due::At(after(1)));
             tokio::time::advance(Duration::from_secs(1)).await;

@@ -134,6 +134,7 @@ impl Connection {
             let timers = Timers {
                 header: server.header_timeout,
                 idle: server.idle_timeout,
+                exchange: server.request_timeout,
             };
             (builder(server), timers)
         };
