@@ -1,7 +1,8 @@
 //! What a connection's task needs to know to enforce its timers without a timer per request:
-//! the protocol, whether an exchange is under way and since when none is, and when the first
-//! byte of an HTTP/1.1 request head arrived. The requests and the connection's reads write it;
-//! the task reads it only when its one sleep fires.
+//! the protocol, whether an exchange is under way and since when none is, when the first byte
+//! of an HTTP/1.1 request head arrived, and since when writes find the socket full. The
+//! requests and the connection's reads and writes note it; the task reads it only when its
+//! one sleep fires.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -52,10 +53,12 @@ pub(super) enum Due {
     Idle,
     /// A request head did not arrive whole in time: close at once.
     SlowHead,
-    /// The client has taken no byte of what veer writes for `idle`, or an HTTP/1.1 request
-    /// body is still being read `exchange` after its answer: close at once (the exchange's
-    /// upstream connection goes with it).
+    /// The client's socket has taken nothing of what veer writes for `idle`: close at once
+    /// (the exchange's upstream connection goes with it).
     Stalled,
+    /// An HTTP/1.1 request body is still being read `exchange` after its answer ended: close
+    /// at once.
+    BodyOverdue,
 }
 
 /// `write_blocked_at` while the socket takes what veer writes.
@@ -137,6 +140,14 @@ impl Activity {
         }
     }
 
+    /// Notes a write's outcome: `Pending` means the socket is full.
+    fn wrote<T>(&self, polled: Poll<T>) -> Poll<T> {
+        if polled.is_pending() {
+            self.blocked();
+        }
+        polled
+    }
+
     /// A flush got everything written down to the socket: the stall clock stops. (A write
     /// that returns at once may only have been copied into a buffer above the socket, so it
     /// says nothing: a heartbeat must not restart the clock of a client that reads nothing.)
@@ -171,7 +182,7 @@ impl Activity {
                 let answered = Duration::from_millis(self.quiet_since.load(Ordering::Relaxed));
                 let cut_at = self.opened + answered + timers.exchange;
                 return if cut_at <= now {
-                    Due::Stalled
+                    Due::BodyOverdue
                 } else {
                     Due::At(cut_at.min(next_look))
                 };
@@ -304,11 +315,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        let polled = this.io.poll_write(cx, buf);
-        if polled.is_pending() {
-            this.activity.blocked();
-        }
-        polled
+        this.activity.wrote(this.io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -317,11 +324,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        let polled = this.io.poll_write_vectored(cx, bufs);
-        if polled.is_pending() {
-            this.activity.blocked();
-        }
-        polled
+        this.activity.wrote(this.io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

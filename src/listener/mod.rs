@@ -196,8 +196,8 @@ impl Connection {
         let mut shutdown = self.shutdown;
         // One sleep for all the timers, re-armed only when it fires.
         let mut check_at = match activity.due(accepted, timers) {
-            Due::At(at) => Some(at),
-            Due::SlowHead | Due::Idle | Due::Stalled => Some(accepted),
+            Due::At(at) => at,
+            _ => accepted,
         };
         let mut closing = false;
         let result = loop {
@@ -208,14 +208,18 @@ impl Connection {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                () = sleep_until(check_at) => match activity.due(Instant::now(), timers) {
-                    Due::At(at) => check_at = Some(at),
+                () = tokio::time::sleep_until(check_at) => match activity.due(Instant::now(), timers) {
+                    Due::At(at) => check_at = at,
                     Due::SlowHead => {
                         debug!(peer = %self.peer, "Request head not complete within header_timeout; closing.");
                         break None;
                     }
                     Due::Stalled => {
                         debug!(peer = %self.peer, "Client took nothing for idle_timeout; closing.");
+                        break None;
+                    }
+                    Due::BodyOverdue => {
+                        debug!(peer = %self.peer, "Request body still read request_timeout after its answer; closing.");
                         break None;
                     }
                     Due::Idle => {
@@ -225,7 +229,7 @@ impl Connection {
                             closing = true;
                         }
                         // The close flushes first: a client that takes nothing is still cut.
-                        check_at = Some(Instant::now() + timers.idle);
+                        check_at = Instant::now() + timers.idle;
                     }
                 },
             }
@@ -233,14 +237,6 @@ impl Connection {
         if let Some(Err(error)) = result {
             debug!(peer = %self.peer, %error, "Connection closed with an error.");
         }
-    }
-}
-
-/// Sleeps until `at`; never wakes for `None`.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

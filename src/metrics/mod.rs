@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use hdrhistogram::Histogram;
 use tokio::time::{Duration, Instant, MissedTickBehavior};
 
-pub use window::{empty_histogram, MAX_LATENCY_US, SIGNIFICANT_DIGITS};
+pub use window::{empty_histogram, record_micros_n, MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 use window::{Aggregate, Shard};
 
 /// Length of one time slice of the sliding window; `rotate` is due this often.

@@ -52,10 +52,16 @@ fn merge<T: Counter>(dst: &mut Histogram<T>, src: &Histogram<T>) {
 /// Adds a slice histogram (32-bit counters) into a long-lived one (64-bit counters).
 fn widen(dst: &mut Histogram<u64>, src: &Histogram<u32>) {
     for value in src.iter_recorded() {
-        let (at, count) = (value.value_iterated_to(), u64::from(value.count_at_value()));
-        if dst.record_n(at, count).is_err() {
-            dst.saturating_record_n(at, count);
-        }
+        let count = u64::from(value.count_at_value());
+        record_micros_n(dst, value.value_iterated_to(), count);
+    }
+}
+
+/// Records `count` times one value; never fails (grows the histogram, or clamps if it somehow
+/// cannot).
+pub fn record_micros_n<T: Counter>(hist: &mut Histogram<T>, micros: u64, count: T) {
+    if hist.record_n(micros, count).is_err() {
+        hist.saturating_record_n(micros, count);
     }
 }
 

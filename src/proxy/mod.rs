@@ -217,12 +217,12 @@ impl Proxy {
         server: &ServerConfig,
     ) -> Result<(&'a Authority, Request<RequestBody>), LocalError> {
         let route = exchange.route;
-        let checked = match route.endpoint(exchange.decision.slot) {
-            None => Err(LocalError::NoEndpoint),
-            Some(endpoint) => {
+        let checked = route
+            .endpoint(exchange.decision.slot)
+            .ok_or(LocalError::NoEndpoint)
+            .and_then(|endpoint| {
                 body_too_large(&parts, server.max_body_bytes).map_or(Ok(endpoint), Err)
-            }
-        };
+            });
         let endpoint = match checked {
             Ok(endpoint) => endpoint,
             Err(error) => {

@@ -193,19 +193,17 @@ fn commit(
     let moved = inner.state.canary_bp != next.canary_bp
         || inner.state.stable != next.stable
         || inner.state.phase != next.phase;
-    let stable_relabelled = inner.state.stable == next.stable
-        && inner.state.versions[next.stable.index()] != next.versions[next.stable.index()];
-    if inner.state.stable != next.stable || stable_relabelled {
+    // The same stable version still serving: its figures stay a fair baseline.
+    let same_stable = inner.state.stable == next.stable
+        && inner.state.versions[next.stable.index()] == next.versions[next.stable.index()];
+    if !same_stable {
         next.baseline = None;
     }
     if moved {
         // Read and reset in one go, so that nothing recorded in between is lost to both steps.
         let window = shared.slot_metrics(inner.state.stable).take_step();
         shared.slot_metrics(inner.state.stable.other()).reset_step();
-        if inner.state.stable == next.stable
-            && !stable_relabelled
-            && better_baseline(&window, next.baseline.as_deref(), policy)
-        {
+        if same_stable && better_baseline(&window, next.baseline.as_deref(), policy) {
             next.baseline = Some(Arc::new(baseline_of(&window)));
         }
     }
@@ -292,10 +290,7 @@ fn baseline_of(window: &WindowStats) -> Baseline {
 fn baseline_histogram(baseline: &Baseline) -> Histogram<u64> {
     let mut histogram = crate::metrics::empty_histogram();
     for &(value, count) in &baseline.latency_us {
-        // `record_n` grows the histogram; the saturating form clamps to its current range.
-        if histogram.record_n(value, count).is_err() {
-            histogram.saturating_record_n(value, count);
-        }
+        crate::metrics::record_micros_n(&mut histogram, value, count);
     }
     histogram
 }

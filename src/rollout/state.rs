@@ -122,8 +122,8 @@ pub struct RolloutState {
     /// Version labels last seen per slot (`[blue, green]`): a new label on the idle slot
     /// starts a rollout.
     pub versions: [String; 2],
-    /// Stable's baseline for the 100 % step (see [`Baseline`]); kept by the controller, not
-    /// by [`RolloutState::apply`].
+    /// Stable's baseline for the 100 % step (see [`Baseline`]); kept by the controller
+    /// ([`RolloutState::apply`] only clears it when a rollout starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Arc<Baseline>>,
 }
