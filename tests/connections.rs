@@ -370,6 +370,47 @@ async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
     veer.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_slow_but_steady_reader_is_not_cut() {
+    // 8 MiB, more than the kernel buffers hold, read at most 4 KiB at a time with a pause
+    // of 1 ms: a few seconds, more than twice idle_timeout, with veer's writes blocked most
+    // of the time.
+    const SIZE: usize = 8 << 20;
+    let big = Upstream::builder("big")
+        .body(vec![b'x'; SIZE])
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop("idle_timeout = \"1s\"", big.addr).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(veer.addr).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 4096];
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "read too fast to test anything: {:?}",
+        started.elapsed()
+    );
+    // The head and the whole body arrived before the close.
+    assert!(
+        got > SIZE,
+        "cut after {got} bytes in {:?}",
+        started.elapsed()
+    );
+    veer.shutdown().await;
+}
+
 /// An upstream that answers 401 at once and then neither reads the rest nor closes.
 async fn answers_then_stops_reading() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
