@@ -1,8 +1,8 @@
 //! What a connection's task needs to know to enforce its timers without a timer per request:
 //! the protocol, whether an exchange is under way and since when none is, when the first byte
-//! of an HTTP/1.1 request head arrived, and since when writes find the socket full. The
-//! requests and the connection's reads and writes note it; the task reads it only when its
-//! one sleep fires.
+//! of an HTTP/1.1 request head arrived, and since when the client's socket has taken nothing.
+//! The requests and the connection's reads and writes note it; the task reads it only when
+//! its one sleep fires.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -77,8 +77,8 @@ pub(super) struct Activity {
     /// When the first byte of the awaited request head arrived, in milliseconds after
     /// `opened`, or `AWAITING_HEAD`, or `NO_HEAD`. The first head counts from `opened`.
     head_at: AtomicU64,
-    /// Since when a write or flush has found the socket full, in milliseconds after `opened`,
-    /// or `NOT_BLOCKED`.
+    /// Since when writes have found the socket full with none taken since, in milliseconds
+    /// after `opened`, or `NOT_BLOCKED`.
     write_blocked_at: AtomicU64,
 }
 
@@ -132,28 +132,23 @@ impl Activity {
         }
     }
 
-    /// A write or flush found the socket full: the stall clock starts, unless it runs.
-    fn blocked(&self) {
-        if self.write_blocked_at.load(Ordering::Relaxed) == NOT_BLOCKED {
-            self.write_blocked_at
-                .store(self.millis(), Ordering::Relaxed);
-        }
-    }
-
-    /// Notes a write's outcome: `Pending` means the socket is full.
-    fn wrote<T>(&self, polled: Poll<T>) -> Poll<T> {
-        if polled.is_pending() {
-            self.blocked();
-        }
-        polled
-    }
-
-    /// A flush got everything written down to the socket: the stall clock stops. (A write
-    /// that returns at once may only have been copied into a buffer above the socket, so it
-    /// says nothing: a heartbeat must not restart the clock of a client that reads nothing.)
-    fn flushed(&self) {
-        if self.write_blocked_at.load(Ordering::Relaxed) != NOT_BLOCKED {
-            self.write_blocked_at.store(NOT_BLOCKED, Ordering::Relaxed);
+    /// Notes a write to the socket. `Pending`: the socket is full, and the stall clock starts
+    /// unless it runs. Bytes taken: the kernel made room for them, so the client read (the
+    /// socket is written to directly, with no buffer in between), and the clock stops.
+    fn wrote(&self, polled: &Poll<std::io::Result<usize>>) {
+        match polled {
+            Poll::Pending => {
+                if self.write_blocked_at.load(Ordering::Relaxed) == NOT_BLOCKED {
+                    self.write_blocked_at
+                        .store(self.millis(), Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                if self.write_blocked_at.load(Ordering::Relaxed) != NOT_BLOCKED {
+                    self.write_blocked_at.store(NOT_BLOCKED, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => {}
         }
     }
 
@@ -276,8 +271,9 @@ impl<B: Body> Body for Tracked<B> {
 
 pin_project! {
     /// The connection's socket, telling its `Activity` when bytes arrive (a relaxed load per
-    /// read; a clock read only for the first byte of a head), and holding what an open
-    /// connection holds until it is closed.
+    /// read; a clock read only for the first byte of a head) and whether writes find room,
+    /// and holding what an open connection holds until it is closed. It sits right on the
+    /// socket, under TLS and any write buffer, so that a write taken is a write the kernel took.
     pub(super) struct Watched<I> {
         #[pin]
         io: I,
@@ -315,7 +311,9 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        this.activity.wrote(this.io.poll_write(cx, buf))
+        let polled = this.io.poll_write(cx, buf);
+        this.activity.wrote(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -324,7 +322,9 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        this.activity.wrote(this.io.poll_write_vectored(cx, bufs))
+        let polled = this.io.poll_write_vectored(cx, bufs);
+        this.activity.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -332,13 +332,7 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.project();
-        let polled = this.io.poll_flush(cx);
-        match polled {
-            Poll::Pending => this.activity.blocked(),
-            Poll::Ready(_) => this.activity.flushed(),
-        }
-        polled
+        self.project().io.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -361,16 +355,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stall_runs_from_the_first_blocked_write_until_a_flush_gets_through() {
+    async fn a_stall_runs_from_the_first_blocked_write_until_the_socket_takes_bytes() {
         let activity = Arc::new(Activity::new(Instant::now()));
         let _exchange = Activity::request(&activity, Version::HTTP_11);
-        activity.blocked();
+        activity.wrote(&Poll::Pending);
         tokio::time::advance(Duration::from_secs(30)).await;
-        // A heartbeat copied into a buffer, then a flush that finds the socket still full.
-        activity.blocked();
+        // A later write that finds the socket still full, or that fails, moves nothing.
+        activity.wrote(&Poll::Pending);
+        activity.wrote(&Poll::Ready(Ok(0)));
+        activity.wrote(&Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())));
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(activity.due(Instant::now(), TIMERS), Due::Stalled);
-        activity.flushed();
+        activity.wrote(&Poll::Ready(Ok(1)));
         assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
     }
 

@@ -77,17 +77,33 @@ impl Listener {
                 }
             };
             let _ = stream.set_nodelay(true);
+            keep_unsent_small(&stream);
             let connection = Connection {
                 proxy: Arc::clone(&proxy),
                 tls: tls.load_full(),
-                watcher: graceful.watcher(),
                 shutdown: shutdown.clone(),
-                gauge: Gauge::new(&self.connections),
                 peer,
             };
-            tokio::spawn(connection.run(stream));
+            let open = Open {
+                _watcher: graceful.watcher(),
+                _gauge: Gauge::new(&self.connections),
+            };
+            tokio::spawn(connection.run(stream, open));
         }
     }
+}
+
+/// Unsent bytes the kernel holds for a client socket before writes wait.
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// Caps the bytes a client socket holds unsent (`TCP_NOTSENT_LOWAT`), so that the socket
+/// takes more as soon as the client has read about half of that. Without it Linux wakes a
+/// writer only when a third of the send buffer is free (up to 4 MiB with autotuning), and a
+/// slow but steady reader could look like one that reads nothing for `idle_timeout`. It also
+/// keeps less queued in the kernel per connection. The bytes in flight are not capped.
+fn keep_unsent_small(stream: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
 }
 
 /// Counts a live connection while it exists.
@@ -107,7 +123,8 @@ impl Drop for Gauge {
 }
 
 /// What a client connection holds while its socket is open, whoever holds the socket: the
-/// connection's task, or after an upgrade the tunnel.
+/// connection's task, or after an upgrade the tunnel. The socket counts as open, and holds up
+/// the drain, until it is closed.
 pub(super) struct Open {
     /// The drain waits for every watcher to go.
     _watcher: Watcher,
@@ -117,14 +134,12 @@ pub(super) struct Open {
 struct Connection {
     proxy: Arc<Proxy>,
     tls: Option<Arc<TlsAcceptor>>,
-    watcher: Watcher,
     shutdown: watch::Receiver<bool>,
-    gauge: Gauge,
     peer: SocketAddr,
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream) {
+    async fn run(self, stream: TcpStream, open: Open) {
         let accepted = Instant::now();
         // Settings from the current snapshot; the snapshot itself is not held for the
         // connection's lifetime.
@@ -138,15 +153,17 @@ impl Connection {
             };
             (builder(server), timers)
         };
+        let activity = Arc::new(Activity::new(accepted));
+        let stream = Watched::new(stream, Arc::clone(&activity), open);
         match self.tls.clone() {
             None => {
                 let stream = crate::io::send_flat(stream);
-                self.serve(stream, false, builder, accepted, timers).await
+                self.serve(stream, false, builder, activity, timers).await
             }
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(timers.header, acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(stream)) => self.serve(stream, true, builder, accepted, timers).await,
+                    Ok(Ok(stream)) => self.serve(stream, true, builder, activity, timers).await,
                     Ok(Err(error)) => debug!(peer = %self.peer, %error, "TLS handshake failed."),
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out."),
                 }
@@ -163,14 +180,13 @@ impl Connection {
         io: I,
         tls: bool,
         builder: auto::Builder<TokioExecutor>,
-        accepted: Instant,
+        activity: Arc<Activity>,
         timers: Timers,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let info = ConnInfo::new(self.peer, tls);
         let proxy = self.proxy;
-        let activity = Arc::new(Activity::new(accepted));
         let seen = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
             // Held until the response body is done with (or the request is dropped).
@@ -184,20 +200,14 @@ impl Connection {
                 Ok::<_, Infallible>(response.map(|body| Tracked { body, exchange }))
             }
         });
-        // The socket counts as open, and holds up the drain, until it is closed: an upgraded
-        // connection's tunnel has it after the connection's task has ended.
-        let open = Open {
-            _watcher: self.watcher,
-            _gauge: self.gauge,
-        };
-        let io = TokioIo::new(Watched::new(io, Arc::clone(&activity), open));
-        let conn = builder.serve_connection_with_upgrades(io, service);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let mut shutdown = self.shutdown;
         // One sleep for all the timers, re-armed only when it fires.
-        let mut check_at = match activity.due(accepted, timers) {
+        let now = Instant::now();
+        let mut check_at = match activity.due(now, timers) {
             Due::At(at) => at,
-            _ => accepted,
+            _ => now,
         };
         let mut closing = false;
         let result = loop {
