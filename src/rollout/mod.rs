@@ -383,8 +383,9 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
     let canary = shared.slot_metrics(split.canary()).step();
     let full = split.canary_bp >= 10_000;
     // At 100 % stable serves nothing: the canary is judged against the kept baseline.
+    let frozen = full && inner.state.baseline.is_some();
     let (stable_requests, stable_errors, stable_latency) = match &inner.state.baseline {
-        Some(baseline) if full => (
+        Some(baseline) if frozen => (
             baseline.requests,
             baseline.errors,
             baseline_histogram(baseline),
@@ -408,6 +409,7 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
                 errors: stable_errors,
                 latency_us: &stable_latency,
             },
+            stable_frozen: frozen,
             step_elapsed,
         },
     );
