@@ -152,6 +152,45 @@ async fn an_upstream_101_to_an_h2_request_is_a_502_and_the_connection_lives_on()
     veer.shutdown().await;
 }
 
+/// An upstream length sent as a list, or on a 204, is legal enough for HTTP/1.1 but makes
+/// HTTP/2 clients reset the stream: veer sends one plain length, and none on a 204.
+#[tokio::test]
+async fn odd_upstream_lengths_reach_h2_clients_as_one_plain_length() {
+    let (listed, listed_task) = support::wire::scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nConnection: close\r\n\r\nok",
+    )
+    .await;
+    let (empty, empty_task) = support::wire::scripted_upstream(
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let routes = host_route("listed", &["listed"], "/", listed)
+        + &host_route("empty", &["empty"], "/", empty);
+    let veer = Veer::start("", &routes).await;
+    let mut sender = h2c(&veer).await;
+    for (authority, status, body) in [("listed", 200, &b"ok"[..]), ("empty", 204, &b""[..])] {
+        let request = Request::get(format!("http://{authority}/"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), status, "{authority}");
+        let lengths: Vec<_> = response
+            .headers()
+            .get_all("content-length")
+            .iter()
+            .cloned()
+            .collect();
+        let got = response.into_body().collect().await;
+        let got = got.unwrap_or_else(|e| panic!("{authority}: body failed: {e}"));
+        assert_eq!(&got.to_bytes()[..], body, "{authority}");
+        let expected: &[&str] = if status == 204 { &[] } else { &["2"] };
+        assert_eq!(lengths, expected, "{authority}");
+    }
+    listed_task.abort();
+    empty_task.abort();
+    veer.shutdown().await;
+}
+
 /// veer's own early answer to an HTTP/2 request (a 413 on its Content-Length) reads and drops
 /// the rest of the body, so the client sends it all and the stream ends without a reset (which
 /// curl 7.88 reports as a failure instead of the answer).

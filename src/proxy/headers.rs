@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
 
 use crate::upstream::mirror::SHADOW_HEADER;
 
@@ -181,12 +182,44 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
 }
 
 /// Rewrites an upstream response's headers for the client.
-pub fn to_client(headers: &mut HeaderMap, tunnelling: bool) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Both framings present: the length is not to be trusted; hyper re-frames.
+pub fn to_client(status: StatusCode, headers: &mut HeaderMap, tunnelling: bool) {
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        || (status.is_informational() && !tunnelling)
+        || status == StatusCode::NO_CONTENT
+    {
+        // Both framings present: the length is not to be trusted; hyper re-frames. A 1xx or
+        // 204 has no body and must not carry a length (HTTP/2 clients reset the stream).
         headers.remove(header::CONTENT_LENGTH);
+    } else {
+        single_content_length(headers);
     }
     remove_hop_by_hop(headers, tunnelling);
+}
+
+/// A length sent as a list (`2, 2`) or on several lines, which the HTTP/1.1 client accepted
+/// because every value agreed, becomes one value: HTTP/2 clients reset a stream that carries
+/// anything else. One plain value (the usual case) is left as it is.
+fn single_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let length = first
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match length {
+        Some(length) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        None => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -363,7 +396,31 @@ mod tests {
     #[test]
     fn response_with_both_framings_loses_content_length() {
         let mut headers = map(&[("transfer-encoding", "chunked"), ("content-length", "10")]);
-        to_client(&mut headers, false);
+        to_client(StatusCode::OK, &mut headers, false);
         assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn a_repeated_or_listed_content_length_becomes_one_value() {
+        for pairs in [
+            &[("content-length", "2"), ("content-length", "2")][..],
+            &[("content-length", "2, 2")][..],
+            &[("content-length", "2")][..],
+        ] {
+            let mut headers = map(pairs);
+            to_client(StatusCode::OK, &mut headers, false);
+            let values: Vec<_> = headers.get_all("content-length").iter().collect();
+            assert_eq!(values, ["2"], "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn a_204_or_1xx_loses_its_content_length_a_304_keeps_it() {
+        for (status, kept) in [(204, false), (103, false), (304, true), (200, true)] {
+            let mut headers = map(&[("content-length", "5")]);
+            let status = StatusCode::from_u16(status).unwrap();
+            to_client(status, &mut headers, false);
+            assert_eq!(headers.contains_key("content-length"), kept, "{status}");
+        }
     }
 }

@@ -317,7 +317,7 @@ impl Proxy {
                 tokio::spawn(tunnel(down, up));
             }
         }
-        headers::to_client(&mut rparts.headers, switched);
+        headers::to_client(status, &mut rparts.headers, switched);
         add_cookie(&mut rparts.headers, route, &decision, conn);
         let mut extra: Option<Box<Extra>> = None;
         if let Some(mut job) = shadow {
