@@ -486,6 +486,33 @@ async fn a_client_gone_before_the_answer_is_logged_as_499() {
     veer.shutdown().await;
 }
 
+/// An HTTP/1.1 client that closes in the middle of its request body went away too: logged as
+/// 499 and counted as a client abort, like an HTTP/2 reset.
+#[tokio::test]
+async fn a_client_gone_in_the_middle_of_its_body_is_logged_as_499() {
+    let upstream = recording("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let server = format!("access_log = \"{}\"", log.display());
+    let text = config_text(
+        dir.path(),
+        &server,
+        &host_route("shop", &[], "/", upstream.addr),
+    );
+    let veer = Veer::start_in(dir, &text).await;
+    let mut stream = tokio::net::TcpStream::connect(veer.addr).await.unwrap();
+    let head = "POST /cut HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\nhello";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    drop(stream);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(5), || async { read().ends_with('\n') }).await);
+    let line: serde_json::Value = serde_json::from_str(read().trim()).unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["path"], "/cut", "{line}");
+    assert_eq!(veer.slot("shop", "blue").await["client_aborts"], 1);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn answers_veer_gives_itself_are_logged_too() {
     let upstream = recording("blue").await;

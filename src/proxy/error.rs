@@ -22,6 +22,9 @@ pub enum LocalError {
     HeadersTooLarge,
     BodyTooLarge,
     BodyTimeout,
+    /// The client's request body broke off (it closed or reset mid-body). It is answered
+    /// (a half-closed client may still read), and logged as 499: the client went away.
+    BodyAborted,
     NoEndpoint,
     Upstream(ErrorKind),
 }
@@ -29,7 +32,7 @@ pub enum LocalError {
 impl LocalError {
     pub fn status(self) -> StatusCode {
         match self {
-            LocalError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            LocalError::BadRequest(_) | LocalError::BodyAborted => StatusCode::BAD_REQUEST,
             LocalError::NoRoute => StatusCode::NOT_FOUND,
             LocalError::UriTooLong => StatusCode::URI_TOO_LONG,
             LocalError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -56,6 +59,7 @@ impl LocalError {
             LocalError::HeadersTooLarge => "request header section too large",
             LocalError::BodyTooLarge => "request body too large",
             LocalError::BodyTimeout => "request body timed out",
+            LocalError::BodyAborted => "request body aborted",
             LocalError::NoEndpoint => "no upstream endpoint available",
             LocalError::Upstream(ErrorKind::Connect) => "could not connect to the upstream",
             LocalError::Upstream(ErrorKind::Timeout) => "upstream timed out",

@@ -385,7 +385,13 @@ impl Proxy {
         );
         if let Some((logger, mut record)) = exchange.log {
             record.upstream_ms = millis(upstream);
-            logged(&logger, record, &response, exchange.started);
+            if local == LocalError::BodyAborted {
+                record.status = CLIENT_WENT_AWAY;
+                record.total_ms = millis(exchange.started.elapsed());
+                logger.log(record);
+            } else {
+                logged(&logger, record, &response, exchange.started);
+            }
         }
         response
     }
@@ -524,7 +530,7 @@ fn failed(
         Failure::BodyIdle => LocalError::BodyTimeout,
         Failure::ClientAbort => {
             metrics.record_client_abort();
-            LocalError::BadRequest("request body aborted")
+            LocalError::BodyAborted
         }
     };
     debug!(route = route.name(), slot = %decision.slot, %error, status = local.status().as_u16(), "Upstream exchange failed.");
