@@ -241,6 +241,54 @@ async fn an_early_h2_413_lets_the_client_send_its_body_without_a_reset() {
     veer.shutdown().await;
 }
 
+/// The same for an upload without a length that goes over `max_body_bytes` on the way: the
+/// 413 comes once the limit is passed, and the client still sends the rest without a reset.
+#[tokio::test]
+async fn a_streamed_h2_upload_over_the_limit_gets_its_413_without_a_reset() {
+    let upstream = named("a").await;
+    let veer = Veer::shop("max_body_bytes = 1048576", upstream.addr).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let len = 5 << 20;
+    let request = Request::post("http://shop/").body(()).unwrap();
+    let (response, mut body) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    let sending = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'x'; 65536]);
+        let mut sent = 0;
+        while sent < len {
+            body.reserve_capacity(chunk.len().min(len - sent));
+            let capacity = std::future::poll_fn(|cx| body.poll_capacity(cx));
+            let capacity = tokio::time::timeout(Duration::from_secs(5), capacity).await;
+            let granted = match capacity {
+                Ok(Some(Ok(granted))) => granted,
+                other => return Err(format!("after {sent} bytes: {other:?}")),
+            };
+            body.send_data(chunk.slice(..granted), sent + granted == len)
+                .map_err(|error| format!("after {sent} bytes: {error}"))?;
+            sent += granted;
+        }
+        Ok(sent)
+    });
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 413);
+    let mut answer = response.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = answer.data().await {
+        let data = data.unwrap();
+        let _ = answer.flow_control().release_capacity(data.len());
+        text.extend_from_slice(&data);
+    }
+    assert_eq!(text, b"request body too large\n");
+    assert_eq!(sending.await.unwrap(), Ok(len));
+    veer.shutdown().await;
+}
+
 /// An HTTP/2 connection with no stream open for `idle_timeout` is closed (GOAWAY), as an idle
 /// HTTP/1.1 one is; one in use stays open, and so does one whose response is still streaming.
 #[tokio::test]

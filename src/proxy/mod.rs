@@ -26,7 +26,7 @@ use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
 use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
-use crate::upstream::{self, ClientWait, Failure, RequestBody};
+use crate::upstream::{self, ClientWait, Failure, RequestBody, Unread};
 use crate::Slot;
 use body::{Extra, ProxyBody, Tail};
 use error::LocalError;
@@ -258,6 +258,7 @@ impl Proxy {
             }
         }
         parts.uri = origin_form(std::mem::take(&mut parts.uri));
+        let body = Unread::new(body, parts.version == Version::HTTP_2);
         parts.version = Version::HTTP_11;
         if let Some((_, record)) = &mut exchange.log {
             record.shadowed = exchange.shadow.is_some();

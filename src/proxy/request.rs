@@ -1,15 +1,13 @@
 //! The request as it arrived: bad-input checks that answer before anything is forwarded,
 //! and the effective authority used for routing.
 
-use std::time::Duration;
-
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Version};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::error::LocalError;
 use crate::config::ServerConfig;
+use crate::upstream::Unread;
 
 /// Bad-input checks that answer before anything is forwarded.
 pub(super) fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), LocalError> {
@@ -68,31 +66,10 @@ pub(super) fn body_too_large(parts: &Parts, max: u64) -> Option<LocalError> {
         .then_some(LocalError::BodyTooLarge)
 }
 
-/// How much of an HTTP/2 request body answered early is read and dropped, at most ...
-const DISCARD_BYTES: usize = 16 << 20;
-/// ... and for how long at most.
-const DISCARD_TIME: Duration = Duration::from_secs(5);
-
-/// The body of an HTTP/2 request veer answered itself before forwarding it (413, 404, ...):
-/// the rest of it is read and dropped in the background, up to `DISCARD_BYTES` or
-/// `DISCARD_TIME`, then the stream is reset. Dropped unread, the body would have the stream
-/// reset right after the answer (RST_STREAM NO_ERROR, which RFC 9113 §8.1 allows), and some
-/// clients (curl 7.88) report that as a failure instead of the answer. HTTP/1.1 bodies are
-/// left to hyper.
-pub(super) fn discard_unread(version: Version, mut body: Incoming) {
-    if version != Version::HTTP_2 || http_body::Body::is_end_stream(&body) {
-        return;
-    }
-    tokio::spawn(tokio::time::timeout(DISCARD_TIME, async move {
-        let mut left = DISCARD_BYTES;
-        while let Some(Ok(frame)) = body.frame().await {
-            let len = frame.data_ref().map_or(0, bytes::Bytes::len);
-            if len > left {
-                return;
-            }
-            left -= len;
-        }
-    }));
+/// The body of a request veer answered itself before forwarding it (413, 404, ...): read on
+/// and dropped in the background over HTTP/2 (see [`Unread`]).
+pub(super) fn discard_unread(version: Version, body: Incoming) {
+    drop(Unread::new(body, version == Version::HTTP_2));
 }
 
 /// The effective authority: the URI's (absolute form or HTTP/2), else the single Host

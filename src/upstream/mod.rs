@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use pin_project_lite::pin_project;
@@ -54,14 +55,83 @@ pub enum BodyError {
     Aborted(#[source] hyper::Error),
 }
 
+/// How much of an HTTP/2 request body left unread is read and dropped, at most ...
+const DISCARD_BYTES: usize = 16 << 20;
+/// ... and for how long at most.
+const DISCARD_TIME: Duration = Duration::from_secs(5);
+
+/// A client's request body that, when dropped before its end over HTTP/2, is read on and
+/// dropped in the background, up to `DISCARD_BYTES` or `DISCARD_TIME`, then the stream is
+/// reset. This is the case when veer answers before the body is in (413, 404, ...) or the
+/// upstream answered or failed before reading it all. Dropped unread, the body would have the
+/// stream reset right after the answer (RST_STREAM NO_ERROR, which RFC 9113 §8.1 allows), and
+/// some clients (curl 7.88) report that as a failure instead of the answer. HTTP/1.1 bodies
+/// are left to hyper.
+pub struct Unread {
+    body: Option<Incoming>,
+    http2: bool,
+}
+
+impl Unread {
+    pub fn new(body: Incoming, http2: bool) -> Self {
+        Unread {
+            body: Some(body),
+            http2,
+        }
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let Some(mut body) = self.body.take() else {
+            return;
+        };
+        if !self.http2 || body.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(tokio::time::timeout(DISCARD_TIME, async move {
+            let mut left = DISCARD_BYTES;
+            while let Some(Ok(frame)) = body.frame().await {
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                if len > left {
+                    return;
+                }
+                left -= len;
+            }
+        }));
+    }
+}
+
 pin_project! {
     /// The client's request body on its way upstream: streamed frame by frame, never buffered,
     /// with a size cap, an inactivity timeout and an optional capped copy for the shadow. Any
     /// failure is an error frame, so the upstream sees an aborted request, never a complete
     /// shorter one.
     pub struct RequestBody {
-        #[pin]
-        inner: Incoming,
+        inner: Unread,
         limit: u64,
         seen: u64,
         idle: Duration,
@@ -78,7 +148,7 @@ impl RequestBody {
     /// `limit` 0 = unlimited. The [`ClientWait`] tells whether the body is waiting for the
     /// client.
     pub fn new(
-        inner: Incoming,
+        inner: Unread,
         limit: u64,
         idle: Duration,
         tee: Option<Box<Tee>>,
@@ -131,8 +201,8 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
         this.waiting.set(polled.is_pending());
         let frame = match polled {
             Poll::Pending => {
