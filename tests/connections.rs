@@ -459,3 +459,43 @@ async fn a_request_body_no_one_reads_after_the_answer_is_cut_at_request_timeout(
     );
     veer.shutdown().await;
 }
+
+/// An HTTP/1.0 client asking for keep-alive is told the truth: a body without a length ends
+/// with the connection (no `keep-alive` in the answer), one with a length keeps it open.
+#[tokio::test]
+async fn an_http10_keep_alive_client_is_told_when_the_connection_ends_with_the_body() {
+    let (chunked, chunked_task) = support::wire::scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let (sized, sized_task) = support::wire::scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    let routes = host_route("chunked", &["chunked"], "/", chunked)
+        + &host_route("sized", &["sized"], "/", sized);
+    let veer = Veer::start("", &routes).await;
+    for (host, keeps) in [("chunked", false), ("sized", true)] {
+        let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+        let request = format!("GET / HTTP/1.0\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_response(&mut stream).await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.head);
+        assert_eq!(answer.body, b"hello", "{host}");
+        // HTTP/1.0 without `keep-alive` in the answer means close.
+        let connection = answer
+            .header("connection")
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        assert_eq!(connection.contains("keep-alive"), keeps, "{}", answer.head);
+        if keeps {
+            // And it is kept: a second request on it is answered.
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let again = read_response(&mut stream).await.unwrap();
+            assert_eq!(again.body, b"hello", "{host}");
+        }
+    }
+    chunked_task.abort();
+    sized_task.abort();
+    veer.shutdown().await;
+}

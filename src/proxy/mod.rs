@@ -112,6 +112,7 @@ impl Proxy {
             // One deadline for the whole exchange: response head and body.
             deadline: started + server.request_timeout,
             tunnelling: false,
+            http10: parts.version == Version::HTTP_10,
             downstream_upgrade: None,
             shadow: None,
             client_wait: ClientWait::default(),
@@ -291,6 +292,7 @@ impl Proxy {
             idle,
             deadline,
             tunnelling: _,
+            http10,
             downstream_upgrade,
             shadow,
             log,
@@ -319,6 +321,12 @@ impl Proxy {
             }
         }
         headers::to_client(status, &mut rparts.headers, switched);
+        if http10 && !rparts.headers.contains_key(header::CONTENT_LENGTH) {
+            // An HTTP/1.0 client has no chunked framing: a body without a length ends with
+            // the connection. Answered as HTTP/1.0, hyper closes it without announcing
+            // keep-alive (as an HTTP/1.1 answer, it would announce it, then close).
+            rparts.version = Version::HTTP_10;
+        }
         add_cookie(&mut rparts.headers, route, &decision, conn);
         let mut extra: Option<Box<Extra>> = None;
         if let Some(mut job) = shadow {
@@ -491,6 +499,8 @@ struct Exchange<'a> {
     /// When the exchange with the upstream must be over (`request_timeout`).
     deadline: Instant,
     tunnelling: bool,
+    /// The client speaks HTTP/1.0.
+    http10: bool,
     downstream_upgrade: Option<OnUpgrade>,
     shadow: Option<ShadowJob>,
     /// Whether the request body is waiting for the client.
