@@ -98,9 +98,23 @@ fn build_table(
         shared
     });
     for (shared, config, old) in &reused {
+        label_versions(shared, config, old.is_some());
         rollout::reconcile(shared, config, old.as_ref());
     }
     table
+}
+
+/// Gives each slot's metrics its `version` label from `config`. A slot whose label changed
+/// starts its per-version figures fresh (see `SlotMetrics::set_version`); this runs before the
+/// new snapshot is stored, so a request still finishing on the old one and recorded from here
+/// on counts under the new label.
+fn label_versions(shared: &RouteShared, config: &RouteConfig, reloaded: bool) {
+    for slot in crate::Slot::BOTH {
+        let version = &config.slot(slot).version;
+        if shared.slot_metrics(slot).set_version(version) && reloaded {
+            info!(route = %config.name, %slot, version = %version, "Version label changed; its request counts start at 0.");
+        }
+    }
 }
 
 /// Binds everything and starts serving. Errors here are startup failures (exit code 2).

@@ -1,6 +1,7 @@
 //! Telemetry end to end: latencies injected in test upstreams show in the right slot, counts are
-//! exact under concurrency, every error kind is produced and counted, and `/metrics` is strict
-//! Prometheus text with the families of SPEC §5.
+//! exact under concurrency, every error kind is produced and counted, a new version label
+//! starts its own request counts, and `/metrics` is strict Prometheus text with the families of
+//! SPEC §5.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -246,6 +247,114 @@ async fn every_error_kind_is_produced_and_counted() {
     assert_eq!(metrics.value("veer_requests_total", &labels), N as f64);
     // Nothing reached green.
     assert_eq!(green.request_count(), 0);
+    veer.shutdown().await;
+}
+
+/// Sends `n` requests to `slot` of the route on `/` (by the override header) and checks veer's
+/// answer.
+async fn send_to(veer: &Veer, slot: &str, n: u64, want: StatusCode) {
+    for _ in 0..n {
+        let (status, _, _) = get(&veer.url("/"), &[("x-veer-slot", slot)]).await;
+        assert_eq!(status, want, "{slot}");
+    }
+}
+
+/// The `veer_requests_total` samples of one slot, as (version, class) -> value.
+fn requests_of(metrics: &Exposition, slot: &str) -> BTreeMap<(String, String), f64> {
+    metrics
+        .family("veer_requests_total")
+        .filter(|s| s.has(&[("route", "err"), ("slot", slot)]))
+        .map(|s| {
+            (
+                (s.labels["version"].clone(), s.labels["class"].clone()),
+                s.value,
+            )
+        })
+        .collect()
+}
+
+/// Every class of one version: `five_xx` in 5xx, `two_xx` in 2xx, 0 elsewhere.
+fn series(version: &str, two_xx: f64, five_xx: f64) -> BTreeMap<(String, String), f64> {
+    ["1xx", "2xx", "3xx", "4xx", "5xx", "error"]
+        .into_iter()
+        .map(|class| {
+            let value = match class {
+                "2xx" => two_xx,
+                "5xx" => five_xx,
+                _ => 0.0,
+            };
+            ((version.to_string(), class.to_string()), value)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_version_label_starts_its_request_counts_at_zero() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green")
+        .status(503)
+        .start()
+        .await
+        .unwrap();
+    let routes = |green_version: &str| {
+        route(
+            "err",
+            blue.addr,
+            green.addr,
+            "[route.rollout]\nmode = \"manual\"\n",
+        )
+        .replacen(
+            "version = \"v2\"",
+            &format!("version = \"{green_version}\""),
+            1,
+        )
+    };
+    let veer = Veer::start("", &routes("e1")).await;
+    send_to(&veer, "green", 6, StatusCode::SERVICE_UNAVAILABLE).await;
+    send_to(&veer, "blue", 3, StatusCode::OK).await;
+    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    assert_eq!(requests_of(&metrics, "green"), series("e1", 0.0, 6.0));
+
+    let reload = |green_version: &str| {
+        let text = config_text(veer.dir.path(), "", &routes(green_version));
+        std::fs::write(&veer.config_path, text).unwrap();
+        veer.admin_post("/api/v1/config/reload", "")
+    };
+    let (status, body) = reload("e2").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // e1's series ends; e2's starts at 0 and counts only what e2 served.
+    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    assert_eq!(requests_of(&metrics, "green"), series("e2", 0.0, 0.0));
+    send_to(&veer, "green", 4, StatusCode::SERVICE_UNAVAILABLE).await;
+    let text = metrics_text(&veer).await;
+    let metrics = parse_exposition(&text).unwrap();
+    assert_eq!(requests_of(&metrics, "green"), series("e2", 0.0, 4.0));
+    assert!(!text.contains("version=\"e1\""), "{text}");
+    // Blue kept its label and its counts; the per-slot families without a version go on.
+    assert_eq!(requests_of(&metrics, "blue"), series("v1", 3.0, 0.0));
+    let green_slot = [("route", "err"), ("slot", "green")];
+    let count = metrics.value("veer_request_duration_seconds_count", &green_slot);
+    assert_eq!(count, 10.0);
+    let status_errors = [("route", "err"), ("slot", "green"), ("kind", "status")];
+    assert_eq!(
+        metrics.value("veer_upstream_errors_total", &status_errors),
+        10.0
+    );
+    // The admin API's last 60 s start with the new version too; blue's do not.
+    let err = veer.route_status("err").await;
+    assert_eq!(err["versions"]["green"], "e2", "{err}");
+    assert_eq!(requests(&err["slots"]["green"]), 4, "{err}");
+    assert_eq!(requests(&err["slots"]["blue"]), 3, "{err}");
+
+    // A reload that keeps the label resets nothing.
+    let (status, body) = reload("e2").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    assert_eq!(requests_of(&metrics, "green"), series("e2", 0.0, 4.0));
+    assert_eq!(
+        requests(&veer.route_status("err").await["slots"]["green"]),
+        4
+    );
     veer.shutdown().await;
 }
 

@@ -34,14 +34,10 @@ pub fn render(app: &App) -> String {
         let name = route.name();
         let shared = &route.shared;
         for slot in Slot::BOTH {
-            let version = &route.config.slot(slot).version;
-            write_slot(
-                &mut w,
-                name,
-                slot.as_str(),
-                version,
-                &shared.slot_metrics(slot).totals(),
-            );
+            // The version label comes with the counts (not from `route.config`), so that a
+            // reload between the two reads cannot put one version's counts under another.
+            let totals = shared.slot_metrics(slot).totals();
+            write_slot(&mut w, name, slot.as_str(), &totals);
         }
         if route.config.shadow.is_some() {
             // Its own family: the per-slot ones count what clients were answered with.

@@ -1,6 +1,7 @@
 //! Per route × slot telemetry: request counts by status class, errors by kind, and HdrHistograms
 //! of upstream latency, read as a sliding window (`last_60s`), the controller's step window
-//! (`step`) and process totals (`totals`, for Prometheus).
+//! (`step`) and process totals (`totals`, for Prometheus). A slot carries its `version` label;
+//! a new label starts the per-version figures fresh (`set_version`).
 //!
 //! Recording locks only the calling thread's shard (one per core, so rarely contended) and
 //! allocates nothing (a shard's histogram may grow a few times while it first meets larger
@@ -14,7 +15,7 @@ mod window;
 use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use hdrhistogram::Histogram;
 use tokio::time::{Duration, Instant, MissedTickBehavior};
@@ -129,7 +130,7 @@ impl WindowStats {
     }
 }
 
-/// Monotone totals since the slot was created.
+/// Monotone totals since the slot was created, and the requests of its current `version`.
 #[derive(Clone, Debug)]
 pub struct Totals {
     /// Requests by class, labelled by `CLASS_LABELS`: 1xx..5xx, then "error" (no response).
@@ -139,6 +140,12 @@ pub struct Totals {
     pub client_aborts: u64,
     /// Upstream latency in microseconds, one value per request.
     pub histogram: Histogram<u64>,
+    /// The slot's `version` label (see [`SlotMetrics::set_version`]); empty until given one.
+    pub version: Arc<str>,
+    /// Like `by_class`, but only the requests recorded since the slot got `version`: what
+    /// `veer_requests_total{version}` exports, so that a build is never charged with the
+    /// requests of the one it replaced. Monotone while the label stays.
+    pub version_by_class: [u64; 6],
 }
 
 impl Totals {
@@ -251,9 +258,23 @@ impl SlotMetrics {
         self.drain().reset_step(Instant::now());
     }
 
-    /// Monotone totals since the slot was created, for Prometheus.
+    /// Monotone totals since the slot was created, for Prometheus, with the current `version`
+    /// label and the requests counted under it, read together.
     pub fn totals(&self) -> Totals {
         self.drain().totals()
+    }
+
+    /// Labels the slot with `version`. When the label changes, what is reported per version
+    /// starts empty: `Totals::version_by_class` (and with it `veer_requests_total` under the
+    /// new label) and the sliding window (`last_60s`, shown next to the version). The lifetime
+    /// totals, their histogram and the step window (the controller's, reset when it starts a
+    /// rollout) go on. Returns whether the label changed; the same label changes nothing.
+    ///
+    /// Recording is untouched: every shard is drained into the old label first, so a request
+    /// recorded before this call counts under the old label and one recorded after it under
+    /// the new one, even if it was sent before the reload.
+    pub fn set_version(&self, version: &str) -> bool {
+        self.drain().relabel(version, Instant::now())
     }
 
     /// Closes the current slice and forgets the one that left the window. Call it every

@@ -215,8 +215,11 @@ pub const REQUEST_DURATION: &str = "veer_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "veer_upstream_errors_total";
 pub const CLIENT_ABORTS_TOTAL: &str = "veer_client_aborts_total";
 
-/// Writes one slot's totals as veer's per-slot families (SPEC §5).
-pub fn write_slot(w: &mut PromWriter, route: &str, slot: &str, version: &str, totals: &Totals) {
+/// Writes one slot's totals as veer's per-slot families (SPEC §5). `veer_requests_total` is the
+/// one family that carries `version`: it shows the requests of the slot's current label only
+/// (`Totals::version_by_class`), so a relabelled slot's old series ends and a new one starts
+/// at 0. The other families are per slot and count over the slot's lifetime.
+pub fn write_slot(w: &mut PromWriter, route: &str, slot: &str, totals: &Totals) {
     w.family(
         REQUESTS_TOTAL,
         Kind::Counter,
@@ -237,11 +240,11 @@ pub fn write_slot(w: &mut PromWriter, route: &str, slot: &str, version: &str, to
         Kind::Counter,
         "Exchanges the client abandoned.",
     );
-    for (class, count) in CLASS_LABELS.iter().zip(totals.by_class) {
+    for (class, count) in CLASS_LABELS.iter().zip(totals.version_by_class) {
         let labels = [
             ("route", route),
             ("slot", slot),
-            ("version", version),
+            ("version", &totals.version),
             ("class", class),
         ];
         w.sample(REQUESTS_TOTAL, &labels, count as f64);
@@ -384,8 +387,9 @@ mod tests {
             .map(|(_, v)| v.as_str())
     }
 
-    fn busy_slot() -> SlotMetrics {
+    fn busy_slot(version: &str) -> SlotMetrics {
         let m = SlotMetrics::new();
+        m.set_version(version);
         for ms in [1, 2, 3, 7, 20, 80, 300, 1200, 90_000] {
             m.record_response(200, false, Duration::from_millis(ms));
         }
@@ -397,7 +401,6 @@ mod tests {
 
     #[test]
     fn exposition_parses_and_every_sample_belongs_to_a_declared_family() -> Result<(), String> {
-        let slot = busy_slot();
         let mut w = PromWriter::new();
         w.family(
             "veer_canary_weight_percent",
@@ -405,14 +408,10 @@ mod tests {
             "Canary share of traffic.",
         );
         for (route, version) in [("shop", "v41"), ("we\"ird\\route\nname", "v\"2")] {
-            write_slot(&mut w, route, "blue", version, &slot.totals());
-            write_slot(
-                &mut w,
-                route,
-                "green",
-                version,
-                &SlotMetrics::new().totals(),
-            );
+            write_slot(&mut w, route, "blue", &busy_slot(version).totals());
+            let idle = SlotMetrics::new();
+            idle.set_version(version);
+            write_slot(&mut w, route, "green", &idle.totals());
             w.sample("veer_canary_weight_percent", &[("route", route)], 12.5);
         }
         w.sample("undeclared_thing", &[], 1.0);
@@ -431,6 +430,7 @@ mod tests {
                 && label(s, "class") == Some("2xx")
         });
         assert_eq!(requests.map(|s| s.value), Some(9.0));
+        assert_eq!(requests.and_then(|s| label(s, "version")), Some("v41"));
         let timeouts = samples.iter().find(|s| {
             s.name == UPSTREAM_ERRORS_TOTAL
                 && label(s, "route") == Some("shop")
@@ -444,8 +444,8 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_and_end_with_inf_equal_to_count() -> Result<(), String> {
         let mut w = PromWriter::new();
-        write_slot(&mut w, "shop", "blue", "v1", &busy_slot().totals());
-        write_slot(&mut w, "api", "green", "v2", &SlotMetrics::new().totals());
+        write_slot(&mut w, "shop", "blue", &busy_slot("v1").totals());
+        write_slot(&mut w, "api", "green", &SlotMetrics::new().totals());
         let (_, samples) = parse(&w.finish())?;
         let mut series = 0;
         for route in ["shop", "api"] {
@@ -486,6 +486,40 @@ mod tests {
             (at("0.005"), at("60"), at("+Inf")),
             (Some(4.0), Some(11.0), Some(11.0))
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_new_version_label_starts_its_request_series_at_zero() -> Result<(), String> {
+        let slot = busy_slot("e1");
+        let before = slot.totals();
+        assert!(slot.set_version("e2"));
+        slot.record_response(503, true, Duration::from_millis(4));
+        let mut w = PromWriter::new();
+        write_slot(&mut w, "err", "green", &slot.totals());
+        let (_, samples) = parse(&w.finish())?;
+        let requests: Vec<_> = samples
+            .iter()
+            .filter(|s| s.name == REQUESTS_TOTAL)
+            .collect();
+        // Only the new label is exported, with only what was recorded under it.
+        assert!(requests.iter().all(|s| label(s, "version") == Some("e2")));
+        let count = |class| {
+            let of = requests.iter().find(|s| label(s, "class") == Some(class));
+            of.map(|s| s.value)
+        };
+        assert_eq!((count("2xx"), count("5xx")), (Some(0.0), Some(1.0)));
+        // The families without a version label go on over the slot's lifetime.
+        let value = |name: &str, key: &str, want: &str| {
+            let of = samples
+                .iter()
+                .find(|s| s.name == name && label(s, key) == Some(want));
+            of.map(|s| s.value)
+        };
+        let total = before.histogram.len() as f64 + 1.0;
+        let duration_count = format!("{REQUEST_DURATION}_count");
+        assert_eq!(value(&duration_count, "slot", "green"), Some(total));
+        assert_eq!(value(UPSTREAM_ERRORS_TOTAL, "kind", "status"), Some(2.0));
         Ok(())
     }
 
@@ -581,7 +615,7 @@ mod tests {
     #[test]
     fn an_empty_histogram_sums_to_zero_not_negative_zero() {
         let mut w = PromWriter::new();
-        write_slot(&mut w, "shop", "green", "v2", &SlotMetrics::new().totals());
+        write_slot(&mut w, "shop", "green", &SlotMetrics::new().totals());
         let text = w.finish();
         let sum = format!("{REQUEST_DURATION}_sum{{route=\"shop\",slot=\"green\"}} 0\n");
         assert!(text.contains(&sum), "{text}");

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::mem;
+use std::sync::Arc;
 
 use hdrhistogram::{Counter, Histogram};
 use tokio::time::{Duration, Instant};
@@ -179,6 +180,9 @@ pub struct Aggregate {
     closed: VecDeque<Slice>,
     step: Accumulation,
     totals: Accumulation,
+    /// The slot's `version` label and its requests by class since the slot got it.
+    version: Arc<str>,
+    version_by_class: [u64; 6],
     /// Swapped with a shard's histogram to drain it without holding the shard's lock.
     pub spare: Histogram<u32>,
 }
@@ -190,8 +194,26 @@ impl Aggregate {
             closed: VecDeque::with_capacity(CLOSED_SLICES),
             step: Accumulation::new(now),
             totals: Accumulation::new(now),
+            version: Arc::from(""),
+            version_by_class: [0; 6],
             spare: empty_histogram(),
         }
+    }
+
+    /// Gives the slot a new `version` label at `now`: the label's requests and the sliding
+    /// window start empty; the step and the lifetime totals go on. False (and nothing changes)
+    /// when the label is the same.
+    pub fn relabel(&mut self, version: &str, now: Instant) -> bool {
+        if *self.version == *version {
+            return false;
+        }
+        self.version = Arc::from(version);
+        self.version_by_class = [0; 6];
+        self.closed.clear();
+        self.open.counts = Counts::default();
+        self.open.hist.reset();
+        self.open.start = now;
+        true
     }
 
     /// Takes in one shard's counts, whose histogram was just swapped into `spare`.
@@ -200,6 +222,7 @@ impl Aggregate {
         merge(&mut self.open.hist, &self.spare);
         self.step.absorb(counts, &self.spare);
         self.totals.absorb(counts, &self.spare);
+        add_each(&mut self.version_by_class, &counts.by_class);
         self.spare.reset();
     }
 
@@ -262,6 +285,8 @@ impl Aggregate {
             errors_by_kind: counts.errors_by_kind,
             client_aborts: counts.client_aborts,
             histogram: self.totals.hist.clone(),
+            version: Arc::clone(&self.version),
+            version_by_class: self.version_by_class,
         }
     }
 
@@ -398,6 +423,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_new_version_label_starts_the_version_counts_and_the_window_fresh() {
+        let m = SlotMetrics::new();
+        assert!(m.set_version("a"));
+        record(&m, 5);
+        next_slice(&m).await;
+        record(&m, 2);
+        assert!(m.set_version("b"));
+        let (window, totals) = (m.last_60s(), m.totals());
+        assert_eq!((window.requests, window.elapsed), (0, Duration::ZERO));
+        assert_eq!((&*totals.version, totals.version_by_class[1]), ("b", 0));
+        assert_eq!((totals.requests(), totals.histogram.len()), (7, 7));
+        assert_eq!(m.step().requests, 7);
+
+        record(&m, 3);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let window = m.last_60s();
+        assert_eq!(
+            (window.requests, window.elapsed),
+            (3, Duration::from_secs(2))
+        );
+        assert_eq!(window.rps(), 1.5);
+        assert_eq!(m.totals().version_by_class, [0, 3, 0, 0, 0, 0]);
+        assert_eq!((m.totals().requests(), m.step().requests), (10, 10));
+
+        // The same label again changes nothing.
+        assert!(!m.set_version("b"));
+        assert_eq!(m.last_60s().requests, 3);
+        assert_eq!(m.totals().version_by_class, [0, 3, 0, 0, 0, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn rotate_every_slice_rotates_once_per_slice() {
         let rotations = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&rotations);
@@ -418,6 +474,7 @@ mod tests {
         Rotate,
         ResetStep,
         TakeStep,
+        Relabel(&'static str),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -430,6 +487,7 @@ mod tests {
             1 => Just(Op::Rotate),
             1 => Just(Op::ResetStep),
             1 => Just(Op::TakeStep),
+            1 => prop_oneof![Just("a"), Just("b")].prop_map(Op::Relabel),
         ]
     }
 
@@ -439,6 +497,8 @@ mod tests {
         totals: Counts,
         step: Counts,
         slices: VecDeque<Counts>,
+        version: &'static str,
+        version_by_class: [u64; 6],
     }
 
     impl Model {
@@ -462,7 +522,14 @@ mod tests {
                     }
                 }
                 Op::ResetStep | Op::TakeStep => self.step = Counts::default(),
+                Op::Relabel(version) if version != self.version => {
+                    self.version = version;
+                    self.version_by_class = [0; 6];
+                    self.slices.clear();
+                }
+                Op::Relabel(_) => {}
             }
+            add_each(&mut self.version_by_class, &delta.by_class);
             for counts in [&mut self.totals, &mut self.step] {
                 counts.add(&delta);
             }
@@ -491,6 +558,7 @@ mod tests {
             Op::Rotate => m.rotate(),
             Op::ResetStep => m.reset_step(),
             Op::TakeStep => drop(m.take_step()),
+            Op::Relabel(version) => drop(m.set_version(version)),
         }
     }
 
@@ -524,6 +592,8 @@ mod tests {
                 };
                 prop_assert_eq!(now, model.totals);
                 prop_assert_eq!(totals.histogram.len(), now.requests());
+                prop_assert_eq!(&*totals.version, model.version);
+                prop_assert_eq!(totals.version_by_class, model.version_by_class);
                 let grew = |a: &[u64], b: &[u64]| a.iter().zip(b).all(|(x, y)| x >= y);
                 prop_assert!(grew(&now.by_class, &last.by_class));
                 prop_assert!(grew(&now.errors_by_kind, &last.errors_by_kind));
