@@ -114,6 +114,26 @@ async fn http11_without_host_or_with_two_hosts_is_400_in_any_form_and_http10_wit
 }
 
 #[tokio::test]
+async fn a_request_target_that_is_not_a_path_or_an_http_uri_is_400() {
+    let upstream = recording("blue").await;
+    let veer = Veer::start("", &host_route("any", &[], "/", upstream.addr)).await;
+    for target in ["example.com", "example.com:80", "ftp://example.com/", "*"] {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n");
+        let answer = raw(veer.addr, request.as_bytes()).await;
+        assert_eq!(raw_status(&answer), Some(400), "{target}: {answer}");
+    }
+    assert_eq!(upstream.request_count(), 0);
+    for target in ["/", "http://example.com/", "https://example.com/x"] {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n");
+        let answer = raw(veer.addr, request.as_bytes()).await;
+        assert_eq!(raw_status(&answer), Some(200), "{target}: {answer}");
+    }
+    veer.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_absolute_form_authority_wins_over_the_host_header() {
     let shop = recording("shop").await;
     let other = recording("other").await;

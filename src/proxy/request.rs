@@ -14,6 +14,21 @@ pub(super) fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), 
     if parts.method == Method::CONNECT {
         return Err(LocalError::BadRequest("CONNECT is not supported"));
     }
+    // The target is a path, `*` for OPTIONS, or an absolute http(s) URI: an authority alone
+    // (`GET example.com`) is CONNECT's form, and another scheme is not a reverse proxy's.
+    match parts.uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(_) => return Err(LocalError::BadRequest("request target scheme is not http")),
+        None if parts.uri.authority().is_some() => {
+            return Err(LocalError::BadRequest("request target is not a path"));
+        }
+        None if parts.uri.path() == "*" && parts.method != Method::OPTIONS => {
+            return Err(LocalError::BadRequest(
+                "request target * is for OPTIONS only",
+            ));
+        }
+        None => {}
+    }
     let uri_len = parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     if uri_len > server.max_uri_bytes {
         return Err(LocalError::UriTooLong);
