@@ -191,6 +191,38 @@ async fn odd_upstream_lengths_reach_h2_clients_as_one_plain_length() {
     veer.shutdown().await;
 }
 
+/// Sends `len` bytes on an h2 stream as veer's flow control lets them (5 s per grant at
+/// most), ending the stream: the bytes sent, or where it stopped and why.
+async fn send_h2_body(body: &mut h2::SendStream<Bytes>, len: usize) -> Result<usize, String> {
+    let chunk = Bytes::from(vec![b'x'; 65536]);
+    let mut sent = 0;
+    while sent < len {
+        body.reserve_capacity(chunk.len().min(len - sent));
+        let capacity = std::future::poll_fn(|cx| body.poll_capacity(cx));
+        let capacity = tokio::time::timeout(Duration::from_secs(5), capacity).await;
+        let granted = match capacity {
+            Ok(Some(Ok(granted))) => granted,
+            other => return Err(format!("after {sent} bytes: {other:?}")),
+        };
+        body.send_data(chunk.slice(..granted), sent + granted == len)
+            .map_err(|error| format!("after {sent} bytes: {error}"))?;
+        sent += granted;
+    }
+    Ok(sent)
+}
+
+/// The whole body of an h2 response, its flow-control window given back as it is read.
+async fn h2_text(response: http::Response<h2::RecvStream>) -> Vec<u8> {
+    let mut answer = response.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = answer.data().await {
+        let data = data.unwrap();
+        let _ = answer.flow_control().release_capacity(data.len());
+        text.extend_from_slice(&data);
+    }
+    text
+}
+
 /// veer's own early answer to an HTTP/2 request (a 413 on its Content-Length) reads and drops
 /// the rest of the body, so the client sends it all and the stream ends without a reset (which
 /// curl 7.88 reports as a failure instead of the answer).
@@ -214,29 +246,9 @@ async fn an_early_h2_413_lets_the_client_send_its_body_without_a_reset() {
         .unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), 413);
-    let mut answer = response.into_body();
-    let mut text = Vec::new();
-    while let Some(data) = answer.data().await {
-        let data = data.unwrap();
-        let _ = answer.flow_control().release_capacity(data.len());
-        text.extend_from_slice(&data);
-    }
-    assert_eq!(text, b"request body too large\n");
+    assert_eq!(h2_text(response).await, b"request body too large\n");
     // Then the whole body, as far as veer's flow control lets it.
-    let chunk = Bytes::from(vec![b'x'; 65536]);
-    let mut sent = 0;
-    while sent < len {
-        body.reserve_capacity(chunk.len().min(len - sent));
-        let capacity = std::future::poll_fn(|cx| body.poll_capacity(cx));
-        let capacity = tokio::time::timeout(Duration::from_secs(5), capacity).await;
-        let granted = match capacity {
-            Ok(Some(Ok(granted))) => granted,
-            other => panic!("after {sent} bytes: {other:?}"),
-        };
-        body.send_data(chunk.slice(..granted), sent + granted == len)
-            .unwrap_or_else(|error| panic!("after {sent} bytes: {error}"));
-        sent += granted;
-    }
+    assert_eq!(send_h2_body(&mut body, len).await, Ok(len));
     assert_eq!(upstream.request_count(), 0);
     veer.shutdown().await;
 }
@@ -258,33 +270,10 @@ async fn a_streamed_h2_upload_over_the_limit_gets_its_413_without_a_reset() {
         .unwrap()
         .send_request(request, false)
         .unwrap();
-    let sending = tokio::spawn(async move {
-        let chunk = Bytes::from(vec![b'x'; 65536]);
-        let mut sent = 0;
-        while sent < len {
-            body.reserve_capacity(chunk.len().min(len - sent));
-            let capacity = std::future::poll_fn(|cx| body.poll_capacity(cx));
-            let capacity = tokio::time::timeout(Duration::from_secs(5), capacity).await;
-            let granted = match capacity {
-                Ok(Some(Ok(granted))) => granted,
-                other => return Err(format!("after {sent} bytes: {other:?}")),
-            };
-            body.send_data(chunk.slice(..granted), sent + granted == len)
-                .map_err(|error| format!("after {sent} bytes: {error}"))?;
-            sent += granted;
-        }
-        Ok(sent)
-    });
+    let sending = tokio::spawn(async move { send_h2_body(&mut body, len).await });
     let response = response.await.unwrap();
     assert_eq!(response.status(), 413);
-    let mut answer = response.into_body();
-    let mut text = Vec::new();
-    while let Some(data) = answer.data().await {
-        let data = data.unwrap();
-        let _ = answer.flow_control().release_capacity(data.len());
-        text.extend_from_slice(&data);
-    }
-    assert_eq!(text, b"request body too large\n");
+    assert_eq!(h2_text(response).await, b"request body too large\n");
     assert_eq!(sending.await.unwrap(), Ok(len));
     veer.shutdown().await;
 }
