@@ -1,8 +1,9 @@
 //! Wiring: listeners, routing snapshot, controller, admin API, config watcher, reload and
 //! graceful shutdown.
 
+use std::fs::{File, OpenOptions, TryLockError};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +40,11 @@ pub enum AppError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "state.dir: {path:?} is in use by another veer (it holds the lock on {lock:?}); give \
+         each instance its own state.dir"
+    )]
+    StateInUse { path: PathBuf, lock: PathBuf },
 }
 
 /// The outcome of the last reload, for the admin API.
@@ -74,6 +80,8 @@ pub struct Running {
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     workers: Workers,
+    /// The lock on the state dir, released when this instance is dropped.
+    _state_lock: File,
 }
 
 /// Builds a snapshot, carrying each route's long-lived state over from `previous` by name
@@ -117,8 +125,35 @@ fn label_versions(shared: &RouteShared, config: &RouteConfig, reloaded: bool) {
     }
 }
 
+/// Takes `state.dir` for this instance: an exclusive advisory lock on `state.dir/veer.lock`,
+/// held while the file stays open. Two instances on one dir would overwrite each other's
+/// rollout state and journal.
+fn lock_state_dir(dir: &Path) -> Result<File, AppError> {
+    let io = |source| AppError::State {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let lock = dir.join("veer.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(AppError::StateInUse {
+            path: dir.to_path_buf(),
+            lock,
+        }),
+        Err(TryLockError::Error(source)) => Err(io(source)),
+    }
+}
+
 /// Binds everything and starts serving. Errors here are startup failures (exit code 2).
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, AppError> {
+    let state_lock = lock_state_dir(&config.state.dir)?;
     let store = Store::open(&config.state).map_err(|source| AppError::State {
         path: config.state.dir.clone(),
         source,
@@ -225,6 +260,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         listeners: accept_loops,
         tasks,
         workers,
+        _state_lock: state_lock,
     })
 }
 

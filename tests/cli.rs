@@ -96,8 +96,10 @@ fn a_second_veer_on_the_same_port_cannot_bind() {
         .split_whitespace()
         .find_map(|word| word.strip_prefix("listen="))
         .unwrap_or_else(|| panic!("no listen= in {line:?}"));
-    // Bounded: a second veer that did bind would run until killed.
-    let (code, stderr) = run_to_exit(&config(dir.path(), listen));
+    // Bounded: a second veer that did bind would run until killed. Its own dir: one state dir
+    // is for one veer.
+    let other = tempfile::tempdir().unwrap();
+    let (code, stderr) = run_to_exit(&config(other.path(), listen));
     first.kill().unwrap();
     first.wait().unwrap();
     assert_eq!(code, Some(2), "{stderr}");
@@ -105,6 +107,36 @@ fn a_second_veer_on_the_same_port_cannot_bind() {
         stderr.contains(&format!("cannot bind {listen}")),
         "{stderr}"
     );
+}
+
+/// A second veer on the state dir of a running one stops at start with exit code 2, naming
+/// the key and the path, instead of overwriting the first one's rollout state and journal.
+#[test]
+fn a_second_veer_on_the_same_state_dir_stops_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let (mut first, rx) = run(&path);
+    lines_until(&rx, "Admin API listening");
+    let (code, stderr) = run_to_exit(&path);
+    let first_running = first.try_wait().unwrap().is_none();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    let state = dir.path().join("veer-state");
+    assert!(
+        stderr.contains(&format!(
+            "state.dir: {state:?} is in use by another veer (it holds the lock on {:?})",
+            state.join("veer.lock")
+        )),
+        "{stderr}"
+    );
+    assert!(first_running, "the first veer keeps running");
+    // Once the first one is gone, the dir is free again.
+    let (mut again, rx) = run(&path);
+    let text = lines_until(&rx, "Admin API listening").join("\n");
+    again.kill().unwrap();
+    again.wait().unwrap();
+    assert!(text.contains("Admin API listening"), "{text}");
 }
 
 /// Started with a soft open-files limit of 64 (each proxied connection takes two descriptors),

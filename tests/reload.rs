@@ -274,6 +274,44 @@ async fn a_removed_then_readded_route_starts_fresh() {
     veer.shutdown().await;
 }
 
+/// `routes` with `stable = "green"` added to every route.
+fn green_stable(routes: &str) -> String {
+    routes.replace("[route.blue]\n", "stable = \"green\"\n[route.blue]\n")
+}
+
+/// `stable` is read at a route's first start only: a route that never had a rollout keeps its
+/// stable slot across a reload that changes the key, and across a restart after it too, both
+/// when it was there at start and when a reload added it.
+#[tokio::test]
+async fn a_routes_first_stable_slot_is_kept_by_a_restart_as_by_a_reload() {
+    let (blue, green) = upstreams().await;
+    let shop = route("shop", blue.addr, green.addr, AUTO);
+    let veer = Veer::start("", &shop).await;
+    assert_eq!(slot_of(&veer, "/", "user-1").await, "blue");
+    let both = format!("{shop}{}", other_route(blue.addr, green.addr));
+    std::fs::write(&veer.config_path, text_for(&veer, &both)).unwrap();
+    assert_eq!(reload(&veer).await.0, StatusCode::OK);
+    assert_eq!(slot_of(&veer, "/other/x", "user-1").await, "blue");
+
+    let on_green = green_stable(&both);
+    assert_eq!(on_green.matches("stable = \"green\"").count(), 2);
+    std::fs::write(&veer.config_path, text_for(&veer, &on_green)).unwrap();
+    assert_eq!(reload(&veer).await.0, StatusCode::OK);
+    for path in ["/", "/other/x"] {
+        assert_eq!(slot_of(&veer, path, "user-1").await, "blue", "{path}");
+    }
+
+    let Veer { running, dir, .. } = veer;
+    running.unwrap().shutdown().await;
+    let text = config_text(dir.path(), "", &on_green);
+    let veer = Veer::start_in(dir, &text).await;
+    for (name, path) in [("shop", "/"), ("other", "/other/x")] {
+        assert_eq!(slot_of(&veer, path, "user-1").await, "blue", "{path}");
+        assert_eq!(veer.route_status(name).await["stable"], "blue", "{name}");
+    }
+    veer.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS certificate rotation, by the admin endpoint and by SIGHUP.
 // ---------------------------------------------------------------------------------------------

@@ -56,6 +56,17 @@ impl Controller {
         rollout::restore(&self.route, &self.store)
     }
 
+    /// The route's state after a restart with `route` (a new process: a new store on the same
+    /// directory, then the config applied as at start).
+    fn restart(&self, route: &RouteConfig) -> Arc<RouteShared> {
+        let store = Arc::new(Store::new(&veer::config::StateConfig {
+            dir: self.dir.path().join("state"),
+        }));
+        let restored = rollout::restore(route, &store);
+        rollout::reconcile(&restored, route, None);
+        restored
+    }
+
     fn journal(&self) -> Vec<Value> {
         journal_lines(&self.dir.path().join("state"))
     }
@@ -95,7 +106,7 @@ async fn sparse_second(
     canary_ms: u64,
 ) -> bool {
     feed(shared, Slot::Blue, 10, 0, 10);
-    let canary = second % 10 == 0;
+    let canary = second.is_multiple_of(10);
     if canary {
         feed(shared, Slot::Green, 1, canary_errors, canary_ms);
     }
@@ -490,6 +501,152 @@ async fn steps_changed_by_a_reload_never_lower_the_weight() {
     assert!(weights.iter().all(|(from, to)| to >= from), "{weights:?}");
 }
 
+/// Starts a rollout and passes its first step on healthy traffic: ramping at 50 %.
+async fn ramp_to_half(c: &Controller, shared: &RouteShared) {
+    rollout::act(shared, &c.route, Action::Start, "test").unwrap();
+    feed(shared, Slot::Blue, 200, 0, 10);
+    feed(shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(shared, &c.route);
+    assert_eq!(phase_step_weight(shared), (Phase::Ramping, 1, 5000));
+}
+
+/// `route` with a slot's version label changed, as a reload would bring it.
+fn relabelled(route: &RouteConfig, slot: Slot, version: &str) -> RouteConfig {
+    let mut route = route.clone();
+    match slot {
+        Slot::Blue => route.blue.version = version.into(),
+        Slot::Green => route.green.version = version.into(),
+    }
+    route
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_canary_version_mid_rollout_starts_over_at_the_first_step_with_a_fresh_window() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_half(&c, &shared).await;
+    // Part of a step of v2's numbers, then green becomes v3.
+    feed(&shared, Slot::Green, 50, 0, 10);
+    tokio::time::advance(Duration::from_millis(600)).await;
+    let v3 = relabelled(&c.route, Slot::Green, "v3");
+    rollout::reconcile(&shared, &v3, Some(&c.route));
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
+    assert_eq!(shared.split.load().canary_bp, 1000);
+    assert_eq!(shared.rollout.view().step_elapsed, Duration::ZERO);
+    assert_eq!(shared.slot_metrics(Slot::Green).step().requests, 0);
+    let start = c.journal().pop().unwrap();
+    assert_eq!(
+        (&start["event"], &start["action"], &start["step"]),
+        (&"transition".into(), &"start".into(), &1.into())
+    );
+    assert_eq!(
+        (start["weight_from"].as_f64(), start["weight_to"].as_f64()),
+        (Some(50.0), Some(10.0))
+    );
+    let reason = start["reason"].as_str().unwrap();
+    assert!(reason.contains("green v2 -> v3"), "{reason}");
+
+    // Already at the first step: the weight stays, the step starts over all the same.
+    feed(&shared, Slot::Green, 50, 0, 10);
+    tokio::time::advance(Duration::from_millis(600)).await;
+    let v4 = relabelled(&c.route, Slot::Green, "v4");
+    rollout::reconcile(&shared, &v4, Some(&v3));
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
+    assert_eq!(shared.rollout.view().step_elapsed, Duration::ZERO);
+    assert_eq!(shared.slot_metrics(Slot::Green).step().requests, 0);
+    let start = c.journal().pop().unwrap();
+    assert_eq!(
+        (&start["event"], &start["action"]),
+        (&"transition".into(), &"start".into())
+    );
+    // A restart keeps the new rollout.
+    assert_eq!(
+        phase_step_weight(&c.restart(&v4)),
+        (Phase::Ramping, 0, 1000)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_canary_version_while_paused_at_100_percent_starts_over_without_the_kept_baseline() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_full(&c, &shared).await;
+    rollout::act(&shared, &c.route, Action::Pause, "test").unwrap();
+    assert!(shared.rollout.view().state.baseline.is_some());
+    let v3 = relabelled(&c.route, Slot::Green, "v3");
+    rollout::reconcile(&shared, &v3, Some(&c.route));
+    let state = shared.rollout.view().state;
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
+    assert_eq!(state.baseline, None);
+    assert_eq!(c.journal().pop().unwrap()["action"], "start");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_stable_version_mid_rollout_is_no_new_canary() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_half(&c, &shared).await;
+    tokio::time::advance(Duration::from_millis(600)).await;
+    let blue = relabelled(&c.route, Slot::Blue, "v1.1");
+    rollout::reconcile(&shared, &blue, Some(&c.route));
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+    assert!(shared.rollout.view().step_elapsed >= Duration::from_millis(600));
+    let reload = c.journal().pop().unwrap();
+    assert_eq!(
+        (&reload["event"], &reload["action"]),
+        (&"reload".into(), &"reload".into())
+    );
+}
+
+/// `route` in manual mode at `weight` basis points.
+fn manual(route: &RouteConfig, weight: u32) -> RouteConfig {
+    let mut route = route.clone();
+    route.rollout.mode = veer::config::Mode::Manual;
+    route.rollout.weight = weight;
+    route
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ramping_route_turned_manual_by_reload_takes_its_weight_as_after_a_restart() {
+    // The manual weight 0, and the weight the rollout happens to be at.
+    for (weight, phase) in [(0, Phase::Idle), (5000, Phase::Paused)] {
+        let (reloaded, restarted) = (Controller::new(""), Controller::new(""));
+        let shared = reloaded.restore();
+        ramp_to_half(&reloaded, &shared).await;
+        let to_manual = manual(&reloaded.route, weight);
+        rollout::reconcile(&shared, &to_manual, Some(&reloaded.route));
+        assert_eq!(phase_step_weight(&shared), (phase, 0, weight));
+        assert_eq!(shared.split.load().canary_bp, weight);
+        let journaled = reloaded.journal().pop().unwrap();
+        assert_eq!(journaled["action"], "weight", "{journaled}");
+        assert_eq!(journaled["to"], phase.as_str(), "{journaled}");
+
+        ramp_to_half(&restarted, &restarted.restore()).await;
+        let after_restart = restarted.restart(&manual(&restarted.route, weight));
+        assert_eq!(phase_step_weight(&after_restart), (phase, 0, weight));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_route_turned_auto_keeps_its_weight_paused_as_after_a_restart() {
+    let c = Controller::new("mode = \"manual\"\nweight = 20\n");
+    let shared = c.restore();
+    rollout::reconcile(&shared, &c.route, None);
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 2000));
+    let mut auto = c.route.clone();
+    auto.rollout.mode = veer::config::Mode::Auto;
+    assert_eq!(
+        phase_step_weight(&c.restart(&auto)),
+        (Phase::Paused, 0, 2000)
+    );
+    rollout::reconcile(&shared, &auto, Some(&c.route));
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 2000));
+    // `resume` hands it to the controller at the first step at or above the weight.
+    rollout::act(&shared, &auto, Action::Resume, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_manual_route_refuses_start_and_resume() {
     let c = Controller::new("mode = \"manual\"\n");
@@ -585,7 +742,13 @@ async fn a_corrupt_state_file_is_set_aside_and_reported() {
         .finish();
     let shared = tracing::subscriber::with_default(subscriber, || c.restore());
     assert_eq!(phase_step_weight(&shared), (Phase::Idle, 0, 0));
-    assert!(!routes.join("shop.json").exists());
+    // The fresh state is saved in its place.
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(routes.join("shop.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&saved["phase"], &saved["stable"]),
+        (&"idle".into(), &"blue".into())
+    );
     assert_eq!(
         std::fs::read_to_string(routes.join("shop.json.corrupt")).unwrap(),
         "{ \"stable\": \"blue\", "

@@ -134,17 +134,23 @@ fn versions(config: &RouteConfig) -> [String; 2] {
 }
 
 /// Long-lived state for a route appearing in the config: restored from `state.dir` when saved
-/// there, else from the config. A corrupt file is set aside and reported.
+/// there, else from the config and saved at once, so that a restart keeps what this start chose
+/// (`stable` is read at a route's first start only). A corrupt file is set aside and reported.
 pub fn restore(config: &RouteConfig, store: &Arc<Store>) -> Arc<RouteShared> {
     let state = match store.files.load(&config.name) {
         Ok(Some(state)) => {
             info!(route = %config.name, phase = state.phase.as_str(), weight = state.split().canary_percent(), "Rollout state restored.");
             state
         }
-        Ok(None) => initial_state(config),
-        Err(error) => {
-            warn!(route = %config.name, %error, "Rollout state unreadable; starting fresh.");
-            initial_state(config)
+        loaded => {
+            if let Err(error) = loaded {
+                warn!(route = %config.name, %error, "Rollout state unreadable; starting fresh.");
+            }
+            let state = initial_state(config);
+            if let Err(error) = store.files.save(&config.name, &state) {
+                warn!(route = %config.name, %error, "Cannot save rollout state.");
+            }
+            state
         }
     };
     let split = state.split();
@@ -190,9 +196,12 @@ fn commit(
 ) {
     let steps = &policy.steps;
     // A step index changed alone (steps changed by a reload) moves nobody: the step goes on.
+    // A start always begins a fresh step, even at the weight the route had (a new canary
+    // version at the first step).
     let moved = inner.state.canary_bp != next.canary_bp
         || inner.state.stable != next.stable
-        || inner.state.phase != next.phase;
+        || inner.state.phase != next.phase
+        || action == "start";
     // The same stable version still serving: its figures stay a fair baseline.
     let same_stable = inner.state.stable == next.stable
         && inner.state.versions[next.stable.index()] == next.versions[next.stable.index()];
@@ -295,15 +304,12 @@ fn baseline_histogram(baseline: &Baseline) -> Histogram<u64> {
     histogram
 }
 
-/// Brings a route's rollout state in line with a (new or reloaded) config: a manual weight
-/// that changed applies; in auto mode a new version label on the idle slot starts a rollout.
+/// Brings a route's rollout state in line with a (new or reloaded) config, as a restart with
+/// that config would: see [`manual_weight`] and [`new_canary`].
 pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&RouteConfig>) {
     let mut inner = shared.rollout.lock();
-    let labels = versions(config);
-    let canary = inner.state.canary();
-    let label_changed = inner.state.versions[canary.index()] != labels[canary.index()];
     let mut next = inner.state.clone();
-    next.versions = labels;
+    next.versions = versions(config);
     // Steps changed by a reload: show the step at or above the current weight (the weight
     // itself stays; the next pass moves to the first step above it).
     if next.phase == Phase::Ramping {
@@ -313,35 +319,16 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
             .position(|&bp| bp >= next.canary_bp)
             .unwrap_or(steps.len().saturating_sub(1));
     }
-    let (action, reason) = match config.rollout.mode {
-        Mode::Manual => {
-            let weight_changed = previous.is_none_or(|p| p.rollout.weight != config.rollout.weight);
-            if weight_changed && inner.state.canary_bp != config.rollout.weight {
-                next.canary_bp = config.rollout.weight;
-                next.phase = if config.rollout.weight > 0 {
-                    Phase::Paused
-                } else {
-                    Phase::Idle
-                };
-                next.step = 0;
-                ("weight", "manual weight from the config")
-            } else {
-                ("reload", "version labels or steps changed by a reload")
-            }
-        }
-        Mode::Auto => {
-            let idle = matches!(inner.state.phase, Phase::Idle | Phase::RolledBack);
-            if idle && label_changed {
-                match next.apply(Action::Start, &config.rollout.steps) {
-                    Ok(started) => next = started,
-                    Err(error) => warn!(route = %shared.name, %error, "Cannot start rollout."),
-                }
-                ("start", "new version label on the idle slot")
-            } else {
-                ("reload", "version labels or steps changed by a reload")
-            }
-        }
+    let change = match config.rollout.mode {
+        Mode::Manual => manual_weight(&mut next, config, previous),
+        Mode::Auto => new_canary(&mut next, &inner.state, &config.rollout.steps),
     };
+    let (action, reason) = change.unwrap_or_else(|| {
+        (
+            "reload",
+            "version labels or steps changed by a reload".to_string(),
+        )
+    });
     if next != inner.state {
         commit(
             shared,
@@ -349,10 +336,70 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
             next,
             &config.rollout,
             action,
-            reason,
+            &reason,
             None,
         );
     }
+}
+
+/// Manual mode: the config's weight applies at start, when a reload changes it, and when a
+/// reload turns the route manual. A rollout the controller no longer ramps stops there, even at
+/// the weight it had.
+fn manual_weight(
+    next: &mut RolloutState,
+    config: &RouteConfig,
+    previous: Option<&RouteConfig>,
+) -> Option<(&'static str, String)> {
+    let weight = config.rollout.weight;
+    let turned_manual = previous.is_some_and(|p| p.rollout.mode != Mode::Manual);
+    let changed = previous.is_none_or(|p| p.rollout.weight != weight);
+    if !(turned_manual || changed) || (next.canary_bp == weight && next.phase != Phase::Ramping) {
+        return None;
+    }
+    next.canary_bp = weight;
+    next.phase = if weight > 0 {
+        Phase::Paused
+    } else {
+        Phase::Idle
+    };
+    next.step = 0;
+    next.failures = 0;
+    let reason = if turned_manual {
+        "mode changed to manual: the config's weight applies"
+    } else {
+        "manual weight from the config"
+    };
+    Some(("weight", reason.to_string()))
+}
+
+/// Auto mode: a new version label on the canary slot starts a rollout. During one (ramping or
+/// paused) the old canary leaves and the new one starts over as from idle: first step, fresh
+/// step clock and window, and not the last rollout's kept baseline. A new label on the stable
+/// slot starts nothing.
+fn new_canary(
+    next: &mut RolloutState,
+    current: &RolloutState,
+    steps: &[u32],
+) -> Option<(&'static str, String)> {
+    let canary = current.canary();
+    let (was, now) = (
+        &current.versions[canary.index()],
+        &next.versions[canary.index()],
+    );
+    let reason = match current.phase {
+        _ if was == now => return None,
+        Phase::Idle | Phase::RolledBack => "new version label on the idle slot".to_string(),
+        Phase::Ramping | Phase::Paused => format!(
+            "new version on the canary slot during a rollout ({canary} {was} -> {now}): \
+             starting over"
+        ),
+    };
+    // Rollback is legal while ramping or paused; idle or rolled back, nothing is to withdraw.
+    let withdrawn = next
+        .apply(Action::Rollback, steps)
+        .unwrap_or_else(|_| next.clone());
+    *next = withdrawn.apply(Action::Start, steps).ok()?;
+    Some(("start", reason))
 }
 
 /// Policy for the judge from a route's config.

@@ -119,8 +119,8 @@ pub struct RolloutState {
     pub canary_bp: u32,
     /// Consecutive failing analyses in this step.
     pub failures: u32,
-    /// Version labels last seen per slot (`[blue, green]`): a new label on the idle slot
-    /// starts a rollout.
+    /// Version labels last seen per slot (`[blue, green]`): a new label on the canary slot
+    /// starts a rollout (over again, when one is under way).
     pub versions: [String; 2],
     /// Stable's baseline for the 100 % step (see [`Baseline`]); kept by the controller
     /// ([`RolloutState::apply`] only clears it when a rollout starts).
