@@ -116,7 +116,8 @@ pub(super) fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, 
 }
 
 /// A Host header value that can be an authority: `host[:port]` with a reg-name, IPv4 or
-/// bracketed IPv6 host. Checked without allocating.
+/// bracketed IPv6 host, and a port up to 65535. A reg-name has no empty label (`a..b`, `.a`;
+/// a trailing dot is fine), as NGINX checks it. Checked without allocating.
 fn valid_host(value: &[u8]) -> bool {
     let (host, port) = match value.iter().rposition(|&b| b == b':') {
         Some(i) if !value.starts_with(b"[") || value.get(i.wrapping_sub(1)) == Some(&b']') => {
@@ -124,7 +125,9 @@ fn valid_host(value: &[u8]) -> bool {
         }
         _ => (value, &b""[..]),
     };
-    let port_ok = port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+    let port_ok = port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= u32::from(u16::MAX);
     let host_ok = match host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
         Some(v6) => {
             !v6.is_empty()
@@ -134,6 +137,8 @@ fn valid_host(value: &[u8]) -> bool {
         }
         None => {
             !host.is_empty()
+                && !host.starts_with(b".")
+                && !host.windows(2).any(|w| w == b"..")
                 && host
                     .iter()
                     .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
@@ -168,6 +173,8 @@ mod tests {
             "[::1]:80",
             "[::1]",
             "a_b",
+            "shop.example.com.",
+            "host:65535",
         ] {
             assert!(valid_host(good.as_bytes()), "{good}");
         }
@@ -180,6 +187,10 @@ mod tests {
             "[::1",
             "host:80x",
             "host:123456",
+            "host:65536",
+            "host:99999",
+            "a..test",
+            ".a.test",
             "[zz]:1",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad}");
