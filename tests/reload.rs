@@ -523,3 +523,36 @@ async fn rewriting_the_file_twenty_times_under_load_fails_no_request() {
     assert_eq!(counted, report.sent());
     veer.shutdown().await;
 }
+
+/// A reload that gives the canary slot a new version during a rollout starts the rollout over
+/// for it at the first step, from the file on disk to the journal.
+#[tokio::test]
+async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
+    let (blue, green) = upstreams().await;
+    let shop = route("shop", blue.addr, green.addr, AUTO);
+    let veer = Veer::start("", &shop).await;
+    let (status, _) = veer
+        .admin_post("/api/v1/routes/shop/rollout/start", "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = veer
+        .admin_post("/api/v1/routes/shop/weight", r#"{"canary_percent": 50}"#)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(canary_weight(&veer, "shop").await, 50.0);
+
+    let v3 = shop.replace("version = \"v2\"", "version = \"v3\"");
+    assert_ne!(v3, shop);
+    std::fs::write(&veer.config_path, text_for(&veer, &v3)).unwrap();
+    assert_eq!(reload(&veer).await.0, StatusCode::OK);
+    let status = veer.route_status("shop").await;
+    assert_eq!(status["phase"], "ramping", "{status}");
+    assert_eq!(status["canary_weight"], 10.0, "{status}");
+    assert_eq!(status["versions"]["green"], "v3", "{status}");
+    let (_, events) = veer.admin_get("/api/v1/events?limit=1").await;
+    let last = &events["events"][0];
+    assert_eq!(last["action"], "start", "{last}");
+    let reason = last["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("v2 -> v3"), "{reason}");
+    veer.shutdown().await;
+}
