@@ -104,6 +104,8 @@ const NOTSENT_LOWAT: u32 = 128 * 1024;
 fn keep_unsent_small(stream: &TcpStream) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
 }
 
 /// Counts a live connection while it exists.

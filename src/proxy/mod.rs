@@ -395,9 +395,7 @@ impl Proxy {
         if let Some((logger, mut record)) = exchange.log {
             record.upstream_ms = millis(upstream);
             if local == LocalError::BodyAborted {
-                record.status = CLIENT_WENT_AWAY;
-                record.total_ms = millis(exchange.started.elapsed());
-                logger.log(record);
+                logged_gone(&logger, record, exchange.started);
             } else {
                 logged(&logger, record, &response, exchange.started);
             }
@@ -593,10 +591,8 @@ impl Drop for Pending<'_> {
             return;
         }
         self.metrics.record_client_abort();
-        if let Some((logger, mut record)) = self.log.take() {
-            record.status = CLIENT_WENT_AWAY;
-            record.total_ms = millis(self.started.elapsed());
-            logger.log(record);
+        if let Some((logger, record)) = self.log.take() {
+            logged_gone(&logger, record, self.started);
         }
     }
 }
@@ -662,6 +658,13 @@ fn logged(
     record.bytes = http_body::Body::size_hint(response.body())
         .exact()
         .unwrap_or(0);
+    logger.log(record);
+}
+
+/// Logs a request whose client went away before its answer, with status 499.
+fn logged_gone(logger: &AccessLogger, mut record: Record, started: Instant) {
+    record.status = CLIENT_WENT_AWAY;
+    record.total_ms = millis(started.elapsed());
     logger.log(record);
 }
 
