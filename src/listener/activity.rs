@@ -273,7 +273,8 @@ pin_project! {
     /// The connection's socket, telling its `Activity` when bytes arrive (a relaxed load per
     /// read; a clock read only for the first byte of a head) and whether writes find room,
     /// and holding what an open connection holds until it is closed. It sits right on the
-    /// socket, under TLS and any write buffer, so that a write taken is a write the kernel took.
+    /// socket, under TLS and any write buffer, so that a write taken is a write the kernel took
+    /// (and over TLS a read is a record's bytes: any record starts an awaited head's clock).
     pub(super) struct Watched<I> {
         #[pin]
         io: I,

@@ -386,8 +386,10 @@ fn new_canary(
         &current.versions[canary.index()],
         &next.versions[canary.index()],
     );
+    if was == now {
+        return None;
+    }
     let reason = match current.phase {
-        _ if was == now => return None,
         Phase::Idle | Phase::RolledBack => "new version label on the idle slot".to_string(),
         Phase::Ramping | Phase::Paused => format!(
             "new version on the canary slot during a rollout ({canary} {was} -> {now}): \
