@@ -153,6 +153,25 @@ async fn an_absolute_form_authority_wins_over_the_host_header() {
     veer.shutdown().await;
 }
 
+#[tokio::test]
+async fn dot_segments_do_not_steer_a_request_past_its_route() {
+    let public = recording("public").await;
+    let admin = recording("admin").await;
+    let routes = host_route("public", &[], "/public/", public.addr)
+        + &host_route("admin", &[], "/admin/", admin.addr);
+    let veer = Veer::start("", &routes).await;
+    for target in ["/public/../admin/users", "/public/%2E%2e/admin/users"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = raw(veer.addr, request.as_bytes()).await;
+        assert_eq!(raw_status(&answer), Some(200), "{answer}");
+        assert!(answer.ends_with("admin\n"), "{target}: {answer}");
+        // Forwarded as sent.
+        assert_eq!(admin.seen().last().unwrap().uri, target);
+    }
+    assert_eq!(public.request_count(), 0);
+    veer.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Headers
 

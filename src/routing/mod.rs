@@ -10,6 +10,7 @@ pub mod weights;
 #[cfg(test)]
 mod split_tests;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -212,6 +213,44 @@ fn forced_slot(value: &[u8]) -> Option<Slot> {
 pub const EJECTED_FOR: Duration = Duration::from_secs(10);
 
 /// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never ejected).
+/// `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4), `%2e` read as a dot, so
+/// that `/public/../admin` is routed as `/admin`, not by its first segment. Borrowed when
+/// there is nothing to resolve, which is the usual case.
+fn resolved(path: &str) -> Cow<'_, str> {
+    let is_dot = |seg: &str| seg == "." || seg.eq_ignore_ascii_case("%2e");
+    let is_dot_dot = |seg: &str| {
+        ["..", ".%2e", "%2e.", "%2e%2e"]
+            .iter()
+            .any(|dots| seg.eq_ignore_ascii_case(dots))
+    };
+    if !path.split('/').any(|seg| is_dot(seg) || is_dot_dot(seg)) {
+        return Cow::Borrowed(path);
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
+    let mut trailing_slash = false;
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if is_dot(segment) {
+            trailing_slash = last;
+        } else if is_dot_dot(segment) {
+            kept.pop();
+            trailing_slash = last;
+        } else {
+            kept.push(segment);
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in &kept {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || out.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
@@ -278,8 +317,10 @@ impl RoutingTable {
 
     /// The route for a host (without port, any case) and path: exact host beats wildcard
     /// beats any host; within a tier the longest matching `path_prefix` wins, and a tier
-    /// with no matching prefix falls through to the next.
+    /// with no matching prefix falls through to the next. The path is matched with its dot
+    /// segments resolved, as the upstream will read it.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        let path = resolved(path);
         let by_path = |list: &[usize]| {
             list.iter()
                 .map(|&i| &self.routes[i])
@@ -404,6 +445,39 @@ mod tests {
             name(Some("other"), "/static/a.css").as_deref(),
             Some("any-static")
         );
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_before_matching() {
+        for (path, want) in [
+            ("/a/b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/../b", "/b"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/..", "/"),
+            ("/../../x", "/x"),
+            ("/a/%2e%2E/b", "/b"),
+            ("/a/.%2e/b", "/b"),
+            ("/a/%2e/b", "/a/b"),
+            ("/a/.b/..c/...", "/a/.b/..c/..."),
+            ("/a//../b", "/a/b"),
+        ] {
+            assert_eq!(resolved(path), want, "{path}");
+        }
+        assert!(matches!(resolved("/plain/path"), Cow::Borrowed(_)));
+
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}{}",
+            route("public", "", "/public/"),
+            route("admin", "", "/admin/"),
+        );
+        let t = table(&text);
+        let name = |path| t.find(None, path).map(|r| r.name().to_string());
+        assert_eq!(name("/public/../admin/x").as_deref(), Some("admin"));
+        assert_eq!(name("/public/%2e%2e/admin/x").as_deref(), Some("admin"));
+        assert_eq!(name("/admin/../public/./a").as_deref(), Some("public"));
+        assert_eq!(name("/public/../other"), None);
     }
 
     #[test]
