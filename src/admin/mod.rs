@@ -256,13 +256,15 @@ fn apply(app: &App, name: &str, action: Action, reason: &str) -> Answer {
 }
 
 fn events(app: &App, query: &str) -> Answer {
+    const MAX_LIMIT: usize = 10_000;
     let limit = query
         .split('&')
         .find_map(|pair| pair.strip_prefix("limit="))
         .map(str::parse::<usize>);
     let limit = match limit {
         None => 50,
-        Some(Ok(n)) if n > 0 => n.min(10_000),
+        Some(Ok(n)) if n > 0 => n.min(MAX_LIMIT),
+        Some(Err(e)) if *e.kind() == std::num::IntErrorKind::PosOverflow => MAX_LIMIT,
         Some(_) => return json_error(StatusCode::BAD_REQUEST, "limit must be a positive integer"),
     };
     match app.store.journal.tail(limit) {
