@@ -568,7 +568,8 @@ async fn a_new_canary_version_mid_rollout_starts_over_at_the_first_step_with_a_f
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_new_canary_version_while_paused_at_100_percent_starts_over_without_the_kept_baseline() {
+async fn a_new_canary_version_while_paused_at_100_percent_starts_over_paused_without_the_kept_baseline(
+) {
     let c = Controller::new("");
     let shared = c.restore();
     ramp_to_full(&c, &shared).await;
@@ -577,9 +578,18 @@ async fn a_new_canary_version_while_paused_at_100_percent_starts_over_without_th
     let v3 = relabelled(&c.route, Slot::Green, "v3");
     rollout::reconcile(&shared, &v3, Some(&c.route));
     let state = shared.rollout.view().state;
-    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
+    // The new build gets the first step's weight, not 100 %, and waits for a resume.
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
     assert_eq!(state.baseline, None);
-    assert_eq!(c.journal().pop().unwrap()["action"], "start");
+    let entry = c.journal().pop().unwrap();
+    assert_eq!(entry["action"], "start");
+    assert!(entry["reason"].as_str().unwrap().contains("still paused"));
+    // Nothing moves while paused, however long the new build looks healthy.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
+    rollout::act(&shared, &c.route, Action::Resume, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
 }
 
 #[tokio::test(start_paused = true)]

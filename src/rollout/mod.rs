@@ -374,7 +374,8 @@ fn manual_weight(
 
 /// Auto mode: a new version label on the canary slot starts a rollout. During one (ramping or
 /// paused) the old canary leaves and the new one starts over as from idle: first step, fresh
-/// step clock and window, and not the last rollout's kept baseline. A new label on the stable
+/// step clock and window, and not the last rollout's kept baseline. A paused rollout stays
+/// paused, at the first step's weight, until someone resumes it. A new label on the stable
 /// slot starts nothing.
 fn new_canary(
     next: &mut RolloutState,
@@ -391,16 +392,24 @@ fn new_canary(
     }
     let reason = match current.phase {
         Phase::Idle | Phase::RolledBack => "new version label on the idle slot".to_string(),
-        Phase::Ramping | Phase::Paused => format!(
+        Phase::Ramping => format!(
             "new version on the canary slot during a rollout ({canary} {was} -> {now}): \
              starting over"
+        ),
+        Phase::Paused => format!(
+            "new version on the canary slot during a paused rollout ({canary} {was} -> {now}): \
+             starting over at the first step, still paused"
         ),
     };
     // Rollback is legal while ramping or paused; idle or rolled back, nothing is to withdraw.
     let withdrawn = next
         .apply(Action::Rollback, steps)
         .unwrap_or_else(|_| next.clone());
-    *next = withdrawn.apply(Action::Start, steps).ok()?;
+    let started = withdrawn.apply(Action::Start, steps).ok()?;
+    *next = match current.phase {
+        Phase::Paused => started.apply(Action::Pause, steps).ok()?,
+        _ => started,
+    };
     Some(("start", reason))
 }
 
