@@ -525,7 +525,8 @@ async fn rewriting_the_file_twenty_times_under_load_fails_no_request() {
 }
 
 /// A reload that gives the canary slot a new version during a rollout starts the rollout over
-/// for it at the first step, from the file on disk to the journal.
+/// for it at the first step, from the file on disk to the journal. The weight set by hand
+/// paused the rollout, and it stays paused for the new build.
 #[tokio::test]
 async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
     let (blue, green) = upstreams().await;
@@ -546,7 +547,7 @@ async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
     std::fs::write(&veer.config_path, text_for(&veer, &v3)).unwrap();
     assert_eq!(reload(&veer).await.0, StatusCode::OK);
     let status = veer.route_status("shop").await;
-    assert_eq!(status["phase"], "ramping", "{status}");
+    assert_eq!(status["phase"], "paused", "{status}");
     assert_eq!(status["canary_weight"], 10.0, "{status}");
     assert_eq!(status["versions"]["green"], "v3", "{status}");
     let (_, events) = veer.admin_get("/api/v1/events?limit=1").await;
@@ -554,5 +555,11 @@ async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
     assert_eq!(last["action"], "start", "{last}");
     let reason = last["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("v2 -> v3"), "{reason}");
+    let (status, body) = veer
+        .admin_post("/api/v1/routes/shop/rollout/resume", "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["phase"], "ramping", "{body}");
+    assert_eq!(body["canary_weight"], 10.0, "{body}");
     veer.shutdown().await;
 }
