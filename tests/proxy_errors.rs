@@ -293,6 +293,26 @@ async fn a_refused_endpoint_among_several_costs_no_request() {
     veer.shutdown().await;
 }
 
+/// An endpoint that takes the request and hangs up without an answer costs that one request
+/// (a 502: it may have acted on it, so it is not sent again), then is passed over while the
+/// other endpoint serves everyone.
+#[tokio::test]
+async fn an_endpoint_that_resets_is_passed_over_after_its_first_failure() {
+    let live = recording("blue").await;
+    let (hangup, _task) = wire::scripted_upstream(b"").await;
+    let veer = two_blue_endpoints(hangup, live.addr).await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(get(&veer.url("/"), &[]).await.0.as_u16());
+    }
+    let failed = statuses.iter().filter(|&&s| s == 502).count();
+    assert_eq!(failed, 1, "{statuses:?}");
+    assert_eq!(live.request_count(), 19);
+    let slot = blue_slot(&veer).await;
+    assert_eq!(slot["errors"]["reset"], 1, "{slot}");
+    veer.shutdown().await;
+}
+
 /// Every endpoint of the slot refusing: one 502, one connect error of the slot.
 #[tokio::test]
 async fn a_slot_whose_endpoints_all_refuse_answers_502_once() {

@@ -144,7 +144,10 @@ impl Proxy {
                     Box::pin(self.next_endpoints(route, decision.slot, endpoint, unsent, error));
                 tokio::time::timeout_at(deadline, others).await
             }
-            Ok(Err(Failed { error, .. })) => Ok(Err(error)),
+            Ok(Err(Failed { error, .. })) => {
+                pass_over_if_reset(route, decision.slot, endpoint, &error);
+                Ok(Err(error))
+            }
             Err(elapsed) => Err(elapsed),
         };
         let latency = sent.elapsed();
@@ -200,7 +203,10 @@ impl Proxy {
                     error: failed,
                     unsent: Some(unsent),
                 }) => (refused, request, error) = (next, unsent, failed),
-                Err(Failed { error, .. }) => return Err(error),
+                Err(Failed { error, .. }) => {
+                    pass_over_if_reset(route, slot, next, &error);
+                    return Err(error);
+                }
             }
         }
         route.eject(slot, refused);
@@ -544,6 +550,16 @@ fn failed(
     };
     debug!(route = route.name(), slot = %decision.slot, %error, status = local.status().as_u16(), "Upstream exchange failed.");
     local
+}
+
+/// An endpoint that reset an exchange before its answer is passed over for a while, as one
+/// that refused a connection is. The request itself is not sent again: the upstream may have
+/// acted on it.
+fn pass_over_if_reset(route: &Route, slot: Slot, endpoint: &Authority, error: &UpstreamError) {
+    let reset = crate::metrics::ErrorKind::Reset;
+    if upstream::classify(error) == Failure::Upstream(reset) {
+        route.eject(slot, endpoint);
+    }
 }
 
 /// Sets veer's sticky cookie when the decision drew a new id.

@@ -156,8 +156,10 @@ impl Route {
         }
     }
 
-    /// The next endpoint of a slot, round robin, passing over endpoints that refused a
-    /// connection in the last [`EJECTED_FOR`] (unless all of them did).
+    /// The next endpoint of a slot, round robin, passing over endpoints ejected in the last
+    /// [`EJECTED_FOR`] (unless all of them are). A passed-over turn
+    /// draws a new one, so the live endpoints share the load evenly: the turn of a dead one
+    /// does not always fall to its neighbour.
     pub fn endpoint(&self, slot: Slot) -> Option<&Authority> {
         let list = &self.endpoints[slot.index()];
         let down = &self.down_until[slot.index()];
@@ -165,17 +167,23 @@ impl Route {
         if n < 2 {
             return list.first();
         }
-        let start = self.shared.round_robin[slot.index()].fetch_add(1, Ordering::Relaxed) % n;
+        let counter = &self.shared.round_robin[slot.index()];
+        let turn = || counter.fetch_add(1, Ordering::Relaxed) % n;
         let mut now = None;
-        let up = (0..n).map(|k| (start + k) % n).find(|&i| {
+        let mut up = |i: usize| {
             let until = down[i].load(Ordering::Relaxed);
             until == 0 || until <= *now.get_or_insert_with(clock_ms)
-        });
-        list.get(up.unwrap_or(start))
+        };
+        let first = turn();
+        if up(first) {
+            return list.get(first);
+        }
+        let live = (1..n).map(|_| turn()).find(|&i| up(i));
+        list.get(live.unwrap_or(first))
     }
 
-    /// `endpoint` of `slot` could not be connected to: pass over it for [`EJECTED_FOR`]. A slot
-    /// with one endpoint keeps trying it.
+    /// `endpoint` of `slot` refused a connection or reset an exchange: pass over it for
+    /// [`EJECTED_FOR`]. A slot with one endpoint keeps trying it.
     pub fn eject(&self, slot: Slot, endpoint: &Authority) {
         let list = &self.endpoints[slot.index()];
         if list.len() < 2 {
@@ -209,7 +217,7 @@ fn forced_slot(value: &[u8]) -> Option<Slot> {
         .find(|slot| value.eq_ignore_ascii_case(slot.as_str().as_bytes()))
 }
 
-/// How long an endpoint that refused a connection is passed over.
+/// How long an endpoint that refused a connection or reset an exchange is passed over.
 pub const EJECTED_FOR: Duration = Duration::from_secs(10);
 
 /// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never ejected).
@@ -402,7 +410,9 @@ mod tests {
         r.eject(Slot::Blue, &two);
         let after = picks(30);
         assert!(after.iter().all(|e| e != "127.0.0.1:2"), "{after:?}");
-        assert!(after.contains(&"127.0.0.1:1".into()) && after.contains(&"127.0.0.1:3".into()));
+        // The live two share the load evenly: the dead one's turns do not all go to one.
+        let ones = after.iter().filter(|e| *e == "127.0.0.1:1").count();
+        assert_eq!((ones, after.len() - ones), (15, 15), "{after:?}");
         // Every endpoint ejected: still one to try, round robin.
         for e in ["127.0.0.1:1", "127.0.0.1:3"] {
             r.eject(Slot::Blue, &e.parse().unwrap());
