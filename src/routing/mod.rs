@@ -157,9 +157,9 @@ impl Route {
     }
 
     /// The next endpoint of a slot, round robin, passing over endpoints ejected in the last
-    /// [`EJECTED_FOR`] (unless all of them are). A passed-over turn
-    /// draws a new one, so the live endpoints share the load evenly: the turn of a dead one
-    /// does not always fall to its neighbour.
+    /// [`EJECTED_FOR`] (unless all of them are). A passed-over turn draws a new one, so the
+    /// live endpoints share the load evenly: the turn of a dead one does not always fall to
+    /// its neighbour.
     pub fn endpoint(&self, slot: Slot) -> Option<&Authority> {
         let list = &self.endpoints[slot.index()];
         let down = &self.down_until[slot.index()];
