@@ -420,6 +420,47 @@ async fn large_bodies_are_not_mirrored_and_small_ones_are_copied_intact() {
     veer.shutdown().await;
 }
 
+/// An upgrade request is not mirrored: a copy could only open a second tunnel, or be a plain
+/// request that differs from the handshake the client made.
+#[tokio::test]
+async fn an_upgrade_request_is_not_mirrored() {
+    use tokio::io::AsyncWriteExt;
+    let ws = Upstream::builder("ws")
+        .behaviour(Behaviour::WebSocketEcho)
+        .start()
+        .await
+        .unwrap();
+    let shadow = recording("shadow").await;
+    let route = shadow_route(
+        "ws",
+        "/",
+        ws.addr,
+        ws.addr,
+        Some((shadow.addr, "percent = 100")),
+    );
+    let veer = Veer::start("", &route).await;
+    let mut stream = tokio::net::TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = wire::read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.head);
+    drop(stream);
+    // A plain request after it is mirrored, so the shadow is not simply off.
+    assert_eq!(get_n(&veer, "/plain", 1).await[0].0, 200);
+    let state = settled_shadow(&veer, "ws").await;
+    assert_eq!(counter(&state, "requests"), 1, "{state}");
+    let seen = shadow.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/plain");
+    veer.shutdown().await;
+}
+
 /// When the primary fails (its slot refuses connections), the chosen shadow is still sent and
 /// compared with the status the client got: every chosen shadow ends with an outcome.
 #[tokio::test]

@@ -251,7 +251,11 @@ impl Proxy {
         };
         headers::to_upstream(&mut parts.headers, &forwarded, exchange.tunnelling);
         let empty_body = http_body::Body::is_end_stream(&body);
-        let tee = match self.shadow_job(route, &parts, empty_body, server) {
+        // An upgrade is not mirrored: its copy could only open a second tunnel.
+        let shadow = (!exchange.tunnelling)
+            .then(|| self.shadow_job(route, &parts, empty_body, server))
+            .flatten();
+        let tee = match shadow {
             Some((job, tee)) => {
                 exchange.shadow = Some(job);
                 tee
