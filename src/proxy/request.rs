@@ -89,7 +89,9 @@ pub(super) fn discard_unread(version: Version, body: Incoming) {
 
 /// The effective authority: the URI's (absolute form or HTTP/2), else the single Host
 /// header. HTTP/1.1 without a Host header, or any request with two, is a 400, whatever the form
-/// of its target (RFC 9112 §3.2).
+/// of its target (RFC 9112 §3.2). An HTTP/2 request whose Host names another host than its
+/// `:authority` is malformed (RFC 9113 §8.3.1): a 400, not routed by one and read by the
+/// upstream as the other.
 pub(super) fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, LocalError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host = hosts.next();
@@ -103,6 +105,16 @@ pub(super) fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, 
         // As strict as for Host: no userinfo (RFC 9113 §8.3.1), no empty host.
         if !valid_host(authority.as_str().as_bytes()) {
             return Err(LocalError::BadRequest("invalid authority"));
+        }
+        fn dotless(name: &str) -> &str {
+            name.strip_suffix('.').unwrap_or(name)
+        }
+        let other_host = |host: &HeaderValue| {
+            let name = host.to_str().map(strip_port).unwrap_or_default();
+            !dotless(name).eq_ignore_ascii_case(dotless(authority.host()))
+        };
+        if parts.version == Version::HTTP_2 && host.is_some_and(other_host) {
+            return Err(LocalError::BadRequest("Host differs from :authority"));
         }
         return HeaderValue::from_str(authority.as_str())
             .map(Some)
@@ -195,6 +207,41 @@ mod tests {
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_h2_host_naming_another_host_than_the_authority_is_400() {
+        let parts = |version, host: &str| {
+            let mut request = http::Request::builder()
+                .version(version)
+                .uri("https://Shop.example.com:8443/x");
+            if !host.is_empty() {
+                request = request.header(header::HOST, host);
+            }
+            request.body(()).unwrap().into_parts().0
+        };
+        for host in [
+            "",
+            "shop.example.com",
+            "SHOP.example.com:8443",
+            "shop.example.com:1",
+            "shop.example.com.",
+        ] {
+            let authority = effective_authority(&parts(Version::HTTP_2, host)).unwrap();
+            assert_eq!(authority.unwrap(), "Shop.example.com:8443", "{host}");
+        }
+        for host in ["other.example.com", "shop.example.com.evil", "[::1]"] {
+            assert!(
+                matches!(
+                    effective_authority(&parts(Version::HTTP_2, host)),
+                    Err(LocalError::BadRequest("Host differs from :authority"))
+                ),
+                "{host}"
+            );
+        }
+        // HTTP/1.1 absolute form: the target's authority wins, the Host header is ignored.
+        let authority = effective_authority(&parts(Version::HTTP_11, "other.example.com"));
+        assert_eq!(authority.unwrap().unwrap(), "Shop.example.com:8443");
     }
 
     #[test]
