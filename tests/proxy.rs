@@ -216,7 +216,8 @@ async fn hop_by_hop_headers_of_the_response_stay_behind() {
     let (upstream, task) = scripted_upstream(
         b"HTTP/1.1 200 OK\r\nConnection: x-up-secret\r\nX-Up-Secret: 1\r\n\
           Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n\
-          Trailer: x-checksum\r\nX-Up-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+          Trailer: x-checksum\r\nX-Up-Kept: yes\r\nVia: 1.1 inner\r\n\
+          Content-Length: 2\r\n\r\nok",
     )
     .await;
     let veer = Veer::shop("", upstream).await;
@@ -224,6 +225,9 @@ async fn hop_by_hop_headers_of_the_response_stay_behind() {
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"ok");
     assert_eq!(headers["x-up-kept"], "yes");
+    // veer adds itself to the response's Via too, after the proxies before it.
+    let via: Vec<_> = headers.get_all("via").iter().collect();
+    assert_eq!(via, ["1.1 inner", "1.1 veer"]);
     for gone in ["x-up-secret", "keep-alive", "proxy-connection", "upgrade"] {
         assert!(!headers.contains_key(gone), "{gone} reached the client");
     }

@@ -118,12 +118,17 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
         headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
         headers.insert(header::HOST, host.clone());
     }
-    let via = match fwd.version {
+    headers.append(header::VIA, via(fwd.version));
+}
+
+/// veer's `Via` entry for a message received in `version` (RFC 9110 §7.6.3), added to what
+/// it forwards both ways.
+pub fn via(version: http::Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
         http::Version::HTTP_2 => "2 veer",
         http::Version::HTTP_10 => "1.0 veer",
         _ => "1.1 veer",
-    };
-    headers.append(header::VIA, HeaderValue::from_static(via));
+    })
 }
 
 /// HTTP/2 clients may send their cookies as several `cookie` fields; on HTTP/1.1 they go as

@@ -331,6 +331,9 @@ impl Proxy {
             }
         }
         headers::to_client(status, &mut rparts.headers, switched);
+        rparts
+            .headers
+            .append(header::VIA, headers::via(rparts.version));
         if http10 && !rparts.headers.contains_key(header::CONTENT_LENGTH) {
             // An HTTP/1.0 client has no chunked framing: a body without a length ends with
             // the connection. Answered as HTTP/1.0, hyper closes it without announcing
