@@ -1136,7 +1136,14 @@ fn parse_statuses(text: &str) -> Option<StatusSet> {
 }
 
 fn host_pattern(text: &str) -> Option<HostPattern> {
-    let lower = text.trim().to_ascii_lowercase();
+    let text = text.trim();
+    // An IPv6 literal, with or without brackets, is kept in the canonical bracketed form the
+    // routing table compares request hosts in.
+    let bare = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+    if let Ok(v6) = bare.unwrap_or(text).parse::<std::net::Ipv6Addr>() {
+        return Some(HostPattern::Exact(format!("[{v6}]")));
+    }
+    let lower = text.to_ascii_lowercase();
     let (wild, name) = match lower.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, lower.as_str()),
@@ -1817,5 +1824,22 @@ max_header_bytes = \"x\"\n",
         );
         assert_eq!(host_pattern("a b.com"), None);
         assert_eq!(host_pattern("*"), None);
+    }
+
+    #[test]
+    fn ipv6_literal_hosts_are_kept_bracketed_and_canonical() {
+        for text in ["::1", "[::1]", "[0:0::1]", " [::1] "] {
+            assert_eq!(
+                host_pattern(text),
+                Some(HostPattern::Exact("[::1]".into())),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            host_pattern("[FE80::A]"),
+            Some(HostPattern::Exact("[fe80::a]".into()))
+        );
+        assert_eq!(host_pattern("[::1]:80"), None);
+        assert_eq!(host_pattern("[zz]"), None);
     }
 }

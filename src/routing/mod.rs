@@ -259,6 +259,11 @@ fn resolved(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The address of a bracketed IPv6 host (`[::1]`).
+fn ipv6_literal(host: &str) -> Option<std::net::Ipv6Addr> {
+    host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
 fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
@@ -335,10 +340,14 @@ impl RoutingTable {
                 .find(|route| path.starts_with(route.config.path_prefix.as_str()))
         };
         if let Some(host) = host {
-            let lower;
-            let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-                lower = host.to_ascii_lowercase();
-                lower.as_str()
+            let canonical;
+            let host = if let Some(v6) = ipv6_literal(host) {
+                // `[0:0::1]` and `[::1]` are one host.
+                canonical = format!("[{v6}]");
+                canonical.as_str()
+            } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                canonical = host.to_ascii_lowercase();
+                canonical.as_str()
             } else {
                 host
             };
@@ -431,12 +440,13 @@ mod tests {
     #[test]
     fn exact_host_beats_wildcard_beats_any_then_longest_prefix() {
         let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}{}{}{}{}",
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}{}{}{}{}{}",
             route("any", "", "/"),
             route("wild", "\"*.example.com\"", "/"),
             route("exact", "\"shop.example.com\"", "/"),
             route("exact-api", "\"shop.example.com\"", "/api"),
             route("any-static", "", "/static"),
+            route("v6", "\"::1\"", "/"),
         );
         let t = table(&text);
         let name = |host: Option<&str>, path| t.find(host, path).map(|r| r.name().to_string());
@@ -449,6 +459,8 @@ mod tests {
             Some("exact-api")
         );
         assert_eq!(name(Some("a.example.com"), "/").as_deref(), Some("wild"));
+        assert_eq!(name(Some("[0:0::1]"), "/").as_deref(), Some("v6"));
+        assert_eq!(name(Some("[::2]"), "/").as_deref(), Some("any"));
         assert_eq!(name(Some("example.com"), "/").as_deref(), Some("any"));
         assert_eq!(name(None, "/static/a.css").as_deref(), Some("any-static"));
         assert_eq!(
