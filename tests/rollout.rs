@@ -373,11 +373,20 @@ async fn pause_freezes_the_weight_and_resume_never_lowers_it() {
     rollout::analyse(&shared, &c.route);
     assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
 
-    // A hand-set weight pauses; resuming continues at the first step at or above it.
+    // A hand-set weight pauses; resuming goes on at that weight (shown as the step above it)
+    // until it passes an analysis there: no jump to the next step unjudged.
     rollout::act(&shared, &c.route, Action::SetWeight(7000), "test").unwrap();
     assert_eq!(phase_step_weight(&shared), (Phase::Paused, 1, 7000));
     assert_eq!(shared.split.load().canary_bp, 7000);
     rollout::act(&shared, &c.route, Action::Resume, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 7000));
+    assert_eq!(shared.split.load().canary_bp, 7000);
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 7000));
+    feed(&shared, Slot::Blue, 200, 0, 10);
+    feed(&shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    rollout::analyse(&shared, &c.route);
     assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 10_000));
 }
 
@@ -652,9 +661,9 @@ async fn a_manual_route_turned_auto_keeps_its_weight_paused_as_after_a_restart()
     );
     rollout::reconcile(&shared, &auto, Some(&c.route));
     assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 2000));
-    // `resume` hands it to the controller at the first step at or above the weight.
+    // `resume` hands it to the controller at that weight, shown as the step above it.
     rollout::act(&shared, &auto, Action::Resume, "test").unwrap();
-    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 2000));
 }
 
 #[tokio::test(start_paused = true)]

@@ -188,15 +188,17 @@ impl RolloutState {
             }
             (Phase::Ramping, Action::Pause) => next.phase = Phase::Paused,
             (Phase::Paused, Action::Resume) => {
-                // Continue at the first step at or above the current weight, so that resuming
-                // never moves users back to stable.
-                let step = steps
-                    .iter()
-                    .position(|&bp| bp >= self.canary_bp)
-                    .unwrap_or(steps.len().saturating_sub(1));
+                // Go on at the weight as it is (a weight set by hand is analysed before it
+                // grows; the next pass moves to the first step above it), shown as the step
+                // at or above it. At 0 the canary would get nothing to judge: the first step.
+                if self.canary_bp == 0 {
+                    next.canary_bp = first;
+                }
                 next.phase = Phase::Ramping;
-                next.step = step;
-                next.canary_bp = steps.get(step).copied().unwrap_or(10_000);
+                next.step = steps
+                    .iter()
+                    .position(|&bp| bp >= next.canary_bp)
+                    .unwrap_or(steps.len().saturating_sub(1));
                 next.failures = 0;
             }
             (Phase::Ramping | Phase::Paused, Action::Promote) => next.promote(),
@@ -373,11 +375,21 @@ mod tests {
     }
 
     #[test]
-    fn resume_never_lowers_a_hand_set_weight() {
+    fn resume_goes_on_at_a_hand_set_weight_until_a_pass() {
         let paused = idle().apply(Action::SetWeight(2000), &STEPS).unwrap();
         assert_eq!(paused.phase, Phase::Paused);
         let resumed = paused.apply(Action::Resume, &STEPS).unwrap();
-        assert_eq!((resumed.step, resumed.canary_bp), (2, 5000));
+        // Neither lowered nor raised: shown as the step above it, analysed at 20 %.
+        assert_eq!(
+            (resumed.phase, resumed.step, resumed.canary_bp),
+            (Phase::Ramping, 2, 2000)
+        );
+        let passed = resumed.apply(Action::StepPassed, &STEPS).unwrap();
+        assert_eq!((passed.step, passed.canary_bp), (2, 5000));
+        // At 0 there would be nothing to judge: the first step.
+        let at_zero = idle().apply(Action::SetWeight(0), &STEPS).unwrap();
+        let resumed = at_zero.apply(Action::Resume, &STEPS).unwrap();
+        assert_eq!((resumed.step, resumed.canary_bp), (0, STEPS[0]));
     }
 
     #[test]
@@ -489,8 +501,12 @@ mod tests {
                     Phase::Idle => prop_assert!(state.canary_bp == 0 || state.step == 0),
                     Phase::RolledBack => prop_assert_eq!(state.canary_bp, 0),
                     Phase::Ramping => {
+                        // On a step, or (resumed at a hand-set weight) between the step
+                        // below and the shown step.
                         prop_assert!(state.step < STEPS.len());
-                        prop_assert_eq!(state.canary_bp, STEPS[state.step]);
+                        prop_assert!(state.canary_bp > 0);
+                        prop_assert!(state.canary_bp <= STEPS[state.step]);
+                        prop_assert!(state.step == 0 || state.canary_bp > STEPS[state.step - 1]);
                     }
                     Phase::Paused => {}
                 }
