@@ -47,6 +47,25 @@ fn demo_rolls_back_a_green_with_errors() {
     );
 }
 
+/// A green that never answers is rolled back on the requests it keeps waiting, long before
+/// `request_timeout` (60 s) could turn them into errors: the demo's 30 s bound fails the test
+/// otherwise.
+#[test]
+fn demo_rolls_back_a_green_that_hangs_before_any_timeout() {
+    let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["demo", "--min-step-time", "1s", "--rate", "600"])
+        .args(["--timeout", "30s", "--green-latency", "1h"])
+        .output()
+        .expect("veer demo runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("Rolled back: all traffic is on blue (v1).")
+            && text.contains("still waiting for an answer"),
+        "{text}"
+    );
+}
+
 /// Options the demo cannot run with are usage errors (exit 1) that name the option; the demo
 /// does not start. `--timeout 1s` bounds a demo that would start anyway.
 #[test]

@@ -86,6 +86,8 @@ fn demo_config(
         r#"
 [server]
 listen = ["127.0.0.1:0"]
+# Once the rollout is decided, the demo does not wait for hanging answers.
+drain_timeout = "1s"
 [admin]
 listen = "{admin}"
 [state]
@@ -341,36 +343,35 @@ fn print_journal(entries: &[Value]) {
     }
 }
 
-/// A paced load of many distinct users (`x-user` header), until `stop`.
+/// An open-loop load of many distinct users (`x-user` header) at `rate` requests per second,
+/// until `stop`: each request on its own task, so that slow or hanging answers do not slow
+/// the others down (at most `MAX_IN_FLIGHT` at once). Requests still under way at the end are
+/// dropped.
 async fn load(proxy: SocketAddr, rate: u32, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
-    const WORKERS: u32 = 32;
+    const MAX_IN_FLIGHT: usize = 2_000;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let per_worker = Duration::from_secs_f64(f64::from(WORKERS) / f64::from(rate.max(1)));
-    let mut tasks = Vec::new();
-    for _ in 0..WORKERS {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut in_flight = tokio::task::JoinSet::new();
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        while in_flight.try_join_next().is_some() {}
+        if in_flight.len() >= MAX_IN_FLIGHT {
+            continue;
+        }
+        let user = fastrand::u32(0..20_000);
+        let request = http::Request::builder()
+            .uri(format!("http://{proxy}/"))
+            .header("x-user", format!("user-{user}"))
+            .body(Empty::new());
+        let Ok(request) = request else { continue };
+        sent.fetch_add(1, Ordering::Relaxed);
         let client = client.clone();
-        let stop = Arc::clone(&stop);
-        let sent = Arc::clone(&sent);
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(per_worker);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let user = fastrand::u32(0..20_000);
-                let request = http::Request::builder()
-                    .uri(format!("http://{proxy}/"))
-                    .header("x-user", format!("user-{user}"))
-                    .body(Empty::new());
-                let Ok(request) = request else { continue };
-                if let Ok(response) = client.request(request).await {
-                    let _ = response.into_body().collect().await;
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
+        in_flight.spawn(async move {
+            if let Ok(response) = client.request(request).await {
+                let _ = response.into_body().collect().await;
             }
-        }));
-    }
-    for task in tasks {
-        let _ = task.await;
+        });
     }
 }
 

@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use tokio::time::{Duration, Instant, MissedTickBehavior};
 
 pub use window::{empty_histogram, record_micros_n, MAX_LATENCY_US, SIGNIFICANT_DIGITS};
-use window::{Aggregate, Shard};
+use window::{Aggregate, Shard, Waiting, WAITING_SECONDS};
 
 /// Length of one time slice of the sliding window; `rotate` is due this often.
 pub const SLICE: Duration = Duration::from_secs(10);
@@ -176,6 +176,16 @@ pub fn latency_histogram() -> Histogram<u64> {
 pub struct SlotMetrics {
     shards: Box<[Padded<Mutex<Shard>>]>,
     aggregate: Mutex<Aggregate>,
+    /// Second 0 of the waiting requests' clock.
+    born: Instant,
+}
+
+/// A request sent upstream, waiting for its answer: hand it back to
+/// [`SlotMetrics::answered`].
+#[derive(Debug)]
+pub struct Sent {
+    shard: usize,
+    second: u64,
 }
 
 /// Keeps each shard on its own cache lines.
@@ -196,7 +206,65 @@ impl SlotMetrics {
                 .map(|_| Padded(Mutex::new(Shard::new())))
                 .collect(),
             aggregate: Mutex::new(Aggregate::new(Instant::now())),
+            born: Instant::now(),
         }
+    }
+
+    /// A request is sent upstream now: it counts as waiting (see [`SlotMetrics::waiting`])
+    /// until [`SlotMetrics::answered`].
+    pub fn sent(&self) -> Sent {
+        let shard = thread_shard() & (self.shards.len() - 1);
+        let second = self.born.elapsed().as_secs();
+        if let Some(padded) = self.shards.get(shard) {
+            let mut locked = lock(&padded.0);
+            let entry = &mut locked.waiting[second as usize % WAITING_SECONDS];
+            if entry.second != second {
+                *entry = Waiting {
+                    second,
+                    ..Waiting::default()
+                };
+            }
+            entry.sent = entry.sent.saturating_add(1);
+        }
+        Sent { shard, second }
+    }
+
+    /// The request `sent` stands for got its answer head, failed, or was given up.
+    pub fn answered(&self, sent: Sent) {
+        if let Some(padded) = self.shards.get(sent.shard) {
+            let mut locked = lock(&padded.0);
+            let entry = &mut locked.waiting[sent.second as usize % WAITING_SECONDS];
+            if entry.second == sent.second && entry.answered < entry.sent {
+                entry.answered += 1;
+            }
+        }
+    }
+
+    /// Requests sent upstream in the last 64 s and still without an answer, as `(waited at
+    /// least, how many)`, longest waiting first: how the controller sees a canary that hangs
+    /// before any timeout ends its requests.
+    pub fn waiting(&self) -> Vec<(Duration, u64)> {
+        let now = self.born.elapsed();
+        let this_second = now.as_secs();
+        let mut by_age = [0u64; WAITING_SECONDS];
+        for padded in self.shards.iter() {
+            let locked = lock(&padded.0);
+            for entry in &locked.waiting {
+                let age = this_second.checked_sub(entry.second);
+                if let Some(age) = age.filter(|&age| age < WAITING_SECONDS as u64) {
+                    by_age[age as usize] += u64::from(entry.sent - entry.answered);
+                }
+            }
+        }
+        // Sent within second `s`: waited at least from the end of `s` until now.
+        (0..WAITING_SECONDS)
+            .rev()
+            .filter(|&age| by_age[age] > 0)
+            .map(|age| {
+                let end_of_second = Duration::from_secs(this_second - age as u64 + 1);
+                (now.saturating_sub(end_of_second), by_age[age])
+            })
+            .collect()
     }
 
     /// An upstream response head arrived. `latency` = request sent upstream -> response head
@@ -385,6 +453,38 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_without_an_answer_are_seen_waiting_by_how_long() {
+        let m = SlotMetrics::with_shards(2);
+        assert!(m.waiting().is_empty());
+        let (a, b) = (m.sent(), m.sent());
+        tokio::time::advance(ms(1500)).await;
+        let c = m.sent();
+        // Sent in second 0: waited at least 0.5 s; in second 1: at least nothing yet.
+        assert_eq!(m.waiting(), [(ms(500), 2), (ms(0), 1)]);
+        m.answered(a);
+        assert_eq!(m.waiting(), [(ms(500), 1), (ms(0), 1)]);
+        tokio::time::advance(ms(10_000)).await;
+        assert_eq!(m.waiting(), [(ms(10_500), 1), (ms(9_500), 1)]);
+        m.answered(b);
+        m.answered(c);
+        assert!(m.waiting().is_empty());
+        // Answers on another thread's shard land where the request was counted.
+        let d = m.sent();
+        std::thread::scope(|s| {
+            s.spawn(|| m.answered(d));
+        });
+        assert!(m.waiting().is_empty());
+        // Past 64 s a request is no longer seen, and its second's entry is reused.
+        let _hung = m.sent();
+        tokio::time::advance(ms(64_000)).await;
+        assert!(m.waiting().is_empty());
+        let e = m.sent();
+        assert_eq!(m.waiting(), [(ms(0), 1)]);
+        m.answered(e);
+        assert!(m.waiting().is_empty());
     }
 
     #[test]

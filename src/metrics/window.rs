@@ -101,11 +101,26 @@ fn add_each(into: &mut [u64], from: &[u64]) {
     }
 }
 
-/// What a recording shard holds between two drains.
+/// Seconds of sending a shard keeps waiting requests for (see [`Waiting`]).
+pub const WAITING_SECONDS: usize = 64;
+
+/// Requests sent upstream in one second (counted from the slot's creation) and how many of
+/// them have had their answer. A shard reuses the entry of second `s` for `s + 64`: requests
+/// waiting longer than that are no longer seen.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Waiting {
+    pub second: u64,
+    pub sent: u32,
+    pub answered: u32,
+}
+
+/// What a recording shard holds between two drains, and its waiting requests.
 #[derive(Debug)]
 pub struct Shard {
     pub counts: Counts,
     pub hist: Histogram<u32>,
+    /// Indexed by second modulo [`WAITING_SECONDS`]; never drained.
+    pub waiting: [Waiting; WAITING_SECONDS],
 }
 
 impl Shard {
@@ -113,6 +128,7 @@ impl Shard {
         Shard {
             counts: Counts::default(),
             hist: empty_histogram(),
+            waiting: [Waiting::default(); WAITING_SECONDS],
         }
     }
 

@@ -578,10 +578,14 @@ fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision,
     }
 }
 
-/// Counts a client abort, and logs the request with status 499 (the client went away, as
-/// NGINX logs it), when the request future is dropped before the upstream answered.
+/// The request while the upstream is waited for: counted as waiting (the controller sees a
+/// hanging canary by it); when the request future is dropped before the upstream answered,
+/// counts a client abort and logs the request with status 499 (the client went away, as
+/// NGINX logs it).
 struct Pending<'a> {
     metrics: &'a SlotMetrics,
+    /// Counted as waiting for its answer until dropped.
+    sent: Option<crate::metrics::Sent>,
     done: bool,
     /// The exchange's access-log line, borrowed (not moved) while the upstream is waited for.
     log: &'a mut Option<(AccessLogger, Record)>,
@@ -596,6 +600,7 @@ impl<'a> Pending<'a> {
     ) -> Self {
         Self {
             metrics,
+            sent: Some(metrics.sent()),
             done: false,
             log,
             started,
@@ -610,6 +615,9 @@ impl<'a> Pending<'a> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            self.metrics.answered(sent);
+        }
         if self.done {
             return;
         }

@@ -197,6 +197,9 @@ pub struct Evidence<'a> {
     /// `stable` is a kept window that no longer grows (the 100 % step).
     pub stable_frozen: bool,
     pub step_elapsed: Duration,
+    /// Canary requests sent and not answered yet, as `(waited at least, how many)`: those
+    /// waiting longer than the latency bound count as samples above it.
+    pub canary_waiting: &'a [(Duration, u64)],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,8 +291,12 @@ pub struct LatencyTest {
     /// The canary's observed quantile is within `pass_bound_ms`: a step passes on the
     /// latency only with this.
     pub within_bound: bool,
-    /// Canary samples above the bound (to the histogram's resolution).
+    /// Canary samples above the bound (to the histogram's resolution), `canary_late` included.
     pub canary_above_bound: u64,
+    /// Canary requests not answered yet that have waited longer than the bound: counted as
+    /// samples above it (and in `canary_samples`).
+    #[serde(default)]
+    pub canary_late: u64,
     /// `canary_samples · (1 − quantile)`: what the null allows at most, on average.
     pub expected_above_bound: f64,
     /// ln Λ of the mixture test on the fraction above the bound.
@@ -345,6 +352,7 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
         (evidence.canary.latency_us, canary_q_us),
         (evidence.stable.latency_us, stable_q_us),
         evidence.stable_frozen,
+        evidence.canary_waiting,
     );
     let qlabel = quantile_label(p.quantile);
 
@@ -375,9 +383,13 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
                 ));
             }
             if let Some(t) = latency_test.as_ref().filter(|t| t.failing) {
+                let late = match t.canary_late {
+                    0 => String::new(),
+                    n => format!(", {n} of them still waiting for an answer"),
+                };
                 parts.push(format!(
                     "canary {qlabel} {:.1}ms exceeds bound {:.1}ms (stable {:.1}ms; {}/{} canary \
-                 samples above it, {:.0} allowed)",
+                 samples above it{late}, {:.0} allowed)",
                     t.canary_ms,
                     t.bound_ms,
                     t.stable_ms,
@@ -617,26 +629,53 @@ fn error_test(p: &Params, canary: &SlotSummary, stable: &SlotSummary) -> ErrorTe
 }
 
 /// `canary`/`stable`: each histogram with its value at the quantile (`None` when empty);
-/// `stable_frozen`: stable's window no longer grows.
+/// `stable_frozen`: stable's window no longer grows; `waiting`: see
+/// [`Evidence::canary_waiting`].
 fn latency_test(
     p: &Params,
     canary: (&Histogram<u64>, Option<u64>),
     stable: (&Histogram<u64>, Option<u64>),
     stable_frozen: bool,
+    waiting: &[(Duration, u64)],
 ) -> Option<LatencyTest> {
     let needed = min_latency_samples(p.quantile)?;
     let (ch, sh) = (canary.0, stable.0);
-    let (nc, ns) = (ch.len(), sh.len());
-    if ns < MIN_TEST_REQUESTS || nc < MIN_TEST_REQUESTS {
+    let ns = sh.len();
+    if ns < MIN_TEST_REQUESTS {
+        return None;
+    }
+    let stable_us = stable.1? as f64;
+    let bound_us = (stable_us * p.ratio).max(stable_us + p.delta_us);
+    // A request waiting longer than the bound will be answered above it, if ever: it is a
+    // sample above the bound now, so that a hanging canary fails before any timeout ends
+    // its requests. Its value is at least how long it has waited.
+    let late: Vec<(f64, u64)> = waiting
+        .iter()
+        .map(|&(waited, n)| (waited.as_micros() as f64, n))
+        .filter(|&(waited_us, _)| waited_us > bound_us)
+        .collect();
+    let late_count: u64 = late.iter().map(|&(_, n)| n).sum();
+    let nc = ch.len() + late_count;
+    if nc < MIN_TEST_REQUESTS {
         return None;
     }
     // The stable quantile is a fair bound only with a real tail behind it; before that the
     // test can neither fail nor pass on its own (`within_bound` decides a pass).
     let stable_ready = ns >= needed;
     let tail = 1.0 - p.quantile;
-    let canary_us = canary.1? as f64;
-    let stable_us = stable.1? as f64;
-    let bound_us = (stable_us * p.ratio).max(stable_us + p.delta_us);
+    // The canary's quantile over its answers and its late requests, these taken as the
+    // largest values: among the answers, or the least any late one has waited.
+    let rank = (p.quantile * nc as f64).ceil() as u64;
+    let canary_us = if rank <= ch.len() {
+        match (late_count, canary.1) {
+            (0, Some(value)) => value as f64,
+            _ => ch.value_at_quantile(rank as f64 / ch.len() as f64) as f64,
+        }
+    } else {
+        late.iter()
+            .map(|&(waited_us, _)| waited_us)
+            .fold(f64::INFINITY, f64::min)
+    };
     // A pass is judged against the bound. A frozen stable window keeps its quantile's
     // sampling noise for good: then the bound comes from the quantile's upper confidence
     // limit, the value at `q + z·√(q(1−q)/n)` (the normal approximation of the order
@@ -675,6 +714,7 @@ fn latency_test(
         complete: stable_ready && nc >= needed,
         within_bound: canary_us <= pass_bound_us,
         canary_above_bound: above,
+        canary_late: late_count,
         expected_above_bound: n * tail,
         log_lr,
         threshold: p.threshold,
@@ -800,6 +840,7 @@ mod tests {
             },
             stable_frozen: false,
             step_elapsed: Duration::from_secs(elapsed_secs),
+            canary_waiting: &[],
         }
     }
 
@@ -856,6 +897,40 @@ mod tests {
         assert!(v["latency_test"]["bound_ms"].is_number());
         let back: Judgement = serde_json::from_value(v).unwrap();
         assert_eq!(back, j);
+    }
+
+    #[test]
+    fn a_canary_whose_requests_hang_fails_before_any_answer() {
+        let stable = filled(2_000, 1.0, 3);
+        let none = histogram(3);
+        let judge_waiting = |canary: &Histogram<u64>, waiting: &[(Duration, u64)], secs| {
+            let mut e = evidence((canary.len(), 0, canary), (2_000, 0, &stable), secs);
+            e.canary_waiting = waiting;
+            judge(&Policy::default(), &e)
+        };
+        // 30 canary requests sent, none answered, all waiting for 2 s (p99 bound ~79 ms).
+        let hung = judge_waiting(&none, &[(Duration::from_secs(2), 30)], 5);
+        assert_eq!(hung.verdict, Verdict::Fail, "{}", hung.reason);
+        let t = hung.latency_test.as_ref().unwrap();
+        assert!(
+            t.failing && t.canary_late == 30 && t.canary_samples == 30,
+            "{t:?}"
+        );
+        assert_eq!(t.canary_ms, 2_000.0);
+        assert!(
+            hung.reason.contains("30 of them still waiting"),
+            "{}",
+            hung.reason
+        );
+        // Waiting no longer than the bound is no evidence either way.
+        let young = judge_waiting(&none, &[(Duration::from_millis(50), 30)], 5);
+        assert_eq!(young.verdict, Verdict::Hold, "{}", young.reason);
+        assert!(young.latency_test.is_none());
+        // A healthy canary with one slow request under way still passes.
+        let healthy = filled(2_000, 1.0, 3);
+        let one_slow = judge_waiting(&healthy, &[(Duration::from_secs(1), 1)], 30);
+        assert_eq!(one_slow.verdict, Verdict::Pass, "{}", one_slow.reason);
+        assert_eq!(one_slow.latency_test.unwrap().canary_late, 1);
     }
 
     #[test]
@@ -1375,6 +1450,7 @@ mod tests {
                         stable: stable.evidence(),
                         stable_frozen: weight >= 100,
                         step_elapsed: Duration::from_secs(second),
+                        canary_waiting: &[],
                     },
                 );
                 let rolled_back = Outcome::RolledBack {

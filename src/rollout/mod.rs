@@ -454,6 +454,7 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
         }
     };
     let step_elapsed = inner.step_started.elapsed();
+    let canary_waiting = shared.slot_metrics(split.canary()).waiting();
     let mut judgement = judge::judge(
         &policy(config),
         &Evidence {
@@ -469,6 +470,7 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
             },
             stable_frozen: frozen,
             step_elapsed,
+            canary_waiting: &canary_waiting,
         },
     );
     if full && inner.state.baseline.is_none() && judgement.verdict == Verdict::Hold {
