@@ -420,14 +420,7 @@ impl Validator<'_> {
     /// The admin API cannot listen where the proxy does: the same port on the same address,
     /// or on any address when either is unspecified (`0.0.0.0`, `[::]`).
     fn admin_apart(&mut self, listen: &[SocketAddr], admin: SocketAddr) {
-        let clash = |addr: &&SocketAddr| {
-            addr.port() == admin.port()
-                && admin.port() != 0
-                && (addr.ip() == admin.ip()
-                    || addr.ip().is_unspecified()
-                    || admin.ip().is_unspecified())
-        };
-        if let Some(addr) = listen.iter().find(clash) {
+        if let Some(addr) = listen.iter().find(|addr| clash(addr, &admin)) {
             self.error(
                 &[Seg::Key("admin"), Seg::Key("listen")],
                 format!("{admin} takes the port of server.listen {addr}"),
@@ -530,6 +523,11 @@ impl Validator<'_> {
                     if let Some(addr) = self.socket_addr(&path, addr) {
                         if listen.contains(&addr) {
                             self.error(&path, format!("{addr} is listed twice"));
+                        } else if let Some(other) = listen.iter().find(|a| clash(a, &addr)) {
+                            self.error(
+                                &path,
+                                format!("{addr} and {other} cannot both be bound: one covers the other's port"),
+                            );
                         }
                         listen.push(addr);
                     }
@@ -1135,6 +1133,15 @@ fn parse_statuses(text: &str) -> Option<StatusSet> {
     any.then_some(set)
 }
 
+/// Two listen addresses the kernel would not both bind: the same port (not 0) on the same
+/// address, or with one of them the wildcard of its family (`[::]` covers IPv4 too).
+fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    let covers = |wild: &SocketAddr, other: &SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 fn host_pattern(text: &str) -> Option<HostPattern> {
     let text = text.trim();
     // An IPv6 literal, with or without brackets, is kept in the canonical bracketed form the
@@ -1650,6 +1657,30 @@ endpoints = ["127.0.0.1:9002"]
         for state in [dir.path().to_path_buf(), dir.path().join("a/b")] {
             let text = format!("{MINIMAL}[state]\ndir = \"{}\"\n", state.display());
             assert!(parse(&text, None).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses_that_cover_each_other_are_refused() {
+        let with = |list: &str| MINIMAL.replace("\"127.0.0.1:8080\"", list);
+        for list in [
+            r#""127.0.0.1:8080", "0.0.0.0:8080""#,
+            r#""0.0.0.0:8080", "127.0.0.1:8080""#,
+            r#""[::]:8080", "127.0.0.1:8080""#,
+            r#""[::1]:8080", "[::]:8080""#,
+        ] {
+            let errs = errors(&with(list));
+            assert_eq!(errs.len(), 1, "{list}: {errs:?}");
+            assert_eq!(errs[0].path, "server.listen[1]", "{errs:?}");
+            assert!(errs[0].message.contains("cannot both be bound"), "{errs:?}");
+        }
+        for list in [
+            r#""127.0.0.1:8080", "127.0.0.2:8080""#,
+            r#""0.0.0.0:8080", "[::1]:8080""#,
+            r#""127.0.0.1:8080", "0.0.0.0:8081""#,
+            r#""127.0.0.1:0", "0.0.0.0:0""#,
+        ] {
+            assert!(errors(&with(list)).is_empty(), "{list}");
         }
     }
 
