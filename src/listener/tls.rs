@@ -22,6 +22,11 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{path}: no private key found")]
     NoKey { path: PathBuf },
+    #[error(
+        "{path}: the private key is encrypted; veer reads unencrypted PEM keys \
+         (`openssl pkey -in KEY -out PLAIN` decrypts it)"
+    )]
+    EncryptedKey { path: PathBuf },
     #[error("certificate and key do not make a TLS config: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -74,12 +79,47 @@ pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, 
 
 /// The first private key in a PEM file.
 pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut open(path)?)
-        .map_err(|source| TlsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::NoKey {
-            path: path.to_path_buf(),
-        })
+    let found = rustls_pemfile::private_key(&mut open(path)?);
+    // rustls-pemfile passes over encrypted PKCS#8 keys and cannot parse the headers of
+    // encrypted PKCS#1 ones: say which it is.
+    let encrypted = || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED")
+    };
+    let path = path.to_path_buf();
+    match found {
+        Ok(Some(key)) => Ok(key),
+        _ if encrypted() => Err(TlsError::EncryptedKey { path }),
+        Ok(None) => Err(TlsError::NoKey { path }),
+        Err(source) => Err(TlsError::Read { path, source }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encrypted_key_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+                "is encrypted",
+            ),
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+                 DEK-Info: AES-256-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+                "is encrypted",
+            ),
+            ("not a key\n", "no private key found"),
+        ];
+        for (i, (text, expected)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("key{i}.pem"));
+            std::fs::write(&path, text).unwrap();
+            let error = private_key(&path).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
 }
