@@ -431,8 +431,14 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
                     ),
                 ),
                 _ => {
+                    // Enough evidence and still no pass: say so, and why below.
+                    let waiting = if time_ok && requests_ok {
+                        "holding with enough evidence"
+                    } else {
+                        "waiting for evidence"
+                    };
                     let mut reason = format!(
-                        "waiting for evidence: {}/{} canary requests, {}/{}",
+                        "{waiting}: {}/{} canary requests, {}/{}",
                         canary.requests,
                         policy.min_requests,
                         secs(evidence.step_elapsed),
@@ -950,6 +956,22 @@ mod tests {
         );
         // The canary's 37 samples are from the stable's distribution: no latency clause.
         assert!(!j.reason.contains("p99"), "{}", j.reason);
+        // With enough evidence, a canary that looks worse than the margin is held, and the
+        // reason does not claim it waits for evidence.
+        let h = filled(2_000, 1.0, 3);
+        let j = judge(
+            &Policy::default(),
+            &evidence((2_000, 30, &h), (2_000, 10, &h), 40),
+        );
+        assert_eq!(j.verdict, Verdict::Hold, "{}", j.reason);
+        assert!(
+            j.reason.starts_with(
+                "holding with enough evidence: 2000/500 canary requests, 40s/30s; canary \
+                 error rate 1.5% vs stable 0.5% is above the 0.5% margin"
+            ),
+            "{}",
+            j.reason
+        );
     }
 
     #[test]
