@@ -46,7 +46,13 @@ fn admin_request(
     path: &str,
 ) -> Result<http::request::Builder, CliError> {
     let base = admin.trim_end_matches('/');
-    let uri: Uri = format!("{base}{path}")
+    // `127.0.0.1:9901`, as `admin.listen` and `veer demo --admin` write it, is meant as http.
+    let scheme = if base.parse::<SocketAddr>().is_ok() {
+        "http://"
+    } else {
+        ""
+    };
+    let uri: Uri = format!("{scheme}{base}{path}")
         .parse()
         .map_err(|_| CliError::Url(admin.to_string()))?;
     if uri.scheme_str() != Some("http") || uri.authority().is_none() {

@@ -62,7 +62,7 @@ enum Command {
 /// the environment, else the default URL and no token.
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// Admin API URL [default: -c FILE's admin.listen, else $VEER_ADMIN, else
+    /// Admin API URL, or its ip:port [default: -c FILE's admin.listen, else $VEER_ADMIN, else
     /// http://127.0.0.1:9901]
     #[arg(long)]
     admin: Option<String>,

@@ -190,7 +190,8 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
         "notaurl",
         "https://127.0.0.1:9901",
         "http://",
-        "127.0.0.1:9901",
+        "localhost",
+        "127.0.0.1",
     ] {
         for args in [
             vec!["status", "--admin", admin],

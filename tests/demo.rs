@@ -76,17 +76,29 @@ fn impossible_demo_options_are_usage_errors() {
         ["--green-errors", "nan"],
         ["--green-errors", "inf"],
         ["--green-errors=-0.1", "--rate=800"],
+        ["--green-errors", "-0.1"],
+        ["--green-latency", "-5ms"],
+        ["--green-latency", "abc"],
+        ["--timeout", "0s"],
+        ["--min-step-time", "0s"],
         ["--rate", "0"],
         ["--admin", "0.0.0.0:0"],
         ["--admin", "not-an-address"],
     ] {
+        let bound: &[&str] = if args[0] == "--timeout" {
+            &[]
+        } else {
+            &["--timeout", "1s"]
+        };
         let output = Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["demo", "--timeout", "1s"])
+            .arg("demo")
+            .args(bound)
             .args(args)
             .output()
             .expect("veer demo runs");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("invalid value"), "{args:?}: {stderr}");
         let option = args[0].split('=').next().unwrap();
         assert!(stderr.contains(option), "{args:?}: {stderr}");
         assert!(!stderr.contains("demo config"), "{args:?}: {stderr}");

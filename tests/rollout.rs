@@ -1502,7 +1502,9 @@ async fn cli_status_and_rollout_start_talk_to_the_admin_api() {
     );
     assert_eq!(blue_row[6], "-", "no step without a rollout:\n{out}");
 
-    let (code, out, err) = veer_cli(&["rollout", "start", "shop", "--admin", &admin]).await;
+    // The bare address, as admin.listen writes it, is taken as http.
+    let bare = veer.admin.to_string();
+    let (code, out, err) = veer_cli(&["rollout", "start", "shop", "--admin", &bare]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ramping") && out.contains("10.00%"), "{out}");
     assert_eq!(veer.route_status("shop").await["phase"], "ramping");

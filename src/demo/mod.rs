@@ -28,22 +28,23 @@ use upstream::Upstream;
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
     /// Fraction of green's answers that are 500s, from 0 to 1 (e.g. 0.05): watch the rollback.
-    #[arg(long, value_parser = fraction, default_value_t = 0.0)]
+    #[arg(long, value_parser = fraction, default_value_t = 0.0, allow_hyphen_values = true)]
     pub green_errors: f64,
     /// Latency added to every green answer (e.g. 50ms): watch the rollback.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
+    #[arg(long, value_parser = duration, default_value = "0ms", allow_hyphen_values = true)]
     pub green_latency: Duration,
-    /// Keep the admin API on this loopback address while the demo runs (e.g. 127.0.0.1:9901).
+    /// Keep the admin API on this loopback address while the demo runs (e.g. 127.0.0.1:9901;
+    /// an http:// URL is taken too).
     #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9901", value_parser = loopback)]
     pub admin: Option<SocketAddr>,
     /// Requests per second of the synthetic load (1 or more).
     #[arg(long, default_value_t = 800, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate: u32,
-    /// Give up after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
+    /// Give up after this long (more than 0).
+    #[arg(long, value_parser = positive_duration, default_value = "3m", allow_hyphen_values = true)]
     pub timeout: Duration,
-    /// Seconds each step lasts at least.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    /// How long each step lasts at least (more than 0).
+    #[arg(long, value_parser = positive_duration, default_value = "3s", allow_hyphen_values = true)]
     pub min_step_time: Duration,
 }
 
@@ -55,8 +56,25 @@ fn fraction(text: &str) -> Result<f64, String> {
     }
 }
 
-/// `--admin`: a loopback ip:port. The demo's admin API has no token, so it stays on this host.
+/// A duration such as `50ms`, `2s` or `1m`.
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|_| "must be a duration such as 50ms, 2s or 1m".to_string())
+}
+
+/// A duration above zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        Duration::ZERO => Err("must be more than 0".into()),
+        positive => Ok(positive),
+    }
+}
+
+/// `--admin`: a loopback ip:port (or `http://ip:port`, as `status` and `rollout` take it). The
+/// demo's admin API has no token, so it stays on this host.
 fn loopback(text: &str) -> Result<SocketAddr, String> {
+    let text = text.strip_prefix("http://").unwrap_or(text);
+    let text = text.strip_suffix('/').unwrap_or(text);
     match text.parse::<SocketAddr>() {
         Ok(addr) if addr.ip().is_loopback() => Ok(addr),
         Ok(_) => Err("must be a loopback address such as 127.0.0.1:9901: \
