@@ -347,12 +347,17 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Runs until SIGTERM or SIGINT, then drains.
+/// Runs until SIGTERM or SIGINT, then drains; a second signal stops it at once.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
     let running = start(config, config_path).await?;
     wait_for_signal().await;
     info!("Shutting down.");
-    running.shutdown().await;
+    tokio::select! {
+        () = running.shutdown() => {}
+        () = wait_for_signal() => {
+            warn!("Second signal: stopping now, without waiting for requests in flight.");
+        }
+    }
     Ok(())
 }
 

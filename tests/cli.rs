@@ -109,6 +109,67 @@ fn a_second_veer_on_the_same_port_cannot_bind() {
     );
 }
 
+/// A second SIGTERM while veer drains stops it at once, instead of waiting out
+/// `drain_timeout` (30 s here) for a request its upstream never answers.
+#[test]
+fn a_second_signal_stops_a_draining_veer_at_once() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "127.0.0.1:9\"",
+            &format!("{}\"", blackhole.local_addr().unwrap()),
+        )
+        .replace("[admin]", "drain_timeout = \"30s\"\n[admin]");
+    std::fs::write(&path, text).unwrap();
+    let (mut child, rx) = run(&path);
+    let lines = lines_until(&rx, "Proxy listening");
+    let listen = lines
+        .last()
+        .and_then(|line| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("listen="))
+        })
+        .expect("veer logs its listener")
+        .to_string();
+    let mut client = std::net::TcpStream::connect(&listen).unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let _upstream_side = blackhole.accept().unwrap();
+    let pid = child.id().to_string();
+    let term = || {
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    term();
+    assert!(lines_until(&rx, "Shutting down")
+        .join("\n")
+        .contains("Shutting down"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    term();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("still draining 10 s after the second signal");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+    assert!(lines_until(&rx, "Second signal")
+        .join("\n")
+        .contains("Second signal"));
+}
+
 /// A second veer on the state dir of a running one stops at start with exit code 2, naming
 /// the key and the path, instead of overwriting the first one's rollout state and journal.
 #[test]
