@@ -24,9 +24,11 @@ use crate::routing::{RouteShared, RoutingTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr} ({key}): {source}")]
     Bind {
         addr: SocketAddr,
+        /// The config key the address is from.
+        key: &'static str,
         source: std::io::Error,
     },
     #[error("TLS: {0}")]
@@ -168,8 +170,13 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     // sockets[address][worker]
     let mut sockets = Vec::with_capacity(config.server.listen.len());
     for &addr in &config.server.listen {
-        let bound = listener::workers::bind(addr, workers.handles().len())
-            .map_err(|source| AppError::Bind { addr, source })?;
+        let bound = listener::workers::bind(addr, workers.handles().len()).map_err(|source| {
+            AppError::Bind {
+                addr,
+                key: "server.listen",
+                source,
+            }
+        })?;
         sockets.push(bound);
     }
     let proxy_addrs: Vec<SocketAddr> = sockets
@@ -184,12 +191,14 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         .await
         .map_err(|source| AppError::Bind {
             addr: config.admin.listen,
+            key: "admin.listen",
             source,
         })?;
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|source| AppError::Bind {
             addr: config.admin.listen,
+            key: "admin.listen",
             source,
         })?;
     let table = Arc::new(ArcSwap::from_pointee(build_table(config, None, &store)));

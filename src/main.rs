@@ -80,6 +80,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if cli.command.is_none() && cli.config.is_none() {
+        // Plain `veer`: what it can do, as a usage error (it was given nothing to run).
+        use clap::CommandFactory;
+        eprint!("{}", Cli::command().render_help());
+        return ExitCode::from(1);
+    }
     let command = cli.command.unwrap_or(Command::Run);
     // The demo draws a live view on stdout; its logs would only scroll it away.
     let quiet = matches!(command, Command::Demo(_));

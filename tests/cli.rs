@@ -327,6 +327,51 @@ fn an_unreadable_tls_certificate_is_a_config_error() {
     }
 }
 
+/// Plain `veer`, with nothing to run, shows what it can do on stderr and exits 1; `veer run`
+/// without a file says what it needs.
+#[test]
+fn plain_veer_shows_its_commands_as_a_usage_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_veer")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Usage: veer") && stderr.contains("demo"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .arg("run")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("veer run needs -c FILE"), "{stderr}");
+}
+
+/// `admin.token_env` naming a variable that is set but empty says so, not just "empty".
+#[test]
+fn an_empty_token_variable_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "listen = \"127.0.0.1:0\"\n[[route]]",
+        "listen = \"127.0.0.1:0\"\ntoken_env = \"VEER_EMPTY_TOKEN\"\n[[route]]",
+    );
+    assert!(text.contains("VEER_EMPTY_TOKEN"), "{text}");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .env("VEER_EMPTY_TOKEN", "")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("admin.token_env: environment variable VEER_EMPTY_TOKEN is empty"),
+        "{said}"
+    );
+}
+
 /// An admin address whose port accepts connections but never answers: `status`, `rollout` and
 /// `health` give up after 5 s and say so, instead of hanging: exit code 2 (a runtime failure),
 /// or 1 for `health`, the code a container runtime reads as unhealthy.

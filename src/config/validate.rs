@@ -600,6 +600,7 @@ impl Validator<'_> {
     fn admin(&mut self, raw: super::file::RawAdmin) -> Option<AdminConfig> {
         let listen = self.socket_addr(&[Seg::Key("admin"), Seg::Key("listen")], &raw.listen);
         let raw_token_env = raw.token.is_none() && raw.token_env.is_some();
+        let token_env_name = raw.token_env.clone();
         let token_given = raw.token.is_some() || raw.token_env.is_some();
         let token = match (raw.token, raw.token_env) {
             (Some(_), Some(_)) => {
@@ -625,7 +626,13 @@ impl Validator<'_> {
         // The key the token came from: a problem with the value is that key's.
         let key = if raw_token_env { "token_env" } else { "token" };
         match token.as_deref() {
-            Some("") => self.error(&[Seg::Key("admin"), Seg::Key(key)], "must not be empty"),
+            Some("") => {
+                let message = match token_env_name.filter(|_| raw_token_env) {
+                    Some(var) => format!("environment variable {var} is empty"),
+                    None => "must not be empty".to_string(),
+                };
+                self.error(&[Seg::Key("admin"), Seg::Key(key)], message)
+            }
             Some(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => self.error(
                 &[Seg::Key("admin"), Seg::Key(key)],
                 "must be visible ASCII, without spaces or control characters: \

@@ -193,7 +193,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
     )?;
     let running = app::start(config, None)
         .await
-        .context("cannot start the proxy")?;
+        .context("cannot start the demo")?;
     let proxy = running
         .proxy_addrs
         .first()

@@ -333,12 +333,20 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("corrupt rollout state {path} (moved to {aside:?}): {source}")]
+    #[error("corrupt rollout state {} ({}): {source}", path.display(), set_aside(aside.as_deref()))]
     Corrupt {
         path: PathBuf,
         aside: Option<PathBuf>,
         source: serde_json::Error,
     },
+}
+
+/// Where a corrupt state file went, for its error message.
+fn set_aside(aside: Option<&Path>) -> String {
+    match aside {
+        Some(path) => format!("set aside as {}", path.display()),
+        None => "it could not be set aside".to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -523,10 +531,13 @@ mod tests {
         files.save("shop", &state).unwrap();
         assert_eq!(files.load("shop").unwrap(), Some(state));
         fs::write(dir.path().join("routes/shop.json"), "{ not json").unwrap();
-        assert!(matches!(
-            files.load("shop"),
-            Err(StateError::Corrupt { aside: Some(_), .. })
-        ));
+        let error = files.load("shop").unwrap_err();
+        assert!(matches!(error, StateError::Corrupt { aside: Some(_), .. }));
+        let message = error.to_string();
+        assert!(
+            message.contains("shop.json (set aside as ") && message.contains("shop.json.corrupt)"),
+            "{message}"
+        );
         assert!(files.load("shop").unwrap().is_none());
         assert!(dir.path().join("routes/shop.json.corrupt").exists());
     }
