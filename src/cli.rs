@@ -139,6 +139,15 @@ pub async fn call(
     Ok((status, value))
 }
 
+/// Writes `text` to stdout and flushes it. A closed stdout (`veer status | head -1`) is an
+/// error for the caller, not the panic that `print!` makes of it.
+pub fn out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()
+}
+
 /// `veer status`: prints one table of every route.
 pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     let (_, value) = call(admin, token, Method::GET, "/api/v1/routes", None).await?;
@@ -147,7 +156,8 @@ pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    print!("{}", render_table(&routes, std::io::stdout().is_terminal()));
+    // A reader that went away (`| head -1`) needed no more.
+    let _ = out(&render_table(&routes, std::io::stdout().is_terminal()));
     Ok(())
 }
 
@@ -160,7 +170,7 @@ pub async fn health(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     if status != StatusCode::OK {
         anyhow::bail!("admin API answered {status} to /healthz");
     }
-    println!("ok");
+    let _ = out("ok\n");
     Ok(())
 }
 
@@ -177,13 +187,10 @@ pub async fn rollout(
     }
     let path = format!("/api/v1/routes/{route}/rollout/{action}");
     let (_, value) = call(admin, token, Method::POST, &path, None).await?;
-    print!(
-        "{}",
-        render_table(
-            std::slice::from_ref(&value),
-            std::io::stdout().is_terminal()
-        )
-    );
+    let _ = out(&render_table(
+        std::slice::from_ref(&value),
+        std::io::stdout().is_terminal(),
+    ));
     Ok(())
 }
 

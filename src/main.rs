@@ -279,19 +279,21 @@ fn usage(message: &str) -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!(
-                "{}: ok ({} route{})",
+            let _ = veer::cli::out(&format!(
+                "{}: ok ({} route{})\n",
                 path.display(),
                 config.routes.len(),
                 if config.routes.len() == 1 { "" } else { "s" }
-            );
+            ));
             ExitCode::SUCCESS
         }
         Err(errors) => {
+            let mut text = String::new();
             for error in &errors.0 {
-                println!("{}: {error}", path.display());
+                text.push_str(&format!("{}: {error}\n", path.display()));
             }
-            println!("{} problem(s) found", errors.0.len());
+            text.push_str(&format!("{} problem(s) found\n", errors.0.len()));
+            let _ = veer::cli::out(&text);
             ExitCode::from(1)
         }
     }

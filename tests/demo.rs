@@ -146,3 +146,32 @@ fn a_signal_stops_the_demo_and_it_cleans_up() {
         );
     }
 }
+
+/// A reader that stops reading (`veer demo | head -3`) ends the demo: a runtime failure (exit 2)
+/// that says why, no panic, and the state dir is removed.
+#[test]
+fn a_closed_stdout_ends_the_demo_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["demo", "--timeout", "60s"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let state = tmp.path().join(format!("veer-demo-{}", child.id()));
+    assert!(state.is_dir(), "{line}");
+    drop(stdout);
+    // Bounded by the demo's own --timeout.
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("stdout was closed"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!state.exists(), "{} left behind", state.display());
+}

@@ -4,7 +4,7 @@
 
 pub mod upstream;
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::app;
+use crate::cli::out;
 use crate::config;
 use crate::metrics::SlotMetrics;
 use crate::rollout::state::{Action, Phase};
@@ -200,7 +201,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
         .copied()
         .context("no listener")?;
     if options.admin.is_some() {
-        println!("admin API: http://{}/api/v1/routes", running.admin_addr);
+        let _ = out(&format!(
+            "admin API: http://{}/api/v1/routes\n",
+            running.admin_addr
+        ));
     }
     let table = running.app.table.load_full();
     let route = table.route("demo").context("demo route missing")?;
@@ -234,8 +238,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
     if outcome.as_ref().is_err_and(|e| e.is::<Interrupted>()) {
         return outcome;
     }
-    print!("{summary}");
-    print_journal(&journal);
+    let _ = out(&(summary + &journal_text(&journal)));
     outcome
 }
 
@@ -245,6 +248,7 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_line = String::new();
     let mut drawn = 0;
+    let mut ticks = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let table = running.app.table.load_full();
@@ -252,20 +256,24 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
         let view = route.shared.rollout.view();
         let json = crate::admin::status::route_json(route);
         let frame = render(&json);
+        // A closed stdout (`veer demo | head`) ends the demo like a signal would.
+        let closed = |_| anyhow::anyhow!("stdout was closed");
         if tty {
-            if drawn > 0 {
-                print!("\x1b[{drawn}A\x1b[J");
-            }
-            print!("{frame}");
+            let up = match drawn {
+                0 => String::new(),
+                n => format!("\x1b[{n}A\x1b[J"),
+            };
+            out(&(up + &frame)).map_err(closed)?;
             drawn = frame.lines().count();
         } else {
+            // A pipe or a file: the whole frame when the step line changes, and every 2 s.
             let line = frame.lines().next().unwrap_or("").to_string();
-            if line != last_line {
-                println!("{line}");
+            ticks += 1;
+            if line != last_line || ticks % 4 == 0 {
+                out(&frame).map_err(closed)?;
                 last_line = line;
             }
         }
-        let _ = std::io::stdout().flush();
         match view.state.phase {
             Phase::RolledBack => return Ok(Outcome::RolledBack),
             Phase::Idle if view.state.stable == crate::Slot::Green => return Ok(Outcome::Promoted),
@@ -345,11 +353,11 @@ fn summary(
 }
 
 /// The decisions, oldest first, as the journal recorded them.
-fn print_journal(entries: &[Value]) {
-    println!("\nDecision journal:");
+fn journal_text(entries: &[Value]) -> String {
+    let mut text = "\nDecision journal:\n".to_string();
     for e in entries.iter().filter(|e| e["event"] == "transition") {
-        println!(
-            "  {}  {:<12} {:>11} -> {:<11} canary weight {:>6.2}% -> {:>6.2}%  {}",
+        text.push_str(&format!(
+            "  {}  {:<12} {:>11} -> {:<11} canary weight {:>6.2}% -> {:>6.2}%  {}\n",
             e["at"].as_str().unwrap_or("-"),
             e["action"].as_str().unwrap_or("-"),
             e["from"].as_str().unwrap_or("-"),
@@ -357,8 +365,9 @@ fn print_journal(entries: &[Value]) {
             f(&e["weight_from"]),
             f(&e["weight_to"]),
             e["reason"].as_str().unwrap_or(""),
-        );
+        ));
     }
+    text
 }
 
 /// An open-loop load of many distinct users (`x-user` header) at `rate` requests per second,
