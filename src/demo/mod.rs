@@ -269,7 +269,7 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
             // A pipe or a file: the whole frame when the step line changes, and every 2 s.
             let line = frame.lines().next().unwrap_or("").to_string();
             ticks += 1;
-            if line != last_line || ticks % 4 == 0 {
+            if line != last_line || ticks.is_multiple_of(4) {
                 out(&frame).map_err(closed)?;
                 last_line = line;
             }
