@@ -419,6 +419,12 @@ async fn tls_serves_h2_and_http11_by_alpn_with_https_forwarded_and_a_secure_cook
     for request in &seen {
         assert_eq!(request.headers["x-forwarded-proto"], "https");
     }
+
+    // Plain HTTP to the TLS port: a readable 400, not a TLS alert; nothing forwarded.
+    let answer = raw(veer.addr, b"GET /plain HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert_eq!(raw_status(&answer), Some(400), "{answer}");
+    assert!(answer.ends_with("use an https:// URL\n"), "{answer}");
+    assert_eq!(upstream.seen().len(), 2);
     veer.shutdown().await;
 }
 

@@ -133,6 +133,26 @@ pub(super) struct Open {
     _gauge: Gauge,
 }
 
+/// A client that speaks plain HTTP to a TLS listener (its first byte is a letter, where a TLS
+/// record starts with 22) gets a 400 that says so, as NGINX answers it, instead of a TLS
+/// alert it cannot read; true when it was answered (the connection is then done).
+async fn plain_http_on_tls(stream: &TcpStream, deadline: Instant) -> bool {
+    const ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+        content-length: 44\r\nconnection: close\r\n\r\nthis port speaks HTTPS: use an https:// URL\n";
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+    if !matches!(peeked, Ok(Ok(1))) || !first[0].is_ascii_uppercase() {
+        return false;
+    }
+    // What the client sent so far is read first: closing with unread bytes would reset the
+    // connection and could discard the answer. The answer fits any socket buffer; a client
+    // that takes nothing is not waited for.
+    let mut sent = [0u8; 8192];
+    while matches!(stream.try_read(&mut sent), Ok(n) if n > 0) {}
+    let _ = stream.try_write(ANSWER);
+    true
+}
+
 struct Connection {
     proxy: Arc<Proxy>,
     tls: Option<Arc<TlsAcceptor>>,
@@ -155,6 +175,11 @@ impl Connection {
             };
             (builder(server), timers)
         };
+        let handshake_deadline = accepted + timers.header;
+        if self.tls.is_some() && plain_http_on_tls(&stream, handshake_deadline).await {
+            debug!(peer = %self.peer, "Plain HTTP on a TLS listener: answered 400.");
+            return;
+        }
         let activity = Arc::new(Activity::new(accepted));
         let stream = Watched::new(stream, Arc::clone(&activity), open);
         match self.tls.clone() {
@@ -163,7 +188,8 @@ impl Connection {
                 self.serve(stream, false, builder, activity, timers).await
             }
             Some(acceptor) => {
-                let handshake = tokio::time::timeout(timers.header, acceptor.accept(stream));
+                let handshake =
+                    tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream));
                 match handshake.await {
                     Ok(Ok(stream)) => self.serve(stream, true, builder, activity, timers).await,
                     Ok(Err(error)) => debug!(peer = %self.peer, %error, "TLS handshake failed."),
