@@ -210,11 +210,11 @@ impl SlotMetrics {
         }
     }
 
-    /// A request is sent upstream now: it counts as waiting (see [`SlotMetrics::waiting`])
-    /// until [`SlotMetrics::answered`].
-    pub fn sent(&self) -> Sent {
+    /// A request is sent upstream `at` (the caller's clock reading: no second one): it counts
+    /// as waiting (see [`SlotMetrics::waiting`]) until [`SlotMetrics::answered`].
+    pub fn sent(&self, at: Instant) -> Sent {
         let shard = thread_shard() & (self.shards.len() - 1);
-        let second = self.born.elapsed().as_secs();
+        let second = at.saturating_duration_since(self.born).as_secs();
         if let Some(padded) = self.shards.get(shard) {
             let mut locked = lock(&padded.0);
             let entry = &mut locked.waiting[second as usize % WAITING_SECONDS];
@@ -459,9 +459,9 @@ mod tests {
     async fn requests_without_an_answer_are_seen_waiting_by_how_long() {
         let m = SlotMetrics::with_shards(2);
         assert!(m.waiting().is_empty());
-        let (a, b) = (m.sent(), m.sent());
+        let (a, b) = (m.sent(Instant::now()), m.sent(Instant::now()));
         tokio::time::advance(ms(1500)).await;
-        let c = m.sent();
+        let c = m.sent(Instant::now());
         // Sent in second 0: waited at least 0.5 s; in second 1: at least nothing yet.
         assert_eq!(m.waiting(), [(ms(500), 2), (ms(0), 1)]);
         m.answered(a);
@@ -472,16 +472,16 @@ mod tests {
         m.answered(c);
         assert!(m.waiting().is_empty());
         // Answers on another thread's shard land where the request was counted.
-        let d = m.sent();
+        let d = m.sent(Instant::now());
         std::thread::scope(|s| {
             s.spawn(|| m.answered(d));
         });
         assert!(m.waiting().is_empty());
         // Past 64 s a request is no longer seen, and its second's entry is reused.
-        let _hung = m.sent();
+        let _hung = m.sent(Instant::now());
         tokio::time::advance(ms(64_000)).await;
         assert!(m.waiting().is_empty());
-        let e = m.sent();
+        let e = m.sent(Instant::now());
         assert_eq!(m.waiting(), [(ms(0), 1)]);
         m.answered(e);
         assert!(m.waiting().is_empty());

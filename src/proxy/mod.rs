@@ -128,8 +128,8 @@ impl Proxy {
             };
         // Phase 5: forward with the deadline.
         let metrics = route.shared.slot_metrics(decision.slot);
-        let pending = Pending::new(metrics, &mut exchange.log, started);
         let sent = Instant::now();
+        let pending = Pending::new(metrics, &mut exchange.log, started, sent);
         let deadline = exchange.deadline;
         let result = match tokio::time::timeout_at(deadline, self.pool.send(endpoint, request))
             .await
@@ -597,10 +597,11 @@ impl<'a> Pending<'a> {
         metrics: &'a SlotMetrics,
         log: &'a mut Option<(AccessLogger, Record)>,
         started: Instant,
+        sent: Instant,
     ) -> Self {
         Self {
             metrics,
-            sent: Some(metrics.sent()),
+            sent: Some(metrics.sent(sent)),
             done: false,
             log,
             started,
