@@ -5,7 +5,8 @@
 //! 2. `errors_rolled_back`: green with 5 % errors is rolled back;
 //! 3. `latency_rolled_back`: green with +50 ms is rolled back;
 //! 4. `low_traffic_holds`: too little traffic holds at step 1 (never fails);
-//! 5. `shadow_blackholed`: the primary's p99 with the shadow off, healthy and blackholed.
+//! 5. `shadow_blackholed`: the primary's p99 with the shadow off, healthy and blackholed;
+//! 6. `hang_rolled_back`: green that never answers is rolled back within seconds.
 //!
 //! Each writes `results/<scenario>.json` (outcome, decisions, a time series sampled every
 //! 500 ms) and `results/<scenario>.svg`. Exit code 1 when any outcome is not the expected one.

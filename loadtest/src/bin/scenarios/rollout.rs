@@ -61,7 +61,7 @@ pub struct Scenario {
     pub expect: Expect,
 }
 
-pub const SCENARIOS: [Scenario; 4] = [
+pub const SCENARIOS: [Scenario; 5] = [
     Scenario {
         name: "healthy_promoted",
         about: "green as good as blue: every step passes and green is promoted",
@@ -87,6 +87,16 @@ pub const SCENARIOS: [Scenario; 4] = [
         green_latency: Duration::from_millis(50),
         rate: None,
         max_time: Duration::from_secs(60),
+        expect: Expect::RolledBack,
+    },
+    Scenario {
+        name: "hang_rolled_back",
+        about: "green never answers (1 h added): rolled back on the requests it keeps waiting, \
+                long before request_timeout (60 s) could make errors of them",
+        green_error_rate: 0.0,
+        green_latency: Duration::from_secs(3600),
+        rate: None,
+        max_time: Duration::from_secs(30),
         expect: Expect::RolledBack,
     },
     Scenario {
