@@ -105,33 +105,44 @@ fn impossible_demo_options_are_usage_errors() {
     }
 }
 
+/// A demo (bounded by its own 60 s `--timeout`) with its temp dir in `tmp`, once its live
+/// view's first line is out: the child, its stdout, and its state dir, which then exists.
+fn demo_under_way(
+    tmp: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    std::path::PathBuf,
+) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["demo", "--timeout", "60s"])
+        .env("TMPDIR", tmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let state = tmp.join(format!("veer-demo-{}", child.id()));
+    assert!(state.is_dir(), "{line}");
+    (child, stdout, state)
+}
+
 /// SIGINT or SIGTERM stops the demo: it removes its state dir and exits with the code a shell
 /// gives that signal (130, 143), saying why.
 #[test]
 fn a_signal_stops_the_demo_and_it_cleans_up() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     for (signal, code) in [("INT", 130), ("TERM", 143)] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["demo", "--timeout", "60s"])
-            .env("TMPDIR", tmp.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // The live view's first line: the demo is under way.
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let state = tmp.path().join(format!("veer-demo-{}", child.id()));
-        assert!(state.is_dir(), "{line}");
+        let (child, _stdout, state) = demo_under_way(tmp.path());
         let sent = Command::new("kill")
             .args([format!("-{signal}"), child.id().to_string()])
             .status()
             .unwrap();
         assert!(sent.success());
-        // Bounded by the demo's own --timeout.
         let output = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(code), "SIG{signal}: {stderr}");
@@ -151,23 +162,9 @@ fn a_signal_stops_the_demo_and_it_cleans_up() {
 /// that says why, no panic, and the state dir is removed.
 #[test]
 fn a_closed_stdout_ends_the_demo_cleanly() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_veer"))
-        .args(["demo", "--timeout", "60s"])
-        .env("TMPDIR", tmp.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let state = tmp.path().join(format!("veer-demo-{}", child.id()));
-    assert!(state.is_dir(), "{line}");
+    let (child, stdout, state) = demo_under_way(tmp.path());
     drop(stdout);
-    // Bounded by the demo's own --timeout.
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
