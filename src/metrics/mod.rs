@@ -240,18 +240,21 @@ impl SlotMetrics {
         }
     }
 
-    /// Requests sent upstream in the last 64 s and still without an answer, as `(waited at
-    /// least, how many)`, longest waiting first: how the controller sees a canary that hangs
-    /// before any timeout ends its requests.
-    pub fn waiting(&self) -> Vec<(Duration, u64)> {
+    /// Requests sent upstream since `since` (to the second: those of its second count too), at
+    /// most 64 s ago, and still without an answer, as `(waited at least, how many)`, longest
+    /// waiting first: how the controller sees a slot that hangs before any timeout ends its
+    /// requests.
+    pub fn waiting(&self, since: Instant) -> Vec<(Duration, u64)> {
         let now = self.born.elapsed();
         let this_second = now.as_secs();
+        let first_second = since.saturating_duration_since(self.born).as_secs();
         let mut by_age = [0u64; WAITING_SECONDS];
         for padded in self.shards.iter() {
             let locked = lock(&padded.0);
             for entry in &locked.waiting {
                 let age = this_second.checked_sub(entry.second);
-                if let Some(age) = age.filter(|&age| age < WAITING_SECONDS as u64) {
+                let recent = |&age: &u64| age < WAITING_SECONDS as u64;
+                if let Some(age) = age.filter(recent).filter(|_| entry.second >= first_second) {
                     by_age[age as usize] += u64::from(entry.sent - entry.answered);
                 }
             }
@@ -458,33 +461,42 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_without_an_answer_are_seen_waiting_by_how_long() {
         let m = SlotMetrics::with_shards(2);
-        assert!(m.waiting().is_empty());
+        let born = Instant::now();
+        let waiting = || m.waiting(born);
+        assert!(waiting().is_empty());
         let (a, b) = (m.sent(Instant::now()), m.sent(Instant::now()));
         tokio::time::advance(ms(1500)).await;
         let c = m.sent(Instant::now());
         // Sent in second 0: waited at least 0.5 s; in second 1: at least nothing yet.
-        assert_eq!(m.waiting(), [(ms(500), 2), (ms(0), 1)]);
+        assert_eq!(waiting(), [(ms(500), 2), (ms(0), 1)]);
         m.answered(a);
-        assert_eq!(m.waiting(), [(ms(500), 1), (ms(0), 1)]);
+        assert_eq!(waiting(), [(ms(500), 1), (ms(0), 1)]);
         tokio::time::advance(ms(10_000)).await;
-        assert_eq!(m.waiting(), [(ms(10_500), 1), (ms(9_500), 1)]);
+        assert_eq!(waiting(), [(ms(10_500), 1), (ms(9_500), 1)]);
         m.answered(b);
         m.answered(c);
-        assert!(m.waiting().is_empty());
+        assert!(waiting().is_empty());
         // Answers on another thread's shard land where the request was counted.
         let d = m.sent(Instant::now());
         std::thread::scope(|s| {
             s.spawn(|| m.answered(d));
         });
-        assert!(m.waiting().is_empty());
+        assert!(waiting().is_empty());
         // Past 64 s a request is no longer seen, and its second's entry is reused.
         let _hung = m.sent(Instant::now());
         tokio::time::advance(ms(64_000)).await;
-        assert!(m.waiting().is_empty());
+        assert!(waiting().is_empty());
         let e = m.sent(Instant::now());
-        assert_eq!(m.waiting(), [(ms(0), 1)]);
+        assert_eq!(waiting(), [(ms(0), 1)]);
+        // Only requests sent since the given time (to the second) are counted.
+        tokio::time::advance(ms(2_000)).await;
+        let step = Instant::now();
+        let f = m.sent(Instant::now());
+        assert_eq!(m.waiting(step), [(ms(0), 1)]);
+        assert_eq!(waiting(), [(ms(1_000), 1), (ms(0), 1)]);
         m.answered(e);
-        assert!(m.waiting().is_empty());
+        m.answered(f);
+        assert!(waiting().is_empty());
     }
 
     #[test]

@@ -197,9 +197,12 @@ pub struct Evidence<'a> {
     /// `stable` is a kept window that no longer grows (the 100 % step).
     pub stable_frozen: bool,
     pub step_elapsed: Duration,
-    /// Canary requests sent and not answered yet, as `(waited at least, how many)`: those
-    /// waiting longer than the latency bound count as samples above it.
+    /// Canary requests sent in this step and not answered yet, as `(waited at least, how
+    /// many)`: those waiting longer than the latency bound count as samples above it.
     pub canary_waiting: &'a [(Duration, u64)],
+    /// The same for stable: those waiting longer than stable's quantile count as samples
+    /// above it, so a stall both slots share raises the bound as much as the canary's tail.
+    pub stable_waiting: &'a [(Duration, u64)],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +279,8 @@ pub struct ErrorTest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencyTest {
     pub quantile: f64,
+    /// With requests still waiting beyond the quantile's rank, the least of their waits: a
+    /// lower bound.
     pub canary_ms: f64,
     pub stable_ms: f64,
     /// `max(stable_ms · max_latency_ratio, stable_ms + min_latency_delta)`.
@@ -297,6 +302,10 @@ pub struct LatencyTest {
     /// samples above it (and in `canary_samples`).
     #[serde(default)]
     pub canary_late: u64,
+    /// Stable requests not answered yet that have waited longer than stable's answered
+    /// quantile: counted as samples above it (and in `stable_samples`).
+    #[serde(default)]
+    pub stable_late: u64,
     /// `canary_samples · (1 − quantile)`: what the null allows at most, on average.
     pub expected_above_bound: f64,
     /// ln Λ of the mixture test on the fraction above the bound.
@@ -352,7 +361,7 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
         (evidence.canary.latency_us, canary_q_us),
         (evidence.stable.latency_us, stable_q_us),
         evidence.stable_frozen,
-        evidence.canary_waiting,
+        (evidence.canary_waiting, evidence.stable_waiting),
     );
     let qlabel = quantile_label(p.quantile);
 
@@ -634,54 +643,77 @@ fn error_test(p: &Params, canary: &SlotSummary, stable: &SlotSummary) -> ErrorTe
     test
 }
 
+/// Requests not answered yet, as `(waited at least, how many)`, longest waiting first.
+type Waiting<'a> = &'a [(Duration, u64)];
+
+/// A slot's samples with its late requests: those waiting longer than `beyond_us` are
+/// samples above it, taken as the largest values. Returns the sample count, how many of them
+/// are late, and the value at quantile `q` (among the answers, or the least any late one
+/// has waited: a lower bound).
+fn with_late(
+    h: &Histogram<u64>,
+    q_value: Option<u64>,
+    q: f64,
+    waiting: Waiting<'_>,
+    beyond_us: f64,
+) -> (u64, u64, Option<f64>) {
+    let late = || {
+        waiting
+            .iter()
+            .map(|&(waited, n)| (waited.as_micros() as f64, n))
+            .filter(move |&(waited_us, _)| waited_us > beyond_us)
+    };
+    let late_count: u64 = late().map(|(_, n)| n).sum();
+    let n = h.len() + late_count;
+    let rank = (q * n as f64).ceil() as u64;
+    let value = match (late_count, q_value) {
+        (0, value) => value.map(|v| v as f64),
+        _ if rank <= h.len() => Some(h.value_at_quantile(rank as f64 / h.len() as f64) as f64),
+        // Among the late ones (`waiting` is longest first): the wait at that rank.
+        _ => {
+            let mut below = h.len();
+            late().rev().find_map(|(waited_us, n)| {
+                below += n;
+                (below >= rank).then_some(waited_us)
+            })
+        }
+    };
+    (n, late_count, value)
+}
+
 /// `canary`/`stable`: each histogram with its value at the quantile (`None` when empty);
 /// `stable_frozen`: stable's window no longer grows; `waiting`: see
-/// [`Evidence::canary_waiting`].
+/// [`Evidence::canary_waiting`] and [`Evidence::stable_waiting`].
 fn latency_test(
     p: &Params,
     canary: (&Histogram<u64>, Option<u64>),
     stable: (&Histogram<u64>, Option<u64>),
     stable_frozen: bool,
-    waiting: &[(Duration, u64)],
+    (canary_waiting, stable_waiting): (Waiting<'_>, Waiting<'_>),
 ) -> Option<LatencyTest> {
     let needed = min_latency_samples(p.quantile)?;
     let (ch, sh) = (canary.0, stable.0);
-    let ns = sh.len();
+    // A request waiting longer than the bound will be answered above it, if ever: it is a
+    // sample above the bound now, so that a hanging canary fails before any timeout ends its
+    // requests. Stable's waiting requests count the same way against its own quantile, so
+    // that a stall both slots share raises the bound too.
+    let stable_answered_us = stable.1? as f64;
+    let (ns, stable_late, stable_us) =
+        with_late(sh, stable.1, p.quantile, stable_waiting, stable_answered_us);
     if ns < MIN_TEST_REQUESTS {
         return None;
     }
-    let stable_us = stable.1? as f64;
+    let stable_us = stable_us?;
     let bound_us = (stable_us * p.ratio).max(stable_us + p.delta_us);
-    // A request waiting longer than the bound will be answered above it, if ever: it is a
-    // sample above the bound now, so that a hanging canary fails before any timeout ends
-    // its requests. Its value is at least how long it has waited.
-    let late: Vec<(f64, u64)> = waiting
-        .iter()
-        .map(|&(waited, n)| (waited.as_micros() as f64, n))
-        .filter(|&(waited_us, _)| waited_us > bound_us)
-        .collect();
-    let late_count: u64 = late.iter().map(|&(_, n)| n).sum();
-    let nc = ch.len() + late_count;
+    let (nc, late_count, canary_us) = with_late(ch, canary.1, p.quantile, canary_waiting, bound_us);
     if nc < MIN_TEST_REQUESTS {
         return None;
     }
+    let canary_us = canary_us?;
+    let tail = 1.0 - p.quantile;
     // The stable quantile is a fair bound only with a real tail behind it; before that the
     // test can neither fail nor pass on its own (`within_bound` decides a pass).
     let stable_ready = ns >= needed;
-    let tail = 1.0 - p.quantile;
-    // The canary's quantile over its answers and its late requests, these taken as the
-    // largest values: among the answers, or the least any late one has waited.
-    let rank = (p.quantile * nc as f64).ceil() as u64;
-    let canary_us = if rank <= ch.len() {
-        match (late_count, canary.1) {
-            (0, Some(value)) => value as f64,
-            _ => ch.value_at_quantile(rank as f64 / ch.len() as f64) as f64,
-        }
-    } else {
-        late.iter()
-            .map(|&(waited_us, _)| waited_us)
-            .fold(f64::INFINITY, f64::min)
-    };
     // A pass is judged against the bound. A frozen stable window keeps its quantile's
     // sampling noise for good: then the bound comes from the quantile's upper confidence
     // limit, the value at `q + z·√(q(1−q)/n)` (the normal approximation of the order
@@ -721,6 +753,7 @@ fn latency_test(
         within_bound: canary_us <= pass_bound_us,
         canary_above_bound: above,
         canary_late: late_count,
+        stable_late,
         expected_above_bound: n * tail,
         log_lr,
         threshold: p.threshold,
@@ -847,6 +880,7 @@ mod tests {
             stable_frozen: false,
             step_elapsed: Duration::from_secs(elapsed_secs),
             canary_waiting: &[],
+            stable_waiting: &[],
         }
     }
 
@@ -937,6 +971,44 @@ mod tests {
         let one_slow = judge_waiting(&healthy, &[(Duration::from_secs(1), 1)], 30);
         assert_eq!(one_slow.verdict, Verdict::Pass, "{}", one_slow.reason);
         assert_eq!(one_slow.latency_test.unwrap().canary_late, 1);
+    }
+
+    /// A stall of a dependency both slots share (a database pausing 1.5 s): both have
+    /// requests waiting in the same proportion, so stable's bound rises with them and the
+    /// canary is not failed for it. 2,000 answers per slot; 100 requests waiting on each side
+    /// (the canary at its own traffic: the same 100 out of 2,100).
+    #[test]
+    fn a_stall_both_slots_share_fails_no_canary() {
+        let h = filled(2_000, 1.0, 3);
+        let stall = [
+            (Duration::from_millis(1_400), 40),
+            (Duration::from_millis(400), 60),
+        ];
+        for secs in [5, 30] {
+            let mut e = evidence((2_000, 0, &h), (2_000, 0, &h), secs);
+            e.canary_waiting = &stall;
+            e.stable_waiting = &stall;
+            let j = judge(&Policy::default(), &e);
+            assert_ne!(j.verdict, Verdict::Fail, "{}", j.reason);
+            let t = j.latency_test.unwrap();
+            assert!(t.stable_late > 0 && !t.failing, "{t:?}");
+        }
+        // A long shared stall: 1,000 waiting on each side, most of them for long.
+        let long = [
+            (Duration::from_millis(1_400), 400),
+            (Duration::from_millis(400), 600),
+        ];
+        let mut e = evidence((2_000, 0, &h), (2_000, 0, &h), 5);
+        e.canary_waiting = &long;
+        e.stable_waiting = &long;
+        let j = judge(&Policy::default(), &e);
+        assert_ne!(j.verdict, Verdict::Fail, "{}", j.reason);
+        assert_eq!(j.latency_test.unwrap().stable_ms, 1_400.0);
+        // The canary alone stalled: failed.
+        let mut e = evidence((2_000, 0, &h), (2_000, 0, &h), 5);
+        e.canary_waiting = &stall;
+        let j = judge(&Policy::default(), &e);
+        assert_eq!(j.verdict, Verdict::Fail, "{}", j.reason);
     }
 
     #[test]
@@ -1473,6 +1545,7 @@ mod tests {
                         stable_frozen: weight >= 100,
                         step_elapsed: Duration::from_secs(second),
                         canary_waiting: &[],
+                        stable_waiting: &[],
                     },
                 );
                 let rolled_back = Outcome::RolledBack {

@@ -454,7 +454,17 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
         }
     };
     let step_elapsed = inner.step_started.elapsed();
-    let canary_waiting = shared.slot_metrics(split.canary()).waiting();
+    // Requests of this step still waiting for their answer, on both sides (a stall of a
+    // dependency both versions share shows on both). At 100 % stable serves nothing.
+    let canary_waiting = shared
+        .slot_metrics(split.canary())
+        .waiting(inner.step_started);
+    let stable_waiting = match frozen {
+        true => Vec::new(),
+        false => shared
+            .slot_metrics(split.stable)
+            .waiting(inner.step_started),
+    };
     let mut judgement = judge::judge(
         &policy(config),
         &Evidence {
@@ -471,6 +481,7 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
             stable_frozen: frozen,
             step_elapsed,
             canary_waiting: &canary_waiting,
+            stable_waiting: &stable_waiting,
         },
     );
     if full && inner.state.baseline.is_none() && judgement.verdict == Verdict::Hold {
