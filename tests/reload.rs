@@ -524,9 +524,9 @@ async fn rewriting_the_file_twenty_times_under_load_fails_no_request() {
     veer.shutdown().await;
 }
 
-/// A reload that gives the canary slot a new version during a rollout starts the rollout over
-/// for it at the first step, from the file on disk to the journal. The weight set by hand
-/// paused the rollout, and it stays paused for the new build.
+/// A reload that gives the canary slot a new version during a rollout that a weight set by hand
+/// paused: the new build gets no traffic until `resume` starts it at the first step, from the
+/// file on disk to the journal.
 #[tokio::test]
 async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
     let (blue, green) = upstreams().await;
@@ -548,11 +548,11 @@ async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
     assert_eq!(reload(&veer).await.0, StatusCode::OK);
     let status = veer.route_status("shop").await;
     assert_eq!(status["phase"], "paused", "{status}");
-    assert_eq!(status["canary_weight"], 10.0, "{status}");
+    assert_eq!(status["canary_weight"], 0.0, "{status}");
     assert_eq!(status["versions"]["green"], "v3", "{status}");
     let (_, events) = veer.admin_get("/api/v1/events?limit=1").await;
     let last = &events["events"][0];
-    assert_eq!(last["action"], "start", "{last}");
+    assert_eq!(last["action"], "weight", "{last}");
     let reason = last["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("v2 -> v3"), "{reason}");
     let (status, body) = veer

@@ -577,8 +577,7 @@ async fn a_new_canary_version_mid_rollout_starts_over_at_the_first_step_with_a_f
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_new_canary_version_while_paused_at_100_percent_starts_over_paused_without_the_kept_baseline(
-) {
+async fn a_new_canary_version_while_paused_gets_no_traffic_until_resume_starts_it_over() {
     let c = Controller::new("");
     let shared = c.restore();
     ramp_to_full(&c, &shared).await;
@@ -587,17 +586,19 @@ async fn a_new_canary_version_while_paused_at_100_percent_starts_over_paused_wit
     let v3 = relabelled(&c.route, Slot::Green, "v3");
     rollout::reconcile(&shared, &v3, Some(&c.route));
     let state = shared.rollout.view().state;
-    // The new build gets the first step's weight, not 100 %, and waits for a resume.
-    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
+    // Nothing analyses a paused route: the untested build gets no traffic, not 100 % (nor the
+    // first step), and the old build's kept figures are dropped.
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 0));
+    assert_eq!(shared.split.load().canary_bp, 0);
     assert_eq!(state.baseline, None);
     let entry = c.journal().pop().unwrap();
-    assert_eq!(entry["action"], "start");
-    assert!(entry["reason"].as_str().unwrap().contains("still paused"));
-    // Nothing moves while paused, however long the new build looks healthy.
+    assert_eq!(entry["action"], "weight");
+    assert!(entry["reason"].as_str().unwrap().contains("v2 -> v3"));
     tokio::time::advance(Duration::from_secs(60)).await;
     rollout::analyse(&shared, &c.route);
-    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
-    rollout::act(&shared, &c.route, Action::Resume, "test").unwrap();
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 0));
+    // `resume` starts it at the first step, judged from there.
+    rollout::act(&shared, &v3, Action::Resume, "test").unwrap();
     assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 0, 1000));
 }
 

@@ -372,11 +372,11 @@ fn manual_weight(
     Some(("weight", reason.to_string()))
 }
 
-/// Auto mode: a new version label on the canary slot starts a rollout. During one (ramping or
-/// paused) the old canary leaves and the new one starts over as from idle: first step, fresh
-/// step clock and window, and not the last rollout's kept baseline. A paused rollout stays
-/// paused, at the first step's weight, until someone resumes it. A new label on the stable
-/// slot starts nothing.
+/// Auto mode: a new version label on the canary slot starts a rollout. During one the old
+/// canary leaves at once. Ramping, the new one starts over as from idle: first step, fresh
+/// step clock and window, and not the last rollout's kept baseline. Paused, it gets no
+/// traffic (weight 0, still paused: nothing would analyse it) until `resume` starts it at the
+/// first step. A new label on the stable slot starts nothing.
 fn new_canary(
     next: &mut RolloutState,
     current: &RolloutState,
@@ -390,27 +390,33 @@ fn new_canary(
     if was == now {
         return None;
     }
-    let reason = match current.phase {
-        Phase::Idle | Phase::RolledBack => "new version label on the idle slot".to_string(),
-        Phase::Ramping => format!(
-            "new version on the canary slot during a rollout ({canary} {was} -> {now}): \
-             starting over"
-        ),
-        Phase::Paused => format!(
-            "new version on the canary slot during a paused rollout ({canary} {was} -> {now}): \
-             starting over at the first step, still paused"
-        ),
-    };
     // Rollback is legal while ramping or paused; idle or rolled back, nothing is to withdraw.
-    let withdrawn = next
+    let mut withdrawn = next
         .apply(Action::Rollback, steps)
         .unwrap_or_else(|_| next.clone());
-    let started = withdrawn.apply(Action::Start, steps).ok()?;
-    *next = match current.phase {
-        Phase::Paused => started.apply(Action::Pause, steps).ok()?,
-        _ => started,
+    withdrawn.baseline = None;
+    let start =
+        |reason: String| Some(("start", withdrawn.apply(Action::Start, steps).ok()?, reason));
+    let (action, state, reason) = match current.phase {
+        Phase::Idle | Phase::RolledBack => start("new version label on the idle slot".into())?,
+        Phase::Ramping => start(format!(
+            "new version on the canary slot during a rollout ({canary} {was} -> {now}): \
+             starting over"
+        ))?,
+        Phase::Paused => (
+            "weight",
+            RolloutState {
+                step: 0,
+                ..withdrawn.apply(Action::SetWeight(0), steps).ok()?
+            },
+            format!(
+                "new version on the canary slot during a paused rollout ({canary} {was} -> \
+                 {now}): no traffic until resume, which starts it at the first step"
+            ),
+        ),
     };
-    Some(("start", reason))
+    *next = state;
+    Some((action, reason))
 }
 
 /// Policy for the judge from a route's config.
