@@ -313,6 +313,63 @@ async fn an_endpoint_that_resets_is_passed_over_after_its_first_failure() {
     veer.shutdown().await;
 }
 
+/// An upstream that answers the first request of each connection and hangs up on the second:
+/// as one whose idle keep-alive connections close just as veer reuses them. Counts the
+/// requests it answered.
+async fn answers_once_per_connection() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&answered);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = std::sync::Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                for request in 0..2 {
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    head.clear();
+                    if request == 1 {
+                        return; // the second request: hang up unanswered
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nflaky")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, answered)
+}
+
+/// A reset on a reused connection says nothing about the endpoint (the upstream may have closed
+/// it as it idled): that request is a 502, but the endpoint keeps its turns.
+#[tokio::test]
+async fn a_reset_on_a_reused_connection_does_not_pass_the_endpoint_over() {
+    let live = recording("blue").await;
+    let (flaky, answered) = answers_once_per_connection().await;
+    let veer = two_blue_endpoints(flaky, live.addr).await;
+    for _ in 0..24 {
+        let _ = get(&veer.url("/"), &[]).await;
+    }
+    // Its turns alternate between a fresh connection (answered) and the reused one (reset):
+    // 12 turns, 6 answered. Passed over after its first reset, it would have answered 1.
+    let answered = answered.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(answered >= 4, "the flaky endpoint answered {answered}");
+    veer.shutdown().await;
+}
+
 /// Every endpoint of the slot refusing: one 502, one connect error of the slot.
 #[tokio::test]
 async fn a_slot_whose_endpoints_all_refuse_answers_502_once() {

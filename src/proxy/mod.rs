@@ -138,14 +138,17 @@ impl Proxy {
             Ok(Err(Failed {
                 error,
                 unsent: Some(unsent),
+                ..
             })) => {
                 // Out of line: the rare path must not grow every request's future.
                 let others =
                     Box::pin(self.next_endpoints(route, decision.slot, endpoint, unsent, error));
                 tokio::time::timeout_at(deadline, others).await
             }
-            Ok(Err(Failed { error, .. })) => {
-                pass_over_if_reset(route, decision.slot, endpoint, &error);
+            Ok(Err(Failed { error, fresh, .. })) => {
+                if fresh {
+                    pass_over_if_reset(route, decision.slot, endpoint, &error);
+                }
                 Ok(Err(error))
             }
             Err(elapsed) => Err(elapsed),
@@ -202,9 +205,12 @@ impl Proxy {
                 Err(Failed {
                     error: failed,
                     unsent: Some(unsent),
+                    ..
                 }) => (refused, request, error) = (next, unsent, failed),
-                Err(Failed { error, .. }) => {
-                    pass_over_if_reset(route, slot, next, &error);
+                Err(Failed { error, fresh, .. }) => {
+                    if fresh {
+                        pass_over_if_reset(route, slot, next, &error);
+                    }
                     return Err(error);
                 }
             }
@@ -559,9 +565,10 @@ fn failed(
     local
 }
 
-/// An endpoint that reset an exchange before its answer is passed over for a while, as one
-/// that refused a connection is. The request itself is not sent again: the upstream may have
-/// acted on it.
+/// An endpoint that reset an exchange on a connection made for it, before its answer, is
+/// passed over for a while, as one that refused a connection is (a reused connection the
+/// upstream closed as it idled says nothing about the endpoint). The request itself is not
+/// sent again: the upstream may have acted on it.
 fn pass_over_if_reset(route: &Route, slot: Slot, endpoint: &Authority, error: &UpstreamError) {
     let reset = crate::metrics::ErrorKind::Reset;
     if upstream::classify(error) == Failure::Upstream(reset) {

@@ -55,6 +55,9 @@ pub enum UpstreamError {
 pub struct Failed {
     pub error: UpstreamError,
     pub unsent: Option<Box<Request<RequestBody>>>,
+    /// The exchange failed on a connection made for it, not on a reused one that the upstream
+    /// may have closed as it idled: the endpoint itself is at fault.
+    pub fresh: bool,
 }
 
 impl Failed {
@@ -62,6 +65,7 @@ impl Failed {
         Failed {
             error,
             unsent: Some(Box::new(request)),
+            fresh: true,
         }
     }
 }
@@ -71,6 +75,7 @@ impl From<UpstreamError> for Failed {
         Failed {
             error,
             unsent: None,
+            fresh: false,
         }
     }
 }
@@ -147,10 +152,10 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(UpstreamError::from)?;
+        let response = sender.send_request(request).await.map_err(|error| Failed {
+            fresh: true,
+            ..Failed::from(UpstreamError::from(error))
+        })?;
         Ok((response, self.lease(sender, endpoint)))
     }
 
