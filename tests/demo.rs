@@ -82,6 +82,7 @@ fn impossible_demo_options_are_usage_errors() {
         ["--timeout", "0s"],
         ["--min-step-time", "0s"],
         ["--rate", "0"],
+        ["--rate", "4000000000"],
         ["--admin", "0.0.0.0:0"],
         ["--admin", "not-an-address"],
     ] {

@@ -38,8 +38,8 @@ pub struct DemoOptions {
     /// an http:// URL is taken too).
     #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:9901", value_parser = loopback)]
     pub admin: Option<SocketAddr>,
-    /// Requests per second of the synthetic load (1 or more).
-    #[arg(long, default_value_t = 800, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Requests per second of the synthetic load (1 to 1,000,000).
+    #[arg(long, default_value_t = 800, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate: u32,
     /// Give up after this long (more than 0).
     #[arg(long, value_parser = positive_duration, default_value = "3m", allow_hyphen_values = true)]

@@ -226,13 +226,17 @@ fn forced_slot(value: &[u8]) -> Option<Slot> {
 /// How long an endpoint that refused a connection or reset an exchange is passed over.
 pub const EJECTED_FOR: Duration = Duration::from_secs(10);
 
-/// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never ejected).
-/// `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4), `%2e` read as a dot, so
-/// that `/public/../admin` is routed as `/admin`, not by its first segment. Borrowed when
-/// there is nothing to resolve, which is the usual case.
+/// `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4), `%2e` read as a dot and
+/// a segment's `;parameters` left out (`..;x` is `..` to Tomcat and Jetty), so that
+/// `/public/../admin` is routed as `/admin`, not by its first segment. Borrowed when there is
+/// nothing to resolve, which is the usual case.
 fn resolved(path: &str) -> Cow<'_, str> {
-    let is_dot = |seg: &str| seg == "." || seg.eq_ignore_ascii_case("%2e");
+    let is_dot = |seg: &str| {
+        let seg = seg.split(';').next().unwrap_or_default();
+        seg == "." || seg.eq_ignore_ascii_case("%2e")
+    };
     let is_dot_dot = |seg: &str| {
+        let seg = seg.split(';').next().unwrap_or_default();
         ["..", ".%2e", "%2e.", "%2e%2e"]
             .iter()
             .any(|dots| seg.eq_ignore_ascii_case(dots))
@@ -270,6 +274,7 @@ fn ipv6_literal(host: &str) -> Option<std::net::Ipv6Addr> {
     host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
+/// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never ejected).
 fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
@@ -524,6 +529,10 @@ mod tests {
             ("/a/%2e/b", "/a/b"),
             ("/a/.b/..c/...", "/a/.b/..c/..."),
             ("/a//../b", "/a/b"),
+            ("/a/..;/b", "/b"),
+            ("/a/..;x=1/b", "/b"),
+            ("/a/.;/b", "/a/b"),
+            ("/a/b;v=1/c", "/a/b;v=1/c"),
         ] {
             assert_eq!(resolved(path), want, "{path}");
         }
@@ -538,6 +547,7 @@ mod tests {
         let name = |path| t.find(None, path).map(|r| r.name().to_string());
         assert_eq!(name("/public/../admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/public/%2e%2e/admin/x").as_deref(), Some("admin"));
+        assert_eq!(name("/public/..;/admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/admin/../public/./a").as_deref(), Some("public"));
         assert_eq!(name("/public/../other"), None);
     }
