@@ -493,7 +493,7 @@ mod tests {
         let step = Instant::now();
         let f = m.sent(Instant::now());
         assert_eq!(m.waiting(step), [(ms(0), 1)]);
-        assert_eq!(waiting(), [(ms(1_000), 1), (ms(0), 1)]);
+        assert_eq!(waiting(), [(ms(1_500), 1), (ms(0), 1)]);
         m.answered(e);
         m.answered(f);
         assert!(waiting().is_empty());
