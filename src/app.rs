@@ -356,32 +356,57 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Runs until SIGTERM or SIGINT, then drains; a second signal stops it at once.
+/// Runs until SIGTERM or SIGINT, then drains; a second signal stops it at once. The signals
+/// are caught from before the listeners open, so none ends veer without a drain.
 pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
+    let mut stop = StopSignals::new();
     let running = start(config, config_path).await?;
-    wait_for_signal().await;
+    stop.recv().await;
     info!("Shutting down.");
     tokio::select! {
         () = running.shutdown() => {}
-        () = wait_for_signal() => {
+        () = stop.recv() => {
             warn!("Second signal: stopping now, without waiting for requests in flight.");
         }
     }
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, caught from the moment this is made.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let catch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                warn!(%error, "Cannot listen for {name}.");
+                None
+            }
+        };
+        StopSignals {
+            term: catch(SignalKind::terminate(), "SIGTERM"),
+            int: catch(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT (never, when neither can be listened for).
+    async fn recv(&mut self) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(error) => {
-            warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops veer.");
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            () = next(&mut self.term) => {}
+            () = next(&mut self.int) => {}
         }
     }
 }
