@@ -1141,10 +1141,16 @@ fn parse_statuses(text: &str) -> Option<StatusSet> {
 }
 
 /// Two listen addresses the kernel would not both bind: the same port (not 0) on the same
-/// address, or with one of them the wildcard of its family (`[::]` covers IPv4 too).
+/// address, or with one of them the wildcard of its family (`[::]` covers IPv4 too, unless
+/// Linux's `net.ipv6.bindv6only` is set).
 fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    let dual_stack = || {
+        std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+            .map_or(true, |value| value.trim() != "1")
+    };
     let covers = |wild: &SocketAddr, other: &SocketAddr| {
-        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+        wild.ip().is_unspecified()
+            && (wild.is_ipv6() == other.is_ipv6() || (wild.is_ipv6() && dual_stack()))
     };
     a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
@@ -1670,12 +1676,18 @@ endpoints = ["127.0.0.1:9002"]
     #[test]
     fn listen_addresses_that_cover_each_other_are_refused() {
         let with = |list: &str| MINIMAL.replace("\"127.0.0.1:8080\"", list);
+        // `[::]` covers IPv4 too only where the kernel binds it dual-stack (the default).
+        let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+            .map_or(true, |value| value.trim() != "1");
+        let v6_wildcard_over_v4 = [r#""[::]:8080", "127.0.0.1:8080""#];
         for list in [
             r#""127.0.0.1:8080", "0.0.0.0:8080""#,
             r#""0.0.0.0:8080", "127.0.0.1:8080""#,
-            r#""[::]:8080", "127.0.0.1:8080""#,
             r#""[::1]:8080", "[::]:8080""#,
-        ] {
+        ]
+        .into_iter()
+        .chain(v6_wildcard_over_v4.into_iter().filter(|_| dual_stack))
+        {
             let errs = errors(&with(list));
             assert_eq!(errs.len(), 1, "{list}: {errs:?}");
             assert_eq!(errs[0].path, "server.listen[1]", "{errs:?}");
