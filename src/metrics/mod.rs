@@ -240,14 +240,16 @@ impl SlotMetrics {
         }
     }
 
-    /// Requests sent upstream since `since` (to the second: those of its second count too), at
-    /// most 64 s ago, and still without an answer, as `(waited at least, how many)`, longest
-    /// waiting first: how the controller sees a slot that hangs before any timeout ends its
-    /// requests.
+    /// Requests sent upstream since `since`, at most 64 s ago, and still without an answer, as
+    /// `(waited at least, how many)`, longest waiting first: how the controller sees a slot
+    /// that hangs before any timeout ends its requests. Counted by whole seconds from the
+    /// first one that starts at or after `since`, so that no request from before it (the
+    /// last build's, after a rollback) is counted.
     pub fn waiting(&self, since: Instant) -> Vec<(Duration, u64)> {
         let now = self.born.elapsed();
         let this_second = now.as_secs();
-        let first_second = since.saturating_duration_since(self.born).as_secs();
+        let from_birth = since.saturating_duration_since(self.born);
+        let first_second = from_birth.as_secs() + u64::from(from_birth.subsec_nanos() > 0);
         let mut by_age = [0u64; WAITING_SECONDS];
         for padded in self.shards.iter() {
             let locked = lock(&padded.0);
@@ -488,14 +490,19 @@ mod tests {
         assert!(waiting().is_empty());
         let e = m.sent(Instant::now());
         assert_eq!(waiting(), [(ms(0), 1)]);
-        // Only requests sent since the given time (to the second) are counted.
+        // Only requests sent in whole seconds from the given time on are counted: not those
+        // of the second it falls in.
         tokio::time::advance(ms(2_000)).await;
         let step = Instant::now();
         let f = m.sent(Instant::now());
+        assert!(m.waiting(step).is_empty());
+        tokio::time::advance(ms(600)).await;
+        let g = m.sent(Instant::now());
         assert_eq!(m.waiting(step), [(ms(0), 1)]);
-        assert_eq!(waiting(), [(ms(1_500), 1), (ms(0), 1)]);
-        m.answered(e);
-        m.answered(f);
+        assert_eq!(waiting(), [(ms(2_100), 1), (ms(100), 1), (ms(0), 1)]);
+        for sent in [e, f, g] {
+            m.answered(sent);
+        }
         assert!(waiting().is_empty());
     }
 
