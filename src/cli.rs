@@ -156,9 +156,37 @@ pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    let mut text = render_table(&routes, std::io::stdout().is_terminal());
+    if let Some(line) = rejected_reload(&value["reload"]) {
+        text.push_str(&line);
+    }
     // A reader that went away (`| head -1`) needed no more.
-    let _ = out(&render_table(&routes, std::io::stdout().is_terminal()));
+    let _ = out(&text);
     Ok(())
+}
+
+/// A line under the table when the last reload was rejected (the previous config still
+/// serves): when, how many problems, and the first of them.
+fn rejected_reload(reload: &Value) -> Option<String> {
+    if reload["result"] != "rejected" {
+        return None;
+    }
+    let errors = reload["errors"].as_array().map_or(&[][..], Vec::as_slice);
+    let first = errors.first().map_or(String::new(), |e| {
+        let line = e["line"]
+            .as_u64()
+            .map_or(String::new(), |n| format!(" (line {n})"));
+        format!(
+            "; first: {}{line}: {}",
+            e["path"].as_str().unwrap_or("-"),
+            e["message"].as_str().unwrap_or("-")
+        )
+    });
+    Some(format!(
+        "\nlast reload rejected at {}: {} problem(s), the previous config keeps serving{first}\n",
+        reload["at"].as_str().unwrap_or("-"),
+        errors.len()
+    ))
 }
 
 /// `veer health`: `GET /healthz` answers 200 within [`ANSWER_TIMEOUT`].
@@ -295,6 +323,25 @@ pub fn render_table(routes: &[Value], colour: bool) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_rejected_reload_gets_a_line_under_the_table() {
+        let rejected = json!({"at": "2026-12-06T05:00:00Z", "result": "rejected", "errors": [
+            {"path": "route[0].rollout.steps", "line": 14, "message": "must end at 100"},
+            {"path": "server.listen", "line": null, "message": "needs a restart"}]});
+        assert_eq!(
+            rejected_reload(&rejected).unwrap(),
+            "\nlast reload rejected at 2026-12-06T05:00:00Z: 2 problem(s), the previous config \
+             keeps serving; first: route[0].rollout.steps (line 14): must end at 100\n"
+        );
+        for fine in [
+            json!({"at": "2026-12-06T05:00:00Z", "result": "applied", "errors": []}),
+            json!({"at": null, "result": null, "errors": []}),
+            json!(null),
+        ] {
+            assert_eq!(rejected_reload(&fine), None, "{fine}");
+        }
+    }
 
     #[test]
     fn an_admin_api_on_an_unspecified_address_is_reached_on_loopback() {

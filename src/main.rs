@@ -87,9 +87,13 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let command = cli.command.unwrap_or(Command::Run);
-    // The demo draws a live view on stdout; its logs would only scroll it away.
-    let quiet = matches!(command, Command::Demo(_));
-    init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
+    // The demo draws a live view on stdout; its logs would only scroll it away. Its drain is
+    // cut short on purpose (a hanging green's requests are still open at the end).
+    let level = match command {
+        Command::Demo(_) => "warn,veer::app=error",
+        _ => "info",
+    };
+    init_tracing(cli.log_format, level);
     match command {
         Command::Run => match &cli.config {
             Some(path) => run(path),
