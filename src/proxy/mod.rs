@@ -145,11 +145,9 @@ impl Proxy {
                     Box::pin(self.next_endpoints(route, decision.slot, endpoint, unsent, error));
                 tokio::time::timeout_at(deadline, others).await
             }
-            Ok(Err(Failed { error, fresh, .. })) => {
-                if fresh {
-                    pass_over_if_reset(route, decision.slot, endpoint, &error);
-                }
-                Ok(Err(error))
+            Ok(Err(failed)) => {
+                pass_over_if_reset(route, decision.slot, endpoint, &failed);
+                Ok(Err(failed.error))
             }
             Err(elapsed) => Err(elapsed),
         };
@@ -207,11 +205,9 @@ impl Proxy {
                     unsent: Some(unsent),
                     ..
                 }) => (refused, request, error) = (next, unsent, failed),
-                Err(Failed { error, fresh, .. }) => {
-                    if fresh {
-                        pass_over_if_reset(route, slot, next, &error);
-                    }
-                    return Err(error);
+                Err(failed) => {
+                    pass_over_if_reset(route, slot, next, &failed);
+                    return Err(failed.error);
                 }
             }
         }
@@ -569,9 +565,9 @@ fn failed(
 /// passed over for a while, as one that refused a connection is (a reused connection the
 /// upstream closed as it idled says nothing about the endpoint). The request itself is not
 /// sent again: the upstream may have acted on it.
-fn pass_over_if_reset(route: &Route, slot: Slot, endpoint: &Authority, error: &UpstreamError) {
-    let reset = crate::metrics::ErrorKind::Reset;
-    if upstream::classify(error) == Failure::Upstream(reset) {
+fn pass_over_if_reset(route: &Route, slot: Slot, endpoint: &Authority, failed: &Failed) {
+    let reset = Failure::Upstream(crate::metrics::ErrorKind::Reset);
+    if failed.fresh && upstream::classify(&failed.error) == reset {
         route.eject(slot, endpoint);
     }
 }

@@ -313,11 +313,7 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
     // Steps changed by a reload: show the step at or above the current weight (the weight
     // itself stays; the next pass moves to the first step above it).
     if next.phase == Phase::Ramping {
-        let steps = &config.rollout.steps;
-        next.step = steps
-            .iter()
-            .position(|&bp| bp >= next.canary_bp)
-            .unwrap_or(steps.len().saturating_sub(1));
+        next.step = state::step_at_or_above(&config.rollout.steps, next.canary_bp);
     }
     let change = match config.rollout.mode {
         Mode::Manual => manual_weight(&mut next, config, previous),

@@ -195,10 +195,7 @@ impl RolloutState {
                     next.canary_bp = first;
                 }
                 next.phase = Phase::Ramping;
-                next.step = steps
-                    .iter()
-                    .position(|&bp| bp >= next.canary_bp)
-                    .unwrap_or(steps.len().saturating_sub(1));
+                next.step = step_at_or_above(steps, next.canary_bp);
                 next.failures = 0;
             }
             (Phase::Ramping | Phase::Paused, Action::Promote) => next.promote(),
@@ -339,6 +336,15 @@ pub enum StateError {
         aside: Option<PathBuf>,
         source: serde_json::Error,
     },
+}
+
+/// The index of the first step at or above `canary_bp` (the last when none is): the step a
+/// ramping weight between two steps is shown as, and the next pass moves on from.
+pub fn step_at_or_above(steps: &[u32], canary_bp: u32) -> usize {
+    steps
+        .iter()
+        .position(|&bp| bp >= canary_bp)
+        .unwrap_or(steps.len().saturating_sub(1))
 }
 
 /// Where a corrupt state file went, for its error message.

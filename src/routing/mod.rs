@@ -169,10 +169,11 @@ impl Route {
         }
         let turn = self.shared.round_robin[slot.index()].fetch_add(1, Ordering::Relaxed);
         let first = turn % n;
-        let now = clock_ms();
+        // The clock is read only when an endpoint has been ejected at all.
+        let now = std::cell::OnceCell::new();
         let up = |i: &usize| {
             let until = down[*i].load(Ordering::Relaxed);
-            until == 0 || until <= now
+            until == 0 || until <= *now.get_or_init(clock_ms)
         };
         if up(&first) {
             return list.get(first);
@@ -231,17 +232,7 @@ pub const EJECTED_FOR: Duration = Duration::from_secs(10);
 /// `/public/../admin` is routed as `/admin`, not by its first segment. Borrowed when there is
 /// nothing to resolve, which is the usual case.
 fn resolved(path: &str) -> Cow<'_, str> {
-    let is_dot = |seg: &str| {
-        let seg = seg.split(';').next().unwrap_or_default();
-        seg == "." || seg.eq_ignore_ascii_case("%2e")
-    };
-    let is_dot_dot = |seg: &str| {
-        let seg = seg.split(';').next().unwrap_or_default();
-        ["..", ".%2e", "%2e.", "%2e%2e"]
-            .iter()
-            .any(|dots| seg.eq_ignore_ascii_case(dots))
-    };
-    if !path.split('/').any(|seg| is_dot(seg) || is_dot_dot(seg)) {
+    if !path.split('/').any(|segment| dots(segment) > 0) {
         return Cow::Borrowed(path);
     }
     let mut kept: Vec<&str> = Vec::new();
@@ -249,13 +240,13 @@ fn resolved(path: &str) -> Cow<'_, str> {
     let mut trailing_slash = false;
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
-        if is_dot(segment) {
-            trailing_slash = last;
-        } else if is_dot_dot(segment) {
-            kept.pop();
-            trailing_slash = last;
-        } else {
-            kept.push(segment);
+        match dots(segment) {
+            0 => kept.push(segment),
+            1 => trailing_slash = last,
+            _ => {
+                kept.pop();
+                trailing_slash = last;
+            }
         }
     }
     let mut out = String::with_capacity(path.len());
@@ -267,6 +258,27 @@ fn resolved(path: &str) -> Cow<'_, str> {
         out.push('/');
     }
     Cow::Owned(out)
+}
+
+/// 1 for a `.` segment, 2 for `..`, else 0; `%2e` is a dot, and `;parameters` are left out.
+fn dots(segment: &str) -> usize {
+    let mut rest = segment.split(';').next().unwrap_or_default();
+    let mut dots = 0;
+    while !rest.is_empty() && dots < 3 {
+        if let Some(after) = rest.strip_prefix('.') {
+            rest = after;
+        } else if rest.get(..3).is_some_and(|s| s.eq_ignore_ascii_case("%2e")) {
+            rest = &rest[3..];
+        } else {
+            return 0;
+        }
+        dots += 1;
+    }
+    if dots < 3 {
+        dots
+    } else {
+        0
+    }
 }
 
 /// The address of a bracketed IPv6 host (`[::1]`).
