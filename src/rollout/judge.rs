@@ -187,6 +187,11 @@ pub struct SlotEvidence<'a> {
     pub errors: u64,
     /// Upstream latencies in MICROseconds.
     pub latency_us: &'a Histogram<u64>,
+    /// Requests of the step sent and not answered yet, as `(waited at least, how many)`,
+    /// longest waiting first. The canary's waiting longer than the latency bound count as
+    /// samples above it; stable's waiting longer than its quantile count as samples above
+    /// that, so a stall both slots share raises the bound as much as the canary's tail.
+    pub waiting: Waiting<'a>,
 }
 
 /// Both slots over the same window, and how long the step has lasted.
@@ -197,12 +202,6 @@ pub struct Evidence<'a> {
     /// `stable` is a kept window that no longer grows (the 100 % step).
     pub stable_frozen: bool,
     pub step_elapsed: Duration,
-    /// Canary requests sent in this step and not answered yet, as `(waited at least, how
-    /// many)`: those waiting longer than the latency bound count as samples above it.
-    pub canary_waiting: &'a [(Duration, u64)],
-    /// The same for stable: those waiting longer than stable's quantile count as samples
-    /// above it, so a stall both slots share raises the bound as much as the canary's tail.
-    pub stable_waiting: &'a [(Duration, u64)],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,7 +360,7 @@ pub fn judge(policy: &Policy, evidence: &Evidence<'_>) -> Judgement {
         (evidence.canary.latency_us, canary_q_us),
         (evidence.stable.latency_us, stable_q_us),
         evidence.stable_frozen,
-        (evidence.canary_waiting, evidence.stable_waiting),
+        (evidence.canary.waiting, evidence.stable.waiting),
     );
     let qlabel = quantile_label(p.quantile);
 
@@ -644,7 +643,7 @@ fn error_test(p: &Params, canary: &SlotSummary, stable: &SlotSummary) -> ErrorTe
 }
 
 /// Requests not answered yet, as `(waited at least, how many)`, longest waiting first.
-type Waiting<'a> = &'a [(Duration, u64)];
+pub type Waiting<'a> = &'a [(Duration, u64)];
 
 /// A slot's samples with its late requests: those waiting longer than `beyond_us` are
 /// samples above it, taken as the largest values. Returns the sample count, how many of them
@@ -683,7 +682,7 @@ fn with_late(
 
 /// `canary`/`stable`: each histogram with its value at the quantile (`None` when empty);
 /// `stable_frozen`: stable's window no longer grows; `waiting`: see
-/// [`Evidence::canary_waiting`] and [`Evidence::stable_waiting`].
+/// [`SlotEvidence::waiting`].
 fn latency_test(
     p: &Params,
     canary: (&Histogram<u64>, Option<u64>),
@@ -871,16 +870,16 @@ mod tests {
                 requests: canary.0,
                 errors: canary.1,
                 latency_us: canary.2,
+                waiting: &[],
             },
             stable: SlotEvidence {
                 requests: stable.0,
                 errors: stable.1,
                 latency_us: stable.2,
+                waiting: &[],
             },
             stable_frozen: false,
             step_elapsed: Duration::from_secs(elapsed_secs),
-            canary_waiting: &[],
-            stable_waiting: &[],
         }
     }
 
@@ -945,7 +944,7 @@ mod tests {
         let none = histogram(3);
         let judge_waiting = |canary: &Histogram<u64>, waiting: &[(Duration, u64)], secs| {
             let mut e = evidence((canary.len(), 0, canary), (2_000, 0, &stable), secs);
-            e.canary_waiting = waiting;
+            e.canary.waiting = waiting;
             judge(&Policy::default(), &e)
         };
         // 30 canary requests sent, none answered, all waiting for 2 s (p99 bound ~79 ms).
@@ -986,8 +985,8 @@ mod tests {
         ];
         for secs in [5, 30] {
             let mut e = evidence((2_000, 0, &h), (2_000, 0, &h), secs);
-            e.canary_waiting = &stall;
-            e.stable_waiting = &stall;
+            e.canary.waiting = &stall;
+            e.stable.waiting = &stall;
             let j = judge(&Policy::default(), &e);
             assert_ne!(j.verdict, Verdict::Fail, "{}", j.reason);
             let t = j.latency_test.unwrap();
@@ -999,14 +998,14 @@ mod tests {
             (Duration::from_millis(400), 600),
         ];
         let mut e = evidence((2_000, 0, &h), (2_000, 0, &h), 5);
-        e.canary_waiting = &long;
-        e.stable_waiting = &long;
+        e.canary.waiting = &long;
+        e.stable.waiting = &long;
         let j = judge(&Policy::default(), &e);
         assert_ne!(j.verdict, Verdict::Fail, "{}", j.reason);
         assert_eq!(j.latency_test.unwrap().stable_ms, 1_400.0);
         // The canary alone stalled: failed.
         let mut e = evidence((2_000, 0, &h), (2_000, 0, &h), 5);
-        e.canary_waiting = &stall;
+        e.canary.waiting = &stall;
         let j = judge(&Policy::default(), &e);
         assert_eq!(j.verdict, Verdict::Fail, "{}", j.reason);
     }
@@ -1478,6 +1477,7 @@ mod tests {
                 requests: self.requests,
                 errors: self.errors,
                 latency_us: &self.hist,
+                waiting: &[],
             }
         }
     }
@@ -1544,8 +1544,6 @@ mod tests {
                         stable: stable.evidence(),
                         stable_frozen: weight >= 100,
                         step_elapsed: Duration::from_secs(second),
-                        canary_waiting: &[],
-                        stable_waiting: &[],
                     },
                 );
                 let rolled_back = Outcome::RolledBack {

@@ -474,16 +474,16 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
                 requests: canary.requests,
                 errors: canary.errors,
                 latency_us: &canary.histogram,
+                waiting: &canary_waiting,
             },
             stable: SlotEvidence {
                 requests: stable_requests,
                 errors: stable_errors,
                 latency_us: &stable_latency,
+                waiting: &stable_waiting,
             },
             stable_frozen: frozen,
             step_elapsed,
-            canary_waiting: &canary_waiting,
-            stable_waiting: &stable_waiting,
         },
     );
     if full && inner.state.baseline.is_none() && judgement.verdict == Verdict::Hold {
