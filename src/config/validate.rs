@@ -1144,15 +1144,17 @@ fn parse_statuses(text: &str) -> Option<StatusSet> {
 /// address, or with one of them the wildcard of its family (`[::]` covers IPv4 too, unless
 /// Linux's `net.ipv6.bindv6only` is set).
 fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
-    let dual_stack = || {
-        std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
-            .map_or(true, |value| value.trim() != "1")
-    };
     let covers = |wild: &SocketAddr, other: &SocketAddr| {
         wild.ip().is_unspecified()
             && (wild.is_ipv6() == other.is_ipv6() || (wild.is_ipv6() && dual_stack()))
     };
     a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// Whether the kernel binds `[::]` for IPv4 too (Linux's default, `net.ipv6.bindv6only = 0`).
+fn dual_stack() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+        .map_or(true, |value| value.trim() != "1")
 }
 
 fn host_pattern(text: &str) -> Option<HostPattern> {
@@ -1677,8 +1679,7 @@ endpoints = ["127.0.0.1:9002"]
     fn listen_addresses_that_cover_each_other_are_refused() {
         let with = |list: &str| MINIMAL.replace("\"127.0.0.1:8080\"", list);
         // `[::]` covers IPv4 too only where the kernel binds it dual-stack (the default).
-        let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
-            .map_or(true, |value| value.trim() != "1");
+        let dual_stack = dual_stack();
         let v6_wildcard_over_v4 = [r#""[::]:8080", "127.0.0.1:8080""#];
         for list in [
             r#""127.0.0.1:8080", "0.0.0.0:8080""#,
