@@ -463,18 +463,20 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
 // ---------------------------------------------------------------------------------------------
 // Access log
 
+/// veer with `routes`, `server_extra` in `[server]`, and an access log to a file: veer and the
+/// log's path.
+async fn with_access_log(server_extra: &str, routes: &str) -> (Veer, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let server = format!("{server_extra}\naccess_log = \"{}\"", log.display());
+    let text = config_text(dir.path(), &server, routes);
+    (Veer::start_in(dir, &text).await, log)
+}
+
 #[tokio::test]
 async fn a_request_writes_one_json_access_log_line() {
     let upstream = recording("blue").await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let server = format!("access_log = \"{}\"", log.display());
-    let text = config_text(
-        dir.path(),
-        &server,
-        &route("shop", upstream.addr, upstream.addr, ""),
-    );
-    let veer = Veer::start_in(dir, &text).await;
+    let (veer, log) = with_access_log("", &route("shop", upstream.addr, upstream.addr, "")).await;
     let (status, _, body) = get(&veer.url("/logged?q=1"), &[]).await;
     assert_eq!(status, 200);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
@@ -502,15 +504,7 @@ async fn a_client_gone_before_the_answer_is_logged_as_499() {
         .start()
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let server = format!("access_log = \"{}\"", log.display());
-    let text = config_text(
-        dir.path(),
-        &server,
-        &host_route("shop", &[], "/", slow.addr),
-    );
-    let veer = Veer::start_in(dir, &text).await;
+    let (veer, log) = with_access_log("", &host_route("shop", &[], "/", slow.addr)).await;
     let (mut sender, conn) = h2c_to(veer.addr).await;
     let request = Request::get("http://shop/gone")
         .body(Full::<Bytes>::default())
@@ -534,15 +528,7 @@ async fn a_client_gone_before_the_answer_is_logged_as_499() {
 #[tokio::test]
 async fn a_client_gone_in_the_middle_of_its_body_is_logged_as_499() {
     let upstream = recording("blue").await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let server = format!("access_log = \"{}\"", log.display());
-    let text = config_text(
-        dir.path(),
-        &server,
-        &host_route("shop", &[], "/", upstream.addr),
-    );
-    let veer = Veer::start_in(dir, &text).await;
+    let (veer, log) = with_access_log("", &host_route("shop", &[], "/", upstream.addr)).await;
     let mut stream = tokio::net::TcpStream::connect(veer.addr).await.unwrap();
     let head = "POST /cut HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\nhello";
     stream.write_all(head.as_bytes()).await.unwrap();
@@ -559,13 +545,9 @@ async fn a_client_gone_in_the_middle_of_its_body_is_logged_as_499() {
 #[tokio::test]
 async fn answers_veer_gives_itself_are_logged_too() {
     let upstream = recording("blue").await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let server = format!("max_body_bytes = 10\naccess_log = \"{}\"", log.display());
     let routes = host_route("shop", &[], "/ok", upstream.addr)
         + &host_route("dead", &[], "/dead", closed_addr().await);
-    let text = config_text(dir.path(), &server, &routes);
-    let veer = Veer::start_in(dir, &text).await;
+    let (veer, log) = with_access_log("max_body_bytes = 10", &routes).await;
     let asks = [
         (Method::GET, "/ok/1", Bytes::new(), 200),
         (Method::GET, "/nothing", Bytes::new(), 404),
