@@ -188,8 +188,9 @@ fn other_route(blue: SocketAddr, green: SocketAddr) -> String {
     )
 }
 
-#[tokio::test]
-async fn an_unchanged_route_keeps_its_state_across_a_reload() {
+/// veer with the auto-mode route `shop` (its text returned too) whose rollout has started,
+/// and its two upstreams, kept alive by the caller.
+async fn ramping_shop() -> (Veer, String, (Upstream, Upstream)) {
     let (blue, green) = upstreams().await;
     let shop = route("shop", blue.addr, green.addr, AUTO);
     let veer = Veer::start("", &shop).await;
@@ -197,6 +198,12 @@ async fn an_unchanged_route_keeps_its_state_across_a_reload() {
         .admin_post("/api/v1/routes/shop/rollout/start", "")
         .await;
     assert_eq!(status, StatusCode::OK);
+    (veer, shop, (blue, green))
+}
+
+#[tokio::test]
+async fn an_unchanged_route_keeps_its_state_across_a_reload() {
+    let (veer, shop, (blue, green)) = ramping_shop().await;
     let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
     let mut before = Vec::new();
     for user in &users {
@@ -529,13 +536,7 @@ async fn rewriting_the_file_twenty_times_under_load_fails_no_request() {
 /// file on disk to the journal.
 #[tokio::test]
 async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
-    let (blue, green) = upstreams().await;
-    let shop = route("shop", blue.addr, green.addr, AUTO);
-    let veer = Veer::start("", &shop).await;
-    let (status, _) = veer
-        .admin_post("/api/v1/routes/shop/rollout/start", "")
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let (veer, shop, _upstreams) = ramping_shop().await;
     let (status, body) = veer
         .admin_post("/api/v1/routes/shop/weight", r#"{"canary_percent": 50}"#)
         .await;
