@@ -173,16 +173,20 @@ pub fn act(
     }
     let mut inner = shared.rollout.lock();
     let next = inner.state.apply(action, &config.rollout.steps)?;
-    commit(
-        shared,
-        &mut inner,
-        next,
-        &config.rollout,
-        action.as_str(),
+    let why = Why {
+        action: action.as_str(),
         reason,
-        None,
-    );
+        judgement: None,
+    };
+    commit(shared, &mut inner, next, &config.rollout, why);
     Ok(inner.state.clone())
+}
+
+/// What a transition is called in the log and the journal, and why it happens.
+struct Why<'a> {
+    action: &'static str,
+    reason: &'a str,
+    judgement: Option<&'a Judgement>,
 }
 
 fn commit(
@@ -190,10 +194,13 @@ fn commit(
     inner: &mut Inner,
     mut next: RolloutState,
     policy: &RolloutConfig,
-    action: &'static str,
-    reason: &str,
-    judgement: Option<&Judgement>,
+    why: Why<'_>,
 ) {
+    let Why {
+        action,
+        reason,
+        judgement,
+    } = why;
     let steps = &policy.steps;
     // A step index changed alone (steps changed by a reload) moves nobody: the step goes on.
     // A start always begins a fresh step, even at the weight the route had (a new canary
@@ -326,15 +333,12 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
         )
     });
     if next != inner.state {
-        commit(
-            shared,
-            &mut inner,
-            next,
-            &config.rollout,
+        let why = Why {
             action,
-            &reason,
-            None,
-        );
+            reason: &reason,
+            judgement: None,
+        };
+        commit(shared, &mut inner, next, &config.rollout, why);
     }
 }
 
@@ -528,16 +532,12 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
     };
     match next {
         Ok(next) => {
-            let reason = judgement.reason.clone();
-            commit(
-                shared,
-                &mut inner,
-                next,
-                &config.rollout,
+            let why = Why {
                 action,
-                &reason,
-                Some(&judgement),
-            );
+                reason: &judgement.reason,
+                judgement: Some(&judgement),
+            };
+            commit(shared, &mut inner, next, &config.rollout, why);
         }
         Err(error) => warn!(route = %shared.name, %error, "Controller transition refused."),
     }
