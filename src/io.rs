@@ -8,7 +8,12 @@
 //! copied into it and go out with one `send` when hyper (or h2) flushes, which they do after
 //! every batch; larger ones stay vectored, so big bodies are not copied.
 
-use tokio::io::BufWriter;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 
 /// Writes up to this many bytes in all are copied and sent flat; the buffer is this large.
 pub const FLAT_MAX: usize = 2048;
@@ -16,6 +21,101 @@ pub const FLAT_MAX: usize = 2048;
 /// `io` with small writes sent flat (reads pass through).
 pub fn send_flat<T: tokio::io::AsyncWrite>(io: T) -> BufWriter<T> {
     BufWriter::with_capacity(FLAT_MAX, io)
+}
+
+pin_project! {
+    /// An upstream connection that, once its peer stops taking bytes (a reset, or a pipe
+    /// closed for writing) while veer still sends a request body, drops the rest of what is
+    /// written and goes on reading. An upstream that answers an upload it will not read (a
+    /// 413) and hangs up gets reset by its own kernel for the unread bytes; the answer it sent
+    /// first is still in veer's socket, and this is how it reaches the client, as RFC 9112
+    /// §9.5 asks. Without it the write error ended the exchange before hyper read that answer.
+    /// An upstream that hung up without answering still ends the exchange: its read side ends.
+    pub struct KeepReading<T> {
+        #[pin]
+        inner: T,
+        peer_gone: bool,
+    }
+}
+
+impl<T> KeepReading<T> {
+    pub fn new(inner: T) -> Self {
+        KeepReading {
+            inner,
+            peer_gone: false,
+        }
+    }
+}
+
+/// A write error that says the peer takes nothing more, rather than that veer's side failed.
+fn peer_gone(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+impl<T: AsyncRead> AsyncRead for KeepReading<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> KeepReading<T> {
+    /// `written` bytes are taken (or, once the peer is gone, dropped).
+    fn on_write<R>(
+        self: Pin<&mut Self>,
+        written: R,
+        write: impl FnOnce(Pin<&mut T>) -> Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        let this = self.project();
+        if *this.peer_gone {
+            return Poll::Ready(Ok(written));
+        }
+        match write(this.inner) {
+            Poll::Ready(Err(error)) if peer_gone(&error) => {
+                tracing::debug!(%error, "Upstream takes no more of the request; reading its answer.");
+                *this.peer_gone = true;
+                Poll::Ready(Ok(written))
+            }
+            polled => polled,
+        }
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for KeepReading<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.on_write(buf.len(), |inner| inner.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.on_write(len, |inner| inner.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.on_write((), |inner| inner.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.on_write((), |inner| inner.poll_shutdown(cx))
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub mod pool;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -169,26 +169,39 @@ impl RequestBody {
     }
 }
 
-/// Whether a request body is waiting for the client to send more: shared between the body,
-/// polled by the upstream connection, and the exchange, which decides whose fault a timeout is.
-/// Nothing to share (and no allocation) for a request without a body.
+/// Where a request body stands: shared between the body, polled by the upstream connection,
+/// the exchange, which decides whose fault a timeout is, and the connection's lease, which
+/// goes back to the pool only once the whole request was sent. Nothing to share (and no
+/// allocation) for a request without a body.
 #[derive(Clone, Debug, Default)]
-pub struct ClientWait(Option<Arc<AtomicBool>>);
+pub struct ClientWait(Option<Arc<AtomicU8>>);
+
+const SENDING: u8 = 0;
+const WAITING: u8 = 1;
+const ENDED: u8 = 2;
 
 impl ClientWait {
     fn new(has_body: bool) -> Self {
-        Self(has_body.then(|| Arc::new(AtomicBool::new(false))))
+        Self(has_body.then(|| Arc::new(AtomicU8::new(SENDING))))
     }
 
+    /// The body is waiting for the client to send more.
     pub fn is_waiting(&self) -> bool {
         self.0
             .as_ref()
-            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+            .is_some_and(|state| state.load(Ordering::Relaxed) == WAITING)
     }
 
-    fn set(&self, waiting: bool) {
-        if let Some(flag) = &self.0 {
-            flag.store(waiting, Ordering::Relaxed);
+    /// The body was read to its end (or there was none).
+    pub fn ended(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|state| state.load(Ordering::Relaxed) == ENDED)
+    }
+
+    fn set(&self, to: u8) {
+        if let Some(state) = &self.0 {
+            state.store(to, Ordering::Relaxed);
         }
     }
 }
@@ -203,7 +216,11 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        this.waiting.set(polled.is_pending());
+        this.waiting.set(if polled.is_pending() {
+            WAITING
+        } else {
+            SENDING
+        });
         let frame = match polled {
             Poll::Pending => {
                 let idle = *this.idle;
@@ -224,6 +241,7 @@ impl Body for RequestBody {
                     tee.finish();
                 }
                 *this.reading = None;
+                this.waiting.set(ENDED);
                 return Poll::Ready(None);
             }
             Some(Err(error)) => return Poll::Ready(Some(Err(BodyError::Aborted(error)))),
@@ -243,6 +261,7 @@ impl Body for RequestBody {
                 tee.finish();
             }
             *this.reading = None;
+            this.waiting.set(ENDED);
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -253,6 +272,13 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl RequestBody {
+    /// Where this body stands (see [`ClientWait`]).
+    pub fn state(&self) -> ClientWait {
+        self.waiting.clone()
     }
 }
 

@@ -11,8 +11,9 @@
 //!
 //! The rules:
 //! - a connection carries one exchange at a time, and goes back to the pool only when its
-//!   response body has been read to the end ([`Lease::release`]); an exchange that ends early
-//!   (client gone, timeout, upstream error, upgrade) drops its connection instead;
+//!   request was sent whole and its response body read to the end ([`Lease::release`]); an
+//!   exchange that ends early (client gone, timeout, upstream error, upgrade) drops its
+//!   connection instead;
 //! - the most recently used idle connection is reused first; one idle for longer than
 //!   `upstream_idle_timeout` is never reused, and [`Pool::expire`] (run by every worker each
 //!   `upstream_idle_timeout`) closes it;
@@ -33,7 +34,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::RequestBody;
+use super::{ClientWait, RequestBody};
 
 type Sender = http1::SendRequest<RequestBody>;
 
@@ -96,15 +97,18 @@ pub struct Lease {
     sender: Sender,
     endpoint: Authority,
     pool: Weak<Mutex<Idle>>,
+    request: ClientWait,
 }
 
 impl Lease {
-    /// The response body ended: the connection can carry the next exchange.
+    /// The response body ended: the connection can carry the next exchange, unless the
+    /// request is still being sent (the upstream answered before reading it all): then it is
+    /// closed once the request is through, and no other request waits for that.
     pub fn release(self) {
         let Some(idle) = self.pool.upgrade() else {
             return;
         };
-        if self.sender.is_closed() {
+        if self.sender.is_closed() || !self.request.ended() {
             return;
         }
         let entry = (self.sender, Instant::now());
@@ -135,12 +139,13 @@ impl Pool {
         endpoint: &Authority,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
+        let body = request.body().state();
         while let Some(mut sender) = self.checkout(endpoint) {
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.lease(sender, endpoint))),
+                Ok(response) => return Ok((response, self.lease(sender, endpoint, body))),
                 Err(mut error) => match error.take_message() {
                     // Not sent: the connection was closed under it. Next one.
                     Some(unsent) => request = unsent,
@@ -156,7 +161,7 @@ impl Pool {
             fresh: true,
             ..Failed::from(UpstreamError::from(error))
         })?;
-        Ok((response, self.lease(sender, endpoint)))
+        Ok((response, self.lease(sender, endpoint, body)))
     }
 
     /// Closes the connections idle for longer than the idle timeout.
@@ -202,7 +207,8 @@ impl Pool {
             .call(uri)
             .await
             .map_err(|e| connect_error(e.into()))?;
-        let io = TokioIo::new(crate::io::send_flat(io.into_inner()));
+        let io = crate::io::send_flat(io.into_inner());
+        let io = TokioIo::new(crate::io::KeepReading::new(io));
         let (sender, connection) = http1::handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
@@ -212,11 +218,12 @@ impl Pool {
         Ok(sender)
     }
 
-    fn lease(&self, sender: Sender, endpoint: &Authority) -> Lease {
+    fn lease(&self, sender: Sender, endpoint: &Authority, request: ClientWait) -> Lease {
         Lease {
             sender,
             endpoint: endpoint.clone(),
             pool: Arc::downgrade(&self.idle),
+            request,
         }
     }
 }
