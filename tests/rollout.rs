@@ -460,6 +460,43 @@ async fn a_restart_at_100_percent_keeps_the_baseline_and_a_healthy_canary_is_pro
     assert!((10.0..10.1).contains(&stable_ms), "{stable_ms}");
 }
 
+/// At 100 % the canary is judged against stable's figures from the step just before (SPEC §3),
+/// not from an earlier, larger one: here both versions got slower (a dependency they share)
+/// during the 50 % step, and a canary as slow as stable was there is promoted. Judged against
+/// the first step's fast figures it was rolled back.
+#[tokio::test(start_paused = true)]
+async fn at_100_percent_the_canary_is_judged_against_the_step_just_before() {
+    let mut c = Controller::new("");
+    // p99: the latency test needs 1,000 stable samples to fail, more than the 50 % step has.
+    c.route.rollout.latency_quantile = 0.99;
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    feed(&shared, Slot::Blue, 2_000, 0, 1);
+    feed(&shared, Slot::Green, 200, 0, 1);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5_000));
+    feed(&shared, Slot::Blue, 150, 0, 30);
+    feed(&shared, Slot::Green, 150, 0, 30);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 10_000));
+    let baseline = shared.rollout.view().state.baseline.unwrap();
+    assert_eq!(baseline.requests, 150);
+    for _ in 0..6 {
+        feed(&shared, Slot::Green, 50, 0, 30);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        rollout::analyse(&shared, &c.route);
+    }
+    let state = shared.rollout.view().state;
+    assert_eq!(
+        (state.phase, state.stable),
+        (Phase::Idle, Slot::Green),
+        "{:?}",
+        c.journal().pop()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn at_100_percent_without_any_baseline_the_hold_says_what_to_do() {
     let c = Controller::new("");

@@ -281,14 +281,14 @@ fn commit(
     }
 }
 
-/// Whether stable's window of the step just left should replace the kept baseline: it has at
-/// least as many requests, or (being fresher) enough for every test on its own.
+/// Whether stable's window of the step just left should replace the kept baseline. It should
+/// whenever the tests can read it (`min_requests`, at least [`judge::MIN_TEST_REQUESTS`]):
+/// SPEC §3 judges the 100 % step against the step before it, and an older window, however
+/// large, may come from before a change both versions share. A smaller one is kept only over
+/// nothing or over a smaller one.
 fn better_baseline(window: &WindowStats, kept: Option<&Baseline>, policy: &RolloutConfig) -> bool {
-    let enough = judge::min_latency_samples(policy.latency_quantile)
-        .unwrap_or(0)
-        .max(policy.min_requests)
-        .max(judge::MIN_TEST_REQUESTS);
-    window.requests > 0 && window.requests >= kept.map_or(0, |b| b.requests).min(enough)
+    let readable = policy.min_requests.max(judge::MIN_TEST_REQUESTS);
+    window.requests > 0 && window.requests >= kept.map_or(0, |b| b.requests).min(readable)
 }
 
 fn baseline_of(window: &WindowStats) -> Baseline {
