@@ -517,25 +517,18 @@ impl App {
                 .map_err(|e| restart_error("server.tls", &e.to_string()))?;
             self.tls.store(Some(Arc::new(acceptor)));
         }
+        // A removed route's state file stays: if it comes back, by a reload or a restart, it
+        // gets its rollout back, as a restart with the file that still has it would give it.
         for route in old
             .routes
             .iter()
             .filter(|r| config.route(&r.name).is_none())
         {
-            self.forget_route(&route.name);
+            info!(route = %route.name, "Route removed; its rollout state is kept in state.dir.");
         }
         let table = build_table(config, Some(&current), &self.store);
         self.table.store(Arc::new(table));
         Ok(())
-    }
-
-    /// A route removed by a reload starts fresh if it comes back.
-    fn forget_route(&self, name: &str) {
-        let files = &self.store.files;
-        if let Err(error) = files.remove(name) {
-            warn!(route = name, %error, "Cannot remove the state of a removed route.");
-        }
-        info!(route = name, "Route removed.");
     }
 }
 

@@ -289,17 +289,6 @@ impl StateFiles {
         }
     }
 
-    /// Forgets a route's saved state (a route removed from the config starts fresh if it
-    /// comes back).
-    pub fn remove(&self, route: &str) -> Result<(), StateError> {
-        let path = self.path(route);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io { path, source }),
-        }
-    }
-
     /// Saves atomically: write a temporary file, fsync it, rename over the old one.
     pub fn save(&self, route: &str, state: &RolloutState) -> Result<(), StateError> {
         let path = self.path(route);
