@@ -1235,6 +1235,10 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
         let (status, body) = veer.admin_post("/api/v1/routes/shop/weight", bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
+    let padded = format!("{{\"canary_percent\": 20{}}}", " ".repeat(70_000));
+    let (status, body) = veer.admin_post("/api/v1/routes/shop/weight", &padded).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("65536"), "{body}");
     assert_eq!(veer.route_status("shop").await["canary_weight"], 10.0);
 
     for (path, body) in [
@@ -1293,6 +1297,21 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(all["events"].as_array().unwrap().len(), journal.len());
+    // A hand-set weight equal to the current one is still the operator's transition, not an
+    // analysis of the controller.
+    let (status, _) = veer
+        .admin_post("/api/v1/routes/shop/weight", "{\"canary_percent\": 10}")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let same = journal_lines(&veer.dir.path().join("state")).pop().unwrap();
+    assert_eq!(
+        (
+            &same["event"],
+            &same["action"],
+            same["weight_from"].as_f64()
+        ),
+        (&"transition".into(), &"weight".into(), Some(10.0))
+    );
     veer.shutdown().await;
 }
 
@@ -1598,4 +1617,64 @@ async fn cli_check_accepts_a_valid_file_and_points_at_the_invalid_key() {
     assert_eq!(code, 1, "{out}{err}");
     let expected = format!("route[0].rollout.steps: must be increasing, line {line}");
     assert!(out.contains(&expected), "expected {expected:?} in\n{out}");
+}
+
+/// Reads from `stream` until the peer closes it (or resets it); `Err` when it is still open
+/// after `within`. Returns the bytes read before the close.
+async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    read.map(|()| got.clone()).map_err(|_| got)
+}
+
+/// The admin port holds no connection for free: one whose request head is not whole within
+/// `HEAD_TIMEOUT` (10 s) is closed, and beyond `MAX_CONNECTIONS` (256) open at once a new one
+/// is closed at once; then, the others gone, the API answers again.
+#[tokio::test]
+async fn admin_connections_are_bounded_in_time_and_number() {
+    use tokio::io::AsyncWriteExt;
+    use veer::admin::{HEAD_TIMEOUT, MAX_CONNECTIONS};
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let veer = Veer::start("", &route("shop", blue.addr, blue.addr, "")).await;
+    let admin = veer.admin;
+    let mut partial = tokio::net::TcpStream::connect(admin).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut idle = Vec::new();
+    for _ in 1..MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // Let veer accept them all before the one over the limit.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut over = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let _ = over
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let answer = closed_within(&mut over, Duration::from_secs(5)).await;
+    assert_eq!(answer, Ok(String::new()), "not closed without an answer");
+    let waited = closed_within(&mut partial, HEAD_TIMEOUT + Duration::from_secs(5)).await;
+    assert!(waited.is_ok(), "a partial head kept its connection open");
+    drop(idle);
+    let answered = eventually(Duration::from_secs(5), || async {
+        get(&veer.admin_url("/healthz"), &[]).await.0 == StatusCode::OK
+    })
+    .await;
+    assert!(answered);
+    veer.shutdown().await;
 }

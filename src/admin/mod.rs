@@ -8,26 +8,39 @@ pub mod status;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info};
 
 use crate::app::App;
 use crate::rollout::{self, state::Action};
 
 const MAX_BODY: usize = 64 * 1024;
+/// Admin connections open at once; more are closed as they are accepted. The admin port may
+/// face a network (with a token), and each connection holds a descriptor the proxy needs too.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A request head must arrive whole within this (the first from the accept, the next ones from
+/// the end of the previous answer, so an idle keep-alive connection is closed after it too).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin API until `shutdown`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -40,15 +53,21 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Re
             },
             () = crate::app::stopped(&mut shutdown) => return,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!("{MAX_CONNECTIONS} admin connections are open; closing a new one.");
+            continue;
+        };
         let app = Arc::clone(&app);
+        let builder = builder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let app = Arc::clone(&app);
                 async move { Ok::<_, Infallible>(handle(&app, req).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }
@@ -211,7 +230,11 @@ fn routes(app: &App) -> Answer {
 async fn set_weight(app: &App, name: &str, body: Incoming) -> Answer {
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
-        Err(_) => return json_error(StatusCode::BAD_REQUEST, "unreadable or too large body"),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            let reason = format!("body larger than {MAX_BODY} bytes");
+            return json_error(StatusCode::PAYLOAD_TOO_LARGE, &reason);
+        }
+        Err(_) => return json_error(StatusCode::BAD_REQUEST, "body cut short by the client"),
     };
     let percent = serde_json::from_slice::<Value>(&body)
         .ok()

@@ -260,10 +260,12 @@ fn commit(
     let entry = Entry {
         at: journal::now_rfc3339(),
         route: &shared.name,
+        // An operator's action is a transition even when it changes nothing (a hand-set
+        // weight equal to the current one).
         event: match (moved, action) {
-            (true, _) => "transition",
             (false, "reload") => "reload",
-            (false, _) => "analysis",
+            (false, "analysis" | "hold") => "analysis",
+            _ => "transition",
         },
         action,
         from: prev.phase.as_str(),
