@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -54,15 +55,21 @@ impl Journal {
         &self.path
     }
 
-    /// Appends one line. Never called on the request path.
+    /// Appends one line. Never called on the request path. A last line cut short (veer
+    /// killed mid-write, a full disk, another writer) is ended first, so that it costs only
+    /// itself and not the entry written after it.
     pub fn append(&self, entry: &Entry<'_>) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut guard = self.opened()?;
-        match guard.as_mut() {
-            Some(file) => file.write_all(&line),
-            None => Ok(()),
+        let Some(file) = guard.as_mut() else {
+            return Ok(());
+        };
+        if ends_cut(file)? {
+            tracing::warn!(path = %self.path.display(), "The journal's last line was cut short; it is ended before the next entry.");
+            line.insert(0, b'\n');
         }
+        file.write_all(&line)
     }
 
     /// Opens the file for appending (creating it and its directory) unless it is open.
@@ -82,6 +89,7 @@ impl Journal {
             *guard = Some(
                 OpenOptions::new()
                     .create(true)
+                    .read(true)
                     .append(true)
                     .open(&self.path)?,
             );
@@ -113,6 +121,17 @@ impl Journal {
             .take(limit)
             .collect())
     }
+}
+
+/// Whether the file's last byte is not the end of a line.
+fn ends_cut(file: &File) -> std::io::Result<bool> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    Ok(last[0] != b'\n')
 }
 
 #[cfg(test)]
@@ -150,5 +169,33 @@ mod tests {
         assert_eq!(tail[0]["reason"], "c");
         assert_eq!(tail[1]["reason"], "b");
         assert_eq!(tail[0]["weight_to"], 1.0);
+    }
+
+    /// A line cut short, by a crash before this process or by another writer while it runs,
+    /// loses only itself: the entries after it stay whole and readable.
+    #[test]
+    fn a_cut_last_line_costs_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        std::fs::write(
+            &path,
+            "{\"at\":\"2026-12-06\",\"route\":\"shop\",\"event\":\"tra",
+        )
+        .unwrap();
+        let journal = Journal::new(dir.path());
+        journal.append(&entry("a")).unwrap();
+        let mut other = OpenOptions::new().append(true).open(&path).unwrap();
+        other.write_all(b"{\"cut").unwrap();
+        journal.append(&entry("b")).unwrap();
+        journal.append(&entry("c")).unwrap();
+        let reasons: Vec<_> = journal
+            .tail(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e["reason"].clone())
+            .collect();
+        assert_eq!(reasons, ["c", "b", "a"]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 5, "{text}");
     }
 }
