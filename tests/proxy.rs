@@ -211,6 +211,19 @@ async fn hop_by_hop_and_internal_headers_stay_behind_and_forwarded_headers_are_s
     veer.shutdown().await;
 }
 
+/// `Via` names the version veer received the answer in (RFC 9110 §7.6.3), not the one it
+/// answers in: an HTTP/1.0 upstream is `1.0 veer`.
+#[tokio::test]
+async fn via_on_an_answer_names_the_version_it_came_in() {
+    let (upstream, _task) =
+        scripted_upstream(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let veer = Veer::shop("", upstream).await;
+    let (status, headers, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"ok"[..]));
+    assert_eq!(headers["via"], "1.0 veer");
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_of_the_response_stay_behind() {
     let (upstream, task) = scripted_upstream(

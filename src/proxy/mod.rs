@@ -320,6 +320,7 @@ impl Proxy {
         metrics.record_response(status.as_u16(), is_error, latency);
         debug!(route = route.name(), slot = %decision.slot, bucket = decision.bucket, status = status.as_u16(), "Forwarded.");
         let (mut rparts, rbody) = response.into_parts();
+        let via = headers::via(rparts.version);
         // veer answers in its own HTTP version, whatever the upstream spoke: an HTTP/1.0
         // upstream must not turn a keep-alive HTTP/1.1 client into a close-delimited one
         // (hyper still answers HTTP/1.0 clients in HTTP/1.0, and HTTP/2 ones in HTTP/2).
@@ -333,9 +334,7 @@ impl Proxy {
             }
         }
         headers::to_client(status, &mut rparts.headers, switched);
-        rparts
-            .headers
-            .append(header::VIA, headers::via(rparts.version));
+        rparts.headers.append(header::VIA, via);
         if http10 && !rparts.headers.contains_key(header::CONTENT_LENGTH) {
             // An HTTP/1.0 client has no chunked framing: a body without a length ends with
             // the connection. Answered as HTTP/1.0, hyper closes it without announcing
