@@ -246,9 +246,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<Outcome> {
 async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outcome> {
     let tty = std::io::stdout().is_terminal();
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last_line = String::new();
+    let mut piped = PipedFrames::default();
     let mut drawn = 0;
-    let mut ticks = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let table = running.app.table.load_full();
@@ -265,14 +264,8 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
             };
             out(&(up + &frame)).map_err(closed)?;
             drawn = frame.lines().count();
-        } else {
-            // A pipe or a file: the whole frame when the step line changes, and every 2 s.
-            let line = frame.lines().next().unwrap_or("").to_string();
-            ticks += 1;
-            if line != last_line || ticks.is_multiple_of(4) {
-                out(&frame).map_err(closed)?;
-                last_line = line;
-            }
+        } else if piped.due((view.state.phase, view.state.step, view.state.canary_bp)) {
+            out(&frame).map_err(closed)?;
         }
         match view.state.phase {
             Phase::RolledBack => return Ok(Outcome::RolledBack),
@@ -285,6 +278,24 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
                 humantime::format_duration(timeout)
             );
         }
+    }
+}
+
+/// When a pipe or a file gets the next frame (the live view is drawn every 500 ms): when the
+/// phase, step or weight changes, and every 2 s. Not on every change of the text: the step
+/// line's evidence counter changes at every draw.
+#[derive(Default)]
+struct PipedFrames {
+    last: Option<(Phase, usize, u32)>,
+    skipped: u32,
+}
+
+impl PipedFrames {
+    fn due(&mut self, now: (Phase, usize, u32)) -> bool {
+        let due = self.last != Some(now) || self.skipped == 3;
+        self.last = Some(now);
+        self.skipped = if due { 0 } else { self.skipped + 1 };
+        due
     }
 }
 
@@ -405,6 +416,18 @@ async fn load(proxy: SocketAddr, rate: u32, stop: Arc<AtomicBool>, sent: Arc<Ato
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Piped, a step that waits 3 s for evidence is printed when it starts and every 2 s, not at
+    /// every draw; a new step is printed at once.
+    #[test]
+    fn a_pipe_gets_a_frame_on_each_change_and_every_two_seconds() {
+        let mut piped = PipedFrames::default();
+        let ramping = |step| (Phase::Ramping, step, 1000 * (step as u32 + 1));
+        let first: Vec<bool> = (0..6).map(|_| piped.due(ramping(0))).collect();
+        assert_eq!(first, [true, false, false, false, true, false]);
+        assert!(piped.due(ramping(1)));
+        assert!(!piped.due(ramping(1)));
+    }
 
     /// A demo longer than the 60 s the admin API shows still sums up all of its requests.
     #[test]
