@@ -59,6 +59,25 @@ async fn h2c_prior_knowledge_works_and_routes_by_authority() {
     veer.shutdown().await;
 }
 
+/// An HTTP/2 field value with leading or trailing whitespace makes the request malformed (RFC
+/// 9113 §8.2.1): a 400, and nothing reaches the upstream.
+#[tokio::test]
+async fn an_h2_field_value_with_surrounding_whitespace_is_400() {
+    let upstream = named("a").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    let mut sender = h2c(&veer).await;
+    for value in [" 1", "1 ", "\t1"] {
+        let request = Request::get("http://shop/")
+            .header("x-a", value)
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 400, "{value:?}");
+    }
+    assert_eq!(upstream.request_count(), 0);
+    veer.shutdown().await;
+}
+
 /// An HTTP/2 request head over `max_header_bytes` gets veer's 431 with its reason, as on
 /// HTTP/1.1 (the stream used to be refused by the protocol layer, with no answer).
 #[tokio::test]

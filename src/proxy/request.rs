@@ -33,11 +33,18 @@ pub(super) fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), 
     if uri_len > server.max_uri_bytes {
         return Err(LocalError::UriTooLong);
     }
-    let header_bytes: usize = parts
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
+    let h2 = parts.version == Version::HTTP_2;
+    let mut header_bytes = 0;
+    for (name, value) in &parts.headers {
+        header_bytes += name.as_str().len() + value.len() + 4;
+        // Malformed over HTTP/2 (RFC 9113 §8.2.1); HTTP/1.1's parser trims it.
+        let padded = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+        if h2 && (padded(value.as_bytes().first()) || padded(value.as_bytes().last())) {
+            return Err(LocalError::BadRequest(
+                "header value with leading or trailing whitespace",
+            ));
+        }
+    }
     if header_bytes + uri_len > server.max_header_bytes {
         return Err(LocalError::HeadersTooLarge);
     }
