@@ -270,6 +270,8 @@ async fn an_unasked_101_from_the_upstream_is_a_502_protocol_error() {
 
 /// Trailer fields go through both ways on HTTP/1.1: the request's to the upstream, and the
 /// response's to a client that said `TE: trailers` (the upstream is told it may send them).
+/// veer's own fields (the override header, the shadow marker) are removed from trailers as
+/// from the head.
 #[tokio::test]
 async fn trailers_pass_both_ways() {
     let (upstream, request, task) = chunked_upstream(
@@ -281,8 +283,8 @@ async fn trailers_pass_both_ways() {
     let mut stream = raw_open(
         veer.addr,
         b"POST / HTTP/1.1\r\nHost: shop\r\nTE: trailers\r\nConnection: TE, close\r\n\
-          Trailer: x-checksum\r\nTransfer-Encoding: chunked\r\n\r\n\
-          5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n",
+          Trailer: x-checksum, x-veer-shadow, x-veer-slot\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-veer-shadow: 1\r\nx-checksum: abc\r\nx-veer-slot: green\r\n\r\n",
     )
     .await;
     let response = read_response(&mut stream).await.unwrap();
@@ -291,7 +293,10 @@ async fn trailers_pass_both_ways() {
         .to_ascii_lowercase();
     let (head, body) = request.split_once("\r\n\r\n").unwrap();
     assert!(head.contains("\r\nte: trailers\r\n"), "{head}");
-    assert!(head.contains("\r\ntrailer: x-checksum\r\n"), "{head}");
+    assert!(
+        head.contains("\r\ntrailer: x-checksum, x-veer-shadow, x-veer-slot\r\n"),
+        "{head}"
+    );
     assert!(
         body.ends_with("\r\n0\r\nx-checksum: abc\r\n\r\n"),
         "{body:?}"

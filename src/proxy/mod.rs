@@ -283,6 +283,7 @@ impl Proxy {
             tee,
             reading,
         );
+        let body = body.without_override(route.config.sticky.override_header.as_ref());
         exchange.client_wait = waiting;
         Ok((endpoint, Request::from_parts(parts, body)))
     }

@@ -16,6 +16,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderName;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -141,6 +142,8 @@ pin_project! {
         waiting: ClientWait,
         // The connection's exchange stays under way while the body is being read.
         reading: Option<InFlight>,
+        // The route's override header, removed from trailers as from the head.
+        override_header: Option<HeaderName>,
     }
 }
 
@@ -164,8 +167,17 @@ impl RequestBody {
             tee,
             waiting: waiting.clone(),
             reading,
+            override_header: None,
         };
         (body, waiting)
+    }
+
+    /// Removes the route's override header from the client's trailers too (the shadow marker
+    /// always is): veer's own fields reach no upstream from a client, whichever section
+    /// carries them.
+    pub fn without_override(mut self, name: Option<&HeaderName>) -> Self {
+        self.override_header = name.filter(|_| !self.inner.is_end_stream()).cloned();
+        self
     }
 }
 
@@ -246,6 +258,16 @@ impl Body for RequestBody {
             }
             Some(Err(error)) => return Poll::Ready(Some(Err(BodyError::Aborted(error)))),
             Some(Ok(frame)) => frame,
+        };
+        let frame = match frame.into_trailers() {
+            Ok(mut trailers) => {
+                trailers.remove(mirror::SHADOW_HEADER);
+                if let Some(name) = this.override_header.as_ref() {
+                    trailers.remove(name);
+                }
+                Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
         };
         if let Some(data) = frame.data_ref() {
             *this.seen += data.len() as u64;
