@@ -256,6 +256,17 @@ impl Connection {
                         debug!(peer = %self.peer, "Client took nothing for idle_timeout; closing.");
                         break None;
                     }
+                    Due::Overdue if !closing => {
+                        debug!(peer = %self.peer, "An HTTP/2 answer still under way past request_timeout (its stream gets no flow-control window); closing.");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                        // The stalled stream never ends by itself: cut after `idle` at most.
+                        check_at = Instant::now() + timers.idle;
+                    }
+                    Due::Overdue => {
+                        debug!(peer = %self.peer, "HTTP/2 answers still under way after the close began; closing at once.");
+                        break None;
+                    }
                     Due::BodyOverdue => {
                         debug!(peer = %self.peer, "Request body still read request_timeout after its answer; closing.");
                         break None;
@@ -277,6 +288,10 @@ impl Connection {
         }
     }
 }
+
+/// How much of an answer an HTTP/2 stream buffers beyond what the client's window lets it send
+/// (hyper's default is about 400 KiB: 128 streams of a client that reads nothing held 50 MiB).
+const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// The per-connection protocol settings from the current config.
 fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
@@ -302,7 +317,10 @@ fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(head_room).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024)
+        // NGINX's 128 (HAProxy's 100): each stream may hold an upstream connection and up to
+        // `H2_SEND_BUFFER` of its answer while the client takes nothing.
+        .max_concurrent_streams(128)
+        .max_send_buf_size(H2_SEND_BUFFER)
         .keep_alive_interval(Some(server.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
