@@ -503,35 +503,20 @@ async fn an_upgrade_answered_200_is_a_normal_response_and_no_tunnel() {
     veer.shutdown().await;
 }
 
-/// A client that grants a stream no flow-control window keeps its answer from ever being sent
-/// and its upstream connection held. Such an exchange still ends at `request_timeout`: the
-/// connection is closed (gracefully first, then after `idle_timeout`), here 1 s + 1 s of grace
-/// + 1 s, within 6 s. veer also offers at most 128 streams per connection.
+/// veer offers at most 128 streams per HTTP/2 connection (NGINX's default): each may hold an
+/// upstream connection and its buffered answer while the client takes nothing.
 #[tokio::test]
-async fn an_h2_stream_starved_of_window_ends_with_its_connection_after_request_timeout() {
-    let answer = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{}",
-        "x".repeat(100_000)
-    );
-    let (upstream, _task) = wire::scripted_upstream(Box::leak(answer.into_bytes().into())).await;
-    let veer = Veer::shop("request_timeout = \"1s\"\nidle_timeout = \"1s\"", upstream).await;
+async fn an_h2_connection_offers_at_most_128_streams() {
+    let upstream = named("a").await;
+    let veer = Veer::shop("", upstream.addr).await;
     let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
     let mut client = client.ready().await.unwrap();
     let request = Request::get("http://shop/").body(()).unwrap();
     let (response, _) = client.send_request(request, true).unwrap();
-    // The head needs no window; the body never gets any.
-    let response = response.await.unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.await.unwrap().status(), 200);
     // veer's SETTINGS are in by now.
     assert_eq!(client.current_max_send_streams(), 128);
-    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
-    assert!(ended.is_ok(), "the connection is still open");
-    drop(response);
     veer.shutdown().await;
 }

@@ -6,7 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -59,16 +59,7 @@ pub(super) enum Due {
     /// An HTTP/1.1 request body is still being read `exchange` after its answer ended: close
     /// at once.
     BodyOverdue,
-    /// An HTTP/2 exchange is still under way `exchange` (and a second) after it started: its
-    /// answer should have been cut at its deadline, which happens only when the stream is
-    /// polled, and a client that grants the stream no flow-control window keeps it from ever
-    /// being polled (and its upstream connection held): close the connection, gracefully first.
-    Overdue,
 }
-
-/// How long past `request_timeout` an HTTP/2 exchange may still be under way before its
-/// connection is closed: its own deadline, when the stream is polled, comes first.
-const OVERDUE_GRACE: Duration = Duration::from_secs(1);
 
 /// `write_blocked_at` while the socket takes what veer writes.
 const NOT_BLOCKED: u64 = u64::MAX;
@@ -89,9 +80,6 @@ pub(super) struct Activity {
     /// Since when writes have found the socket full with none taken since, in milliseconds
     /// after `opened`, or `NOT_BLOCKED`.
     write_blocked_at: AtomicU64,
-    /// When each HTTP/2 exchange under way started, in milliseconds after `opened` (at most
-    /// `max_concurrent_streams` of them; locked only by this connection's thread).
-    h2_started: Mutex<Vec<u64>>,
 }
 
 impl Activity {
@@ -105,7 +93,6 @@ impl Activity {
             quiet_since: AtomicU64::new(0),
             head_at: AtomicU64::new(0),
             write_blocked_at: AtomicU64::new(NOT_BLOCKED),
-            h2_started: Mutex::new(Vec::new()),
         }
     }
 
@@ -132,22 +119,10 @@ impl Activity {
         this.head_at.store(NO_HEAD, Ordering::Relaxed);
         this.open.fetch_add(1, Ordering::Relaxed);
         this.answering.fetch_add(1, Ordering::Relaxed);
-        let started = (protocol == Protocol::Http2).then(|| {
-            let at = this.millis();
-            this.started().push(at);
-            at
-        });
         InFlight {
             activity: Arc::clone(this),
             answering: true,
-            started,
         }
-    }
-
-    fn started(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        self.h2_started
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Bytes were read: if they start an awaited request head, its clock starts.
@@ -182,19 +157,10 @@ impl Activity {
         let blocked = self.write_blocked_at.load(Ordering::Relaxed);
         let stall_at = (blocked != NOT_BLOCKED)
             .then(|| self.opened + Duration::from_millis(blocked) + timers.idle);
-        let oldest = self.started().iter().min().copied();
-        let overdue_at = oldest
-            .map(|at| self.opened + Duration::from_millis(at) + timers.exchange + OVERDUE_GRACE);
-        match (stall_at, overdue_at, self.due_reading(now, timers)) {
-            (Some(at), _, _) if at <= now => Due::Stalled,
-            (_, Some(at), _) if at <= now => Due::Overdue,
-            (stall_at, overdue_at, Due::At(next)) => Due::At(
-                [stall_at, overdue_at]
-                    .into_iter()
-                    .flatten()
-                    .fold(next, Instant::min),
-            ),
-            (_, _, due) => due,
+        match (stall_at, self.due_reading(now, timers)) {
+            (Some(at), _) if at <= now => Due::Stalled,
+            (Some(at), Due::At(next)) => Due::At(next.min(at)),
+            (_, due) => due,
         }
     }
 
@@ -244,8 +210,6 @@ pub struct InFlight {
     activity: Arc<Activity>,
     /// The response's hold (not the request body's).
     answering: bool,
-    /// An HTTP/2 response's hold: when its exchange started (see `Activity::h2_started`).
-    started: Option<u64>,
 }
 
 impl InFlight {
@@ -255,7 +219,6 @@ impl InFlight {
         InFlight {
             activity: Arc::clone(&self.activity),
             answering: false,
-            started: None,
         }
     }
 }
@@ -268,12 +231,6 @@ impl Drop for InFlight {
             .fetch_max(activity.millis(), Ordering::Relaxed);
         if self.answering {
             activity.answering.fetch_sub(1, Ordering::AcqRel);
-        }
-        if let Some(at) = self.started {
-            let mut started = activity.started();
-            if let Some(i) = started.iter().position(|&s| s == at) {
-                started.swap_remove(i);
-            }
         }
         let last = activity.open.fetch_sub(1, Ordering::AcqRel) == 1;
         // HTTP/1.1 has one exchange at a time: once it is over, the next head is awaited.
@@ -490,32 +447,6 @@ mod tests {
                 "{version:?}"
             );
         }
-    }
-
-    /// HTTP/2 exchanges under way past `exchange` + 1 s make the connection overdue, the
-    /// oldest one first; once it ends, the next one's deadline counts.
-    #[tokio::test(start_paused = true)]
-    async fn an_http2_exchange_under_way_past_its_deadline_is_overdue() {
-        let activity = Arc::new(Activity::new(Instant::now()));
-        let timers = Timers {
-            header: Duration::from_secs(10),
-            idle: Duration::from_secs(60),
-            exchange: Duration::from_secs(30),
-        };
-        let first = Activity::request(&activity, Version::HTTP_2);
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let second = Activity::request(&activity, Version::HTTP_2);
-        let also = second.also();
-        assert_eq!(activity.due(Instant::now(), timers), Due::At(after(10)));
-        tokio::time::advance(Duration::from_secs(26)).await;
-        assert_eq!(activity.due(Instant::now(), timers), Due::Overdue);
-        drop(first);
-        assert_eq!(activity.due(Instant::now(), timers), Due::At(after(5)));
-        drop(second);
-        tokio::time::advance(Duration::from_secs(60)).await;
-        // The request body's hold alone is not timed here.
-        assert_eq!(activity.due(Instant::now(), timers), Due::At(after(10)));
-        drop(also);
     }
 
     #[tokio::test(start_paused = true)]

@@ -256,17 +256,6 @@ impl Connection {
                         debug!(peer = %self.peer, "Client took nothing for idle_timeout; closing.");
                         break None;
                     }
-                    Due::Overdue if !closing => {
-                        debug!(peer = %self.peer, "An HTTP/2 answer still under way past request_timeout (its stream gets no flow-control window); closing.");
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                        // The stalled stream never ends by itself: cut after `idle` at most.
-                        check_at = Instant::now() + timers.idle;
-                    }
-                    Due::Overdue => {
-                        debug!(peer = %self.peer, "HTTP/2 answers still under way after the close began; closing at once.");
-                        break None;
-                    }
                     Due::BodyOverdue => {
                         debug!(peer = %self.peer, "Request body still read request_timeout after its answer; closing.");
                         break None;
