@@ -460,14 +460,11 @@ async fn a_restart_at_100_percent_keeps_the_baseline_and_a_healthy_canary_is_pro
     assert!((10.0..10.1).contains(&stable_ms), "{stable_ms}");
 }
 
-/// At 100 % the canary is judged against stable's figures from the step just before (SPEC §3),
-/// not from an earlier, larger one: here both versions got slower (a dependency they share)
-/// during the 50 % step, and a canary as slow as stable was there is promoted. Judged against
-/// the first step's fast figures it was rolled back.
-#[tokio::test(start_paused = true)]
-async fn at_100_percent_the_canary_is_judged_against_the_step_just_before() {
-    let mut c = Controller::new("");
-    // p99: the latency test needs 1,000 stable samples to fail, more than the 50 % step has.
+/// A p99 rollout taken to 100 % where both versions got slower (a dependency they share)
+/// during the 50 % step: 2,000 stable requests at 1 ms in the 10 % step, 150 at 30 ms in the
+/// 50 % step.
+async fn slowed_in_the_last_step(c: &mut Controller) -> Arc<RouteShared> {
+    // p99: the latency test needs 1,000 stable samples, more than the 50 % step has.
     c.route.rollout.latency_quantile = 0.99;
     let shared = c.restore();
     rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
@@ -481,17 +478,49 @@ async fn at_100_percent_the_canary_is_judged_against_the_step_just_before() {
     tokio::time::advance(Duration::from_millis(1001)).await;
     rollout::analyse(&shared, &c.route);
     assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 10_000));
-    let baseline = shared.rollout.view().state.baseline.unwrap();
-    assert_eq!(baseline.requests, 150);
-    for _ in 0..6 {
-        feed(&shared, Slot::Green, 50, 0, 30);
+    shared
+}
+
+/// Five looks at 100 % with 50 canary requests each at `canary_ms`.
+async fn judged_at_full(c: &Controller, shared: &RouteShared, canary_ms: u64) {
+    for _ in 0..25 {
+        feed(shared, Slot::Green, 50, 0, canary_ms);
         tokio::time::advance(Duration::from_millis(200)).await;
-        rollout::analyse(&shared, &c.route);
+        rollout::analyse(shared, &c.route);
     }
+}
+
+/// At 100 % the canary is judged against stable's figures from the step just before (SPEC §3),
+/// not an earlier one: a canary as slow as stable was there is promoted (judged against the
+/// first step's fast figures, it was rolled back). The step's 150 samples are topped up with a
+/// proportional share of the earlier figures to the 1,000 the p99 test needs.
+#[tokio::test(start_paused = true)]
+async fn at_100_percent_the_canary_is_judged_against_the_step_just_before() {
+    let mut c = Controller::new("");
+    let shared = slowed_in_the_last_step(&mut c).await;
+    let baseline = shared.rollout.view().state.baseline.unwrap();
+    assert_eq!(baseline.requests, 1_000);
+    judged_at_full(&c, &shared, 30).await;
     let state = shared.rollout.view().state;
     assert_eq!(
         (state.phase, state.stable),
         (Phase::Idle, Slot::Green),
+        "{:?}",
+        c.journal().pop()
+    );
+}
+
+/// ... and a canary far slower than that is still rolled back at 100 %: the last step alone
+/// (150 samples) could never fail it on p99, and it was held there for good.
+#[tokio::test(start_paused = true)]
+async fn at_100_percent_a_far_slower_canary_is_rolled_back_after_a_short_last_step() {
+    let mut c = Controller::new("");
+    let shared = slowed_in_the_last_step(&mut c).await;
+    judged_at_full(&c, &shared, 600).await;
+    let state = shared.rollout.view().state;
+    assert_eq!(
+        (state.phase, state.stable),
+        (Phase::RolledBack, Slot::Blue),
         "{:?}",
         c.journal().pop()
     );

@@ -219,8 +219,15 @@ fn commit(
         // Read and reset in one go, so that nothing recorded in between is lost to both steps.
         let window = shared.slot_metrics(inner.state.stable).take_step();
         shared.slot_metrics(inner.state.stable.other()).reset_step();
-        if same_stable && better_baseline(&window, next.baseline.as_deref(), policy) {
-            next.baseline = Some(Arc::new(baseline_of(&window)));
+        // Only a step in which stable served everyone not on the canary: at 100 % it serves
+        // only requests the override header sends there.
+        let served = inner.state.canary_bp < 10_000;
+        if let Some(baseline) = same_stable
+            .then(|| next_baseline(&window, next.baseline.as_deref(), policy))
+            .flatten()
+            .filter(|_| served)
+        {
+            next.baseline = Some(Arc::new(baseline));
         }
     }
     let prev = std::mem::replace(&mut inner.state, next);
@@ -283,14 +290,45 @@ fn commit(
     }
 }
 
-/// Whether stable's window of the step just left should replace the kept baseline. It should
-/// whenever the tests can read it (`min_requests`, at least [`judge::MIN_TEST_REQUESTS`]):
-/// SPEC §3 judges the 100 % step against the step before it, and an older window, however
-/// large, may come from before a change both versions share. A smaller one is kept only over
-/// nothing or over a smaller one.
-fn better_baseline(window: &WindowStats, kept: Option<&Baseline>, policy: &RolloutConfig) -> bool {
-    let readable = policy.min_requests.max(judge::MIN_TEST_REQUESTS);
-    window.requests > 0 && window.requests >= kept.map_or(0, |b| b.requests).min(readable)
+/// Stable's figures for the 100 % step, from its window of the step just left (SPEC §3: the
+/// previous step; an older window may come from before a change both versions share). When
+/// that window has fewer samples than every test needs (`10 / (1 − q)` for the latency
+/// quantile, 1,000 for p99, and `min_requests`), it is topped up with a proportional share of
+/// the figures kept before it, newest first: with too few samples the latency test could
+/// never fail a canary at 100 %. `None` (keep what is kept) when stable served nothing.
+fn next_baseline(
+    window: &WindowStats,
+    kept: Option<&Baseline>,
+    policy: &RolloutConfig,
+) -> Option<Baseline> {
+    if window.requests == 0 {
+        return None;
+    }
+    let mut baseline = baseline_of(window);
+    let enough = judge::min_latency_samples(policy.latency_quantile)
+        .unwrap_or(0)
+        .max(policy.min_requests)
+        .max(judge::MIN_TEST_REQUESTS);
+    let Some(kept) = kept.filter(|k| k.requests > 0 && window.requests < enough) else {
+        return Some(baseline);
+    };
+    let share = ((enough - window.requests) as f64 / kept.requests as f64).min(1.0);
+    let part = |n: u64| (n as f64 * share).round() as u64;
+    baseline.requests += part(kept.requests);
+    baseline.errors += part(kept.errors);
+    // Scaled on the running total, so that the rare slow values of the tail are kept in
+    // proportion instead of rounding to nothing bucket by bucket.
+    let mut total = 0;
+    let mut taken = 0;
+    for &(value, count) in &kept.latency_us {
+        total += count;
+        let upto = part(total);
+        if upto > taken {
+            baseline.latency_us.push((value, upto - taken));
+            taken = upto;
+        }
+    }
+    Some(baseline)
 }
 
 fn baseline_of(window: &WindowStats) -> Baseline {
