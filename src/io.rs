@@ -10,6 +10,8 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
@@ -25,24 +27,28 @@ pub fn send_flat<T: tokio::io::AsyncWrite>(io: T) -> BufWriter<T> {
 
 pin_project! {
     /// An upstream connection that, once its peer stops taking bytes (a reset, or a pipe
-    /// closed for writing) while veer still sends a request body, drops the rest of what is
-    /// written and goes on reading. An upstream that answers an upload it will not read (a
-    /// 413) and hangs up gets reset by its own kernel for the unread bytes; the answer it sent
+    /// closed for writing) while veer still sends a request body, drops what is written until
+    /// the read side ends too. An upstream that answers an upload it will not read (a 413)
+    /// and hangs up gets reset by its own kernel for the unread bytes; the answer it sent
     /// first is still in veer's socket, and this is how it reaches the client, as RFC 9112
     /// §9.5 asks. Without it the write error ended the exchange before hyper read that answer.
-    /// An upstream that hung up without answering still ends the exchange: its read side ends.
+    /// Once reads end (the answer is in, or there was none), writes fail again, so nothing
+    /// (a tunnel, an upload) goes on writing into the void; and `peer_gone` tells the pool
+    /// never to reuse the connection.
     pub struct KeepReading<T> {
         #[pin]
         inner: T,
-        peer_gone: bool,
+        peer_gone: Arc<AtomicBool>,
+        read_ended: bool,
     }
 }
 
 impl<T> KeepReading<T> {
-    pub fn new(inner: T) -> Self {
+    pub fn new(inner: T, peer_gone: Arc<AtomicBool>) -> Self {
         KeepReading {
             inner,
-            peer_gone: false,
+            peer_gone,
+            read_ended: false,
         }
     }
 }
@@ -61,25 +67,36 @@ impl<T: AsyncRead> AsyncRead for KeepReading<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) if buf.filled().len() == before => *this.read_ended = true,
+            Poll::Ready(Err(_)) => *this.read_ended = true,
+            _ => {}
+        }
+        polled
     }
 }
 
 impl<T: AsyncWrite> KeepReading<T> {
-    /// `written` bytes are taken (or, once the peer is gone, dropped).
+    /// `written` bytes are taken (or, once the peer is gone and until reads end, dropped).
     fn on_write<R>(
         self: Pin<&mut Self>,
         written: R,
         write: impl FnOnce(Pin<&mut T>) -> Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
         let this = self.project();
-        if *this.peer_gone {
-            return Poll::Ready(Ok(written));
+        if this.peer_gone.load(Ordering::Relaxed) {
+            return Poll::Ready(match *this.read_ended {
+                false => Ok(written),
+                true => Err(io::ErrorKind::BrokenPipe.into()),
+            });
         }
         match write(this.inner) {
-            Poll::Ready(Err(error)) if peer_gone(&error) => {
+            Poll::Ready(Err(error)) if peer_gone(&error) && !*this.read_ended => {
                 tracing::debug!(%error, "Upstream takes no more of the request; reading its answer.");
-                *this.peer_gone = true;
+                this.peer_gone.store(true, Ordering::Relaxed);
                 Poll::Ready(Ok(written))
             }
             polled => polled,
@@ -198,6 +215,63 @@ mod tests {
             &vec![(false, small), (true, large), (false, b"one".to_vec())]
         );
         assert!(io.is_write_vectored());
+    }
+
+    /// A socket whose peer has reset: every write fails; reads give `answer`, then the end.
+    struct Reset {
+        answer: Option<&'static [u8]>,
+    }
+
+    impl tokio::io::AsyncRead for Reset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(answer) = self.answer.take() {
+                buf.put_slice(answer);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Reset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Once the peer is gone, writes are dropped while its answer is read, and fail again once
+    /// reads have ended; the pool is told not to reuse the connection.
+    #[tokio::test]
+    async fn writes_to_a_gone_peer_are_dropped_until_its_answer_is_read() {
+        let gone = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut io = KeepReading::new(
+            Reset {
+                answer: Some(b"413"),
+            },
+            gone.clone(),
+        );
+        assert_eq!(io.write(b"body").await.unwrap(), 4);
+        assert!(gone.load(std::sync::atomic::Ordering::Relaxed));
+        io.flush().await.unwrap();
+        let mut answer = Vec::new();
+        io.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"413");
+        let error = io.write(b"more").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
     }
 
     /// Over a real socket, whatever the split, the bytes arrive whole and in order.

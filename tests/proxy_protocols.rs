@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -518,5 +519,56 @@ async fn an_h2_connection_offers_at_most_128_streams() {
     assert_eq!(response.await.unwrap().status(), 200);
     // veer's SETTINGS are in by now.
     assert_eq!(client.current_max_send_streams(), 128);
+    veer.shutdown().await;
+}
+
+/// A keep-alive HTTP/1.1 upstream that reads each request body whole and answers `ok`; counts
+/// the connections it accepted.
+async fn counting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async {
+                let _ = req.into_body().collect().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+/// An HTTP/2 upload with a Content-Length whose END_STREAM comes in a DATA frame of its own
+/// (as Go's client sends streamed bodies) still ends its upstream request in time for the
+/// connection to be reused: 5 uploads in a row take one upstream connection.
+#[tokio::test]
+async fn an_h2_upload_ended_by_an_empty_data_frame_leaves_its_upstream_connection_reusable() {
+    let (upstream, accepted) = counting_upstream().await;
+    let veer = Veer::shop("", upstream).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    for _ in 0..5 {
+        let request = Request::post("http://shop/")
+            .header("content-length", 5)
+            .body(())
+            .unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(Bytes::from_static(b"hello"), false).unwrap();
+        body.send_data(Bytes::new(), true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(h2_text(response).await, b"ok");
+        client = client.ready().await.unwrap();
+    }
+    assert_eq!(accepted.load(Ordering::Relaxed), 1);
     veer.shutdown().await;
 }

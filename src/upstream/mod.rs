@@ -278,7 +278,9 @@ impl Body for RequestBody {
                 tee.push(data);
             }
         }
-        if this.inner.is_end_stream() {
+        // The end as the stream marks it, or the declared length met: hyper's client stops
+        // polling then, and an HTTP/2 client may send its END_STREAM in a DATA frame of its own.
+        if this.inner.is_end_stream() || this.inner.size_hint().exact() == Some(0) {
             if let Some(mut tee) = this.tee.take() {
                 tee.finish();
             }

@@ -22,6 +22,7 @@
 //!   upstream, so it cannot be duplicated. Once sent, a request is never sent again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -36,7 +37,19 @@ use tower_service::Service;
 
 use super::{ClientWait, RequestBody};
 
-type Sender = http1::SendRequest<RequestBody>;
+/// A connection's sending half, and whether its peer stopped taking bytes mid-request (see
+/// [`crate::io::KeepReading`]): such a connection is never reused, even before hyper has read
+/// its end.
+struct Sender {
+    inner: http1::SendRequest<RequestBody>,
+    peer_gone: Arc<AtomicBool>,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed() || self.peer_gone.load(Ordering::Relaxed)
+    }
+}
 
 /// Why an exchange with an upstream failed before its response head.
 #[derive(Debug, thiserror::Error)]
@@ -141,10 +154,10 @@ impl Pool {
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         let body = request.body().state();
         while let Some(mut sender) = self.checkout(endpoint) {
-            if sender.ready().await.is_err() {
+            if sender.inner.ready().await.is_err() {
                 continue;
             }
-            match sender.try_send_request(request).await {
+            match sender.inner.try_send_request(request).await {
                 Ok(response) => return Ok((response, self.lease(sender, endpoint, body))),
                 Err(mut error) => match error.take_message() {
                     // Not sent: the connection was closed under it. Next one.
@@ -157,10 +170,14 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
-        let response = sender.send_request(request).await.map_err(|error| Failed {
-            fresh: true,
-            ..Failed::from(UpstreamError::from(error))
-        })?;
+        let response = sender
+            .inner
+            .send_request(request)
+            .await
+            .map_err(|error| Failed {
+                fresh: true,
+                ..Failed::from(UpstreamError::from(error))
+            })?;
         Ok((response, self.lease(sender, endpoint, body)))
     }
 
@@ -208,14 +225,15 @@ impl Pool {
             .await
             .map_err(|e| connect_error(e.into()))?;
         let io = crate::io::send_flat(io.into_inner());
-        let io = TokioIo::new(crate::io::KeepReading::new(io));
-        let (sender, connection) = http1::handshake(io).await?;
+        let peer_gone = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(crate::io::KeepReading::new(io, Arc::clone(&peer_gone)));
+        let (inner, connection) = http1::handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%error, "Upstream connection ended.");
             }
         });
-        Ok(sender)
+        Ok(Sender { inner, peer_gone })
     }
 
     fn lease(&self, sender: Sender, endpoint: &Authority, request: ClientWait) -> Lease {
