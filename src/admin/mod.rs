@@ -6,7 +6,7 @@ pub mod prometheus;
 pub mod status;
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +15,13 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tracing::{debug, info};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::rollout::{self, state::Action};
@@ -29,18 +30,15 @@ const MAX_BODY: usize = 64 * 1024;
 /// Admin connections open at once; more are closed as they are accepted. The admin port may
 /// face a network (with a token), and each connection holds a descriptor the proxy needs too.
 pub const MAX_CONNECTIONS: usize = 256;
-/// A request head must arrive whole within this (the first from the accept, the next ones from
-/// the end of the previous answer, so an idle keep-alive connection is closed after it too).
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no request under way for this long (from the accept, or from the end of
+/// its last request: a silent one, one with half a head, an idle keep-alive or HTTP/2 one) is
+/// closed; a POST body must arrive whole within it too.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin API until `shutdown`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT);
+    let mut warned: Option<Instant> = None;
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -54,21 +52,62 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Re
             () = crate::app::stopped(&mut shutdown) => return,
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            debug!("{MAX_CONNECTIONS} admin connections are open; closing a new one.");
+            // Once a minute at most: a flood must not flood the log too.
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                warn!("{MAX_CONNECTIONS} admin connections are open; closing new ones.");
+                warned = Some(Instant::now());
+            }
             continue;
         };
-        let app = Arc::clone(&app);
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(handle(&app, req).await) }
-            });
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            drop(slot);
-        });
+        tokio::spawn(serve_connection(stream, Arc::clone(&app), slot));
+    }
+}
+
+/// One admin connection, closed once no request has been under way for `IDLE_TIMEOUT`.
+async fn serve_connection(stream: TcpStream, app: Arc<App>, _slot: OwnedSemaphorePermit) {
+    let opened = Instant::now();
+    let since_ms = move |at: Instant| u64::try_from((at - opened).as_millis()).unwrap_or(u64::MAX);
+    // Requests under way, and when the last one ended (milliseconds after `opened`).
+    let under_way = Arc::new(AtomicUsize::new(0));
+    let last_ended = Arc::new(AtomicU64::new(0));
+    let (busy, ended) = (Arc::clone(&under_way), Arc::clone(&last_ended));
+    let service = service_fn(move |req| {
+        let (app, busy, ended) = (Arc::clone(&app), Arc::clone(&busy), Arc::clone(&ended));
+        busy.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let answer = handle(&app, req).await;
+            ended.fetch_max(since_ms(Instant::now()), Ordering::Relaxed);
+            busy.fetch_sub(1, Ordering::Relaxed);
+            Ok::<_, Infallible>(answer)
+        }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut check_at = opened + IDLE_TIMEOUT;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = tokio::time::sleep_until(check_at) => {
+                if closing {
+                    return;
+                }
+                let idle_until = opened
+                    + Duration::from_millis(last_ended.load(Ordering::Relaxed))
+                    + IDLE_TIMEOUT;
+                if under_way.load(Ordering::Relaxed) > 0 {
+                    check_at = Instant::now() + IDLE_TIMEOUT;
+                } else if idle_until > Instant::now() {
+                    check_at = idle_until;
+                } else {
+                    // HTTP/2 gets its GOAWAY; what does not close within a second is cut.
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                    check_at = Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
     }
 }
 
@@ -161,6 +200,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Answer {
         return *answer;
     }
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
     let endpoint = match Endpoint::parse(&path) {
         Ok(endpoint) => endpoint,
         Err(message) => return json_error(StatusCode::NOT_FOUND, message),
@@ -172,6 +212,14 @@ async fn route(app: &App, req: Request<Incoming>) -> Answer {
             .insert(header::ALLOW, HeaderValue::from_static(endpoint.allow()));
         return answer;
     }
+    // Every POST's body is read whole (bounded in size and time), used or not.
+    let body = match req.method() == Method::POST {
+        true => match read_body(req.into_body()).await {
+            Ok(body) => body,
+            Err(answer) => return answer,
+        },
+        false => Bytes::new(),
+    };
     match endpoint {
         Endpoint::Healthz => text(StatusCode::OK, "ok\n"),
         Endpoint::Readyz => {
@@ -197,8 +245,8 @@ async fn route(app: &App, req: Request<Incoming>) -> Answer {
         Endpoint::Rollout(name, action) => {
             apply(app, name, action, "requested through the admin API")
         }
-        Endpoint::Weight(name) => set_weight(app, name, req.into_body()).await,
-        Endpoint::Events => events(app, req.uri().query().unwrap_or("")),
+        Endpoint::Weight(name) => set_weight(app, name, &body),
+        Endpoint::Events => events(app, &query),
         Endpoint::Reload => match app.reload().await {
             Ok(()) => json_answer(StatusCode::OK, &json!({ "result": "applied" })),
             Err(errors) => json_answer(
@@ -227,16 +275,28 @@ fn routes(app: &App) -> Answer {
     )
 }
 
-async fn set_weight(app: &App, name: &str, body: Incoming) -> Answer {
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+/// A POST's body, whole: at most `MAX_BODY` bytes (413 above), within `IDLE_TIMEOUT` (408).
+async fn read_body(body: Incoming) -> Result<Bytes, Answer> {
+    let read = tokio::time::timeout(IDLE_TIMEOUT, Limited::new(body, MAX_BODY).collect());
+    match read.await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
             let reason = format!("body larger than {MAX_BODY} bytes");
-            return json_error(StatusCode::PAYLOAD_TOO_LARGE, &reason);
+            Err(json_error(StatusCode::PAYLOAD_TOO_LARGE, &reason))
         }
-        Err(_) => return json_error(StatusCode::BAD_REQUEST, "body cut short by the client"),
-    };
-    let percent = serde_json::from_slice::<Value>(&body)
+        Ok(Err(_)) => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "body cut short by the client",
+        )),
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body not sent in time",
+        )),
+    }
+}
+
+fn set_weight(app: &App, name: &str, body: &[u8]) -> Answer {
+    let percent = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("canary_percent").and_then(Value::as_f64));
     match percent.and_then(crate::config::basis_points) {
