@@ -2,11 +2,12 @@
 //! actions, hand-set weights, the journal, reload. Never reachable through proxy listeners.
 
 mod auth;
+mod conn;
 pub mod prometheus;
 pub mod status;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::rollout::{self, state::Action};
+use conn::{Held, Metered, Usage};
 
 const MAX_BODY: usize = 64 * 1024;
 /// Admin connections open at once; more are closed as they are accepted. The admin port may
@@ -63,50 +65,50 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Re
     }
 }
 
-/// One admin connection, closed once no request has been under way for `IDLE_TIMEOUT`.
+/// One admin connection: closed once no request has been under way for `IDLE_TIMEOUT`, and cut
+/// when a request is under way but no byte moved for as long (a client that takes nothing of
+/// its answer). A slow reader of a large answer keeps its connection as long as it reads.
 async fn serve_connection(stream: TcpStream, app: Arc<App>, _slot: OwnedSemaphorePermit) {
-    let opened = Instant::now();
-    let since_ms = move |at: Instant| u64::try_from((at - opened).as_millis()).unwrap_or(u64::MAX);
-    // Requests under way, and when the last one ended (milliseconds after `opened`).
-    let under_way = Arc::new(AtomicUsize::new(0));
-    let last_ended = Arc::new(AtomicU64::new(0));
-    let (busy, ended) = (Arc::clone(&under_way), Arc::clone(&last_ended));
+    let usage = Usage::new();
+    let io = Metered {
+        io: stream,
+        usage: Arc::clone(&usage),
+    };
+    let held = Arc::clone(&usage);
     let service = service_fn(move |req| {
-        let (app, busy, ended) = (Arc::clone(&app), Arc::clone(&busy), Arc::clone(&ended));
-        busy.fetch_add(1, Ordering::Relaxed);
+        let app = Arc::clone(&app);
+        let mut busy = Usage::busy(&held);
         async move {
             let answer = handle(&app, req).await;
-            ended.fetch_max(since_ms(Instant::now()), Ordering::Relaxed);
-            busy.fetch_sub(1, Ordering::Relaxed);
-            Ok::<_, Infallible>(answer)
+            if matches!(
+                answer.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            ) {
+                busy.refused();
+            }
+            Ok::<_, Infallible>(answer.map(|body| Held { body, _busy: busy }))
         }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let mut check_at = opened + IDLE_TIMEOUT;
+    let mut check_at = Instant::now() + IDLE_TIMEOUT;
     let mut closing = false;
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
-            () = tokio::time::sleep_until(check_at) => {
-                if closing {
-                    return;
-                }
-                let idle_until = opened
-                    + Duration::from_millis(last_ended.load(Ordering::Relaxed))
-                    + IDLE_TIMEOUT;
-                if under_way.load(Ordering::Relaxed) > 0 {
-                    check_at = Instant::now() + IDLE_TIMEOUT;
-                } else if idle_until > Instant::now() {
-                    check_at = idle_until;
-                } else {
-                    // HTTP/2 gets its GOAWAY; what does not close within a second is cut.
+            () = tokio::time::sleep_until(check_at) => match usage.due(Instant::now(), IDLE_TIMEOUT) {
+                conn::Due::At(at) => check_at = at.max(Instant::now() + Duration::from_millis(100)),
+                conn::Due::Stuck => return,
+                conn::Due::Quiet if closing => return,
+                conn::Due::Quiet => {
+                    // HTTP/2 gets its GOAWAY; a connection still open a second later is cut,
+                    // unless a request came in meanwhile.
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                     check_at = Instant::now() + Duration::from_secs(1);
                 }
-            }
+            },
         }
     }
 }
