@@ -294,8 +294,9 @@ fn commit(
 /// previous step; an older window may come from before a change both versions share). When
 /// that window has fewer samples than every test needs (`10 / (1 − q)` for the latency
 /// quantile, 1,000 for p99, and `min_requests`), it is topped up with a proportional share of
-/// the figures kept before it, newest first: with too few samples the latency test could
-/// never fail a canary at 100 %. `None` (keep what is kept) when stable served nothing.
+/// the figures kept before it (themselves a blend in which older steps fade out): with too few
+/// samples the latency test could never fail a canary at 100 %. `None` (keep what is kept)
+/// when stable served nothing.
 fn next_baseline(
     window: &WindowStats,
     kept: Option<&Baseline>,
