@@ -26,7 +26,7 @@ use crate::metrics::SlotMetrics;
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
 use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
-use crate::upstream::{self, ClientWait, Failure, RequestBody, Unread};
+use crate::upstream::{self, BodyState, Failure, RequestBody, Unread};
 use crate::Slot;
 use body::{Extra, ProxyBody, Tail};
 use error::LocalError;
@@ -115,7 +115,7 @@ impl Proxy {
             http10: parts.version == Version::HTTP_10,
             downstream_upgrade: None,
             shadow: None,
-            client_wait: ClientWait::default(),
+            body_state: BodyState::default(),
             log: self
                 .access_log
                 .as_ref()
@@ -170,7 +170,7 @@ impl Proxy {
             }
             // The deadline passed while the upstream was waiting for the client's body: the
             // client's fault (408), not the slot's.
-            Err(_elapsed) if exchange.client_wait.is_waiting() => {
+            Err(_elapsed) if exchange.body_state.is_waiting() => {
                 self.local_answer(exchange, LocalError::BodyTimeout, latency)
             }
             Err(_elapsed) => {
@@ -276,7 +276,7 @@ impl Proxy {
         if let Some((_, record)) = &mut exchange.log {
             record.shadowed = exchange.shadow.is_some();
         }
-        let (body, waiting) = RequestBody::new(
+        let (body, state) = RequestBody::new(
             body,
             server.max_body_bytes,
             server.idle_timeout,
@@ -284,7 +284,7 @@ impl Proxy {
             reading,
         );
         let body = body.without_override(route.config.sticky.override_header.as_ref());
-        exchange.client_wait = waiting;
+        exchange.body_state = state;
         Ok((endpoint, Request::from_parts(parts, body)))
     }
 
@@ -309,7 +309,7 @@ impl Proxy {
             downstream_upgrade,
             shadow,
             log,
-            client_wait: _,
+            body_state: _,
         } = exchange;
         let status = response.status();
         let is_error = route
@@ -517,7 +517,7 @@ struct Exchange<'a> {
     downstream_upgrade: Option<OnUpgrade>,
     shadow: Option<ShadowJob>,
     /// Whether the request body is waiting for the client.
-    client_wait: ClientWait,
+    body_state: BodyState,
     log: Option<(AccessLogger, Record)>,
 }
 

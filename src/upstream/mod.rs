@@ -139,7 +139,7 @@ pin_project! {
         // Armed only while the body is actually waiting for the client.
         timer: Option<Pin<Box<Sleep>>>,
         tee: Option<Box<Tee>>,
-        waiting: ClientWait,
+        state: BodyState,
         // The connection's exchange stays under way while the body is being read.
         reading: Option<InFlight>,
         // The route's override header, removed from trailers as from the head.
@@ -148,7 +148,7 @@ pin_project! {
 }
 
 impl RequestBody {
-    /// `limit` 0 = unlimited. The [`ClientWait`] tells whether the body is waiting for the
+    /// `limit` 0 = unlimited. The [`BodyState`] tells whether the body is waiting for the
     /// client.
     pub fn new(
         inner: Unread,
@@ -156,8 +156,8 @@ impl RequestBody {
         idle: Duration,
         tee: Option<Box<Tee>>,
         reading: Option<InFlight>,
-    ) -> (Self, ClientWait) {
-        let waiting = ClientWait::new(!inner.is_end_stream());
+    ) -> (Self, BodyState) {
+        let state = BodyState::new(!inner.is_end_stream());
         let body = Self {
             inner,
             limit,
@@ -165,11 +165,11 @@ impl RequestBody {
             idle,
             timer: None,
             tee,
-            waiting: waiting.clone(),
+            state: state.clone(),
             reading,
             override_header: None,
         };
-        (body, waiting)
+        (body, state)
     }
 
     /// Removes the route's override header from the client's trailers too (the shadow marker
@@ -186,13 +186,13 @@ impl RequestBody {
 /// goes back to the pool only once the whole request was sent. Nothing to share (and no
 /// allocation) for a request without a body.
 #[derive(Clone, Debug, Default)]
-pub struct ClientWait(Option<Arc<AtomicU8>>);
+pub struct BodyState(Option<Arc<AtomicU8>>);
 
 const SENDING: u8 = 0;
 const WAITING: u8 = 1;
 const ENDED: u8 = 2;
 
-impl ClientWait {
+impl BodyState {
     fn new(has_body: bool) -> Self {
         Self(has_body.then(|| Arc::new(AtomicU8::new(SENDING))))
     }
@@ -228,7 +228,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        this.waiting.set(if polled.is_pending() {
+        this.state.set(if polled.is_pending() {
             WAITING
         } else {
             SENDING
@@ -253,7 +253,7 @@ impl Body for RequestBody {
                     tee.finish();
                 }
                 *this.reading = None;
-                this.waiting.set(ENDED);
+                this.state.set(ENDED);
                 return Poll::Ready(None);
             }
             Some(Err(error)) => return Poll::Ready(Some(Err(BodyError::Aborted(error)))),
@@ -285,7 +285,7 @@ impl Body for RequestBody {
                 tee.finish();
             }
             *this.reading = None;
-            this.waiting.set(ENDED);
+            this.state.set(ENDED);
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -300,9 +300,9 @@ impl Body for RequestBody {
 }
 
 impl RequestBody {
-    /// Where this body stands (see [`ClientWait`]).
-    pub fn state(&self) -> ClientWait {
-        self.waiting.clone()
+    /// Where this body stands (see [`BodyState`]).
+    pub fn state(&self) -> BodyState {
+        self.state.clone()
     }
 }
 

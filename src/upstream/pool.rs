@@ -35,7 +35,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{ClientWait, RequestBody};
+use super::{BodyState, RequestBody};
 
 /// A connection's sending half, and whether its peer stopped taking bytes mid-request (see
 /// [`crate::io::KeepReading`]): such a connection is never reused, even before hyper has read
@@ -110,7 +110,7 @@ pub struct Lease {
     sender: Sender,
     endpoint: Authority,
     pool: Weak<Mutex<Idle>>,
-    request: ClientWait,
+    request: BodyState,
 }
 
 impl Lease {
@@ -236,7 +236,7 @@ impl Pool {
         Ok(Sender { inner, peer_gone })
     }
 
-    fn lease(&self, sender: Sender, endpoint: &Authority, request: ClientWait) -> Lease {
+    fn lease(&self, sender: Sender, endpoint: &Authority, request: BodyState) -> Lease {
         Lease {
             sender,
             endpoint: endpoint.clone(),
