@@ -108,6 +108,10 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
         headers.remove(name);
     }
     headers.remove(SHADOW_HEADER);
+    unannounce(
+        headers,
+        &[Some(SHADOW_HEADER), fwd.override_header.map(|n| n.as_str())],
+    );
     append_forwarded_for(headers, fwd.client);
     let proto = if fwd.tls { "https" } else { "http" };
     headers.insert(
@@ -119,6 +123,32 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
         headers.insert(header::HOST, host.clone());
     }
     headers.append(header::VIA, via(fwd.version));
+}
+
+/// Takes veer's own field names out of `Trailer`: they are removed from the trailers, so they
+/// are not announced either. Allocates only when `Trailer` names one of them.
+fn unannounce(headers: &mut HeaderMap, own: &[Option<&str>]) {
+    fn tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
+        let text = v.to_str().unwrap_or("");
+        text.split(',').map(str::trim).filter(|t| !t.is_empty())
+    }
+    let is_own = |token: &str| own.iter().flatten().any(|n| token.eq_ignore_ascii_case(n));
+    let announced = headers.get_all(header::TRAILER);
+    if !announced.iter().flat_map(tokens).any(is_own) {
+        return;
+    }
+    let kept = announced
+        .iter()
+        .flat_map(tokens)
+        .filter(|t| !is_own(t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    headers.remove(header::TRAILER);
+    if let Ok(value) = HeaderValue::from_str(&kept) {
+        if !kept.is_empty() {
+            headers.insert(header::TRAILER, value);
+        }
+    }
 }
 
 /// veer's `Via` entry for a message received in `version` (RFC 9110 §7.6.3), added to what
