@@ -2,7 +2,6 @@
 //! actions, hand-set weights, the journal, reload. Never reachable through proxy listeners.
 
 mod auth;
-mod conn;
 pub mod prometheus;
 pub mod status;
 
@@ -25,8 +24,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::app::App;
+use crate::listener::{keep_unsent_small, Activity, Timers, Tracked, Watched};
 use crate::rollout::{self, state::Action};
-use conn::{Held, Metered, Usage};
 
 const MAX_BODY: usize = 64 * 1024;
 /// Admin connections open at once; more are closed as they are accepted. The admin port may
@@ -42,7 +41,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Re
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut warned: Option<Instant> = None;
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -61,56 +60,45 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Re
             }
             continue;
         };
-        tokio::spawn(serve_connection(stream, Arc::clone(&app), slot));
+        let app = Arc::clone(&app);
+        tokio::spawn(serve_connection(stream, app, slot, shutdown.clone(), peer));
     }
 }
 
-/// One admin connection: closed once no request has been under way for `IDLE_TIMEOUT`, and cut
-/// when a request is under way but no byte moved for as long (a client that takes nothing of
-/// its answer). A slow reader of a large answer keeps its connection as long as it reads.
-async fn serve_connection(stream: TcpStream, app: Arc<App>, _slot: OwnedSemaphorePermit) {
-    let usage = Usage::new();
-    let io = Metered {
-        io: stream,
-        usage: Arc::clone(&usage),
+/// One admin connection, on the proxy listeners' timers (see [`crate::listener::drive`]), all
+/// at `IDLE_TIMEOUT`: a request head (the first counted from the accept) must arrive whole
+/// within it, a connection with no request under way for it is closed, and one whose client
+/// takes nothing of its answer for it is cut. A slow reader of a large answer keeps its
+/// connection while it reads.
+async fn serve_connection(
+    stream: TcpStream,
+    app: Arc<App>,
+    slot: OwnedSemaphorePermit,
+    shutdown: watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) {
+    let timers = Timers {
+        header: IDLE_TIMEOUT,
+        idle: IDLE_TIMEOUT,
+        exchange: IDLE_TIMEOUT,
     };
-    let held = Arc::clone(&usage);
-    let service = service_fn(move |req| {
+    keep_unsent_small(&stream);
+    let activity = Arc::new(Activity::new(Instant::now()));
+    let io = Watched::new(stream, Arc::clone(&activity), None);
+    let seen = Arc::clone(&activity);
+    let service = service_fn(move |req: Request<Incoming>| {
+        // Held until the answer is written or dropped.
+        let exchange = Activity::request(&seen, req.version());
         let app = Arc::clone(&app);
-        let mut busy = Usage::busy(&held);
         async move {
             let answer = handle(&app, req).await;
-            if matches!(
-                answer.status(),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-            ) {
-                busy.refused();
-            }
-            Ok::<_, Infallible>(answer.map(|body| Held { body, _busy: busy }))
+            Ok::<_, Infallible>(answer.map(|body| Tracked { body, exchange }))
         }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let mut check_at = Instant::now() + IDLE_TIMEOUT;
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            () = tokio::time::sleep_until(check_at) => match usage.due(Instant::now(), IDLE_TIMEOUT) {
-                conn::Due::At(at) => check_at = at.max(Instant::now() + Duration::from_millis(100)),
-                conn::Due::Stuck => return,
-                conn::Due::Quiet if closing => return,
-                conn::Due::Quiet => {
-                    // HTTP/2 gets its GOAWAY; a connection still open a second later is cut,
-                    // unless a request came in meanwhile.
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                    check_at = Instant::now() + Duration::from_secs(1);
-                }
-            },
-        }
-    }
+    crate::listener::drive(conn, &activity, timers, shutdown, peer).await;
+    drop(slot);
 }
 
 type Answer = Response<Full<Bytes>>;

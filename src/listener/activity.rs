@@ -32,7 +32,7 @@ const AWAITING_HEAD: u64 = u64::MAX - 1;
 
 /// The connection's timers, from the config.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Timers {
+pub(crate) struct Timers {
     /// A request head must arrive whole within this of its first byte (the first head: of
     /// the accept).
     pub header: Duration,
@@ -64,7 +64,7 @@ pub(super) enum Due {
 /// `write_blocked_at` while the socket takes what veer writes.
 const NOT_BLOCKED: u64 = u64::MAX;
 
-pub(super) struct Activity {
+pub(crate) struct Activity {
     opened: Instant,
     /// A `Protocol` as a number, known once a request head arrived.
     protocol: AtomicU8,
@@ -84,7 +84,7 @@ pub(super) struct Activity {
 
 impl Activity {
     /// A connection accepted at `opened`.
-    pub(super) fn new(opened: Instant) -> Self {
+    pub(crate) fn new(opened: Instant) -> Self {
         Activity {
             opened,
             protocol: AtomicU8::new(Protocol::Unknown as u8),
@@ -109,7 +109,7 @@ impl Activity {
     }
 
     /// Notes a request: its exchange is under way while the guard lives.
-    pub(super) fn request(this: &Arc<Self>, version: Version) -> InFlight {
+    pub(crate) fn request(this: &Arc<Self>, version: Version) -> InFlight {
         let protocol = if version == Version::HTTP_2 {
             Protocol::Http2
         } else {
@@ -242,10 +242,10 @@ impl Drop for InFlight {
 
 pin_project! {
     /// A response body that keeps its exchange under way until it is dropped.
-    pub(super) struct Tracked<B> {
+    pub(crate) struct Tracked<B> {
         #[pin]
-        pub(super) body: B,
-        pub(super) exchange: InFlight,
+        pub(crate) body: B,
+        pub(crate) exchange: InFlight,
     }
 }
 
@@ -275,16 +275,17 @@ pin_project! {
     /// and holding what an open connection holds until it is closed. It sits right on the
     /// socket, under TLS and any write buffer, so that a write taken is a write the kernel took
     /// (and over TLS a read is a record's bytes: any record starts an awaited head's clock).
-    pub(super) struct Watched<I> {
+    pub(crate) struct Watched<I> {
         #[pin]
         io: I,
         activity: Arc<Activity>,
-        open: Open,
+        // A proxy connection's hold on the drain and the connection gauge.
+        open: Option<Open>,
     }
 }
 
 impl<I> Watched<I> {
-    pub(super) fn new(io: I, activity: Arc<Activity>, open: Open) -> Self {
+    pub(crate) fn new(io: I, activity: Arc<Activity>, open: Option<Open>) -> Self {
         Watched { io, activity, open }
     }
 }

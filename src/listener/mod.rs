@@ -17,7 +17,7 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::Watcher;
+use hyper_util::server::graceful::{GracefulConnection, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -27,8 +27,9 @@ use tracing::{debug, warn};
 
 use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
+use activity::Due;
 pub use activity::InFlight;
-use activity::{Activity, Due, Timers, Tracked, Watched};
+pub(crate) use activity::{Activity, Timers, Tracked, Watched};
 
 /// One proxy listener.
 pub struct Listener {
@@ -101,7 +102,7 @@ const NOTSENT_LOWAT: u32 = 128 * 1024;
 /// writer only when a third of the send buffer is free (up to 4 MiB with autotuning), and a
 /// slow but steady reader could look like one that reads nothing for `idle_timeout`. It also
 /// keeps less queued in the kernel per connection. The bytes in flight are not capped.
-fn keep_unsent_small(stream: &TcpStream) {
+pub(crate) fn keep_unsent_small(stream: &TcpStream) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -181,7 +182,7 @@ impl Connection {
             return;
         }
         let activity = Arc::new(Activity::new(accepted));
-        let stream = Watched::new(stream, Arc::clone(&activity), open);
+        let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
         match self.tls.clone() {
             None => {
                 let stream = crate::io::send_flat(stream);
@@ -199,10 +200,7 @@ impl Connection {
         }
     }
 
-    /// Serves the connection until it ends: closed when a request head does not arrive
-    /// whole within `header_timeout` (the first one counted from the accept, a later one from
-    /// its first byte); closed gracefully (in-flight requests finish) on the drain signal, and
-    /// once no exchange has been under way for `idle_timeout`.
+    /// Serves the connection until it ends (see [`drive`]).
     async fn serve<I>(
         self,
         io: I,
@@ -229,52 +227,70 @@ impl Connection {
             }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let mut shutdown = self.shutdown;
-        // One sleep for all the timers, re-armed only when it fires.
-        let now = Instant::now();
-        let mut check_at = match activity.due(now, timers) {
-            Due::At(at) => at,
-            _ => now,
-        };
-        let mut closing = false;
-        let result = loop {
-            tokio::select! {
-                biased;
-                result = conn.as_mut() => break Some(result),
-                () = crate::app::stopped(&mut shutdown), if !closing => {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                () = tokio::time::sleep_until(check_at) => match activity.due(Instant::now(), timers) {
-                    Due::At(at) => check_at = at,
-                    Due::SlowHead => {
-                        debug!(peer = %self.peer, "Request head not complete within header_timeout; closing.");
-                        break None;
-                    }
-                    Due::Stalled => {
-                        debug!(peer = %self.peer, "Client took nothing for idle_timeout; closing.");
-                        break None;
-                    }
-                    Due::BodyOverdue => {
-                        debug!(peer = %self.peer, "Request body still read request_timeout after its answer; closing.");
-                        break None;
-                    }
-                    Due::Idle => {
-                        debug!(peer = %self.peer, "Connection idle for idle_timeout; closing.");
-                        if !closing {
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                        // The close flushes first: a client that takes nothing is still cut.
-                        check_at = Instant::now() + timers.idle;
-                    }
-                },
+        drive(conn, &activity, timers, self.shutdown, self.peer).await;
+    }
+}
+
+/// Drives a served connection until it ends, with its `activity`'s timers (see [`Due`]):
+/// closed at once when a request head does not arrive whole in time, when the client takes
+/// nothing of what is written for `timers.idle`, or when a request body is still read
+/// `timers.exchange` after its answer; closed gracefully (in-flight requests finish) on the
+/// drain signal, and once no exchange has been under way for `timers.idle` (then cut if it is
+/// still open another `idle` later). The proxy listeners and the admin API both use it.
+pub(crate) async fn drive<C>(
+    conn: C,
+    activity: &Activity,
+    timers: Timers,
+    mut shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    // One sleep for all the timers, re-armed only when it fires.
+    let now = Instant::now();
+    let mut check_at = match activity.due(now, timers) {
+        Due::At(at) => at,
+        _ => now,
+    };
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => break Some(result),
+            () = crate::app::stopped(&mut shutdown), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
-        };
-        if let Some(Err(error)) = result {
-            debug!(peer = %self.peer, %error, "Connection closed with an error.");
+            () = tokio::time::sleep_until(check_at) => match activity.due(Instant::now(), timers) {
+                Due::At(at) => check_at = at,
+                Due::SlowHead => {
+                    debug!(%peer, "Request head not complete in time; closing.");
+                    break None;
+                }
+                Due::Stalled => {
+                    debug!(%peer, "Client took nothing for idle_timeout; closing.");
+                    break None;
+                }
+                Due::BodyOverdue => {
+                    debug!(%peer, "Request body still read request_timeout after its answer; closing.");
+                    break None;
+                }
+                Due::Idle => {
+                    debug!(%peer, "Connection idle for idle_timeout; closing.");
+                    if !closing {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    // The close flushes first: a client that takes nothing is still cut.
+                    check_at = Instant::now() + timers.idle;
+                }
+            },
         }
+    };
+    if let Some(Err(error)) = result {
+        debug!(%peer, %error, "Connection closed with an error.");
     }
 }
 
