@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
-use crate::upstream::mirror::SHADOW_HEADER;
+use crate::upstream::mirror::{remove_own_fields, SHADOW_HEADER};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that are never forwarded, besides those that
 /// `Connection` lists. `Trailer` is end to end: it declares the trailer fields that HTTP/1.1
@@ -104,10 +104,7 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
     if fwd.version == http::Version::HTTP_2 {
         join_cookies(headers);
     }
-    if let Some(name) = fwd.override_header {
-        headers.remove(name);
-    }
-    headers.remove(SHADOW_HEADER);
+    remove_own_fields(headers, fwd.override_header);
     unannounce(
         headers,
         &[Some(SHADOW_HEADER), fwd.override_header.map(|n| n.as_str())],

@@ -276,15 +276,15 @@ impl Proxy {
         if let Some((_, record)) = &mut exchange.log {
             record.shadowed = exchange.shadow.is_some();
         }
-        let (body, state) = RequestBody::new(
+        let body = RequestBody::new(
             body,
             server.max_body_bytes,
             server.idle_timeout,
             tee,
             reading,
-        );
-        let body = body.without_override(route.config.sticky.override_header.as_ref());
-        exchange.body_state = state;
+        )
+        .without_override(route.config.sticky.override_header.as_ref());
+        exchange.body_state = body.state();
         Ok((endpoint, Request::from_parts(parts, body)))
     }
 
@@ -516,7 +516,7 @@ struct Exchange<'a> {
     http10: bool,
     downstream_upgrade: Option<OnUpgrade>,
     shadow: Option<ShadowJob>,
-    /// Whether the request body is waiting for the client.
+    /// Where the request body stands (waiting for the client: a timeout is its fault).
     body_state: BodyState,
     log: Option<(AccessLogger, Record)>,
 }

@@ -222,12 +222,10 @@ fn commit(
         // Only a step in which stable served everyone not on the canary: at 100 % it serves
         // only requests the override header sends there.
         let served = inner.state.canary_bp < 10_000;
-        if let Some(baseline) = same_stable
-            .then(|| next_baseline(&window, next.baseline.as_deref(), policy))
-            .flatten()
-            .filter(|_| served)
-        {
-            next.baseline = Some(Arc::new(baseline));
+        if same_stable && served {
+            if let Some(baseline) = next_baseline(&window, next.baseline.as_deref(), policy) {
+                next.baseline = Some(Arc::new(baseline));
+            }
         }
     }
     let prev = std::mem::replace(&mut inner.state, next);

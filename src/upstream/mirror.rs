@@ -32,6 +32,15 @@ pub type ShadowClient = Client<HttpConnector, Full<Bytes>>;
 /// The header that marks a shadow copy.
 pub const SHADOW_HEADER: &str = "x-veer-shadow";
 
+/// Removes veer's own fields a client sent (the shadow marker, the route's override header):
+/// they reach no upstream from a client, in the head or in the trailers.
+pub fn remove_own_fields(fields: &mut http::HeaderMap, override_header: Option<&http::HeaderName>) {
+    if let Some(name) = override_header {
+        fields.remove(name);
+    }
+    fields.remove(SHADOW_HEADER);
+}
+
 /// How many recent mismatches are kept per route.
 const RECENT_MISMATCHES: usize = 16;
 

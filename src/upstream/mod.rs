@@ -148,28 +148,25 @@ pin_project! {
 }
 
 impl RequestBody {
-    /// `limit` 0 = unlimited. The [`BodyState`] tells whether the body is waiting for the
-    /// client.
+    /// `limit` 0 = unlimited. [`RequestBody::state`] tells where the body stands.
     pub fn new(
         inner: Unread,
         limit: u64,
         idle: Duration,
         tee: Option<Box<Tee>>,
         reading: Option<InFlight>,
-    ) -> (Self, BodyState) {
-        let state = BodyState::new(!inner.is_end_stream());
-        let body = Self {
+    ) -> Self {
+        Self {
+            state: BodyState::new(!inner.is_end_stream()),
             inner,
             limit,
             seen: 0,
             idle,
             timer: None,
             tee,
-            state: state.clone(),
             reading,
             override_header: None,
-        };
-        (body, state)
+        }
     }
 
     /// Removes the route's override header from the client's trailers too (the shadow marker
@@ -261,10 +258,7 @@ impl Body for RequestBody {
         };
         let frame = match frame.into_trailers() {
             Ok(mut trailers) => {
-                trailers.remove(mirror::SHADOW_HEADER);
-                if let Some(name) = this.override_header.as_ref() {
-                    trailers.remove(name);
-                }
+                mirror::remove_own_fields(&mut trailers, this.override_header.as_ref());
                 Frame::trailers(trailers)
             }
             Err(frame) => frame,
