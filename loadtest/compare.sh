@@ -6,16 +6,30 @@
 # rounds; the script prints the medians and veer's ratios, and writes the same table to
 # loadtest/results/compare.md.
 #
+# With PROTO=h2 the clients speak HTTP/2 (cleartext, prior knowledge) instead: h2load with
+# CONNECTIONS connections of STREAMS concurrent streams each, every proxy still speaking
+# HTTP/1.1 to the upstreams; the table goes to loadtest/results/compare-h2.md. h2load sends the
+# same head every time, so veer-full sees a new visitor (and sets a cookie) on every request.
+#
 # Everything listens on 127.0.0.1 only; every process is started under `timeout`, every wrk
 # run is bounded, and everything is killed on exit.
 #
 # Usage: loadtest/compare.sh            (ROUNDS=3 DURATION=10 CONNECTIONS=50 WARMUP=2)
-# Needs: cargo; installs nginx, haproxy and wrk with apt-get when they are missing.
+#        PROTO=h2 loadtest/compare.sh   (CONNECTIONS=10 STREAMS=10)
+# Needs: cargo; installs nginx, haproxy, wrk and h2load (nghttp2-client) with apt-get when they
+# are missing.
 set -euo pipefail
 
+PROTO=${PROTO:-h1}
+case "$PROTO" in
+  h1) DEFAULT_CONNECTIONS=50 ;;
+  h2) DEFAULT_CONNECTIONS=10 ;;
+  *) echo "PROTO must be h1 or h2, not $PROTO" >&2; exit 2 ;;
+esac
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
-CONNECTIONS=${CONNECTIONS:-50}
+CONNECTIONS=${CONNECTIONS:-$DEFAULT_CONNECTIONS}
+STREAMS=${STREAMS:-10}
 WARMUP=${WARMUP:-2}
 USERS=${USERS:-10000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,6 +57,7 @@ install_missing() {
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   command -v wrk >/dev/null || need+=(wrk)
+  command -v h2load >/dev/null || need+=(nghttp2-client)
   [ ${#need[@]} -eq 0 ] && return
   log "installing ${need[*]}"
   # Keep the packages from starting their system services (they would listen on port 80 of
@@ -123,9 +138,14 @@ cpu_ticks() {
   echo "$total"
 }
 
-# The status code of GET / on a loopback port.
+# The status code of GET / on a loopback port, in the clients' protocol.
 http_status() {
   local status
+  if [ "$PROTO" = h2 ]; then
+    timeout 10 h2load -n 1 -c 1 "http://127.0.0.1:$1/" 2>/dev/null |
+      awk '/^status codes:/ {if ($3 + 0 == 1) print 200; else print "not 200"}'
+    return
+  fi
   exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
   printf 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3
   status=$(head -1 <&3 | awk '{print $2}')
@@ -253,7 +273,7 @@ http {
   upstream blue  { server 127.0.0.1:$BLUE;  keepalive 64; keepalive_requests 1000000; }
   upstream green { server 127.0.0.1:$GREEN; keepalive 64; keepalive_requests 1000000; }
   server {
-    listen 127.0.0.1:${PORT[nginx]};
+    listen 127.0.0.1:${PORT[nginx]}$([ "$PROTO" = h2 ] && echo " http2");
     location / {
       proxy_pass http://\$slot;
       proxy_http_version 1.1;
@@ -284,7 +304,7 @@ defaults
   option forwardfor
   http-reuse always
 frontend fe
-  bind 127.0.0.1:${PORT[haproxy]}
+  bind 127.0.0.1:${PORT[haproxy]}$([ "$PROTO" = h2 ] && echo " proto h2")
   http-request set-header X-Forwarded-Proto http
   http-request set-header X-Forwarded-Host %[req.hdr(host)]
   default_backend be
@@ -351,9 +371,53 @@ else
   log "perf cannot count instructions here: that column stays empty"
 fi
 
+# A warm-up run against `name`, its output thrown away.
+warm() {
+  if [ "$PROTO" = h2 ]; then
+    timeout $((WARMUP + 10)) h2load -c"$CONNECTIONS" -m"$STREAMS" -D"$WARMUP" "$(url "$1")" >/dev/null
+  else
+    timeout $((WARMUP + 10)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$WORK/users.lua" "$(url "$1")" >/dev/null
+  fi
+}
+
+# The measured run against `name`: sets rps, requests, p50, p99 (ms) and errors (failed
+# requests, socket errors and answers other than 2xx).
+measure() {
+  if [ "$PROTO" = h2 ]; then
+    rm -f "$WORK/h2.log"
+    timeout $((DURATION + 15)) h2load -c"$CONNECTIONS" -m"$STREAMS" -D"$DURATION" \
+      --log-file="$WORK/h2.log" "$(url "$1")" >"$WORK/h2load.out"
+    rps=$(awk '/^finished in/ {print $4}' "$WORK/h2load.out")
+    requests=$(awk '/^requests:/ {print $2}' "$WORK/h2load.out")
+    errors=$(awk '/^requests:/ {failed = $2 - $8} /^status codes:/ {other = $5 + $7 + $9}
+      END {print failed + other}' "$WORK/h2load.out")
+    # Per-request times (µs, third column of the log), sorted once for both quantiles.
+    cut -f3 "$WORK/h2.log" | sort -n >"$WORK/h2.sorted"
+    p50=$(quantile_ms 0.50 "$WORK/h2.sorted")
+    p99=$(quantile_ms 0.99 "$WORK/h2.sorted")
+  else
+    timeout $((DURATION + 15)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
+      -s "$WORK/users.lua" "$(url "$1")" >"$WORK/wrk.out"
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$WORK/wrk.out")
+    requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
+    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$WORK/wrk.out")")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$WORK/wrk.out")")
+    errors=$(awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(/,/, ""); n += $4 + $6 + $8 + $10} END {print n + 0}' "$WORK/wrk.out")
+  fi
+}
+
+# The q-quantile (nearest rank) of a sorted file of microseconds, in ms.
+quantile_ms() {
+  awk -v q="$1" '{v[NR] = $1} END {
+    if (NR == 0) {print "nan"; exit}
+    r = int(q * NR + 0.999999); if (r < 1) r = 1
+    printf "%.3f", v[r] / 1000
+  }' "$2"
+}
+
 for round in $(seq "$ROUNDS"); do
   for name in "${PROXIES[@]}"; do
-    timeout $((WARMUP + 10)) wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$WORK/users.lua" "$(url "$name")" >/dev/null
+    warm "$name"
     mapfile -t pids < <(proxy_pids "${ROOTPID[$name]}")
     before=$(cpu_ticks "${pids[@]}")
     scraper=""
@@ -367,24 +431,19 @@ for round in $(seq "$ROUNDS"); do
         -- sleep $((DURATION + 1)) 2>/dev/null &
       counter=$!
     fi
-    timeout $((DURATION + 15)) wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
-      -s "$WORK/users.lua" "$(url "$name")" >"$WORK/wrk.out"
+    # Sets rps, requests, p50, p99 and errors.
+    measure "$name"
     after=$(cpu_ticks "${pids[@]}")
     kinstr="-"
     if [ -n "$counter" ]; then
       wait "$counter" || true
-      kinstr=$(awk -F, -v n="$(awk '/requests in/ {print $1}' "$WORK/wrk.out")" \
+      kinstr=$(awk -F, -v n="$requests" \
         '$3 ~ /^instructions/ && $1 + 0 > 0 && n > 0 {printf "%.1f", $1 / n / 1000; found = 1}
          END {if (!found) print "-"}' "$WORK/perf.out")
     fi
     if [ -n "$scraper" ]; then
       wait "$scraper"
     fi
-    rps=$(awk '/^Requests\/sec:/ {print $2}' "$WORK/wrk.out")
-    requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
-    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$WORK/wrk.out")")
-    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$WORK/wrk.out")")
-    errors=$(awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(/,/, ""); n += $4 + $6 + $8 + $10} END {print n + 0}' "$WORK/wrk.out")
     cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$requests" "$errors" "$kinstr" >>"$RESULTS"
     log "round $round $name: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu_us us CPU/request, $kinstr k instructions/request, $errors errors"
@@ -416,7 +475,11 @@ round_ratio() {
 }
 
 {
-  echo "Medians of $ROUNDS interleaved rounds; wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run."
+  if [ "$PROTO" = h2 ]; then
+    echo "Medians of $ROUNDS interleaved rounds; HTTP/2 clients (cleartext, prior knowledge): h2load -c$CONNECTIONS -m$STREAMS -D$DURATION, ${WARMUP}s warm-up per run; quantiles from h2load's per-request log."
+  else
+    echo "Medians of $ROUNDS interleaved rounds; wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run."
+  fi
   echo
   echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/request | k instructions/request | peak RSS MiB | errors (all rounds) |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -449,6 +512,8 @@ served() { awk '/^served/ {print $2}' "$WORK/$1.err"; }
   echo
   echo "Upstreams served: blue $(served blue), green $(served green) ($(awk -v b="$(served blue)" -v g="$(served green)" 'BEGIN {printf "%.2f", 100 * g / (b + g)}') % green), shadow $(served shadow) (veer-full mirrors 1 %)."
 } | tee -a "$WORK/table.md"
+TABLE=compare.md
+[ "$PROTO" = h2 ] && TABLE=compare-h2.md
 mkdir -p "$OUT"
-cp "$WORK/table.md" "$OUT/compare.md"
-log "table written to loadtest/results/compare.md"
+cp "$WORK/table.md" "$OUT/$TABLE"
+log "table written to loadtest/results/$TABLE"
