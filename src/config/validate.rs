@@ -58,6 +58,9 @@ impl fmt::Display for ConfigErrors {
 
 /// Parses and validates config text for a start (or `veer check`). `base` resolves relative
 /// file paths (TLS files, state dir, access log); pass the config file's directory.
+/// The longest duration any key takes: 100 years (of 365.25 days, as `humantime` counts them).
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
     parse_for(text, base, Purpose::Start)
 }
@@ -1033,6 +1036,12 @@ impl Validator<'_> {
                 self.error(path, "must be longer than 0");
                 None
             }
+            // A deadline this far off is "never"; much further and adding it to the clock
+            // overflows.
+            Ok(d) if d > MAX_DURATION => {
+                self.error(path, "must be at most 100 years");
+                None
+            }
             Ok(d) => Some(d),
             Err(_) => {
                 self.error(
@@ -1259,6 +1268,23 @@ endpoints = ["127.0.0.1:9002"]
             "{rendered:?}"
         );
         assert!(rendered.iter().any(|e| e.starts_with("route[0].rollout.min_step_time:") && e.ends_with("line 14")), "{rendered:?}");
+    }
+
+    #[test]
+    fn a_duration_over_100_years_is_refused_by_name_and_line() {
+        // Over about 9.2e18 s, adding the timeout to the clock panicked at the first request
+        // (the interval: at start).
+        let got = rendered(&with_server("request_timeout = \"9223372036854775807s\"\n"));
+        assert_eq!(
+            got,
+            ["server.request_timeout: must be at most 100 years, line 3"]
+        );
+        let text = format!("{MINIMAL}[route.rollout]\ninterval = \"101y\"\n");
+        only_problem(
+            &rendered(&text),
+            "route[0].rollout.interval: must be at most 100 years",
+        );
+        assert!(parse(&with_server("request_timeout = \"100y\"\n"), None).is_ok());
     }
 
     /// MINIMAL with `lines` (each ending in a newline) at the top of `[server]`.
