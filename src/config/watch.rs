@@ -1,13 +1,18 @@
-//! Watches the config file's directory (so that write-to-temp-then-rename and Kubernetes
-//! ConfigMap symlink swaps are seen) and the file itself (so that writes reaching it by another
-//! path are seen: a file bind-mounted into a container, a hard link), debounces bursts, and
-//! reloads when the content changed. Writes to other files in the directory (a log next to the
-//! config) are ignored, so they can neither delay a reload nor cause reads. A rejected file keeps the old config serving (see
-//! `App::reload`).
+//! Watches what can change the config file: its directory (so that write-to-temp-then-rename
+//! and Kubernetes ConfigMap symlink swaps are seen), the directory of every symlink on the way
+//! to it and of the file it resolves to (a re-pointed link, a swapped `current -> release-7`
+//! directory), the directory above its own (which may be deleted and made anew), and the file
+//! itself (so that writes reaching it by another path are seen: a file bind-mounted into a
+//! container, a hard link). It debounces bursts, reloads when the content changed, and after
+//! each burst places its watches again, as links may point elsewhere now. Writes to other
+//! files in those directories (a log next to the config) are ignored, so they can neither delay
+//! a reload nor cause reads. A rejected file keeps the old config serving (see `App::reload`).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
@@ -22,93 +27,205 @@ use crate::app::App;
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// The longest a burst can put a reload off: events that never stop still get one this often.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
+/// The most symlinks followed on the way to the file, as the kernel does (`ELOOP`).
+const MAX_LINKS: usize = 40;
 
 fn content_hash(path: &Path) -> Option<u64> {
     std::fs::read(path).ok().map(|bytes| xxh3_64(&bytes))
 }
 
-/// A watch on the config file's directory, started by [`watch`]; [`Watching::run`] reloads.
+/// What can change the content read at the config's path, found by [`Targets::of`].
+#[derive(Default, PartialEq)]
+struct Targets {
+    /// Directories in which any entry made, removed or renamed may change it: the path's own,
+    /// and, following the first symlink from the root each time, the directory of that link
+    /// and of the path it leads to, until a path without links.
+    dirs: BTreeSet<PathBuf>,
+    /// The directory above the path's own, where only that directory itself counts.
+    above: Option<(PathBuf, PathBuf)>,
+    /// The names the file is written under: its own, and those of the links and file it
+    /// resolves through.
+    names: BTreeSet<OsString>,
+}
+
+impl Targets {
+    fn of(path: &Path) -> Targets {
+        let mut targets = Targets {
+            above: path
+                .parent()
+                .and_then(|own| Some((own.parent()?.to_path_buf(), own.to_path_buf()))),
+            ..Targets::default()
+        };
+        let mut next = Some(path.to_path_buf());
+        for _ in 0..MAX_LINKS {
+            let Some(path) = next.take() else { break };
+            if let Some(dir) = path.parent() {
+                targets.dirs.insert(dir.to_path_buf());
+            }
+            if let Some(name) = path.file_name() {
+                targets.names.insert(name.to_owned());
+            }
+            let mut ancestors: Vec<&Path> = path.ancestors().collect();
+            ancestors.reverse();
+            let link = ancestors.into_iter().find(|a| {
+                a.symlink_metadata()
+                    .is_ok_and(|m| m.file_type().is_symlink())
+            });
+            let Some(link) = link else { break };
+            if let (Some(dir), Ok(target)) = (link.parent(), std::fs::read_link(link)) {
+                targets.dirs.insert(dir.to_path_buf());
+                let mut led_to = dir.join(target);
+                if let Ok(rest) = path.strip_prefix(link) {
+                    if !rest.as_os_str().is_empty() {
+                        led_to.push(rest);
+                    }
+                }
+                next = Some(led_to);
+            }
+        }
+        targets
+    }
+
+    /// Every directory to watch.
+    fn watched(&self) -> impl Iterator<Item = &PathBuf> {
+        self.dirs
+            .iter()
+            .chain(self.above.as_ref().map(|(above, _)| above))
+    }
+
+    /// Whether a file event can mean new content for the config file. Reads (opening, closing
+    /// without writing) cannot, and reloading reads the file: waking on them would read it again
+    /// and again. Writes count when they are to the file; a creation, removal or rename counts
+    /// whatever its name in the directories on the way to the file (an editor's save, a
+    /// Kubernetes ConfigMap's `..data` swap), and above them only for the file's own directory.
+    fn may_change(&self, event: &notify::Event) -> bool {
+        let in_dirs = |path: &PathBuf| path.parent().is_some_and(|dir| self.dirs.contains(dir));
+        let is_the_file = |path: &PathBuf| {
+            in_dirs(path)
+                && path
+                    .file_name()
+                    .is_some_and(|name| self.names.contains(name))
+        };
+        let around = |path: &PathBuf| {
+            in_dirs(path) || self.above.as_ref().is_some_and(|(_, own)| path == own)
+        };
+        // An event with no path (the kernel's queue overflowed) may hide anything.
+        let any = |test: &dyn Fn(&PathBuf) -> bool| {
+            event.paths.is_empty() || event.paths.iter().any(test)
+        };
+        match event.kind {
+            EventKind::Modify(ModifyKind::Name(_)) => any(&around),
+            EventKind::Modify(_) | EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                any(&is_the_file)
+            }
+            EventKind::Access(_) => false,
+            _ => any(&around),
+        }
+    }
+}
+
+/// A watch on what can change the config file, started by [`watch`]; [`Watching::run`] reloads.
 pub struct Watching {
+    /// The config's path, made absolute (the watcher names events by absolute paths).
     path: PathBuf,
-    /// Content hash of the file when the watch started.
+    /// Content hash of the file last applied (`None` after a rejection: the same content is
+    /// tried again at the next change around it).
     last: Option<u64>,
     rx: mpsc::Receiver<()>,
     /// Events stop when the watcher is dropped.
-    _watcher: notify::RecommendedWatcher,
+    watcher: notify::RecommendedWatcher,
+    /// What is watched now; the event filter reads it too.
+    targets: Arc<Mutex<Targets>>,
 }
 
 /// Starts watching at once, so that no change made after this call is missed however late the
-/// reloading task first runs. `None` (logged) when the file cannot be watched; SIGHUP and the
-/// admin API still reload.
+/// reloading task first runs. `None` (logged) when the file's directory cannot be watched;
+/// SIGHUP and the admin API still reload.
 pub fn watch(path: PathBuf) -> Option<Watching> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(OsString::from).unwrap_or_default();
+    let path = std::path::absolute(&path).unwrap_or(path);
+    let targets = Arc::new(Mutex::new(Targets::default()));
     let (tx, rx) = mpsc::channel::<()>(16);
+    let filter = Arc::clone(&targets);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|event| may_change(&event, &name)) {
+        let targets = filter.lock().unwrap_or_else(PoisonError::into_inner);
+        if event.is_ok_and(|event| targets.may_change(&event)) {
             // A full channel already holds a wake-up: dropping this one loses nothing.
             let _ = tx.try_send(());
         }
     });
-    let mut watcher = match watcher {
+    let watcher = match watcher {
         Ok(watcher) => watcher,
         Err(error) => {
             warn!(%error, "Cannot watch the config file; reload with SIGHUP or the admin API.");
             return None;
         }
     };
-    if let Err(error) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        warn!(dir = %dir.display(), %error, "Cannot watch the config directory; reload with SIGHUP or the admin API.");
-        return None;
-    }
-    // The directory's watch sees only what is done through this directory. The file's own watch
-    // follows its inode (a later rename is seen by the directory's watch).
-    if let Err(error) = watcher.watch(&path, RecursiveMode::NonRecursive) {
-        debug!(path = %path.display(), %error, "Cannot watch the config file itself.");
-    }
-    Some(Watching {
+    let mut watching = Watching {
         last: content_hash(&path),
         path,
         rx,
-        _watcher: watcher,
-    })
-}
-
-/// Whether a file event can mean new content for the config file called `name`. Reads
-/// (opening, closing without writing) cannot, and reloading reads the file: waking on them would
-/// read it again and again. Writes count when they are to the file itself; a creation, removal or
-/// rename counts whatever its name (an editor's save, a Kubernetes ConfigMap's `..data` swap).
-fn may_change(event: &notify::Event, name: &OsString) -> bool {
-    let names_the_file = || {
-        event
-            .paths
-            .iter()
-            .any(|path| path.file_name() == Some(name.as_os_str()))
+        watcher,
+        targets,
     };
-    match event.kind {
-        EventKind::Modify(ModifyKind::Name(_)) => true,
-        EventKind::Modify(_) | EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-            names_the_file()
-        }
-        EventKind::Access(_) => false,
-        _ => true,
+    if let Err(error) = watching.place() {
+        warn!(path = %watching.path.display(), %error, "Cannot watch the config directory; reload with SIGHUP or the admin API.");
+        return None;
     }
+    Some(watching)
 }
 
 impl Watching {
+    /// Places the watches for where the path leads now. Directories already watched are
+    /// watched again: one deleted and made anew is another directory to the kernel. An error
+    /// when the file's own directory cannot be watched.
+    fn place(&mut self) -> notify::Result<()> {
+        let next = Targets::of(&self.path);
+        let mut targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        let kept: BTreeSet<&PathBuf> = next.watched().collect();
+        for gone in targets.watched().filter(|dir| !kept.contains(dir)) {
+            let _ = self.watcher.unwatch(gone);
+        }
+        let own = self.path.parent();
+        let mut result = Ok(());
+        for dir in next.watched() {
+            if let Err(error) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                debug!(dir = %dir.display(), %error, "Cannot watch a directory of the config file.");
+                if Some(dir.as_path()) == own {
+                    result = Err(error);
+                }
+            }
+        }
+        // The directories' watches see only what is done through them. The file's own watch
+        // follows its inode (which a rename replaces: so it is placed again too).
+        if let Err(error) = self.watcher.watch(&self.path, RecursiveMode::NonRecursive) {
+            debug!(path = %self.path.display(), %error, "Cannot watch the config file itself.");
+        }
+        *targets = next;
+        result
+    }
+
     /// Reloads whenever the file's content changed, until the process ends.
-    pub async fn run(mut self, app: Arc<App>) {
+    pub async fn run(self, app: Arc<App>) {
+        let reload = || {
+            let app = Arc::clone(&app);
+            async move { app.reload().await.is_ok() }
+        };
+        self.run_with(reload).await;
+    }
+
+    /// [`Watching::run`] with `reload` (true when the file was applied).
+    async fn run_with<R: Future<Output = bool>>(mut self, mut reload: impl FnMut() -> R) {
         while self.settled().await {
+            // What changed may be a link or a directory on the way to the file.
+            let _ = self.place();
             let now = content_hash(&self.path);
             if now.is_none() || now == self.last {
                 continue;
             }
             debug!(path = %self.path.display(), "Config file changed.");
-            self.last = now;
-            let _ = app.reload().await;
+            // A rejected file is read again at the next change around it: it may have been
+            // refused for a file it names (a certificate) that is there now.
+            self.last = if reload().await { now } else { None };
         }
     }
 
@@ -139,7 +256,12 @@ mod tests {
     fn only_events_that_can_change_the_file_wake() {
         use notify::event::{CreateKind, DataChange, RemoveKind, RenameMode};
         use notify::Event;
-        let name = OsString::from("veer.toml");
+        // /etc/veer/veer.toml, not a link.
+        let targets = Targets {
+            dirs: BTreeSet::from([PathBuf::from("/etc/veer")]),
+            above: Some((PathBuf::from("/etc"), PathBuf::from("/etc/veer"))),
+            names: BTreeSet::from([OsString::from("veer.toml")]),
+        };
         let event = |kind, path: &str| Event::new(kind).add_path(PathBuf::from(path));
         let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
         let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
@@ -157,9 +279,15 @@ mod tests {
             event(EventKind::Create(CreateKind::File), "/etc/veer/..data_tmp"),
             event(EventKind::Remove(RemoveKind::File), "/etc/veer/veer.toml"),
             event(EventKind::Any, "/etc/veer/other"),
+            event(EventKind::Create(CreateKind::Folder), "/etc/veer"),
+            event(EventKind::Remove(RemoveKind::Folder), "/etc/veer"),
+            Event::new(EventKind::Other),
         ];
         for event in wakes {
-            assert!(may_change(&event, &name), "{event:?} must wake the watcher");
+            assert!(
+                targets.may_change(&event),
+                "{event:?} must wake the watcher"
+            );
         }
         let ignored = [
             event(
@@ -172,10 +300,13 @@ mod tests {
             ),
             event(write, "/etc/veer/access.log"),
             event(closed, "/etc/veer/access.log"),
+            event(EventKind::Create(CreateKind::File), "/etc/hosts.new"),
+            event(write, "/etc/veer.toml"),
+            event(write, "/srv/veer.toml"),
         ];
         for event in ignored {
             assert!(
-                !may_change(&event, &name),
+                !targets.may_change(&event),
                 "{event:?} must not wake the watcher"
             );
         }
@@ -271,5 +402,129 @@ mod tests {
         drop(file);
         assert!(woken(&mut watching, SOON).await, "the write was not seen");
         assert_eq!(content_hash(&path), Some(xxh3_64(b"a = 2\n")));
+    }
+
+    /// A watch on `path` run with a reload that reports the content it read and answers
+    /// `accept`.
+    fn reloading(
+        path: &Path,
+        accept: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        mpsc::UnboundedReceiver<Vec<u8>>,
+    ) {
+        let watching = watch(path.to_path_buf()).expect("watch");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let read = path.to_path_buf();
+        let reload = move || {
+            let _ = tx.send(std::fs::read(&read).unwrap_or_default());
+            let accept = accept.load(std::sync::atomic::Ordering::SeqCst);
+            async move { accept }
+        };
+        (tokio::spawn(watching.run_with(reload)), rx)
+    }
+
+    /// The content of the next reload within [`SOON`], if any.
+    async fn next_reload(rx: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Option<String> {
+        let read = tokio::time::timeout(SOON, rx.recv()).await.ok().flatten()?;
+        Some(String::from_utf8_lossy(&read).into_owned())
+    }
+
+    /// `ln -sfn target link`: a new link renamed over the old one.
+    fn repoint(target: &Path, link: &Path) {
+        let staged = link.with_extension("staged");
+        std::os::unix::fs::symlink(target, &staged).expect("symlink");
+        std::fs::rename(&staged, link).expect("rename the link into place");
+    }
+
+    fn accepting() -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::new(std::sync::atomic::AtomicBool::new(true))
+    }
+
+    #[tokio::test]
+    async fn a_file_link_pointed_elsewhere_is_followed_there() {
+        let top = tempfile::tempdir().expect("temp dir");
+        for dir in ["a", "b", "conf"] {
+            std::fs::create_dir(top.path().join(dir)).expect("mkdir");
+        }
+        std::fs::write(top.path().join("a/real.toml"), "a = 1\n").expect("write");
+        std::fs::write(top.path().join("b/real.toml"), "b = 1\n").expect("write");
+        let path = top.path().join("conf/veer.toml");
+        std::os::unix::fs::symlink("../a/real.toml", &path).expect("symlink");
+        let (task, mut reloads) = reloading(&path, accepting());
+        repoint(Path::new("../b/real.toml"), &path);
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("b = 1\n"));
+        // Written in place where the link leads now, under another name.
+        std::fs::write(top.path().join("b/real.toml"), "b = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("b = 2\n"));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_swapped_directory_link_is_seen_and_followed() {
+        let top = tempfile::tempdir().expect("temp dir");
+        for release in ["release-1", "release-2"] {
+            std::fs::create_dir(top.path().join(release)).expect("mkdir");
+            std::fs::write(
+                top.path().join(release).join("veer.toml"),
+                format!("r = \"{release}\"\n"),
+            )
+            .expect("write");
+        }
+        let current = top.path().join("current");
+        std::os::unix::fs::symlink("release-1", &current).expect("symlink");
+        let (task, mut reloads) = reloading(&current.join("veer.toml"), accepting());
+        repoint(Path::new("release-2"), &current);
+        assert_eq!(
+            next_reload(&mut reloads).await.as_deref(),
+            Some("r = \"release-2\"\n")
+        );
+        std::fs::write(top.path().join("release-2/veer.toml"), "r = 3\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("r = 3\n"));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_directory_deleted_and_made_again_later_is_watched_again() {
+        let top = tempfile::tempdir().expect("temp dir");
+        let conf = top.path().join("conf");
+        std::fs::create_dir(&conf).expect("mkdir");
+        let path = conf.join("veer.toml");
+        std::fs::write(&path, "a = 1\n").expect("write");
+        let (task, mut reloads) = reloading(&path, accepting());
+        std::fs::remove_dir_all(&conf).expect("rm -rf");
+        // Long enough for the removal's burst to settle with the directory still gone.
+        tokio::time::sleep(MAX_DELAY + DEBOUNCE).await;
+        std::fs::create_dir(&conf).expect("mkdir");
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        std::fs::write(&path, "a = 3\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 3\n"));
+        task.abort();
+    }
+
+    /// A file refused for a certificate it names that is not there yet is applied when saved
+    /// again unchanged, once the certificate is there.
+    #[tokio::test]
+    async fn a_rejected_file_saved_again_unchanged_is_tried_again() {
+        let (_dir, path, watching) = watched();
+        drop(watching);
+        let accept = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (task, mut reloads) = reloading(&path, Arc::clone(&accept));
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        accept.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        // Applied: the same bytes again are not.
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(
+            tokio::time::timeout(QUIET + MAX_DELAY, reloads.recv())
+                .await
+                .ok(),
+            None,
+            "an applied file was reloaded unchanged"
+        );
+        task.abort();
     }
 }
