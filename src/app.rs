@@ -464,12 +464,22 @@ impl App {
 
     fn try_reload(&self) -> Result<(), ConfigErrors> {
         let Some(path) = &self.config_path else {
-            return Err(restart_error(
-                "",
-                "no config file to reload (started without one)",
-            ));
+            return Err(ConfigErrors::single(ConfigError {
+                path: String::new(),
+                line: None,
+                message: "no config file to reload (started without one)".into(),
+            }));
         };
-        let config = Config::load_for(path, crate::config::Purpose::Reload)?;
+        let text = Config::read(path)?;
+        let config =
+            crate::config::parse_for(&text, path.parent(), crate::config::Purpose::Reload)?;
+        let restart_error = |key: &str, message: &str| {
+            ConfigErrors::single(ConfigError {
+                path: key.to_string(),
+                line: crate::config::key_line(&text, key),
+                message: message.to_string(),
+            })
+        };
         let current = self.table.load_full();
         let old = &current.config;
         if config.server.listen != old.server.listen {
@@ -530,12 +540,4 @@ impl App {
         self.table.store(Arc::new(table));
         Ok(())
     }
-}
-
-fn restart_error(path: &str, message: &str) -> ConfigErrors {
-    ConfigErrors::single(ConfigError {
-        path: path.to_string(),
-        line: None,
-        message: message.to_string(),
-    })
 }

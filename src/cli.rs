@@ -176,11 +176,12 @@ fn rejected_reload(reload: &Value) -> Option<String> {
         let line = e["line"]
             .as_u64()
             .map_or(String::new(), |n| format!(" (line {n})"));
-        format!(
-            "; first: {}{line}: {}",
-            e["path"].as_str().unwrap_or("-"),
-            e["message"].as_str().unwrap_or("-")
-        )
+        // A problem with the file as a whole (it cannot be read) names no key.
+        let key = match e["path"].as_str().unwrap_or("-") {
+            "" => String::new(),
+            path => format!("{path}{line}: "),
+        };
+        format!("; first: {key}{}", e["message"].as_str().unwrap_or("-"))
     });
     Some(format!(
         "\nlast reload rejected at {}: {} problem(s), the previous config keeps serving{first}\n",
@@ -333,6 +334,13 @@ mod tests {
             rejected_reload(&rejected).unwrap(),
             "\nlast reload rejected at 2026-12-06T05:00:00Z: 2 problem(s), the previous config \
              keeps serving; first: route[0].rollout.steps (line 14): must end at 100\n"
+        );
+        let unreadable = json!({"at": "2026-12-06T05:00:00Z", "result": "rejected", "errors": [
+            {"path": "", "line": null, "message": "cannot read veer.toml: gone"}]});
+        assert_eq!(
+            rejected_reload(&unreadable).unwrap(),
+            "\nlast reload rejected at 2026-12-06T05:00:00Z: 1 problem(s), the previous config \
+             keeps serving; first: cannot read veer.toml: gone\n"
         );
         for fine in [
             json!({"at": "2026-12-06T05:00:00Z", "result": "applied", "errors": []}),

@@ -158,10 +158,16 @@ async fn changing_the_listeners_is_rejected_as_needing_a_restart() {
         "listen = [\"127.0.0.1:0\"]",
         "listen = [\"127.0.0.1:0\", \"[::1]:0\"]",
     );
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("listen = [\"127.0.0.1:0\", "))
+        .expect("the new listen line")
+        + 1;
     std::fs::write(&veer.config_path, text).unwrap();
     let (status, body) = reload(&veer).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["errors"][0]["path"], "server.listen");
+    assert_eq!(body["errors"][0]["line"], line, "{body}");
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("needs a restart"), "{message}");
     let (status, _, body) = get(&veer.url("/"), &[]).await;

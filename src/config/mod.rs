@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use crate::Slot;
-pub use validate::{basis_points, parse, parse_for, ConfigError, ConfigErrors, Purpose};
+pub use validate::{basis_points, key_line, parse, parse_for, ConfigError, ConfigErrors, Purpose};
 
 /// A fully validated configuration. Every invariant the rest of veer relies on holds here.
 #[derive(Clone, Debug)]
@@ -195,14 +195,18 @@ impl Config {
 
     /// Reads and validates a config file for `purpose`.
     pub fn load_for(path: &Path, purpose: Purpose) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|error| {
+        parse_for(&Self::read(path)?, path.parent(), purpose)
+    }
+
+    /// The text of the config file at `path`.
+    pub fn read(path: &Path) -> Result<String, ConfigErrors> {
+        std::fs::read_to_string(path).map_err(|error| {
             ConfigErrors::single(ConfigError {
                 path: String::new(),
                 line: None,
                 message: format!("cannot read {}: {error}", path.display()),
             })
-        })?;
-        parse_for(&text, path.parent(), purpose)
+        })
     }
 
     pub fn route(&self, name: &str) -> Option<&RouteConfig> {

@@ -56,11 +56,11 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Parses and validates config text for a start (or `veer check`). `base` resolves relative
-/// file paths (TLS files, state dir, access log); pass the config file's directory.
 /// The longest duration any key takes: 100 years (of 365.25 days, as `humantime` counts them).
 const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
+/// Parses and validates config text for a start (or `veer check`). `base` resolves relative
+/// file paths (TLS files, state dir, access log); pass the config file's directory.
 pub fn parse(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
     parse_for(text, base, Purpose::Start)
 }
@@ -305,6 +305,39 @@ fn remove_key(doc: &mut toml_edit::DocumentMut, path: &[Segment]) -> Option<Stri
     Some(render(&removed))
 }
 
+/// The line of `key` (dotted: `server.workers`) in config `text`, or of the deepest table
+/// above it that is there.
+pub fn key_line(text: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let path: Vec<Seg<'_>> = key.split('.').map(Seg::Key).collect();
+    line_in(text, &doc, &path)
+}
+
+/// The line of the deepest part of `path` that is present in `doc`, parsed from `text`.
+fn line_in(text: &str, doc: &toml_edit::ImDocument<&str>, path: &[Seg<'_>]) -> Option<usize> {
+    let mut item: &toml_edit::Item = doc.as_item();
+    let mut span = None;
+    for seg in path {
+        let next = match seg {
+            Seg::Key(key) => {
+                let entry = item.as_table_like().and_then(|t| t.get_key_value(key));
+                if let Some((key, _)) = entry {
+                    span = key.span().or(span);
+                }
+                entry.map(|(_, value)| value)
+            }
+            Seg::Index(i) => {
+                let value = item.get(*i);
+                span = value.and_then(toml_edit::Item::span).or(span);
+                value
+            }
+        };
+        let Some(next) = next else { break };
+        item = next;
+    }
+    span.map(|s| line_of(text, s.start))
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()
         .iter()
@@ -356,27 +389,7 @@ impl Validator<'_> {
 
     /// The line of the deepest part of `path` that is present in the file.
     fn line(&self, path: &[Seg<'_>]) -> Option<usize> {
-        let mut item: &toml_edit::Item = self.doc?.as_item();
-        let mut span = None;
-        for seg in path {
-            let next = match seg {
-                Seg::Key(key) => {
-                    let entry = item.as_table_like().and_then(|t| t.get_key_value(key));
-                    if let Some((key, _)) = entry {
-                        span = key.span().or(span);
-                    }
-                    entry.map(|(_, value)| value)
-                }
-                Seg::Index(i) => {
-                    let value = item.get(*i);
-                    span = value.and_then(toml_edit::Item::span).or(span);
-                    value
-                }
-            };
-            let Some(next) = next else { break };
-            item = next;
-        }
-        span.map(|s| line_of(self.text, s.start))
+        line_in(self.text, self.doc?, path)
     }
 
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
@@ -1285,6 +1298,18 @@ endpoints = ["127.0.0.1:9002"]
             "route[0].rollout.interval: must be at most 100 years",
         );
         assert!(parse(&with_server("request_timeout = \"100y\"\n"), None).is_ok());
+    }
+
+    #[test]
+    fn a_keys_line_is_found_or_that_of_its_table() {
+        let text = "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+        assert_eq!(key_line(text, "server.workers"), Some(3));
+        assert_eq!(key_line(text, "admin"), Some(5));
+        assert_eq!(key_line(text, "admin.listen"), Some(6));
+        // Left out: the line of the table it would be in.
+        assert_eq!(key_line(text, "server.access_log"), Some(1));
+        assert_eq!(key_line(text, "state.dir"), None);
+        assert_eq!(key_line("not [ toml", "server"), None);
     }
 
     /// MINIMAL with `lines` (each ending in a newline) at the top of `[server]`.
