@@ -510,9 +510,15 @@ impl Validator<'_> {
         let certs = certificates(&tls.cert).map_err(|e| self.error(&at("cert"), e.to_string()));
         let key = private_key(&tls.key).map_err(|e| self.error(&at("key"), e.to_string()));
         if let (Ok(certs), Ok(key)) = (certs, key) {
-            // rustls refuses a key of a kind it cannot use or that is not the certificate's.
+            // rustls refuses a key of a kind it cannot use or that is not the certificate's,
+            // and a certificate it cannot use.
             if let Err(error) = server_config(certs, key) {
-                self.error(&at("key"), error.to_string());
+                let file = if error.is_certificate() {
+                    "cert"
+                } else {
+                    "key"
+                };
+                self.error(&at(file), error.to_string());
             }
         }
     }

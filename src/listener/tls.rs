@@ -27,8 +27,48 @@ pub enum TlsError {
          (`openssl pkey -in KEY -out PLAIN` decrypts it)"
     )]
     EncryptedKey { path: PathBuf },
+    #[error(
+        "the private key is of a kind veer cannot use: RSA (2048 bits or more), ECDSA P-256 or \
+         P-384, or Ed25519"
+    )]
+    UnsupportedKey,
+    #[error("the private key is not the certificate's (the first one in the certificate file)")]
+    KeyMismatch,
+    #[error("the certificate cannot be used: {0}")]
+    Certificate(String),
     #[error("certificate and key do not make a TLS config: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+impl TlsError {
+    /// Whether the problem is the certificate file's (else the key file's, or both's).
+    pub fn is_certificate(&self) -> bool {
+        matches!(
+            self,
+            TlsError::Certificate(_) | TlsError::NoCertificate { .. }
+        )
+    }
+
+    /// What rustls found wrong with the certificate and key together.
+    fn of_pair(error: rustls::Error) -> TlsError {
+        match error {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch
+            }
+            rustls::Error::InvalidCertificate(error) => {
+                let detail = format!("{error:?}");
+                TlsError::Certificate(if detail.contains("UnsupportedCertVersion") {
+                    // What `openssl x509 -req -signkey` makes without `-extfile`.
+                    "it is an X.509 v1 certificate; make a v3 one (`openssl req -x509`, or \
+                     `openssl x509 -req` with an `-extfile` giving `subjectAltName`)"
+                        .into()
+                } else {
+                    detail
+                })
+            }
+            other => TlsError::Rustls(other),
+        }
+    }
 }
 
 /// Builds an acceptor from PEM files.
@@ -44,10 +84,16 @@ pub(crate) fn server_config(
     key: PrivateKeyDer<'static>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The key's kind first, so that its problem is not told as the pair's.
+    provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|_| TlsError::UnsupportedKey)?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key)
+        .map_err(TlsError::of_pair)?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(server)
 }
@@ -121,5 +167,30 @@ mod tests {
             let error = private_key(&path).map(|_| ()).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");
         }
+    }
+
+    /// The PEM certificate chain and key of a new self-signed certificate for localhost.
+    fn self_signed() -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key = PrivateKeyDer::try_from(made.key_pair.serialize_der()).unwrap();
+        (vec![made.cert.der().clone()], key)
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_or_of_an_unusable_kind_is_named_as_such() {
+        let (certs, key) = self_signed();
+        assert!(server_config(certs.clone(), key).is_ok());
+        let (_, other) = self_signed();
+        let error = server_config(certs.clone(), other).unwrap_err();
+        assert!(matches!(error, TlsError::KeyMismatch), "{error}");
+        assert!(!error.is_certificate());
+        // A PKCS#8 document that holds no key rustls can use.
+        let unusable = PrivateKeyDer::Pkcs8(vec![0x30, 0x03, 0x02, 0x01, 0x00].into());
+        let error = server_config(certs, unusable).unwrap_err();
+        assert!(matches!(error, TlsError::UnsupportedKey), "{error}");
+        assert!(
+            error.to_string().contains("RSA (2048 bits or more)"),
+            "{error}"
+        );
     }
 }
