@@ -1,7 +1,7 @@
 //! Raw config → [`Config`]: every invariant checked, every problem reported with its key path
 //! (`route[1].rollout.steps`) and the line it stands on. `veer check` and reload share this.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -338,6 +338,12 @@ fn line_in(text: &str, doc: &toml_edit::ImDocument<&str>, path: &[Seg<'_>]) -> O
     span.map(|s| line_of(text, s.start))
 }
 
+/// `.` or `..`, also percent-encoded (`%2e`), as request paths are resolved before matching.
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+    decoded == "." || decoded == ".."
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()
         .iter()
@@ -365,11 +371,12 @@ struct Validator<'a> {
     purpose: Purpose,
 }
 
-/// The route names and matches (sorted hosts, path_prefix) seen so far.
+/// The route names seen so far, and which route (index, name) each (host, path_prefix) went
+/// to (an empty host for a route of any host).
 #[derive(Default)]
 struct Unique {
     names: HashSet<String>,
-    matches: HashSet<(Vec<String>, String)>,
+    matches: HashMap<(String, String), (usize, String)>,
 }
 
 impl Validator<'_> {
@@ -404,6 +411,12 @@ impl Validator<'_> {
             }
         };
         let admin = self.admin(raw.admin);
+        if raw.state.dir.is_empty() {
+            self.error(
+                &[Seg::Key("state"), Seg::Key("dir")],
+                "must name a directory",
+            );
+        }
         let state = StateConfig {
             dir: self.path_of(&raw.state.dir),
         };
@@ -473,13 +486,24 @@ impl Validator<'_> {
         }
         // Host names match in any letter case.
         let mut hosts: Vec<String> = route.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
-        hosts.sort();
-        hosts.dedup();
-        if !unique.matches.insert((hosts, route.path_prefix.clone())) {
-            self.error(
-                &r("path_prefix"),
-                "another route has the same hosts and path_prefix; it would never match",
-            );
+        if hosts.is_empty() {
+            hosts.push(String::new());
+        }
+        let name = route.name.clone().unwrap_or_default();
+        for host in hosts {
+            let taken = (host, route.path_prefix.clone());
+            if let Some((_, first)) = unique.matches.get(&taken).filter(|(j, _)| *j != i) {
+                let whose = match taken.0.as_str() {
+                    "" => "any host".to_string(),
+                    host => format!("host {host:?}"),
+                };
+                self.error(
+                    &r("path_prefix"),
+                    format!("route {first:?} has {whose} with this path_prefix already; this route would never get its requests"),
+                );
+                return;
+            }
+            unique.matches.insert(taken, (i, name.clone()));
         }
     }
 
@@ -558,7 +582,12 @@ impl Validator<'_> {
         }
         let tls = raw.tls.and_then(|tls| self.tls(tls));
         let access_log = match raw.access_log.as_str() {
-            "off" | "" => AccessLog::Off,
+            "off" => AccessLog::Off,
+            "" => {
+                let at = [Seg::Key("server"), Seg::Key("access_log")];
+                self.error(&at, "must be \"off\", \"stderr\" or a file path");
+                AccessLog::Off
+            }
             "stderr" => AccessLog::Stderr,
             path => {
                 let path = self.path_of(path);
@@ -707,6 +736,11 @@ impl Validator<'_> {
             self.error(
                 &r("path_prefix"),
                 "must start with '/' and have no '?', '#', spaces or control characters",
+            );
+        } else if raw.path_prefix.split('/').any(is_dot_segment) {
+            self.error(
+                &r("path_prefix"),
+                "must have no '.' or '..' segment: paths are matched with them resolved",
             );
         }
         let stable = Slot::parse(&raw.stable);
@@ -1496,6 +1530,42 @@ endpoints = ["127.0.0.1:9002"]
     }
 
     #[test]
+    fn a_host_and_path_prefix_another_route_has_already_is_reported_by_host() {
+        let route = |name: &str, hosts: &str| {
+            format!(
+                "[[route]]\nname = \"{name}\"\nhosts = {hosts}\n[route.blue]\n\
+                 endpoints = [\"127.0.0.1:9001\"]\n[route.green]\nendpoints = [\"127.0.0.1:9002\"]\n"
+            )
+        };
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n{}{}",
+            route("shop", "[\"shop.example.com\"]"),
+            route("other", "[\"other.example.com\", \"SHOP.example.com\"]")
+        );
+        let got = rendered(&text);
+        only_problem(
+            &got,
+            "route[1].path_prefix: route \"shop\" has host \"shop.example.com\" with this path_prefix already",
+        );
+        // Any host twice, and hosts that differ: the first is an error, the second is not.
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n{}{}",
+            route("a", "[]"),
+            route("b", "[]")
+        );
+        only_problem(
+            &rendered(&text),
+            "route[1].path_prefix: route \"a\" has any host",
+        );
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n{}{}",
+            route("a", "[\"a.example.com\", \"*.example.com\"]"),
+            route("b", "[\"b.example.com\"]")
+        );
+        assert_eq!(rendered(&text), Vec::<String>::new());
+    }
+
+    #[test]
     fn a_route_with_problems_still_gets_its_duplicate_reported() {
         let second = "[[route]]\nname = \"shop\"\n[route.blue]\nendpoints = []\n\
                       [route.green]\nendpoints = [\"127.0.0.1:9002\"]\n";
@@ -1853,6 +1923,31 @@ endpoints = ["127.0.0.1:9002"]
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "must start with '/'");
         }
+        for prefix in ["/a/../b/", "/a/./b", "/..", "/a/%2E%2e/b", "/a/.%2e"] {
+            let text = MINIMAL.replace(
+                "name = \"shop\"",
+                &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
+            );
+            one_problem_at(&text, "route[0].path_prefix", 7, "'..' segment");
+        }
+        let text = MINIMAL.replace(
+            "name = \"shop\"",
+            "name = \"shop\"\npath_prefix = \"/a/..b/.c/%2e%2ex\"",
+        );
+        assert_eq!(
+            errors(&text),
+            [],
+            "dots inside a segment are plain characters"
+        );
+        let text = with_server("access_log = \"\"\n");
+        one_problem_at(
+            &text,
+            "server.access_log",
+            3,
+            "\"off\", \"stderr\" or a file path",
+        );
+        let text = format!("{MINIMAL}[state]\ndir = \"\"\n");
+        one_problem_at(&text, "state.dir", 12, "must name a directory");
         for statuses in ["5xx,", ",5xx", "5xx,,429"] {
             let text = format!("{MINIMAL}[route.rollout]\nerror_statuses = \"{statuses}\"\n");
             one_problem_at(&text, "route[0].rollout.error_statuses", 12, "comma list");
