@@ -78,6 +78,9 @@ pub struct Running {
     pub proxy_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// The admin API's own stop: after the drain, so that probes and metrics answer during it
+    /// (`/readyz` with 503).
+    admin_stop: watch::Sender<bool>,
     graceful: Arc<GracefulShutdown>,
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -240,10 +243,11 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     }
     let mut tasks = Vec::new();
     info!(listen = %admin_addr, "Admin API listening.");
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
         Arc::clone(&app),
-        shutdown_rx.clone(),
+        admin_stop_rx,
     )));
     tasks.push(tokio::spawn(rollout::run(Arc::clone(&table))));
     tasks.push(tokio::spawn(rotate_windows(Arc::clone(&table))));
@@ -265,6 +269,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         proxy_addrs,
         admin_addr,
         shutdown,
+        admin_stop,
         graceful,
         listeners: accept_loops,
         tasks,
@@ -343,6 +348,7 @@ impl Running {
             }
             Err(_) => warn!("Listeners still running; not draining."),
         }
+        let _ = self.admin_stop.send(true);
         for task in self.tasks {
             task.abort();
         }

@@ -476,6 +476,40 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
+/// During the drain the admin API still answers: a load balancer's readiness probe sees 503
+/// (take veer out), its liveness probe 200, and the metrics can be read.
+#[tokio::test]
+async fn while_draining_readyz_is_503_and_healthz_and_metrics_answer() {
+    let upstream = Upstream::builder("blue")
+        .latency(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop("drain_timeout = \"10s\"", upstream.addr).await;
+    let (addr, url) = (veer.addr, veer.url("/slow"));
+    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
+    await_requests(&upstream, 1, Duration::from_secs(5)).await;
+    let admin = veer.admin_url("");
+    let draining = tokio::spawn(veer.shutdown());
+    // The drain has begun once the proxy port refuses.
+    let refused = || async move { TcpStream::connect(addr).await.is_err() };
+    assert!(eventually(Duration::from_secs(5), refused).await);
+    assert!(
+        !in_flight.is_finished(),
+        "the request did not wait for its upstream"
+    );
+    let probe = |path: &str| {
+        let url = format!("{admin}{path}");
+        async move { get(&url, &[]).await.0 }
+    };
+    assert_eq!(probe("/readyz").await, 503);
+    assert_eq!(probe("/healthz").await, 200);
+    assert_eq!(probe("/metrics").await, 200);
+    let (status, _, _) = in_flight.await.unwrap();
+    assert_eq!(status, 200);
+    draining.await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Access log
 
