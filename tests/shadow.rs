@@ -485,3 +485,71 @@ async fn a_failed_primary_still_gets_its_shadow_compared() {
     assert_eq!(shadow.request_count(), 10);
     veer.shutdown().await;
 }
+
+/// A shadow that refuses connections gets one attempt, not one per copy, for `REFUSED_REST`
+/// (1 s) after a refusal: copies in between count as errors without costing a connect.
+/// 80 requests, 8 at a time; at most 8 attempts can be under way before the first refusal is
+/// seen, and 8 more per second the requests took.
+#[tokio::test]
+async fn a_shadow_that_refuses_connections_is_rested_not_retried_per_copy() {
+    let (blue, green) = (recording("blue").await, recording("green").await);
+    let refused = closed_addr().await;
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((refused, "percent = 100.0")),
+    );
+    let veer = Veer::start("", &routes).await;
+    let started = tokio::time::Instant::now();
+    let answers = get_n(&veer, "/", 80).await;
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(not_from_blue(&answers), 0);
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "requests"), 80, "{stats}");
+    assert_eq!(counter(&stats, "error"), 80, "{stats}");
+    let attempts = stats["latency"]["errors"]["connect"].as_u64().unwrap();
+    let bound = 8 + (8.0 * took).ceil() as u64;
+    assert!(
+        (1..=bound).contains(&attempts),
+        "{attempts} connection attempts for 80 copies in {took:.2} s: {stats}"
+    );
+    veer.shutdown().await;
+}
+
+/// An HTTP/2 request reset by its client before the answer takes its drawn copy with it: the
+/// copy is counted (`dropped_body`, as for an aborted upload), so the outcomes still add up.
+#[tokio::test]
+async fn a_copy_of_a_request_aborted_before_its_answer_is_counted() {
+    let blue = Upstream::builder("blue")
+        .latency(Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    let green = recording("green").await;
+    let shadow = recording("shadow").await;
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, "percent = 100.0")),
+    );
+    let veer = Veer::start("", &routes).await;
+    let (mut sender, _conn) = h2c_to(veer.addr).await;
+    let request = http::Request::get(veer.url("/"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_millis(100), sender.send_request(request));
+    assert!(
+        answer.await.is_err(),
+        "answered before the upstream's latency"
+    );
+    // The dropped answer resets the stream.
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "requests"), 1, "{stats}");
+    assert_eq!(counter(&stats, "dropped_body"), 1, "{stats}");
+    assert_eq!(shadow.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    veer.shutdown().await;
+}

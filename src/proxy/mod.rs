@@ -459,8 +459,8 @@ impl Proxy {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return None;
         }
-        let permit = stats.try_acquire(config.max_in_flight)?;
         let endpoint = route.shadow_endpoint()?;
+        let permit = stats.try_acquire(config.max_in_flight)?;
         let (body, tee) = if empty_body {
             (ShadowBody::Empty, None)
         } else {

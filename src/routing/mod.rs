@@ -287,7 +287,7 @@ fn ipv6_literal(host: &str) -> Option<std::net::Ipv6Addr> {
 }
 
 /// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never ejected).
-fn clock_ms() -> u64 {
+pub(crate) fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }

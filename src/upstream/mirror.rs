@@ -63,8 +63,14 @@ pub struct ShadowStats {
     pub dropped_busy: AtomicU64,
     pub dropped_body: AtomicU64,
     pub in_flight: AtomicUsize,
+    /// Until when (`routing::clock_ms`) no copy is sent, after the shadow refused a connection.
+    refused_until: AtomicU64,
     recent: Mutex<VecDeque<Mismatch>>,
 }
+
+/// How long copies are not sent after the shadow refused a connection: a dead shadow would
+/// otherwise cost a connection attempt per copy, on the workers that serve the primaries.
+pub const REFUSED_REST: Duration = Duration::from_secs(1);
 
 /// One recent mismatch, for an operator to look at.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -78,15 +84,30 @@ pub struct Mismatch {
 }
 
 impl ShadowStats {
-    /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`.
+    /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`; while the
+    /// shadow rests after refusing a connection, counts an `error` and returns `None`.
     pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Permit> {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let until = self.refused_until.load(Ordering::Relaxed);
+        if until != 0 && until > crate::routing::clock_ms() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             self.dropped_busy.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        Some(Permit(Arc::clone(self)))
+        Some(Permit {
+            stats: Arc::clone(self),
+            started: false,
+        })
+    }
+
+    /// The shadow refused a connection: send no copy for [`REFUSED_REST`].
+    fn rest(&self) {
+        let until = crate::routing::clock_ms() + REFUSED_REST.as_millis() as u64;
+        self.refused_until.store(until, Ordering::Relaxed);
     }
 
     pub fn recent(&self) -> Vec<Mismatch> {
@@ -106,13 +127,22 @@ impl ShadowStats {
     }
 }
 
-/// An in-flight shadow slot, released on drop.
+/// An in-flight shadow slot, released on drop. A copy whose job never started (its request
+/// was aborted before the answer, so there is nothing whole to mirror or compare with) is
+/// counted as `dropped_body` then, as a copy of an aborted upload is.
 #[derive(Debug)]
-pub struct Permit(Arc<ShadowStats>);
+pub struct Permit {
+    stats: Arc<ShadowStats>,
+    /// Set when the job runs: from then on it counts its own outcome.
+    started: bool,
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.stats.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if !self.started {
+            self.stats.dropped_body.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -202,12 +232,13 @@ impl ShadowJob {
         let ShadowJob {
             request,
             body,
-            permit,
+            mut permit,
             route,
             config,
             timeout,
             primary_hash,
         } = self;
+        permit.started = true;
         let stats = &route.shadow;
         let body = match body {
             ShadowBody::Empty => Bytes::new(),
@@ -253,6 +284,9 @@ impl ShadowJob {
             Ok(Err(kind)) => {
                 route.shadow_metrics.record_failure(kind, started.elapsed());
                 stats.errors.fetch_add(1, Ordering::Relaxed);
+                if kind == ErrorKind::Connect {
+                    stats.rest();
+                }
                 return;
             }
             Err(_) => {
