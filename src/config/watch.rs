@@ -180,9 +180,14 @@ impl Watching {
     /// when the file's own directory cannot be watched.
     fn place(&mut self) -> notify::Result<()> {
         let next = Targets::of(&self.path);
-        let mut targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        // Not held while watching: the watcher waits on its event thread, which may be waiting
+        // on this lock to filter an event.
+        let before: Vec<PathBuf> = {
+            let targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+            targets.watched().cloned().collect()
+        };
         let kept: BTreeSet<&PathBuf> = next.watched().collect();
-        for gone in targets.watched().filter(|dir| !kept.contains(dir)) {
+        for gone in before.iter().filter(|dir| !kept.contains(dir)) {
             let _ = self.watcher.unwatch(gone);
         }
         let own = self.path.parent();
@@ -200,7 +205,7 @@ impl Watching {
         if let Err(error) = self.watcher.watch(&self.path, RecursiveMode::NonRecursive) {
             debug!(path = %self.path.display(), %error, "Cannot watch the config file itself.");
         }
-        *targets = next;
+        *self.targets.lock().unwrap_or_else(PoisonError::into_inner) = next;
         result
     }
 
