@@ -499,7 +499,7 @@ impl Validator<'_> {
                 };
                 self.error(
                     &r("path_prefix"),
-                    format!("route {first:?} has {whose} with this path_prefix already; this route would never get its requests"),
+                    format!("route {first:?} has {whose} with this path_prefix already: such requests would all go to it"),
                 );
                 return;
             }

@@ -35,7 +35,7 @@ fn content_hash(path: &Path) -> Option<u64> {
 }
 
 /// What can change the content read at the config's path, found by [`Targets::of`].
-#[derive(Default, PartialEq)]
+#[derive(Default)]
 struct Targets {
     /// Directories in which any entry made, removed or renamed may change it: the path's own,
     /// and, following the first symlink from the root each time, the directory of that link

@@ -169,7 +169,7 @@ mod tests {
         }
     }
 
-    /// The PEM certificate chain and key of a new self-signed certificate for localhost.
+    /// The certificate chain and key of a new self-signed certificate for localhost.
     fn self_signed() -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let key = PrivateKeyDer::try_from(made.key_pair.serialize_der()).unwrap();
