@@ -40,15 +40,6 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(sockets)
 }
 
-/// How many tasks a worker polls between two looks for socket events while it has work queued
-/// (tokio's default is 61). An HTTP/2 request takes three or four task polls (the connection,
-/// the stream, the upstream connection), so with the default a busy worker called `epoll_wait`
-/// every 15 to 20 requests and flushed each client connection in smaller batches. At 256, under
-/// `h2load -c 10 -m 10`, it called `epoll_wait` 2.5 times less often and `sendto` 6 % less
-/// (three runs each); CPU per request moved within the machine's noise (median 0.985 of six
-/// interleaved rounds). An idle worker still looks at once.
-const EVENT_INTERVAL: u32 = 256;
-
 /// The worker threads; dropping this (or `stop`) ends them and every task on them.
 pub struct Workers {
     handles: Vec<Handle>,
@@ -72,7 +63,6 @@ impl Workers {
         for i in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .event_interval(EVENT_INTERVAL)
                 .build()?;
             workers.handles.push(runtime.handle().clone());
             let mut terminated = terminated.clone();
