@@ -486,10 +486,10 @@ async fn a_failed_primary_still_gets_its_shadow_compared() {
     veer.shutdown().await;
 }
 
-/// A shadow that refuses connections gets one attempt, not one per copy, for `REFUSED_REST`
-/// (1 s) after a refusal: copies in between count as errors without costing a connect.
-/// 80 requests, 8 at a time; at most 8 attempts can be under way before the first refusal is
-/// seen, and 8 more per second the requests took.
+/// A shadow that refuses connections gets one attempt a second (`REFUSED_REST`), not one per
+/// copy: copies in between count as errors without costing a connect. 80 requests, 8 at a
+/// time; at most 8 attempts can be under way before the first refusal is seen, then one probe
+/// a second.
 #[tokio::test]
 async fn a_shadow_that_refuses_connections_is_rested_not_retried_per_copy() {
     let (blue, green) = (recording("blue").await, recording("green").await);
@@ -510,7 +510,7 @@ async fn a_shadow_that_refuses_connections_is_rested_not_retried_per_copy() {
     assert_eq!(counter(&stats, "requests"), 80, "{stats}");
     assert_eq!(counter(&stats, "error"), 80, "{stats}");
     let attempts = stats["latency"]["errors"]["connect"].as_u64().unwrap();
-    let bound = 8 + (8.0 * took).ceil() as u64;
+    let bound = 8 + took.ceil() as u64;
     assert!(
         (1..=bound).contains(&attempts),
         "{attempts} connection attempts for 80 copies in {took:.2} s: {stats}"
@@ -551,5 +551,68 @@ async fn a_copy_of_a_request_aborted_before_its_answer_is_counted() {
     assert_eq!(counter(&stats, "requests"), 1, "{stats}");
     assert_eq!(counter(&stats, "dropped_body"), 1, "{stats}");
     assert_eq!(shadow.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    veer.shutdown().await;
+}
+
+/// A shadow that refused connections and then listens gets every copy again once a probe got
+/// through: the rest does not outlive the refusals.
+#[tokio::test]
+async fn a_shadow_that_comes_back_gets_every_copy_again() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (blue, green) = (recording("blue").await, recording("green").await);
+    // Bound, not yet listening: refused until `listen`.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap();
+    let addr = socket.local_addr().unwrap();
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((addr, "percent = 100.0")),
+    );
+    let veer = Veer::start("", &routes).await;
+    assert_eq!(not_from_blue(&get_n(&veer, "/", 8).await), 0);
+    assert!(counter(&settled_shadow(&veer, "mirror").await, "error") >= 1);
+    // Now it answers every request 200, counting them.
+    let listener = socket.listen(64).unwrap();
+    let served = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = std::sync::Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = std::sync::Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let heads = buf[..n].windows(4).filter(|w| w == b"\r\n\r\n").count();
+                    for _ in 0..heads {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    tokio::time::sleep(veer::upstream::mirror::REFUSED_REST).await;
+    // 40 requests a second after the rest: one probe, then copies for all that follow it.
+    for _ in 0..40 {
+        let (status, _, _) = get(&veer.url("/"), &[]).await;
+        assert_eq!(status, 200);
+    }
+    let stats = settled_shadow(&veer, "mirror").await;
+    let through = served.load(Ordering::SeqCst);
+    assert!(
+        through >= 35,
+        "{through} of 40 copies reached the shadow: {stats}"
+    );
     veer.shutdown().await;
 }

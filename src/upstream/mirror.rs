@@ -68,8 +68,9 @@ pub struct ShadowStats {
     recent: Mutex<VecDeque<Mismatch>>,
 }
 
-/// How long copies are not sent after the shadow refused a connection: a dead shadow would
-/// otherwise cost a connection attempt per copy, on the workers that serve the primaries.
+/// How long copies are not sent after the shadow refused a connection (then one probes it): a
+/// dead shadow would otherwise cost a connection attempt per copy, on the workers that serve
+/// the primaries.
 pub const REFUSED_REST: Duration = Duration::from_secs(1);
 
 /// One recent mismatch, for an operator to look at.
@@ -84,14 +85,24 @@ pub struct Mismatch {
 }
 
 impl ShadowStats {
-    /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`; while the
-    /// shadow rests after refusing a connection, counts an `error` and returns `None`.
+    /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`. After the
+    /// shadow refused a connection, counts an `error` and returns `None` instead, but for one
+    /// copy per [`REFUSED_REST`], which probes it.
     pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Permit> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let until = self.refused_until.load(Ordering::Relaxed);
-        if until != 0 && until > crate::routing::clock_ms() {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-            return None;
+        if until != 0 {
+            let now = crate::routing::clock_ms();
+            let probe = now + REFUSED_REST.as_millis() as u64;
+            let resting = until > now
+                || self
+                    .refused_until
+                    .compare_exchange(until, probe, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err();
+            if resting {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
         }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -271,6 +282,9 @@ impl ShadowJob {
                         _ => ErrorKind::Reset,
                     })?;
             let status = response.status().as_u16();
+            if stats.refused_until.load(Ordering::Relaxed) != 0 {
+                stats.refused_until.store(0, Ordering::Relaxed);
+            }
             route
                 .shadow_metrics
                 .record_response(status, status >= 500, started.elapsed());
