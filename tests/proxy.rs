@@ -458,17 +458,31 @@ async fn a_client_upload_aborted_mid_body_reaches_the_upstream_as_aborted() {
 // ---------------------------------------------------------------------------------------------
 // Graceful shutdown
 
-#[tokio::test]
-async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections() {
+/// veer (`drain_timeout` 10 s) before an upstream that answers after `latency`, and a request
+/// to it that the upstream has received.
+async fn with_a_request_in_flight(
+    latency: Duration,
+) -> (
+    Veer,
+    Upstream,
+    tokio::task::JoinHandle<(http::StatusCode, http::HeaderMap, Bytes)>,
+) {
     let upstream = Upstream::builder("blue")
-        .latency(Duration::from_millis(500))
+        .latency(latency)
         .start()
         .await
         .unwrap();
     let veer = Veer::shop("drain_timeout = \"10s\"", upstream.addr).await;
-    let (addr, url) = (veer.addr, veer.url("/slow"));
+    let url = veer.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url, &[]).await });
     await_requests(&upstream, 1, Duration::from_secs(5)).await;
+    (veer, upstream, in_flight)
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections() {
+    let (veer, _upstream, in_flight) = with_a_request_in_flight(Duration::from_millis(500)).await;
+    let addr = veer.addr;
     veer.shutdown().await;
     let (status, _, body) = in_flight.await.unwrap();
     assert_eq!(status, 200);
@@ -480,16 +494,8 @@ async fn shutdown_lets_an_in_flight_request_finish_and_refuses_new_connections()
 /// (take veer out), its liveness probe 200, and the metrics can be read.
 #[tokio::test]
 async fn while_draining_readyz_is_503_and_healthz_and_metrics_answer() {
-    let upstream = Upstream::builder("blue")
-        .latency(Duration::from_millis(1500))
-        .start()
-        .await
-        .unwrap();
-    let veer = Veer::shop("drain_timeout = \"10s\"", upstream.addr).await;
-    let (addr, url) = (veer.addr, veer.url("/slow"));
-    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
-    await_requests(&upstream, 1, Duration::from_secs(5)).await;
-    let admin = veer.admin_url("");
+    let (veer, _upstream, in_flight) = with_a_request_in_flight(Duration::from_millis(1500)).await;
+    let (addr, admin) = (veer.addr, veer.admin_url(""));
     let draining = tokio::spawn(veer.shutdown());
     // The drain has begun once the proxy port refuses.
     let refused = || async move { TcpStream::connect(addr).await.is_err() };
