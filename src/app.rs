@@ -254,7 +254,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     if let Some(path) = app.config_path.clone() {
         // Both listen from here on, before `start` returns: a change or a SIGHUP right after
         // start is not missed (and SIGHUP never falls back to its default, ending the process).
-        if let Some(watching) = crate::config::watch::watch(path) {
+        if let Some(watching) = crate::config::watch::watch(path, app.named_files()) {
             tasks.push(tokio::spawn(watching.run(Arc::clone(&app))));
         }
         use tokio::signal::unix::{signal, SignalKind};
@@ -438,6 +438,15 @@ async fn rotate_windows(table: Arc<ArcSwap<RoutingTable>>) {
 }
 
 impl App {
+    /// The files the config in force names and reads at a reload: the TLS certificate and key.
+    pub fn named_files(&self) -> Vec<PathBuf> {
+        let table = self.table.load();
+        match &table.config.server.tls {
+            Some(tls) => vec![tls.cert.clone(), tls.key.clone()],
+            None => Vec::new(),
+        }
+    }
+
     /// Re-reads the config file; applies it whole or not at all.
     pub async fn reload(&self) -> Result<(), ConfigErrors> {
         let _guard = self.reload_lock.lock().await;

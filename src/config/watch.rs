@@ -1,12 +1,14 @@
-//! Watches what can change the config file: its directory (so that write-to-temp-then-rename
-//! and Kubernetes ConfigMap symlink swaps are seen), the directory of every symlink on the way
-//! to it and of the file it resolves to (a re-pointed link, a swapped `current -> release-7`
-//! directory), the directory above its own (which may be deleted and made anew), and the file
-//! itself (so that writes reaching it by another path are seen: a file bind-mounted into a
-//! container, a hard link). It debounces bursts, reloads when the content changed, and after
-//! each burst places its watches again, as links may point elsewhere now. Writes to other
-//! files in those directories (a log next to the config) are ignored, so they can neither delay
-//! a reload nor cause reads. A rejected file keeps the old config serving (see `App::reload`).
+//! Watches what can change the config: the config file and the files it names (the TLS
+//! certificate and key, so that a renewed certificate is served without a SIGHUP). For each, its
+//! directory (so that write-to-temp-then-rename and Kubernetes ConfigMap or Secret symlink swaps
+//! are seen), the directory of every symlink on the way to it and of the file it resolves to (a
+//! re-pointed link such as certbot's `live/` ones, a swapped `current -> release-7` directory),
+//! the directory above its own (which may be deleted and made anew), and the file itself (so that
+//! writes reaching it by another path are seen: a file bind-mounted into a container, a hard
+//! link). It debounces bursts, reloads when the content of any of them changed, and after each
+//! burst places its watches again, as links may point elsewhere now. Writes to other files in
+//! those directories (a log next to the config) are ignored, so they can neither delay a reload
+//! nor cause reads. A rejected config keeps the old one serving (see `App::reload`).
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -34,28 +36,48 @@ fn content_hash(path: &Path) -> Option<u64> {
     std::fs::read(path).ok().map(|bytes| xxh3_64(&bytes))
 }
 
-/// What can change the content read at the config's path, found by [`Targets::of`].
+/// One hash of the content of every file, `None` when the first (the config) cannot be read. A
+/// named file that cannot be read counts as content of its own: the reload will say why.
+fn contents_hash(files: &[PathBuf]) -> Option<u64> {
+    let (config, named) = files.split_first()?;
+    let mut hashes = vec![content_hash(config)?];
+    hashes.extend(named.iter().map(|file| content_hash(file).unwrap_or(0)));
+    let bytes: Vec<u8> = hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
+    Some(xxh3_64(&bytes))
+}
+
+/// What can change the content read at the watched paths, found by [`Targets::of`].
 #[derive(Default)]
 struct Targets {
-    /// Directories in which any entry made, removed or renamed may change it: the path's own,
+    /// Directories in which any entry made, removed or renamed may change it: each path's own,
     /// and, following the first symlink from the root each time, the directory of that link
     /// and of the path it leads to, until a path without links.
     dirs: BTreeSet<PathBuf>,
-    /// The directory above the path's own, where only that directory itself counts.
-    above: Option<(PathBuf, PathBuf)>,
-    /// The names the file is written under: its own, and those of the links and file it
-    /// resolves through.
+    /// The directory above each path's own, where only that directory itself counts: (above,
+    /// own).
+    above: BTreeSet<(PathBuf, PathBuf)>,
+    /// The names the files are written under: their own, and those of the links and files they
+    /// resolve through.
     names: BTreeSet<OsString>,
 }
 
 impl Targets {
-    fn of(path: &Path) -> Targets {
-        let mut targets = Targets {
-            above: path
-                .parent()
-                .and_then(|own| Some((own.parent()?.to_path_buf(), own.to_path_buf()))),
-            ..Targets::default()
-        };
+    fn of(paths: &[PathBuf]) -> Targets {
+        let mut targets = Targets::default();
+        for path in paths {
+            targets.add(path);
+        }
+        targets
+    }
+
+    fn add(&mut self, path: &Path) {
+        let targets = self;
+        if let Some((above, own)) = path
+            .parent()
+            .and_then(|own| Some((own.parent()?.to_path_buf(), own.to_path_buf())))
+        {
+            targets.above.insert((above, own));
+        }
         let mut next = Some(path.to_path_buf());
         for _ in 0..MAX_LINKS {
             let Some(path) = next.take() else { break };
@@ -83,14 +105,13 @@ impl Targets {
                 next = Some(led_to);
             }
         }
-        targets
     }
 
     /// Every directory to watch.
     fn watched(&self) -> impl Iterator<Item = &PathBuf> {
         self.dirs
             .iter()
-            .chain(self.above.as_ref().map(|(above, _)| above))
+            .chain(self.above.iter().map(|(above, _)| above))
     }
 
     /// Whether a file event can mean new content for the config file. Reads (opening, closing
@@ -106,9 +127,8 @@ impl Targets {
                     .file_name()
                     .is_some_and(|name| self.names.contains(name))
         };
-        let around = |path: &PathBuf| {
-            in_dirs(path) || self.above.as_ref().is_some_and(|(_, own)| path == own)
-        };
+        let around =
+            |path: &PathBuf| in_dirs(path) || self.above.iter().any(|(_, own)| path == own);
         // An event with no path (the kernel's queue overflowed) may hide anything.
         let any = |test: &dyn Fn(&PathBuf) -> bool| {
             event.paths.is_empty() || event.paths.iter().any(test)
@@ -124,12 +144,13 @@ impl Targets {
     }
 }
 
-/// A watch on what can change the config file, started by [`watch`]; [`Watching::run`] reloads.
+/// A watch on what can change the config, started by [`watch`]; [`Watching::run`] reloads.
 pub struct Watching {
-    /// The config's path, made absolute (the watcher names events by absolute paths).
-    path: PathBuf,
-    /// Content hash of the file last applied (`None` after a rejection: the same content is
-    /// tried again at the next change around it).
+    /// The config's path, then the files the config in force names, made absolute (the watcher
+    /// names events by absolute paths).
+    files: Vec<PathBuf>,
+    /// Content hash of the files last applied (`None` after a rejection: the same content is
+    /// tried again at the next change around them).
     last: Option<u64>,
     rx: mpsc::Receiver<()>,
     /// Events stop when the watcher is dropped.
@@ -138,11 +159,16 @@ pub struct Watching {
     targets: Arc<Mutex<Targets>>,
 }
 
-/// Starts watching at once, so that no change made after this call is missed however late the
-/// reloading task first runs. `None` (logged) when the file's directory cannot be watched;
-/// SIGHUP and the admin API still reload.
-pub fn watch(path: PathBuf) -> Option<Watching> {
-    let path = std::path::absolute(&path).unwrap_or(path);
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
+}
+
+/// Starts watching the config at `path` and the files it names (`named`) at once, so that no
+/// change made after this call is missed however late the reloading task first runs. `None`
+/// (logged) when the config's directory cannot be watched; SIGHUP and the admin API still
+/// reload.
+pub fn watch(path: PathBuf, named: Vec<PathBuf>) -> Option<Watching> {
+    let files: Vec<PathBuf> = std::iter::once(path).chain(named).map(absolute).collect();
     let targets = Arc::new(Mutex::new(Targets::default()));
     let (tx, rx) = mpsc::channel::<()>(16);
     let filter = Arc::clone(&targets);
@@ -161,25 +187,25 @@ pub fn watch(path: PathBuf) -> Option<Watching> {
         }
     };
     let mut watching = Watching {
-        last: content_hash(&path),
-        path,
+        last: contents_hash(&files),
+        files,
         rx,
         watcher,
         targets,
     };
     if let Err(error) = watching.place() {
-        warn!(path = %watching.path.display(), %error, "Cannot watch the config directory; reload with SIGHUP or the admin API.");
+        warn!(path = %watching.files[0].display(), %error, "Cannot watch the config directory; reload with SIGHUP or the admin API.");
         return None;
     }
     Some(watching)
 }
 
 impl Watching {
-    /// Places the watches for where the path leads now. Directories already watched are
+    /// Places the watches for where the paths lead now. Directories already watched are
     /// watched again: one deleted and made anew is another directory to the kernel. An error
-    /// when the file's own directory cannot be watched.
+    /// when the config file's own directory cannot be watched.
     fn place(&mut self) -> notify::Result<()> {
-        let next = Targets::of(&self.path);
+        let next = Targets::of(&self.files);
         // Not held while watching: the watcher waits on its event thread, which may be waiting
         // on this lock to filter an event.
         let before: Vec<PathBuf> = {
@@ -190,47 +216,67 @@ impl Watching {
         for gone in before.iter().filter(|dir| !kept.contains(dir)) {
             let _ = self.watcher.unwatch(gone);
         }
-        let own = self.path.parent();
+        let own = self.files[0].parent();
         let mut result = Ok(());
         for dir in next.watched() {
             if let Err(error) = self.watcher.watch(dir, RecursiveMode::NonRecursive) {
-                debug!(dir = %dir.display(), %error, "Cannot watch a directory of the config file.");
+                debug!(dir = %dir.display(), %error, "Cannot watch a directory of the config.");
                 if Some(dir.as_path()) == own {
                     result = Err(error);
                 }
             }
         }
-        // The directories' watches see only what is done through them. The file's own watch
+        // The directories' watches see only what is done through them. A file's own watch
         // follows its inode (which a rename replaces: so it is placed again too).
-        if let Err(error) = self.watcher.watch(&self.path, RecursiveMode::NonRecursive) {
-            debug!(path = %self.path.display(), %error, "Cannot watch the config file itself.");
+        for file in &self.files {
+            if let Err(error) = self.watcher.watch(file, RecursiveMode::NonRecursive) {
+                debug!(path = %file.display(), %error, "Cannot watch a file of the config itself.");
+            }
         }
         *self.targets.lock().unwrap_or_else(PoisonError::into_inner) = next;
         result
     }
 
-    /// Reloads whenever the file's content changed, until the process ends.
+    /// Reloads whenever the content of the config or of a file it names changed, until the
+    /// process ends.
     pub async fn run(self, app: Arc<App>) {
         let reload = || {
             let app = Arc::clone(&app);
-            async move { app.reload().await.is_ok() }
+            async move { app.reload().await.ok().map(|()| app.named_files()) }
         };
         self.run_with(reload).await;
     }
 
-    /// [`Watching::run`] with `reload` (true when the file was applied).
-    async fn run_with<R: Future<Output = bool>>(mut self, mut reload: impl FnMut() -> R) {
+    /// [`Watching::run`] with `reload`: `Some` with the files the config names when it was
+    /// applied.
+    async fn run_with<R: Future<Output = Option<Vec<PathBuf>>>>(
+        mut self,
+        mut reload: impl FnMut() -> R,
+    ) {
         while self.settled().await {
-            // What changed may be a link or a directory on the way to the file.
+            // What changed may be a link or a directory on the way to a file.
             let _ = self.place();
-            let now = content_hash(&self.path);
+            let now = contents_hash(&self.files);
             if now.is_none() || now == self.last {
                 continue;
             }
-            debug!(path = %self.path.display(), "Config file changed.");
-            // A rejected file is read again at the next change around it: it may have been
+            debug!(path = %self.files[0].display(), "Config changed.");
+            // A rejected config is read again at the next change around it: it may have been
             // refused for a file it names (a certificate) that is there now.
-            self.last = if reload().await { now } else { None };
+            self.last = match reload().await {
+                Some(named) => {
+                    let named: Vec<PathBuf> = named.into_iter().map(absolute).collect();
+                    if named[..] == self.files[1..] {
+                        now
+                    } else {
+                        self.files.truncate(1);
+                        self.files.extend(named);
+                        let _ = self.place();
+                        contents_hash(&self.files)
+                    }
+                }
+                None => None,
+            };
         }
     }
 
@@ -264,7 +310,7 @@ mod tests {
         // /etc/veer/veer.toml, not a link.
         let targets = Targets {
             dirs: BTreeSet::from([PathBuf::from("/etc/veer")]),
-            above: Some((PathBuf::from("/etc"), PathBuf::from("/etc/veer"))),
+            above: BTreeSet::from([(PathBuf::from("/etc"), PathBuf::from("/etc/veer"))]),
             names: BTreeSet::from([OsString::from("veer.toml")]),
         };
         let event = |kind, path: &str| Event::new(kind).add_path(PathBuf::from(path));
@@ -322,7 +368,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("veer.toml");
         std::fs::write(&path, "a = 1\n").expect("write");
-        let watching = watch(path.clone()).expect("watch");
+        let watching = watch(path.clone(), Vec::new()).expect("watch");
         (dir, path, watching)
     }
 
@@ -397,7 +443,7 @@ mod tests {
         let link = elsewhere.path().join("veer.toml");
         std::fs::write(&path, "a = 1\n").expect("write");
         std::fs::hard_link(&path, &link).expect("hard link");
-        let mut watching = watch(path.clone()).expect("watch");
+        let mut watching = watch(path.clone(), Vec::new()).expect("watch");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
@@ -409,8 +455,28 @@ mod tests {
         assert_eq!(content_hash(&path), Some(xxh3_64(b"a = 2\n")));
     }
 
-    /// A watch on `path` run with a reload that reports the content it read and answers
-    /// `accept`.
+    /// A watch on `path` (a config naming `named`) run with a reload that reports the content
+    /// of `path` it read and answers `accept`.
+    fn reloading_named(
+        path: &Path,
+        named: Vec<PathBuf>,
+        accept: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        mpsc::UnboundedReceiver<Vec<u8>>,
+    ) {
+        let watching = watch(path.to_path_buf(), named.clone()).expect("watch");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let read = path.to_path_buf();
+        let reload = move || {
+            let _ = tx.send(std::fs::read(&read).unwrap_or_default());
+            let accept = accept.load(std::sync::atomic::Ordering::SeqCst);
+            let named = named.clone();
+            async move { accept.then_some(named) }
+        };
+        (tokio::spawn(watching.run_with(reload)), rx)
+    }
+
     fn reloading(
         path: &Path,
         accept: Arc<std::sync::atomic::AtomicBool>,
@@ -418,15 +484,7 @@ mod tests {
         tokio::task::JoinHandle<()>,
         mpsc::UnboundedReceiver<Vec<u8>>,
     ) {
-        let watching = watch(path.to_path_buf()).expect("watch");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let read = path.to_path_buf();
-        let reload = move || {
-            let _ = tx.send(std::fs::read(&read).unwrap_or_default());
-            let accept = accept.load(std::sync::atomic::Ordering::SeqCst);
-            async move { accept }
-        };
-        (tokio::spawn(watching.run_with(reload)), rx)
+        reloading_named(path, Vec::new(), accept)
     }
 
     /// The content of the next reload within [`SOON`], if any.
@@ -529,6 +587,75 @@ mod tests {
                 .ok(),
             None,
             "an applied file was reloaded unchanged"
+        );
+        task.abort();
+    }
+
+    /// A renewed certificate reloads the config, unchanged: written in place, or, as certbot
+    /// renews, by re-pointing the link the config names to a new file.
+    #[tokio::test]
+    async fn a_changed_file_the_config_names_reloads_it() {
+        let top = tempfile::tempdir().expect("temp dir");
+        let path = top.path().join("veer.toml");
+        std::fs::write(&path, "a = 1\n").expect("write");
+        let (live, archive) = (top.path().join("live"), top.path().join("archive"));
+        std::fs::create_dir(&live).expect("mkdir");
+        std::fs::create_dir(&archive).expect("mkdir");
+        std::fs::write(archive.join("cert1.pem"), "one").expect("write");
+        let cert = live.join("cert.pem");
+        std::os::unix::fs::symlink("../archive/cert1.pem", &cert).expect("symlink");
+        let key = top.path().join("key.pem");
+        std::fs::write(&key, "key one").expect("write");
+        let (task, mut reloads) =
+            reloading_named(&path, vec![cert.clone(), key.clone()], accepting());
+        std::fs::write(&key, "key two").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 1\n"));
+        std::fs::write(archive.join("cert2.pem"), "two").expect("write");
+        repoint(Path::new("../archive/cert2.pem"), &cert);
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 1\n"));
+        // Other files next to them do not.
+        std::fs::write(archive.join("notes.txt"), "x").expect("write");
+        std::fs::write(archive.join("notes.txt"), "y").expect("write");
+        assert_eq!(
+            tokio::time::timeout(QUIET + MAX_DELAY, reloads.recv())
+                .await
+                .ok(),
+            None,
+            "a write to an unrelated file reloaded the config"
+        );
+        task.abort();
+    }
+
+    /// A config applied naming other files is watched for those: the old ones no longer count.
+    #[tokio::test]
+    async fn the_files_watched_follow_the_config_applied() {
+        let top = tempfile::tempdir().expect("temp dir");
+        let path = top.path().join("veer.toml");
+        std::fs::write(&path, "a = 1\n").expect("write");
+        let (old, new) = (top.path().join("old.pem"), top.path().join("new.pem"));
+        std::fs::write(&old, "old").expect("write");
+        std::fs::write(&new, "new").expect("write");
+        let watching = watch(path.clone(), vec![old.clone()]).expect("watch");
+        let (tx, mut reloads) = mpsc::unbounded_channel();
+        let read = path.clone();
+        let named = new.clone();
+        let reload = move || {
+            let _ = tx.send(std::fs::read(&read).unwrap_or_default());
+            let named = vec![named.clone()];
+            async move { Some(named) }
+        };
+        let task = tokio::spawn(watching.run_with(reload));
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        std::fs::write(&new, "newer").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        std::fs::write(&old, "older").expect("write");
+        assert_eq!(
+            tokio::time::timeout(QUIET + MAX_DELAY, reloads.recv())
+                .await
+                .ok(),
+            None,
+            "a file the config no longer names reloaded it"
         );
         task.abort();
     }
