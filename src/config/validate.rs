@@ -723,6 +723,10 @@ impl Validator<'_> {
                 Seg::Key("hosts"),
                 Seg::Index(j),
             ];
+            if raw.hosts[..j].iter().any(|h| h.eq_ignore_ascii_case(host)) {
+                self.error(&path, format!("{host:?} is listed twice"));
+                continue;
+            }
             match host_pattern(host) {
                 Some(pattern) => hosts.push(pattern),
                 None => self.error(
@@ -891,6 +895,12 @@ impl Validator<'_> {
         let endpoints = self.endpoints(&at, &raw.endpoints);
         let basis_points = self.percent(&p("percent"), raw.percent);
         let mut methods = Vec::with_capacity(raw.methods.len());
+        if raw.methods.is_empty() {
+            self.error(
+                &p("methods"),
+                "empty: no request would be mirrored (to mirror none, set percent = 0)",
+            );
+        }
         for method in &raw.methods {
             match Method::from_bytes(method.to_ascii_uppercase().as_bytes()) {
                 Ok(m) => methods.push(m),
@@ -1562,6 +1572,23 @@ endpoints = ["127.0.0.1:9002"]
             route("a", "[\"a.example.com\", \"*.example.com\"]"),
             route("b", "[\"b.example.com\"]")
         );
+        assert_eq!(rendered(&text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_host_listed_twice_in_a_route_and_a_shadow_without_methods_are_errors() {
+        let text = MINIMAL.replace(
+            "name = \"shop\"",
+            "name = \"shop\"\nhosts = [\"a.example.com\", \"b.example.com\", \"A.example.com\"]",
+        );
+        only_problem(
+            &rendered(&text),
+            "route[0].hosts[2]: \"A.example.com\" is listed twice, line 7",
+        );
+        let shadow = "[route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\n";
+        let text = format!("{MINIMAL}{shadow}methods = []\n");
+        only_problem(&rendered(&text), "route[0].shadow.methods: empty");
+        let text = format!("{MINIMAL}{shadow}methods = [\"GET\"]\npercent = 0.0\n");
         assert_eq!(rendered(&text), Vec::<String>::new());
     }
 
