@@ -167,6 +167,13 @@ fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, KeyProb
             None => inner.span().map(|span| line_of(text, span.start)),
             Some(_) => v.line(&borrowed),
         };
+        // Not TOML at all: the key written on that line, if it tells.
+        let path = match line {
+            Some(line) if path.is_empty() && source.is_none() => {
+                key_written_at(text, line).unwrap_or(path)
+            }
+            _ => path,
+        };
         // A table that lacks a key because its wrong value was left out: already reported.
         let consequence = missing_field(&message).is_some_and(|field| {
             let key = if path.is_empty() {
@@ -336,6 +343,56 @@ fn line_in(text: &str, doc: &toml_edit::ImDocument<&str>, path: &[Seg<'_>]) -> O
         item = next;
     }
     span.map(|s| line_of(text, s.start))
+}
+
+/// The key path written at `line` of a file that is not valid TOML from there on
+/// (`route[0].blue.version` for `version = v1` after the first `[route.blue]`): its text up to
+/// `=`, under the last table header above it. `None` when the line does not start with a key or
+/// the lines above it are not valid TOML by themselves (a value left open).
+fn key_written_at(text: &str, line: usize) -> Option<String> {
+    let start = text
+        .split_inclusive('\n')
+        .take(line - 1)
+        .map(str::len)
+        .sum::<usize>();
+    let written = text[start..].lines().next()?;
+    let (key, _) = written.split_once('=')?;
+    let keys = toml_edit::Key::parse(key.trim()).ok()?;
+    let above = toml_edit::ImDocument::parse(&text[..start]).ok()?;
+    // The table header that starts last is the one the line is in.
+    fn last_header(
+        table: &toml_edit::Table,
+        path: &mut Vec<String>,
+        last: &mut (usize, Vec<String>),
+    ) {
+        for (key, item) in table.iter() {
+            let mut visit = |table: &toml_edit::Table, segment: String| {
+                path.push(segment);
+                if let Some(span) = table.span().filter(|span| span.start >= last.0) {
+                    *last = (span.start, path.clone());
+                }
+                last_header(table, path, last);
+                path.pop();
+            };
+            match item {
+                toml_edit::Item::Table(table) => visit(table, format!(".{key}")),
+                toml_edit::Item::ArrayOfTables(tables) => {
+                    for (i, table) in tables.iter().enumerate() {
+                        visit(table, format!(".{key}[{i}]"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut last = (0, Vec::new());
+    last_header(above.as_table(), &mut Vec::new(), &mut last);
+    let mut path: String = last.1.concat();
+    for key in keys {
+        path.push('.');
+        path.push_str(key.get());
+    }
+    Some(path.trim_start_matches('.').to_string())
 }
 
 /// `.` or `..`, also percent-encoded (`%2e`), as request paths are resolved before matching.
@@ -1573,6 +1630,27 @@ endpoints = ["127.0.0.1:9002"]
             route("b", "[\"b.example.com\"]")
         );
         assert_eq!(rendered(&text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_key_written_on_its_line() {
+        let text = format!(
+            "{MINIMAL}[[route]]\nname = \"b\"\n[route.blue]\nendpoints = [\"127.0.0.1:9001\"]\n\
+             [route.green]\nendpoints = [\"127.0.0.1:9002\"]\nversion = v2\n"
+        );
+        only_problem(&rendered(&text), "route[1].green.version: invalid string");
+        let text = MINIMAL.replace("listen = [", "workers = 99999999999999999999\nlisten = [");
+        only_problem(&rendered(&text), "server.workers: number too large");
+        let text = MINIMAL.replace(
+            "listen = [",
+            "tls.cert = \"c.pem\"\n\"tls\" . key = k.pem\nlisten = [",
+        );
+        only_problem(&rendered(&text), "server.tls.key: ");
+        // A value left open on the lines above, or a broken header: only the line.
+        let text = MINIMAL.replace("listen = [\"127.0.0.1:8080\"]", "listen = [\n\"a\" \"b\"]");
+        only_problem(&rendered(&text), "line 4: ");
+        let text = MINIMAL.replace("[route.blue]", "[route.blue");
+        only_problem(&rendered(&text), "line 7: ");
     }
 
     #[test]
