@@ -283,8 +283,10 @@ async fn trailers_pass_both_ways() {
     let mut stream = raw_open(
         veer.addr,
         b"POST / HTTP/1.1\r\nHost: shop\r\nTE: trailers\r\nConnection: TE, close\r\n\
-          Trailer: x-checksum, x-veer-shadow, x-veer-slot\r\nTransfer-Encoding: chunked\r\n\r\n\
-          5\r\nhello\r\n0\r\nx-veer-shadow: 1\r\nx-checksum: abc\r\nx-veer-slot: green\r\n\r\n",
+          Trailer: x-checksum, x-veer-shadow, x-veer-slot, connection, keep-alive\r\n\
+          Transfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-veer-shadow: 1\r\nx-checksum: abc\r\nx-veer-slot: green\r\n\
+          Connection: close\r\nKeep-Alive: timeout=5\r\n\r\n",
     )
     .await;
     let response = read_response(&mut stream).await.unwrap();
@@ -294,7 +296,10 @@ async fn trailers_pass_both_ways() {
     let (head, body) = request.split_once("\r\n\r\n").unwrap();
     assert!(head.contains("\r\nte: trailers\r\n"), "{head}");
     // Nor announced in `Trailer`.
-    assert!(head.contains("\r\ntrailer: x-checksum\r\n"), "{head}");
+    assert!(
+        head.contains("\r\ntrailer: x-checksum, connection, keep-alive\r\n"),
+        "{head}"
+    );
     assert!(
         body.ends_with("\r\n0\r\nx-checksum: abc\r\n\r\n"),
         "{body:?}"
@@ -302,6 +307,34 @@ async fn trailers_pass_both_ways() {
     assert_eq!(response.status, 200);
     let raw_body = String::from_utf8_lossy(&response.body).to_ascii_lowercase();
     assert!(raw_body.ends_with("0\r\nx-sum: 42\r\n\r\n"), "{raw_body:?}");
+    task.abort();
+    veer.shutdown().await;
+}
+
+/// Fields of the upstream's connection in its trailers (RFC 9113 §8.2.2) are not passed on: an
+/// HTTP/2 client would reset the stream after a complete answer.
+#[tokio::test]
+async fn connection_fields_in_upstream_trailers_do_not_reach_an_http2_client() {
+    let (upstream, task) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\nTrailer: x-sum, connection, keep-alive, upgrade\r\n\
+          Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\n\
+          Connection: close\r\nKeep-Alive: timeout=5\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    let veer = Veer::shop("", upstream).await;
+    let (mut sender, conn) = h2c_to(veer.addr).await;
+    let request = Request::get("http://shop/")
+        .header("te", "trailers")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = response.into_body().collect().await.expect("a whole body");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(collected.to_bytes(), "hello");
+    let names: Vec<&str> = trailers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-sum"]);
+    conn.abort();
     task.abort();
     veer.shutdown().await;
 }

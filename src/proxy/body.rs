@@ -148,10 +148,17 @@ impl Body for ProxyBody {
         match self.project() {
             ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBodyProj::Upstream { mut inner, tail } => {
-                let polled = match inner.as_mut().poll_frame(cx) {
+                let mut polled = match inner.as_mut().poll_frame(cx) {
                     Poll::Pending => return tail.wait(cx),
                     Poll::Ready(polled) => polled,
                 };
+                if let Some(Ok(frame)) = &mut polled {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        // Fields of the upstream's connection have no place on the client's
+                        // (an HTTP/2 client resets a stream whose trailers carry them).
+                        crate::proxy::headers::remove_hop_by_hop(trailers, false);
+                    }
+                }
                 if tail.timer.is_some() {
                     let until = tail.wait_until();
                     if let Some(timer) = tail.timer.as_mut() {

@@ -259,6 +259,7 @@ impl Body for RequestBody {
         let frame = match frame.into_trailers() {
             Ok(mut trailers) => {
                 mirror::remove_own_fields(&mut trailers, this.override_header.as_ref());
+                crate::proxy::headers::remove_hop_by_hop(&mut trailers, false);
                 Frame::trailers(trailers)
             }
             Err(frame) => frame,
