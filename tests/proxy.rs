@@ -253,19 +253,27 @@ async fn hop_by_hop_headers_of_the_response_stay_behind() {
     veer.shutdown().await;
 }
 
-/// A 101 answers only an upgrade request: an upstream that switches protocols unasked sent an
-/// invalid answer, a 502 counted as a protocol error of the slot.
+/// Answers that are invalid from a proxy's side: a 502 counted as a protocol error of the slot.
+/// A 101 answers only an upgrade request; a coding besides chunked (`gzip, chunked`) would be
+/// lost with the framing, and the client would take the coded bytes for the body.
 #[tokio::test]
-async fn an_unasked_101_from_the_upstream_is_a_502_protocol_error() {
-    let (upstream, task) = scripted_upstream(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").await;
-    let veer = Veer::shop("", upstream).await;
-    let (status, _, body) = get(&veer.url("/"), &[]).await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert_eq!(&body[..], b"upstream sent an invalid response\n");
-    let blue = veer.slot("shop", "blue").await;
-    assert_eq!(blue["errors"]["protocol"], 1, "{blue}");
-    task.abort();
-    veer.shutdown().await;
+async fn an_unasked_101_or_a_coding_besides_chunked_is_a_502_protocol_error() {
+    for answer in [
+        &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nhi",
+    ] {
+        let (upstream, task) = scripted_upstream(answer).await;
+        let veer = Veer::shop("", upstream).await;
+        let (status, _, body) = get(&veer.url("/"), &[]).await;
+        let said = String::from_utf8_lossy(answer);
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{said}");
+        assert_eq!(&body[..], b"upstream sent an invalid response\n", "{said}");
+        let blue = veer.slot("shop", "blue").await;
+        assert_eq!(blue["errors"]["protocol"], 1, "{said}: {blue}");
+        task.abort();
+        veer.shutdown().await;
+    }
 }
 
 /// Trailer fields go through both ways on HTTP/1.1: the request's to the upstream, and the

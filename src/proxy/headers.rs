@@ -228,6 +228,21 @@ pub fn to_client(status: StatusCode, headers: &mut HeaderMap, tunnelling: bool) 
     remove_hop_by_hop(headers, tunnelling);
 }
 
+/// Whether an answer's `Transfer-Encoding` names any coding but one `chunked`: `gzip, chunked`,
+/// `identity`, `chunked, chunked`.
+pub fn other_coding_than_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        None => false,
+        Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
+    }
+}
+
 /// A length sent as a list (`2, 2`) or on several lines, which the HTTP/1.1 client accepted
 /// because every value agreed, becomes one value: HTTP/2 clients reset a stream that carries
 /// anything else. One plain value (the usual case) is left as it is.
@@ -422,6 +437,26 @@ mod tests {
             append_forwarded_for(&mut headers, &client);
             let sent: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
             assert_eq!(sent, [expected], "{lines:?}");
+        }
+    }
+
+    #[test]
+    fn only_chunked_alone_is_a_coding_veer_passes_on() {
+        for (codings, other) in [
+            (&[][..], false),
+            (&["chunked"][..], false),
+            (&["Chunked "][..], false),
+            (&["gzip, chunked"][..], true),
+            (&["gzip", "chunked"][..], true),
+            (&["identity"][..], true),
+            (&["chunked, chunked"][..], true),
+            (&["chunked", ""][..], false),
+        ] {
+            let mut headers = HeaderMap::new();
+            for coding in codings {
+                headers.append(header::TRANSFER_ENCODING, HeaderValue::from_static(coding));
+            }
+            assert_eq!(other_coding_than_chunked(&headers), other, "{codings:?}");
         }
     }
 

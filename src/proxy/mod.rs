@@ -155,9 +155,13 @@ impl Proxy {
         pending.done();
         match result {
             // A 101 answers only an upgrade request (RFC 9110 §15.2.2), and HTTP/2 has none:
-            // an upstream that switches protocols unasked sent an invalid answer.
+            // an upstream that switches protocols unasked sent an invalid answer. So did one
+            // whose body has a coding besides chunked (`gzip, chunked`): its label would be
+            // lost with the framing, and the client would take the coded bytes as the body.
             Ok(Ok((response, _lease)))
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS && !exchange.tunnelling =>
+                if (response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && !exchange.tunnelling)
+                    || headers::other_coding_than_chunked(response.headers()) =>
             {
                 let kind = crate::metrics::ErrorKind::Protocol;
                 metrics.record_failure(kind, latency);
