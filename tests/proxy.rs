@@ -620,6 +620,39 @@ async fn a_client_gone_before_the_answer_is_logged_as_499() {
     veer.shutdown().await;
 }
 
+/// A chunked body that breaks its framing is the client's bad request, not a client gone: a
+/// 400 with its reason, logged as 400, the connection closed; no client abort counted.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400_logged_as_400() {
+    let upstream = recording("blue").await;
+    let (veer, log) = with_access_log("", &host_route("shop", &[], "/", upstream.addr)).await;
+    for chunks in ["5\r\nhelloXX\r\n0\r\n\r\n", "FFFFFFFFFFFFFFFFF1\r\nx\r\n"] {
+        let request = format!(
+            "POST /bad HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}"
+        );
+        let answer = raw(veer.addr, request.as_bytes()).await;
+        assert_eq!(raw_status(&answer), Some(400), "{chunks:?}: {answer}");
+        assert!(answer.ends_with("malformed request body\n"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            read().lines().count() == 2
+        })
+        .await
+    );
+    for line in read().lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(line["status"], 400, "{line}");
+    }
+    assert_eq!(veer.slot("shop", "blue").await["client_aborts"], 0);
+    veer.shutdown().await;
+}
+
 /// An HTTP/1.1 client that closes in the middle of its request body went away too: logged as
 /// 499 and counted as a client abort, like an HTTP/2 reset.
 #[tokio::test]

@@ -560,6 +560,7 @@ fn failed(
             metrics.record_client_abort();
             LocalError::BodyAborted
         }
+        Failure::BodyMalformed => LocalError::BadRequest("malformed request body"),
     };
     debug!(route = route.name(), slot = %decision.slot, %error, status = local.status().as_u16(), "Upstream exchange failed.");
     local

@@ -312,6 +312,17 @@ pub enum Failure {
     BodyIdle,
     /// The client went away.
     ClientAbort,
+    /// The client's body broke its own framing (a bad chunk size line).
+    BodyMalformed,
+}
+
+/// Whether a client's body failed on bytes that break HTTP/1.1 framing, which hyper tells as
+/// invalid data or input (an end too early is `UnexpectedEof`, a reset is not an I/O error).
+fn is_malformed(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{InvalidData, InvalidInput};
+    StdError::source(error)
+        .and_then(|e| e.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| matches!(io.kind(), InvalidData | InvalidInput))
 }
 
 /// Classifies an error of an exchange with an upstream by walking its source chain.
@@ -323,6 +334,7 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
             return match body {
                 BodyError::TooLarge => Failure::BodyTooLarge,
                 BodyError::Idle => Failure::BodyIdle,
+                BodyError::Aborted(error) if is_malformed(error) => Failure::BodyMalformed,
                 BodyError::Aborted(_) => Failure::ClientAbort,
             };
         }
