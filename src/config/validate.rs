@@ -395,10 +395,9 @@ fn key_written_at(text: &str, line: usize) -> Option<String> {
     Some(path.trim_start_matches('.').to_string())
 }
 
-/// `.` or `..`, also percent-encoded (`%2e`), as request paths are resolved before matching.
+/// `.` or `..`, as request paths are resolved before matching.
 fn is_dot_segment(segment: &str) -> bool {
-    let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-    decoded == "." || decoded == ".."
+    segment == "." || segment == ".."
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -802,6 +801,15 @@ impl Validator<'_> {
             self.error(
                 &r("path_prefix"),
                 "must have no '.' or '..' segment: paths are matched with them resolved",
+            );
+        } else if let std::borrow::Cow::Owned(decoded) =
+            crate::routing::decoded_unreserved(&raw.path_prefix)
+        {
+            self.error(
+                &r("path_prefix"),
+                format!(
+                    "write it {decoded:?}: paths are matched with letters, digits and -._~ decoded"
+                ),
             );
         }
         let stable = Slot::parse(&raw.stable);
@@ -2028,16 +2036,28 @@ endpoints = ["127.0.0.1:9002"]
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "must start with '/'");
         }
-        for prefix in ["/a/../b/", "/a/./b", "/..", "/a/%2E%2e/b", "/a/.%2e"] {
+        for prefix in ["/a/../b/", "/a/./b", "/.."] {
             let text = MINIMAL.replace(
                 "name = \"shop\"",
                 &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "'..' segment");
         }
+        for (prefix, decoded) in [("/a/%2E%2e/b", "/a/../b"), ("/%61pi/%7E", "/api/~")] {
+            let text = MINIMAL.replace(
+                "name = \"shop\"",
+                &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
+            );
+            one_problem_at(
+                &text,
+                "route[0].path_prefix",
+                7,
+                &format!("write it {decoded:?}"),
+            );
+        }
         let text = MINIMAL.replace(
             "name = \"shop\"",
-            "name = \"shop\"\npath_prefix = \"/a/..b/.c/%2e%2ex\"",
+            "name = \"shop\"\npath_prefix = \"/a/..b/.c/..x/caf%C3%A9/%2F\"",
         );
         assert_eq!(
             errors(&text),

@@ -227,11 +227,52 @@ fn forced_slot(value: &[u8]) -> Option<Slot> {
 /// How long an endpoint that refused a connection or reset an exchange is passed over.
 pub const EJECTED_FOR: Duration = Duration::from_secs(10);
 
-/// `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4), `%2e` read as a dot and
-/// a segment's `;parameters` left out (`..;x` is `..` to Tomcat and Jetty), so that
-/// `/public/../admin` is routed as `/admin`, not by its first segment. Borrowed when there is
-/// nothing to resolve, which is the usual case.
+/// `path` as the upstream will read it, for matching: percent-encoded unreserved characters
+/// decoded (RFC 3986 §6.2.2.2: `/%61pi` is `/api`, `%2e` a dot), `.` and `..` segments
+/// resolved (§5.2.4) and a segment's `;parameters` left out of that (`..;x` is `..` to Tomcat
+/// and Jetty), so that `/public/../admin` is routed as `/admin`, not by its first segment.
+/// Borrowed when there is nothing to do, which is the usual case.
 fn resolved(path: &str) -> Cow<'_, str> {
+    match decoded_unreserved(path) {
+        Cow::Borrowed(path) => without_dot_segments(path),
+        Cow::Owned(path) => Cow::Owned(without_dot_segments(&path).into_owned()),
+    }
+}
+
+/// `path` with `%XX` decoded where it stands for a letter, a digit, `-`, `.`, `_` or `~`; other
+/// escapes (`%2F` among them) stay as they are.
+pub(crate) fn decoded_unreserved(path: &str) -> Cow<'_, str> {
+    fn unreserved(escape: &[u8]) -> Option<u8> {
+        let hex = |b: u8| (b as char).to_digit(16);
+        let byte = (hex(*escape.get(1)?)? * 16 + hex(*escape.get(2)?)?) as u8;
+        (byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)).then_some(byte)
+    }
+    let bytes = path.as_bytes();
+    let Some(first) =
+        (0..bytes.len()).find(|&i| bytes[i] == b'%' && unreserved(&bytes[i..]).is_some())
+    else {
+        return Cow::Borrowed(path);
+    };
+    let mut out = Vec::with_capacity(path.len());
+    out.extend_from_slice(&bytes[..first]);
+    let mut i = first;
+    while i < bytes.len() {
+        match unreserved(&bytes[i..]).filter(|_| bytes[i] == b'%') {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // Only ASCII escapes became ASCII bytes: the rest is the valid UTF-8 it was.
+    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_string()))
+}
+
+fn without_dot_segments(path: &str) -> Cow<'_, str> {
     if !path.split('/').any(|segment| dots(segment) > 0) {
         return Cow::Borrowed(path);
     }
@@ -260,24 +301,12 @@ fn resolved(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// 1 for a `.` segment, 2 for `..`, else 0; `%2e` is a dot, and `;parameters` are left out.
+/// 1 for a `.` segment, 2 for `..`, else 0; `;parameters` are left out.
 fn dots(segment: &str) -> usize {
-    let mut rest = segment.split(';').next().unwrap_or_default();
-    let mut dots = 0;
-    while !rest.is_empty() && dots < 3 {
-        if let Some(after) = rest.strip_prefix('.') {
-            rest = after;
-        } else if rest.get(..3).is_some_and(|s| s.eq_ignore_ascii_case("%2e")) {
-            rest = &rest[3..];
-        } else {
-            return 0;
-        }
-        dots += 1;
-    }
-    if dots < 3 {
-        dots
-    } else {
-        0
+    match segment.split(';').next().unwrap_or_default() {
+        "." => 1,
+        ".." => 2,
+        _ => 0,
     }
 }
 
@@ -545,6 +574,10 @@ mod tests {
             ("/a/..;x=1/b", "/b"),
             ("/a/.;/b", "/a/b"),
             ("/a/b;v=1/c", "/a/b;v=1/c"),
+            ("/%61pi/x", "/api/x"),
+            ("/%7E%2D%5f%30/%2F%25%zz%4", "/~-_0/%2F%25%zz%4"),
+            ("/caf%C3%A9/%61", "/caf%C3%A9/a"),
+            ("/x/%2E%2e%2f", "/x/..%2f"),
         ] {
             assert_eq!(resolved(path), want, "{path}");
         }
@@ -560,6 +593,7 @@ mod tests {
         assert_eq!(name("/public/../admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/public/%2e%2e/admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/public/..;/admin/x").as_deref(), Some("admin"));
+        assert_eq!(name("/%61dmin/x").as_deref(), Some("admin"));
         assert_eq!(name("/admin/../public/./a").as_deref(), Some("public"));
         assert_eq!(name("/public/../other"), None);
     }
