@@ -35,6 +35,65 @@ async fn h2c(veer: &Veer) -> H2Sender {
     h2c_to(veer.addr).await.0
 }
 
+/// An HTTP/2 request ended with its head has no body; said in HTTP/1.1, a POST says so with
+/// `Content-Length: 0` (RFC 9110 §8.6; some servers answer 411 without it). A GET does not.
+#[tokio::test]
+async fn an_http2_post_without_a_body_reaches_the_upstream_with_length_0() {
+    let upstream = named("a").await;
+    let veer = Veer::start("", &host_route("a", &[], "/", upstream.addr)).await;
+    /// Ended at once, of no told length: hyper's client sends no `content-length` for it.
+    struct Unsized;
+    impl http_body::Body for Unsized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(None)
+        }
+        fn is_end_stream(&self) -> bool {
+            true
+        }
+    }
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(TcpStream::connect(veer.addr).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for method in [http::Method::POST, http::Method::GET, http::Method::PUT] {
+        let request = Request::builder()
+            .method(method)
+            .uri("http://a/x")
+            .body(Unsized)
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+    let seen = upstream.seen();
+    let lengths: Vec<(String, Option<&str>)> = seen
+        .iter()
+        .map(|s| {
+            let length = s.headers.get("content-length").map(|v| v.to_str().unwrap());
+            assert!(!s.headers.contains_key("transfer-encoding"), "{s:?}");
+            (s.method.to_string(), length)
+        })
+        .collect();
+    assert_eq!(
+        lengths,
+        [
+            ("POST".to_string(), Some("0")),
+            ("GET".to_string(), None),
+            ("PUT".to_string(), Some("0"))
+        ]
+    );
+    conn.abort();
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge_works_and_routes_by_authority() {
     let a = named("a").await;

@@ -268,6 +268,13 @@ impl Proxy {
             }
             None => None,
         };
+        if empty_body && needs_length(&parts) {
+            // An HTTP/2 request ended with its head: said in HTTP/1.1, a POST with no length has
+            // no body, which some servers refuse (411). RFC 9110 §8.6: send `Content-Length: 0`.
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
         if host.is_none() {
             // HTTP/1.0 without Host: the upstream still needs one on HTTP/1.1.
             if let Ok(value) = HeaderValue::from_str(endpoint.as_str()) {
@@ -539,6 +546,20 @@ fn route_request<'t>(
         .ok_or(LocalError::NoRoute)?;
     let decision = route.decide(&parts.headers, conn.peer.ip());
     Ok((route, decision, host))
+}
+
+/// Whether a request with no body is to say so with `Content-Length: 0`: one whose method gives
+/// content a meaning (not GET, HEAD, DELETE, OPTIONS, TRACE or CONNECT) and that has no length.
+fn needs_length(parts: &Parts) -> bool {
+    let bodiless = [
+        http::Method::GET,
+        http::Method::HEAD,
+        http::Method::DELETE,
+        http::Method::OPTIONS,
+        http::Method::TRACE,
+        http::Method::CONNECT,
+    ];
+    !bodiless.contains(&parts.method) && !parts.headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// An exchange that failed before a response head: count it where it belongs, answer.
