@@ -282,6 +282,28 @@ async fn a_tunnel_open_at_drain_timeout_is_cut() {
     stopping.await.unwrap();
 }
 
+/// A tunnel that carries nothing either way for `idle_timeout` is closed (both connections),
+/// as NGINX's `proxy_read_timeout` closes a WebSocket; one that keeps carrying bytes is not.
+#[tokio::test]
+async fn a_tunnel_idle_for_idle_timeout_is_closed_and_a_busy_one_is_not() {
+    let (veer, _upstream, mut stream) = tunnel("idle_timeout = \"1s\"").await;
+    // Busy for twice the idle timeout: a message every 300 ms.
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        echoes(&mut stream).await;
+    }
+    let quiet = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    let after = quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed {after:?} after the last byte, idle_timeout 1 s"
+    );
+    veer.shutdown().await;
+}
+
 /// An upstream that answers 401 as soon as it has the request head, then reads the body as it
 /// comes and drops it; the count of body bytes it read.
 async fn answers_before_the_body() -> (std::net::SocketAddr, Arc<AtomicUsize>) {

@@ -4,6 +4,7 @@ pub mod body;
 pub mod error;
 pub mod headers;
 mod request;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +16,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -342,7 +342,7 @@ impl Proxy {
         if switched {
             let upstream_upgrade = rparts.extensions.remove::<OnUpgrade>();
             if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-                tokio::spawn(tunnel(down, up));
+                tokio::spawn(tunnel::run(down, up, idle));
             }
         }
         headers::to_client(status, &mut rparts.headers, switched);
@@ -731,20 +731,4 @@ fn logged_gone(logger: &AccessLogger, mut record: Record, started: Instant) {
 
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
-}
-
-/// Copies bytes both ways between an upgraded client and upstream connection.
-async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
-    let (down, up) = match tokio::try_join!(down, up) {
-        Ok(pair) => pair,
-        Err(error) => {
-            debug!(%error, "Upgrade failed.");
-            return;
-        }
-    };
-    let mut down = TokioIo::new(down);
-    let mut up = TokioIo::new(up);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        debug!(%error, "Tunnel closed with an error.");
-    }
 }
