@@ -646,9 +646,10 @@ fn error_test(p: &Params, canary: &SlotSummary, stable: &SlotSummary) -> ErrorTe
 pub type Waiting<'a> = &'a [(Duration, u64)];
 
 /// A slot's samples with its late requests: those waiting longer than `beyond_us` are
-/// samples above it, taken as the largest values. Returns the sample count, how many of them
-/// are late, and the value at quantile `q` (among the answers, or the least any late one
-/// has waited: a lower bound).
+/// samples above it, valued at their waits (lower bounds of their answers). Returns the sample
+/// count, how many of them are late, and the value at quantile `q` among the answers and those
+/// waits, in order: never below what the answers alone have at that rank, so a request still
+/// waiting can only raise a quantile.
 fn with_late(
     h: &Histogram<u64>,
     q_value: Option<u64>,
@@ -656,25 +657,44 @@ fn with_late(
     waiting: Waiting<'_>,
     beyond_us: f64,
 ) -> (u64, u64, Option<f64>) {
-    let late = || {
-        waiting
-            .iter()
-            .map(|&(waited, n)| (waited.as_micros() as f64, n))
-            .filter(move |&(waited_us, _)| waited_us > beyond_us)
-    };
-    let late_count: u64 = late().map(|(_, n)| n).sum();
+    // `waiting` is longest first: these are shortest first.
+    let mut late = waiting
+        .iter()
+        .rev()
+        .map(|&(waited, n)| (waited.as_micros() as f64, n))
+        .filter(|&(waited_us, _)| waited_us > beyond_us)
+        .peekable();
+    let late_count: u64 = late.clone().map(|(_, n)| n).sum();
+    if late_count == 0 {
+        return (h.len(), 0, q_value.map(|v| v as f64));
+    }
     let n = h.len() + late_count;
-    let rank = (q * n as f64).ceil() as u64;
-    let value = match (late_count, q_value) {
-        (0, value) => value.map(|v| v as f64),
-        _ if rank <= h.len() => Some(h.value_at_quantile(rank as f64 / h.len() as f64) as f64),
-        // Among the late ones (`waiting` is longest first): the wait at that rank.
-        _ => {
-            let mut below = h.len();
-            late().rev().find_map(|(waited_us, n)| {
-                below += n;
-                (below >= rank).then_some(waited_us)
-            })
+    let rank = (q * n as f64).ceil().max(1.0) as u64;
+    let mut answers = h
+        .iter_recorded()
+        .map(|v| {
+            let value = h.highest_equivalent(v.value_iterated_to());
+            (value as f64, v.count_at_value())
+        })
+        .peekable();
+    let mut counted = 0;
+    let value = loop {
+        let late_next = match (answers.peek(), late.peek()) {
+            (Some(answer), Some(waited)) => waited.0 < answer.0,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        let next = if late_next {
+            late.next()
+        } else {
+            answers.next()
+        };
+        let Some((value, count)) = next else {
+            break None;
+        };
+        counted += count;
+        if counted >= rank {
+            break Some(value);
         }
     };
     (n, late_count, value)
@@ -970,6 +990,26 @@ mod tests {
         let one_slow = judge_waiting(&healthy, &[(Duration::from_secs(1), 1)], 30);
         assert_eq!(one_slow.verdict, Verdict::Pass, "{}", one_slow.reason);
         assert_eq!(one_slow.latency_test.unwrap().canary_late, 1);
+    }
+
+    /// A late request is valued at its wait among the answers, not above them all: a wait
+    /// shorter than the answers cannot pull the quantile below theirs.
+    #[test]
+    fn a_request_still_waiting_can_only_raise_a_quantile() {
+        let mut slow = histogram(3);
+        slow.record_n(52_000, 97).unwrap();
+        let short_wait = [(Duration::from_micros(10_600), 1)];
+        let (n, late, value) = with_late(&slow, None, 0.99, &short_wait, 5_400.0);
+        assert_eq!((n, late), (98, 1));
+        let value = value.unwrap();
+        assert!((52_000.0..52_100.0).contains(&value), "{value}");
+        // A wait longer than every answer is the quantile.
+        let long_wait = [(Duration::from_secs(2), 1)];
+        let (_, _, value) = with_late(&slow, None, 0.99, &long_wait, 5_400.0);
+        assert_eq!(value, Some(2_000_000.0));
+        // Waits not beyond the threshold do not count.
+        let (n, late, value) = with_late(&slow, Some(52_031), 0.99, &long_wait, 3e6);
+        assert_eq!((n, late, value), (97, 0, Some(52_031.0)));
     }
 
     /// A stall of a dependency both slots share (a database pausing 1.5 s): both have
