@@ -287,13 +287,17 @@ impl SlotMetrics {
     }
 
     /// The exchange failed before a response head (connect refused, timeout, reset, protocol
-    /// error): a request of class "error". Its latency (e.g. the timeout) enters the histogram.
+    /// error): a request of class "error". Its latency (e.g. the timeout) enters the histogram,
+    /// unless no connection was made: nothing was sent, so nothing was waited for (a refused
+    /// endpoint would otherwise make a slot look fast).
     pub fn record_failure(&self, kind: ErrorKind, latency: Duration) {
         let micros = window::latency_micros(latency);
         self.with_shard(|shard| {
             shard.counts.by_class[ERROR_CLASS] += 1;
             shard.counts.errors_by_kind[kind.index()] += 1;
-            window::record_micros(&mut shard.hist, micros);
+            if kind != ErrorKind::Connect {
+                window::record_micros(&mut shard.hist, micros);
+            }
         });
     }
 
@@ -546,6 +550,8 @@ mod tests {
         }
         assert_eq!(m.totals().errors_by_kind, [2, 1, 1, 2, 1]);
         assert_eq!(m.totals().by_class[ERROR_CLASS], 4);
+        // Latency samples: every answer and failure but the connect one.
+        assert_eq!(m.step().histogram.len(), 7);
     }
 
     #[test]
