@@ -262,6 +262,10 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
                 0 => String::new(),
                 n => format!("\x1b[{n}A\x1b[J"),
             };
+            // One row per line, or the cursor would not get back to the top of the frame.
+            let width = terminal_size::terminal_size_of(std::io::stdout())
+                .map_or(80, |(terminal_size::Width(w), _)| usize::from(w));
+            let frame = clipped(&frame, width.saturating_sub(1).max(1));
             out(&(up + &frame)).map_err(closed)?;
             drawn = frame.lines().count();
         } else if piped.due((view.state.phase, view.state.step, view.state.canary_bp)) {
@@ -279,6 +283,16 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
             );
         }
     }
+}
+
+/// `frame` with each line cut to `width` characters.
+fn clipped(frame: &str, width: usize) -> String {
+    let mut out = String::with_capacity(frame.len());
+    for line in frame.lines() {
+        out.extend(line.chars().take(width));
+        out.push('\n');
+    }
+    out
 }
 
 /// When a pipe or a file gets the next frame (the live view is drawn every 500 ms): when the
@@ -356,11 +370,12 @@ fn summary(
         Some(Outcome::RolledBack) => format!("Rolled back: all traffic is on blue (v1). {verdict}"),
         None => "The rollout did not finish.".into(),
     };
-    format!(
-        "\n{ended}\n{sent} requests sent; blue served {}, green {}.\n",
-        blue.totals().requests(),
-        green.totals().requests()
-    )
+    let (blue, green) = (blue.totals().requests(), green.totals().requests());
+    let unanswered = match sent.saturating_sub(blue + green) {
+        0 => String::new(),
+        n => format!("; {n} still without an answer when the demo stopped"),
+    };
+    format!("\n{ended}\n{sent} requests sent; blue served {blue}, green {green}{unanswered}.\n")
 }
 
 /// The decisions, oldest first, as the journal recorded them.
@@ -411,6 +426,9 @@ async fn load(proxy: SocketAddr, rate: u32, stop: Arc<AtomicBool>, sent: Arc<Ato
             }
         });
     }
+    // The answers under way get a moment to arrive; the summary counts those that did not.
+    let drained = async { while in_flight.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
 }
 
 #[cfg(test)]
@@ -448,5 +466,20 @@ mod tests {
             text.contains("12 requests sent; blue served 11, green 1."),
             "{text}"
         );
+        let text = summary(Some(Outcome::Promoted), "passed", 15, [&blue, &green]);
+        assert!(
+            text.contains(
+                "15 requests sent; blue served 11, green 1; 3 still without an answer when the demo stopped."
+            ),
+            "{text}"
+        );
+    }
+
+    /// The live view on a terminal takes one row per line: longer lines are cut.
+    #[test]
+    fn a_frame_is_clipped_to_the_terminal_width() {
+        let frame = "short\n0123456789abcdef\n\nlast verdict: é très long\n";
+        assert_eq!(clipped(frame, 10), "short\n0123456789\n\nlast verdi\n");
+        assert_eq!(clipped("é très long", 3), "é t\n");
     }
 }
