@@ -347,6 +347,9 @@ async fn a_bad_canary_is_judged_only_from_twenty_requests_on() {
     rollout::analyse(&shared, &c.route);
     assert_eq!(last_verdict(&shared), "abort");
     assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
+    // A new rollout has no verdict until its first analysis: the last one was another's.
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    assert!(shared.rollout.view().last.is_none());
 }
 
 #[tokio::test(start_paused = true)]

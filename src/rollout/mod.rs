@@ -230,6 +230,11 @@ fn commit(
     }
     let prev = std::mem::replace(&mut inner.state, next);
     let state = &inner.state;
+    // A new rollout, or a new canary: the last verdict was about another one.
+    let canary = state.canary().index();
+    if action == "start" || prev.versions[canary] != state.versions[canary] {
+        inner.last = None;
+    }
     if moved {
         inner.step_started = Instant::now();
         inner.hold_warned = false;
@@ -556,7 +561,7 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
             let overdue = step_elapsed > config.rollout.max_step_time && !inner.hold_warned;
             if overdue {
                 inner.hold_warned = true;
-                warn!(route = %shared.name, reason = %judgement.reason, "Step is past max_step_time without enough evidence; holding.");
+                warn!(route = %shared.name, reason = %judgement.reason, "Step is past max_step_time without a decision; holding.");
             }
             if state.failures == 0 && !overdue {
                 return;
