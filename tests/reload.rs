@@ -80,6 +80,51 @@ async fn a_file_rewritten_in_place_is_reloaded() {
     veer.shutdown().await;
 }
 
+/// A reload that turns shadow comparison on keeps the `sent` count of the copies sent while it
+/// was off (a counter series does not vanish), and every copy has one outcome.
+#[tokio::test]
+async fn shadow_counts_survive_a_reload_that_changes_compare() {
+    let (blue, green) = upstreams().await;
+    let shadow = Upstream::builder("blue").start().await.unwrap();
+    let with = |compare: &str| {
+        let extra = format!(
+            "[route.shadow]\nendpoints = [\"{}\"]\npercent = 100.0\ncompare = \"{compare}\"\n{}",
+            shadow.addr,
+            manual(0)
+        );
+        route("shop", blue.addr, green.addr, &extra)
+    };
+    let veer = Veer::start("", &with("off")).await;
+    get_many(&veer.url("/"), vec![Vec::new(); 5], 1).await;
+    await_requests(&shadow, 5, Duration::from_secs(5)).await;
+    std::fs::write(&veer.config_path, text_for(&veer, &with("status"))).unwrap();
+    let (status, body) = reload(&veer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    get_many(&veer.url("/"), vec![Vec::new(); 3], 1).await;
+    await_requests(&shadow, 8, Duration::from_secs(5)).await;
+    let veer_ref = &veer;
+    let matched = "veer_shadow_total{route=\"shop\",outcome=\"match\"}";
+    let settled = eventually(Duration::from_secs(5), move || async move {
+        metric(veer_ref, matched).await == 3.0
+    })
+    .await;
+    assert!(settled, "3 copies not compared");
+    let sent = "veer_shadow_total{route=\"shop\",outcome=\"sent\"}";
+    assert_eq!(metric(&veer, sent).await, 5.0);
+    let shadow = &veer.route_status("shop").await["shadow"];
+    let outcomes = [
+        "sent",
+        "match",
+        "mismatch",
+        "error",
+        "dropped_busy",
+        "dropped_body",
+    ];
+    let sum: u64 = outcomes.iter().map(|o| shadow[o].as_u64().unwrap()).sum();
+    assert_eq!((shadow["requests"].as_u64(), sum), (Some(8), 8), "{shadow}");
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_file_replaced_by_rename_is_reloaded() {
     let (blue, green) = upstreams().await;

@@ -1,6 +1,6 @@
 //! `GET /metrics`: every family of SPEC §5, from the live state.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::app::App;
 use crate::metrics::prometheus::{write_slot, Kind, PromWriter, LATENCY_BOUNDS};
@@ -85,9 +85,14 @@ pub fn render(app: &App) -> String {
                 ("dropped_busy", &s.dropped_busy),
                 ("dropped_body", &s.dropped_body),
             ];
-            if shadow.compare == crate::config::Compare::Off {
+            // The outcomes of the compare mode in force, and those a reload changed it from
+            // (a counter series does not vanish while its count stands).
+            let off = shadow.compare == crate::config::Compare::Off;
+            let counted = |c: &AtomicU64| c.load(Ordering::Relaxed) > 0;
+            if off || counted(&s.sent) {
                 outcomes.push(("sent", &s.sent));
-            } else {
+            }
+            if !off || counted(&s.matched) || counted(&s.mismatched) {
                 outcomes.push(("match", &s.matched));
                 outcomes.push(("mismatch", &s.mismatched));
             }

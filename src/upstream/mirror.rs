@@ -311,7 +311,6 @@ impl ShadowJob {
                 return;
             }
         };
-        stats.sent.fetch_add(1, Ordering::Relaxed);
         let body_differs = match (config.compare, primary_hash) {
             (Compare::Body, Some(rx)) => match (rx.await, hash) {
                 (Ok(primary), Some(shadow)) => primary != shadow,
@@ -324,6 +323,7 @@ impl ShadowJob {
             _ => false,
         };
         if config.compare == Compare::Off {
+            stats.sent.fetch_add(1, Ordering::Relaxed);
             return;
         }
         if status == primary.status && !body_differs {
