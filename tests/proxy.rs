@@ -274,6 +274,15 @@ async fn an_unasked_101_or_a_coding_besides_chunked_is_a_502_protocol_error() {
         task.abort();
         veer.shutdown().await;
     }
+    // An answer without a body (to HEAD) may name any coding: there is nothing to misread.
+    let (upstream, task) =
+        scripted_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").await;
+    let veer = Veer::shop("", upstream).await;
+    let (status, _, body) = send(Method::HEAD, &veer.url("/"), &[], Bytes::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+    task.abort();
+    veer.shutdown().await;
 }
 
 /// Trailer fields go through both ways on HTTP/1.1: the request's to the upstream, and the

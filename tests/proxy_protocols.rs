@@ -40,7 +40,13 @@ async fn h2c(veer: &Veer) -> H2Sender {
 #[tokio::test]
 async fn an_http2_post_without_a_body_reaches_the_upstream_with_length_0() {
     let upstream = named("a").await;
-    let veer = Veer::start("", &host_route("a", &[], "/", upstream.addr)).await;
+    let shadow = named("shadow").await;
+    let route = host_route("a", &[], "/", upstream.addr)
+        + &format!(
+            "[route.shadow]\nendpoints = [\"{}\"]\npercent = 100.0\nmethods = [\"GET\", \"POST\", \"PUT\"]\n",
+            shadow.addr
+        );
+    let veer = Veer::start("", &route).await;
     /// Ended at once, of no told length: hyper's client sends no `content-length` for it.
     struct Unsized;
     impl http_body::Body for Unsized {
@@ -73,23 +79,27 @@ async fn an_http2_post_without_a_body_reaches_the_upstream_with_length_0() {
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap();
     }
-    let seen = upstream.seen();
-    let lengths: Vec<(String, Option<&str>)> = seen
-        .iter()
-        .map(|s| {
-            let length = s.headers.get("content-length").map(|v| v.to_str().unwrap());
-            assert!(!s.headers.contains_key("transfer-encoding"), "{s:?}");
-            (s.method.to_string(), length)
-        })
-        .collect();
-    assert_eq!(
-        lengths,
-        [
-            ("POST".to_string(), Some("0")),
-            ("GET".to_string(), None),
-            ("PUT".to_string(), Some("0"))
-        ]
-    );
+    // The shadow's copies too.
+    await_requests(&shadow, 3, Duration::from_secs(5)).await;
+    for seen in [upstream.seen(), shadow.seen()] {
+        let mut lengths: Vec<(String, Option<&str>)> = seen
+            .iter()
+            .map(|s| {
+                let length = s.headers.get("content-length").map(|v| v.to_str().unwrap());
+                assert!(!s.headers.contains_key("transfer-encoding"), "{s:?}");
+                (s.method.to_string(), length)
+            })
+            .collect();
+        lengths.sort();
+        assert_eq!(
+            lengths,
+            [
+                ("GET".to_string(), None),
+                ("POST".to_string(), Some("0")),
+                ("PUT".to_string(), Some("0"))
+            ]
+        );
+    }
     conn.abort();
     veer.shutdown().await;
 }

@@ -158,10 +158,12 @@ impl Proxy {
             // an upstream that switches protocols unasked sent an invalid answer. So did one
             // whose body has a coding besides chunked (`gzip, chunked`): its label would be
             // lost with the framing, and the client would take the coded bytes as the body.
+            // (An answer without a body, to HEAD or a 304, may name any coding.)
             Ok(Ok((response, _lease)))
                 if (response.status() == StatusCode::SWITCHING_PROTOCOLS
                     && !exchange.tunnelling)
-                    || headers::other_coding_than_chunked(response.headers()) =>
+                    || (headers::other_coding_than_chunked(response.headers())
+                        && !http_body::Body::is_end_stream(response.body())) =>
             {
                 let kind = crate::metrics::ErrorKind::Protocol;
                 metrics.record_failure(kind, latency);
@@ -257,6 +259,14 @@ impl Proxy {
         };
         headers::to_upstream(&mut parts.headers, &forwarded, exchange.tunnelling);
         let empty_body = http_body::Body::is_end_stream(&body);
+        if empty_body && needs_length(&parts) {
+            // An HTTP/2 request ended with its head: said in HTTP/1.1, a POST with no length has
+            // no body, which some servers refuse (411). RFC 9110 §8.6: send `Content-Length: 0`.
+            // Before the shadow's copy of the head is taken: it goes to such a server too.
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
         // An upgrade is not mirrored: its copy could only open a second tunnel.
         let shadow = (!exchange.tunnelling)
             .then(|| self.shadow_job(route, &parts, empty_body, server))
@@ -268,13 +278,6 @@ impl Proxy {
             }
             None => None,
         };
-        if empty_body && needs_length(&parts) {
-            // An HTTP/2 request ended with its head: said in HTTP/1.1, a POST with no length has
-            // no body, which some servers refuse (411). RFC 9110 §8.6: send `Content-Length: 0`.
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-        }
         if host.is_none() {
             // HTTP/1.0 without Host: the upstream still needs one on HTTP/1.1.
             if let Ok(value) = HeaderValue::from_str(endpoint.as_str()) {
@@ -551,7 +554,7 @@ fn route_request<'t>(
 /// Whether a request with no body is to say so with `Content-Length: 0`: one whose method gives
 /// content a meaning (not GET, HEAD, DELETE, OPTIONS, TRACE or CONNECT) and that has no length.
 fn needs_length(parts: &Parts) -> bool {
-    let bodiless = [
+    const BODILESS: [http::Method; 6] = [
         http::Method::GET,
         http::Method::HEAD,
         http::Method::DELETE,
@@ -559,7 +562,7 @@ fn needs_length(parts: &Parts) -> bool {
         http::Method::TRACE,
         http::Method::CONNECT,
     ];
-    !bodiless.contains(&parts.method) && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    !BODILESS.contains(&parts.method) && !parts.headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// An exchange that failed before a response head: count it where it belongs, answer.
