@@ -449,6 +449,61 @@ async fn tls_connect(
     stream
 }
 
+/// A TLS record that breaks in the middle of an upload is the connection failing, not a
+/// malformed body (which is a 400): logged as the client gone (499).
+#[tokio::test]
+async fn a_tls_record_broken_mid_upload_is_a_client_gone() {
+    // An upstream that says when the request head reached it, then reads on.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (head_in, head_seen) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = head_in.send(());
+        let _ = socket.read_to_end(&mut head).await;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed(dir.path());
+    let log = dir.path().join("access.log");
+    let server = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}\naccess_log = \"{}\"",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display(),
+        log.display()
+    );
+    let text = config_text(dir.path(), &server, &route("shop", upstream, upstream, ""));
+    let veer = Veer::start_in(dir, &text).await;
+    let mut tls = tls_connect(veer.addr, &cert, b"http/1.1").await;
+    tls.write_all(b"POST /up HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\nhello")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let forwarded = tokio::time::timeout(Duration::from_secs(5), head_seen).await;
+    assert!(
+        matches!(forwarded, Ok(Ok(()))),
+        "the head never reached the upstream"
+    );
+    // An application-data record whose bytes no key made.
+    let tcp = tls.get_mut().0;
+    tcp.write_all(b"\x17\x03\x03\x00\x20broken-record-broken-record-abcd")
+        .await
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(5), || async { read().ends_with('\n') }).await);
+    let line: serde_json::Value = serde_json::from_str(read().trim()).unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(veer.slot("shop", "blue").await["client_aborts"], 1);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn tls_serves_h2_and_http11_by_alpn_with_https_forwarded_and_a_secure_cookie() {
     let upstream = named("blue").await;

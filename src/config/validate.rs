@@ -797,7 +797,10 @@ impl Validator<'_> {
                 &r("path_prefix"),
                 "must start with '/' and have no '?', '#', spaces or control characters",
             );
-        } else if raw.path_prefix.split('/').any(is_dot_segment) {
+        } else if crate::routing::decoded_unreserved(&raw.path_prefix)
+            .split('/')
+            .any(is_dot_segment)
+        {
             self.error(
                 &r("path_prefix"),
                 "must have no '.' or '..' segment: paths are matched with them resolved",
@@ -2036,14 +2039,14 @@ endpoints = ["127.0.0.1:9002"]
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "must start with '/'");
         }
-        for prefix in ["/a/../b/", "/a/./b", "/.."] {
+        for prefix in ["/a/../b/", "/a/./b", "/..", "/a/%2E%2e/b", "/a/.%2e"] {
             let text = MINIMAL.replace(
                 "name = \"shop\"",
                 &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "'..' segment");
         }
-        for (prefix, decoded) in [("/a/%2E%2e/b", "/a/../b"), ("/%61pi/%7E", "/api/~")] {
+        for (prefix, decoded) in [("/%61pi/%7E", "/api/~"), ("/a/%2e%2ex", "/a/..x")] {
             let text = MINIMAL.replace(
                 "name = \"shop\"",
                 &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),

@@ -647,9 +647,9 @@ pub type Waiting<'a> = &'a [(Duration, u64)];
 
 /// A slot's samples with its late requests: those waiting longer than `beyond_us` are
 /// samples above it, valued at their waits (lower bounds of their answers). Returns the sample
-/// count, how many of them are late, and the value at quantile `q` among the answers and those
-/// waits, in order: never below what the answers alone have at that rank, so a request still
-/// waiting can only raise a quantile.
+/// count, how many of them are late, and the value at quantile `q`: among the answers and those
+/// waits in order, and never below the answers' own (`q_value`): a request still waiting can
+/// only raise a quantile, so it can neither lower stable's bound nor let a canary pass.
 fn with_late(
     h: &Histogram<u64>,
     q_value: Option<u64>,
@@ -696,6 +696,10 @@ fn with_late(
         if counted >= rank {
             break Some(value);
         }
+    };
+    let value = match (value, q_value) {
+        (Some(value), Some(answered)) => Some(value.max(answered as f64)),
+        (value, answered) => value.or(answered.map(|v| v as f64)),
     };
     (n, late_count, value)
 }
@@ -1003,6 +1007,17 @@ mod tests {
         assert_eq!((n, late), (98, 1));
         let value = value.unwrap();
         assert!((52_000.0..52_100.0).contains(&value), "{value}");
+        // Many short waits among longer answers do not pull the answers' quantile down: 1,000
+        // answers 1..=1000 ms (p99 990 ms), 200 requests waiting 20 ms.
+        let mut spread = histogram(3);
+        for ms in 1..=1000 {
+            spread.record(ms * 1000).unwrap();
+        }
+        let p99 = spread.value_at_quantile(0.99);
+        let many_short = [(Duration::from_millis(20), 200)];
+        let (_, late, value) = with_late(&spread, Some(p99), 0.99, &many_short, 5_400.0);
+        assert_eq!(late, 200);
+        assert_eq!(value, Some(p99 as f64));
         // A wait longer than every answer is the quantile.
         let long_wait = [(Duration::from_secs(2), 1)];
         let (_, _, value) = with_late(&slow, None, 0.99, &long_wait, 5_400.0);
