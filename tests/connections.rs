@@ -282,11 +282,13 @@ async fn a_tunnel_open_at_drain_timeout_is_cut() {
     stopping.await.unwrap();
 }
 
-/// A tunnel that carries nothing either way for `idle_timeout` is closed (both connections),
-/// as NGINX's `proxy_read_timeout` closes a WebSocket; one that keeps carrying bytes is not.
+/// A tunnel that carries nothing either way for `tunnel_idle_timeout` is closed, as NGINX's
+/// `proxy_read_timeout` closes a WebSocket; one that keeps carrying bytes is not. Not
+/// `idle_timeout`, the keep-alive limit, shorter here.
 #[tokio::test]
-async fn a_tunnel_idle_for_idle_timeout_is_closed_and_a_busy_one_is_not() {
-    let (veer, _upstream, mut stream) = tunnel("idle_timeout = \"1s\"").await;
+async fn a_tunnel_idle_for_its_timeout_is_closed_and_a_busy_one_is_not() {
+    let (veer, _upstream, mut stream) =
+        tunnel("idle_timeout = \"300ms\"\ntunnel_idle_timeout = \"1s\"").await;
     // Busy for twice the idle timeout: a message every 300 ms.
     for _ in 0..7 {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -299,7 +301,7 @@ async fn a_tunnel_idle_for_idle_timeout_is_closed_and_a_busy_one_is_not() {
     let after = quiet.elapsed();
     assert!(
         after >= Duration::from_millis(900),
-        "closed {after:?} after the last byte, idle_timeout 1 s"
+        "closed {after:?} after the last byte, tunnel_idle_timeout 1 s"
     );
     veer.shutdown().await;
 }

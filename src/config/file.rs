@@ -34,6 +34,8 @@ pub struct RawServer {
     pub idle_timeout: String,
     #[serde(default = "d_upstream_idle_timeout")]
     pub upstream_idle_timeout: String,
+    #[serde(default = "d_tunnel_idle_timeout")]
+    pub tunnel_idle_timeout: String,
     #[serde(default = "d_max_header_bytes")]
     pub max_header_bytes: i64,
     #[serde(default = "d_max_body_bytes")]
@@ -260,6 +262,9 @@ fn d_connect_timeout() -> String {
     "2s".into()
 }
 fn d_idle_timeout() -> String {
+    "60s".into()
+}
+fn d_tunnel_idle_timeout() -> String {
     "60s".into()
 }
 fn d_upstream_idle_timeout() -> String {

@@ -33,6 +33,9 @@ pub struct ServerConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub upstream_idle_timeout: Duration,
+    /// An upgraded connection (a WebSocket) that carries nothing either way for this long is
+    /// closed.
+    pub tunnel_idle_timeout: Duration,
     pub max_header_bytes: usize,
     /// 0 = unlimited.
     pub max_body_bytes: u64,

@@ -662,6 +662,8 @@ impl Validator<'_> {
             &raw.upstream_idle_timeout,
             false,
         );
+        let tunnel_idle_timeout =
+            self.duration(&s("tunnel_idle_timeout"), &raw.tunnel_idle_timeout, false);
         let drain_timeout = self.duration(&s("drain_timeout"), &raw.drain_timeout, true);
         let max_header_bytes =
             self.int_range(&s("max_header_bytes"), raw.max_header_bytes, 1024, 16 << 20);
@@ -679,6 +681,7 @@ impl Validator<'_> {
             connect_timeout: connect_timeout?,
             idle_timeout: idle_timeout?,
             upstream_idle_timeout: upstream_idle_timeout?,
+            tunnel_idle_timeout: tunnel_idle_timeout?,
             max_header_bytes: usize::try_from(max_header_bytes?).ok()?,
             max_body_bytes: u64::try_from(max_body_bytes?).ok()?,
             max_uri_bytes: usize::try_from(max_uri_bytes?).ok()?,

@@ -269,6 +269,9 @@ impl Watching {
                     if named[..] == self.files[1..] {
                         now
                     } else {
+                        for gone in self.files[1..].iter().filter(|f| !named.contains(f)) {
+                            let _ = self.watcher.unwatch(gone);
+                        }
                         self.files.truncate(1);
                         self.files.extend(named);
                         let _ = self.place();

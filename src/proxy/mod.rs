@@ -109,6 +109,7 @@ impl Proxy {
             conn,
             started,
             idle: server.idle_timeout,
+            tunnel_idle: server.tunnel_idle_timeout,
             // One deadline for the whole exchange: response head and body.
             deadline: started + server.request_timeout,
             tunnelling: false,
@@ -317,6 +318,7 @@ impl Proxy {
             conn,
             started,
             idle,
+            tunnel_idle,
             deadline,
             tunnelling: _,
             http10,
@@ -345,7 +347,7 @@ impl Proxy {
         if switched {
             let upstream_upgrade = rparts.extensions.remove::<OnUpgrade>();
             if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-                tokio::spawn(tunnel::run(down, up, idle));
+                tokio::spawn(tunnel::run(down, up, tunnel_idle));
             }
         }
         headers::to_client(status, &mut rparts.headers, switched);
@@ -523,6 +525,8 @@ struct Exchange<'a> {
     started: Instant,
     /// How long the upstream's response body may send nothing.
     idle: std::time::Duration,
+    /// How long a tunnel may carry nothing.
+    tunnel_idle: std::time::Duration,
     /// When the exchange with the upstream must be over (`request_timeout`).
     deadline: Instant,
     tunnelling: bool,

@@ -1,5 +1,5 @@
 //! The bytes of an upgraded connection (a WebSocket), carried both ways until either side
-//! closes, or until nothing came from either side for `idle_timeout` (as NGINX's
+//! closes, or until no byte moved either way for `tunnel_idle_timeout` (as NGINX's
 //! `proxy_read_timeout` bounds a WebSocket): an idle tunnel must not hold two connections for
 //! ever.
 
@@ -44,11 +44,11 @@ pub(super) async fn run(down: OnUpgrade, up: OnUpgrade, idle: Duration) {
                 debug!(%error, "Tunnel closed with an error.");
             }
         }
-        () = quiet => debug!("Tunnel idle for idle_timeout; closed."),
+        () = quiet => debug!("Tunnel idle for tunnel_idle_timeout; closed."),
     }
 }
 
-/// A connection that notes when it last read a byte.
+/// A connection that notes when it last read or wrote a byte.
 struct Touched<I> {
     io: I,
     last: Arc<AtomicU64>,
@@ -84,7 +84,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Touched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.last.store(clock_ms(), Ordering::Relaxed);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
