@@ -227,11 +227,13 @@ fn admin_table(path: &Path) -> Result<toml::Table, ExitCode> {
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
-    // notify reports its own bookkeeping at info (e.g. a watch the kernel already dropped when
-    // the config file was replaced); only its warnings concern an operator. rustls warns about
+    // notify reports its own bookkeeping at info and warn (a watch the kernel already dropped
+    // when a watched file or directory was removed, as every Kubernetes Secret or ConfigMap
+    // swap does): only its errors concern an operator; veer logs what it cannot watch itself.
+    // rustls warns about
     // what a client sent (an IP address as SNI, as wrk and `openssl s_client` do): one line per
     // connection that any client could trigger, so only its errors are shown.
-    let default = format!("{default_level},notify=warn,rustls=error");
+    let default = format!("{default_level},notify=error,rustls=error");
     let asked = std::env::var("RUST_LOG")
         .ok()
         .filter(|value| !value.is_empty());

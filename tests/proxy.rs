@@ -262,6 +262,9 @@ async fn an_unasked_101_or_a_coding_besides_chunked_is_a_502_protocol_error() {
         &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nhi",
+        // Not chunked to hyper either: the chunk framing would be the body.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\nConnection: close\r\n\r\n\
+          2\r\nhi\r\n0\r\n\r\n",
     ] {
         let (upstream, task) = scripted_upstream(answer).await;
         let veer = Veer::shop("", upstream).await;

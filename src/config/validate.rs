@@ -800,6 +800,20 @@ impl Validator<'_> {
                 &r("path_prefix"),
                 "must start with '/' and have no '?', '#', spaces or control characters",
             );
+        } else if !raw.path_prefix.is_ascii() {
+            // Request paths are ASCII: other characters arrive percent-encoded.
+            let encoded: String = raw
+                .path_prefix
+                .bytes()
+                .map(|b| match b {
+                    0x80.. => format!("%{b:02X}"),
+                    _ => char::from(b).to_string(),
+                })
+                .collect();
+            self.error(
+                &r("path_prefix"),
+                format!("write it {encoded:?}: request paths carry other characters than ASCII percent-encoded"),
+            );
         } else if crate::routing::decoded_unreserved(&raw.path_prefix)
             .split('/')
             .any(is_dot_segment)
@@ -814,7 +828,8 @@ impl Validator<'_> {
             self.error(
                 &r("path_prefix"),
                 format!(
-                    "write it {decoded:?}: paths are matched with letters, digits and -._~ decoded"
+                    "write it {decoded:?}: paths are matched with escapes of letters, digits and \
+                     -._~ decoded, and the others in upper case"
                 ),
             );
         }
@@ -2049,7 +2064,12 @@ endpoints = ["127.0.0.1:9002"]
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "'..' segment");
         }
-        for (prefix, decoded) in [("/%61pi/%7E", "/api/~"), ("/a/%2e%2ex", "/a/..x")] {
+        for (prefix, decoded) in [
+            ("/%61pi/%7E", "/api/~"),
+            ("/a/%2e%2ex", "/a/..x"),
+            ("/caf%c3%a9/", "/caf%C3%A9/"),
+            ("/café/", "/caf%C3%A9/"),
+        ] {
             let text = MINIMAL.replace(
                 "name = \"shop\"",
                 &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),

@@ -229,18 +229,25 @@ pub fn to_client(status: StatusCode, headers: &mut HeaderMap, tunnelling: bool) 
 }
 
 /// Whether an answer's `Transfer-Encoding` names any coding but one `chunked`: `gzip, chunked`,
-/// `identity`, `chunked, chunked`.
+/// `identity`, `chunked, chunked`; or ends in anything but `chunked` (`chunked,`), which hyper's
+/// client then does not read as chunked either.
 pub fn other_coding_than_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
+    let values = headers.get_all(header::TRANSFER_ENCODING);
+    let Some(last) = values.iter().next_back() else {
+        return false;
+    };
+    let mut codings = values
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|coding| !coding.is_empty());
-    match codings.next() {
-        None => false,
-        Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
-    }
+    let chunked = |coding: &[u8]| coding.eq_ignore_ascii_case(b"chunked");
+    let ends_chunked = last
+        .as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|coding| chunked(coding.trim_ascii()));
+    !(codings.next().is_some_and(chunked) && codings.next().is_none() && ends_chunked)
 }
 
 /// A length sent as a list (`2, 2`) or on several lines, which the HTTP/1.1 client accepted
@@ -450,7 +457,9 @@ mod tests {
             (&["gzip", "chunked"][..], true),
             (&["identity"][..], true),
             (&["chunked, chunked"][..], true),
-            (&["chunked", ""][..], false),
+            (&["chunked", ""][..], true),
+            (&["chunked,"][..], true),
+            (&[", chunked"][..], false),
         ] {
             let mut headers = HeaderMap::new();
             for coding in codings {

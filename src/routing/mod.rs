@@ -239,34 +239,48 @@ fn resolved(path: &str) -> Cow<'_, str> {
     }
 }
 
-/// `path` with `%XX` decoded where it stands for a letter, a digit, `-`, `.`, `_` or `~`; other
-/// escapes (`%2F` among them) stay as they are.
+/// `path` with its escapes in one form (RFC 3986 §6.2.2): `%XX` decoded where it stands for a
+/// letter, a digit, `-`, `.`, `_` or `~`, other escapes (`%2F` among them) with upper-case hex
+/// digits (`%c3%a9` is `%C3%A9`).
 pub(crate) fn decoded_unreserved(path: &str) -> Cow<'_, str> {
-    fn unreserved(escape: &[u8]) -> Option<u8> {
+    /// The escape's byte, when `escape` starts with one (`%` and two hex digits).
+    fn escaped(escape: &[u8]) -> Option<u8> {
         let hex = |b: u8| (b as char).to_digit(16);
-        let byte = (hex(*escape.get(1)?)? * 16 + hex(*escape.get(2)?)?) as u8;
-        (byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)).then_some(byte)
+        if escape.first() != Some(&b'%') {
+            return None;
+        }
+        Some((hex(*escape.get(1)?)? * 16 + hex(*escape.get(2)?)?) as u8)
+    }
+    fn unreserved(byte: u8) -> bool {
+        byte.is_ascii_alphanumeric() || b"-._~".contains(&byte)
     }
     let bytes = path.as_bytes();
-    let Some(first) =
-        (0..bytes.len()).find(|&i| bytes[i] == b'%' && unreserved(&bytes[i..]).is_some())
-    else {
+    // An escape to rewrite: of an unreserved character, or with a lower-case hex digit.
+    let rewritten = |i: usize| {
+        escaped(&bytes[i..]).is_some_and(|byte| {
+            unreserved(byte) || bytes[i + 1..i + 3].iter().any(u8::is_ascii_lowercase)
+        })
+    };
+    let Some(first) = (0..bytes.len()).find(|&i| bytes[i] == b'%' && rewritten(i)) else {
         return Cow::Borrowed(path);
     };
     let mut out = Vec::with_capacity(path.len());
     out.extend_from_slice(&bytes[..first]);
     let mut i = first;
     while i < bytes.len() {
-        match unreserved(&bytes[i..]).filter(|_| bytes[i] == b'%') {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
+        match escaped(&bytes[i..]) {
+            Some(byte) if unreserved(byte) => out.push(byte),
+            Some(_) => {
+                out.push(b'%');
+                out.extend(bytes[i + 1..i + 3].iter().map(u8::to_ascii_uppercase));
             }
             None => {
                 out.push(bytes[i]);
                 i += 1;
+                continue;
             }
         }
+        i += 3;
     }
     // Only ASCII escapes became ASCII bytes: the rest is the valid UTF-8 it was.
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_string()))
@@ -577,7 +591,8 @@ mod tests {
             ("/%61pi/x", "/api/x"),
             ("/%7E%2D%5f%30/%2F%25%zz%4", "/~-_0/%2F%25%zz%4"),
             ("/caf%C3%A9/%61", "/caf%C3%A9/a"),
-            ("/x/%2E%2e%2f", "/x/..%2f"),
+            ("/caf%c3%a9/a%2fb", "/caf%C3%A9/a%2Fb"),
+            ("/x/%2E%2e%2f", "/x/..%2F"),
         ] {
             assert_eq!(resolved(path), want, "{path}");
         }
@@ -587,13 +602,14 @@ mod tests {
             "[server]\nlisten = [\"127.0.0.1:0\"]\n{}{}",
             route("public", "", "/public/"),
             route("admin", "", "/admin/"),
-        );
+        ) + &route("cafe", "", "/caf%C3%A9/");
         let t = table(&text);
         let name = |path| t.find(None, path).map(|r| r.name().to_string());
         assert_eq!(name("/public/../admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/public/%2e%2e/admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/public/..;/admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/%61dmin/x").as_deref(), Some("admin"));
+        assert_eq!(name("/caf%c3%a9/x").as_deref(), Some("cafe"));
         assert_eq!(name("/admin/../public/./a").as_deref(), Some("public"));
         assert_eq!(name("/public/../other"), None);
     }
