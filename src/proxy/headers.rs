@@ -103,12 +103,15 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
     }
     if fwd.version == http::Version::HTTP_2 {
         join_cookies(headers);
+        // An HTTP/2 request may repeat an equal length; strict HTTP/1.1 servers refuse that.
+        single_content_length(headers);
     }
     remove_own_fields(headers, fwd.override_header);
-    unannounce(
-        headers,
-        &[Some(SHADOW_HEADER), fwd.override_header.map(|n| n.as_str())],
-    );
+    if headers.contains_key(header::TRAILER) {
+        let own = [Some(SHADOW_HEADER), fwd.override_header.map(|n| n.as_str())];
+        unannounce(headers, &own);
+        unannounce(headers, &HOP_BY_HOP_TRAILERS);
+    }
     append_forwarded_for(headers, fwd.client);
     let proto = if fwd.tls { "https" } else { "http" };
     headers.insert(
@@ -226,7 +229,21 @@ pub fn to_client(status: StatusCode, headers: &mut HeaderMap, tunnelling: bool) 
         single_content_length(headers);
     }
     remove_hop_by_hop(headers, tunnelling);
+    if headers.contains_key(header::TRAILER) {
+        unannounce(headers, &HOP_BY_HOP_TRAILERS);
+    }
 }
+
+/// The hop-by-hop fields, which trailers lose (see `remove_hop_by_hop`), by name: `Trailer`
+/// does not announce them either.
+const HOP_BY_HOP_TRAILERS: [Option<&str>; 6] = [
+    Some("connection"),
+    Some("te"),
+    Some("transfer-encoding"),
+    Some("keep-alive"),
+    Some("proxy-connection"),
+    Some("upgrade"),
+];
 
 /// Whether an answer's `Transfer-Encoding` names any coding but one `chunked`: `gzip, chunked`,
 /// `identity`, `chunked, chunked`; or ends in anything but `chunked` (`chunked,`), which hyper's
@@ -422,6 +439,27 @@ mod tests {
         assert_eq!(headers["via"], "1.1 veer");
         assert!(!headers.contains_key("x-veer-slot"));
         assert!(!headers.contains_key("x-veer-shadow"));
+    }
+
+    /// An HTTP/2 request may repeat an equal `content-length`; strict HTTP/1.1 servers refuse a
+    /// repeated one (RFC 9112 §6.3): it goes on once.
+    #[test]
+    fn a_repeated_http2_length_goes_upstream_once() {
+        let client = client_address(IpAddr::from([127, 0, 0, 1]));
+        for (version, want) in [(http::Version::HTTP_2, 1), (http::Version::HTTP_11, 2)] {
+            let mut headers = map(&[("content-length", "3"), ("content-length", "3")]);
+            let fwd = Forwarded {
+                client: &client,
+                tls: false,
+                host: None,
+                version,
+                override_header: None,
+            };
+            to_upstream(&mut headers, &fwd, false);
+            let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+            assert_eq!(lengths, want, "{version:?}");
+            assert_eq!(headers[header::CONTENT_LENGTH], "3");
+        }
     }
 
     #[test]
