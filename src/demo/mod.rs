@@ -337,18 +337,35 @@ fn render(route: &Value) -> String {
     );
     for slot in ["blue", "green"] {
         let s = &route["slots"][slot];
+        // No latency sample yet (nothing answered): no p99 to show.
+        let p99 = match s["latency_ms"]["p99"].as_f64() {
+            Some(p99) if f(&s["requests"]) > 0.0 => format!("{p99:>7.1} ms"),
+            _ => format!("{:>7}   ", "-"),
+        };
         out.push_str(&format!(
-            "  {slot:<5} {:>8.1} req/s  errors {:>6.2}%  p99 {:>7.1} ms\n",
+            "  {slot:<5} {:>8.1} req/s  errors {:>6.2}%  p99 {p99}\n",
             f(&s["rps"]),
             f(&s["error_rate"]) * 100.0,
-            f(&s["latency_ms"]["p99"]),
         ));
     }
     let shadow = &route["shadow"];
-    out.push_str(&format!(
-        "  shadow {} mirrored, {} match, {} mismatch, {} error\n",
-        shadow["requests"], shadow["match"], shadow["mismatch"], shadow["error"]
-    ));
+    let count = |key: &str| shadow[key].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "  shadow {} mirrored, {} match, {} mismatch, {} error",
+        count("requests"),
+        count("match"),
+        count("mismatch"),
+        count("error")
+    );
+    let dropped = count("dropped_busy") + count("dropped_body");
+    if dropped > 0 {
+        line.push_str(&format!(", {dropped} dropped"));
+    }
+    if count("in_flight") > 0 {
+        line.push_str(&format!(", {} under way", count("in_flight")));
+    }
+    out.push_str(&line);
+    out.push('\n');
     if let Some(reason) = route["last_verdict"]["reason"].as_str() {
         out.push_str(&format!(
             "  last verdict: {} ({reason})\n",
@@ -472,6 +489,33 @@ mod tests {
                 "15 requests sent; blue served 11, green 1; 3 still without an answer when the demo stopped."
             ),
             "{text}"
+        );
+    }
+
+    /// The shadow line adds up (copies dropped or under way shown), and a slot with nothing
+    /// answered shows no p99.
+    #[test]
+    fn the_live_view_shows_every_copy_and_no_p99_without_answers() {
+        let route = serde_json::json!({
+            "canary_weight": 10.0, "stable": "blue", "phase": "ramping",
+            "slots": {
+                "blue": {"rps": 90.0, "error_rate": 0.0, "requests": 900, "latency_ms": {"p99": 1.5}},
+                "green": {"rps": 0.0, "error_rate": 0.0, "requests": 0, "latency_ms": {"p99": 0.0}}
+            },
+            "shadow": {"requests": 251, "match": 220, "mismatch": 0, "error": 1,
+                       "dropped_busy": 2, "dropped_body": 3, "in_flight": 25}
+        });
+        let frame = render(&route);
+        assert!(frame.contains("p99     1.5 ms"), "{frame}");
+        assert!(
+            frame.contains("green      0.0 req/s  errors   0.00%  p99       -"),
+            "{frame}"
+        );
+        assert!(
+            frame.contains(
+                "shadow 251 mirrored, 220 match, 0 mismatch, 1 error, 5 dropped, 25 under way"
+            ),
+            "{frame}"
         );
     }
 
