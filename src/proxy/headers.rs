@@ -108,9 +108,13 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
     }
     remove_own_fields(headers, fwd.override_header);
     if headers.contains_key(header::TRAILER) {
-        let own = [Some(SHADOW_HEADER), fwd.override_header.map(|n| n.as_str())];
-        unannounce(headers, &own);
-        unannounce(headers, &HOP_BY_HOP_TRAILERS);
+        let own = |name: &str| {
+            name.eq_ignore_ascii_case(SHADOW_HEADER)
+                || fwd
+                    .override_header
+                    .is_some_and(|n| name.eq_ignore_ascii_case(n.as_str()))
+        };
+        unannounce(headers, |name| own(name) || is_hop_by_hop(name));
     }
     append_forwarded_for(headers, fwd.client);
     let proto = if fwd.tls { "https" } else { "http" };
@@ -125,22 +129,22 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
     headers.append(header::VIA, via(fwd.version));
 }
 
-/// Takes veer's own field names out of `Trailer`: they are removed from the trailers, so they
-/// are not announced either. Allocates only when `Trailer` names one of them.
-fn unannounce(headers: &mut HeaderMap, own: &[Option<&str>]) {
+/// Takes the field names trailers lose (`dropped`: veer's own, hop-by-hop ones) out of
+/// `Trailer`, so that they are not announced either. Allocates only when `Trailer` names one.
+fn unannounce(headers: &mut HeaderMap, dropped: impl Fn(&str) -> bool) {
     fn tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
         let text = v.to_str().unwrap_or("");
         text.split(',').map(str::trim).filter(|t| !t.is_empty())
     }
-    let is_own = |token: &str| own.iter().flatten().any(|n| token.eq_ignore_ascii_case(n));
+    let is_dropped = |token: &&str| dropped(token);
     let announced = headers.get_all(header::TRAILER);
-    if !announced.iter().flat_map(tokens).any(is_own) {
+    if !announced.iter().flat_map(tokens).any(|t| is_dropped(&t)) {
         return;
     }
     let kept = announced
         .iter()
         .flat_map(tokens)
-        .filter(|t| !is_own(t))
+        .filter(|t| !is_dropped(t))
         .collect::<Vec<_>>()
         .join(", ");
     headers.remove(header::TRAILER);
@@ -230,20 +234,18 @@ pub fn to_client(status: StatusCode, headers: &mut HeaderMap, tunnelling: bool) 
     }
     remove_hop_by_hop(headers, tunnelling);
     if headers.contains_key(header::TRAILER) {
-        unannounce(headers, &HOP_BY_HOP_TRAILERS);
+        unannounce(headers, is_hop_by_hop);
     }
 }
 
-/// The hop-by-hop fields, which trailers lose (see `remove_hop_by_hop`), by name: `Trailer`
-/// does not announce them either.
-const HOP_BY_HOP_TRAILERS: [Option<&str>; 6] = [
-    Some("connection"),
-    Some("te"),
-    Some("transfer-encoding"),
-    Some("keep-alive"),
-    Some("proxy-connection"),
-    Some("upgrade"),
-];
+/// Whether a field name is one `remove_hop_by_hop` always removes (outside a tunnel): trailers
+/// lose these, so `Trailer` does not announce them either.
+fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case(header::UPGRADE.as_str())
+        || HOP_BY_HOP
+            .iter()
+            .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
+}
 
 /// Whether an answer's `Transfer-Encoding` names any coding but one `chunked`: `gzip, chunked`,
 /// `identity`, `chunked, chunked`; or ends in anything but `chunked` (`chunked,`), which hyper's
