@@ -395,6 +395,42 @@ fn key_written_at(text: &str, line: usize) -> Option<String> {
     Some(path.trim_start_matches('.').to_string())
 }
 
+/// Why a `path_prefix` could never match a request path (which is ASCII, and matched with its
+/// escapes in one form and its dot segments resolved), if it could not.
+fn path_prefix_problem(prefix: &str) -> Option<String> {
+    let in_path = |c: char| !(c == '?' || c == '#' || c.is_whitespace() || c.is_control());
+    if !(prefix.starts_with('/') && prefix.chars().all(in_path)) {
+        return Some(
+            "must start with '/' and have no '?', '#', spaces or control characters".into(),
+        );
+    }
+    if !prefix.is_ascii() {
+        let encoded: String = prefix
+            .bytes()
+            .map(|b| match b {
+                0x80.. => format!("%{b:02X}"),
+                _ => char::from(b).to_string(),
+            })
+            .collect();
+        return Some(format!(
+            "write it {encoded:?}: request paths carry other characters than ASCII percent-encoded"
+        ));
+    }
+    let normalized = crate::routing::decoded_unreserved(prefix);
+    if normalized.split('/').any(is_dot_segment) {
+        return Some(
+            "must have no '.' or '..' segment: paths are matched with them resolved".into(),
+        );
+    }
+    match normalized {
+        std::borrow::Cow::Owned(normalized) => Some(format!(
+            "write it {normalized:?}: paths are matched with escapes of letters, digits and -._~ \
+             decoded, and the others in upper case"
+        )),
+        std::borrow::Cow::Borrowed(_) => None,
+    }
+}
+
 /// `.` or `..`, as request paths are resolved before matching.
 fn is_dot_segment(segment: &str) -> bool {
     segment == "." || segment == ".."
@@ -794,44 +830,8 @@ impl Validator<'_> {
                 ),
             }
         }
-        let in_path = |c: char| !(c == '?' || c == '#' || c.is_whitespace() || c.is_control());
-        if !(raw.path_prefix.starts_with('/') && raw.path_prefix.chars().all(in_path)) {
-            self.error(
-                &r("path_prefix"),
-                "must start with '/' and have no '?', '#', spaces or control characters",
-            );
-        } else if !raw.path_prefix.is_ascii() {
-            // Request paths are ASCII: other characters arrive percent-encoded.
-            let encoded: String = raw
-                .path_prefix
-                .bytes()
-                .map(|b| match b {
-                    0x80.. => format!("%{b:02X}"),
-                    _ => char::from(b).to_string(),
-                })
-                .collect();
-            self.error(
-                &r("path_prefix"),
-                format!("write it {encoded:?}: request paths carry other characters than ASCII percent-encoded"),
-            );
-        } else if crate::routing::decoded_unreserved(&raw.path_prefix)
-            .split('/')
-            .any(is_dot_segment)
-        {
-            self.error(
-                &r("path_prefix"),
-                "must have no '.' or '..' segment: paths are matched with them resolved",
-            );
-        } else if let std::borrow::Cow::Owned(decoded) =
-            crate::routing::decoded_unreserved(&raw.path_prefix)
-        {
-            self.error(
-                &r("path_prefix"),
-                format!(
-                    "write it {decoded:?}: paths are matched with escapes of letters, digits and \
-                     -._~ decoded, and the others in upper case"
-                ),
-            );
+        if let Some(problem) = path_prefix_problem(&raw.path_prefix) {
+            self.error(&r("path_prefix"), problem);
         }
         let stable = Slot::parse(&raw.stable);
         if stable.is_none() {
