@@ -264,23 +264,33 @@ impl Watching {
             // A rejected config is read again at the next change around it: it may have been
             // refused for a file it names (a certificate) that is there now.
             self.last = match reload().await {
-                Some(named) => {
-                    let named: Vec<PathBuf> = named.into_iter().map(absolute).collect();
-                    if named[..] == self.files[1..] {
-                        now
-                    } else {
-                        for gone in self.files[1..].iter().filter(|f| !named.contains(f)) {
-                            let _ = self.watcher.unwatch(gone);
-                        }
-                        self.files.truncate(1);
-                        self.files.extend(named);
-                        let _ = self.place();
-                        contents_hash(&self.files)
-                    }
-                }
                 None => None,
+                // Named files that changed: the hash of what is watched now.
+                Some(named) if self.follows(&named) => now,
+                Some(named) => self.follow(named),
             };
         }
+    }
+
+    /// Whether these are the files watched besides the config.
+    fn follows(&self, named: &[PathBuf]) -> bool {
+        named.len() + 1 == self.files.len()
+            && named
+                .iter()
+                .zip(&self.files[1..])
+                .all(|(n, f)| absolute(n.clone()) == *f)
+    }
+
+    /// Watches the other files an applied config names from now on; the hash of them all.
+    fn follow(&mut self, named: Vec<PathBuf>) -> Option<u64> {
+        let named: Vec<PathBuf> = named.into_iter().map(absolute).collect();
+        for gone in self.files[1..].iter().filter(|f| !named.contains(f)) {
+            let _ = self.watcher.unwatch(gone);
+        }
+        self.files.truncate(1);
+        self.files.extend(named);
+        let _ = self.place();
+        contents_hash(&self.files)
     }
 
     /// Waits for a burst of events to settle: quiet for [`DEBOUNCE`], or [`MAX_DELAY`] after its
