@@ -265,8 +265,8 @@ impl Watching {
             // refused for a file it names (a certificate) that is there now.
             self.last = match reload().await {
                 None => None,
-                // Named files that changed: the hash of what is watched now.
                 Some(named) if self.follows(&named) => now,
+                // Other files named: the hash of what is watched from now on.
                 Some(named) => self.follow(named),
             };
         }
