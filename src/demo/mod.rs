@@ -4,6 +4,7 @@
 
 pub mod upstream;
 
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -247,13 +248,21 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
     let tty = std::io::stdout().is_terminal();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut piped = PipedFrames::default();
+    let mut rates = Rates::default();
     let mut drawn = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let table = running.app.table.load_full();
         let route = table.route("demo").context("demo route missing")?;
         let view = route.shared.rollout.view();
-        let json = crate::admin::status::route_json(route);
+        let mut json = crate::admin::status::route_json(route);
+        let served = [Slot::Blue, Slot::Green]
+            .map(|slot| route.shared.slot_metrics(slot).totals().requests());
+        if let Some(rates) = rates.update(tokio::time::Instant::now(), served) {
+            for (slot, rate) in ["blue", "green"].into_iter().zip(rates) {
+                json["slots"][slot]["rps"] = rate.into();
+            }
+        }
         let frame = render(&json);
         // A closed stdout (`veer demo | head`) ends the demo like a signal would.
         let closed = |_| anyhow::anyhow!("stdout was closed");
@@ -282,6 +291,30 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
                 humantime::format_duration(timeout)
             );
         }
+    }
+}
+
+/// Each slot's requests per second over about the last second, from its monotone totals. The
+/// API's `rps` is the average over 60 s, which in a demo of a few seconds still showed blue
+/// busy after green had taken all the traffic.
+#[derive(Default)]
+struct Rates {
+    /// (when, requests served by blue and green), oldest first, the last second's and one more.
+    samples: VecDeque<(tokio::time::Instant, [u64; 2])>,
+}
+
+impl Rates {
+    /// Adds the totals seen at `now`; the rates since the oldest sample kept, once there is one.
+    fn update(&mut self, now: tokio::time::Instant, served: [u64; 2]) -> Option<[f64; 2]> {
+        while self.samples.len() > 1 && self.samples[1].0 + Duration::from_secs(1) <= now {
+            self.samples.pop_front();
+        }
+        let rates = self.samples.front().and_then(|&(then, before)| {
+            let secs = now.checked_duration_since(then)?.as_secs_f64();
+            (secs > 0.0).then(|| [0, 1].map(|i| served[i].saturating_sub(before[i]) as f64 / secs))
+        });
+        self.samples.push_back((now, served));
+        rates
     }
 }
 
@@ -451,6 +484,24 @@ async fn load(proxy: SocketAddr, rate: u32, stop: Arc<AtomicBool>, sent: Arc<Ato
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The live rates cover about the last second: after green took all the traffic, blue
+    /// shows 0 req/s within a second, however busy it was before.
+    #[test]
+    fn live_rates_cover_the_last_second() {
+        let start = tokio::time::Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut rates = Rates::default();
+        assert_eq!(rates.update(at(0), [0, 0]), None);
+        // 500 ms later: blue 400 more, green 100 more.
+        assert_eq!(rates.update(at(500), [400, 100]), Some([800.0, 200.0]));
+        assert_eq!(rates.update(at(1000), [800, 200]), Some([800.0, 200.0]));
+        // From here on green serves everything.
+        assert_eq!(rates.update(at(1500), [800, 600]), Some([400.0, 500.0]));
+        let [blue, green] = rates.update(at(2000), [800, 1000]).unwrap_or_default();
+        assert_eq!(blue, 0.0);
+        assert_eq!(green, 800.0);
+    }
 
     /// Piped, a step that waits 3 s for evidence is printed when it starts and every 2 s, not at
     /// every draw; a new step is printed at once.
