@@ -79,6 +79,27 @@ fn journal_lines(state_dir: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// The `action` of each journal entry or event, in their order.
+fn actions(entries: &[Value]) -> Vec<&str> {
+    entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect()
+}
+
+/// The `action` and `failures` of each journal entry, in their order.
+fn actions_and_failures(entries: &[Value]) -> Vec<(&str, u64)> {
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["failures"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Records `n` responses for `slot`, `errors` of them 500s (counted as errors), all at
 /// `latency_ms`.
 fn feed(shared: &RouteShared, slot: Slot, n: u64, errors: u64, latency_ms: u64) {
@@ -158,10 +179,7 @@ async fn a_healthy_canary_ramps_through_every_step_and_is_promoted() {
     );
     // One journal line per transition, each pass with the numbers it was decided on.
     let journal = c.journal();
-    let actions: Vec<&str> = journal
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let actions = actions(&journal);
     assert_eq!(
         actions,
         ["start", "step_passed", "step_passed", "step_passed"]
@@ -208,15 +226,7 @@ async fn failure_threshold_consecutive_failures_roll_back() {
     assert_eq!(shared.split.load().canary_bp, 0);
     assert_eq!(shared.split.load().stable, Slot::Blue);
     let journal = c.journal();
-    let summary: Vec<(&str, u64)> = journal
-        .iter()
-        .map(|e| {
-            (
-                e["action"].as_str().unwrap(),
-                e["failures"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let summary = actions_and_failures(&journal);
     assert_eq!(
         summary,
         [
@@ -259,15 +269,7 @@ async fn a_hold_between_failures_restarts_the_count() {
     rollout::analyse(&shared, &c.route);
     assert_eq!(phase_step_weight(&shared).0, Phase::RolledBack);
     let lines = c.journal();
-    let journal: Vec<(&str, u64)> = lines
-        .iter()
-        .map(|e| {
-            (
-                e["action"].as_str().unwrap(),
-                e["failures"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let journal = actions_and_failures(&lines);
     assert_eq!(
         journal,
         [
@@ -956,10 +958,7 @@ async fn a_healthy_green_is_promoted() {
     assert_all_ok(&report);
     // Newest decisions first, each pass with the figures it was decided on.
     let events = events(&veer, 4).await;
-    let actions: Vec<&str> = events
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let actions = actions(&events);
     assert_eq!(
         actions,
         ["step_passed", "step_passed", "step_passed", "start"]
@@ -1140,10 +1139,7 @@ async fn rollout_state_survives_a_process_restart() {
     assert_eq!(shop["phase"], "paused");
     assert_eq!(shop["canary_weight"], 10.0);
     let journal = journal_lines(&veer.dir.path().join("state"));
-    let actions: Vec<&str> = journal
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let actions = actions(&journal);
     assert_eq!(actions, ["start", "pause"]);
     veer.shutdown().await;
 }
@@ -1286,10 +1282,7 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
 
     // One journal line per transition; the events endpoint shows the newest first.
     let journal = journal_lines(&veer.dir.path().join("state"));
-    let actions: Vec<&str> = journal
-        .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
+    let actions = actions(&journal);
     assert_eq!(
         actions,
         [
