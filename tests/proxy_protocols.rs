@@ -300,6 +300,14 @@ async fn send_h2_body(body: &mut h2::SendStream<Bytes>, len: usize) -> Result<us
     Ok(sent)
 }
 
+/// An HTTP/2 connection to `addr` (prior knowledge) with the h2 crate, ready for a request.
+async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    client.ready().await.unwrap()
+}
+
 /// The whole body of an h2 response, its flow-control window given back as it is read.
 async fn h2_text(response: http::Response<h2::RecvStream>) -> Vec<u8> {
     let mut answer = response.into_body();
@@ -319,20 +327,13 @@ async fn h2_text(response: http::Response<h2::RecvStream>) -> Vec<u8> {
 async fn an_early_h2_413_lets_the_client_send_its_body_without_a_reset() {
     let upstream = named("a").await;
     let veer = Veer::shop("max_body_bytes = 1048576", upstream.addr).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let mut client = h2_client(veer.addr).await;
     let len = 5 << 20;
     let request = Request::post("http://shop/")
         .header("content-length", len)
         .body(())
         .unwrap();
-    let (response, mut body) = client
-        .ready()
-        .await
-        .unwrap()
-        .send_request(request, false)
-        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), 413);
     assert_eq!(h2_text(response).await, b"request body too large\n");
@@ -348,17 +349,10 @@ async fn an_early_h2_413_lets_the_client_send_its_body_without_a_reset() {
 async fn a_streamed_h2_upload_over_the_limit_gets_its_413_without_a_reset() {
     let upstream = named("a").await;
     let veer = Veer::shop("max_body_bytes = 1048576", upstream.addr).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let mut client = h2_client(veer.addr).await;
     let len = 5 << 20;
     let request = Request::post("http://shop/").body(()).unwrap();
-    let (response, mut body) = client
-        .ready()
-        .await
-        .unwrap()
-        .send_request(request, false)
-        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
     let sending = tokio::spawn(async move { send_h2_body(&mut body, len).await });
     let response = response.await.unwrap();
     assert_eq!(response.status(), 413);
@@ -634,10 +628,7 @@ async fn an_upgrade_answered_200_is_a_normal_response_and_no_tunnel() {
 async fn an_h2_connection_offers_at_most_128_streams() {
     let upstream = named("a").await;
     let veer = Veer::shop("", upstream.addr).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(veer.addr).await;
     let request = Request::get("http://shop/").body(()).unwrap();
     let (response, _) = client.send_request(request, true).unwrap();
     assert_eq!(response.await.unwrap().status(), 200);
@@ -676,10 +667,7 @@ async fn counting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
 async fn an_h2_upload_ended_by_an_empty_data_frame_leaves_its_upstream_connection_reusable() {
     let (upstream, accepted) = counting_upstream().await;
     let veer = Veer::shop("", upstream).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = h2_client(veer.addr).await;
     for _ in 0..5 {
         let request = Request::post("http://shop/")
             .header("content-length", 5)
