@@ -145,7 +145,10 @@ fn lock_state_dir(dir: &Path) -> Result<File, AppError> {
         .truncate(false)
         .write(true)
         .open(&lock)
-        .map_err(io)?;
+        .map_err(|source| AppError::State {
+            path: lock.clone(),
+            source,
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(AppError::StateInUse {
@@ -159,10 +162,8 @@ fn lock_state_dir(dir: &Path) -> Result<File, AppError> {
 /// Binds everything and starts serving. Errors here are startup failures (exit code 2).
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, AppError> {
     let state_lock = lock_state_dir(&config.state.dir)?;
-    let store = Store::open(&config.state).map_err(|source| AppError::State {
-        path: config.state.dir.clone(),
-        source,
-    })?;
+    let store =
+        Store::open(&config.state).map_err(|(path, source)| AppError::State { path, source })?;
     let store = Arc::new(store);
     let tls_acceptor = match &config.server.tls {
         Some(t) => Some(Arc::new(tls::acceptor(t)?)),

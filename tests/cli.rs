@@ -585,6 +585,37 @@ fn run_stops_at_start_when_the_state_dir_cannot_be_made() {
     assert!(stderr.contains("(os error"), "{stderr}");
 }
 
+/// A state dir that is there but holds something veer cannot use in place of its journal, its
+/// routes dir or its lock file: the error names that path, not only the dir.
+#[test]
+fn run_names_the_path_in_the_state_dir_it_cannot_use() {
+    for (name, make_dir) in [
+        ("journal.jsonl", true),
+        ("routes", false),
+        ("veer.lock", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(dir.path(), "127.0.0.1:0");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let wrong = state.join(name);
+        if make_dir {
+            std::fs::create_dir(&wrong).unwrap();
+        } else {
+            std::fs::write(&wrong, "").unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap()
+            + &format!("[state]\ndir = {:?}\n", state.to_str().unwrap());
+        std::fs::write(&path, text).unwrap();
+        let (code, stderr) = run_to_exit(&path);
+        assert_eq!(code, Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("state.dir: cannot use {wrong:?}: ")),
+            "{name}: {stderr}"
+        );
+    }
+}
+
 /// `veer run -c config` until it exits (killed after 20 s): exit code and stderr.
 fn run_to_exit(config: &Path) -> (Option<i32>, String) {
     let (mut child, rx) = run(config);

@@ -109,16 +109,20 @@ impl Journal {
         let len = file.metadata()?.len();
         let start = len.saturating_sub(MAX_READ);
         file.seek(SeekFrom::Start(start))?;
-        let mut text = String::new();
-        file.read_to_string(&mut text)?;
-        let mut lines: Vec<&str> = text.lines().collect();
-        if start > 0 && !lines.is_empty() {
-            lines.remove(0); // possibly cut in the middle
+        // Bytes, not text: a line cut inside a character (a crash mid-write, or this read's
+        // start) must cost only itself, not every read of the journal.
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let mut lines = bytes.split(|&b| b == b'\n');
+        if start > 0 {
+            lines.next(); // possibly cut in the middle
         }
+        let lines: Vec<&[u8]> = lines.collect();
         Ok(lines
-            .iter()
+            .into_iter()
             .rev()
-            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .filter(serde_json::Value::is_object)
             .take(limit)
             .collect())
     }
@@ -198,5 +202,27 @@ mod tests {
         assert_eq!(reasons, ["c", "b", "a"]);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 5, "{text}");
+    }
+
+    /// Lines that are not entries (cut inside a character, not UTF-8, not an object) are left
+    /// out of the tail; they never make the journal unreadable.
+    #[test]
+    fn lines_that_are_not_entries_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        journal.append(&entry("a")).unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        // "é" cut after its first byte, then a line that is JSON but no entry.
+        file.write_all(b"{\"reason\":\"\xc3\n42\n\xff\xfe\n")
+            .unwrap();
+        journal.append(&entry("b")).unwrap();
+        let reasons: Vec<_> = journal
+            .tail(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e["reason"].clone())
+            .collect();
+        assert_eq!(reasons, ["b", "a"]);
     }
 }

@@ -14,6 +14,7 @@ pub mod judge;
 pub mod state;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -46,11 +47,11 @@ impl Store {
     }
 
     /// Creates the state dir and opens the journal, so that a dir that cannot be written is
-    /// found at start rather than at the first save.
-    pub fn open(config: &StateConfig) -> std::io::Result<Self> {
+    /// found at start rather than at the first save. The error names the path that failed.
+    pub fn open(config: &StateConfig) -> Result<Self, (PathBuf, std::io::Error)> {
         let store = Self::new(config);
-        store.files.create_dir()?;
-        store.journal.open()?;
+        (store.files.create_dir()).map_err(|e| (store.files.dir().to_path_buf(), e))?;
+        (store.journal.open()).map_err(|e| (store.journal.path().to_path_buf(), e))?;
         Ok(store)
     }
 }

@@ -145,6 +145,20 @@ impl RolloutState {
         }
     }
 
+    /// What makes this state one the machine never reaches, if anything: a weight above
+    /// 100 %, or a weight on the canary while no rollout is under way.
+    fn problem(&self) -> Option<&'static str> {
+        if self.canary_bp > 10_000 {
+            return Some("canary_bp is above 10000 (100 %)");
+        }
+        match self.phase {
+            Phase::Idle | Phase::RolledBack if self.canary_bp != 0 => {
+                Some("canary_bp is not 0 in phase idle or rolled_back")
+            }
+            _ => None,
+        }
+    }
+
     pub fn split(&self) -> Split {
         Split {
             stable: self.stable,
@@ -262,6 +276,11 @@ impl StateFiles {
         fs::create_dir_all(&self.dir)
     }
 
+    /// `state.dir/routes`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, route: &str) -> PathBuf {
         self.dir.join(format!("{route}.json"))
     }
@@ -275,7 +294,14 @@ impl StateFiles {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        match serde_json::from_str(&text) {
+        // A file veer never writes (edited by hand, or another program's) is as good as
+        // corrupt: taken as it is, a rolled-back route could serve its canary.
+        let parsed =
+            serde_json::from_str::<RolloutState>(&text).and_then(|state| match state.problem() {
+                Some(problem) => Err(serde::de::Error::custom(problem)),
+                None => Ok(state),
+            });
+        match parsed {
             Ok(state) => Ok(Some(state)),
             Err(source) => {
                 let aside = path.with_extension("json.corrupt");
@@ -499,9 +525,9 @@ mod tests {
                 if let Ok(next) = state.apply(action, &STEPS) {
                     state = next;
                 }
-                prop_assert!(state.canary_bp <= 10_000);
+                prop_assert_eq!(state.problem(), None);
                 match state.phase {
-                    Phase::Idle => prop_assert!(state.canary_bp == 0 || state.step == 0),
+                    Phase::Idle => prop_assert_eq!(state.canary_bp, 0),
                     Phase::RolledBack => prop_assert_eq!(state.canary_bp, 0),
                     Phase::Ramping => {
                         // On a step, or (resumed at a hand-set weight) between the step
@@ -535,5 +561,50 @@ mod tests {
         );
         assert!(files.load("shop").unwrap().is_none());
         assert!(dir.path().join("routes/shop.json.corrupt").exists());
+    }
+
+    /// A well-formed file with a state the machine never reaches is set aside like a corrupt
+    /// one: a rolled-back or idle route with a canary weight, a weight above 100 %.
+    #[test]
+    fn a_state_file_the_machine_could_not_have_written_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::new(dir.path());
+        let rolled_back = idle()
+            .apply(Action::Start, &STEPS)
+            .and_then(|s| s.apply(Action::Rollback, &STEPS))
+            .unwrap();
+        let paused = idle().apply(Action::SetWeight(5000), &STEPS).unwrap();
+        let cases = [
+            (
+                RolloutState {
+                    canary_bp: 7000,
+                    ..rolled_back
+                },
+                "not 0 in phase",
+            ),
+            (
+                RolloutState {
+                    canary_bp: 5000,
+                    ..idle()
+                },
+                "not 0 in phase",
+            ),
+            (
+                RolloutState {
+                    canary_bp: 20_000,
+                    ..paused.clone()
+                },
+                "above 10000",
+            ),
+        ];
+        for (state, problem) in cases {
+            files.save("shop", &state).unwrap();
+            let error = files.load("shop").unwrap_err().to_string();
+            assert!(error.contains(problem), "{error}");
+            assert!(error.contains("set aside"), "{error}");
+            assert!(files.load("shop").unwrap().is_none());
+        }
+        files.save("shop", &paused).unwrap();
+        assert_eq!(files.load("shop").unwrap(), Some(paused));
     }
 }
