@@ -354,6 +354,16 @@ impl Running {
             task.abort();
         }
         self.workers.stop().await;
+        // A state whose save failed while running gets a last try: else the next start would
+        // restore an older one.
+        for route in self.app.table.load().routes() {
+            if !rollout::save_if_unsaved(&route.shared) {
+                warn!(
+                    route = route.name(),
+                    "Rollout state not saved at shutdown; the next start restores an older one."
+                );
+            }
+        }
         info!("Stopped.");
     }
 }

@@ -160,6 +160,7 @@ pub async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     if let Some(line) = rejected_reload(&value["reload"]) {
         text.push_str(&line);
     }
+    text.push_str(&unsaved_states(&routes));
     // A reader that went away (`| head -1`) needed no more.
     let _ = out(&text);
     Ok(())
@@ -188,6 +189,22 @@ fn rejected_reload(reload: &Value) -> Option<String> {
         reload["at"].as_str().unwrap_or("-"),
         errors.len()
     ))
+}
+
+/// A line under the table for each route whose rollout state could not be saved to
+/// `state.dir`: a restart would restore an older one.
+fn unsaved_states(routes: &[Value]) -> String {
+    routes
+        .iter()
+        .filter(|route| route["state_saved"] == false)
+        .map(|route| {
+            format!(
+                "\nrollout state of {} not saved (a restart now restores an older one): {}\n",
+                route["name"].as_str().unwrap_or("-"),
+                route["state_error"].as_str().unwrap_or("-")
+            )
+        })
+        .collect()
 }
 
 /// `veer health`: `GET /healthz` answers 200 within [`ANSWER_TIMEOUT`].
@@ -324,6 +341,21 @@ pub fn render_table(routes: &[Value], colour: bool) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_route_whose_state_is_not_saved_gets_a_line_under_the_table() {
+        let routes = [
+            json!({"name": "shop", "state_saved": true, "state_error": null}),
+            json!({"name": "api", "state_saved": false,
+                   "state_error": "cannot access /s/routes/api.json: No space left on device"}),
+        ];
+        assert_eq!(
+            unsaved_states(&routes),
+            "\nrollout state of api not saved (a restart now restores an older one): cannot \
+             access /s/routes/api.json: No space left on device\n"
+        );
+        assert_eq!(unsaved_states(&routes[..1]), "");
+    }
 
     #[test]
     fn a_rejected_reload_gets_a_line_under_the_table() {

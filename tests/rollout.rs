@@ -754,6 +754,44 @@ async fn a_manual_route_refuses_start_and_resume() {
     assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
 }
 
+/// A state that could not be saved (here: a directory stands where the file goes) is saved
+/// again once it can be, so that a restart does not undo a rollback; until then the API shows
+/// it and the failures are counted.
+#[tokio::test(start_paused = true)]
+async fn a_state_that_could_not_be_saved_is_saved_once_it_can_be() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    let file = c.dir.path().join("state/routes/shop.json");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir_all(file.join("in-the-way")).unwrap();
+    rollout::act(&shared, &c.route, Action::Rollback, "test").unwrap();
+    let view = shared.rollout.view();
+    assert_eq!(view.state.phase, Phase::RolledBack);
+    assert!(view.unsaved.is_some());
+    assert_eq!(
+        shared
+            .rollout
+            .state_write_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Still in the way: not saved, counted again.
+    assert!(!rollout::save_if_unsaved(&shared));
+    assert_eq!(
+        shared
+            .rollout
+            .state_write_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    std::fs::remove_dir_all(&file).unwrap();
+    assert!(rollout::save_if_unsaved(&shared));
+    assert!(shared.rollout.view().unsaved.is_none());
+    // A restart restores the rollback, not the rollout before it.
+    assert_eq!(c.restore().rollout.view().state.phase, Phase::RolledBack);
+}
+
 #[tokio::test(start_paused = true)]
 async fn rollout_state_and_journal_survive_a_restart() {
     let c = Controller::new("");
@@ -893,6 +931,45 @@ async fn post_start(veer: &Veer) {
     assert_eq!(status, StatusCode::OK, "{shop}");
     assert_eq!(shop["phase"], "ramping");
     assert_eq!(shop["canary_weight"], 10.0);
+}
+
+/// A state veer could not save is shown by the API and `/metrics` (`state_saved`,
+/// `veer_rollout_state_saved`) until the controller, trying again every interval, saved it.
+#[tokio::test]
+async fn the_api_shows_an_unsaved_state_until_the_controller_saved_it() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let green = Upstream::builder("green").start().await.unwrap();
+    let veer = start_shop(&blue, &green).await;
+    let file = veer.dir.path().join("state/routes/shop.json");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir_all(file.join("in-the-way")).unwrap();
+    let (status, shop) = veer
+        .admin_post("/api/v1/routes/shop/rollout/start", "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shop}");
+    assert_eq!(shop["state_saved"], false, "{shop}");
+    assert!(
+        shop["state_error"].as_str().unwrap().contains("shop.json"),
+        "{shop}"
+    );
+    let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let metrics = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("veer_rollout_state_saved{route=\"shop\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("veer_state_write_errors_total{route=\"shop\",file=\"state\"} "),
+        "{metrics}"
+    );
+    std::fs::remove_dir_all(&file).unwrap();
+    let (saved, shop) =
+        wait_route(&veer, Duration::from_secs(5), |s| s["state_saved"] == true).await;
+    assert!(saved, "{shop}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\"phase\":\"ramping\""), "{text}");
+    veer.shutdown().await;
 }
 
 /// At most 20 s of requests from `tasks` tasks, every request a new user. A pause of 1 ms

@@ -30,6 +30,17 @@ pub fn render(app: &App) -> String {
         Kind::Counter,
         "Shadow requests by outcome.",
     );
+    w.family(
+        "veer_state_write_errors_total",
+        Kind::Counter,
+        "Failed writes to state.dir: the rollout state (tried again until saved) or a journal \
+         line (lost).",
+    );
+    w.family(
+        "veer_rollout_state_saved",
+        Kind::Gauge,
+        "0 while the route's rollout state in state.dir is older than the one in force.",
+    );
     for route in table.routes() {
         let name = route.name();
         let shared = &route.shared;
@@ -64,6 +75,22 @@ pub fn render(app: &App) -> String {
             w.sample(
                 "veer_rollout_phase",
                 &[("route", name), ("phase", phase.as_str())],
+                value,
+            );
+        }
+        w.sample(
+            "veer_rollout_state_saved",
+            &[("route", name)],
+            if view.unsaved.is_none() { 1.0 } else { 0.0 },
+        );
+        for (file, counter) in [
+            ("state", &shared.rollout.state_write_errors),
+            ("journal", &shared.rollout.journal_write_errors),
+        ] {
+            let value = counter.load(Ordering::Relaxed) as f64;
+            w.sample(
+                "veer_state_write_errors_total",
+                &[("route", name), ("file", file)],
                 value,
             );
         }

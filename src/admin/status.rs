@@ -67,6 +67,10 @@ pub fn route_json(route: &Route) -> Value {
             "rolled_back": shared.rollout.rolled_back.load(Ordering::Relaxed),
         },
         "last_verdict": last_verdict,
+        // False while the state in `state.dir` is older than this one (its save failed; veer
+        // tries again every interval): a restart now would restore the older one.
+        "state_saved": view.unsaved.is_none(),
+        "state_error": view.unsaved.as_deref(),
     })
 }
 

@@ -68,6 +68,9 @@ struct Inner {
     step_started: Instant,
     last: Option<LastVerdict>,
     hold_warned: bool,
+    /// Why the state in memory is not the one in `state.dir`: its last save failed. Saved
+    /// again at every look of the controller and at shutdown until it is.
+    unsaved: Option<Arc<str>>,
 }
 
 /// A route's rollout state, shared by the controller, the admin API and reloads.
@@ -76,6 +79,9 @@ pub struct RouteRollout {
     store: Option<Arc<Store>>,
     pub promoted: AtomicU64,
     pub rolled_back: AtomicU64,
+    /// Failed saves of the state file, and journal lines that could not be written.
+    pub state_write_errors: AtomicU64,
+    pub journal_write_errors: AtomicU64,
 }
 
 /// A read-only view for the admin API and metrics.
@@ -84,6 +90,8 @@ pub struct View {
     pub state: RolloutState,
     pub last: Option<LastVerdict>,
     pub step_elapsed: Duration,
+    /// Why the state is not saved, when its last save failed.
+    pub unsaved: Option<Arc<str>>,
 }
 
 impl RouteRollout {
@@ -94,10 +102,13 @@ impl RouteRollout {
                 step_started: Instant::now(),
                 last: None,
                 hold_warned: false,
+                unsaved: None,
             }),
             store,
             promoted: AtomicU64::new(0),
             rolled_back: AtomicU64::new(0),
+            state_write_errors: AtomicU64::new(0),
+            journal_write_errors: AtomicU64::new(0),
         }
     }
 
@@ -118,8 +129,42 @@ impl RouteRollout {
             state: inner.state.clone(),
             last: inner.last.clone(),
             step_elapsed: inner.step_started.elapsed(),
+            unsaved: inner.unsaved.clone(),
         }
     }
+
+    /// Writes the state to `state.dir`. A failure is logged once, counted, shown by the API,
+    /// and the write is tried again by [`save_if_unsaved`] until it succeeds: else a restart
+    /// would restore an older state (a rollback undone, a canary back at its weight).
+    fn save(&self, name: &str, inner: &mut Inner) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        match store.files.save(name, &inner.state) {
+            Ok(()) => {
+                if inner.unsaved.take().is_some() {
+                    info!(route = %name, "Rollout state saved again.");
+                }
+            }
+            Err(error) => {
+                self.state_write_errors.fetch_add(1, Ordering::Relaxed);
+                if inner.unsaved.is_none() {
+                    warn!(route = %name, %error, "Cannot save rollout state; trying again every interval and at shutdown. A restart now would restore an older state.");
+                }
+                inner.unsaved = Some(error.to_string().into());
+            }
+        }
+    }
+}
+
+/// Saves a route's state again if its last save failed; the state it leaves in `state.dir`
+/// (false: still not saved).
+pub fn save_if_unsaved(shared: &RouteShared) -> bool {
+    let mut inner = shared.rollout.lock();
+    if inner.unsaved.is_some() {
+        shared.rollout.save(&shared.name, &mut inner);
+    }
+    inner.unsaved.is_none()
 }
 
 fn initial_state(config: &RouteConfig) -> RolloutState {
@@ -138,24 +183,23 @@ fn versions(config: &RouteConfig) -> [String; 2] {
 /// there, else from the config and saved at once, so that a restart keeps what this start chose
 /// (`stable` is read at a route's first start only). A corrupt file is set aside and reported.
 pub fn restore(config: &RouteConfig, store: &Arc<Store>) -> Arc<RouteShared> {
-    let state = match store.files.load(&config.name) {
+    let (state, fresh) = match store.files.load(&config.name) {
         Ok(Some(state)) => {
             info!(route = %config.name, phase = state.phase.as_str(), weight = state.split().canary_percent(), "Rollout state restored.");
-            state
+            (state, false)
         }
         loaded => {
             if let Err(error) = loaded {
                 warn!(route = %config.name, %error, "Rollout state unreadable; starting fresh.");
             }
-            let state = initial_state(config);
-            if let Err(error) = store.files.save(&config.name, &state) {
-                warn!(route = %config.name, %error, "Cannot save rollout state.");
-            }
-            state
+            (initial_state(config), true)
         }
     };
     let split = state.split();
     let rollout = RouteRollout::with_state(state, Some(Arc::clone(store)));
+    if fresh {
+        rollout.save(&config.name, &mut rollout.lock());
+    }
     Arc::new(RouteShared::new(config.name.clone(), split, rollout))
 }
 
@@ -262,12 +306,11 @@ fn commit(
             "Rollout changed."
         );
     }
+    shared.rollout.save(&shared.name, inner);
     let Some(store) = &shared.rollout.store else {
         return;
     };
-    if let Err(error) = store.files.save(&shared.name, state) {
-        warn!(route = %shared.name, %error, "Cannot save rollout state.");
-    }
+    let state = &inner.state;
     let entry = Entry {
         at: journal::now_rfc3339(),
         route: &shared.name,
@@ -290,7 +333,11 @@ fn commit(
         judgement,
     };
     if let Err(error) = store.journal.append(&entry) {
-        warn!(route = %shared.name, %error, "Cannot append to the journal.");
+        shared
+            .rollout
+            .journal_write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(route = %shared.name, %error, "Cannot append to the journal; this entry is lost.");
     }
 }
 
@@ -604,6 +651,7 @@ pub async fn run(table: Arc<ArcSwap<RoutingTable>>) {
                 .or_insert_with(|| now + route.config.rollout.interval);
             if now >= *next {
                 *next = now + route.config.rollout.interval;
+                save_if_unsaved(&route.shared);
                 analyse(&route.shared, &route.config);
             }
         }
