@@ -261,6 +261,51 @@ async fn shutdown_waits_for_an_open_tunnel_to_end() {
     assert!(started.elapsed() < Duration::from_secs(8));
 }
 
+/// An HTTP/2 client that reads nothing once answered (so it never acknowledges the drain's
+/// PING) does not hold the drain for `drain_timeout`: its connection, with no stream under
+/// way, is closed about a second after the drain began.
+#[tokio::test]
+async fn a_drained_h2_connection_with_no_stream_is_closed_though_its_client_reads_nothing() {
+    let upstream = recording("blue").await;
+    let mut veer = Veer::shop("drain_timeout = \"30s\"", upstream.addr).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+                                                           // HEADERS on stream 1, END_STREAM | END_HEADERS: GET, http, /, :authority shop (HPACK).
+    let block = [0x82, 0x86, 0x84, 0x41, 4, b's', b'h', b'o', b'p'];
+    hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+    hello.extend_from_slice(&block);
+    stream.write_all(&hello).await.unwrap();
+    // Frames until stream 1 ends; then nothing more is read.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut head = [0u8; 9];
+            stream.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0; len];
+            stream.read_exact(&mut payload).await.unwrap();
+            let (kind, flags, id) = (head[3], head[4], head[8]);
+            if id == 1 && (kind == 0 || kind == 1) && flags & 1 == 1 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "no answer on stream 1");
+    assert_eq!(upstream.seen().len(), 1);
+    let running = veer.running.take().unwrap();
+    let started = tokio::time::Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await;
+    assert!(
+        stopped.is_ok(),
+        "drain held 10 s by a connection with no stream"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the grace"
+    );
+}
+
 /// A tunnel still open at `drain_timeout` is cut then.
 #[tokio::test]
 async fn a_tunnel_open_at_drain_timeout_is_cut() {

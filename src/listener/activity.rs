@@ -125,6 +125,12 @@ impl Activity {
         }
     }
 
+    /// An HTTP/2 connection with no stream under way: on the drain, nothing of the client's is
+    /// left to finish on it.
+    pub(super) fn is_idle_h2(&self) -> bool {
+        self.protocol() == Protocol::Http2 && self.open.load(Ordering::Acquire) == 0
+    }
+
     /// Bytes were read: if they start an awaited request head, its clock starts.
     fn read(&self) {
         if self.head_at.load(Ordering::Relaxed) == AWAITING_HEAD {

@@ -255,6 +255,8 @@ pub(crate) async fn drive<C>(
         _ => now,
     };
     let mut closing = false;
+    // While draining: when to look whether an HTTP/2 connection is left with no stream.
+    let mut drain_look: Option<Instant> = None;
     let result = loop {
         tokio::select! {
             biased;
@@ -262,6 +264,16 @@ pub(crate) async fn drive<C>(
             () = crate::app::stopped(&mut shutdown), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+                drain_look = Some(Instant::now() + DRAIN_GRACE);
+            }
+            () = sleep_until_some(drain_look) => {
+                // hyper ends a drained HTTP/2 connection once the client acknowledged its
+                // PING: one that reads nothing held the whole drain for `drain_timeout`.
+                if activity.is_idle_h2() {
+                    debug!(%peer, "Draining, and no stream under way on this HTTP/2 connection; closing.");
+                    break None;
+                }
+                drain_look = Some(Instant::now() + DRAIN_GRACE);
             }
             () = tokio::time::sleep_until(check_at) => match activity.due(Instant::now(), timers) {
                 Due::At(at) => check_at = at,
@@ -291,6 +303,18 @@ pub(crate) async fn drive<C>(
     };
     if let Some(Err(error)) = result {
         debug!(%peer, %error, "Connection closed with an error.");
+    }
+}
+
+/// How long a drained HTTP/2 connection with no stream under way is left to its client to
+/// close (to read the GOAWAY and acknowledge the PING) before veer closes it.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Sleeps until `at`, or forever when there is no `at`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
