@@ -172,6 +172,122 @@ fn a_second_signal_stops_a_draining_veer_at_once() {
         .contains("Second signal"));
 }
 
+/// An upstream on its own threads answering every request of every keep-alive connection
+/// with `200 ok`.
+fn ok_upstream() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one answer of `content-length: 2` (veer's to `ok_upstream`'s); what was read when
+/// the connection closed or 5 s passed before it was whole.
+fn read_ok_answer(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            if seen.len() >= end + 6 {
+                break;
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(n @ 1..) => seen.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// A request sent on an idle keep-alive connection just before SIGTERM is answered, not met
+/// with a closed connection. Made sure to be "just before": veer is stopped (SIGSTOP) while the
+/// requests are sent, then gets SIGTERM and SIGCONT, so that it sees the signal and the
+/// requests in the same instant. 5 rounds of 4 connections, each answer checked: without the
+/// drain's short settle, a connection of the first round was closed without its answer in 4
+/// runs of 4 (veer's release build on a busy machine: 10 of 120 requests).
+#[test]
+fn a_request_sent_just_before_sigterm_on_a_keep_alive_connection_is_answered() {
+    use std::io::Write;
+    let upstream = ok_upstream();
+    let signal = |name: &str, pid: &str| {
+        let status = Command::new("kill").args([name, pid]).status().unwrap();
+        assert!(status.success());
+    };
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(dir.path(), "127.0.0.1:0");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("127.0.0.1:9\"", &format!("{upstream}\""));
+        std::fs::write(&path, text).unwrap();
+        let (mut child, rx) = run(&path);
+        let lines = lines_until(&rx, "Proxy listening");
+        let listen = lines
+            .last()
+            .and_then(|line| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("listen="))
+            })
+            .expect("veer logs its listener")
+            .to_string();
+        let mut clients: Vec<_> = (0..4)
+            .map(|_| {
+                let mut client = std::net::TcpStream::connect(&listen).unwrap();
+                client
+                    .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let first = read_ok_answer(&mut client);
+                assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+                client
+            })
+            .collect();
+        let pid = child.id().to_string();
+        signal("-STOP", &pid);
+        for client in &mut clients {
+            client
+                .write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        signal("-TERM", &pid);
+        std::thread::sleep(Duration::from_millis(50));
+        signal("-CONT", &pid);
+        let answers: Vec<String> = clients.iter_mut().map(read_ok_answer).collect();
+        let _ = child.kill();
+        child.wait().unwrap();
+        for answer in answers {
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "round {round}: {answer:?}"
+            );
+        }
+    }
+}
+
 /// A second veer on the state dir of a running one stops at start with exit code 2, naming
 /// the key and the path, instead of overwriting the first one's rollout state and journal.
 #[test]
