@@ -117,9 +117,7 @@ impl Journal {
         if start > 0 {
             lines.next(); // possibly cut in the middle
         }
-        let lines: Vec<&[u8]> = lines.collect();
         Ok(lines
-            .into_iter()
             .rev()
             .filter_map(|line| serde_json::from_slice(line).ok())
             .filter(serde_json::Value::is_object)
