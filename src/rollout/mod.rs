@@ -50,8 +50,10 @@ impl Store {
     /// found at start rather than at the first save. The error names the path that failed.
     pub fn open(config: &StateConfig) -> Result<Self, (PathBuf, std::io::Error)> {
         let store = Self::new(config);
-        (store.files.create_dir()).map_err(|e| (store.files.dir().to_path_buf(), e))?;
-        (store.journal.open()).map_err(|e| (store.journal.path().to_path_buf(), e))?;
+        let files = store.files.dir().to_path_buf();
+        store.files.create_dir().map_err(|e| (files, e))?;
+        let journal = store.journal.path().to_path_buf();
+        store.journal.open().map_err(|e| (journal, e))?;
         Ok(store)
     }
 }
