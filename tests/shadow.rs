@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::Value;
 use support::*;
+use tokio::io::AsyncReadExt;
 
 /// A route on `prefix` (any host) with `sticky.by = "none"`, all traffic on blue, and a
 /// shadow at `shadow` with `shadow_extra` in `[route.shadow]`.
@@ -72,10 +73,17 @@ fn counter(shadow: &Value, key: &str) -> u64 {
 
 /// Every chosen shadow has an outcome and none is in flight.
 fn settled(shadow: &Value) -> bool {
-    let outcomes: u64 = ["match", "mismatch", "error", "dropped_busy", "dropped_body"]
-        .iter()
-        .map(|key| counter(shadow, key))
-        .sum();
+    let outcomes: u64 = [
+        "match",
+        "mismatch",
+        "sent",
+        "error",
+        "dropped_busy",
+        "dropped_body",
+    ]
+    .iter()
+    .map(|key| counter(shadow, key))
+    .sum();
     outcomes == counter(shadow, "requests") && counter(shadow, "in_flight") == 0
 }
 
@@ -551,6 +559,78 @@ async fn a_copy_of_a_request_aborted_before_its_answer_is_counted() {
     assert_eq!(counter(&stats, "requests"), 1, "{stats}");
     assert_eq!(counter(&stats, "dropped_body"), 1, "{stats}");
     assert_eq!(shadow.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    veer.shutdown().await;
+}
+
+/// With `compare = "body"`, a HEAD's answer has no body on either side, and the copies match.
+/// (hyper never polls an answer body that has ended from the start: the primary's hash, made
+/// at the end of its body, was never made, and every HEAD counted as a shadow `error`.)
+#[tokio::test]
+async fn head_requests_compared_by_body_match() {
+    let shadow = Upstream::builder("shadow")
+        .body("blue\n")
+        .start()
+        .await
+        .unwrap();
+    let (veer, blue, _green, shadow) = mirror(shadow, "percent = 100.0\ncompare = \"body\"").await;
+    for _ in 0..5 {
+        let (status, _, body) = send(Method::HEAD, &veer.url("/h"), &[], Bytes::new()).await;
+        assert_eq!((status, body.len()), (http::StatusCode::OK, 0));
+    }
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "match"), 5, "{stats}");
+    assert_eq!(counter(&stats, "error"), 0, "{stats}");
+    assert_eq!(blue.request_count(), 5);
+    assert_eq!(shadow.request_count(), 5);
+    veer.shutdown().await;
+}
+
+/// A client that leaves in the middle of the primary's body leaves nothing to compare the
+/// copy's body with: the copy, sent and answered, counts as `sent`, not as the shadow's
+/// `error`; the client's leaving counts as a client abort of the slot, not as its error.
+#[tokio::test]
+async fn a_client_gone_mid_answer_leaves_its_copy_uncompared_and_counts_an_abort() {
+    let blue = Upstream::builder("blue")
+        .body(vec![b'x'; 20_000])
+        .slow_body(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap();
+    let green = recording("green").await;
+    let shadow = recording("shadow").await;
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, "percent = 100.0\ncompare = \"body\"")),
+    );
+    let veer = Veer::start("", &routes).await;
+    // HTTP/1.1: the head and the first piece of the body, then the connection closed.
+    let mut stream = raw_open(veer.addr, b"GET /h1 HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let mut first = [0u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut first)).await;
+    assert!(matches!(read, Ok(Ok(1..))), "{read:?}");
+    drop(stream);
+    // HTTP/2: the head, then the stream reset.
+    let (mut sender, _conn) = h2c_to(veer.addr).await;
+    let request = http::Request::get(veer.url("/h2"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    drop(answer);
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "sent"), 2, "{stats}");
+    assert_eq!(counter(&stats, "error"), 0, "{stats}");
+    assert_eq!(shadow.request_count(), 2);
+    let aborted = eventually(Duration::from_secs(5), || async {
+        veer.slot("mirror", "blue").await["client_aborts"] == 2
+    })
+    .await;
+    let slot = veer.slot("mirror", "blue").await;
+    assert!(aborted, "{slot}");
+    assert!(no_errors(&slot), "{slot}");
     veer.shutdown().await;
 }
 

@@ -57,6 +57,9 @@ pub struct Tail {
     pub timer: Option<Pin<Box<Sleep>>>,
     /// The upstream connection, back to the pool when the body has ended.
     pub lease: Option<Lease>,
+    /// The body ended, or failed on the upstream's side; dropped before that, the client
+    /// left mid-answer.
+    pub over: bool,
 }
 
 /// Why a response body stopped early.
@@ -102,6 +105,7 @@ impl Tail {
         if timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
+        self.over = true;
         self.route
             .slot_metrics(self.slot)
             .record_body_failure(ErrorKind::Timeout);
@@ -114,7 +118,10 @@ impl Tail {
         Poll::Ready(Some(Err(error)))
     }
 
-    fn end(&mut self) {
+    /// The body has ended (also when it had nothing from the start: hyper does not poll the
+    /// body of a HEAD, 204 or 304 answer).
+    pub fn end(&mut self) {
+        self.over = true;
         if let Some(lease) = self.lease.take() {
             lease.release();
         }
@@ -128,6 +135,11 @@ impl Tail {
 
 impl Drop for Tail {
     fn drop(&mut self) {
+        if !self.over {
+            // The client reset the stream or closed the connection mid-answer. The access log
+            // keeps the status sent, with the bytes sent (as NGINX logs it).
+            self.route.slot_metrics(self.slot).record_client_abort();
+        }
         if let Some((logger, mut record, started)) = self.extra.as_mut().and_then(|e| e.log.take())
         {
             record.bytes = self.bytes;
@@ -175,6 +187,7 @@ impl Body for ProxyBody {
                         }
                     }
                     Some(Err(error)) => {
+                        tail.over = true;
                         let kind = if error.is_timeout() {
                             ErrorKind::Timeout
                         } else {

@@ -379,15 +379,8 @@ impl Proxy {
         }
         // The connection goes back to the pool once the body has been read to its end; after a
         // 101 it belongs to the tunnel (or to nobody).
-        let lease = match (switched, http_body::Body::is_end_stream(&rbody)) {
-            (true, _) => None,
-            (false, true) => {
-                lease.release();
-                None
-            }
-            (false, false) => Some(lease),
-        };
-        let tail = Tail {
+        let lease = (!switched).then_some(lease);
+        let mut tail = Tail {
             route: Arc::clone(&route.shared),
             slot: decision.slot,
             bytes: 0,
@@ -396,7 +389,13 @@ impl Proxy {
             deadline,
             timer: None,
             lease,
+            over: false,
         };
+        if http_body::Body::is_end_stream(&rbody) {
+            // Nothing to stream (HEAD, 204, 304, 101): the body is over now, its connection
+            // free again, its hash (an empty body's) ready for the shadow's comparison.
+            tail.end();
+        }
         Response::from_parts(rparts, ProxyBody::upstream(rbody, tail))
     }
 

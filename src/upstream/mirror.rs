@@ -312,14 +312,23 @@ impl ShadowJob {
             }
         };
         let body_differs = match (config.compare, primary_hash) {
-            (Compare::Body, Some(rx)) => match (rx.await, hash) {
-                (Ok(primary), Some(shadow)) => primary != shadow,
-                // The primary body did not complete: nothing to compare against.
-                _ => {
+            (Compare::Body, Some(rx)) => {
+                // The shadow's body failed midway.
+                let Some(shadow) = hash else {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                     return;
+                };
+                match rx.await {
+                    Ok(primary) => primary != shadow,
+                    // The primary's body never ended (its client left mid-answer, or its
+                    // upstream failed): the copy was sent and answered, but there is nothing
+                    // to compare it with, and it is no fault of the shadow's.
+                    Err(_) => {
+                        stats.sent.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                 }
-            },
+            }
             _ => false,
         };
         if config.compare == Compare::Off {
