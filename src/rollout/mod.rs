@@ -188,6 +188,9 @@ pub fn restore(config: &RouteConfig, store: &Arc<Store>) -> Arc<RouteShared> {
     let (state, fresh) = match store.files.load(&config.name) {
         Ok(Some(state)) => {
             info!(route = %config.name, phase = state.phase.as_str(), weight = state.split().canary_percent(), "Rollout state restored.");
+            if state.stable != config.stable {
+                info!(route = %config.name, stable = %state.stable, config = %config.stable, "The stable slot is the restored one: the config's `stable` applies at a route's first start only.");
+            }
             (state, false)
         }
         loaded => {
