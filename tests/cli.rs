@@ -62,6 +62,16 @@ fn lines_until(rx: &Receiver<String>, needle: &str) -> Vec<String> {
     lines
 }
 
+/// The proxy address veer logs once it listens (`listen=...` on its "Proxy listening" line).
+fn logged_listen(rx: &Receiver<String>) -> String {
+    let lines = lines_until(rx, "Proxy listening");
+    let line = lines.last().expect("veer logs its listener");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("listen="))
+        .unwrap_or_else(|| panic!("no listen= in {line:?}"))
+        .to_string()
+}
+
 /// A loopback address nothing listens on (a port just given back by the kernel).
 fn refused_addr() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -90,16 +100,11 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
 fn a_second_veer_on_the_same_port_cannot_bind() {
     let dir = tempfile::tempdir().unwrap();
     let (mut first, rx) = run(&config(dir.path(), "127.0.0.1:0"));
-    let lines = lines_until(&rx, "Proxy listening");
-    let line = lines.last().expect("the first veer logs its listener");
-    let listen = line
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("listen="))
-        .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+    let listen = logged_listen(&rx);
     // Bounded: a second veer that did bind would run until killed. Its own dir: one state dir
     // is for one veer.
     let other = tempfile::tempdir().unwrap();
-    let (code, stderr) = run_to_exit(&config(other.path(), listen));
+    let (code, stderr) = run_to_exit(&config(other.path(), &listen));
     first.kill().unwrap();
     first.wait().unwrap();
     assert_eq!(code, Some(2), "{stderr}");
@@ -126,15 +131,7 @@ fn a_second_signal_stops_a_draining_veer_at_once() {
         .replace("[admin]", "drain_timeout = \"30s\"\n[admin]");
     std::fs::write(&path, text).unwrap();
     let (mut child, rx) = run(&path);
-    let lines = lines_until(&rx, "Proxy listening");
-    let listen = lines
-        .last()
-        .and_then(|line| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix("listen="))
-        })
-        .expect("veer logs its listener")
-        .to_string();
+    let listen = logged_listen(&rx);
     let mut client = std::net::TcpStream::connect(&listen).unwrap();
     client
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -245,15 +242,7 @@ fn a_request_sent_just_before_sigterm_on_a_keep_alive_connection_is_answered() {
             .replace("127.0.0.1:9\"", &format!("{upstream}\""));
         std::fs::write(&path, text).unwrap();
         let (mut child, rx) = run(&path);
-        let lines = lines_until(&rx, "Proxy listening");
-        let listen = lines
-            .last()
-            .and_then(|line| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix("listen="))
-            })
-            .expect("veer logs its listener")
-            .to_string();
+        let listen = logged_listen(&rx);
         let mut clients: Vec<_> = (0..4)
             .map(|_| {
                 let mut client = std::net::TcpStream::connect(&listen).unwrap();
