@@ -60,6 +60,21 @@ async fn mirror_keyed(
     (veer, blue, green, shadow)
 }
 
+/// veer with the route `mirror` on `/`, all traffic on `blue`, mirrored to a recording shadow
+/// with `extra` in `[route.shadow]`; returns veer and the shadow.
+async fn mirror_from(blue: &Upstream, extra: &str) -> (Veer, Upstream) {
+    let green = recording("green").await;
+    let shadow = recording("shadow").await;
+    let routes = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        green.addr,
+        Some((shadow.addr, extra)),
+    );
+    (Veer::start("", &routes).await, shadow)
+}
+
 /// The route's shadow JSON as it is now.
 async fn shadow_stats(veer: &Veer, route: &str) -> Value {
     veer.route_status(route).await["shadow"].clone()
@@ -535,16 +550,7 @@ async fn a_copy_of_a_request_aborted_before_its_answer_is_counted() {
         .start()
         .await
         .unwrap();
-    let green = recording("green").await;
-    let shadow = recording("shadow").await;
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, "percent = 100.0")),
-    );
-    let veer = Veer::start("", &routes).await;
+    let (veer, shadow) = mirror_from(&blue, "percent = 100.0").await;
     let (mut sender, _conn) = h2c_to(veer.addr).await;
     let request = http::Request::get(veer.url("/"))
         .body(http_body_util::Full::new(Bytes::new()))
@@ -596,16 +602,7 @@ async fn a_client_gone_mid_answer_leaves_its_copy_uncompared_and_counts_an_abort
         .start()
         .await
         .unwrap();
-    let green = recording("green").await;
-    let shadow = recording("shadow").await;
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, "percent = 100.0\ncompare = \"body\"")),
-    );
-    let veer = Veer::start("", &routes).await;
+    let (veer, shadow) = mirror_from(&blue, "percent = 100.0\ncompare = \"body\"").await;
     // HTTP/1.1: the head and the first piece of the body, then the connection closed.
     let mut stream = raw_open(veer.addr, b"GET /h1 HTTP/1.1\r\nHost: shop\r\n\r\n").await;
     let mut first = [0u8; 512];
