@@ -155,7 +155,7 @@ fn lock_state_dir(dir: &Path) -> Result<File, AppError> {
             path: dir.to_path_buf(),
             lock,
         }),
-        Err(TryLockError::Error(source)) => Err(io(source)),
+        Err(TryLockError::Error(source)) => Err(AppError::State { path: lock, source }),
     }
 }
 

@@ -194,17 +194,21 @@ fn rejected_reload(reload: &Value) -> Option<String> {
 /// A line under the table for each route whose rollout state could not be saved to
 /// `state.dir`: a restart would restore an older one.
 fn unsaved_states(routes: &[Value]) -> String {
-    routes
+    let lines: String = routes
         .iter()
         .filter(|route| route["state_saved"] == false)
         .map(|route| {
             format!(
-                "\nrollout state of {} not saved (a restart now restores an older one): {}\n",
+                "rollout state of {} not saved (a restart now restores an older one): {}\n",
                 route["name"].as_str().unwrap_or("-"),
                 route["state_error"].as_str().unwrap_or("-")
             )
         })
-        .collect()
+        .collect();
+    match lines.is_empty() {
+        true => lines,
+        false => format!("\n{lines}"),
+    }
 }
 
 /// `veer health`: `GET /healthz` answers 200 within [`ANSWER_TIMEOUT`].
@@ -355,6 +359,10 @@ mod tests {
              access /s/routes/api.json: No space left on device\n"
         );
         assert_eq!(unsaved_states(&routes[..1]), "");
+        let both = [routes[1].clone(), routes[1].clone()];
+        // One blank line above them (the table ends with a line break), none between.
+        let text = unsaved_states(&both);
+        assert!(text.starts_with('\n') && !text.contains("\n\n"), "{text:?}");
     }
 
     #[test]

@@ -261,6 +261,70 @@ async fn shutdown_waits_for_an_open_tunnel_to_end() {
     assert!(started.elapsed() < Duration::from_secs(8));
 }
 
+/// A raw HTTP/2 client's first bytes: the preface, SETTINGS with `settings` (6 bytes each),
+/// a WINDOW_UPDATE of the connection by `window` unless 0, and `GET http://shop/` on stream 1
+/// (HEADERS with END_STREAM and END_HEADERS, HPACK-coded by hand: indexed :method GET,
+/// :scheme http, :path /, and :authority shop as a literal).
+fn raw_h2_get(settings: &[u8], window: u32) -> Vec<u8> {
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, settings.len() as u8, 4, 0, 0, 0, 0, 0]);
+    hello.extend_from_slice(settings);
+    if window > 0 {
+        hello.extend_from_slice(&[0, 0, 4, 8, 0, 0, 0, 0, 0]);
+        hello.extend_from_slice(&window.to_be_bytes());
+    }
+    let block = [0x82, 0x86, 0x84, 0x41, 4, b's', b'h', b'o', b'p'];
+    hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+    hello.extend_from_slice(&block);
+    hello
+}
+
+/// The next frame of a raw HTTP/2 connection: type, flags, stream (its low byte), payload.
+async fn read_frame(stream: &mut TcpStream) -> std::io::Result<(u8, u8, u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await?;
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0; len];
+    stream.read_exact(&mut payload).await?;
+    Ok((head[3], head[4], head[8], payload))
+}
+
+/// Reads frames until stream 1 ends (a HEADERS or DATA frame with END_STREAM).
+async fn read_until_stream_1_ends(stream: &mut TcpStream) -> std::io::Result<()> {
+    loop {
+        let (kind, flags, id, _) = read_frame(stream).await?;
+        if id == 1 && (kind == 0 || kind == 1) && flags & 1 == 1 {
+            return Ok(());
+        }
+    }
+}
+
+/// An HTTP/2 client that reads nothing once answered never acknowledges the PING of the
+/// graceful close at `idle_timeout`: its connection is cut another `idle_timeout` later, not
+/// kept open for good.
+#[tokio::test]
+async fn an_idle_h2_connection_whose_client_reads_nothing_is_cut() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("idle_timeout = \"300ms\"", upstream.addr).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream.write_all(&raw_h2_get(&[], 0)).await.unwrap();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_until_stream_1_ends(&mut stream),
+    )
+    .await;
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "no answer on stream 1: {ended:?}"
+    );
+    // Nothing read for twice the idle timeout and more; then what was sent, and the end.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open 5 s later");
+    veer.shutdown().await;
+}
+
 /// An HTTP/2 client that reads nothing once answered (so it never acknowledges the drain's
 /// PING) does not hold the drain for `drain_timeout`: its connection, with no stream under
 /// way, is closed about a second after the drain began.
@@ -269,29 +333,17 @@ async fn a_drained_h2_connection_with_no_stream_is_closed_though_its_client_read
     let upstream = recording("blue").await;
     let mut veer = Veer::shop("drain_timeout = \"30s\"", upstream.addr).await;
     let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
-                                                           // HEADERS on stream 1, END_STREAM | END_HEADERS: GET, http, /, :authority shop (HPACK).
-    let block = [0x82, 0x86, 0x84, 0x41, 4, b's', b'h', b'o', b'p'];
-    hello.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
-    hello.extend_from_slice(&block);
-    stream.write_all(&hello).await.unwrap();
+    stream.write_all(&raw_h2_get(&[], 0)).await.unwrap();
     // Frames until stream 1 ends; then nothing more is read.
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let mut head = [0u8; 9];
-            stream.read_exact(&mut head).await.unwrap();
-            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            let mut payload = vec![0; len];
-            stream.read_exact(&mut payload).await.unwrap();
-            let (kind, flags, id) = (head[3], head[4], head[8]);
-            if id == 1 && (kind == 0 || kind == 1) && flags & 1 == 1 {
-                return;
-            }
-        }
-    })
+    let ended = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_until_stream_1_ends(&mut stream),
+    )
     .await;
-    assert!(ended.is_ok(), "no answer on stream 1");
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "no answer on stream 1: {ended:?}"
+    );
     assert_eq!(upstream.seen().len(), 1);
     let running = veer.running.take().unwrap();
     let started = tokio::time::Instant::now();
@@ -304,6 +356,91 @@ async fn a_drained_h2_connection_with_no_stream_is_closed_though_its_client_read
         started.elapsed() >= Duration::from_millis(900),
         "closed before the grace"
     );
+}
+
+/// A drained HTTP/2 client that is still taking its answer slowly gets all of it: once the
+/// exchange is over, the answer's last bytes may still wait in HTTP/2's send queue and in the
+/// socket, and a connection still moving bytes is not closed as idle. A raw client with large
+/// windows and a small receive buffer reads 512 KiB at 16 KiB per 100 ms from its socket (as
+/// a slow mobile client would), acknowledging veer's SETTINGS and PINGs; the drain begins
+/// after the answer's head. The tail left after the exchange ended (64 KiB of send queue and
+/// what the socket holds) takes well over a second to read, past a look.
+#[tokio::test]
+async fn a_drained_h2_client_still_reading_its_answer_gets_all_of_it() {
+    let len = 512 * 1024;
+    let upstream = Upstream::builder("big")
+        .body(vec![b'x'; len])
+        .start()
+        .await
+        .unwrap();
+    let mut veer = Veer::shop("drain_timeout = \"30s\"", upstream.addr).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8192).unwrap();
+    let mut stream = socket.connect(veer.addr).await.unwrap();
+    // INITIAL_WINDOW_SIZE 16 MiB, and the connection's window as large.
+    let hello = raw_h2_get(&[0, 4, 1, 0, 0, 0], 1 << 24);
+    stream.write_all(&hello).await.unwrap();
+    let mut running = veer.running.take();
+    let mut stopping = None;
+    let mut got = 0;
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (kind, flags, id, payload) = read_frame(&mut stream).await?;
+            match kind {
+                // The answer's head: the drain begins.
+                1 if id == 1 => stopping = running.take().map(|r| tokio::spawn(r.shutdown())),
+                0 if id == 1 => {
+                    got += payload.len();
+                    if flags & 1 == 1 {
+                        return Ok::<(), std::io::Error>(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                4 if flags & 1 == 0 => stream.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
+                6 if flags & 1 == 0 => {
+                    stream.write_all(&[0, 0, 8, 6, 1, 0, 0, 0, 0]).await?;
+                    stream.write_all(&payload).await?;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(()))),
+        "{read:?} after {got} of {len} bytes"
+    );
+    assert_eq!(got, len);
+    stopping.expect("the drain began").await.unwrap();
+}
+
+/// An HTTP/1.1 exchange under way when the drain begins is told: its answer says
+/// `Connection: close`, so that the client sends its next request elsewhere instead of on a
+/// connection about to close. (That a busy connection is told at once, not after the idle
+/// ones' 50 ms settle, is not timed here: the answer comes 300 ms after the signal.)
+#[tokio::test]
+async fn an_answer_under_way_at_the_drain_says_connection_close() {
+    let slow = Upstream::builder("slow")
+        .latency(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let mut veer = Veer::shop("", slow.addr).await;
+    let mut stream = raw_open(veer.addr, b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    await_requests(&slow, 1, Duration::from_secs(5)).await;
+    let running = veer.running.take().unwrap();
+    let stopping = tokio::spawn(running.shutdown());
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    assert!(
+        answer
+            .head
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{}",
+        answer.head
+    );
+    stopping.await.unwrap();
 }
 
 /// A tunnel still open at `drain_timeout` is cut then.

@@ -328,6 +328,52 @@ async fn trailers_pass_both_ways() {
     veer.shutdown().await;
 }
 
+/// Answers delivered whole count no client abort, however they end: with trailers (after which
+/// hyper polls the body no further), close-delimited to an HTTP/1.0 client, without a body
+/// (204, 304, HEAD).
+#[tokio::test]
+async fn answers_delivered_whole_count_no_client_abort() {
+    let cases: [(&'static [u8], &[u8], u16); 5] = [
+        (
+            b"HTTP/1.1 200 OK\r\nTrailer: x-sum\r\nTransfer-Encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\nx-sum: 42\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: shop\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+            200,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: shop\r\n\r\n",
+            200,
+        ),
+        (
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"DELETE / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
+            204,
+        ),
+        (
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: shop\r\nIf-None-Match: \"a\"\r\nConnection: close\r\n\r\n",
+            304,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+            b"HEAD / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
+            200,
+        ),
+    ];
+    for (answer, request, status) in cases {
+        let (upstream, task) = scripted_upstream(answer).await;
+        let veer = Veer::shop("", upstream).await;
+        let said = String::from_utf8_lossy(request);
+        let got = raw(veer.addr, request).await;
+        assert_eq!(raw_status(&got), Some(status), "{said}: {got}");
+        let blue = veer.slot("shop", "blue").await;
+        assert_eq!(blue["client_aborts"], 0, "{said}: {blue}");
+        task.abort();
+        veer.shutdown().await;
+    }
+}
+
 /// Fields of the upstream's connection in its trailers (RFC 9113 §8.2.2) are not passed on: an
 /// HTTP/2 client would reset the stream after a complete answer.
 #[tokio::test]
@@ -352,6 +398,8 @@ async fn connection_fields_in_upstream_trailers_do_not_reach_an_http2_client() {
     assert_eq!(collected.to_bytes(), "hello");
     let names: Vec<&str> = trailers.keys().map(|n| n.as_str()).collect();
     assert_eq!(names, ["x-sum"]);
+    // Delivered whole: no client abort (hyper drops a body after its trailers unpolled).
+    assert_eq!(veer.slot("shop", "blue").await["client_aborts"], 0);
     conn.abort();
     task.abort();
     veer.shutdown().await;

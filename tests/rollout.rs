@@ -754,6 +754,33 @@ async fn a_manual_route_refuses_start_and_resume() {
     assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
 }
 
+/// A state file holding a weight veer never writes (here: rolled back, with 70 % on the canary,
+/// after a promotion made green stable) is mended at start, not thrown away: the route stays
+/// rolled back with its stable slot, and the mended state is saved.
+#[tokio::test(start_paused = true)]
+async fn a_state_file_with_an_impossible_weight_is_mended_keeping_its_stable_slot() {
+    let c = Controller::new("");
+    let mut state = veer::rollout::state::RolloutState::new(
+        Slot::Green,
+        0,
+        ["v1".to_string(), "v2".to_string()],
+    );
+    state.phase = Phase::RolledBack;
+    state.canary_bp = 7000;
+    let file = c.dir.path().join("state/routes/shop.json");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, serde_json::to_vec(&state).unwrap()).unwrap();
+    let shared = c.restore();
+    assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
+    assert_eq!(shared.split.load().stable, Slot::Green);
+    assert_eq!(shared.split.load().canary_bp, 0);
+    let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        (&saved["canary_bp"], &saved["stable"]),
+        (&Value::from(0), &Value::from("green"))
+    );
+}
+
 /// A state that could not be saved (here: a directory stands where the file goes) is saved
 /// again once it can be, so that a restart does not undo a rollback; until then the API shows
 /// it and the failures are counted.

@@ -80,6 +80,9 @@ pub(crate) struct Activity {
     /// Since when writes have found the socket full with none taken since, in milliseconds
     /// after `opened`, or `NOT_BLOCKED`.
     write_blocked_at: AtomicU64,
+    /// Reads and writes that moved bytes, counted: whether a connection is still sending or
+    /// taking anything between two looks.
+    moved: AtomicU64,
 }
 
 impl Activity {
@@ -93,6 +96,7 @@ impl Activity {
             quiet_since: AtomicU64::new(0),
             head_at: AtomicU64::new(0),
             write_blocked_at: AtomicU64::new(NOT_BLOCKED),
+            moved: AtomicU64::new(0),
         }
     }
 
@@ -125,14 +129,24 @@ impl Activity {
         }
     }
 
-    /// An HTTP/2 connection with no stream under way: on the drain, nothing of the client's is
-    /// left to finish on it.
+    /// Whether an exchange is under way.
+    pub(super) fn is_busy(&self) -> bool {
+        self.open.load(Ordering::Acquire) > 0
+    }
+
+    /// How many reads and writes have moved bytes so far (see [`Activity::moved`]).
+    pub(super) fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+
+    /// An HTTP/2 connection with no stream under way.
     pub(super) fn is_idle_h2(&self) -> bool {
-        self.protocol() == Protocol::Http2 && self.open.load(Ordering::Acquire) == 0
+        self.protocol() == Protocol::Http2 && !self.is_busy()
     }
 
     /// Bytes were read: if they start an awaited request head, its clock starts.
     fn read(&self) {
+        self.moved.fetch_add(1, Ordering::Relaxed);
         if self.head_at.load(Ordering::Relaxed) == AWAITING_HEAD {
             self.head_at.store(self.millis(), Ordering::Relaxed);
         }
@@ -150,6 +164,7 @@ impl Activity {
                 }
             }
             Poll::Ready(Ok(n)) if *n > 0 => {
+                self.moved.fetch_add(1, Ordering::Relaxed);
                 if self.write_blocked_at.load(Ordering::Relaxed) != NOT_BLOCKED {
                     self.write_blocked_at.store(NOT_BLOCKED, Ordering::Relaxed);
                 }

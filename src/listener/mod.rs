@@ -255,35 +255,40 @@ pub(crate) async fn drive<C>(
         _ => now,
     };
     let mut closing = false;
-    let mut draining = false;
-    // On the drain signal: when to close gracefully, then when to look whether an HTTP/2
-    // connection is left with no stream.
-    let mut drain_at: Option<Instant> = None;
-    let mut drain_look: Option<Instant> = None;
+    let mut drain = Drain::default();
     let result = loop {
         tokio::select! {
             biased;
             result = conn.as_mut() => break Some(result),
-            () = crate::app::stopped(&mut shutdown), if !draining => {
-                draining = true;
-                drain_at = Some(Instant::now() + DRAIN_SETTLE);
+            () = crate::app::stopped(&mut shutdown), if !drain.signalled => {
+                drain.signalled = true;
+                if activity.is_busy() {
+                    // Told now, an HTTP/1.1 answer under way says `Connection: close`.
+                    if !closing {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    drain.look_from_now(activity);
+                } else {
+                    drain.close_at = Some(Instant::now() + DRAIN_SETTLE);
+                }
             }
-            () = sleep_until_some(drain_at) => {
-                drain_at = None;
+            () = sleep_until_some(drain.close_at) => {
+                drain.close_at = None;
                 if !closing {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                drain_look = Some(Instant::now() + DRAIN_GRACE);
+                drain.look_from_now(activity);
             }
-            () = sleep_until_some(drain_look) => {
+            () = sleep_until_some(drain.look_at.map(|(at, _)| at)) => {
                 // hyper ends a drained HTTP/2 connection once the client acknowledged its
-                // PING: one that reads nothing held the whole drain for `drain_timeout`.
-                if activity.is_idle_h2() {
-                    debug!(%peer, "Draining, and no stream under way on this HTTP/2 connection; closing.");
+                // PING: one that reads nothing would hold the drain for `drain_timeout`.
+                if drain.silent(activity) && activity.is_idle_h2() {
+                    debug!(%peer, "Draining, no stream under way and nothing moving on this HTTP/2 connection; closing.");
                     break None;
                 }
-                drain_look = Some(Instant::now() + DRAIN_GRACE);
+                drain.look_from_now(activity);
             }
             () = tokio::time::sleep_until(check_at) => match activity.due(Instant::now(), timers) {
                 Due::At(at) => check_at = at,
@@ -297,6 +302,12 @@ pub(crate) async fn drive<C>(
                 }
                 Due::BodyOverdue => {
                     debug!(%peer, "Request body still read request_timeout after its answer; closing.");
+                    break None;
+                }
+                Due::Idle if closing => {
+                    // Closed gracefully, and still open: an HTTP/2 client that does not
+                    // acknowledge the GOAWAY's PING.
+                    debug!(%peer, "Connection still open idle_timeout after its graceful close; closing.");
                     break None;
                 }
                 Due::Idle => {
@@ -316,7 +327,7 @@ pub(crate) async fn drive<C>(
     }
 }
 
-/// How long after the drain signal a connection is closed gracefully. Not at once: a request
+/// How long after the drain signal an idle connection is closed gracefully. Not at once: a request
 /// the client sent on an idle keep-alive connection just before the signal may not have been
 /// seen by this worker yet (its socket's readiness comes with the next turn of the worker's
 /// I/O driver), and hyper closes an idle connection without reading it: the client got a
@@ -324,9 +335,34 @@ pub(crate) async fn drive<C>(
 /// sent while veer was stopped by SIGSTOP, then SIGTERM and SIGCONT; none with the settle).
 const DRAIN_SETTLE: Duration = Duration::from_millis(50);
 
-/// How long a drained HTTP/2 connection with no stream under way is left to its client to
-/// close (to read the GOAWAY and acknowledge the PING) before veer closes it.
+/// How long a drained HTTP/2 connection with no stream under way and nothing read or written
+/// is left to its client to close (to read the GOAWAY and acknowledge the PING) before veer
+/// closes it.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// One connection's drain, from the shutdown signal on.
+#[derive(Default)]
+struct Drain {
+    signalled: bool,
+    /// When an idle connection is to be closed gracefully (see [`DRAIN_SETTLE`]).
+    close_at: Option<Instant>,
+    /// When to look whether the closing connection is left with nothing moving, and how many
+    /// reads and writes had moved bytes at the look before.
+    look_at: Option<(Instant, u64)>,
+}
+
+impl Drain {
+    fn look_from_now(&mut self, activity: &Activity) {
+        self.look_at = Some((Instant::now() + DRAIN_GRACE, activity.moved()));
+    }
+
+    /// Nothing read or written since the last look: a client still taking an answer (its
+    /// last bytes may wait in HTTP/2's queues after the exchange is over) is not silent.
+    fn silent(&self, activity: &Activity) -> bool {
+        self.look_at
+            .is_some_and(|(_, moved)| moved == activity.moved())
+    }
+}
 
 /// Sleeps until `at`, or forever when there is no `at`.
 async fn sleep_until_some(at: Option<Instant>) {

@@ -182,7 +182,9 @@ impl Body for ProxyBody {
                         if let Some(data) = frame.data_ref() {
                             tail.data(data);
                         }
-                        if inner.is_end_stream() {
+                        // Trailers are the last frame: hyper polls no further after them (and
+                        // a chunked body never tells its end otherwise).
+                        if frame.is_trailers() || inner.is_end_stream() {
                             tail.end();
                         }
                     }

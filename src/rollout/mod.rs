@@ -185,13 +185,19 @@ fn versions(config: &RouteConfig) -> [String; 2] {
 /// there, else from the config and saved at once, so that a restart keeps what this start chose
 /// (`stable` is read at a route's first start only). A corrupt file is set aside and reported.
 pub fn restore(config: &RouteConfig, store: &Arc<Store>) -> Arc<RouteShared> {
-    let (state, fresh) = match store.files.load(&config.name) {
-        Ok(Some(state)) => {
+    // `save`: a state this start chose or mended, saved at once.
+    let (state, save) = match store.files.load(&config.name) {
+        Ok(Some(mut state)) => {
+            // Taken as it is, a rolled-back route could serve its canary.
+            let mended = state.repair();
+            if let Some(mended) = mended {
+                warn!(route = %config.name, mended, "Rollout state file holds a weight veer never writes; mended.");
+            }
             info!(route = %config.name, phase = state.phase.as_str(), weight = state.split().canary_percent(), "Rollout state restored.");
             if state.stable != config.stable {
                 info!(route = %config.name, stable = %state.stable, config = %config.stable, "The stable slot is the restored one: the config's `stable` applies at a route's first start only.");
             }
-            (state, false)
+            (state, mended.is_some())
         }
         loaded => {
             if let Err(error) = loaded {
@@ -202,7 +208,7 @@ pub fn restore(config: &RouteConfig, store: &Arc<Store>) -> Arc<RouteShared> {
     };
     let split = state.split();
     let rollout = RouteRollout::with_state(state, Some(Arc::clone(store)));
-    if fresh {
+    if save {
         rollout.save(&config.name, &mut rollout.lock());
     }
     Arc::new(RouteShared::new(config.name.clone(), split, rollout))

@@ -145,15 +145,18 @@ impl RolloutState {
         }
     }
 
-    /// What makes this state one the machine never reaches, if anything: a weight above
-    /// 100 %, or a weight on the canary while no rollout is under way.
-    fn problem(&self) -> Option<&'static str> {
+    /// Mends a weight the machine never leaves (a file edited by hand, or another program's):
+    /// above 100 %, or on the canary while no rollout is under way. Everything else, the stable
+    /// slot first of all, is kept. What was mended, if anything.
+    pub fn repair(&mut self) -> Option<&'static str> {
         if self.canary_bp > 10_000 {
-            return Some("canary_bp is above 10000 (100 %)");
+            self.canary_bp = 10_000;
+            return Some("canary_bp above 10000 (100 %) set to 10000");
         }
         match self.phase {
             Phase::Idle | Phase::RolledBack if self.canary_bp != 0 => {
-                Some("canary_bp is not 0 in phase idle or rolled_back")
+                self.canary_bp = 0;
+                Some("canary_bp in phase idle or rolled_back set to 0")
             }
             _ => None,
         }
@@ -294,14 +297,7 @@ impl StateFiles {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        // A file veer never writes (edited by hand, or another program's) is as good as
-        // corrupt: taken as it is, a rolled-back route could serve its canary.
-        let parsed =
-            serde_json::from_str::<RolloutState>(&text).and_then(|state| match state.problem() {
-                Some(problem) => Err(serde::de::Error::custom(problem)),
-                None => Ok(state),
-            });
-        match parsed {
+        match serde_json::from_str(&text) {
             Ok(state) => Ok(Some(state)),
             Err(source) => {
                 let aside = path.with_extension("json.corrupt");
@@ -525,7 +521,7 @@ mod tests {
                 if let Ok(next) = state.apply(action, &STEPS) {
                     state = next;
                 }
-                prop_assert_eq!(state.problem(), None);
+                prop_assert_eq!(state.clone().repair(), None);
                 match state.phase {
                     Phase::Idle => prop_assert_eq!(state.canary_bp, 0),
                     Phase::RolledBack => prop_assert_eq!(state.canary_bp, 0),
@@ -563,48 +559,35 @@ mod tests {
         assert!(dir.path().join("routes/shop.json.corrupt").exists());
     }
 
-    /// A well-formed file with a state the machine never reaches is set aside like a corrupt
-    /// one: a rolled-back or idle route with a canary weight, a weight above 100 %.
+    /// A weight the machine never leaves is mended, the rest (the stable slot) kept.
     #[test]
-    fn a_state_file_the_machine_could_not_have_written_is_set_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = StateFiles::new(dir.path());
+    fn a_weight_the_machine_never_leaves_is_mended_and_the_rest_kept() {
         let rolled_back = idle()
             .apply(Action::Start, &STEPS)
             .and_then(|s| s.apply(Action::Rollback, &STEPS))
             .unwrap();
         let paused = idle().apply(Action::SetWeight(5000), &STEPS).unwrap();
+        let green = |state: RolloutState| RolloutState {
+            stable: Slot::Green,
+            ..state
+        };
         let cases = [
-            (
-                RolloutState {
-                    canary_bp: 7000,
-                    ..rolled_back
-                },
-                "not 0 in phase",
-            ),
-            (
-                RolloutState {
-                    canary_bp: 5000,
-                    ..idle()
-                },
-                "not 0 in phase",
-            ),
-            (
-                RolloutState {
-                    canary_bp: 20_000,
-                    ..paused.clone()
-                },
-                "above 10000",
-            ),
+            (green(rolled_back.clone()), 7000, 0),
+            (green(idle()), 5000, 0),
+            (green(paused.clone()), 20_000, 10_000),
         ];
-        for (state, problem) in cases {
-            files.save("shop", &state).unwrap();
-            let error = files.load("shop").unwrap_err().to_string();
-            assert!(error.contains(problem), "{error}");
-            assert!(error.contains("set aside"), "{error}");
-            assert!(files.load("shop").unwrap().is_none());
+        for (state, written, mended) in cases {
+            let mut state = RolloutState {
+                canary_bp: written,
+                ..state
+            };
+            let before = state.clone();
+            assert!(state.repair().is_some(), "{before:?}");
+            assert_eq!(state.canary_bp, mended);
+            assert_eq!((state.stable, state.phase), (Slot::Green, before.phase));
         }
-        files.save("shop", &paused).unwrap();
-        assert_eq!(files.load("shop").unwrap(), Some(paused));
+        let mut fine = paused.clone();
+        assert_eq!(fine.repair(), None);
+        assert_eq!(fine, paused);
     }
 }

@@ -321,12 +321,14 @@ impl ShadowJob {
                 match rx.await {
                     Ok(primary) => primary != shadow,
                     // The primary's body never ended (its client left mid-answer, or its
-                    // upstream failed): the copy was sent and answered, but there is nothing
-                    // to compare it with, and it is no fault of the shadow's.
-                    Err(_) => {
+                    // upstream failed): no body to compare the copy's with, and no fault of
+                    // the shadow's. The statuses still are compared: a different one is a
+                    // mismatch, the same one leaves the copy `sent`.
+                    Err(_) if status == primary.status => {
                         stats.sent.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
+                    Err(_) => false,
                 }
             }
             _ => false,
