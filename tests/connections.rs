@@ -299,13 +299,8 @@ async fn read_until_stream_1_ends(stream: &mut TcpStream) -> std::io::Result<()>
     }
 }
 
-/// An HTTP/2 client that reads nothing once answered never acknowledges the PING of the
-/// graceful close at `idle_timeout`: its connection is cut another `idle_timeout` later, not
-/// kept open for good.
-#[tokio::test]
-async fn an_idle_h2_connection_whose_client_reads_nothing_is_cut() {
-    let upstream = recording("blue").await;
-    let veer = Veer::shop("idle_timeout = \"300ms\"", upstream.addr).await;
+/// A raw HTTP/2 connection to veer on which `GET http://shop/` was answered (within 5 s).
+async fn answered_raw_h2(veer: &Veer) -> TcpStream {
     let mut stream = TcpStream::connect(veer.addr).await.unwrap();
     stream.write_all(&raw_h2_get(&[], 0)).await.unwrap();
     let ended = tokio::time::timeout(
@@ -317,6 +312,17 @@ async fn an_idle_h2_connection_whose_client_reads_nothing_is_cut() {
         matches!(ended, Ok(Ok(()))),
         "no answer on stream 1: {ended:?}"
     );
+    stream
+}
+
+/// An HTTP/2 client that reads nothing once answered never acknowledges the PING of the
+/// graceful close at `idle_timeout`: its connection is cut another `idle_timeout` later, not
+/// kept open for good.
+#[tokio::test]
+async fn an_idle_h2_connection_whose_client_reads_nothing_is_cut() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("idle_timeout = \"300ms\"", upstream.addr).await;
+    let mut stream = answered_raw_h2(&veer).await;
     // Nothing read for twice the idle timeout and more; then what was sent, and the end.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut rest = Vec::new();
@@ -332,18 +338,8 @@ async fn an_idle_h2_connection_whose_client_reads_nothing_is_cut() {
 async fn a_drained_h2_connection_with_no_stream_is_closed_though_its_client_reads_nothing() {
     let upstream = recording("blue").await;
     let mut veer = Veer::shop("drain_timeout = \"30s\"", upstream.addr).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream.write_all(&raw_h2_get(&[], 0)).await.unwrap();
-    // Frames until stream 1 ends; then nothing more is read.
-    let ended = tokio::time::timeout(
-        Duration::from_secs(5),
-        read_until_stream_1_ends(&mut stream),
-    )
-    .await;
-    assert!(
-        matches!(ended, Ok(Ok(()))),
-        "no answer on stream 1: {ended:?}"
-    );
+    // Answered; then nothing more is read.
+    let _stream = answered_raw_h2(&veer).await;
     assert_eq!(upstream.seen().len(), 1);
     let running = veer.running.take().unwrap();
     let started = tokio::time::Instant::now();
