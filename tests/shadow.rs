@@ -47,17 +47,17 @@ async fn mirror_keyed(
     extra: &str,
     by: &str,
 ) -> (Veer, Upstream, Upstream, Upstream) {
-    let (blue, green) = (recording("blue").await, recording("green").await);
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((shadow.addr, extra)),
-    )
-    .replace("by = \"none\"", &format!("by = \"{by}\""));
-    let veer = Veer::start("", &routes).await;
+    let (veer, blue, green) = mirror_to(shadow.addr, extra, by).await;
     (veer, blue, green, shadow)
+}
+
+/// veer with the route `mirror` on `/` keyed `by`, between recording blue and green upstreams
+/// (all traffic on blue), mirroring to whatever is at `shadow`; returns veer, blue and green.
+async fn mirror_to(shadow: SocketAddr, extra: &str, by: &str) -> (Veer, Upstream, Upstream) {
+    let (blue, green) = (recording("blue").await, recording("green").await);
+    let routes = shadow_route("mirror", "/", blue.addr, green.addr, Some((shadow, extra)))
+        .replace("by = \"none\"", &format!("by = \"{by}\""));
+    (Veer::start("", &routes).await, blue, green)
 }
 
 /// veer with the route `mirror` on `/`, all traffic on `blue`, mirrored to a recording shadow
@@ -515,16 +515,8 @@ async fn a_failed_primary_still_gets_its_shadow_compared() {
 /// a second.
 #[tokio::test]
 async fn a_shadow_that_refuses_connections_is_rested_not_retried_per_copy() {
-    let (blue, green) = (recording("blue").await, recording("green").await);
     let refused = closed_addr().await;
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((refused, "percent = 100.0")),
-    );
-    let veer = Veer::start("", &routes).await;
+    let (veer, _blue, _green) = mirror_to(refused, "percent = 100.0", "none").await;
     let started = tokio::time::Instant::now();
     let answers = get_n(&veer, "/", 80).await;
     let took = started.elapsed().as_secs_f64();
@@ -637,21 +629,13 @@ async fn a_client_gone_mid_answer_leaves_its_copy_uncompared_and_counts_an_abort
 async fn a_shadow_that_comes_back_gets_every_copy_again() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (blue, green) = (recording("blue").await, recording("green").await);
     // Bound, not yet listening: refused until `listen`.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket
         .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .unwrap();
     let addr = socket.local_addr().unwrap();
-    let routes = shadow_route(
-        "mirror",
-        "/",
-        blue.addr,
-        green.addr,
-        Some((addr, "percent = 100.0")),
-    );
-    let veer = Veer::start("", &routes).await;
+    let (veer, _blue, _green) = mirror_to(addr, "percent = 100.0", "none").await;
     assert_eq!(not_from_blue(&get_n(&veer, "/", 8).await), 0);
     assert!(counter(&settled_shadow(&veer, "mirror").await, "error") >= 1);
     // Now it answers every request 200, counting them.

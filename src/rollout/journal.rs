@@ -141,6 +141,12 @@ fn ends_cut(file: &File) -> std::io::Result<bool> {
 mod tests {
     use super::*;
 
+    /// The `reason` of each entry of the tail, newest first.
+    fn reasons(journal: &Journal) -> Vec<serde_json::Value> {
+        let tail = journal.tail(10).unwrap();
+        tail.into_iter().map(|e| e["reason"].clone()).collect()
+    }
+
     fn entry(reason: &str) -> Entry<'_> {
         Entry {
             at: now_rfc3339(),
@@ -191,12 +197,7 @@ mod tests {
         other.write_all(b"{\"cut").unwrap();
         journal.append(&entry("b")).unwrap();
         journal.append(&entry("c")).unwrap();
-        let reasons: Vec<_> = journal
-            .tail(10)
-            .unwrap()
-            .into_iter()
-            .map(|e| e["reason"].clone())
-            .collect();
+        let reasons = reasons(&journal);
         assert_eq!(reasons, ["c", "b", "a"]);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 5, "{text}");
@@ -215,12 +216,7 @@ mod tests {
         file.write_all(b"{\"reason\":\"\xc3\n42\n\xff\xfe\n")
             .unwrap();
         journal.append(&entry("b")).unwrap();
-        let reasons: Vec<_> = journal
-            .tail(10)
-            .unwrap()
-            .into_iter()
-            .map(|e| e["reason"].clone())
-            .collect();
+        let reasons = reasons(&journal);
         assert_eq!(reasons, ["b", "a"]);
     }
 }
