@@ -7,6 +7,7 @@ pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -264,10 +265,7 @@ pub(crate) async fn drive<C>(
                 drain.signalled = true;
                 if activity.is_busy() {
                     // Told now, an HTTP/1.1 answer under way says `Connection: close`.
-                    if !closing {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
+                    close_gracefully(conn.as_mut(), &mut closing);
                     drain.look_from_now(activity);
                 } else {
                     drain.close_at = Some(Instant::now() + DRAIN_SETTLE);
@@ -275,10 +273,7 @@ pub(crate) async fn drive<C>(
             }
             () = sleep_until_some(drain.close_at) => {
                 drain.close_at = None;
-                if !closing {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
+                close_gracefully(conn.as_mut(), &mut closing);
                 drain.look_from_now(activity);
             }
             () = sleep_until_some(drain.look_at.map(|(at, _)| at)) => {
@@ -312,10 +307,7 @@ pub(crate) async fn drive<C>(
                 }
                 Due::Idle => {
                     debug!(%peer, "Connection idle for idle_timeout; closing.");
-                    if !closing {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
+                    close_gracefully(conn.as_mut(), &mut closing);
                     // The close flushes first: a client that takes nothing is still cut.
                     check_at = Instant::now() + timers.idle;
                 }
@@ -361,6 +353,14 @@ impl Drain {
     fn silent(&self, activity: &Activity) -> bool {
         self.look_at
             .is_some_and(|(_, moved)| moved == activity.moved())
+    }
+}
+
+/// Closes `conn` gracefully (in-flight requests finish), once.
+fn close_gracefully<C: GracefulConnection>(conn: Pin<&mut C>, closing: &mut bool) {
+    if !*closing {
+        conn.graceful_shutdown();
+        *closing = true;
     }
 }
 
