@@ -205,9 +205,10 @@ fn unsaved_states(routes: &[Value]) -> String {
             )
         })
         .collect();
-    match lines.is_empty() {
-        true => lines,
-        false => format!("\n{lines}"),
+    if lines.is_empty() {
+        lines
+    } else {
+        format!("\n{lines}")
     }
 }
 
