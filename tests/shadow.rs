@@ -533,6 +533,43 @@ async fn a_shadow_that_refuses_connections_is_rested_not_retried_per_copy() {
     veer.shutdown().await;
 }
 
+/// A refused connection rests only the endpoint that refused it: with one of two shadow
+/// endpoints dead, the live one gets every copy the dead one does not. 80 requests, 8 at a
+/// time: the dead endpoint gets at most 8 attempts before its first refusal is seen, then one
+/// probe a second; every other copy reaches the live one.
+#[tokio::test]
+async fn a_refusing_shadow_endpoint_rests_alone() {
+    let refused = closed_addr().await;
+    let live = recording("shadow").await;
+    let blue = recording("blue").await;
+    let route = shadow_route(
+        "mirror",
+        "/",
+        blue.addr,
+        refused,
+        Some((refused, "percent = 100.0")),
+    )
+    .replace(
+        &format!("endpoints = [\"{refused}\"]\npercent"),
+        &format!("endpoints = [\"{refused}\", \"{}\"]\npercent", live.addr),
+    );
+    let veer = Veer::start("", &route).await;
+    let started = tokio::time::Instant::now();
+    let answers = get_n(&veer, "/", 80).await;
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(not_from_blue(&answers), 0);
+    let stats = settled_shadow(&veer, "mirror").await;
+    let attempts = stats["latency"]["errors"]["connect"].as_u64().unwrap();
+    let bound = 8 + took.ceil() as u64;
+    assert!(
+        (1..=bound).contains(&attempts),
+        "{attempts} connection attempts to the dead endpoint in {took:.2} s: {stats}"
+    );
+    assert_eq!(counter(&stats, "error"), attempts, "{stats}");
+    assert_eq!(live.request_count(), 80 - attempts, "{stats}");
+    veer.shutdown().await;
+}
+
 /// An HTTP/2 request reset by its client before the answer takes its drawn copy with it: the
 /// copy is counted (`dropped_body`, as for an aborted upload), so the outcomes still add up.
 #[tokio::test]

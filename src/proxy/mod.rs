@@ -465,16 +465,19 @@ impl Proxy {
             return None;
         }
         let stats = &route.shared.shadow;
+        let count = |counter: &std::sync::atomic::AtomicU64| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
+        count(&stats.requests);
         if content_length(parts).is_some_and(|len| len > config.max_body_bytes) {
-            stats
-                .requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            stats
-                .dropped_body
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            count(&stats.dropped_body);
             return None;
         }
-        let endpoint = route.shadow_endpoint()?;
+        // Every endpoint rests after refusing a connection: the copy is the shadow's error.
+        let Some((endpoint, rest)) = route.shadow_endpoint() else {
+            count(&stats.errors);
+            return None;
+        };
         let permit = stats.try_acquire(config.max_in_flight)?;
         let (body, tee) = if empty_body {
             (ShadowBody::Empty, None)
@@ -508,6 +511,7 @@ impl Proxy {
             body,
             permit,
             route: Arc::clone(&route.shared),
+            rest: Arc::clone(rest),
             config: config.clone(),
             timeout,
             primary_hash: None,

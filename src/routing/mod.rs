@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::config::{Config, HostPattern, RouteConfig, StickyBy};
 use crate::metrics::SlotMetrics;
 use crate::rollout::RouteRollout;
-use crate::upstream::mirror::ShadowStats;
+use crate::upstream::mirror::{Rest, ShadowStats};
 use crate::Slot;
 pub use weights::{SharedSplit, Split};
 
@@ -66,7 +66,8 @@ pub struct Route {
     endpoints: [Vec<Authority>; 2],
     /// Per endpoint of `endpoints`: passed over until this [`clock_ms`]; 0 = never ejected.
     down_until: [Box<[AtomicU64]>; 2],
-    shadow_endpoints: Vec<Authority>,
+    /// The shadow's endpoints, each with its rest after a refused connection.
+    shadow_endpoints: Vec<(Authority, Arc<Rest>)>,
 }
 
 /// Where a request goes and why; shared by forwarding, telemetry, shadowing and logs.
@@ -102,7 +103,10 @@ impl Route {
                 .shadow
                 .as_ref()
                 .map(|s| parse(&s.endpoints))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into_iter()
+                .map(|endpoint| (endpoint, Arc::default()))
+                .collect(),
             config,
             shared,
         }
@@ -207,8 +211,20 @@ impl Route {
         self.endpoints[slot.index()].len()
     }
 
-    pub fn shadow_endpoint(&self) -> Option<&Authority> {
-        pick(&self.shadow_endpoints, &self.shared.round_robin[2])
+    /// The next shadow endpoint, round robin, passing over those resting after a refused
+    /// connection (see [`Rest`]); `None` when all of them rest.
+    pub fn shadow_endpoint(&self) -> Option<(&Authority, &Arc<Rest>)> {
+        let list = &self.shadow_endpoints;
+        let n = list.len();
+        let first = match n {
+            0 => return None,
+            1 => 0,
+            n => self.shared.round_robin[2].fetch_add(1, Ordering::Relaxed) % n,
+        };
+        (0..n)
+            .map(|i| &list[(first + i) % n])
+            .find(|(_, rest)| rest.admits())
+            .map(|(endpoint, rest)| (endpoint, rest))
     }
 
     pub fn name(&self) -> &str {
@@ -333,14 +349,6 @@ fn ipv6_literal(host: &str) -> Option<std::net::Ipv6Addr> {
 pub(crate) fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
-
-fn pick<'a>(list: &'a [Authority], counter: &AtomicUsize) -> Option<&'a Authority> {
-    match list.len() {
-        0 => None,
-        1 => list.first(),
-        n => list.get(counter.fetch_add(1, Ordering::Relaxed) % n),
-    }
 }
 
 /// One immutable routing snapshot.

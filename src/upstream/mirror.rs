@@ -63,15 +63,52 @@ pub struct ShadowStats {
     pub dropped_busy: AtomicU64,
     pub dropped_body: AtomicU64,
     pub in_flight: AtomicUsize,
-    /// Until when (`routing::clock_ms`) no copy is sent, after the shadow refused a connection.
-    refused_until: AtomicU64,
     recent: Mutex<VecDeque<Mismatch>>,
 }
 
-/// How long copies are not sent after the shadow refused a connection (then one probes it): a
-/// dead shadow would otherwise cost a connection attempt per copy, on the workers that serve
-/// the primaries.
+/// How long no copy is sent to a shadow endpoint that refused a connection (then one probes
+/// it): a dead shadow would otherwise cost a connection attempt per copy, on the workers that
+/// serve the primaries.
 pub const REFUSED_REST: Duration = Duration::from_secs(1);
+
+/// One shadow endpoint's rest after a refused connection: until when (`routing::clock_ms`) no
+/// copy goes to it; 0 when it is not resting.
+#[derive(Debug, Default)]
+pub struct Rest(AtomicU64);
+
+impl Rest {
+    /// Whether a copy may go to the endpoint now: it is not resting, or its rest is over and
+    /// this copy is the one that probes it (the next probe is then one rest later).
+    pub fn admits(&self) -> bool {
+        let until = self.0.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = crate::routing::clock_ms();
+        until <= now
+            && self
+                .0
+                .compare_exchange(until, rest_until(now), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// The endpoint refused a connection.
+    fn start(&self) {
+        self.0
+            .store(rest_until(crate::routing::clock_ms()), Ordering::Relaxed);
+    }
+
+    /// The endpoint answered.
+    fn end(&self) {
+        if self.0.load(Ordering::Relaxed) != 0 {
+            self.0.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn rest_until(now_ms: u64) -> u64 {
+    now_ms + REFUSED_REST.as_millis() as u64
+}
 
 /// One recent mismatch, for an operator to look at.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -85,25 +122,8 @@ pub struct Mismatch {
 }
 
 impl ShadowStats {
-    /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`. After the
-    /// shadow refused a connection, counts an `error` and returns `None` instead, but for one
-    /// copy per [`REFUSED_REST`], which probes it.
+    /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`.
     pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Permit> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let until = self.refused_until.load(Ordering::Relaxed);
-        if until != 0 {
-            let now = crate::routing::clock_ms();
-            let probe = now + REFUSED_REST.as_millis() as u64;
-            let resting = until > now
-                || self
-                    .refused_until
-                    .compare_exchange(until, probe, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_err();
-            if resting {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-        }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             self.dropped_busy.fetch_add(1, Ordering::Relaxed);
@@ -113,12 +133,6 @@ impl ShadowStats {
             stats: Arc::clone(self),
             started: false,
         })
-    }
-
-    /// The shadow refused a connection: send no copy for [`REFUSED_REST`].
-    fn rest(&self) {
-        let until = crate::routing::clock_ms() + REFUSED_REST.as_millis() as u64;
-        self.refused_until.store(until, Ordering::Relaxed);
     }
 
     pub fn recent(&self) -> Vec<Mismatch> {
@@ -225,6 +239,8 @@ pub struct ShadowJob {
     pub body: ShadowBody,
     pub permit: Permit,
     pub route: Arc<RouteShared>,
+    /// The rest of the shadow endpoint the copy goes to.
+    pub rest: Arc<Rest>,
     pub config: ShadowConfig,
     pub timeout: Duration,
     /// The primary's body hash when `compare = "body"`.
@@ -245,6 +261,7 @@ impl ShadowJob {
             body,
             mut permit,
             route,
+            rest,
             config,
             timeout,
             primary_hash,
@@ -282,9 +299,7 @@ impl ShadowJob {
                         _ => ErrorKind::Reset,
                     })?;
             let status = response.status().as_u16();
-            if stats.refused_until.load(Ordering::Relaxed) != 0 {
-                stats.refused_until.store(0, Ordering::Relaxed);
-            }
+            rest.end();
             route
                 .shadow_metrics
                 .record_response(status, status >= 500, started.elapsed());
@@ -299,7 +314,7 @@ impl ShadowJob {
                 route.shadow_metrics.record_failure(kind, started.elapsed());
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 if kind == ErrorKind::Connect {
-                    stats.rest();
+                    rest.start();
                 }
                 return;
             }
