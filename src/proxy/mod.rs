@@ -611,7 +611,7 @@ fn pass_over_if_reset(route: &Route, slot: Slot, endpoint: &Authority, failed: &
 /// Sets veer's sticky cookie when the decision drew a new id.
 fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision, conn: &ConnInfo) {
     if let Some(id) = decision.new_cookie {
-        if let Some(cookie) = set_cookie(route, &id, conn.tls) {
+        if let Some(cookie) = route.set_cookie(&id, conn.tls) {
             headers.append(header::SET_COOKIE, cookie);
         }
     }
@@ -692,20 +692,6 @@ fn upstream_uri(endpoint: &Authority, uri: &Uri) -> Uri {
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
     Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
-}
-
-/// `Set-Cookie` for a new sticky id. Max-Age comes from `sticky.cookie_max_age` (30 days by
-/// default).
-fn set_cookie(route: &Route, id: &[u8], tls: bool) -> Option<HeaderValue> {
-    let sticky = &route.config.sticky;
-    let value = format!(
-        "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
-        sticky.cookie,
-        std::str::from_utf8(id).ok()?,
-        sticky.cookie_max_age.as_secs(),
-        if tls { "; Secure" } else { "" }
-    );
-    HeaderValue::from_str(&value).ok()
 }
 
 fn record(route: &Route, decision: &Decision, parts: &Parts) -> Record {

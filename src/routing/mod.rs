@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
 use crate::config::{Config, HostPattern, RouteConfig, StickyBy};
@@ -68,6 +68,8 @@ pub struct Route {
     down_until: [Box<[AtomicU64]>; 2],
     /// The shadow's endpoints, each with its rest after a refused connection.
     shadow_endpoints: Vec<(Authority, Arc<Rest>)>,
+    /// What follows the id in veer's sticky cookie (`; Path=/; Max-Age=...`).
+    cookie_attributes: Box<str>,
 }
 
 /// Where a request goes and why; shared by forwarding, telemetry, shadowing and logs.
@@ -95,8 +97,14 @@ impl Route {
         ];
         let never_ejected =
             |list: &Vec<Authority>| list.iter().map(|_| AtomicU64::new(0)).collect();
+        let cookie_attributes = format!(
+            "; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
+            config.sticky.cookie_max_age.as_secs()
+        )
+        .into();
         Self {
             seed: sticky::seed(&config.sticky.salt),
+            cookie_attributes,
             down_until: [never_ejected(&endpoints[0]), never_ejected(&endpoints[1])],
             endpoints,
             shadow_endpoints: config
@@ -229,6 +237,17 @@ impl Route {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The `Set-Cookie` value that gives a client the sticky id `id` (`Secure` over TLS);
+    /// Max-Age comes from `sticky.cookie_max_age` (30 days by default).
+    pub fn set_cookie(&self, id: &[u8], tls: bool) -> Option<HeaderValue> {
+        let name = self.config.sticky.cookie.as_bytes();
+        let secure: &[u8] = if tls { b"; Secure" } else { b"" };
+        let parts = [name, b"=", id, self.cookie_attributes.as_bytes(), secure];
+        let mut value = Vec::with_capacity(parts.iter().map(|part| part.len()).sum());
+        parts.iter().for_each(|part| value.extend_from_slice(part));
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
     }
 }
 
