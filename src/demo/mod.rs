@@ -256,8 +256,8 @@ async fn watch(running: &app::Running, timeout: Duration) -> anyhow::Result<Outc
         let route = table.route("demo").context("demo route missing")?;
         let view = route.shared.rollout.view();
         let mut json = crate::admin::status::route_json(route);
-        let served = [Slot::Blue, Slot::Green]
-            .map(|slot| route.shared.slot_metrics(slot).totals().requests());
+        let served =
+            [Slot::Blue, Slot::Green].map(|slot| route.shared.slot_metrics(slot).requests());
         if let Some(rates) = rates.update(tokio::time::Instant::now(), served) {
             for (slot, rate) in ["blue", "green"].into_iter().zip(rates) {
                 json["slots"][slot]["rps"] = rate.into();
@@ -420,7 +420,7 @@ fn summary(
         Some(Outcome::RolledBack) => format!("Rolled back: all traffic is on blue (v1). {verdict}"),
         None => "The rollout did not finish.".into(),
     };
-    let (blue, green) = (blue.totals().requests(), green.totals().requests());
+    let (blue, green) = (blue.requests(), green.requests());
     let unanswered = match sent.saturating_sub(blue + green) {
         0 => String::new(),
         n => format!("; {n} still without an answer when the demo stopped"),

@@ -294,6 +294,11 @@ impl Aggregate {
         self.step.start = now;
     }
 
+    /// The requests of [`Self::totals`], without copying the histogram.
+    pub fn total_requests(&self) -> u64 {
+        self.totals.counts.requests()
+    }
+
     pub fn totals(&self) -> Totals {
         let counts = &self.totals.counts;
         Totals {
