@@ -14,6 +14,7 @@ use serde_json::Value;
 use support::load::{Load, LoadReport, LoadSpec};
 use support::*;
 use veer::config::RouteConfig;
+use veer::metrics::{ErrorKind, Step};
 use veer::rollout::state::{Action, Phase};
 use veer::rollout::{self, Store};
 use veer::routing::RouteShared;
@@ -107,7 +108,12 @@ fn feed(shared: &RouteShared, slot: Slot, n: u64, errors: u64, latency_ms: u64) 
     for i in 0..n {
         let error = i < errors;
         let status = if error { 500 } else { 200 };
-        metrics.record_response(status, error, Duration::from_millis(latency_ms));
+        metrics.record_response(
+            Step::CURRENT,
+            status,
+            error,
+            Duration::from_millis(latency_ms),
+        );
     }
 }
 
@@ -589,6 +595,56 @@ async fn ramp_to_half(c: &Controller, shared: &RouteShared) {
     tokio::time::advance(Duration::from_millis(1001)).await;
     rollout::analyse(shared, &c.route);
     assert_eq!(phase_step_weight(shared), (Phase::Ramping, 1, 5000));
+}
+
+/// A build that hangs is rolled back within seconds, while its requests wait for
+/// `request_timeout`. When they fail, after a new rollout started (a `start`, or a fixed build
+/// under a new label), they count in the sliding window and the totals, not in the new step:
+/// the new build is not judged on the last one's requests (400 late timeouts against 30
+/// healthy answers would be an abort at once).
+#[tokio::test(start_paused = true)]
+async fn a_withdrawn_builds_late_failures_are_not_the_next_rollouts() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_half(&c, &shared).await;
+    let green = shared.slot_metrics(Slot::Green);
+    // Waiting requests are seen by whole seconds of sending from the step's first.
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let hung: Vec<_> = (0..400)
+        .map(|_| green.sent(tokio::time::Instant::now()))
+        .collect();
+    for _ in 0..20 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        feed(&shared, Slot::Blue, 150, 0, 10);
+        rollout::analyse(&shared, &c.route);
+        if shared.rollout.view().state.phase == Phase::RolledBack {
+            break;
+        }
+    }
+    assert_eq!(phase_step_weight(&shared).0, Phase::RolledBack);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    rollout::act(&shared, &c.route, Action::Start, "retry").unwrap();
+    feed(&shared, Slot::Blue, 300, 0, 10);
+    feed(&shared, Slot::Green, 30, 0, 10);
+    // The proxy records a failure under the step its request was sent in.
+    for sent in hung {
+        green.record_failure(sent.step(), ErrorKind::Timeout, Duration::from_secs(60));
+        green.answered(sent);
+    }
+    tokio::time::advance(Duration::from_millis(300)).await;
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(
+        phase_step_weight(&shared),
+        (Phase::Ramping, 0, 1000),
+        "{}",
+        last_verdict(&shared)
+    );
+    let step = green.step();
+    assert_eq!((step.requests, step.errors), (30, 0));
+    // Also the 200 of the first rollout's first step.
+    let last_60s = green.last_60s();
+    assert_eq!((last_60s.requests, last_60s.errors), (630, 400));
+    assert_eq!(green.totals().errors_by_kind[2], 400, "timeouts");
 }
 
 /// `route` with a slot's version label changed, as a reload would bring it.

@@ -234,9 +234,21 @@ impl Aggregate {
 
     /// Takes in one shard's counts, whose histogram was just swapped into `spare`.
     pub fn absorb_spare(&mut self, counts: &Counts) {
+        self.step.absorb(counts, &self.spare);
+        self.absorb_spare_past_step(counts);
+    }
+
+    /// Records what `add` adds into the sliding window and the totals, not the step window.
+    pub fn record_outside_step(&mut self, add: impl FnOnce(&mut Counts, &mut Histogram<u32>)) {
+        let mut counts = Counts::default();
+        add(&mut counts, &mut self.spare);
+        self.absorb_spare_past_step(&counts);
+    }
+
+    /// Takes in `counts` and the histogram in `spare` everywhere but in the step window.
+    fn absorb_spare_past_step(&mut self, counts: &Counts) {
         self.open.counts.add(counts);
         merge(&mut self.open.hist, &self.spare);
-        self.step.absorb(counts, &self.spare);
         self.totals.absorb(counts, &self.spare);
         add_each(&mut self.version_by_class, &counts.by_class);
         self.spare.reset();
@@ -335,7 +347,7 @@ fn window_stats(counts: &Counts, histogram: Histogram<u64>, elapsed: Duration) -
 
 #[cfg(test)]
 mod tests {
-    use super::super::{rotate_every_slice, ErrorKind, SlotMetrics};
+    use super::super::{rotate_every_slice, ErrorKind, SlotMetrics, Step};
     use super::*;
     use proptest::prelude::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -343,7 +355,7 @@ mod tests {
 
     fn record(m: &SlotMetrics, n: u64) {
         for _ in 0..n {
-            m.record_response(200, false, Duration::from_millis(5));
+            m.record_response(Step::CURRENT, 200, false, Duration::from_millis(5));
         }
     }
 
@@ -409,7 +421,7 @@ mod tests {
         record(&m, 10);
         tokio::time::advance(Duration::from_secs(3)).await;
         m.reset_step();
-        m.record_failure(ErrorKind::Connect, Duration::from_millis(1));
+        m.record_failure(Step::CURRENT, ErrorKind::Connect, Duration::from_millis(1));
         record(&m, 4);
         tokio::time::advance(Duration::from_secs(2)).await;
 
@@ -575,9 +587,13 @@ mod tests {
     fn apply(m: &SlotMetrics, op: &Op) {
         let kind = |k: usize| ErrorKind::ALL[k];
         match *op {
-            Op::Response(s, e, us) => m.record_response(s, e, Duration::from_micros(us)),
-            Op::Failure(k, us) => m.record_failure(kind(k), Duration::from_micros(us)),
-            Op::BodyFailure(k) => m.record_body_failure(kind(k)),
+            Op::Response(s, e, us) => {
+                m.record_response(Step::CURRENT, s, e, Duration::from_micros(us))
+            }
+            Op::Failure(k, us) => {
+                m.record_failure(Step::CURRENT, kind(k), Duration::from_micros(us))
+            }
+            Op::BodyFailure(k) => m.record_body_failure(Step::CURRENT, kind(k)),
             Op::Abort => m.record_client_abort(),
             Op::Rotate => m.rotate(),
             Op::ResetStep => m.reset_step(),

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{AccessLogger, Record};
-use crate::metrics::ErrorKind;
+use crate::metrics::{ErrorKind, Step};
 use crate::routing::RouteShared;
 use crate::upstream::mirror::BodyHasher;
 use crate::upstream::pool::Lease;
@@ -47,6 +47,8 @@ impl ProxyBody {
 pub struct Tail {
     pub route: Arc<RouteShared>,
     pub slot: Slot,
+    /// The slot's step window the request was sent in.
+    pub step: Step,
     pub bytes: u64,
     pub extra: Option<Box<Extra>>,
     /// How long the upstream body may send nothing.
@@ -108,7 +110,7 @@ impl Tail {
         self.over = true;
         self.route
             .slot_metrics(self.slot)
-            .record_body_failure(ErrorKind::Timeout);
+            .record_body_failure(self.step, ErrorKind::Timeout);
         tracing::debug!(route = %self.route.name, slot = %self.slot, "Upstream body stalled.");
         let error = if timer.deadline() >= self.deadline {
             ResponseBodyError::Deadline
@@ -195,7 +197,9 @@ impl Body for ProxyBody {
                         } else {
                             ErrorKind::Reset
                         };
-                        tail.route.slot_metrics(tail.slot).record_body_failure(kind);
+                        tail.route
+                            .slot_metrics(tail.slot)
+                            .record_body_failure(tail.step, kind);
                         tracing::debug!(route = %tail.route.name, slot = %tail.slot, %error, "Upstream body failed.");
                     }
                     None => tail.end(),

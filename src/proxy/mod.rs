@@ -22,7 +22,7 @@ use tracing::debug;
 use crate::access_log::{AccessLogger, Record};
 use crate::config::{Compare, ServerConfig};
 use crate::listener::InFlight;
-use crate::metrics::SlotMetrics;
+use crate::metrics::{Sent, SlotMetrics, Step};
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
 use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
@@ -117,6 +117,7 @@ impl Proxy {
             downstream_upgrade: None,
             shadow: None,
             body_state: BodyState::default(),
+            step: Step::CURRENT,
             log: self
                 .access_log
                 .as_ref()
@@ -153,7 +154,8 @@ impl Proxy {
             Err(elapsed) => Err(elapsed),
         };
         let latency = sent.elapsed();
-        pending.done();
+        exchange.step = pending.done();
+        let step = exchange.step;
         match result {
             // A 101 answers only an upgrade request (RFC 9110 §15.2.2), and HTTP/2 has none:
             // an upstream that switches protocols unasked sent an invalid answer. So did one
@@ -167,12 +169,12 @@ impl Proxy {
                         && !http_body::Body::is_end_stream(response.body())) =>
             {
                 let kind = crate::metrics::ErrorKind::Protocol;
-                metrics.record_failure(kind, latency);
+                metrics.record_failure(step, kind, latency);
                 self.local_answer(exchange, LocalError::Upstream(kind), latency)
             }
             Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
             Ok(Err(error)) => {
-                let local = failed(route, &decision, &error, latency);
+                let local = failed(route, &decision, step, &error, latency);
                 self.local_answer(exchange, local, latency)
             }
             // The deadline passed while the upstream was waiting for the client's body: the
@@ -182,7 +184,7 @@ impl Proxy {
             }
             Err(_elapsed) => {
                 let kind = crate::metrics::ErrorKind::Timeout;
-                metrics.record_failure(kind, latency);
+                metrics.record_failure(step, kind, latency);
                 self.local_answer(exchange, LocalError::Upstream(kind), latency)
             }
         }
@@ -326,6 +328,7 @@ impl Proxy {
             shadow,
             log,
             body_state: _,
+            step,
         } = exchange;
         let status = response.status();
         let is_error = route
@@ -334,7 +337,7 @@ impl Proxy {
             .error_statuses
             .contains(status.as_u16());
         let metrics = route.shared.slot_metrics(decision.slot);
-        metrics.record_response(status.as_u16(), is_error, latency);
+        metrics.record_response(step, status.as_u16(), is_error, latency);
         debug!(route = route.name(), slot = %decision.slot, bucket = decision.bucket, status = status.as_u16(), "Forwarded.");
         let (mut rparts, rbody) = response.into_parts();
         let via = headers::via(rparts.version);
@@ -383,6 +386,7 @@ impl Proxy {
         let mut tail = Tail {
             route: Arc::clone(&route.shared),
             slot: decision.slot,
+            step,
             bytes: 0,
             extra,
             idle,
@@ -539,6 +543,8 @@ struct Exchange<'a> {
     shadow: Option<ShadowJob>,
     /// Where the request body stands (waiting for the client: a timeout is its fault).
     body_state: BodyState,
+    /// The slot's step window the request was sent upstream in.
+    step: Step,
     log: Option<(AccessLogger, Record)>,
 }
 
@@ -576,13 +582,14 @@ fn needs_length(parts: &Parts) -> bool {
 fn failed(
     route: &Route,
     decision: &Decision,
+    step: Step,
     error: &UpstreamError,
     latency: std::time::Duration,
 ) -> LocalError {
     let metrics = route.shared.slot_metrics(decision.slot);
     let local = match upstream::classify(error) {
         Failure::Upstream(kind) => {
-            metrics.record_failure(kind, latency);
+            metrics.record_failure(step, kind, latency);
             LocalError::Upstream(kind)
         }
         Failure::BodyTooLarge => LocalError::BodyTooLarge,
@@ -624,7 +631,7 @@ fn add_cookie(headers: &mut http::HeaderMap, route: &Route, decision: &Decision,
 struct Pending<'a> {
     metrics: &'a SlotMetrics,
     /// Counted as waiting for its answer until dropped.
-    sent: Option<crate::metrics::Sent>,
+    sent: Option<Sent>,
     done: bool,
     /// The exchange's access-log line, borrowed (not moved) while the upstream is waited for.
     log: &'a mut Option<(AccessLogger, Record)>,
@@ -647,9 +654,10 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// The upstream answered or failed.
-    fn done(mut self) {
+    /// The upstream answered or failed: the step window the request was sent in.
+    fn done(mut self) -> Step {
         self.done = true;
+        self.sent.as_ref().map_or(Step::CURRENT, Sent::step)
     }
 }
 

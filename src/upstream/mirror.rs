@@ -24,7 +24,7 @@ use tracing::debug;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::{Compare, ShadowConfig};
-use crate::metrics::ErrorKind;
+use crate::metrics::{ErrorKind, Step};
 use crate::routing::RouteShared;
 
 pub type ShadowClient = Client<HttpConnector, Full<Bytes>>;
@@ -300,9 +300,12 @@ impl ShadowJob {
                     })?;
             let status = response.status().as_u16();
             rest.end();
-            route
-                .shadow_metrics
-                .record_response(status, status >= 500, started.elapsed());
+            route.shadow_metrics.record_response(
+                Step::CURRENT,
+                status,
+                status >= 500,
+                started.elapsed(),
+            );
             let hash = read_hashed(response.into_body(), config.max_body_bytes).await;
             Ok::<_, ErrorKind>((status, hash))
         })
@@ -311,7 +314,9 @@ impl ShadowJob {
         let (status, hash) = match result {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(kind)) => {
-                route.shadow_metrics.record_failure(kind, started.elapsed());
+                route
+                    .shadow_metrics
+                    .record_failure(Step::CURRENT, kind, started.elapsed());
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 if kind == ErrorKind::Connect {
                     rest.start();
@@ -319,9 +324,11 @@ impl ShadowJob {
                 return;
             }
             Err(_) => {
-                route
-                    .shadow_metrics
-                    .record_failure(ErrorKind::Timeout, started.elapsed());
+                route.shadow_metrics.record_failure(
+                    Step::CURRENT,
+                    ErrorKind::Timeout,
+                    started.elapsed(),
+                );
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 return;
             }
