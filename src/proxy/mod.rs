@@ -133,8 +133,11 @@ impl Proxy {
         let sent = Instant::now();
         let pending = Pending::new(metrics, &mut exchange.log, started, sent);
         let deadline = exchange.deadline;
-        let result = match tokio::time::timeout_at(deadline, self.pool.send(endpoint, request))
-            .await
+        let result = match tokio::time::timeout_at(
+            deadline,
+            self.pool.send(endpoint, request, server.max_header_bytes),
+        )
+        .await
         {
             Ok(Ok(answer)) => Ok(Ok(answer)),
             Ok(Err(Failed {
@@ -143,8 +146,14 @@ impl Proxy {
                 ..
             })) => {
                 // Out of line: the rare path must not grow every request's future.
-                let others =
-                    Box::pin(self.next_endpoints(route, decision.slot, endpoint, unsent, error));
+                let others = Box::pin(self.next_endpoints(
+                    route,
+                    decision.slot,
+                    endpoint,
+                    unsent,
+                    error,
+                    server.max_header_bytes,
+                ));
                 tokio::time::timeout_at(deadline, others).await
             }
             Ok(Err(failed)) => {
@@ -200,6 +209,7 @@ impl Proxy {
         mut refused: &Authority,
         mut request: Box<Request<RequestBody>>,
         mut error: UpstreamError,
+        max_head: usize,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         for _ in 1..route.endpoint_count(slot) {
             route.eject(slot, refused);
@@ -207,7 +217,7 @@ impl Proxy {
                 break;
             };
             debug!(route = route.name(), %slot, %error, %next, "Cannot connect; trying the slot's next endpoint.");
-            match self.pool.send(next, *request).await {
+            match self.pool.send(next, *request, max_head).await {
                 Ok(answer) => return Ok(answer),
                 Err(Failed {
                     error: failed,

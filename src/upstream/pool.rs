@@ -94,6 +94,9 @@ impl From<UpstreamError> for Failed {
     }
 }
 
+/// The least room for an answer head, whatever `max_head` is: hyper's smallest read buffer.
+const MIN_HEAD_ROOM: usize = 8192;
+
 /// Idle connections by endpoint (`host:port`).
 type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>>;
 
@@ -146,11 +149,13 @@ impl Pool {
     }
 
     /// Sends `request` (its URI in origin form) to `endpoint` on an idle connection, or on a
-    /// new one when none is left.
+    /// new one when none is left. A new connection refuses an answer head over `max_head`
+    /// bytes (at least 8 KiB) as a protocol error.
     pub async fn send(
         &self,
         endpoint: &Authority,
         mut request: Request<RequestBody>,
+        max_head: usize,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         let body = request.body().state();
         while let Some(mut sender) = self.checkout(endpoint) {
@@ -166,7 +171,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = match self.connect(endpoint).await {
+        let mut sender = match self.connect(endpoint, max_head).await {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
@@ -205,7 +210,11 @@ impl Pool {
         None
     }
 
-    async fn connect(&self, endpoint: &Authority) -> Result<Sender, UpstreamError> {
+    async fn connect(
+        &self,
+        endpoint: &Authority,
+        max_head: usize,
+    ) -> Result<Sender, UpstreamError> {
         let connect_error = |source| UpstreamError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -227,7 +236,11 @@ impl Pool {
         let io = crate::io::send_flat(io.into_inner());
         let peer_gone = Arc::new(AtomicBool::new(false));
         let io = TokioIo::new(crate::io::KeepReading::new(io, Arc::clone(&peer_gone)));
-        let (inner, connection) = http1::handshake(io).await?;
+        // hyper's read buffer: a head that does not fit is refused. (Its least is 8 KiB.)
+        let (inner, connection) = http1::Builder::new()
+            .max_buf_size(max_head.max(MIN_HEAD_ROOM))
+            .handshake(io)
+            .await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%error, "Upstream connection ended.");
