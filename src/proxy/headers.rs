@@ -33,24 +33,31 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) -> bool {
     trailers
 }
 
+/// The items of a comma-separated field value, trimmed. Split as bytes: a value with other
+/// bytes than visible ASCII in it (obs-text, which hyper lets through) still names its items.
+fn list_items(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+}
+
 fn remove_present_hop_by_hop(headers: &mut HeaderMap, tunnelling: bool) -> bool {
     // Read before `Connection: TE` takes it away.
     let trailers = headers
         .get_all(header::TE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(list_items)
         .any(|token| {
-            let coding = token.split(';').next().unwrap_or("");
-            coding.trim().eq_ignore_ascii_case("trailers")
+            let coding = token.split(|&b| b == b';').next().unwrap_or_default();
+            coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
         });
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .flat_map(list_items)
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
             .filter(|name| !(tunnelling && name == header::UPGRADE))
             .collect();
         for name in listed {
@@ -75,9 +82,8 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         && headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+            .flat_map(list_items)
+            .any(|token| token.eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// What the forwarded headers say about the downstream side.
@@ -323,6 +329,24 @@ mod tests {
         assert!(remove_hop_by_hop(&mut headers, false));
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["x-kept", "trailer"]);
+    }
+
+    /// A byte outside visible ASCII (obs-text, which hyper accepts) in a `Connection` or `TE`
+    /// value leaves the fields and codings it lists as they are: still removed, still seen.
+    #[test]
+    fn lists_with_other_bytes_than_ascii_still_name_their_fields() {
+        for connection in [&b"X-Secret, \xe9t\xe9"[..], b"keep-alive, X-Secret, \x80"] {
+            let mut headers = map(&[("x-secret", "1"), ("x-kept", "yes")]);
+            let value = HeaderValue::from_bytes(connection).unwrap();
+            headers.insert(header::CONNECTION, value);
+            headers.insert(
+                header::TE,
+                HeaderValue::from_bytes(b"\xff, trailers").unwrap(),
+            );
+            assert!(remove_hop_by_hop(&mut headers, false));
+            let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+            assert_eq!(names, vec!["x-kept"], "{connection:?}");
+        }
     }
 
     #[test]
