@@ -1048,6 +1048,13 @@ impl Validator<'_> {
         };
         let weight = self.percent(&p("weight"), raw.weight);
         let steps = self.steps(&p("steps"), &raw.steps);
+        if mode == Some(Mode::Auto) && steps.as_deref() == Some(&[10_000]) {
+            self.error(
+                &p("steps"),
+                "needs a step below 100 in auto mode: the canary is judged against stable, \
+                 which serves nobody at 100 % (use mode = \"manual\" to switch all at once)",
+            );
+        }
         let min_step_time = self.duration(&p("min_step_time"), &raw.min_step_time, true);
         let max_step_time = self.duration(&p("max_step_time"), &raw.max_step_time, false);
         let interval = self.duration(&p("interval"), &raw.interval, false);
@@ -1595,6 +1602,23 @@ endpoints = ["127.0.0.1:9002"]
             got.last().map(String::as_str),
             Some("more problems not shown: the first 100 are")
         );
+    }
+
+    /// An auto rollout straight to 100 % could never be judged: stable serves nobody there,
+    /// and no earlier step gave its figures. Manual mode has no use for the steps.
+    #[test]
+    fn an_auto_rollout_needs_a_step_below_100() {
+        for steps in ["[100]", "\"geometric:100:2\""] {
+            let got = rendered(&format!("{MINIMAL}[route.rollout]\nsteps = {steps}\n"));
+            only_problem(
+                &got,
+                "route[0].rollout.steps: needs a step below 100 in auto mode",
+            );
+            assert!(got[0].ends_with("line 12"), "{got:?}");
+        }
+        let manual = format!("{MINIMAL}[route.rollout]\nmode = \"manual\"\nsteps = [100]\n");
+        assert!(errors(&manual).is_empty());
+        assert!(errors(&format!("{MINIMAL}[route.rollout]\nsteps = [50, 100]\n")).is_empty());
     }
 
     #[test]
