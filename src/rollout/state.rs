@@ -288,23 +288,35 @@ impl StateFiles {
         self.dir.join(format!("{route}.json"))
     }
 
-    /// The saved state of a route. A missing file is `Ok(None)`; a corrupt one is moved aside
-    /// (`<route>.json.corrupt`) and reported, never a crash.
+    /// The saved state of a route. A missing file is `Ok(None)`; a corrupt or unreadable one
+    /// is moved aside (`<route>.json.corrupt`) and reported, never a crash, and never written
+    /// over: it may be the only record of a promotion.
     pub fn load(&self, route: &str) -> Result<Option<RolloutState>, StateError> {
         let path = self.path(route);
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path, source }),
+        let set_aside = |path: &Path| {
+            let aside = path.with_extension("json.corrupt");
+            fs::rename(path, &aside).is_ok().then_some(aside)
         };
-        match serde_json::from_str(&text) {
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                let aside = set_aside(&path);
+                return Err(StateError::Unreadable {
+                    path,
+                    aside,
+                    source,
+                });
+            }
+        };
+        // Bytes, not text: a file that is not UTF-8 is corrupt like any other.
+        match serde_json::from_slice(&bytes) {
             Ok(state) => Ok(Some(state)),
             Err(source) => {
-                let aside = path.with_extension("json.corrupt");
-                let moved = fs::rename(&path, &aside).is_ok();
+                let aside = set_aside(&path);
                 Err(StateError::Corrupt {
                     path,
-                    aside: moved.then_some(aside),
+                    aside,
                     source,
                 })
             }
@@ -346,6 +358,12 @@ pub enum StateError {
         path: PathBuf,
         aside: Option<PathBuf>,
         source: serde_json::Error,
+    },
+    #[error("cannot read rollout state {} ({}): {source}", path.display(), set_aside(aside.as_deref()))]
+    Unreadable {
+        path: PathBuf,
+        aside: Option<PathBuf>,
+        source: std::io::Error,
     },
 }
 
@@ -557,6 +575,25 @@ mod tests {
         );
         assert!(files.load("shop").unwrap().is_none());
         assert!(dir.path().join("routes/shop.json.corrupt").exists());
+        // Not UTF-8: corrupt too, set aside, not written over.
+        fs::write(
+            dir.path().join("routes/shop.json"),
+            b"{\"stable\": \"\xff\"}",
+        )
+        .unwrap();
+        let error = files.load("shop").unwrap_err();
+        assert!(matches!(error, StateError::Corrupt { aside: Some(_), .. }));
+        // Not readable at all (here: a directory in its place): set aside as well.
+        fs::remove_file(dir.path().join("routes/shop.json.corrupt")).unwrap();
+        fs::create_dir(dir.path().join("routes/shop.json")).unwrap();
+        let error = files.load("shop").unwrap_err();
+        assert!(
+            matches!(error, StateError::Unreadable { aside: Some(_), .. }),
+            "{error}"
+        );
+        assert!(error.to_string().starts_with("cannot read rollout state"));
+        assert!(dir.path().join("routes/shop.json.corrupt").is_dir());
+        assert!(files.load("shop").unwrap().is_none());
     }
 
     /// A weight the machine never leaves is mended, the rest (the stable slot) kept.
