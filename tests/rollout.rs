@@ -794,6 +794,28 @@ async fn a_manual_route_turned_auto_keeps_its_weight_paused_as_after_a_restart()
     assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 2000));
 }
 
+/// A restart of a manual route keeps what was done by hand since the config's weight was
+/// applied (a rollback, a weight set through the API), as a reload that keeps the weight does:
+/// a restart must not send users back to a build rolled back. A weight changed in the file
+/// meanwhile applies.
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_a_manual_routes_rollback_and_hand_set_weight() {
+    let c = Controller::new("mode = \"manual\"\nweight = 10\n");
+    let shared = c.restore();
+    rollout::reconcile(&shared, &c.route, None);
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
+    rollout::act(&shared, &c.route, Action::Rollback, "test").unwrap();
+    let restarted = c.restart(&c.route);
+    assert_eq!(phase_step_weight(&restarted), (Phase::RolledBack, 0, 0));
+    rollout::act(&restarted, &c.route, Action::SetWeight(3000), "test").unwrap();
+    let restarted = c.restart(&c.route);
+    assert_eq!(phase_step_weight(&restarted), (Phase::Paused, 0, 3000));
+    // Edited while veer was down: the new weight applies.
+    let restarted = c.restart(&manual(&c.route, 2000));
+    assert_eq!(phase_step_weight(&restarted), (Phase::Paused, 0, 2000));
+    assert_eq!(c.journal().pop().unwrap()["action"], "weight");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_manual_route_refuses_start_and_resume() {
     let c = Controller::new("mode = \"manual\"\n");

@@ -174,7 +174,10 @@ fn initial_state(config: &RouteConfig) -> RolloutState {
         Mode::Manual => config.rollout.weight,
         Mode::Auto => 0,
     };
-    RolloutState::new(config.stable, weight, versions(config))
+    RolloutState {
+        config_weight: (config.rollout.mode == Mode::Manual).then_some(weight),
+        ..RolloutState::new(config.stable, weight, versions(config))
+    }
 }
 
 fn versions(config: &RouteConfig) -> [String; 2] {
@@ -426,8 +429,11 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
         next.step = state::step_at_or_above(&config.rollout.steps, next.canary_bp);
     }
     let change = match config.rollout.mode {
-        Mode::Manual => manual_weight(&mut next, config, previous),
-        Mode::Auto => new_canary(&mut next, &inner.state, &config.rollout.steps),
+        Mode::Manual => manual_weight(&mut next, &inner.state, config, previous),
+        Mode::Auto => {
+            next.config_weight = None;
+            new_canary(&mut next, &inner.state, &config.rollout.steps)
+        }
     };
     let (action, reason) = change.unwrap_or_else(|| {
         (
@@ -435,7 +441,15 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
             "version labels or steps changed by a reload".to_string(),
         )
     });
-    if next != inner.state {
+    let noted_only = RolloutState {
+        config_weight: inner.state.config_weight,
+        ..next.clone()
+    } == inner.state;
+    if next != inner.state && noted_only {
+        // Only the record of the config's weight: nothing moved, nothing to journal.
+        inner.state.config_weight = next.config_weight;
+        shared.rollout.save(&config.name, &mut inner);
+    } else if next != inner.state {
         let why = Why {
             action,
             reason: &reason,
@@ -445,17 +459,25 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
     }
 }
 
-/// Manual mode: the config's weight applies at start, when a reload changes it, and when a
-/// reload turns the route manual. A rollout the controller no longer ramps stops there, even at
-/// the weight it had.
+/// Manual mode: the config's weight applies when a reload changes it, when a reload turns the
+/// route manual, and at start when it is not the one applied last (or the route was not manual
+/// then): a restart keeps a weight set by hand or a rollback since, as a reload does. A rollout
+/// the controller no longer ramps stops there, even at the weight it had.
 fn manual_weight(
     next: &mut RolloutState,
+    current: &RolloutState,
     config: &RouteConfig,
     previous: Option<&RouteConfig>,
 ) -> Option<(&'static str, String)> {
     let weight = config.rollout.weight;
-    let turned_manual = previous.is_some_and(|p| p.rollout.mode != Mode::Manual);
-    let changed = previous.is_none_or(|p| p.rollout.weight != weight);
+    next.config_weight = Some(weight);
+    let (turned_manual, changed) = match previous {
+        Some(p) => (p.rollout.mode != Mode::Manual, p.rollout.weight != weight),
+        None => (
+            current.config_weight.is_none() || current.phase == Phase::Ramping,
+            current.config_weight != Some(weight),
+        ),
+    };
     if !(turned_manual || changed) || (next.canary_bp == weight && next.phase != Phase::Ramping) {
         return None;
     }

@@ -126,6 +126,11 @@ pub struct RolloutState {
     /// ([`RolloutState::apply`] only clears it when a rollout starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Arc<Baseline>>,
+    /// Manual mode: the config's `weight` last applied. A restart applies the config's weight
+    /// only when it differs from this one (or the route was not manual): a weight set by hand
+    /// or a rollback since is kept, as a reload would keep it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_weight: Option<u32>,
 }
 
 impl RolloutState {
@@ -142,6 +147,7 @@ impl RolloutState {
             failures: 0,
             versions,
             baseline: None,
+            config_weight: None,
         }
     }
 
