@@ -446,6 +446,45 @@ async fn at_100_percent_a_pause_and_resume_keep_the_baseline_and_a_bad_canary_is
     assert_eq!(shared.split.load().stable, Slot::Blue);
 }
 
+/// Stable's figures kept for the 100 % step counted errors by the `error_statuses` of their
+/// time: when a reload (or a restart) brings others, they no longer compare with the canary's
+/// (a canary erring with 429s exactly as stable did would fail), so they are dropped, and the
+/// step holds saying so. The same statuses keep them.
+#[tokio::test(start_paused = true)]
+async fn at_100_percent_other_error_statuses_drop_the_kept_stable_figures() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_full(&c, &shared).await;
+    let kept = || shared.rollout.view().state.baseline.is_some();
+    assert!(kept());
+    rollout::reconcile(&shared, &c.route, Some(&c.route));
+    assert!(kept());
+    let mut recounted = c.route.clone();
+    recounted.rollout.error_statuses.insert(429);
+    assert!(c
+        .restart(&recounted)
+        .rollout
+        .view()
+        .state
+        .baseline
+        .is_none());
+    rollout::reconcile(&shared, &recounted, Some(&c.route));
+    assert!(!kept());
+    let journaled = c.journal().pop().unwrap();
+    assert!(
+        journaled["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("error_statuses changed"),
+        "{journaled}"
+    );
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 2, 10_000));
+    feed(&shared, Slot::Green, 200, 0, 10);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    rollout::analyse(&shared, &recounted);
+    assert!(last_verdict(&shared).starts_with("hold"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_restart_at_100_percent_keeps_the_baseline_and_a_healthy_canary_is_promoted() {
     let c = Controller::new("");

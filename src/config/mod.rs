@@ -173,7 +173,7 @@ pub struct RolloutConfig {
 }
 
 /// A set of HTTP status codes (100..=999) as a bitmap: `contains` is one shift and mask.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct StatusSet([u64; 16]);
 
 impl StatusSet {

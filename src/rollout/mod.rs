@@ -370,7 +370,7 @@ fn next_baseline(
     if window.requests == 0 {
         return None;
     }
-    let mut baseline = baseline_of(window);
+    let mut baseline = baseline_of(window, policy);
     let enough = judge::min_latency_samples(policy.latency_quantile)
         .unwrap_or(0)
         .max(policy.min_requests)
@@ -397,7 +397,7 @@ fn next_baseline(
     Some(baseline)
 }
 
-fn baseline_of(window: &WindowStats) -> Baseline {
+fn baseline_of(window: &WindowStats, policy: &RolloutConfig) -> Baseline {
     Baseline {
         requests: window.requests,
         errors: window.errors,
@@ -406,6 +406,7 @@ fn baseline_of(window: &WindowStats) -> Baseline {
             .iter_recorded()
             .map(|v| (v.value_iterated_to(), v.count_at_value()))
             .collect(),
+        error_statuses: Some(policy.error_statuses),
     }
 }
 
@@ -435,11 +436,24 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
             new_canary(&mut next, &inner.state, &config.rollout.steps)
         }
     };
+    // Stable's kept figures counted errors by other `error_statuses`: a canary that errs as
+    // stable does would look worse (or better) than it is.
+    let recounted = next.baseline.as_ref().is_some_and(|baseline| {
+        baseline
+            .error_statuses
+            .is_some_and(|counted| counted != config.rollout.error_statuses)
+    });
+    if recounted {
+        next.baseline = None;
+    }
     let (action, reason) = change.unwrap_or_else(|| {
-        (
-            "reload",
-            "version labels or steps changed by a reload".to_string(),
-        )
+        let reason = if recounted {
+            "error_statuses changed: stable's figures kept for the 100 % step counted errors \
+             otherwise and are dropped"
+        } else {
+            "version labels or steps changed by a reload"
+        };
+        ("reload", reason.to_string())
     });
     let noted_only = RolloutState {
         config_weight: inner.state.config_weight,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::StatusSet;
 use crate::routing::Split;
 use crate::Slot;
 
@@ -107,6 +108,9 @@ pub struct Baseline {
     pub errors: u64,
     /// Upstream latency in microseconds: `[value, count]` per recorded histogram bucket.
     pub latency_us: Vec<(u64, u64)>,
+    /// The `error_statuses` its errors were counted by: with others, it compares no more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_statuses: Option<StatusSet>,
 }
 
 /// The persisted rollout state of one route.
@@ -476,6 +480,7 @@ mod tests {
             requests: 10,
             errors: 0,
             latency_us: vec![(1000, 10)],
+            error_statuses: None,
         }));
         let started = rolled_back.apply(Action::Start, &STEPS).unwrap();
         assert_eq!(started.baseline, None);
