@@ -189,13 +189,22 @@ fn admin_target(
         }
         (None, None) => env("VEER_ADMIN").unwrap_or_else(|| "http://127.0.0.1:9901".into()),
     };
-    let token = args
-        .token
-        .or_else(|| {
-            let table = file.as_ref()?;
-            text(table, "token").or_else(|| env(&text(table, "token_env")?))
-        })
-        .or_else(|| env("VEER_ADMIN_TOKEN"));
+    let from_file = match (&args.token, &file) {
+        (None, Some(table)) => match (text(table, "token"), text(table, "token_env")) {
+            (Some(token), _) => Some(token),
+            // The file says where the token is: not there is an error, not "no token".
+            (None, Some(var)) => Some(env(&var).ok_or_else(|| {
+                let path = config.map(|p| p.display().to_string()).unwrap_or_default();
+                usage(&format!(
+                    "{path}: admin.token_env: environment variable {var} is not set \
+                     (or give the token with --token)"
+                ))
+            })?),
+            (None, None) => None,
+        },
+        _ => None,
+    };
+    let token = args.token.or(from_file).or_else(|| env("VEER_ADMIN_TOKEN"));
     Ok((admin, token))
 }
 

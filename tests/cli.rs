@@ -612,6 +612,36 @@ fn admin_commands_take_the_admin_api_and_token_from_the_config_file() {
     );
 }
 
+/// With `-c FILE` whose `admin.token_env` names a variable that is not set, an admin command
+/// says so (a usage error, exit 1) instead of asking without a token and blaming the token;
+/// `--token` still wins.
+#[test]
+fn admin_commands_name_a_token_variable_that_is_not_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = refused_addr();
+    let path = dir.path().join("veer.toml");
+    let text = format!("[admin]\nlisten = \"{closed}\"\ntoken_env = \"VEER_TEST_NO_SUCH_TOKEN\"\n");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap();
+    for args in [
+        vec!["status", "-c", path],
+        vec!["rollout", "pause", "app", "-c", path],
+        vec!["health", "-c", path],
+    ] {
+        let (code, stderr) = admin_command(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(
+                "admin.token_env: environment variable VEER_TEST_NO_SUCH_TOKEN is not set"
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (code, stderr) = admin_command(&["status", "-c", path, "--token", "t"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot reach the admin API"), "{stderr}");
+}
+
 /// An admin command reads only `[admin]` of a config file: one the proxy would reject for
 /// another reason still names its admin API. A file that is not TOML, or an admin port chosen
 /// at start, is a usage error (exit 1); the demo makes its own config and refuses one.

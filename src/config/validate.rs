@@ -681,6 +681,21 @@ impl Validator<'_> {
                 AccessLog::Off
             }
             "stderr" => AccessLog::Stderr,
+            keyword
+                if ["off", "stderr"]
+                    .iter()
+                    .any(|k| keyword.eq_ignore_ascii_case(k)) =>
+            {
+                let at = [Seg::Key("server"), Seg::Key("access_log")];
+                let lower = keyword.to_ascii_lowercase();
+                self.error(
+                    &at,
+                    format!(
+                        "must be \"{lower}\" in lowercase, or \"./{keyword}\" for a file of that name"
+                    ),
+                );
+                AccessLog::Off
+            }
             path => {
                 let path = self.path_of(path);
                 if self.purpose == Purpose::Start {
@@ -726,8 +741,9 @@ impl Validator<'_> {
         })
     }
 
-    /// The access log file must be one that can be opened: not a directory, in one that
-    /// exists.
+    /// The access log file must be one that can be opened for appending: not a directory, in
+    /// one that exists, with the permissions it needs (tried as `run` opens it; a file made
+    /// only to try is removed again).
     fn access_log_file(&mut self, path: &Path) {
         let at = [Seg::Key("server"), Seg::Key("access_log")];
         let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
@@ -740,6 +756,19 @@ impl Validator<'_> {
                 "does not exist"
             };
             self.error(&at, format!("cannot open {path:?}: {dir:?} {reason}"));
+        } else {
+            let existed = path.exists();
+            let opened = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path);
+            match opened {
+                Ok(_) if !existed => {
+                    let _ = std::fs::remove_file(path);
+                }
+                Ok(_) => {}
+                Err(error) => self.error(&at, format!("cannot open {path:?}: {error}")),
+            }
         }
     }
 
@@ -2059,6 +2088,37 @@ endpoints = ["127.0.0.1:9002"]
         }
         let text = with_server(&format!("access_log = \"{}\"\n", file.display()));
         assert!(parse(&text, None).is_ok(), "{text}");
+        // Tried as `run` opens it: here no file can be made at all, even by root.
+        let text = with_server("access_log = \"/proc/self/veer-access.log\"\n");
+        one_problem_at(
+            &text,
+            "server.access_log",
+            3,
+            "cannot open \"/proc/self/veer-access.log\": No such file or directory",
+        );
+        // A file that can be made passes, and is not left behind.
+        let fresh = dir.path().join("fresh.log");
+        let text = with_server(&format!("access_log = \"{}\"\n", fresh.display()));
+        assert!(parse(&text, None).is_ok(), "{text}");
+        assert!(!fresh.exists());
+    }
+
+    /// A keyword in another case is most likely meant as the keyword, not as a file's name.
+    #[test]
+    fn an_access_log_keyword_in_capitals_is_refused_with_both_spellings() {
+        for (value, says) in [
+            (
+                "STDERR",
+                "must be \"stderr\" in lowercase, or \"./STDERR\" for a file",
+            ),
+            (
+                "Off",
+                "must be \"off\" in lowercase, or \"./Off\" for a file",
+            ),
+        ] {
+            let text = with_server(&format!("access_log = \"{value}\"\n"));
+            one_problem_at(&text, "server.access_log", 3, says);
+        }
     }
 
     /// Asserts that `text` has exactly one problem, at `path` on `line`, saying `says`.
