@@ -550,16 +550,33 @@ impl Validator<'_> {
     }
 
     /// `state.dir` must be a directory or one that can be made: the nearest part of the path
-    /// that exists must be a directory. (Whether it can be written is found at start.)
+    /// that exists must be a directory that files can be made in (tried with a file removed
+    /// again at once).
     fn state_dir(&mut self, dir: &Path) {
+        let at = [Seg::Key("state"), Seg::Key("dir")];
         let existing = dir
             .ancestors()
             .find(|p| !p.as_os_str().is_empty() && p.exists());
-        if let Some(file) = existing.filter(|p| !p.is_dir()) {
-            self.error(
-                &[Seg::Key("state"), Seg::Key("dir")],
-                format!("{file:?} exists and is not a directory"),
-            );
+        match existing {
+            Some(file) if !file.is_dir() => {
+                self.error(&at, format!("{file:?} exists and is not a directory"));
+            }
+            Some(existing) => {
+                let probe = existing.join(format!(".veer-check-{}", std::process::id()));
+                let made = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&probe);
+                match made {
+                    Ok(_) => {
+                        let _ = std::fs::remove_file(&probe);
+                    }
+                    Err(error) => {
+                        self.error(&at, format!("cannot write in {existing:?}: {error}"));
+                    }
+                }
+            }
+            None => {}
         }
     }
 
@@ -1982,11 +1999,16 @@ endpoints = ["127.0.0.1:9002"]
             let said = format!("{file:?} exists and is not a directory");
             assert_eq!(errs[0].message, said, "{errs:?}");
         }
-        // A dir that is there, or can be made in one that is, is fine.
+        // A dir that is there, or can be made in one that is, is fine, and left as it was.
         for state in [dir.path().to_path_buf(), dir.path().join("a/b")] {
             let text = format!("{MINIMAL}[state]\ndir = \"{}\"\n", state.display());
             assert!(parse(&text, None).is_ok(), "{text}");
         }
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        // One in which no file can be made, even by root.
+        let text = format!("{MINIMAL}[state]\ndir = \"/proc/self/veer-state\"\n");
+        one_problem_at(&text, "state.dir", 12, "cannot write in \"/proc/self\": ");
     }
 
     #[test]
