@@ -701,10 +701,11 @@ fn admin_commands_read_only_the_admin_table_of_a_config_file() {
     assert!(stderr.contains("veer demo takes no -c FILE"), "{stderr}");
 }
 
-/// A state dir that cannot be made stops `veer run` at start with exit code 2, naming the key,
-/// the path and the reason, instead of failing at the first save.
+/// A state dir that cannot be made is a config error (exit code 1) of `veer check` and of
+/// `veer run` at start, naming the key, its line, the path and the reason, instead of failing
+/// at the first save.
 #[test]
-fn run_stops_at_start_when_the_state_dir_cannot_be_made() {
+fn run_and_check_refuse_a_state_dir_that_cannot_be_made() {
     let dir = tempfile::tempdir().unwrap();
     let path = config(dir.path(), "127.0.0.1:0");
     // Nothing, not even root, can make a directory in /proc.
@@ -712,12 +713,17 @@ fn run_stops_at_start_when_the_state_dir_cannot_be_made() {
     let text = std::fs::read_to_string(&path).unwrap() + &format!("[state]\ndir = \"{state}\"\n");
     std::fs::write(&path, text).unwrap();
     let (code, stderr) = run_to_exit(&path);
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("state.dir: cannot use {state:?}: ")),
+        stderr.contains("state.dir: cannot write in \"/proc\": "),
         "{stderr}"
     );
     assert!(stderr.contains("(os error"), "{stderr}");
+    assert!(stderr.contains(", line "), "{stderr}");
+    let checked = check(&path);
+    assert_eq!(checked.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(said.contains("state.dir: cannot write in"), "{said}");
 }
 
 /// A state dir that is there but holds something veer cannot use in place of its journal, its
@@ -751,6 +757,15 @@ fn run_names_the_path_in_the_state_dir_it_cannot_use() {
     }
 }
 
+/// `veer check -c config`, run to its end.
+fn check(config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["check", "-c"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 /// `veer run -c config` until it exits (killed after 20 s): exit code and stderr.
 fn run_to_exit(config: &Path) -> (Option<i32>, String) {
     let (mut child, rx) = run(config);
@@ -771,10 +786,10 @@ fn run_to_exit(config: &Path) -> (Option<i32>, String) {
     (status.and_then(|s| s.code()), stderr)
 }
 
-/// An access log file that cannot be opened stops `veer run` at start with exit code 2,
-/// naming the key and the path.
+/// An access log file that cannot be opened is a config error (exit code 1) of `veer check`
+/// and of `veer run` at start, naming the key, its line and the path.
 #[test]
-fn run_stops_at_start_when_the_access_log_cannot_be_opened() {
+fn run_and_check_refuse_an_access_log_that_cannot_be_opened() {
     let dir = tempfile::tempdir().unwrap();
     let path = config(dir.path(), "127.0.0.1:0");
     // Nothing, not even root, can make a file in /proc.
@@ -784,11 +799,15 @@ fn run_stops_at_start_when_the_access_log_cannot_be_opened() {
         .replace("[server]\n", &format!("[server]\naccess_log = \"{log}\"\n"));
     std::fs::write(&path, text).unwrap();
     let (code, stderr) = run_to_exit(&path);
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("server.access_log: cannot open {log:?}: ")),
         "{stderr}"
     );
+    let checked = check(&path);
+    assert_eq!(checked.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(said.contains("server.access_log: cannot open"), "{said}");
 }
 
 /// A `RUST_LOG` that is not a filter does not turn the logs off: veer warns and logs at the
