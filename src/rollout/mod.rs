@@ -422,6 +422,9 @@ fn baseline_histogram(baseline: &Baseline) -> Histogram<u64> {
 /// that config would: see [`manual_weight`] and [`new_canary`].
 pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&RouteConfig>) {
     let mut inner = shared.rollout.lock();
+    if previous.is_some_and(|p| p.stable != config.stable) && inner.state.stable != config.stable {
+        info!(route = %config.name, stable = %inner.state.stable, config = %config.stable, "The config's `stable` changed; it applies at a route's first start only: the stable slot stays (promote to swap the roles).");
+    }
     let mut next = inner.state.clone();
     next.versions = versions(config);
     // Steps changed by a reload: show the step at or above the current weight (the weight
