@@ -1128,7 +1128,14 @@ impl Validator<'_> {
         }
         if let (Some(min), Some(max)) = (min_step_time, max_step_time) {
             if max < min && self.read(&p("min_step_time")) && self.read(&p("max_step_time")) {
-                self.error(&p("max_step_time"), "must be at least min_step_time");
+                self.error(
+                    &p("max_step_time"),
+                    format!(
+                        "must be at least min_step_time (max_step_time is {:?}, 15m unless \
+                         set; min_step_time is {:?})",
+                        raw.max_step_time, raw.min_step_time
+                    ),
+                );
             }
         }
         Some(RolloutConfig {
@@ -1647,6 +1654,19 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(
             got.last().map(String::as_str),
             Some("more problems not shown: the first 100 are")
+        );
+    }
+
+    /// A bound broken by a default says what the default is.
+    #[test]
+    fn a_min_step_time_over_the_default_max_names_both() {
+        let got = rendered(&format!(
+            "{MINIMAL}[route.rollout]\nmin_step_time = \"1h30m\"\n"
+        ));
+        only_problem(
+            &got,
+            "route[0].rollout.max_step_time: must be at least min_step_time (max_step_time is \
+             \"15m\", 15m unless set; min_step_time is \"1h30m\")",
         );
     }
 
