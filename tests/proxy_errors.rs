@@ -607,7 +607,8 @@ async fn a_connection_still_sending_a_request_body_is_not_reused() {
 /// An answer head over `max_header_bytes` is the upstream's protocol error (502, counted
 /// against the slot), as NGINX and HAProxy refuse one over their buffers: passed on, it would
 /// fail the client (curl takes no head over 100 KB, an HTTP/2 client none over its header list
-/// limit) while veer counted a success. A head under the limit passes.
+/// limit) while veer counted a success. A head under the limit passes. (Also under 8 KiB,
+/// hyper's smallest read buffer: the limit is on the head, not on the buffer.)
 #[tokio::test]
 async fn an_answer_head_over_max_header_bytes_is_a_protocol_error_of_the_slot() {
     fn answer(header_bytes: usize) -> &'static [u8] {
@@ -617,17 +618,17 @@ async fn an_answer_head_over_max_header_bytes_is_a_protocol_error_of_the_slot() 
         );
         Box::leak(head.into_bytes().into_boxed_slice())
     }
-    let (under, _under) = wire::scripted_upstream(answer(12_000)).await;
-    let (over, _over) = wire::scripted_upstream(answer(20_000)).await;
+    let (under, _under) = wire::scripted_upstream(answer(3_000)).await;
+    let (over, _over) = wire::scripted_upstream(answer(6_000)).await;
     let routes = [
         host_route("under", &[], "/under", under),
         host_route("over", &[], "/over", over),
     ]
     .concat();
-    let veer = Veer::start("max_header_bytes = 16384", &routes).await;
+    let veer = Veer::start("max_header_bytes = 4096", &routes).await;
     let (status, headers, body) = get(&veer.url("/under"), &[]).await;
     assert_eq!((status.as_u16(), &body[..]), (200, &b"ok"[..]));
-    assert_eq!(headers["x-big"].len(), 12_000);
+    assert_eq!(headers["x-big"].len(), 3_000);
     let (status, _, _) = get(&veer.url("/over"), &[]).await;
     assert_eq!(status, 502);
     let blue = veer.slot("over", "blue").await;

@@ -94,9 +94,6 @@ impl From<UpstreamError> for Failed {
     }
 }
 
-/// The least room for an answer head, whatever `max_head` is: hyper's smallest read buffer.
-const MIN_HEAD_ROOM: usize = 8192;
-
 /// Idle connections by endpoint (`host:port`).
 type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>>;
 
@@ -149,8 +146,8 @@ impl Pool {
     }
 
     /// Sends `request` (its URI in origin form) to `endpoint` on an idle connection, or on a
-    /// new one when none is left. A new connection refuses an answer head over `max_head`
-    /// bytes (at least 8 KiB) as a protocol error.
+    /// new one when none is left. A new connection refuses an answer head (or trailer section)
+    /// over `max_head` bytes as a protocol error.
     pub async fn send(
         &self,
         endpoint: &Authority,
@@ -236,9 +233,8 @@ impl Pool {
         let io = crate::io::send_flat(io.into_inner());
         let peer_gone = Arc::new(AtomicBool::new(false));
         let io = TokioIo::new(crate::io::KeepReading::new(io, Arc::clone(&peer_gone)));
-        // hyper's read buffer: a head that does not fit is refused. (Its least is 8 KiB.)
         let (inner, connection) = http1::Builder::new()
-            .max_buf_size(max_head.max(MIN_HEAD_ROOM))
+            .max_header_size(max_head)
             .handshake(io)
             .await?;
         tokio::spawn(async move {
