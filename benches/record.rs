@@ -8,7 +8,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use veer::metrics::{ErrorKind, SlotMetrics, Step};
+use veer::metrics::{Epoch, ErrorKind, SlotMetrics};
 
 /// Latencies cycled through, 150 µs to ~1.2 s, so records spread over many buckets.
 fn latencies() -> Vec<Duration> {
@@ -19,9 +19,9 @@ fn latencies() -> Vec<Duration> {
 
 fn record_one(m: &SlotMetrics, latency: Duration, i: usize) {
     if i % 64 == 63 {
-        m.record_failure(Step::CURRENT, ErrorKind::Timeout, latency);
+        m.record_failure(Epoch::CURRENT, ErrorKind::Timeout, latency);
     } else {
-        m.record_response(Step::CURRENT, 200, false, latency);
+        m.record_response(Epoch::CURRENT, 200, false, latency);
     }
 }
 

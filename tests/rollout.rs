@@ -14,7 +14,7 @@ use serde_json::Value;
 use support::load::{Load, LoadReport, LoadSpec};
 use support::*;
 use veer::config::RouteConfig;
-use veer::metrics::{ErrorKind, Step};
+use veer::metrics::{Epoch, ErrorKind};
 use veer::rollout::state::{Action, Phase};
 use veer::rollout::{self, Store};
 use veer::routing::RouteShared;
@@ -109,7 +109,7 @@ fn feed(shared: &RouteShared, slot: Slot, n: u64, errors: u64, latency_ms: u64) 
         let error = i < errors;
         let status = if error { 500 } else { 200 };
         metrics.record_response(
-            Step::CURRENT,
+            Epoch::CURRENT,
             status,
             error,
             Duration::from_millis(latency_ms),
@@ -665,9 +665,9 @@ async fn a_withdrawn_builds_late_failures_are_not_the_next_rollouts() {
     rollout::act(&shared, &c.route, Action::Start, "retry").unwrap();
     feed(&shared, Slot::Blue, 300, 0, 10);
     feed(&shared, Slot::Green, 30, 0, 10);
-    // The proxy records a failure under the step its request was sent in.
+    // The proxy records a failure under the epoch its request was sent in.
     for sent in hung {
-        green.record_failure(sent.step(), ErrorKind::Timeout, Duration::from_secs(60));
+        green.record_failure(sent.epoch(), ErrorKind::Timeout, Duration::from_secs(60));
         green.answered(sent);
     }
     tokio::time::advance(Duration::from_millis(300)).await;
@@ -684,6 +684,41 @@ async fn a_withdrawn_builds_late_failures_are_not_the_next_rollouts() {
     let last_60s = green.last_60s();
     assert_eq!((last_60s.requests, last_60s.errors), (630, 400));
     assert_eq!(green.totals().errors_by_kind[2], 400, "timeouts");
+}
+
+/// The canary's own requests, sent near the end of a step and failing after the controller
+/// moved it to the next step of the same rollout, count in that next step: a build whose slow
+/// failures outlast their step is still judged on them (60 timeouts among 1,060, 5.7 %).
+#[tokio::test(start_paused = true)]
+async fn a_canarys_own_late_failures_count_in_its_next_step() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    let green = shared.slot_metrics(Slot::Green);
+    feed(&shared, Slot::Blue, 1000, 0, 10);
+    feed(&shared, Slot::Green, 1000, 0, 10);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    let slow: Vec<_> = (0..60)
+        .map(|_| green.sent(tokio::time::Instant::now()))
+        .collect();
+    rollout::analyse(&shared, &c.route);
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    for sent in slow {
+        green.record_failure(sent.epoch(), ErrorKind::Timeout, Duration::from_millis(500));
+        green.answered(sent);
+    }
+    feed(&shared, Slot::Blue, 1000, 0, 10);
+    feed(&shared, Slot::Green, 1000, 0, 10);
+    let step = green.step();
+    assert_eq!((step.requests, step.errors), (1060, 60));
+    tokio::time::advance(Duration::from_millis(600)).await;
+    rollout::analyse(&shared, &c.route);
+    assert!(
+        last_verdict(&shared).starts_with("fail"),
+        "{}",
+        last_verdict(&shared)
+    );
 }
 
 /// `route` with a slot's version label changed, as a reload would bring it.

@@ -484,7 +484,7 @@ async fn load(proxy: SocketAddr, rate: u32, stop: Arc<AtomicBool>, sent: Arc<Ato
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Step;
+    use crate::metrics::Epoch;
 
     /// The live rates cover about the last second: after green took all the traffic, blue
     /// shows 0 req/s within a second, however busy it was before.
@@ -521,14 +521,14 @@ mod tests {
     fn the_summary_counts_every_request_of_the_demo() {
         let (blue, green) = (SlotMetrics::new(), SlotMetrics::new());
         for _ in 0..10 {
-            blue.record_response(Step::CURRENT, 200, false, Duration::from_millis(1));
+            blue.record_response(Epoch::CURRENT, 200, false, Duration::from_millis(1));
         }
         // Past the sliding window.
         for _ in 0..20 {
             blue.rotate();
         }
-        blue.record_response(Step::CURRENT, 200, false, Duration::from_millis(1));
-        green.record_response(Step::CURRENT, 200, false, Duration::from_millis(1));
+        blue.record_response(Epoch::CURRENT, 200, false, Duration::from_millis(1));
+        green.record_response(Epoch::CURRENT, 200, false, Duration::from_millis(1));
         assert_eq!(blue.last_60s().requests, 1);
         let text = summary(Some(Outcome::Promoted), "passed", 12, [&blue, &green]);
         assert!(

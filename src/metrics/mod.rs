@@ -7,7 +7,10 @@
 //! allocates nothing (a shard's histogram may grow a few times while it first meets larger
 //! latencies). Readers, `rotate` and `reset_step` drain the shards into an aggregate behind a
 //! separate mutex, so counts are exact and every window's histogram holds exactly `requests`
-//! latencies. Failures before a response head are requests too, with their latency.
+//! latencies. The one exception: a request sent before the judged build changed (see
+//! [`Epoch`]) is recorded into the aggregate directly, under its mutex, past the step window;
+//! only requests in flight at a start, promotion, rollback or new version get there. Failures
+//! before a response head are requests too, with their latency.
 
 pub mod prometheus;
 mod window;
@@ -178,8 +181,8 @@ pub struct SlotMetrics {
     aggregate: Mutex<Aggregate>,
     /// Second 0 of the waiting requests' clock.
     born: Instant,
-    /// The number of the current step window: one more at every `reset_step`/`take_step`.
-    step: AtomicU64,
+    /// The current epoch's number (see [`Epoch`]).
+    epoch: AtomicU64,
 }
 
 /// A request sent upstream, waiting for its answer: hand it back to
@@ -188,27 +191,30 @@ pub struct SlotMetrics {
 pub struct Sent {
     shard: usize,
     second: u64,
-    step: Step,
+    epoch: Epoch,
 }
 
 impl Sent {
-    /// The step window the request was sent in.
-    pub fn step(&self) -> Step {
-        self.step
+    /// The epoch the request was sent in.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
     }
 }
 
-/// The step window a request was sent in. Its answer, failure or body failure counts in the
-/// step window only while that step is still the current one: one sent before a rollout's
-/// step began (the last build's, still in flight at a rollback or a new start) counts in the
-/// sliding window and the totals only, so a build is never judged on another's requests.
+/// The epoch a request was sent in: a new one begins whenever the build the controller judges
+/// changes (a rollout starts, a new version label, a promotion, a rollback; see
+/// [`SlotMetrics::next_epoch`]). The answer, failure or body failure of a request sent in an
+/// earlier epoch (the last build's, still in flight when it was withdrawn) counts in the
+/// sliding window and the totals but in no step window, so a build is never judged on
+/// another's requests. A step that passes to the next one of the same build keeps the epoch:
+/// a request sent in one step and failing in the next counts there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Step(u64);
+pub struct Epoch(u64);
 
-impl Step {
-    /// Whatever step is current when the record is made: for figures no controller judges
+impl Epoch {
+    /// Whatever epoch is current when the record is made: for figures no controller judges
     /// (the shadow's) and for records made as they happen (tests, benches).
-    pub const CURRENT: Step = Step(u64::MAX);
+    pub const CURRENT: Epoch = Epoch(u64::MAX);
 }
 
 /// Keeps each shard on its own cache lines.
@@ -230,7 +236,7 @@ impl SlotMetrics {
                 .collect(),
             aggregate: Mutex::new(Aggregate::new(Instant::now())),
             born: Instant::now(),
-            step: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -253,7 +259,7 @@ impl SlotMetrics {
         Sent {
             shard,
             second,
-            step: Step(self.step.load(Ordering::Relaxed)),
+            epoch: Epoch(self.epoch.load(Ordering::Relaxed)),
         }
     }
 
@@ -300,40 +306,39 @@ impl SlotMetrics {
             .collect()
     }
 
-    /// An upstream response head arrived for a request sent in `step`. `latency` = request
+    /// An upstream response head arrived for a request sent in `epoch`. `latency` = request
     /// sent upstream -> response head received. `is_error` = status counts as an error per the
     /// route's error_statuses (then kind Status).
-    pub fn record_response(&self, step: Step, status: u16, is_error: bool, latency: Duration) {
-        let micros = window::latency_micros(latency);
-        self.record(step, |counts, hist| {
-            counts.by_class[class_index(status)] += 1;
+    pub fn record_response(&self, epoch: Epoch, status: u16, is_error: bool, latency: Duration) {
+        let class = class_index(status);
+        let add = |counts: &mut Counts| {
+            counts.by_class[class] += 1;
             if is_error {
                 counts.errors_by_kind[ErrorKind::Status.index()] += 1;
             }
-            window::record_micros(hist, micros);
-        });
+        };
+        self.record(epoch, add, Some(window::latency_micros(latency)));
     }
 
     /// The exchange failed before a response head (connect refused, timeout, reset, protocol
     /// error): a request of class "error". Its latency (e.g. the timeout) enters the histogram,
     /// unless no connection was made: nothing was sent, so nothing was waited for (a refused
     /// endpoint would otherwise make a slot look fast).
-    pub fn record_failure(&self, step: Step, kind: ErrorKind, latency: Duration) {
-        let micros = window::latency_micros(latency);
-        self.record(step, |counts, hist| {
+    pub fn record_failure(&self, epoch: Epoch, kind: ErrorKind, latency: Duration) {
+        let add = |counts: &mut Counts| {
             counts.by_class[ERROR_CLASS] += 1;
             counts.errors_by_kind[kind.index()] += 1;
-            if kind != ErrorKind::Connect {
-                window::record_micros(hist, micros);
-            }
-        });
+        };
+        let waited = (kind != ErrorKind::Connect).then(|| window::latency_micros(latency));
+        self.record(epoch, add, waited);
     }
 
     /// A response whose head was recorded failed later, mid-body: an error of `kind`, not a new
     /// request. Call it at most once per exchange, and not when the head already counted as an
     /// error, so that errors never exceed requests.
-    pub fn record_body_failure(&self, step: Step, kind: ErrorKind) {
-        self.record(step, |counts, _| counts.errors_by_kind[kind.index()] += 1);
+    pub fn record_body_failure(&self, epoch: Epoch, kind: ErrorKind) {
+        let add = |counts: &mut Counts| counts.errors_by_kind[kind.index()] += 1;
+        self.record(epoch, add, None);
     }
 
     /// The client went away; not the slot's fault; counted apart from requests and errors.
@@ -355,13 +360,11 @@ impl SlotMetrics {
 
     /// Returns the step window and starts a new one, losing no record in between.
     pub fn take_step(&self) -> WindowStats {
-        self.next_step();
         self.drain().take_step(Instant::now())
     }
 
     /// Starts a new, empty step window now. Leaves the sliding window and totals alone.
     pub fn reset_step(&self) {
-        self.next_step();
         self.drain().reset_step(Instant::now());
     }
 
@@ -414,23 +417,35 @@ impl SlotMetrics {
         }
     }
 
-    /// Records into the calling thread's shard what a request sent in `step` adds; when that
-    /// step is over, straight into the aggregate instead, past the step window (rare: only
-    /// requests in flight when a step began get there).
-    fn record(&self, step: Step, add: impl FnOnce(&mut Counts, &mut Histogram<u32>)) {
-        if step == Step::CURRENT || step.0 == self.step.load(Ordering::Relaxed) {
-            self.with_shard(|shard| add(&mut shard.counts, &mut shard.hist));
-        } else {
-            lock(&self.aggregate).record_outside_step(add);
+    /// Records what a request sent in `epoch` adds (`add` to the counts, and a latency) into
+    /// the calling thread's shard; when that epoch is over, into the aggregate instead, past
+    /// the step window. That takes the slot's aggregate lock for a few counter updates: rare,
+    /// as only requests in flight when the judged build changed get there.
+    fn record(&self, epoch: Epoch, add: impl Fn(&mut Counts), micros: Option<u64>) {
+        let index = thread_shard() & (self.shards.len() - 1);
+        let Some(shard) = self.shards.get(index) else {
+            return;
+        };
+        {
+            // Compared under the shard's lock: the drain that follows `next_epoch` takes it
+            // too, so a record either reaches the shard before that drain or sees the new
+            // epoch.
+            let mut shard = lock(&shard.0);
+            if epoch == Epoch::CURRENT || epoch.0 == self.epoch.load(Ordering::Relaxed) {
+                add(&mut shard.counts);
+                if let Some(micros) = micros {
+                    window::record_micros(&mut shard.hist, micros);
+                }
+                return;
+            }
         }
+        lock(&self.aggregate).record_past_step(add, micros);
     }
 
-    /// Ends the current step for the requests sent from now on. Called before the shards are
-    /// drained into the ending step: a request sent before this and recorded after the drain
-    /// counts outside the new step; one sent and answered within the drain's few microseconds
-    /// counts in the ending step.
-    fn next_step(&self) {
-        self.step.fetch_add(1, Ordering::Relaxed);
+    /// Begins a new epoch (see [`Epoch`]): the requests in flight now count in no step window
+    /// when they end. Call it before the step windows are reset for the new build.
+    pub fn next_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Moves what every shard recorded into the aggregate and returns the aggregate, locked.
@@ -573,26 +588,29 @@ mod tests {
         }
     }
 
-    /// A request sent before the step began counts, when it ends, in the sliding window and
+    /// A request sent before the epoch began counts, when it ends, in the sliding window and
     /// the totals, not in the step; one sent after counts everywhere. So does a body failure.
+    /// A new step of the same build keeps the epoch.
     #[test]
-    fn a_request_sent_before_the_step_counts_outside_it() {
+    fn a_request_of_an_earlier_epoch_counts_outside_the_step() {
         let m = SlotMetrics::with_shards(2);
         let before = m.sent(Instant::now());
+        m.next_epoch();
         m.reset_step();
         let after = m.sent(Instant::now());
-        m.record_response(before.step(), 200, false, ms(1));
-        m.record_body_failure(before.step(), ErrorKind::Reset);
-        m.record_failure(after.step(), ErrorKind::Timeout, ms(5));
+        m.record_response(before.epoch(), 200, false, ms(1));
+        m.record_body_failure(before.epoch(), ErrorKind::Reset);
+        m.record_failure(after.epoch(), ErrorKind::Timeout, ms(5));
         let in_step = |w: WindowStats| (w.requests, w.errors, w.histogram.len());
         assert_eq!(in_step(m.step()), (1, 1, 1));
         assert_eq!(in_step(m.last_60s()), (2, 2, 2));
         assert_eq!(m.totals().requests(), 2);
-        // Taking the step ends it as well.
+        // Sent in one step, ending in the next of the same build: counted there.
+        let in_flight = m.sent(Instant::now());
         assert_eq!(m.take_step().requests, 1);
-        m.record_response(after.step(), 200, false, ms(1));
-        m.record_response(Step::CURRENT, 200, false, ms(1));
-        assert_eq!(in_step(m.step()), (1, 0, 1));
+        m.record_response(in_flight.epoch(), 503, true, ms(1));
+        m.record_response(Epoch::CURRENT, 200, false, ms(1));
+        assert_eq!(in_step(m.step()), (2, 1, 2));
         assert_eq!((m.requests(), m.last_60s().histogram.len()), (4, 4));
     }
 
@@ -600,9 +618,9 @@ mod tests {
     fn statuses_are_counted_by_class_and_failures_as_error() {
         let m = SlotMetrics::new();
         for status in [100, 101, 200, 204, 301, 404, 499, 500, 503, 599, 999] {
-            m.record_response(Step::CURRENT, status, false, ms(1));
+            m.record_response(Epoch::CURRENT, status, false, ms(1));
         }
-        m.record_failure(Step::CURRENT, ErrorKind::Connect, ms(1));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Connect, ms(1));
         assert_eq!(m.totals().by_class, [2, 2, 1, 2, 4, 1]);
         assert_eq!((m.totals().requests(), m.requests()), (12, 12));
     }
@@ -610,15 +628,15 @@ mod tests {
     #[test]
     fn errors_are_counted_by_kind() {
         let m = SlotMetrics::new();
-        m.record_response(Step::CURRENT, 200, false, ms(1));
-        m.record_response(Step::CURRENT, 503, true, ms(1));
-        m.record_response(Step::CURRENT, 502, true, ms(1));
-        m.record_failure(Step::CURRENT, ErrorKind::Connect, ms(1));
-        m.record_failure(Step::CURRENT, ErrorKind::Timeout, ms(30_000));
-        m.record_failure(Step::CURRENT, ErrorKind::Reset, ms(2));
-        m.record_failure(Step::CURRENT, ErrorKind::Protocol, ms(2));
-        m.record_response(Step::CURRENT, 200, false, ms(1));
-        m.record_body_failure(Step::CURRENT, ErrorKind::Reset);
+        m.record_response(Epoch::CURRENT, 200, false, ms(1));
+        m.record_response(Epoch::CURRENT, 503, true, ms(1));
+        m.record_response(Epoch::CURRENT, 502, true, ms(1));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Connect, ms(1));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Timeout, ms(30_000));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Reset, ms(2));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Protocol, ms(2));
+        m.record_response(Epoch::CURRENT, 200, false, ms(1));
+        m.record_body_failure(Epoch::CURRENT, ErrorKind::Reset);
         for stats in [m.last_60s(), m.step()] {
             assert_eq!(stats.requests, 8);
             assert_eq!(stats.errors, 7);
@@ -634,8 +652,8 @@ mod tests {
     #[test]
     fn body_failure_counts_an_error_but_not_a_request() {
         let m = SlotMetrics::new();
-        m.record_response(Step::CURRENT, 200, false, ms(3));
-        m.record_body_failure(Step::CURRENT, ErrorKind::Timeout);
+        m.record_response(Epoch::CURRENT, 200, false, ms(3));
+        m.record_body_failure(Epoch::CURRENT, ErrorKind::Timeout);
         let stats = m.step();
         assert_eq!((stats.requests, stats.errors), (1, 1));
         assert_eq!(stats.histogram.len(), 1);
@@ -662,7 +680,7 @@ mod tests {
         let m = SlotMetrics::new();
         // 1..=1000 ms once each: quantile q is q * 1000 ms.
         for n in 1..=1000 {
-            m.record_response(Step::CURRENT, 200, false, ms(n));
+            m.record_response(Epoch::CURRENT, 200, false, ms(n));
         }
         let stats = m.step();
         for (q, want) in [(0.5, 500.0), (0.9, 900.0), (0.99, 990.0), (0.999, 999.0)] {
@@ -680,9 +698,9 @@ mod tests {
     fn microsecond_latencies_keep_their_precision() {
         let m = SlotMetrics::new();
         for micros in [0, 1, 250, 1999] {
-            m.record_response(Step::CURRENT, 200, false, Duration::from_micros(micros));
+            m.record_response(Epoch::CURRENT, 200, false, Duration::from_micros(micros));
         }
-        m.record_response(Step::CURRENT, 200, false, Duration::from_nanos(999));
+        m.record_response(Epoch::CURRENT, 200, false, Duration::from_nanos(999));
         let stats = m.step();
         assert_eq!(stats.histogram.min(), 0);
         assert_eq!(stats.histogram.count_at(0), 2);
@@ -693,8 +711,8 @@ mod tests {
     #[test]
     fn latency_beyond_sixty_seconds_is_clamped_not_rejected() {
         let m = SlotMetrics::new();
-        m.record_response(Step::CURRENT, 200, false, Duration::from_secs(300));
-        m.record_failure(Step::CURRENT, ErrorKind::Timeout, Duration::MAX);
+        m.record_response(Epoch::CURRENT, 200, false, Duration::from_secs(300));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Timeout, Duration::MAX);
         let stats = m.last_60s();
         assert_eq!(stats.histogram.len(), 2);
         assert!((stats.quantile_ms(1.0) - 60_000.0).abs() <= 60.0);
@@ -740,18 +758,18 @@ mod tests {
         // One shard: every histogram of the slot meets a latency of 60 s.
         let full = SlotMetrics::with_shards(1);
         for _ in 0..6 {
-            full.record_response(Step::CURRENT, 200, false, Duration::from_secs(60));
+            full.record_response(Epoch::CURRENT, 200, false, Duration::from_secs(60));
             full.rotate();
         }
-        full.record_response(Step::CURRENT, 200, false, Duration::from_secs(60));
+        full.record_response(Epoch::CURRENT, 200, false, Duration::from_secs(60));
         assert_eq!(full.heap_bytes(), (1 + 7) * 68 * KIB + 272 * KIB);
 
         let second = SlotMetrics::with_shards(1);
         for _ in 0..6 {
-            second.record_response(Step::CURRENT, 200, false, Duration::from_millis(1000));
+            second.record_response(Epoch::CURRENT, 200, false, Duration::from_millis(1000));
             second.rotate();
         }
-        second.record_response(Step::CURRENT, 200, false, Duration::from_millis(1000));
+        second.record_response(Epoch::CURRENT, 200, false, Duration::from_millis(1000));
         assert_eq!(second.heap_bytes(), (1 + 7) * 44 * KIB + 176 * KIB);
     }
 
@@ -768,11 +786,11 @@ mod tests {
                     start.wait();
                     for i in 0..PER_THREAD {
                         match i % 4 {
-                            0 => m.record_failure(Step::CURRENT, ErrorKind::Timeout, ms(t + 1)),
-                            1 => m.record_response(Step::CURRENT, 503, true, ms(i % 100)),
+                            0 => m.record_failure(Epoch::CURRENT, ErrorKind::Timeout, ms(t + 1)),
+                            1 => m.record_response(Epoch::CURRENT, 503, true, ms(i % 100)),
                             2 => m.record_client_abort(),
                             _ => m.record_response(
-                                Step::CURRENT,
+                                Epoch::CURRENT,
                                 200,
                                 false,
                                 Duration::from_micros(i),

@@ -260,7 +260,7 @@ pub fn write_slot(w: &mut PromWriter, route: &str, slot: &str, totals: &Totals) 
 
 #[cfg(test)]
 mod tests {
-    use super::super::{ErrorKind, SlotMetrics, Step};
+    use super::super::{Epoch, ErrorKind, SlotMetrics};
     use super::*;
     use std::collections::HashMap;
     use std::time::Duration;
@@ -391,10 +391,10 @@ mod tests {
         let m = SlotMetrics::new();
         m.set_version(version);
         for ms in [1, 2, 3, 7, 20, 80, 300, 1200, 90_000] {
-            m.record_response(Step::CURRENT, 200, false, Duration::from_millis(ms));
+            m.record_response(Epoch::CURRENT, 200, false, Duration::from_millis(ms));
         }
-        m.record_response(Step::CURRENT, 503, true, Duration::from_millis(4));
-        m.record_failure(Step::CURRENT, ErrorKind::Timeout, Duration::from_secs(30));
+        m.record_response(Epoch::CURRENT, 503, true, Duration::from_millis(4));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Timeout, Duration::from_secs(30));
         m.record_client_abort();
         m
     }
@@ -494,7 +494,7 @@ mod tests {
         let slot = busy_slot("e1");
         let before = slot.totals();
         assert!(slot.set_version("e2"));
-        slot.record_response(Step::CURRENT, 503, true, Duration::from_millis(4));
+        slot.record_response(Epoch::CURRENT, 503, true, Duration::from_millis(4));
         let mut w = PromWriter::new();
         write_slot(&mut w, "err", "green", &slot.totals());
         let (_, samples) = parse(&w.finish())?;

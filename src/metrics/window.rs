@@ -1,5 +1,6 @@
 //! The read side of a slot: time slices for the sliding window, the step window and the totals,
-//! all fed by draining the recording shards. Nothing here runs on the request path.
+//! all fed by draining the recording shards. Only `Aggregate::record_past_step` runs on the
+//! request path (rarely: see `Epoch`).
 
 use std::collections::VecDeque;
 use std::mem;
@@ -186,8 +187,8 @@ impl Accumulation {
     }
 }
 
-/// Everything drained from the shards, behind one mutex that only readers, `rotate` and
-/// `reset_step` take.
+/// Everything drained from the shards, behind one mutex that readers, `rotate` and
+/// `reset_step` take, and the request path for a request of an earlier epoch.
 #[derive(Debug)]
 pub struct Aggregate {
     /// The slice being filled since the last rotation.
@@ -234,24 +235,26 @@ impl Aggregate {
 
     /// Takes in one shard's counts, whose histogram was just swapped into `spare`.
     pub fn absorb_spare(&mut self, counts: &Counts) {
-        self.step.absorb(counts, &self.spare);
-        self.absorb_spare_past_step(counts);
-    }
-
-    /// Records what `add` adds into the sliding window and the totals, not the step window.
-    pub fn record_outside_step(&mut self, add: impl FnOnce(&mut Counts, &mut Histogram<u32>)) {
-        let mut counts = Counts::default();
-        add(&mut counts, &mut self.spare);
-        self.absorb_spare_past_step(&counts);
-    }
-
-    /// Takes in `counts` and the histogram in `spare` everywhere but in the step window.
-    fn absorb_spare_past_step(&mut self, counts: &Counts) {
         self.open.counts.add(counts);
         merge(&mut self.open.hist, &self.spare);
+        self.step.absorb(counts, &self.spare);
         self.totals.absorb(counts, &self.spare);
         add_each(&mut self.version_by_class, &counts.by_class);
         self.spare.reset();
+    }
+
+    /// Records one request's counts (`add`) and latency into the sliding window and the
+    /// totals, not the step window: a request of an earlier epoch (on the request path, rare).
+    pub fn record_past_step(&mut self, add: impl Fn(&mut Counts), micros: Option<u64>) {
+        add(&mut self.open.counts);
+        add(&mut self.totals.counts);
+        let mut counts = Counts::default();
+        add(&mut counts);
+        add_each(&mut self.version_by_class, &counts.by_class);
+        if let Some(micros) = micros {
+            record_micros(&mut self.open.hist, micros);
+            record_micros(&mut self.totals.hist, micros);
+        }
     }
 
     /// Closes the open slice and drops the oldest one past the window, reusing its memory.
@@ -347,7 +350,7 @@ fn window_stats(counts: &Counts, histogram: Histogram<u64>, elapsed: Duration) -
 
 #[cfg(test)]
 mod tests {
-    use super::super::{rotate_every_slice, ErrorKind, SlotMetrics, Step};
+    use super::super::{rotate_every_slice, Epoch, ErrorKind, SlotMetrics};
     use super::*;
     use proptest::prelude::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -355,7 +358,7 @@ mod tests {
 
     fn record(m: &SlotMetrics, n: u64) {
         for _ in 0..n {
-            m.record_response(Step::CURRENT, 200, false, Duration::from_millis(5));
+            m.record_response(Epoch::CURRENT, 200, false, Duration::from_millis(5));
         }
     }
 
@@ -421,7 +424,7 @@ mod tests {
         record(&m, 10);
         tokio::time::advance(Duration::from_secs(3)).await;
         m.reset_step();
-        m.record_failure(Step::CURRENT, ErrorKind::Connect, Duration::from_millis(1));
+        m.record_failure(Epoch::CURRENT, ErrorKind::Connect, Duration::from_millis(1));
         record(&m, 4);
         tokio::time::advance(Duration::from_secs(2)).await;
 
@@ -588,12 +591,12 @@ mod tests {
         let kind = |k: usize| ErrorKind::ALL[k];
         match *op {
             Op::Response(s, e, us) => {
-                m.record_response(Step::CURRENT, s, e, Duration::from_micros(us))
+                m.record_response(Epoch::CURRENT, s, e, Duration::from_micros(us))
             }
             Op::Failure(k, us) => {
-                m.record_failure(Step::CURRENT, kind(k), Duration::from_micros(us))
+                m.record_failure(Epoch::CURRENT, kind(k), Duration::from_micros(us))
             }
-            Op::BodyFailure(k) => m.record_body_failure(Step::CURRENT, kind(k)),
+            Op::BodyFailure(k) => m.record_body_failure(Epoch::CURRENT, kind(k)),
             Op::Abort => m.record_client_abort(),
             Op::Rotate => m.rotate(),
             Op::ResetStep => m.reset_step(),

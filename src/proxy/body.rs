@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{AccessLogger, Record};
-use crate::metrics::{ErrorKind, Step};
+use crate::metrics::{Epoch, ErrorKind};
 use crate::routing::RouteShared;
 use crate::upstream::mirror::BodyHasher;
 use crate::upstream::pool::Lease;
@@ -47,8 +47,8 @@ impl ProxyBody {
 pub struct Tail {
     pub route: Arc<RouteShared>,
     pub slot: Slot,
-    /// The slot's step window the request was sent in.
-    pub step: Step,
+    /// The slot's epoch the request was sent in.
+    pub epoch: Epoch,
     pub bytes: u64,
     pub extra: Option<Box<Extra>>,
     /// How long the upstream body may send nothing.
@@ -110,7 +110,7 @@ impl Tail {
         self.over = true;
         self.route
             .slot_metrics(self.slot)
-            .record_body_failure(self.step, ErrorKind::Timeout);
+            .record_body_failure(self.epoch, ErrorKind::Timeout);
         tracing::debug!(route = %self.route.name, slot = %self.slot, "Upstream body stalled.");
         let error = if timer.deadline() >= self.deadline {
             ResponseBodyError::Deadline
@@ -199,7 +199,7 @@ impl Body for ProxyBody {
                         };
                         tail.route
                             .slot_metrics(tail.slot)
-                            .record_body_failure(tail.step, kind);
+                            .record_body_failure(tail.epoch, kind);
                         tracing::debug!(route = %tail.route.name, slot = %tail.slot, %error, "Upstream body failed.");
                     }
                     None => tail.end(),

@@ -22,7 +22,7 @@ use tracing::debug;
 use crate::access_log::{AccessLogger, Record};
 use crate::config::{Compare, ServerConfig};
 use crate::listener::InFlight;
-use crate::metrics::{Sent, SlotMetrics, Step};
+use crate::metrics::{Epoch, Sent, SlotMetrics};
 use crate::routing::{Decision, Route, RoutingTable};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
 use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
@@ -117,7 +117,7 @@ impl Proxy {
             downstream_upgrade: None,
             shadow: None,
             body_state: BodyState::default(),
-            step: Step::CURRENT,
+            epoch: Epoch::CURRENT,
             log: self
                 .access_log
                 .as_ref()
@@ -163,8 +163,8 @@ impl Proxy {
             Err(elapsed) => Err(elapsed),
         };
         let latency = sent.elapsed();
-        exchange.step = pending.done();
-        let step = exchange.step;
+        exchange.epoch = pending.done();
+        let epoch = exchange.epoch;
         match result {
             // A 101 answers only an upgrade request (RFC 9110 §15.2.2), and HTTP/2 has none:
             // an upstream that switches protocols unasked sent an invalid answer. So did one
@@ -178,12 +178,12 @@ impl Proxy {
                         && !http_body::Body::is_end_stream(response.body())) =>
             {
                 let kind = crate::metrics::ErrorKind::Protocol;
-                metrics.record_failure(step, kind, latency);
+                metrics.record_failure(epoch, kind, latency);
                 self.local_answer(exchange, LocalError::Upstream(kind), latency)
             }
             Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
             Ok(Err(error)) => {
-                let local = failed(route, &decision, step, &error, latency);
+                let local = failed(route, &decision, epoch, &error, latency);
                 self.local_answer(exchange, local, latency)
             }
             // The deadline passed while the upstream was waiting for the client's body: the
@@ -193,7 +193,7 @@ impl Proxy {
             }
             Err(_elapsed) => {
                 let kind = crate::metrics::ErrorKind::Timeout;
-                metrics.record_failure(step, kind, latency);
+                metrics.record_failure(epoch, kind, latency);
                 self.local_answer(exchange, LocalError::Upstream(kind), latency)
             }
         }
@@ -338,7 +338,7 @@ impl Proxy {
             shadow,
             log,
             body_state: _,
-            step,
+            epoch,
         } = exchange;
         let status = response.status();
         let is_error = route
@@ -347,7 +347,7 @@ impl Proxy {
             .error_statuses
             .contains(status.as_u16());
         let metrics = route.shared.slot_metrics(decision.slot);
-        metrics.record_response(step, status.as_u16(), is_error, latency);
+        metrics.record_response(epoch, status.as_u16(), is_error, latency);
         debug!(route = route.name(), slot = %decision.slot, bucket = decision.bucket, status = status.as_u16(), "Forwarded.");
         let (mut rparts, rbody) = response.into_parts();
         let via = headers::via(rparts.version);
@@ -396,7 +396,7 @@ impl Proxy {
         let mut tail = Tail {
             route: Arc::clone(&route.shared),
             slot: decision.slot,
-            step,
+            epoch,
             bytes: 0,
             extra,
             idle,
@@ -553,8 +553,8 @@ struct Exchange<'a> {
     shadow: Option<ShadowJob>,
     /// Where the request body stands (waiting for the client: a timeout is its fault).
     body_state: BodyState,
-    /// The slot's step window the request was sent upstream in.
-    step: Step,
+    /// The slot's epoch the request was sent upstream in.
+    epoch: Epoch,
     log: Option<(AccessLogger, Record)>,
 }
 
@@ -592,14 +592,14 @@ fn needs_length(parts: &Parts) -> bool {
 fn failed(
     route: &Route,
     decision: &Decision,
-    step: Step,
+    epoch: Epoch,
     error: &UpstreamError,
     latency: std::time::Duration,
 ) -> LocalError {
     let metrics = route.shared.slot_metrics(decision.slot);
     let local = match upstream::classify(error) {
         Failure::Upstream(kind) => {
-            metrics.record_failure(step, kind, latency);
+            metrics.record_failure(epoch, kind, latency);
             LocalError::Upstream(kind)
         }
         Failure::BodyTooLarge => LocalError::BodyTooLarge,
@@ -664,10 +664,10 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// The upstream answered or failed: the step window the request was sent in.
-    fn done(mut self) -> Step {
+    /// The upstream answered or failed: the epoch the request was sent in.
+    fn done(mut self) -> Epoch {
         self.done = true;
-        self.sent.as_ref().map_or(Step::CURRENT, Sent::step)
+        self.sent.as_ref().map_or(Epoch::CURRENT, Sent::epoch)
     }
 }
 

@@ -274,6 +274,17 @@ fn commit(
     if !same_stable {
         next.baseline = None;
     }
+    // Another build judged from now on (a start, a new version, a promotion, a rollback): the
+    // requests in flight are the last one's, and count in no step window when they end.
+    let new_build = action == "start"
+        || inner.state.stable != next.stable
+        || inner.state.versions != next.versions
+        || (next.phase == Phase::RolledBack && inner.state.phase != Phase::RolledBack);
+    if new_build {
+        for slot in [crate::Slot::Blue, crate::Slot::Green] {
+            shared.slot_metrics(slot).next_epoch();
+        }
+    }
     if moved {
         // Read and reset in one go, so that nothing recorded in between is lost to both steps.
         let window = shared.slot_metrics(inner.state.stable).take_step();

@@ -24,7 +24,7 @@ use tracing::debug;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::{Compare, ShadowConfig};
-use crate::metrics::{ErrorKind, Step};
+use crate::metrics::{Epoch, ErrorKind};
 use crate::routing::RouteShared;
 
 pub type ShadowClient = Client<HttpConnector, Full<Bytes>>;
@@ -301,7 +301,7 @@ impl ShadowJob {
             let status = response.status().as_u16();
             rest.end();
             route.shadow_metrics.record_response(
-                Step::CURRENT,
+                Epoch::CURRENT,
                 status,
                 status >= 500,
                 started.elapsed(),
@@ -316,7 +316,7 @@ impl ShadowJob {
             Ok(Err(kind)) => {
                 route
                     .shadow_metrics
-                    .record_failure(Step::CURRENT, kind, started.elapsed());
+                    .record_failure(Epoch::CURRENT, kind, started.elapsed());
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 if kind == ErrorKind::Connect {
                     rest.start();
@@ -325,7 +325,7 @@ impl ShadowJob {
             }
             Err(_) => {
                 route.shadow_metrics.record_failure(
-                    Step::CURRENT,
+                    Epoch::CURRENT,
                     ErrorKind::Timeout,
                     started.elapsed(),
                 );
