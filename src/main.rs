@@ -192,14 +192,17 @@ fn admin_target(
     let from_file = match (&args.token, &file) {
         (None, Some(table)) => match (text(table, "token"), text(table, "token_env")) {
             (Some(token), _) => Some(token),
-            // The file says where the token is: not there is an error, not "no token".
-            (None, Some(var)) => Some(env(&var).ok_or_else(|| {
-                let path = config.map(|p| p.display().to_string()).unwrap_or_default();
-                usage(&format!(
-                    "{path}: admin.token_env: environment variable {var} is not set \
+            // The file says where the token is: not there (nor in $VEER_ADMIN_TOKEN) is an
+            // error, not "no token".
+            (None, Some(var)) => Some(env(&var).or_else(|| env("VEER_ADMIN_TOKEN")).ok_or_else(
+                || {
+                    let path = config.map(|p| p.display().to_string()).unwrap_or_default();
+                    usage(&format!(
+                        "{path}: admin.token_env: environment variable {var} is not set \
                      (or give the token with --token)"
-                ))
-            })?),
+                    ))
+                },
+            )?),
             (None, None) => None,
         },
         _ => None,

@@ -640,6 +640,16 @@ fn admin_commands_name_a_token_variable_that_is_not_set() {
     let (code, stderr) = admin_command(&["status", "-c", path, "--token", "t"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("cannot reach the admin API"), "{stderr}");
+    // $VEER_ADMIN_TOKEN still serves as the fallback it is.
+    let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["status", "-c", path])
+        .env_remove("VEER_ADMIN")
+        .env("VEER_ADMIN_TOKEN", "t")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot reach the admin API"), "{stderr}");
 }
 
 /// An admin command reads only `[admin]` of a config file: one the proxy would reject for

@@ -562,18 +562,8 @@ impl Validator<'_> {
                 self.error(&at, format!("{file:?} exists and is not a directory"));
             }
             Some(existing) => {
-                let probe = existing.join(format!(".veer-check-{}", std::process::id()));
-                let made = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&probe);
-                match made {
-                    Ok(_) => {
-                        let _ = std::fs::remove_file(&probe);
-                    }
-                    Err(error) => {
-                        self.error(&at, format!("cannot write in {existing:?}: {error}"));
-                    }
+                if let Err(error) = can_make_files_in(existing) {
+                    self.error(&at, format!("cannot write in {existing:?}: {error}"));
                 }
             }
             None => {}
@@ -758,9 +748,10 @@ impl Validator<'_> {
         })
     }
 
-    /// The access log file must be one that can be opened for appending: not a directory, in
-    /// one that exists, with the permissions it needs (tried as `run` opens it; a file made
-    /// only to try is removed again).
+    /// The access log must be one that can be opened for appending: not a directory, in one
+    /// that exists; a regular file is opened as at start (which writes nothing); for one not
+    /// there yet, a file must be makeable in its directory. A FIFO, device or socket, and a
+    /// link to nothing yet, are left for the start to open (trying could block or create).
     fn access_log_file(&mut self, path: &Path) {
         let at = [Seg::Key("server"), Seg::Key("access_log")];
         let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
@@ -774,17 +765,20 @@ impl Validator<'_> {
             };
             self.error(&at, format!("cannot open {path:?}: {dir:?} {reason}"));
         } else {
-            let existed = path.exists();
-            let opened = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path);
-            match opened {
-                Ok(_) if !existed => {
-                    let _ = std::fs::remove_file(path);
+            let problem = match std::fs::symlink_metadata(path) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    can_make_files_in(dir.unwrap_or(Path::new("."))).err()
                 }
-                Ok(_) => {}
-                Err(error) => self.error(&at, format!("cannot open {path:?}: {error}")),
+                Err(error) => Some(error),
+                Ok(_) => match std::fs::metadata(path) {
+                    Ok(file) if file.is_file() => {
+                        std::fs::OpenOptions::new().append(true).open(path).err()
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(error) = problem {
+                self.error(&at, format!("cannot open {path:?}: {error}"));
             }
         }
     }
@@ -1131,8 +1125,8 @@ impl Validator<'_> {
                 self.error(
                     &p("max_step_time"),
                     format!(
-                        "must be at least min_step_time (max_step_time is {:?}, 15m unless \
-                         set; min_step_time is {:?})",
+                        "must be at least min_step_time (here {:?} and {:?}; max_step_time is \
+                         15m when not set)",
                         raw.max_step_time, raw.min_step_time
                     ),
                 );
@@ -1313,6 +1307,29 @@ pub fn basis_points(percent: f64) -> Option<u32> {
     }
     // In range 0..=10000 by the checks above.
     Some(rounded as u32)
+}
+
+/// Whether files can be made in `dir`: one of a name nobody else uses is made and removed at
+/// once (one that somehow exists already shows the same).
+fn can_make_files_in(dir: &Path) -> std::io::Result<()> {
+    let name = format!(
+        ".veer-check-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    );
+    let probe = dir.join(name);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
+    }
 }
 
 /// `geometric:START:FACTOR` → START, START·F, START·F², … capped at 100 (basis points).
@@ -1665,8 +1682,8 @@ endpoints = ["127.0.0.1:9002"]
         ));
         only_problem(
             &got,
-            "route[0].rollout.max_step_time: must be at least min_step_time (max_step_time is \
-             \"15m\", 15m unless set; min_step_time is \"1h30m\")",
+            "route[0].rollout.max_step_time: must be at least min_step_time (here \"15m\" and \
+             \"1h30m\"; max_step_time is 15m when not set)",
         );
     }
 
@@ -2143,6 +2160,30 @@ endpoints = ["127.0.0.1:9002"]
         let text = with_server(&format!("access_log = \"{}\"\n", fresh.display()));
         assert!(parse(&text, None).is_ok(), "{text}");
         assert!(!fresh.exists());
+    }
+
+    /// A link to a file not made yet and a FIFO are left as they are: no file is made or
+    /// removed through the link, and no open waits for a FIFO's reader.
+    #[test]
+    fn an_access_log_link_or_fifo_is_left_for_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (link, target) = (dir.path().join("link.log"), dir.path().join("real.log"));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let fifo = dir.path().join("fifo.log");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for log in [&link, &fifo] {
+            let text = with_server(&format!("access_log = \"{}\"\n", log.display()));
+            assert!(parse(&text, None).is_ok(), "{text}");
+        }
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!target.exists());
     }
 
     /// A keyword in another case is most likely meant as the keyword, not as a file's name.
