@@ -878,6 +878,17 @@ async fn a_restart_keeps_a_manual_routes_rollback_and_hand_set_weight() {
     let shared = c.restore();
     rollout::reconcile(&shared, &c.route, None);
     assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
+    // The first weight is journaled like any later one.
+    let first = c.journal().pop().unwrap();
+    assert_eq!(
+        (&first["action"], &first["reason"], &first["weight_to"]),
+        (
+            &"weight".into(),
+            &"manual weight from the config".into(),
+            &10.0.into()
+        ),
+        "{first}"
+    );
     rollout::act(&shared, &c.route, Action::Rollback, "test").unwrap();
     let restarted = c.restart(&c.route);
     assert_eq!(phase_step_weight(&restarted), (Phase::RolledBack, 0, 0));

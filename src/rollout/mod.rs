@@ -169,15 +169,10 @@ pub fn save_if_unsaved(shared: &RouteShared) -> bool {
     inner.unsaved.is_none()
 }
 
+/// A route's first state: all traffic on `stable`. A manual route's weight is then applied by
+/// [`reconcile`], as any weight from the config is, and journaled.
 fn initial_state(config: &RouteConfig) -> RolloutState {
-    let weight = match config.rollout.mode {
-        Mode::Manual => config.rollout.weight,
-        Mode::Auto => 0,
-    };
-    RolloutState {
-        config_weight: (config.rollout.mode == Mode::Manual).then_some(weight),
-        ..RolloutState::new(config.stable, weight, versions(config))
-    }
+    RolloutState::new(config.stable, 0, versions(config))
 }
 
 fn versions(config: &RouteConfig) -> [String; 2] {
@@ -517,7 +512,11 @@ fn manual_weight(
     };
     next.step = 0;
     next.failures = 0;
-    let reason = if turned_manual {
+    let known_turned = match previous {
+        Some(p) => p.rollout.mode != Mode::Manual,
+        None => current.phase == Phase::Ramping,
+    };
+    let reason = if known_turned {
         "mode changed to manual: the config's weight applies"
     } else {
         "manual weight from the config"
