@@ -901,6 +901,22 @@ async fn a_restart_keeps_a_manual_routes_rollback_and_hand_set_weight() {
     assert_eq!(c.journal().pop().unwrap()["action"], "weight");
 }
 
+/// A rollout ended by hand leaves no verdict of the controller's behind: its last look (a
+/// hold, "waiting for evidence") would be shown next to the phase the hand set.
+#[tokio::test(start_paused = true)]
+async fn a_rollout_ended_by_hand_clears_the_last_verdict() {
+    for action in [Action::Rollback, Action::Promote] {
+        let c = Controller::new("");
+        let shared = c.restore();
+        rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+        feed(&shared, Slot::Green, 10, 0, 10);
+        rollout::analyse(&shared, &c.route);
+        assert!(last_verdict(&shared).starts_with("hold"));
+        rollout::act(&shared, &c.route, action, "test").unwrap();
+        assert!(shared.rollout.view().last.is_none(), "{action:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_manual_route_refuses_start_and_resume() {
     let c = Controller::new("mode = \"manual\"\n");

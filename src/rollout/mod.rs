@@ -295,9 +295,14 @@ fn commit(
     }
     let prev = std::mem::replace(&mut inner.state, next);
     let state = &inner.state;
-    // A new rollout, or a new canary: the last verdict was about another one.
+    // A new rollout, or a new canary: the last verdict was about another one. A rollout ended
+    // by hand (promote, rollback, a weight from the config): the controller's last look, often
+    // a hold, no longer says where the route stands.
     let canary = state.canary().index();
-    if action == "start" || prev.versions[canary] != state.versions[canary] {
+    let ended_by_hand = judgement.is_none()
+        && prev.phase != state.phase
+        && matches!(state.phase, Phase::Idle | Phase::RolledBack);
+    if action == "start" || prev.versions[canary] != state.versions[canary] || ended_by_hand {
         inner.last = None;
     }
     if moved {
