@@ -721,6 +721,30 @@ async fn a_canarys_own_late_failures_count_in_its_next_step() {
     );
 }
 
+/// A new label on the stable slot mid-rollout changes no canary build: the canary's requests
+/// in flight then still count in its step when they fail.
+#[tokio::test(start_paused = true)]
+async fn a_stable_relabel_keeps_the_canarys_late_failures_in_its_step() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_half(&c, &shared).await;
+    let green = shared.slot_metrics(Slot::Green);
+    feed(&shared, Slot::Blue, 1000, 0, 10);
+    feed(&shared, Slot::Green, 1000, 0, 10);
+    let slow: Vec<_> = (0..60)
+        .map(|_| green.sent(tokio::time::Instant::now()))
+        .collect();
+    let blue = relabelled(&c.route, Slot::Blue, "v1.1");
+    rollout::reconcile(&shared, &blue, Some(&c.route));
+    assert_eq!(phase_step_weight(&shared), (Phase::Ramping, 1, 5000));
+    for sent in slow {
+        green.record_failure(sent.epoch(), ErrorKind::Timeout, Duration::from_millis(500));
+        green.answered(sent);
+    }
+    let step = green.step();
+    assert_eq!((step.requests, step.errors), (1060, 60));
+}
+
 /// `route` with a slot's version label changed, as a reload would bring it.
 fn relabelled(route: &RouteConfig, slot: Slot, version: &str) -> RouteConfig {
     let mut route = route.clone();
@@ -915,6 +939,15 @@ async fn a_rollout_ended_by_hand_clears_the_last_verdict() {
         rollout::act(&shared, &c.route, action, "test").unwrap();
         assert!(shared.rollout.view().last.is_none(), "{action:?}");
     }
+    // Handed to manual mode at a weight: nothing judges it any more.
+    let c = Controller::new("");
+    let shared = c.restore();
+    rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
+    rollout::analyse(&shared, &c.route);
+    assert!(last_verdict(&shared).starts_with("hold"));
+    rollout::reconcile(&shared, &manual(&c.route, 1000), Some(&c.route));
+    assert_eq!(phase_step_weight(&shared), (Phase::Paused, 0, 1000));
+    assert!(shared.rollout.view().last.is_none());
 }
 
 #[tokio::test(start_paused = true)]

@@ -755,7 +755,7 @@ impl Validator<'_> {
     fn access_log_file(&mut self, path: &Path) {
         let at = [Seg::Key("server"), Seg::Key("access_log")];
         let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-        if path.is_dir() {
+        if path.is_dir() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
             self.error(&at, format!("{path:?} is a directory"));
         } else if let Some(dir) = dir.filter(|dir| !dir.is_dir()) {
             let reason = if dir.exists() {
@@ -774,7 +774,11 @@ impl Validator<'_> {
                     Ok(file) if file.is_file() => {
                         std::fs::OpenOptions::new().append(true).open(path).err()
                     }
-                    _ => None,
+                    // A FIFO, device or socket; or a link to a file not made yet.
+                    Ok(_) => None,
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+                    // A loop of links, say.
+                    Err(error) => Some(error),
                 },
             };
             if let Some(error) = problem {
@@ -2184,6 +2188,18 @@ endpoints = ["127.0.0.1:9002"]
             .file_type()
             .is_symlink());
         assert!(!target.exists());
+        // What the start could not open either: a loop of links, a name ending in a slash.
+        let (a, b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let new_dir = format!("{}/new/", dir.path().display());
+        for (log, says) in [
+            (a.display().to_string(), "cannot open"),
+            (new_dir, "is a directory"),
+        ] {
+            let text = with_server(&format!("access_log = \"{log}\"\n"));
+            one_problem_at(&text, "server.access_log", 3, says);
+        }
     }
 
     /// A keyword in another case is most likely meant as the keyword, not as a file's name.

@@ -269,16 +269,16 @@ fn commit(
     if !same_stable {
         next.baseline = None;
     }
-    // Another build judged from now on (a start, a new version, a promotion, a rollback): the
-    // requests in flight are the last one's, and count in no step window when they end.
-    let new_build = action == "start"
-        || inner.state.stable != next.stable
-        || inner.state.versions != next.versions
+    // Another canary build from now on (a start, a new version label on the canary slot, a
+    // rollback): the canary's requests in flight are the last build's, and count in no step
+    // window when they end. (Stable's build does not change: its late answers count on, and a
+    // promotion's next rollout begins with a start.)
+    let canary = inner.state.canary();
+    let new_canary = action == "start"
+        || inner.state.versions[canary.index()] != next.versions[canary.index()]
         || (next.phase == Phase::RolledBack && inner.state.phase != Phase::RolledBack);
-    if new_build {
-        for slot in [crate::Slot::Blue, crate::Slot::Green] {
-            shared.slot_metrics(slot).next_epoch();
-        }
+    if new_canary {
+        shared.slot_metrics(canary).next_epoch();
     }
     if moved {
         // Read and reset in one go, so that nothing recorded in between is lost to both steps.
@@ -301,7 +301,8 @@ fn commit(
     let canary = state.canary().index();
     let ended_by_hand = judgement.is_none()
         && prev.phase != state.phase
-        && matches!(state.phase, Phase::Idle | Phase::RolledBack);
+        && (matches!(state.phase, Phase::Idle | Phase::RolledBack)
+            || (prev.phase == Phase::Ramping && action == "weight"));
     if action == "start" || prev.versions[canary] != state.versions[canary] || ended_by_hand {
         inner.last = None;
     }
