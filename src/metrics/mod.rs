@@ -9,7 +9,7 @@
 //! separate mutex, so counts are exact and every window's histogram holds exactly `requests`
 //! latencies. The one exception: a request sent before the judged build changed (see
 //! [`Epoch`]) is recorded into the aggregate directly, under its mutex, past the step window;
-//! only requests in flight at a start, promotion, rollback or new version get there. Failures
+//! only the canary's requests in flight at a start, a rollback or a new version get there. Failures
 //! before a response head are requests too, with their latency.
 
 pub mod prometheus;
@@ -201,9 +201,9 @@ impl Sent {
     }
 }
 
-/// The epoch a request was sent in: a new one begins whenever the build the controller judges
-/// changes (a rollout starts, a new version label, a promotion, a rollback; see
-/// [`SlotMetrics::next_epoch`]). The answer, failure or body failure of a request sent in an
+/// The epoch a request was sent in: a new one begins on the canary slot whenever the build the
+/// controller judges there changes (a rollout starts, a new version label on it, a rollback;
+/// see [`SlotMetrics::next_epoch`]). The answer, failure or body failure of a request sent in an
 /// earlier epoch (the last build's, still in flight when it was withdrawn) counts in the
 /// sliding window and the totals but in no step window, so a build is never judged on
 /// another's requests. A step that passes to the next one of the same build keeps the epoch:
