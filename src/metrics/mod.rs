@@ -9,8 +9,8 @@
 //! separate mutex, so counts are exact and every window's histogram holds exactly `requests`
 //! latencies. The one exception: a request sent before the judged build changed (see
 //! [`Epoch`]) is recorded into the aggregate directly, under its mutex, past the step window;
-//! only the canary's requests in flight at a start, a rollback or a new version get there. Failures
-//! before a response head are requests too, with their latency.
+//! only the canary's requests in flight at a start, a rollback or a new version get there.
+//! Failures before a response head are requests too, with their latency.
 
 pub mod prometheus;
 mod window;
