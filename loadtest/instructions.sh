@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# User-space instructions per request of a veer build, counted by valgrind's callgrind: exact
+# and repeatable where seconds are not (the benchmark machines have no hardware counters, and
+# their wall clock swings by ±30 % from round to round). Runs the build (one worker, plain
+# forwarding, 90/10 split over two loopback upstreams) under callgrind, sends N requests with
+# h2load and stops it, at two N; the difference over the requests between them is the cost per
+# request, start and shutdown cancelling out. Kernel work (system calls) is not counted.
+#
+# Usage: loadtest/instructions.sh BIN [BIN...]            HTTP/1.1 clients (h2load --h1 -c10)
+#        PROTO=h2 loadtest/instructions.sh BIN [BIN...]   HTTP/2 clients (h2load -c10 -m10)
+# Needs: valgrind, h2load, curl, and `cargo build --release` of this workspace (the upstream).
+# Every process is bounded by `timeout`; everything listens on 127.0.0.1 (ports PORT_BASE+1,
+# +2, +40, +41; PORT_BASE defaults to 31000).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+UPSTREAM="$ROOT/target/release/upstream"
+BASE=${PORT_BASE:-31000}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+cat >"$WORK/veer.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$((BASE + 40))"]
+workers = 1
+[admin]
+listen = "127.0.0.1:$((BASE + 41))"
+[state]
+dir = "$WORK/state"
+[[route]]
+name = "bench"
+[route.blue]
+endpoints = ["127.0.0.1:$((BASE + 1))"]
+version = "v1"
+[route.green]
+endpoints = ["127.0.0.1:$((BASE + 2))"]
+version = "v2"
+[route.sticky]
+by = "none"
+[route.rollout]
+mode = "manual"
+weight = 10
+EOF
+
+if [ "${PROTO:-h1}" = h2 ]; then CLIENT=(-c 10 -m 10); else CLIENT=(--h1 -c 10); fi
+
+# The instructions of one run of $1 serving $2 requests, start and shutdown included.
+run() {
+  local bin=$1 requests=$2 u1 u2 veer
+  timeout 300 "$UPSTREAM" --name blue --listen "127.0.0.1:$((BASE + 1))" --threads 1 \
+    --max-time 280s >/dev/null 2>&1 &
+  u1=$!
+  timeout 300 "$UPSTREAM" --name green --listen "127.0.0.1:$((BASE + 2))" --threads 1 \
+    --max-time 280s >/dev/null 2>&1 &
+  u2=$!
+  rm -rf "$WORK/state" "$WORK/cg.out"
+  timeout 300 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
+    "$bin" run -c "$WORK/veer.toml" >/dev/null 2>"$WORK/valgrind.log" &
+  veer=$!
+  for _ in $(seq 150); do
+    curl -s -o /dev/null "http://127.0.0.1:$((BASE + 41))/healthz" && break
+    sleep 0.2
+  done
+  timeout 120 h2load "${CLIENT[@]}" -n "$requests" "http://127.0.0.1:$((BASE + 40))/" >/dev/null
+  # valgrind passes SIGINT on: veer drains and exits, and callgrind writes its counts.
+  kill -INT "$veer"
+  wait "$veer" || true
+  kill "$u1" "$u2" 2>/dev/null || true
+  wait "$u1" "$u2" 2>/dev/null || true
+  awk '/^summary:/ {print $2}' "$WORK/cg.out"
+}
+
+for bin in "$@"; do
+  bin=$(realpath "$bin")
+  small=$(run "$bin" 2000)
+  large=$(run "$bin" 22000)
+  echo "$bin: $(((large - small) / 20000)) user-space instructions per request (${PROTO:-h1})"
+done
