@@ -189,25 +189,21 @@ fn admin_target(
         }
         (None, None) => env("VEER_ADMIN").unwrap_or_else(|| "http://127.0.0.1:9901".into()),
     };
-    let from_file = match (&args.token, &file) {
-        (None, Some(table)) => match (text(table, "token"), text(table, "token_env")) {
-            (Some(token), _) => Some(token),
-            // The file says where the token is: not there (nor in $VEER_ADMIN_TOKEN) is an
-            // error, not "no token".
-            (None, Some(var)) => Some(env(&var).or_else(|| env("VEER_ADMIN_TOKEN")).ok_or_else(
-                || {
-                    let path = config.map(|p| p.display().to_string()).unwrap_or_default();
-                    usage(&format!(
-                        "{path}: admin.token_env: environment variable {var} is not set \
-                     (or give the token with --token)"
-                    ))
-                },
-            )?),
-            (None, None) => None,
-        },
-        _ => None,
-    };
-    let token = args.token.or(from_file).or_else(|| env("VEER_ADMIN_TOKEN"));
+    let in_file = |key| file.as_ref().and_then(|table| text(table, key));
+    let token_env = in_file("token_env");
+    let token = args
+        .token
+        .or_else(|| in_file("token"))
+        .or_else(|| env(token_env.as_deref()?))
+        .or_else(|| env("VEER_ADMIN_TOKEN"));
+    // The file says where the token is: not there is an error, not "no token".
+    if let (None, Some(var)) = (&token, token_env) {
+        let path = config.map(|p| p.display().to_string()).unwrap_or_default();
+        return Err(usage(&format!(
+            "{path}: admin.token_env: environment variable {var} is not set (or give the \
+             token with --token)"
+        )));
+    }
     Ok((admin, token))
 }
 
