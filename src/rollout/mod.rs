@@ -470,15 +470,18 @@ pub fn reconcile(shared: &RouteShared, config: &RouteConfig, previous: Option<&R
         };
         ("reload", reason.to_string())
     });
+    if next == inner.state {
+        return;
+    }
     let noted_only = RolloutState {
         config_weight: inner.state.config_weight,
         ..next.clone()
     } == inner.state;
-    if next != inner.state && noted_only {
+    if noted_only {
         // Only the record of the config's weight: nothing moved, nothing to journal.
         inner.state.config_weight = next.config_weight;
         shared.rollout.save(&config.name, &mut inner);
-    } else if next != inner.state {
+    } else {
         let why = Why {
             action,
             reason: &reason,
@@ -500,10 +503,12 @@ fn manual_weight(
 ) -> Option<(&'static str, String)> {
     let weight = config.rollout.weight;
     next.config_weight = Some(weight);
+    // At start, a rollout under way shows a route that was auto; a state without a weight
+    // applied (fresh, or from an older release) gets the config's as a changed one.
     let (turned_manual, changed) = match previous {
         Some(p) => (p.rollout.mode != Mode::Manual, p.rollout.weight != weight),
         None => (
-            current.config_weight.is_none() || current.phase == Phase::Ramping,
+            current.phase == Phase::Ramping,
             current.config_weight != Some(weight),
         ),
     };
@@ -518,11 +523,7 @@ fn manual_weight(
     };
     next.step = 0;
     next.failures = 0;
-    let known_turned = match previous {
-        Some(p) => p.rollout.mode != Mode::Manual,
-        None => current.phase == Phase::Ramping,
-    };
-    let reason = if known_turned {
+    let reason = if turned_manual {
         "mode changed to manual: the config's weight applies"
     } else {
         "manual weight from the config"
