@@ -117,7 +117,6 @@ impl Proxy {
             downstream_upgrade: None,
             shadow: None,
             body_state: BodyState::default(),
-            epoch: Epoch::CURRENT,
             log: self
                 .access_log
                 .as_ref()
@@ -163,8 +162,7 @@ impl Proxy {
             Err(elapsed) => Err(elapsed),
         };
         let latency = sent.elapsed();
-        exchange.epoch = pending.done();
-        let epoch = exchange.epoch;
+        let epoch = pending.done();
         match result {
             // A 101 answers only an upgrade request (RFC 9110 §15.2.2), and HTTP/2 has none:
             // an upstream that switches protocols unasked sent an invalid answer. So did one
@@ -181,7 +179,7 @@ impl Proxy {
                 metrics.record_failure(epoch, kind, latency);
                 self.local_answer(exchange, LocalError::Upstream(kind), latency)
             }
-            Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency),
+            Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency, epoch),
             Ok(Err(error)) => {
                 let local = failed(route, &decision, epoch, &error, latency);
                 self.local_answer(exchange, local, latency)
@@ -315,14 +313,16 @@ impl Proxy {
         Ok((endpoint, Request::from_parts(parts, body)))
     }
 
-    /// Phases 6 and 7: record the answer once for the chosen slot, rewrite its headers, start
-    /// the tunnel or the shadow, and stream the body back.
+    /// Phases 6 and 7: record the answer once for the chosen slot (a request sent upstream in
+    /// `epoch`, answered after `latency`), rewrite its headers, start the tunnel or the shadow,
+    /// and stream the body back.
     fn respond(
         &self,
         exchange: Exchange<'_>,
         response: Response<Incoming>,
         lease: Lease,
         latency: std::time::Duration,
+        epoch: Epoch,
     ) -> Response<ProxyBody> {
         let Exchange {
             route,
@@ -338,7 +338,6 @@ impl Proxy {
             shadow,
             log,
             body_state: _,
-            epoch,
         } = exchange;
         let status = response.status();
         let is_error = route
@@ -553,8 +552,6 @@ struct Exchange<'a> {
     shadow: Option<ShadowJob>,
     /// Where the request body stands (waiting for the client: a timeout is its fault).
     body_state: BodyState,
-    /// The slot's epoch the request was sent upstream in.
-    epoch: Epoch,
     log: Option<(AccessLogger, Record)>,
 }
 
