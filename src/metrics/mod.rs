@@ -422,24 +422,23 @@ impl SlotMetrics {
     /// the step window. That takes the slot's aggregate lock for a few counter updates: rare,
     /// as only requests in flight when the judged build changed get there.
     fn record(&self, epoch: Epoch, add: impl Fn(&mut Counts), micros: Option<u64>) {
-        let index = thread_shard() & (self.shards.len() - 1);
-        let Some(shard) = self.shards.get(index) else {
-            return;
-        };
-        {
+        let mut past = false;
+        self.with_shard(|shard| {
             // Compared under the shard's lock: the drain that follows `next_epoch` takes it
             // too, so a record either reaches the shard before that drain or sees the new
             // epoch.
-            let mut shard = lock(&shard.0);
             if epoch == Epoch::CURRENT || epoch.0 == self.epoch.load(Ordering::Relaxed) {
                 add(&mut shard.counts);
                 if let Some(micros) = micros {
                     window::record_micros(&mut shard.hist, micros);
                 }
-                return;
+            } else {
+                past = true;
             }
+        });
+        if past {
+            lock(&self.aggregate).record_past_step(add, micros);
         }
-        lock(&self.aggregate).record_past_step(add, micros);
     }
 
     /// Begins a new epoch (see [`Epoch`]): the requests in flight now count in no step window
