@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::config::{Config, HostPattern, RouteConfig, StickyBy};
 use crate::metrics::SlotMetrics;
 use crate::rollout::RouteRollout;
-use crate::upstream::mirror::{Rest, ShadowStats};
+use crate::upstream::mirror::{self, ShadowStats};
 use crate::Slot;
 pub use weights::{SharedSplit, Split};
 
@@ -64,10 +64,10 @@ pub struct Route {
     pub shared: Arc<RouteShared>,
     seed: u64,
     endpoints: [Vec<Authority>; 2],
-    /// Per endpoint of `endpoints`: passed over until this [`clock_ms`]; 0 = never ejected.
-    down_until: [Box<[AtomicU64]>; 2],
+    /// Per endpoint of `endpoints`: ejected after it failed.
+    down: [Box<[PassedOver]>; 2],
     /// The shadow's endpoints, each with its rest after a refused connection.
-    shadow_endpoints: Vec<(Authority, Arc<Rest>)>,
+    shadow_endpoints: Vec<(Authority, Arc<PassedOver>)>,
     /// What follows the id in veer's sticky cookie (`; Path=/; Max-Age=...`).
     cookie_attributes: Box<str>,
 }
@@ -96,7 +96,7 @@ impl Route {
             parse(&config.green.endpoints),
         ];
         let never_ejected =
-            |list: &Vec<Authority>| list.iter().map(|_| AtomicU64::new(0)).collect();
+            |list: &Vec<Authority>| list.iter().map(|_| PassedOver::default()).collect();
         let cookie_attributes = format!(
             "; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
             config.sticky.cookie_max_age.as_secs()
@@ -105,7 +105,7 @@ impl Route {
         Self {
             seed: sticky::seed(&config.sticky.salt),
             cookie_attributes,
-            down_until: [never_ejected(&endpoints[0]), never_ejected(&endpoints[1])],
+            down: [never_ejected(&endpoints[0]), never_ejected(&endpoints[1])],
             endpoints,
             shadow_endpoints: config
                 .shadow
@@ -174,7 +174,7 @@ impl Route {
     /// do not all fall to its neighbour.
     pub fn endpoint(&self, slot: Slot) -> Option<&Authority> {
         let list = &self.endpoints[slot.index()];
-        let down = &self.down_until[slot.index()];
+        let down = &self.down[slot.index()];
         let n = list.len();
         if n < 2 {
             return list.first();
@@ -183,10 +183,7 @@ impl Route {
         let first = turn % n;
         // The clock is read only when an endpoint has been ejected at all.
         let now = std::cell::OnceCell::new();
-        let up = |i: &usize| {
-            let until = down[*i].load(Ordering::Relaxed);
-            until == 0 || until <= *now.get_or_init(clock_ms)
-        };
+        let up = |i: &usize| down[*i].is_up(|| *now.get_or_init(clock_ms));
         if up(&first) {
             return list.get(first);
         }
@@ -209,8 +206,7 @@ impl Route {
             return;
         }
         if let Some(i) = list.iter().position(|e| e == endpoint) {
-            let until = clock_ms() + EJECTED_FOR.as_millis() as u64;
-            self.down_until[slot.index()][i].store(until, Ordering::Relaxed);
+            self.down[slot.index()][i].start(EJECTED_FOR);
         }
     }
 
@@ -220,8 +216,8 @@ impl Route {
     }
 
     /// The next shadow endpoint, round robin, passing over those resting after a refused
-    /// connection (see [`Rest`]); `None` when all of them rest.
-    pub fn shadow_endpoint(&self) -> Option<(&Authority, &Arc<Rest>)> {
+    /// connection (see [`mirror::REFUSED_REST`]); `None` when all of them rest.
+    pub fn shadow_endpoint(&self) -> Option<(&Authority, &Arc<PassedOver>)> {
         let list = &self.shadow_endpoints;
         let n = list.len();
         let first = match n {
@@ -231,7 +227,7 @@ impl Route {
         };
         (0..n)
             .map(|i| &list[(first + i) % n])
-            .find(|(_, rest)| rest.admits())
+            .find(|(_, rest)| rest.admits_one(mirror::REFUSED_REST))
             .map(|(endpoint, rest)| (endpoint, rest))
     }
 
@@ -364,10 +360,52 @@ fn ipv6_literal(host: &str) -> Option<std::net::Ipv6Addr> {
     host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
-/// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never ejected).
+/// Milliseconds on a monotonic clock, from 1 (0 marks an endpoint never passed over).
 pub(crate) fn clock_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// An endpoint passed over for a while after it failed (a primary ejected, a shadow resting):
+/// until when, on [`clock_ms`]; 0 when it is not.
+#[derive(Debug, Default)]
+pub struct PassedOver(AtomicU64);
+
+impl PassedOver {
+    /// Passes the endpoint over for `span` from now.
+    pub fn start(&self, span: Duration) {
+        self.0
+            .store(clock_ms() + span.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Takes it back at once.
+    pub fn end(&self) {
+        if self.0.load(Ordering::Relaxed) != 0 {
+            self.0.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether it is up at `now` (read only when it was passed over at all).
+    fn is_up(&self, now: impl FnOnce() -> u64) -> bool {
+        let until = self.0.load(Ordering::Relaxed);
+        until == 0 || until <= now()
+    }
+
+    /// Whether one request may go to it now: it is up; or its time is over and this request is
+    /// the one that probes it, the next probe being `span` later.
+    pub fn admits_one(&self, span: Duration) -> bool {
+        let until = self.0.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = clock_ms();
+        let next = now + span.as_millis() as u64;
+        until <= now
+            && self
+                .0
+                .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// One immutable routing snapshot.

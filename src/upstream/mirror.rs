@@ -25,7 +25,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::{Compare, ShadowConfig};
 use crate::metrics::{Epoch, ErrorKind};
-use crate::routing::RouteShared;
+use crate::routing::{PassedOver, RouteShared};
 
 pub type ShadowClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -70,45 +70,6 @@ pub struct ShadowStats {
 /// it): a dead shadow would otherwise cost a connection attempt per copy, on the workers that
 /// serve the primaries.
 pub const REFUSED_REST: Duration = Duration::from_secs(1);
-
-/// One shadow endpoint's rest after a refused connection: until when (`routing::clock_ms`) no
-/// copy goes to it; 0 when it is not resting.
-#[derive(Debug, Default)]
-pub struct Rest(AtomicU64);
-
-impl Rest {
-    /// Whether a copy may go to the endpoint now: it is not resting, or its rest is over and
-    /// this copy is the one that probes it (the next probe is then one rest later).
-    pub fn admits(&self) -> bool {
-        let until = self.0.load(Ordering::Relaxed);
-        if until == 0 {
-            return true;
-        }
-        let now = crate::routing::clock_ms();
-        until <= now
-            && self
-                .0
-                .compare_exchange(until, rest_until(now), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-
-    /// The endpoint refused a connection.
-    fn start(&self) {
-        self.0
-            .store(rest_until(crate::routing::clock_ms()), Ordering::Relaxed);
-    }
-
-    /// The endpoint answered.
-    fn end(&self) {
-        if self.0.load(Ordering::Relaxed) != 0 {
-            self.0.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-fn rest_until(now_ms: u64) -> u64 {
-    now_ms + REFUSED_REST.as_millis() as u64
-}
 
 /// One recent mismatch, for an operator to look at.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -239,8 +200,8 @@ pub struct ShadowJob {
     pub body: ShadowBody,
     pub permit: Permit,
     pub route: Arc<RouteShared>,
-    /// The rest of the shadow endpoint the copy goes to.
-    pub rest: Arc<Rest>,
+    /// The rest of the shadow endpoint the copy goes to (after a refused connection).
+    pub rest: Arc<PassedOver>,
     pub config: ShadowConfig,
     pub timeout: Duration,
     /// The primary's body hash when `compare = "body"`.
@@ -319,7 +280,7 @@ impl ShadowJob {
                     .record_failure(Epoch::CURRENT, kind, started.elapsed());
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 if kind == ErrorKind::Connect {
-                    rest.start();
+                    rest.start(REFUSED_REST);
                 }
                 return;
             }
