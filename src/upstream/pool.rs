@@ -22,6 +22,7 @@
 //!   upstream, so it cannot be duplicated. Once sent, a request is never sent again.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -34,6 +35,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tower_service::Service;
+use xxhash_rust::xxh3::Xxh3Default;
 
 use super::{BodyState, RequestBody};
 
@@ -94,8 +96,9 @@ impl From<UpstreamError> for Failed {
     }
 }
 
-/// Idle connections by endpoint (`host:port`).
-type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>>;
+/// Idle connections by endpoint (`host:port`). The names come from the config, not from
+/// clients, so a fast hash will do: it is taken twice per request (the take and the return).
+type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>, BuildHasherDefault<Xxh3Default>>;
 
 /// One worker's pool. Cheap to share by reference; [`Lease`]s hold it weakly.
 pub struct Pool {
