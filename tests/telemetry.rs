@@ -471,6 +471,9 @@ async fn metrics_are_strict_prometheus_text_with_every_spec_family() {
         "{phases:?}"
     );
     assert!(phases.contains(&("paused", 1.0)), "{phases:?}");
+    for phase in ["idle", "ramping", "promoted", "rolled_back"] {
+        assert!(phases.contains(&(phase, 0.0)), "{phases:?}");
+    }
     assert!(phases.iter().all(|(_, v)| *v == 0.0 || *v == 1.0));
     for outcome in ["promoted", "rolled_back"] {
         let labels = [("route", "shop"), ("outcome", outcome)];

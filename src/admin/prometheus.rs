@@ -18,7 +18,7 @@ pub fn render(app: &App) -> String {
     w.family(
         "veer_rollout_phase",
         Kind::Gauge,
-        "1 for the route's current rollout phase.",
+        "1 for the route's current rollout phase (promoted is a passage to idle: always 0).",
     );
     w.family(
         "veer_rollouts_total",
@@ -78,6 +78,14 @@ pub fn render(app: &App) -> String {
                 value,
             );
         }
+        // A promotion is a passage, not a phase a route rests in: the canary becomes stable
+        // and the route is `idle` again (counted by `veer_rollouts_total`). Its series is
+        // there, always 0, so that every phase of the state machine can be queried.
+        w.sample(
+            "veer_rollout_phase",
+            &[("route", name), ("phase", "promoted")],
+            0.0,
+        );
         w.sample(
             "veer_rollout_state_saved",
             &[("route", name)],

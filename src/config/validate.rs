@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -519,16 +519,21 @@ impl Validator<'_> {
             self.error(&[Seg::Key("route")], "at least one [[route]] is required");
         }
         let mut routes = Vec::with_capacity(raw.route.len());
+        let mut indexes = Vec::with_capacity(raw.route.len());
         let mut unique = Unique::default();
         for (i, route) in raw.route.into_iter().enumerate() {
             // Checked on what the file says, so that a route's other problems hide nothing.
             self.check_unique(i, &route, &mut unique);
             if let Some(route) = self.route(i, route) {
                 routes.push(route);
+                indexes.push(i);
             }
         }
         if let (Some(server), Some(admin)) = (&server, &admin) {
             self.admin_apart(&server.listen, admin.listen);
+            for (&i, route) in indexes.iter().zip(&routes) {
+                self.not_to_itself(i, route, &server.listen, admin.listen);
+            }
         }
         Some(Config {
             server: server?,
@@ -546,6 +551,43 @@ impl Validator<'_> {
                 &[Seg::Key("admin"), Seg::Key("listen")],
                 format!("{admin} takes the port of server.listen {addr}"),
             );
+        }
+    }
+
+    /// No endpoint of route `i` may be veer itself: one of `listen` would send every request
+    /// round again until connections ran out, and `admin` would open the admin API to anyone
+    /// who can reach the proxy. Checked for IP addresses and `localhost`; other host names
+    /// are resolved only when connected to.
+    fn not_to_itself(
+        &mut self,
+        i: usize,
+        route: &RouteConfig,
+        listen: &[SocketAddr],
+        admin: SocketAddr,
+    ) {
+        let lists = [
+            ("blue", Some(&route.blue.endpoints)),
+            ("green", Some(&route.green.endpoints)),
+            ("shadow", route.shadow.as_ref().map(|s| &s.endpoints)),
+        ];
+        for (key, endpoints) in lists {
+            for (j, endpoint) in endpoints.into_iter().flatten().enumerate() {
+                let own = listen
+                    .iter()
+                    .map(|addr| (addr, "server.listen"))
+                    .chain([(&admin, "admin.listen")])
+                    .find(|(addr, _)| addresses_of(endpoint).iter().any(|e| clash(e, addr)));
+                if let Some((addr, whose)) = own {
+                    let at = [
+                        Seg::Key("route"),
+                        Seg::Index(i),
+                        Seg::Key(key),
+                        Seg::Key("endpoints"),
+                        Seg::Index(j),
+                    ];
+                    self.error(&at, format!("{endpoint:?} is veer's own {whose} {addr}"));
+                }
+            }
         }
     }
 
@@ -852,7 +894,12 @@ impl Validator<'_> {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
         if !name_ok {
-            self.error(&r("name"), "required: 1 to 64 characters of [a-z0-9_-]");
+            let problem = if name.is_empty() {
+                "required: 1 to 64 characters of [a-z0-9_-]".to_string()
+            } else {
+                format!("{name:?} is not 1 to 64 characters of [a-z0-9_-]")
+            };
+            self.error(&r("name"), problem);
         }
         let mut hosts = Vec::with_capacity(raw.hosts.len());
         for (j, host) in raw.hosts.iter().enumerate() {
@@ -1382,6 +1429,25 @@ fn parse_statuses(text: &str) -> Option<StatusSet> {
 /// Two listen addresses the kernel would not both bind: the same port (not 0) on the same
 /// address, or with one of them the wildcard of its family (`[::]` covers IPv4 too, unless
 /// Linux's `net.ipv6.bindv6only` is set).
+/// The addresses a `host:port` endpoint is known to connect to without a lookup: an IP
+/// address, or both loopback addresses for `localhost`.
+fn addresses_of(endpoint: &str) -> Vec<SocketAddr> {
+    if let Ok(addr) = endpoint.parse::<SocketAddr>() {
+        return vec![addr];
+    }
+    let port = endpoint
+        .rsplit_once(':')
+        .filter(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+        .and_then(|(_, port)| port.parse::<u16>().ok());
+    match port {
+        Some(port) => vec![
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+        ],
+        None => Vec::new(),
+    }
+}
+
 fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
     let covers = |wild: &SocketAddr, other: &SocketAddr| {
         wild.ip().is_unspecified()
@@ -2227,6 +2293,57 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(errs[0].path, path, "{text}\n{errs:#?}");
         assert_eq!(errs[0].line, Some(line), "{text}\n{errs:#?}");
         assert!(errs[0].message.contains(says), "{text}\n{errs:#?}");
+    }
+
+    #[test]
+    fn an_endpoint_that_is_veer_itself_is_refused() {
+        // Line 8 is blue's endpoints, line 10 green's.
+        let blue = |endpoint: &str| MINIMAL.replace("127.0.0.1:9001", endpoint);
+        for endpoint in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LocalHost:8080",
+            "0.0.0.0:8080",
+        ] {
+            let says = format!("{endpoint:?} is veer's own server.listen 127.0.0.1:8080");
+            one_problem_at(&blue(endpoint), "route[0].blue.endpoints[0]", 8, &says);
+        }
+        let admin = MINIMAL.replace("127.0.0.1:9002", "127.0.0.1:9901");
+        let says = "\"127.0.0.1:9901\" is veer's own admin.listen 127.0.0.1:9901";
+        one_problem_at(&admin, "route[0].green.endpoints[0]", 10, says);
+        let shadow = format!("{MINIMAL}[route.shadow]\nendpoints = [\"x:1\", \"[::1]:9901\"]\n");
+        let shadow = shadow.replace("[server]", "[admin]\nlisten = \"[::1]:9901\"\n[server]");
+        one_problem_at(
+            &shadow,
+            "route[0].shadow.endpoints[1]",
+            14,
+            "admin.listen [::1]:9901",
+        );
+        // Another address or port of this host, or a name, is not known to be veer.
+        let wildcard = MINIMAL.replace("\"127.0.0.1:8080\"", "\"0.0.0.0:8080\"");
+        for (text, endpoint) in [
+            (wildcard.as_str(), "[::1]:8080"),
+            (&wildcard, "127.0.0.1:8081"),
+        ]
+        .into_iter()
+        .chain([(MINIMAL, "127.0.0.2:8080"), (MINIMAL, "veer.local:8080")])
+        {
+            let text = text.replace("127.0.0.1:9001", endpoint);
+            assert!(parse(&text, None).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_route_name_is_named_in_its_error() {
+        let long = "a".repeat(65);
+        for (name, says) in [
+            ("", "required: 1 to 64 characters"),
+            ("Shop", "\"Shop\" is not 1 to 64 characters"),
+            (long.as_str(), "is not 1 to 64 characters"),
+        ] {
+            let text = MINIMAL.replace("name = \"shop\"", &format!("name = \"{name}\""));
+            one_problem_at(&text, "route[0].name", 6, says);
+        }
     }
 
     #[test]

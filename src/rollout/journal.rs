@@ -2,7 +2,7 @@
 //! appended to `state.dir/journal.jsonl` with the numbers behind it.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -98,31 +98,49 @@ impl Journal {
         Ok(guard)
     }
 
-    /// The newest `limit` entries, newest first (reads at most the last 4 MiB of the file).
+    /// The newest `limit` entries, newest first: the file is read backwards a chunk at a time
+    /// until `limit` entries are found or its start is reached.
     pub fn tail(&self, limit: usize) -> std::io::Result<Vec<serde_json::Value>> {
-        const MAX_READ: u64 = 4 << 20;
-        let mut file = match File::open(&self.path) {
+        const CHUNK: u64 = 64 << 10;
+        // A line longer than this is none of veer's (a decision is a few KB): skipped.
+        const MAX_LINE: usize = 1 << 20;
+        let file = match File::open(&self.path) {
             Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(error) => return Err(error),
         };
-        let len = file.metadata()?.len();
-        let start = len.saturating_sub(MAX_READ);
-        file.seek(SeekFrom::Start(start))?;
-        // Bytes, not text: a line cut inside a character (a crash mid-write, or this read's
-        // start) must cost only itself, not every read of the journal.
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let mut lines = bytes.split(|&b| b == b'\n');
-        if start > 0 {
-            lines.next(); // possibly cut in the middle
+        let mut end = file.metadata()?.len();
+        let mut entries = Vec::new();
+        // The end of the line that began before the bytes read so far.
+        let mut rest: Vec<u8> = Vec::new();
+        while end > 0 && entries.len() < limit {
+            let start = end.saturating_sub(CHUNK);
+            let mut bytes = vec![0; (end - start) as usize];
+            file.read_exact_at(&mut bytes, start)?;
+            bytes.append(&mut rest);
+            // Bytes, not text: a line cut inside a character (a crash mid-write) must cost only
+            // itself, not every read of the journal.
+            // Before `head` (and the newline after it): the end of a line begun further back.
+            let head = match bytes.iter().position(|&b| b == b'\n') {
+                _ if start == 0 => None,
+                Some(newline) => Some(newline),
+                None => Some(bytes.len()),
+            };
+            let whole = head.map_or(0, |head| (head + 1).min(bytes.len()));
+            let lines = bytes[whole..].split(|&b| b == b'\n').rev();
+            entries.extend(
+                lines
+                    .filter_map(|line| serde_json::from_slice(line).ok())
+                    .filter(serde_json::Value::is_object)
+                    .take(limit - entries.len()),
+            );
+            bytes.truncate(head.unwrap_or(0));
+            if bytes.len() <= MAX_LINE {
+                rest = bytes;
+            }
+            end = start;
         }
-        Ok(lines
-            .rev()
-            .filter_map(|line| serde_json::from_slice(line).ok())
-            .filter(serde_json::Value::is_object)
-            .take(limit)
-            .collect())
+        Ok(entries)
     }
 }
 
@@ -218,5 +236,37 @@ mod tests {
         journal.append(&entry("b")).unwrap();
         let reasons = reasons(&journal);
         assert_eq!(reasons, ["b", "a"]);
+    }
+
+    /// A long journal is read back as far as `limit` asks: 6,000 entries of ~1.2 KB each
+    /// (7 MB, over a hundred of the reader's chunks, lines cut at every chunk's edge) come
+    /// back whole and in order, past a line longer than any entry, which is left out.
+    #[test]
+    fn the_tail_reads_as_far_back_as_the_limit_asks() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let pad = "x".repeat(1_100);
+        let reason = |n: usize| format!("{n} {pad}");
+        for n in 0..3_000 {
+            journal.append(&entry(&reason(n))).unwrap();
+        }
+        let path = dir.path().join("journal.jsonl");
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        let long = format!("{{\"reason\":\"{}\"}}\n", "y".repeat(3 << 20));
+        file.write_all(long.as_bytes()).unwrap();
+        for n in 3_000..6_000 {
+            journal.append(&entry(&reason(n))).unwrap();
+        }
+        let numbers = |limit| -> Vec<usize> {
+            let tail = journal.tail(limit).unwrap();
+            let number = |e: &serde_json::Value| {
+                let reason = e["reason"].as_str().unwrap();
+                reason.split(' ').next().unwrap().parse().unwrap()
+            };
+            tail.iter().map(number).collect()
+        };
+        assert_eq!(numbers(5_000), (1_000..6_000).rev().collect::<Vec<_>>());
+        assert_eq!(numbers(10_000), (0..6_000).rev().collect::<Vec<_>>());
+        assert_eq!(numbers(1), [5_999]);
     }
 }
