@@ -249,19 +249,23 @@ pub(crate) async fn drive<C>(
     C::Error: std::fmt::Display,
 {
     tokio::pin!(conn);
-    // One sleep for all the timers, re-armed only when it fires.
+    // One sleep for all the timers, re-armed only when it fires (made once: a sleep made on
+    // every turn of the loop would enter the timer wheel and leave it again per request).
     let now = Instant::now();
-    let mut check_at = match activity.due(now, timers) {
+    let check = tokio::time::sleep_until(match activity.due(now, timers) {
         Due::At(at) => at,
         _ => now,
-    };
+    });
+    let stop = crate::app::stopped(&mut shutdown);
+    tokio::pin!(check, stop);
     let mut closing = false;
     let mut drain = Drain::default();
     let result = loop {
         tokio::select! {
             biased;
             result = conn.as_mut() => break Some(result),
-            () = crate::app::stopped(&mut shutdown), if !drain.signalled => {
+            // Polled until it is ready, never after.
+            () = &mut stop, if !drain.signalled => {
                 drain.signalled = true;
                 if activity.is_busy() {
                     // Told now, an HTTP/1.1 answer under way says `Connection: close`.
@@ -285,8 +289,8 @@ pub(crate) async fn drive<C>(
                 }
                 drain.look_from_now(activity);
             }
-            () = tokio::time::sleep_until(check_at) => match activity.due(Instant::now(), timers) {
-                Due::At(at) => check_at = at,
+            () = &mut check => match activity.due(Instant::now(), timers) {
+                Due::At(at) => check.as_mut().reset(at),
                 Due::SlowHead => {
                     debug!(%peer, "Request head not complete in time; closing.");
                     break None;
@@ -309,7 +313,7 @@ pub(crate) async fn drive<C>(
                     debug!(%peer, "Connection idle for idle_timeout; closing.");
                     close_gracefully(conn.as_mut(), &mut closing);
                     // The close flushes first: a client that takes nothing is still cut.
-                    check_at = Instant::now() + timers.idle;
+                    check.as_mut().reset(Instant::now() + timers.idle);
                 }
             },
         }
