@@ -8,9 +8,13 @@
 #
 # Usage: loadtest/instructions.sh BIN [BIN...]            HTTP/1.1 clients (h2load --h1 -c10)
 #        PROTO=h2 loadtest/instructions.sh BIN [BIN...]   HTTP/2 clients (h2load -c10 -m10)
+#        FEATURES=full loadtest/instructions.sh BIN...    every feature on: cookie stickiness (a
+#                                                         returning user's cookie on every
+#                                                         request) and a 1 % shadow to a third
+#                                                         upstream
 # Needs: valgrind, h2load, curl, and `cargo build --release` of this workspace (the upstream).
 # Every process is bounded by `timeout`; everything listens on 127.0.0.1 (ports PORT_BASE+1,
-# +2, +40, +41; PORT_BASE defaults to 31000).
+# +2, +3, +40, +41; PORT_BASE defaults to 31000).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 UPSTREAM="$ROOT/target/release/upstream"
@@ -34,12 +38,26 @@ version = "v1"
 [route.green]
 endpoints = ["127.0.0.1:$((BASE + 2))"]
 version = "v2"
-[route.sticky]
-by = "none"
 [route.rollout]
 mode = "manual"
 weight = 10
 EOF
+COOKIE=()
+case "${FEATURES:-plain}" in
+  plain) printf '[route.sticky]\nby = "none"\n' >>"$WORK/veer.toml" ;;
+  full)
+    cat >>"$WORK/veer.toml" <<EOF
+[route.sticky]
+by = "cookie"
+cookie = "veer_bench"
+[route.shadow]
+endpoints = ["127.0.0.1:$((BASE + 3))"]
+percent = 1
+EOF
+    COOKIE=(-H "cookie: veer_bench=0123456789abcdef0123456789abcdef")
+    ;;
+  *) echo "FEATURES must be plain or full, not $FEATURES" >&2; exit 2 ;;
+esac
 
 if [ "${PROTO:-h1}" = h2 ]; then CLIENT=(-c 10 -m 10); else CLIENT=(--h1 -c 10); fi
 
@@ -52,6 +70,9 @@ run() {
   timeout 300 "$UPSTREAM" --name green --listen "127.0.0.1:$((BASE + 2))" --threads 1 \
     --max-time 280s >/dev/null 2>&1 &
   u2=$!
+  timeout 300 "$UPSTREAM" --name shadow --listen "127.0.0.1:$((BASE + 3))" --threads 1 \
+    --max-time 280s >/dev/null 2>&1 &
+  u3=$!
   rm -rf "$WORK/state" "$WORK/cg.out"
   timeout 300 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
     "$bin" run -c "$WORK/veer.toml" >/dev/null 2>"$WORK/valgrind.log" &
@@ -60,12 +81,12 @@ run() {
     curl -s -o /dev/null "http://127.0.0.1:$((BASE + 41))/healthz" && break
     sleep 0.2
   done
-  timeout 120 h2load "${CLIENT[@]}" -n "$requests" "http://127.0.0.1:$((BASE + 40))/" >/dev/null
+  timeout 120 h2load "${CLIENT[@]}" "${COOKIE[@]}" -n "$requests" "http://127.0.0.1:$((BASE + 40))/" >/dev/null
   # valgrind passes SIGINT on: veer drains and exits, and callgrind writes its counts.
   kill -INT "$veer"
   wait "$veer" || true
-  kill "$u1" "$u2" 2>/dev/null || true
-  wait "$u1" "$u2" 2>/dev/null || true
+  kill "$u1" "$u2" "$u3" 2>/dev/null || true
+  wait "$u1" "$u2" "$u3" 2>/dev/null || true
   awk '/^summary:/ {print $2}' "$WORK/cg.out"
 }
 
@@ -73,5 +94,5 @@ for bin in "$@"; do
   bin=$(realpath "$bin")
   small=$(run "$bin" 2000)
   large=$(run "$bin" 22000)
-  echo "$bin: $(((large - small) / 20000)) user-space instructions per request (${PROTO:-h1})"
+  echo "$bin: $(((large - small) / 20000)) user-space instructions per request (${PROTO:-h1}, ${FEATURES:-plain})"
 done

@@ -249,8 +249,7 @@ pub(crate) async fn drive<C>(
     C::Error: std::fmt::Display,
 {
     tokio::pin!(conn);
-    // One sleep for all the timers, re-armed only when it fires (made once: a sleep made on
-    // every turn of the loop would enter the timer wheel and leave it again per request).
+    // One sleep for all the timers, made once and re-armed only when it fires.
     let now = Instant::now();
     let check = tokio::time::sleep_until(match activity.due(now, timers) {
         Due::At(at) => at,
