@@ -318,7 +318,10 @@ pub(crate) fn decoded_unreserved(path: &str) -> Cow<'_, str> {
 }
 
 fn without_dot_segments(path: &str) -> Cow<'_, str> {
-    if !path.split('/').any(|segment| dots(segment) > 0) {
+    // Most paths have no dot at all: one `memchr` tells.
+    if memchr::memchr(b'.', path.as_bytes()).is_none()
+        || !path.split('/').any(|segment| dots(segment) > 0)
+    {
         return Cow::Borrowed(path);
     }
     let mut kept: Vec<&str> = Vec::new();
