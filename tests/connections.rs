@@ -315,6 +315,63 @@ async fn answered_raw_h2(veer: &Veer) -> TcpStream {
     stream
 }
 
+/// An HTTP/2 client that grants its stream no window at all (SETTINGS_INITIAL_WINDOW_SIZE 0)
+/// but keeps its connection busy (a PING every 100 ms) would hold
+/// the stream, and its upstream connection, for good: hyper asks the answer's body for bytes
+/// only when the window has room. The connection is closed after `idle_timeout` (1 s here)
+/// and at most about twice that, not kept open.
+#[tokio::test]
+async fn an_h2_stream_its_client_grants_no_window_is_cut_after_idle_timeout() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("idle_timeout = \"1s\"", upstream.addr).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(&raw_h2_get(&[0, 4, 0, 0, 0, 0], 0))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let (mut read, mut write) = stream.into_split();
+    let reader = tokio::spawn(async move {
+        // Every frame until the connection ends: whether stream 1 got its body.
+        let mut got_body = false;
+        loop {
+            let mut head = [0u8; 9];
+            if read.read_exact(&mut head).await.is_err() {
+                return got_body;
+            }
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0; len];
+            if read.read_exact(&mut payload).await.is_err() {
+                return got_body;
+            }
+            got_body |= head[3] == 0 && len > 0;
+            if head[3] == 7 {
+                return got_body; // GOAWAY
+            }
+        }
+    });
+    let pinging = tokio::spawn(async move {
+        for n in 0u64..200 {
+            let mut ping = vec![0, 0, 8, 6, 0, 0, 0, 0, 0];
+            ping.extend_from_slice(&n.to_be_bytes());
+            if write.write_all(&ping).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(8), reader).await;
+    let got_body = ended.expect("connection still open after 8 s").unwrap();
+    assert!(!got_body, "a body arrived without window");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut before idle_timeout: {:?}",
+        started.elapsed()
+    );
+    pinging.abort();
+    veer.shutdown().await;
+}
+
 /// An HTTP/2 client that reads nothing once answered never acknowledges the PING of the
 /// graceful close at `idle_timeout`: its connection is cut another `idle_timeout` later, not
 /// kept open for good.

@@ -92,7 +92,7 @@ async fn serve_connection(
         let app = Arc::clone(&app);
         async move {
             let answer = handle(&app, req).await;
-            Ok::<_, Infallible>(answer.map(|body| Tracked { body, exchange }))
+            Ok::<_, Infallible>(answer.map(|body| Tracked::new(body, exchange)))
         }
     });
     let builder = auto::Builder::new(TokioExecutor::new());

@@ -5,7 +5,7 @@
 //! its one sleep fires.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -83,7 +83,15 @@ pub(crate) struct Activity {
     /// Reads and writes that moved bytes, counted: whether a connection is still sending or
     /// taking anything between two looks.
     moved: AtomicU64,
+    /// HTTP/2 response bodies waiting for the client to take what they have (a stream with
+    /// no window), by the tick of [`Starving`] they began waiting in, modulo [`TICKS`].
+    waiting: [AtomicU32; TICKS],
+    /// The current tick of [`Starving`].
+    tick: AtomicU32,
 }
+
+/// Ticks of the starved-stream clock kept (see [`Starving`]).
+const TICKS: usize = 16;
 
 impl Activity {
     /// A connection accepted at `opened`.
@@ -97,6 +105,8 @@ impl Activity {
             head_at: AtomicU64::new(0),
             write_blocked_at: AtomicU64::new(NOT_BLOCKED),
             moved: AtomicU64::new(0),
+            waiting: Default::default(),
+            tick: AtomicU32::new(0),
         }
     }
 
@@ -171,6 +181,19 @@ impl Activity {
             }
             Poll::Ready(_) => {}
         }
+    }
+
+    /// A response body begins to wait for the client to take what it has: counted in the
+    /// current tick until [`Activity::taken`] with the tick returned.
+    fn waits(&self) -> u32 {
+        let tick = self.tick.load(Ordering::Relaxed);
+        self.waiting[tick as usize % TICKS].fetch_add(1, Ordering::Relaxed);
+        tick
+    }
+
+    /// The body that began waiting in `tick` waits no more.
+    fn taken(&self, tick: u32) {
+        self.waiting[tick as usize % TICKS].fetch_sub(1, Ordering::Relaxed);
     }
 
     /// What is due at `now`.
@@ -262,11 +285,42 @@ impl Drop for InFlight {
 }
 
 pin_project! {
-    /// A response body that keeps its exchange under way until it is dropped.
+    /// A response body that keeps its exchange under way until it is dropped. Over HTTP/2 it
+    /// also tells its connection's [`Activity`] while it waits for the client to take what it
+    /// has: hyper asks a stream's body for more only when the client's window has room, so a
+    /// client that grants a stream none would hold it, and its upstream connection, for good
+    /// (see [`Starving`]).
     pub(crate) struct Tracked<B> {
         #[pin]
-        pub(crate) body: B,
-        pub(crate) exchange: InFlight,
+        body: B,
+        exchange: InFlight,
+        // The tick it began waiting in, while it waits; `None` over HTTP/1.1.
+        waiting: Option<u32>,
+        h2: bool,
+    }
+
+    impl<B> PinnedDrop for Tracked<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(tick) = this.waiting.take() {
+                this.exchange.activity.taken(tick);
+            }
+        }
+    }
+}
+
+impl<B> Tracked<B> {
+    /// `body`, handed to the client's connection: over HTTP/2 it waits from now until hyper
+    /// first asks it for a frame.
+    pub(crate) fn new(body: B, exchange: InFlight) -> Self {
+        let h2 = exchange.activity.protocol() == Protocol::Http2;
+        let waiting = h2.then(|| exchange.activity.waits());
+        Tracked {
+            body,
+            exchange,
+            waiting,
+            h2,
+        }
     }
 }
 
@@ -278,7 +332,17 @@ impl<B: Body> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        let activity = &this.exchange.activity;
+        if let Some(tick) = this.waiting.take() {
+            activity.taken(tick);
+        }
+        let polled = this.body.poll_frame(cx);
+        // Data handed over: until hyper asks again, the client's window is what it waits for.
+        if *this.h2 && matches!(&polled, Poll::Ready(Some(Ok(frame))) if frame.is_data()) {
+            *this.waiting = Some(activity.waits());
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -287,6 +351,54 @@ impl<B: Body> Body for Tracked<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// The starved-stream clock of one connection, kept by its task: an HTTP/2 response body that
+/// has waited `idle_timeout` for the client to take what it has (its stream granted no window
+/// all that time, while the client kept the connection busy otherwise) gets its connection
+/// closed, as a client that takes nothing from a socket does (NGINX's `send_timeout` does the
+/// same per stream; hyper cannot end one stream from outside). Bodies note the tick they
+/// begin waiting in (a relaxed load and an add, no clock read); the task advances the tick at
+/// most every `idle_timeout / 8` when it looks, and a body counted in a tick began waiting
+/// before the next one began: it is cut after waiting `idle_timeout` at least and about
+/// twice that at most (the task looks at least every `idle_timeout`).
+pub(super) struct Starving {
+    /// When each of the last `TICKS` ticks began.
+    began: [Instant; TICKS],
+    current: u32,
+}
+
+impl Starving {
+    pub(super) fn new(now: Instant) -> Self {
+        Starving {
+            began: [now; TICKS],
+            current: 0,
+        }
+    }
+
+    /// Whether a body of `activity`'s connection has waited for its client for `idle` at
+    /// least, looked at `now`; moves the clock on.
+    pub(super) fn starved(&mut self, activity: &Activity, now: Instant, idle: Duration) -> bool {
+        // Ticks older than about 10 are never counted in: their bodies would have been cut.
+        for age in 1..TICKS as u32 {
+            let Some(tick) = self.current.checked_sub(age) else {
+                break;
+            };
+            let next_began = self.began[(tick + 1) as usize % TICKS];
+            if activity.waiting[tick as usize % TICKS].load(Ordering::Relaxed) > 0
+                && now.saturating_duration_since(next_began) >= idle
+            {
+                return true;
+            }
+        }
+        let began = self.began[self.current as usize % TICKS];
+        if now.saturating_duration_since(began) >= idle / 8 {
+            self.current += 1;
+            self.began[self.current as usize % TICKS] = now;
+            activity.tick.store(self.current, Ordering::Relaxed);
+        }
+        false
     }
 }
 
@@ -375,6 +487,65 @@ mod tests {
 
     fn after(secs: u64) -> Instant {
         Instant::now() + Duration::from_secs(secs)
+    }
+
+    /// The second, of looks `every` apart, at which `starving` finds a body of `activity`
+    /// starved for `idle`, or `None` within 100 s; `each_look` runs before every look.
+    async fn starved_at(
+        activity: &Activity,
+        every: Duration,
+        idle: Duration,
+        mut each_look: impl FnMut(),
+    ) -> Option<u64> {
+        let start = Instant::now();
+        let mut starving = Starving::new(start);
+        while start.elapsed() < Duration::from_secs(100) {
+            tokio::time::advance(every).await;
+            each_look();
+            if starving.starved(activity, Instant::now(), idle) {
+                return Some(start.elapsed().as_secs());
+            }
+        }
+        None
+    }
+
+    /// An HTTP/2 body that waits for its client from the moment it is handed over is found
+    /// starved after `idle` at least and twice `idle` at most, whether the connection's task
+    /// looks every second or only every `idle`; one that waits no more, or is dropped, never.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_waiting_for_its_client_for_idle_timeout_is_starved() {
+        let idle = Duration::from_secs(8);
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let exchange = Activity::request(&activity, Version::HTTP_2);
+        let waiting = Tracked::new(http_body_util::Empty::<bytes::Bytes>::new(), exchange);
+        for every in [Duration::from_secs(1), Duration::from_millis(2_500), idle] {
+            let at = starved_at(&activity, every, idle, || {}).await;
+            assert!(
+                at.is_some_and(|s| (8..=16).contains(&s)),
+                "{every:?}: {at:?}"
+            );
+        }
+        drop(waiting);
+        let at = starved_at(&activity, Duration::from_secs(1), idle, || {}).await;
+        assert_eq!(at, None);
+        // Bodies that get a frame every 3 s (a slow reader's window): never starved.
+        let mut tick = activity.waits();
+        let mut n = 0;
+        let at = starved_at(&activity, Duration::from_secs(1), idle, || {
+            n += 1;
+            if n % 3 == 0 {
+                activity.taken(tick);
+                tick = activity.waits();
+            }
+        })
+        .await;
+        assert_eq!(at, None);
+        activity.taken(tick);
+        // HTTP/1.1 bodies are not counted: a full socket is the stall clock's.
+        let exchange = Activity::request(&activity, Version::HTTP_11);
+        let _body = Tracked::new(http_body_util::Empty::<bytes::Bytes>::new(), exchange);
+        let at = starved_at(&activity, Duration::from_secs(1), idle, || {}).await;
+        assert_eq!(at, None);
     }
 
     #[tokio::test(start_paused = true)]

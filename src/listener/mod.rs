@@ -30,6 +30,7 @@ use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 use activity::Due;
 pub use activity::InFlight;
+use activity::Starving;
 pub(crate) use activity::{Activity, Timers, Tracked, Watched};
 
 /// One proxy listener.
@@ -224,7 +225,7 @@ impl Connection {
             let info = info.clone();
             async move {
                 let response = proxy.handle(req, &info, reading).await;
-                Ok::<_, Infallible>(response.map(|body| Tracked { body, exchange }))
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, exchange)))
             }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -257,6 +258,7 @@ pub(crate) async fn drive<C>(
     });
     let stop = crate::app::stopped(&mut shutdown);
     tokio::pin!(check, stop);
+    let mut starving = Starving::new(now);
     let mut closing = false;
     let mut drain = Drain::default();
     let result = loop {
@@ -289,6 +291,10 @@ pub(crate) async fn drive<C>(
                 drain.look_from_now(activity);
             }
             () = &mut check => match activity.due(Instant::now(), timers) {
+                _ if starving.starved(activity, Instant::now(), timers.idle) => {
+                    debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout; closing.");
+                    break None;
+                }
                 Due::At(at) => check.as_mut().reset(at),
                 Due::SlowHead => {
                     debug!(%peer, "Request head not complete in time; closing.");
