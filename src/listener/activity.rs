@@ -136,6 +136,7 @@ impl Activity {
         InFlight {
             activity: Arc::clone(this),
             answering: true,
+            waiting: NOT_WAITING,
         }
     }
 
@@ -147,6 +148,10 @@ impl Activity {
     /// How many reads and writes have moved bytes so far (see [`Activity::moved`]).
     pub(super) fn moved(&self) -> u64 {
         self.moved.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn is_h2(&self) -> bool {
+        self.protocol() == Protocol::Http2
     }
 
     /// An HTTP/2 connection with no stream under way.
@@ -184,16 +189,16 @@ impl Activity {
     }
 
     /// A response body begins to wait for the client to take what it has: counted in the
-    /// current tick until [`Activity::taken`] with the tick returned.
-    fn waits(&self) -> u32 {
-        let tick = self.tick.load(Ordering::Relaxed);
-        self.waiting[tick as usize % TICKS].fetch_add(1, Ordering::Relaxed);
-        tick
+    /// current tick's bucket until [`Activity::taken`] with the bucket returned.
+    fn waits(&self) -> u8 {
+        let bucket = self.tick.load(Ordering::Relaxed) as usize % TICKS;
+        self.waiting[bucket].fetch_add(1, Ordering::Relaxed);
+        bucket as u8
     }
 
-    /// The body that began waiting in `tick` waits no more.
-    fn taken(&self, tick: u32) {
-        self.waiting[tick as usize % TICKS].fetch_sub(1, Ordering::Relaxed);
+    /// The body counted in `bucket` waits no more.
+    fn taken(&self, bucket: u8) {
+        self.waiting[usize::from(bucket)].fetch_sub(1, Ordering::Relaxed);
     }
 
     /// What is due at `now`.
@@ -254,7 +259,14 @@ pub struct InFlight {
     activity: Arc<Activity>,
     /// The response's hold (not the request body's).
     answering: bool,
+    /// HTTP/2: the bucket of [`Activity::waiting`] its response body is counted in while it
+    /// waits for the client, or `NOT_WAITING`. Here, not in [`Tracked`], so that it fits in
+    /// this struct's padding and the response grows by nothing.
+    waiting: u8,
 }
+
+/// `InFlight::waiting` while the body does not wait for its client.
+const NOT_WAITING: u8 = u8::MAX;
 
 impl InFlight {
     /// The request body's hold on the same exchange.
@@ -263,6 +275,7 @@ impl InFlight {
         InFlight {
             activity: Arc::clone(&self.activity),
             answering: false,
+            waiting: NOT_WAITING,
         }
     }
 }
@@ -270,6 +283,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.activity;
+        if self.waiting != NOT_WAITING {
+            activity.taken(self.waiting);
+        }
         activity
             .quiet_since
             .fetch_max(activity.millis(), Ordering::Relaxed);
@@ -294,33 +310,17 @@ pin_project! {
         #[pin]
         body: B,
         exchange: InFlight,
-        // The tick it began waiting in, while it waits; `None` over HTTP/1.1.
-        waiting: Option<u32>,
-        h2: bool,
-    }
-
-    impl<B> PinnedDrop for Tracked<B> {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let Some(tick) = this.waiting.take() {
-                this.exchange.activity.taken(tick);
-            }
-        }
     }
 }
 
 impl<B> Tracked<B> {
     /// `body`, handed to the client's connection: over HTTP/2 it waits from now until hyper
     /// first asks it for a frame.
-    pub(crate) fn new(body: B, exchange: InFlight) -> Self {
-        let h2 = exchange.activity.protocol() == Protocol::Http2;
-        let waiting = h2.then(|| exchange.activity.waits());
-        Tracked {
-            body,
-            exchange,
-            waiting,
-            h2,
+    pub(crate) fn new(body: B, mut exchange: InFlight) -> Self {
+        if exchange.activity.protocol() == Protocol::Http2 {
+            exchange.waiting = exchange.activity.waits();
         }
+        Tracked { body, exchange }
     }
 }
 
@@ -333,14 +333,17 @@ impl<B: Body> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let activity = &this.exchange.activity;
-        if let Some(tick) = this.waiting.take() {
-            activity.taken(tick);
+        let exchange = this.exchange;
+        if exchange.waiting != NOT_WAITING {
+            exchange.activity.taken(exchange.waiting);
+            exchange.waiting = NOT_WAITING;
         }
         let polled = this.body.poll_frame(cx);
         // Data handed over: until hyper asks again, the client's window is what it waits for.
-        if *this.h2 && matches!(&polled, Poll::Ready(Some(Ok(frame))) if frame.is_data()) {
-            *this.waiting = Some(activity.waits());
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if frame.is_data() && exchange.activity.protocol() == Protocol::Http2 {
+                exchange.waiting = exchange.activity.waits();
+            }
         }
         polled
     }

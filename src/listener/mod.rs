@@ -258,7 +258,9 @@ pub(crate) async fn drive<C>(
     });
     let stop = crate::app::stopped(&mut shutdown);
     tokio::pin!(check, stop);
-    let mut starving = Starving::new(now);
+    // Made at the first look at an HTTP/2 connection (HTTP/1.1 bodies never wait uncounted:
+    // a full socket is the stall clock's), and boxed: every connection's task is smaller.
+    let mut starving: Option<Box<Starving>> = None;
     let mut closing = false;
     let mut drain = Drain::default();
     let result = loop {
@@ -291,7 +293,11 @@ pub(crate) async fn drive<C>(
                 drain.look_from_now(activity);
             }
             () = &mut check => match activity.due(Instant::now(), timers) {
-                _ if starving.starved(activity, Instant::now(), timers.idle) => {
+                _ if activity.is_h2()
+                    && starving
+                        .get_or_insert_with(|| Box::new(Starving::new(now)))
+                        .starved(activity, Instant::now(), timers.idle) =>
+                {
                     debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout; closing.");
                     break None;
                 }
