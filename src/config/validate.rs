@@ -576,7 +576,7 @@ impl Validator<'_> {
                     .iter()
                     .map(|addr| (addr, "server.listen"))
                     .chain([(&admin, "admin.listen")])
-                    .find(|(addr, _)| addresses_of(endpoint).iter().any(|e| clash(e, addr)));
+                    .find(|(addr, _)| addresses_of(endpoint).iter().any(|e| reaches(e, addr)));
                 if let Some((addr, whose)) = own {
                     let at = [
                         Seg::Key("route"),
@@ -1426,9 +1426,18 @@ fn parse_statuses(text: &str) -> Option<StatusSet> {
     any.then_some(set)
 }
 
-/// Two listen addresses the kernel would not both bind: the same port (not 0) on the same
-/// address, or with one of them the wildcard of its family (`[::]` covers IPv4 too, unless
-/// Linux's `net.ipv6.bindv6only` is set).
+/// Whether connecting to `endpoint` reaches a socket bound to `listen` on this host: the same
+/// port, and the same address, or an unspecified one (`0.0.0.0` connects to this host), or a
+/// loopback address when `listen` is unspecified. Another host's address on the same port is
+/// not veer, even with `listen` on `0.0.0.0`.
+fn reaches(endpoint: &SocketAddr, listen: &SocketAddr) -> bool {
+    let (e, l) = (endpoint.ip(), listen.ip());
+    let family = e.is_ipv6() == l.is_ipv6() || (l.is_ipv6() && dual_stack());
+    endpoint.port() == listen.port()
+        && listen.port() != 0
+        && (e == l || (family && (e.is_unspecified() || (l.is_unspecified() && e.is_loopback()))))
+}
+
 /// The addresses a `host:port` endpoint is known to connect to without a lookup: an IP
 /// address, or both loopback addresses for `localhost`.
 fn addresses_of(endpoint: &str) -> Vec<SocketAddr> {
@@ -1448,6 +1457,9 @@ fn addresses_of(endpoint: &str) -> Vec<SocketAddr> {
     }
 }
 
+/// Two listen addresses the kernel would not both bind: the same port (not 0) on the same
+/// address, or with one of them the wildcard of its family (`[::]` covers IPv4 too, unless
+/// Linux's `net.ipv6.bindv6only` is set).
 fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
     let covers = |wild: &SocketAddr, other: &SocketAddr| {
         wild.ip().is_unspecified()
@@ -2319,11 +2331,16 @@ endpoints = ["127.0.0.1:9002"]
             14,
             "admin.listen [::1]:9901",
         );
-        // Another address or port of this host, or a name, is not known to be veer.
+        // Another address or port of this host, another host on veer's port (also with veer on
+        // every address), or a name, is not known to be veer.
         let wildcard = MINIMAL.replace("\"127.0.0.1:8080\"", "\"0.0.0.0:8080\"");
+        let wildcard6 = MINIMAL.replace("\"127.0.0.1:8080\"", "\"[::]:8080\"");
         for (text, endpoint) in [
             (wildcard.as_str(), "[::1]:8080"),
             (&wildcard, "127.0.0.1:8081"),
+            (&wildcard, "10.1.2.3:8080"),
+            (&wildcard6, "[2001:db8::1]:8080"),
+            (&wildcard6, "10.1.2.3:8080"),
         ]
         .into_iter()
         .chain([(MINIMAL, "127.0.0.2:8080"), (MINIMAL, "veer.local:8080")])
