@@ -372,6 +372,122 @@ async fn an_h2_stream_its_client_grants_no_window_is_cut_after_idle_timeout() {
     veer.shutdown().await;
 }
 
+/// An HTTP/2 client that reads steadily but slowly (96 KiB/s: it releases 9.6 KiB of window
+/// every 100 ms) is not taken for one that grants no window: 6 s of a 4 MiB answer at
+/// `idle_timeout 1s`, never cut. (veer hands hyper an answer in pieces of 16 KiB, so the time
+/// between two asks for more is the time the client takes to make room for one piece.)
+#[tokio::test]
+async fn a_slow_but_steady_h2_reader_is_not_cut() {
+    const SIZE: usize = 4 << 20;
+    let big = Upstream::builder("big")
+        .body(vec![b'x'; SIZE])
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::shop("idle_timeout = \"1s\"", big.addr).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::get("http://shop/").body(()).unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let started = tokio::time::Instant::now();
+    let (mut got, mut pending) = (0usize, 0usize);
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let outcome = loop {
+        if started.elapsed() > Duration::from_secs(6) {
+            break Ok(());
+        }
+        tokio::select! {
+            chunk = body.data() => match chunk {
+                Some(Ok(chunk)) => {
+                    got += chunk.len();
+                    pending += chunk.len();
+                }
+                Some(Err(e)) => break Err(e.to_string()),
+                None => break Err("ended".to_string()),
+            },
+            _ = ticker.tick() => {
+                let n = pending.min(9_830);
+                body.flow_control().release_capacity(n).unwrap();
+                pending -= n;
+            }
+        }
+    };
+    assert!(outcome.is_ok(), "cut after {got} bytes: {outcome:?}");
+    assert!(
+        got > 300_000,
+        "read too little to test anything: {got} bytes"
+    );
+    drop(body);
+    conn.abort();
+    veer.shutdown().await;
+}
+
+/// A starved stream's connection is closed gracefully first: another stream under way on it
+/// (an answer 5 s late, at `idle_timeout 2s`: the starved stream is found after 4 s or a
+/// little more, the first look at a connection being `idle_timeout` after its start) still
+/// gets its whole answer.
+#[tokio::test]
+async fn a_starved_stream_lets_its_neighbours_finish() {
+    let big = Upstream::builder("big")
+        .body(vec![b'x'; 4 << 20])
+        .start()
+        .await
+        .unwrap();
+    let slow = Upstream::builder("slow")
+        .latency(Duration::from_secs(5))
+        .start()
+        .await
+        .unwrap();
+    let routes = format!(
+        "{}{}",
+        host_route("big", &[], "/big", big.addr),
+        host_route("slow", &[], "/slow", slow.addr)
+    );
+    let veer = Veer::start("idle_timeout = \"2s\"", &routes).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(1 << 24)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // A download whose reader stopped: no window released.
+    let get = |path: &str| {
+        http::Request::get(format!("http://shop{path}"))
+            .body(())
+            .unwrap()
+    };
+    let (paused, _) = client.send_request(get("/big"), true).unwrap();
+    let paused = paused.await.unwrap();
+    let mut client = client.ready().await.unwrap();
+    let (other, _) = client.send_request(get("/slow"), true).unwrap();
+    let other = tokio::time::timeout(Duration::from_secs(10), async move {
+        let mut body = other.await?.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            body.flow_control().release_capacity(chunk.len())?;
+        }
+        Ok::<_, h2::Error>(())
+    })
+    .await;
+    assert!(matches!(other, Ok(Ok(()))), "{other:?}");
+    drop(paused);
+    conn.abort();
+    veer.shutdown().await;
+}
+
 /// An HTTP/2 client that reads nothing once answered never acknowledges the PING of the
 /// graceful close at `idle_timeout`: its connection is cut another `idle_timeout` later, not
 /// kept open for good.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::Version;
 use pin_project_lite::pin_project;
@@ -310,8 +311,16 @@ pin_project! {
         #[pin]
         body: B,
         exchange: InFlight,
+        // HTTP/2: the rest of a data frame handed over in pieces of `PIECE`.
+        rest: Option<Box<Bytes>>,
     }
 }
+
+/// The most an HTTP/2 answer hands hyper at once: hyper asks for more only once what it has
+/// is nearly sent, so the time between two asks is the time the client takes to make room for
+/// this much, and a slow reader is told from one that takes nothing. (An upstream read can be
+/// 400 KiB: a client taking 100 KB/s would seem to wait 4 s.)
+const PIECE: usize = 16 << 10;
 
 impl<B> Tracked<B> {
     /// `body`, handed to the client's connection: over HTTP/2 it waits from now until hyper
@@ -320,52 +329,78 @@ impl<B> Tracked<B> {
         if exchange.activity.protocol() == Protocol::Http2 {
             exchange.waiting = exchange.activity.waits();
         }
-        Tracked { body, exchange }
+        Tracked {
+            body,
+            exchange,
+            rest: None,
+        }
     }
 }
 
-impl<B: Body> Body for Tracked<B> {
-    type Data = B::Data;
+impl<B: Body<Data = Bytes>> Body for Tracked<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let exchange = this.exchange;
         if exchange.waiting != NOT_WAITING {
             exchange.activity.taken(exchange.waiting);
             exchange.waiting = NOT_WAITING;
         }
-        let polled = this.body.poll_frame(cx);
-        // Data handed over: until hyper asks again, the client's window is what it waits for.
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if frame.is_data() && exchange.activity.protocol() == Protocol::Http2 {
+        let polled = match this.rest.take() {
+            Some(rest) => Poll::Ready(Some(Ok(Frame::data(*rest)))),
+            None => this.body.poll_frame(cx),
+        };
+        match polled {
+            // Data handed over: until hyper asks again, the client's window is what it waits
+            // for.
+            Poll::Ready(Some(Ok(frame)))
+                if frame.is_data() && exchange.activity.protocol() == Protocol::Http2 =>
+            {
+                let mut data = frame.into_data().unwrap_or_default();
+                if data.len() > PIECE {
+                    *this.rest = Some(Box::new(data.split_off(PIECE)));
+                }
                 exchange.waiting = exchange.activity.waits();
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
+            polled => polled,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        if let Some(rest) = &self.rest {
+            let n = rest.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + n);
+            }
+            hint.set_lower(hint.lower() + n);
+        }
+        hint
     }
 }
 
 /// The starved-stream clock of one connection, kept by its task: an HTTP/2 response body that
 /// has waited `idle_timeout` for the client to take what it has (its stream granted no window
 /// all that time, while the client kept the connection busy otherwise) gets its connection
-/// closed, as a client that takes nothing from a socket does (NGINX's `send_timeout` does the
-/// same per stream; hyper cannot end one stream from outside). Bodies note the tick they
+/// closed: gracefully first, so that its other streams can end, then at once `idle_timeout`
+/// later if it still waits (hyper cannot end one stream from outside; NGINX's `send_timeout`
+/// ends the stream alone). Bodies note the tick they
 /// begin waiting in (a relaxed load and an add, no clock read); the task advances the tick at
-/// most every `idle_timeout / 8` when it looks, and a body counted in a tick began waiting
-/// before the next one began: it is cut after waiting `idle_timeout` at least and about
-/// twice that at most (the task looks at least every `idle_timeout`).
+/// most every `idle_timeout / 8` when it looks (at least that often on an HTTP/2 connection),
+/// and a body counted in a tick began waiting before the next one began: it is found after
+/// waiting `idle_timeout` at least, and at most about `idle_timeout / 4` later (a body that
+/// began waiting before the connection's first look, `header_timeout` or `idle_timeout` after
+/// it opened, whichever is less, up to that much later).
 pub(super) struct Starving {
     /// When each of the last `TICKS` ticks began.
     began: [Instant; TICKS],
@@ -513,42 +548,75 @@ mod tests {
     }
 
     /// An HTTP/2 body that waits for its client from the moment it is handed over is found
-    /// starved after `idle` at least and twice `idle` at most, whether the connection's task
-    /// looks every second or only every `idle`; one that waits no more, or is dropped, never.
+    /// starved after `idle` at least and `idle + idle / 8` plus two looks at most (the task
+    /// looks at least every `idle / 8` on an HTTP/2 connection); one that waits no more, or is
+    /// dropped, never; nor one handed a piece every 3 s (a slow reader's window).
     #[tokio::test(start_paused = true)]
     async fn a_body_waiting_for_its_client_for_idle_timeout_is_starved() {
         let idle = Duration::from_secs(8);
-        let activity = Arc::new(Activity::new(Instant::now()));
-        let exchange = Activity::request(&activity, Version::HTTP_2);
-        let waiting = Tracked::new(http_body_util::Empty::<bytes::Bytes>::new(), exchange);
-        for every in [Duration::from_secs(1), Duration::from_millis(2_500), idle] {
+        let body = || http_body_util::Empty::<Bytes>::new();
+        for every in [Duration::from_millis(500), idle / 8] {
+            let activity = Arc::new(Activity::new(Instant::now()));
+            let exchange = Activity::request(&activity, Version::HTTP_2);
+            let waiting = Tracked::new(body(), exchange);
             let at = starved_at(&activity, every, idle, || {}).await;
             assert!(
-                at.is_some_and(|s| (8..=16).contains(&s)),
+                at.is_some_and(|s| (8..=11).contains(&s)),
                 "{every:?}: {at:?}"
             );
+            drop(waiting);
+            let at = starved_at(&activity, every, idle, || {}).await;
+            assert_eq!(at, None, "{every:?}");
         }
-        drop(waiting);
-        let at = starved_at(&activity, Duration::from_secs(1), idle, || {}).await;
-        assert_eq!(at, None);
-        // Bodies that get a frame every 3 s (a slow reader's window): never starved.
-        let mut tick = activity.waits();
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let mut bucket = activity.waits();
         let mut n = 0;
         let at = starved_at(&activity, Duration::from_secs(1), idle, || {
             n += 1;
             if n % 3 == 0 {
-                activity.taken(tick);
-                tick = activity.waits();
+                activity.taken(bucket);
+                bucket = activity.waits();
             }
         })
         .await;
         assert_eq!(at, None);
-        activity.taken(tick);
+        activity.taken(bucket);
         // HTTP/1.1 bodies are not counted: a full socket is the stall clock's.
         let exchange = Activity::request(&activity, Version::HTTP_11);
-        let _body = Tracked::new(http_body_util::Empty::<bytes::Bytes>::new(), exchange);
+        let _body = Tracked::new(body(), exchange);
         let at = starved_at(&activity, Duration::from_secs(1), idle, || {}).await;
         assert_eq!(at, None);
+    }
+
+    /// Over HTTP/2 a data frame is handed over in pieces of `PIECE` bytes, all of it, with
+    /// the size hint still exact; over HTTP/1.1 whole.
+    #[tokio::test]
+    async fn an_http2_answer_is_handed_over_in_pieces() {
+        use http_body_util::BodyExt;
+        let data = Bytes::from(vec![7u8; 2 * PIECE + 5]);
+        for (version, sizes) in [
+            (Version::HTTP_2, vec![PIECE, PIECE, 5]),
+            (Version::HTTP_11, vec![2 * PIECE + 5]),
+        ] {
+            let activity = Arc::new(Activity::new(Instant::now()));
+            let exchange = Activity::request(&activity, version);
+            let full = http_body_util::Full::new(data.clone());
+            let mut body = Tracked::new(full, exchange);
+            let mut got = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let hint = body.size_hint();
+                let chunk = frame.unwrap().into_data().unwrap();
+                got.push(chunk.len());
+                let left = (data.len() - got.iter().sum::<usize>()) as u64;
+                assert_eq!(
+                    (hint.lower(), hint.upper()),
+                    (left, Some(left)),
+                    "{version:?}"
+                );
+            }
+            assert_eq!(got, sizes, "{version:?}");
+            assert!(body.is_end_stream());
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -261,6 +261,8 @@ pub(crate) async fn drive<C>(
     // Made at the first look at an HTTP/2 connection (HTTP/1.1 bodies never wait uncounted:
     // a full socket is the stall clock's), and boxed: every connection's task is smaller.
     let mut starving: Option<Box<Starving>> = None;
+    // When a starved HTTP/2 connection closed gracefully is cut if it has not ended.
+    let mut starved_cut: Option<Instant> = None;
     let mut closing = false;
     let mut drain = Drain::default();
     let result = loop {
@@ -292,41 +294,62 @@ pub(crate) async fn drive<C>(
                 }
                 drain.look_from_now(activity);
             }
-            () = &mut check => match activity.due(Instant::now(), timers) {
-                _ if activity.is_h2()
+            () = &mut check => {
+                let now = Instant::now();
+                let starved = activity.is_h2()
                     && starving
                         .get_or_insert_with(|| Box::new(Starving::new(now)))
-                        .starved(activity, Instant::now(), timers.idle) =>
-                {
-                    debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout; closing.");
-                    break None;
+                        .starved(activity, now, timers.idle);
+                if starved {
+                    match starved_cut {
+                        Some(at) if at <= now => {
+                            debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout, and the connection is still open idle_timeout after its graceful close; closing.");
+                            break None;
+                        }
+                        Some(_) => {}
+                        None => {
+                            debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout; closing gracefully.");
+                            close_gracefully(conn.as_mut(), &mut closing);
+                            starved_cut = Some(now + timers.idle);
+                        }
+                    }
                 }
-                Due::At(at) => check.as_mut().reset(at),
-                Due::SlowHead => {
-                    debug!(%peer, "Request head not complete in time; closing.");
-                    break None;
+                match activity.due(now, timers) {
+                    Due::At(at) => {
+                        // An HTTP/2 connection is looked at every `idle / 8` (see `Starving`).
+                        let at = if activity.is_h2() {
+                            at.min(now + timers.idle / 8)
+                        } else {
+                            at
+                        };
+                        check.as_mut().reset(starved_cut.map_or(at, |cut| at.min(cut)));
+                    }
+                    Due::SlowHead => {
+                        debug!(%peer, "Request head not complete in time; closing.");
+                        break None;
+                    }
+                    Due::Stalled => {
+                        debug!(%peer, "Client took nothing for idle_timeout; closing.");
+                        break None;
+                    }
+                    Due::BodyOverdue => {
+                        debug!(%peer, "Request body still read request_timeout after its answer; closing.");
+                        break None;
+                    }
+                    Due::Idle if closing => {
+                        // Closed gracefully, and still open: an HTTP/2 client that does not
+                        // acknowledge the GOAWAY's PING.
+                        debug!(%peer, "Connection still open idle_timeout after its graceful close; closing.");
+                        break None;
+                    }
+                    Due::Idle => {
+                        debug!(%peer, "Connection idle for idle_timeout; closing.");
+                        close_gracefully(conn.as_mut(), &mut closing);
+                        // The close flushes first: a client that takes nothing is still cut.
+                        check.as_mut().reset(Instant::now() + timers.idle);
+                    }
                 }
-                Due::Stalled => {
-                    debug!(%peer, "Client took nothing for idle_timeout; closing.");
-                    break None;
-                }
-                Due::BodyOverdue => {
-                    debug!(%peer, "Request body still read request_timeout after its answer; closing.");
-                    break None;
-                }
-                Due::Idle if closing => {
-                    // Closed gracefully, and still open: an HTTP/2 client that does not
-                    // acknowledge the GOAWAY's PING.
-                    debug!(%peer, "Connection still open idle_timeout after its graceful close; closing.");
-                    break None;
-                }
-                Due::Idle => {
-                    debug!(%peer, "Connection idle for idle_timeout; closing.");
-                    close_gracefully(conn.as_mut(), &mut closing);
-                    // The close flushes first: a client that takes nothing is still cut.
-                    check.as_mut().reset(Instant::now() + timers.idle);
-                }
-            },
+            }
         }
     };
     if let Some(Err(error)) = result {
