@@ -236,7 +236,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Answer {
             apply(app, name, action, "requested through the admin API")
         }
         Endpoint::Weight(name) => set_weight(app, name, &body),
-        Endpoint::Events => events(app, &query),
+        Endpoint::Events => events(app, &query).await,
         Endpoint::Reload => match app.reload().await {
             Ok(()) => json_answer(StatusCode::OK, &json!({ "result": "applied" })),
             Err(errors) => json_answer(
@@ -328,7 +328,7 @@ fn apply(app: &App, name: &str, action: Action, reason: &str) -> Answer {
     }
 }
 
-fn events(app: &App, query: &str) -> Answer {
+async fn events(app: &App, query: &str) -> Answer {
     const MAX_LIMIT: usize = 10_000;
     let limit = query
         .split('&')
@@ -340,7 +340,11 @@ fn events(app: &App, query: &str) -> Answer {
         Some(Err(e)) if *e.kind() == std::num::IntErrorKind::PosOverflow => MAX_LIMIT,
         Some(_) => return json_error(StatusCode::BAD_REQUEST, "limit must be a positive integer"),
     };
-    match app.store.journal.tail(limit) {
+    // Up to 10,000 decisions (a dozen MB of journal): read on a blocking thread, not on the
+    // runtime that also runs the controller and the config watcher.
+    let store = Arc::clone(&app.store);
+    let read = tokio::task::spawn_blocking(move || store.journal.tail(limit)).await;
+    match read.unwrap_or_else(|error| Err(std::io::Error::other(error))) {
         Ok(events) => json_answer(StatusCode::OK, &json!({ "events": events })),
         Err(error) => json_error(
             StatusCode::INTERNAL_SERVER_ERROR,
