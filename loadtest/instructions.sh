@@ -81,7 +81,7 @@ run() {
     curl -s -o /dev/null "http://127.0.0.1:$((BASE + 41))/healthz" && break
     sleep 0.2
   done
-  timeout 120 h2load "${CLIENT[@]}" "${COOKIE[@]}" -n "$requests" "http://127.0.0.1:$((BASE + 40))/" >/dev/null
+  timeout 120 h2load "${CLIENT[@]}" ${COOKIE[@]+"${COOKIE[@]}"} -n "$requests" "http://127.0.0.1:$((BASE + 40))/" >/dev/null
   # valgrind passes SIGINT on: veer drains and exits, and callgrind writes its counts.
   kill -INT "$veer"
   wait "$veer" || true
