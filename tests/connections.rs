@@ -372,6 +372,35 @@ async fn an_h2_stream_its_client_grants_no_window_is_cut_after_idle_timeout() {
     veer.shutdown().await;
 }
 
+/// An upstream that answers `size` bytes.
+async fn big(size: usize) -> Upstream {
+    Upstream::builder("big")
+        .body(vec![b'x'; size])
+        .start()
+        .await
+        .unwrap()
+}
+
+/// An HTTP/2 connection to `veer` granting each stream a 64 KiB window and the connection
+/// `connection_window`, ready for a request; and its task.
+async fn h2_client(
+    veer: &Veer,
+    connection_window: u32,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(connection_window)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let task = tokio::spawn(connection);
+    (client.ready().await.unwrap(), task)
+}
+
 /// An HTTP/2 client that reads steadily but slowly (96 KiB/s: it releases 9.6 KiB of window
 /// every 100 ms) is not taken for one that grants no window: 6 s of a 4 MiB answer at
 /// `idle_timeout 1s`, never cut. (veer hands hyper an answer in pieces of 16 KiB, so the time
@@ -379,21 +408,9 @@ async fn an_h2_stream_its_client_grants_no_window_is_cut_after_idle_timeout() {
 #[tokio::test]
 async fn a_slow_but_steady_h2_reader_is_not_cut() {
     const SIZE: usize = 4 << 20;
-    let big = Upstream::builder("big")
-        .body(vec![b'x'; SIZE])
-        .start()
-        .await
-        .unwrap();
+    let big = big(SIZE).await;
     let veer = Veer::shop("idle_timeout = \"1s\"", big.addr).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
+    let (mut client, conn) = h2_client(&veer, 65_535).await;
     let request = http::Request::get("http://shop/").body(()).unwrap();
     let (response, _) = client.send_request(request, true).unwrap();
     let response = response.await.unwrap();
@@ -438,11 +455,7 @@ async fn a_slow_but_steady_h2_reader_is_not_cut() {
 /// gets its whole answer.
 #[tokio::test]
 async fn a_starved_stream_lets_its_neighbours_finish() {
-    let big = Upstream::builder("big")
-        .body(vec![b'x'; 4 << 20])
-        .start()
-        .await
-        .unwrap();
+    let big = big(4 << 20).await;
     let slow = Upstream::builder("slow")
         .latency(Duration::from_secs(5))
         .start()
@@ -454,15 +467,7 @@ async fn a_starved_stream_lets_its_neighbours_finish() {
         host_route("slow", &[], "/slow", slow.addr)
     );
     let veer = Veer::start("idle_timeout = \"2s\"", &routes).await;
-    let tcp = TcpStream::connect(veer.addr).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(65_535)
-        .initial_connection_window_size(1 << 24)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
+    let (mut client, conn) = h2_client(&veer, 1 << 24).await;
     // A download whose reader stopped: no window released.
     let get = |path: &str| {
         http::Request::get(format!("http://shop{path}"))
@@ -537,11 +542,7 @@ async fn a_drained_h2_connection_with_no_stream_is_closed_though_its_client_read
 #[tokio::test]
 async fn a_drained_h2_client_still_reading_its_answer_gets_all_of_it() {
     let len = 512 * 1024;
-    let upstream = Upstream::builder("big")
-        .body(vec![b'x'; len])
-        .start()
-        .await
-        .unwrap();
+    let upstream = big(len).await;
     let mut veer = Veer::shop("drain_timeout = \"30s\"", upstream.addr).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(8192).unwrap();
@@ -721,11 +722,7 @@ async fn an_upload_read_on_after_an_early_answer_is_not_cut_by_header_timeout() 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
     // 32 MiB: more than the kernel buffers on both sides of veer can hold.
-    let big = Upstream::builder("big")
-        .body(vec![b'x'; 32 << 20])
-        .start()
-        .await
-        .unwrap();
+    let big = big(32 << 20).await;
     let veer = Veer::shop("idle_timeout = \"1s\"", big.addr).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -751,11 +748,7 @@ async fn a_slow_but_steady_reader_is_not_cut() {
     // of 1 ms: a few seconds, more than twice idle_timeout, with veer's writes blocked most
     // of the time.
     const SIZE: usize = 8 << 20;
-    let big = Upstream::builder("big")
-        .body(vec![b'x'; SIZE])
-        .start()
-        .await
-        .unwrap();
+    let big = big(SIZE).await;
     let veer = Veer::shop("idle_timeout = \"1s\"", big.addr).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
