@@ -157,7 +157,7 @@ impl Activity {
 
     /// An HTTP/2 connection with no stream under way.
     pub(super) fn is_idle_h2(&self) -> bool {
-        self.protocol() == Protocol::Http2 && !self.is_busy()
+        self.is_h2() && !self.is_busy()
     }
 
     /// Bytes were read: if they start an awaited request head, its clock starts.
@@ -262,7 +262,7 @@ pub struct InFlight {
     answering: bool,
     /// HTTP/2: the bucket of [`Activity::waiting`] its response body is counted in while it
     /// waits for the client, or `NOT_WAITING`. Here, not in [`Tracked`], so that it fits in
-    /// this struct's padding and the response grows by nothing.
+    /// this struct's padding.
     waiting: u8,
 }
 
@@ -326,7 +326,7 @@ impl<B> Tracked<B> {
     /// `body`, handed to the client's connection: over HTTP/2 it waits from now until hyper
     /// first asks it for a frame.
     pub(crate) fn new(body: B, mut exchange: InFlight) -> Self {
-        if exchange.activity.protocol() == Protocol::Http2 {
+        if exchange.activity.is_h2() {
             exchange.waiting = exchange.activity.waits();
         }
         Tracked {
@@ -358,9 +358,7 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
         match polled {
             // Data handed over: until hyper asks again, the client's window is what it waits
             // for.
-            Poll::Ready(Some(Ok(frame)))
-                if frame.is_data() && exchange.activity.protocol() == Protocol::Http2 =>
-            {
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() && exchange.activity.is_h2() => {
                 let mut data = frame.into_data().unwrap_or_default();
                 if data.len() > PIECE {
                     *this.rest = Some(Box::new(data.split_off(PIECE)));
@@ -394,13 +392,15 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
 /// all that time, while the client kept the connection busy otherwise) gets its connection
 /// closed: gracefully first, so that its other streams can end, then at once `idle_timeout`
 /// later if it still waits (hyper cannot end one stream from outside; NGINX's `send_timeout`
-/// ends the stream alone). Bodies note the tick they
-/// begin waiting in (a relaxed load and an add, no clock read); the task advances the tick at
-/// most every `idle_timeout / 8` when it looks (at least that often on an HTTP/2 connection),
-/// and a body counted in a tick began waiting before the next one began: it is found after
-/// waiting `idle_timeout` at least, and at most about `idle_timeout / 4` later (a body that
-/// began waiting before the connection's first look, `header_timeout` or `idle_timeout` after
-/// it opened, whichever is less, up to that much later).
+/// ends the stream alone).
+///
+/// Bodies note the tick they begin waiting in (a relaxed load and an add, no clock read); the
+/// task advances the tick at most every `idle_timeout / 8` when it looks (at least that often
+/// on an HTTP/2 connection), and a body counted in a tick began waiting before the next one
+/// began: it is found after waiting `idle_timeout` at least, and at most about
+/// `idle_timeout / 4` later (a body that began waiting before the connection's first look,
+/// `header_timeout` or `idle_timeout` after it opened, whichever is less, up to that much
+/// later).
 pub(super) struct Starving {
     /// When each of the last `TICKS` ticks began.
     began: [Instant; TICKS],

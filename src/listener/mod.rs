@@ -258,8 +258,9 @@ pub(crate) async fn drive<C>(
     });
     let stop = crate::app::stopped(&mut shutdown);
     tokio::pin!(check, stop);
-    // Made at the first look at an HTTP/2 connection (HTTP/1.1 bodies never wait uncounted:
-    // a full socket is the stall clock's), and boxed: every connection's task is smaller.
+    // Made at the first look at an HTTP/2 connection (over HTTP/1.1 a client that takes
+    // nothing fills the socket, and the stall clock cuts it), boxed so that the tasks of other
+    // connections do not carry it.
     let mut starving: Option<Box<Starving>> = None;
     // When a starved HTTP/2 connection closed gracefully is cut if it has not ended.
     let mut starved_cut: Option<Instant> = None;
