@@ -572,11 +572,12 @@ impl Validator<'_> {
         ];
         for (key, endpoints) in lists {
             for (j, endpoint) in endpoints.into_iter().flatten().enumerate() {
+                let addresses = addresses_of(endpoint);
                 let own = listen
                     .iter()
                     .map(|addr| (addr, "server.listen"))
                     .chain([(&admin, "admin.listen")])
-                    .find(|(addr, _)| addresses_of(endpoint).iter().any(|e| reaches(e, addr)));
+                    .find(|(addr, _)| addresses.iter().any(|e| reaches(e, addr)));
                 if let Some((addr, whose)) = own {
                     let at = [
                         Seg::Key("route"),
