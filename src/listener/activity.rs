@@ -391,7 +391,7 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
 /// has waited `idle_timeout` for the client to take what it has (its stream granted no window
 /// all that time, while the client kept the connection busy otherwise) gets its connection
 /// closed: gracefully first, so that its other streams can end, then at once `idle_timeout`
-/// later if it still waits (hyper cannot end one stream from outside; NGINX's `send_timeout`
+/// later if it is still open (hyper cannot end one stream from outside; NGINX's `send_timeout`
 /// ends the stream alone).
 ///
 /// Bodies note the tick they begin waiting in (a relaxed load and an add, no clock read); the
@@ -418,7 +418,8 @@ impl Starving {
     /// Whether a body of `activity`'s connection has waited for its client for `idle` at
     /// least, looked at `now`; moves the clock on.
     pub(super) fn starved(&mut self, activity: &Activity, now: Instant, idle: Duration) -> bool {
-        // Ticks older than about 10 are never counted in: their bodies would have been cut.
+        // Ticks older than about 10 are never counted in: their bodies would have been found
+        // (and the clock is not looked at once one is).
         for age in 1..TICKS as u32 {
             let Some(tick) = self.current.checked_sub(age) else {
                 break;

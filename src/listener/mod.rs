@@ -297,28 +297,26 @@ pub(crate) async fn drive<C>(
             }
             () = &mut check => {
                 let now = Instant::now();
-                let starved = activity.is_h2()
+                let h2 = activity.is_h2();
+                if starved_cut.is_some_and(|cut| cut <= now) {
+                    debug!(%peer, "Still open idle_timeout after its graceful close for a starved HTTP/2 stream; closing.");
+                    break None;
+                }
+                // Looked for until found once: then the connection closes, gracefully first.
+                let starved = h2
+                    && starved_cut.is_none()
                     && starving
                         .get_or_insert_with(|| Box::new(Starving::new(now)))
                         .starved(activity, now, timers.idle);
                 if starved {
-                    match starved_cut {
-                        Some(at) if at <= now => {
-                            debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout, and the connection is still open idle_timeout after its graceful close; closing.");
-                            break None;
-                        }
-                        Some(_) => {}
-                        None => {
-                            debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout; closing gracefully.");
-                            close_gracefully(conn.as_mut(), &mut closing);
-                            starved_cut = Some(now + timers.idle);
-                        }
-                    }
+                    debug!(%peer, "An HTTP/2 stream got no window from its client for idle_timeout; closing gracefully.");
+                    close_gracefully(conn.as_mut(), &mut closing);
+                    starved_cut = Some(now + timers.idle);
                 }
                 match activity.due(now, timers) {
                     Due::At(at) => {
                         // An HTTP/2 connection is looked at every `idle / 8` (see `Starving`).
-                        let at = if activity.is_h2() {
+                        let at = if h2 {
                             at.min(now + timers.idle / 8)
                         } else {
                             at

@@ -118,14 +118,10 @@ impl Journal {
             let mut bytes = vec![0; (end - start) as usize];
             file.read_exact_at(&mut bytes, start)?;
             bytes.append(&mut rest);
-            // Bytes, not text: a line cut inside a character (a crash mid-write) must cost only
-            // itself, not every read of the journal.
-            // Before `head` (and the newline after it): the end of a line begun further back.
-            let head = match bytes.iter().position(|&b| b == b'\n') {
-                _ if start == 0 => None,
-                Some(newline) => Some(newline),
-                None => Some(bytes.len()),
-            };
+            // Up to the first newline: the end of a line begun further back (none at the
+            // file's start). Bytes, not text: a line cut inside a character (a crash
+            // mid-write) must cost only itself, not every read of the journal.
+            let head = (start > 0).then(|| memchr::memchr(b'\n', &bytes).unwrap_or(bytes.len()));
             let whole = head.map_or(0, |head| (head + 1).min(bytes.len()));
             let lines = bytes[whole..].split(|&b| b == b'\n').rev();
             entries.extend(
