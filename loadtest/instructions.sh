@@ -12,13 +12,18 @@
 #                                                         returning user's cookie on every
 #                                                         request) and a 1 % shadow to a third
 #                                                         upstream
-# Needs: valgrind, h2load, curl, and `cargo build --release` of this workspace (the upstream).
+# Needs: valgrind, h2load, curl, and `cargo build --release -p veer-loadtest` (the upstream).
+# A run whose answers are not all 2xx is refused: it would count veer's error path instead.
 # Every process is bounded by `timeout`; everything listens on 127.0.0.1 (ports PORT_BASE+1,
 # +2, +3, +40, +41; PORT_BASE defaults to 31000).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 UPSTREAM="$ROOT/target/release/upstream"
 BASE=${PORT_BASE:-31000}
+if [ ! -x "$UPSTREAM" ]; then
+  echo "$UPSTREAM not found: run \`cargo build --release -p veer-loadtest\` first" >&2
+  exit 2
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
@@ -81,12 +86,18 @@ run() {
     curl -s -o /dev/null "http://127.0.0.1:$((BASE + 41))/healthz" && break
     sleep 0.2
   done
-  timeout 120 h2load "${CLIENT[@]}" ${COOKIE[@]+"${COOKIE[@]}"} -n "$requests" "http://127.0.0.1:$((BASE + 40))/" >/dev/null
+  timeout 120 h2load "${CLIENT[@]}" ${COOKIE[@]+"${COOKIE[@]}"} -n "$requests" "http://127.0.0.1:$((BASE + 40))/" \
+    >"$WORK/h2load.out" || true
   # valgrind passes SIGINT on: veer drains and exits, and callgrind writes its counts.
   kill -INT "$veer"
   wait "$veer" || true
   kill "$u1" "$u2" "$u3" 2>/dev/null || true
   wait "$u1" "$u2" "$u3" 2>/dev/null || true
+  if ! grep -q "^status codes: $requests 2xx" "$WORK/h2load.out"; then
+    echo "$bin: not every one of the $requests answers was 2xx:" >&2
+    grep -E '^(requests|status codes):' "$WORK/h2load.out" >&2
+    exit 1
+  fi
   awk '/^summary:/ {print $2}' "$WORK/cg.out"
 }
 
