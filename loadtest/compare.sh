@@ -11,13 +11,18 @@
 # HTTP/1.1 to the upstreams; the table goes to loadtest/results/compare-h2.md. h2load sends the
 # same head every time, so veer-full sees a new visitor (and sets a cookie) on every request.
 #
+# With TLS=1 every proxy terminates TLS (one self-signed P-256 certificate made here with
+# openssl; ALPN offers h2 and http/1.1): wrk and h2load connect over https, keep-alive, so
+# the figures are of the encrypted exchange, not of handshakes.
+#
 # Everything listens on 127.0.0.1 only; every process is started under `timeout`, every wrk
 # run is bounded, and everything is killed on exit.
 #
 # Usage: loadtest/compare.sh            (ROUNDS=3 DURATION=10 CONNECTIONS=50 WARMUP=2)
 #        PROTO=h2 loadtest/compare.sh   (CONNECTIONS=10 STREAMS=10)
-# Needs: cargo; installs nginx, haproxy, wrk and h2load (nghttp2-client) with apt-get when they
-# are missing.
+#        TLS=1 loadtest/compare.sh, TLS=1 PROTO=h2 loadtest/compare.sh
+# Needs: cargo; installs nginx, haproxy, wrk, h2load (nghttp2-client), curl and openssl with
+# apt-get when they are missing.
 set -euo pipefail
 
 PROTO=${PROTO:-h1}
@@ -25,6 +30,12 @@ case "$PROTO" in
   h1) DEFAULT_CONNECTIONS=50 ;;
   h2) DEFAULT_CONNECTIONS=10 ;;
   *) echo "PROTO must be h1 or h2, not $PROTO" >&2; exit 2 ;;
+esac
+TLS=${TLS:-0}
+case "$TLS" in
+  0) SCHEME=http ;;
+  1) SCHEME=https ;;
+  *) echo "TLS must be 0 or 1, not $TLS" >&2; exit 2 ;;
 esac
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
@@ -58,6 +69,8 @@ install_missing() {
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   command -v wrk >/dev/null || need+=(wrk)
   command -v h2load >/dev/null || need+=(nghttp2-client)
+  command -v curl >/dev/null || need+=(curl)
+  command -v openssl >/dev/null || need+=(openssl)
   [ ${#need[@]} -eq 0 ] && return
   log "installing ${need[*]}"
   # Keep the packages from starting their system services (they would listen on port 80 of
@@ -141,6 +154,12 @@ cpu_ticks() {
 # The status code of GET / on a loopback port, in the clients' protocol.
 http_status() {
   local status
+  if [ "$TLS" = 1 ]; then
+    local version=--http1.1
+    [ "$PROTO" = h2 ] && version=--http2
+    timeout 10 curl -sk "$version" -o /dev/null -w '%{http_code}' "https://127.0.0.1:$1/" || true
+    return
+  fi
   if [ "$PROTO" = h2 ]; then
     timeout 10 h2load -n 1 -c 1 "http://127.0.0.1:$1/" 2>/dev/null |
       awk '/^status codes:/ {if ($3 + 0 == 1) print 200; else print "not 200"}'
@@ -203,6 +222,21 @@ log "upstreams: blue :$BLUE, green :$GREEN, shadow :$SHADOW"
 # ---------------------------------------------------------------- proxies
 declare -A ADMIN
 
+# Every proxy's TLS settings: the same certificate, and ALPN for the clients' protocol.
+VEER_TLS=""
+NGINX_TLS=""
+HAPROXY_TLS=""
+if [ "$TLS" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+  cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/both.pem"
+  VEER_TLS="tls = { cert = \"$WORK/cert.pem\", key = \"$WORK/key.pem\" }"
+  NGINX_TLS=" ssl;
+    ssl_certificate $WORK/cert.pem;
+    ssl_certificate_key $WORK/key.pem"
+  HAPROXY_TLS=" ssl crt $WORK/both.pem alpn $([ "$PROTO" = h2 ] && echo h2,http/1.1 || echo http/1.1)"
+fi
+
 veer_config() {
   local name=$1 port=$2 admin=$3 sticky=$4 shadow=$5
   cat <<EOF
@@ -211,6 +245,7 @@ listen = ["127.0.0.1:$port"]
 workers = 1
 idle_timeout = "120s"
 upstream_idle_timeout = "60s"
+$VEER_TLS
 [admin]
 listen = "127.0.0.1:$admin"
 [state]
@@ -273,7 +308,7 @@ http {
   upstream blue  { server 127.0.0.1:$BLUE;  keepalive 64; keepalive_requests 1000000; }
   upstream green { server 127.0.0.1:$GREEN; keepalive 64; keepalive_requests 1000000; }
   server {
-    listen 127.0.0.1:${PORT[nginx]}$([ "$PROTO" = h2 ] && echo " http2");
+    listen 127.0.0.1:${PORT[nginx]}$([ "$PROTO" = h2 ] && echo " http2")$NGINX_TLS;
     location / {
       proxy_pass http://\$slot;
       proxy_http_version 1.1;
@@ -304,8 +339,8 @@ defaults
   option forwardfor
   http-reuse always
 frontend fe
-  bind 127.0.0.1:${PORT[haproxy]}$([ "$PROTO" = h2 ] && echo " proto h2")
-  http-request set-header X-Forwarded-Proto http
+  bind 127.0.0.1:${PORT[haproxy]}$([ "$PROTO" = h2 ] && [ "$TLS" = 0 ] && echo " proto h2")$HAPROXY_TLS
+  http-request set-header X-Forwarded-Proto $SCHEME
   http-request set-header X-Forwarded-Host %[req.hdr(host)]
   default_backend be
 backend be
@@ -360,7 +395,7 @@ for name in "${PROXIES[@]}"; do
   fi
 done
 
-url() { echo "http://127.0.0.1:${PORT[$1]}/"; }
+url() { echo "$SCHEME://127.0.0.1:${PORT[$1]}/"; }
 
 # Instructions per request (user + kernel, counted by perf for the proxy's processes) do not
 # move with the machine's noise as seconds do; measured when perf can count here.
@@ -476,9 +511,9 @@ round_ratio() {
 
 {
   if [ "$PROTO" = h2 ]; then
-    echo "Medians of $ROUNDS interleaved rounds; HTTP/2 clients (cleartext, prior knowledge): h2load -c$CONNECTIONS -m$STREAMS -D$DURATION, ${WARMUP}s warm-up per run; quantiles from h2load's per-request log."
+    echo "Medians of $ROUNDS interleaved rounds; HTTP/2 clients ($([ "$TLS" = 1 ] && echo "TLS, ALPN h2" || echo "cleartext, prior knowledge")): h2load -c$CONNECTIONS -m$STREAMS -D$DURATION, ${WARMUP}s warm-up per run; quantiles from h2load's per-request log."
   else
-    echo "Medians of $ROUNDS interleaved rounds; wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run."
+    echo "Medians of $ROUNDS interleaved rounds;$([ "$TLS" = 1 ] && echo " HTTP/1.1 over TLS,") wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, $USERS returning users (cookie), ${WARMUP}s warm-up per run."
   fi
   echo
   echo "| proxy | req/s | p50 ms | p99 ms | CPU µs/request | k instructions/request | peak RSS MiB | errors (all rounds) |"
@@ -512,8 +547,10 @@ served() { awk '/^served/ {print $2}' "$WORK/$1.err"; }
   echo
   echo "Upstreams served: blue $(served blue), green $(served green) ($(awk -v b="$(served blue)" -v g="$(served green)" 'BEGIN {printf "%.2f", 100 * g / (b + g)}') % green), shadow $(served shadow) (veer-full mirrors 1 %)."
 } | tee -a "$WORK/table.md"
-TABLE=compare.md
-[ "$PROTO" = h2 ] && TABLE=compare-h2.md
+TABLE=compare
+[ "$PROTO" = h2 ] && TABLE=$TABLE-h2
+[ "$TLS" = 1 ] && TABLE=$TABLE-tls
+TABLE=$TABLE.md
 mkdir -p "$OUT"
 cp "$WORK/table.md" "$OUT/$TABLE"
 log "table written to loadtest/results/$TABLE"
