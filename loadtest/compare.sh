@@ -88,12 +88,17 @@ install_missing() {
   fi
 }
 
-# A free loopback TCP port, not handed out before by this script.
+# A free loopback TCP port, not handed out before by this script, below the kernel's range of
+# ephemeral ports: one in that range may be the local end of some client's connection (wrk's,
+# a proxy's to an upstream), which a connect cannot see but which makes the bind fail.
 TAKEN=" "
+EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+PORT_LOW=10000
+[ "$EPHEMERAL_LOW" -gt $((PORT_LOW + 1000)) ] || PORT_LOW=1024
 free_port() {
   local port
   while :; do
-    port=$((20000 + RANDOM % 40000))
+    port=$((PORT_LOW + RANDOM % (EPHEMERAL_LOW - PORT_LOW)))
     case "$TAKEN" in *" $port "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       TAKEN="$TAKEN$port "
