@@ -95,6 +95,11 @@ TAKEN=" "
 EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 PORT_LOW=10000
 [ "$EPHEMERAL_LOW" -gt $((PORT_LOW + 1000)) ] || PORT_LOW=1024
+if [ "$EPHEMERAL_LOW" -le $((PORT_LOW + 100)) ]; then
+  # Hardly a port below the range: take any, as a connect can tell.
+  PORT_LOW=20000
+  EPHEMERAL_LOW=60000
+fi
 free_port() {
   local port
   while :; do

@@ -5,17 +5,21 @@
 # forwarding, 90/10 split over two loopback upstreams) under callgrind, sends N requests with
 # h2load and stops it, at two N; the difference over the requests between them is the cost per
 # request, start and shutdown cancelling out. Kernel work (system calls) is not counted.
+# `nginx` and `haproxy` in place of a BIN count those (Debian's, one worker, the same split as
+# in compare.sh), so that veer can be set against them where seconds cannot tell.
 #
 # Usage: loadtest/instructions.sh BIN [BIN...]            HTTP/1.1 clients (h2load --h1 -c10)
+#        loadtest/instructions.sh BIN nginx haproxy       veer and the peers
 #        PROTO=h2 loadtest/instructions.sh BIN [BIN...]   HTTP/2 clients (h2load -c10 -m10)
 #        FEATURES=full loadtest/instructions.sh BIN...    every feature on: cookie stickiness (a
 #                                                         returning user's cookie on every
 #                                                         request) and a 1 % shadow to a third
 #                                                         upstream
-# Needs: valgrind, h2load, curl, and `cargo build --release -p veer-loadtest` (the upstream).
+# Needs: valgrind, h2load, curl (nginx, haproxy), and `cargo build --release -p veer-loadtest` (the upstream).
 # A run whose answers are not all 2xx is refused: it would count veer's error path instead.
 # Every process is bounded by `timeout`; everything listens on 127.0.0.1 (ports PORT_BASE+1,
-# +2, +3, +40, +41; PORT_BASE defaults to 31000).
+# +2, +3, +40, +41; PORT_BASE defaults to 31000). The proxy's port answers every request of a
+# run, peers included.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 UPSTREAM="$ROOT/target/release/upstream"
@@ -64,11 +68,91 @@ EOF
   *) echo "FEATURES must be plain or full, not $FEATURES" >&2; exit 2 ;;
 esac
 
-if [ "${PROTO:-h1}" = h2 ]; then CLIENT=(-c 10 -m 10); else CLIENT=(--h1 -c 10); fi
+if [ "${PROTO:-h1}" = h2 ]; then
+  CLIENT=(-c 10 -m 10)
+  CURL=(--http2-prior-knowledge)
+  NGINX_H2=" http2"
+  HAPROXY_H2=" proto h2"
+else
+  CLIENT=(--h1 -c 10)
+  CURL=(--http1.1)
+  NGINX_H2=""
+  HAPROXY_H2=""
+fi
+
+# The peers, as compare.sh sets them up: one worker, keep-alive both sides, a 90/10 split.
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  fastcgi_temp_path $WORK/nginx/fastcgi;
+  uwsgi_temp_path $WORK/nginx/uwsgi;
+  scgi_temp_path $WORK/nginx/scgi;
+  keepalive_requests 1000000;
+  split_clients "\${request_id}" \$slot {
+    10% green;
+    *   blue;
+  }
+  upstream blue  { server 127.0.0.1:$((BASE + 1)); keepalive 64; keepalive_requests 1000000; }
+  upstream green { server 127.0.0.1:$((BASE + 2)); keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$((BASE + 40))$NGINX_H2;
+    location / {
+      proxy_pass http://\$slot;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+    }
+  }
+}
+EOF
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 1000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$((BASE + 40))$HAPROXY_H2
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  default_backend be
+backend be
+  balance roundrobin
+  server blue 127.0.0.1:$((BASE + 1)) weight 90
+  server green 127.0.0.1:$((BASE + 2)) weight 10
+EOF
+
+# The command line of a proxy: a veer build, or a peer by name.
+proxy_command() {
+  case "$1" in
+    nginx) echo "$(command -v nginx || echo /usr/sbin/nginx) -e $WORK/nginx-error.log -p $WORK/nginx -c $WORK/nginx.conf" ;;
+    haproxy) echo "$(command -v haproxy || echo /usr/sbin/haproxy) -db -f $WORK/haproxy.cfg" ;;
+    *) echo "$1 run -c $WORK/veer.toml" ;;
+  esac
+}
 
 # The instructions of one run of $1 serving $2 requests, start and shutdown included.
 run() {
-  local bin=$1 requests=$2 u1 u2 veer
+  local bin=$1 requests=$2 u1 u2 proxy
   timeout 300 "$UPSTREAM" --name blue --listen "127.0.0.1:$((BASE + 1))" --threads 1 \
     --max-time 280s >/dev/null 2>&1 &
   u1=$!
@@ -79,18 +163,19 @@ run() {
     --max-time 280s >/dev/null 2>&1 &
   u3=$!
   rm -rf "$WORK/state" "$WORK/cg.out"
+  # shellcheck disable=SC2046 # the command line is split on purpose
   timeout 300 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
-    "$bin" run -c "$WORK/veer.toml" >/dev/null 2>"$WORK/valgrind.log" &
-  veer=$!
+    $(proxy_command "$bin") >/dev/null 2>"$WORK/valgrind.log" &
+  proxy=$!
   for _ in $(seq 150); do
-    curl -s -o /dev/null "http://127.0.0.1:$((BASE + 41))/healthz" && break
+    curl -sf "${CURL[@]}" -o /dev/null "http://127.0.0.1:$((BASE + 40))/" && break
     sleep 0.2
   done
   timeout 120 h2load "${CLIENT[@]}" ${COOKIE[@]+"${COOKIE[@]}"} -n "$requests" "http://127.0.0.1:$((BASE + 40))/" \
     >"$WORK/h2load.out" || true
-  # valgrind passes SIGINT on: veer drains and exits, and callgrind writes its counts.
-  kill -INT "$veer"
-  wait "$veer" || true
+  # valgrind passes SIGINT on: the proxy stops (veer drains first), and callgrind writes its counts.
+  kill -INT "$proxy"
+  wait "$proxy" || true
   kill "$u1" "$u2" "$u3" 2>/dev/null || true
   wait "$u1" "$u2" "$u3" 2>/dev/null || true
   if ! grep -q "^status codes: $requests 2xx" "$WORK/h2load.out"; then
@@ -102,7 +187,15 @@ run() {
 }
 
 for bin in "$@"; do
-  bin=$(realpath "$bin")
+  case "$bin" in
+    nginx | haproxy)
+      if [ "${FEATURES:-plain}" != plain ]; then
+        echo "FEATURES=$FEATURES is veer's alone: count $bin with plain forwarding" >&2
+        exit 2
+      fi
+      ;;
+    *) bin=$(realpath "$bin") ;;
+  esac
   small=$(run "$bin" 2000)
   large=$(run "$bin" 22000)
   echo "$bin: $(((large - small) / 20000)) user-space instructions per request (${PROTO:-h1}, ${FEATURES:-plain})"
