@@ -493,6 +493,64 @@ async fn an_8_mib_body_streams_through_intact_both_ways() {
     veer.shutdown().await;
 }
 
+/// Reads from `stream` until a head ends (5 s at most); `None` when it does not.
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// curl sends `Expect: 100-continue` before an upload over 1 MiB and waits for the go-ahead
+/// (up to a second) before sending it: veer says `100 Continue` when it starts forwarding, and
+/// the body arrives whole.
+#[tokio::test]
+async fn an_upload_that_expects_100_continue_gets_it_and_arrives_whole() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    let body = pattern(100_000);
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    let head = format!(
+        "PUT /up HTTP/1.1\r\nHost: shop\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let interim = read_head(&mut stream).await.expect("no answer to the head");
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "not a go-ahead: {interim:?}"
+    );
+    stream.write_all(&body).await.unwrap();
+    let answer = read_response(&mut stream).await.expect("no final answer");
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    assert_eq!(only_request(&upstream).await.body.as_ref(), Some(&body));
+    veer.shutdown().await;
+}
+
+/// An upload veer refuses from its head alone gets the refusal instead of the go-ahead: the
+/// client need not send the body at all.
+#[tokio::test]
+async fn an_upload_refused_by_its_head_gets_no_100_continue() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("max_body_bytes = 1000", upstream.addr).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(
+            b"PUT /up HTTP/1.1\r\nHost: shop\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let first = read_head(&mut stream).await.expect("no answer to the head");
+    assert!(first.starts_with("HTTP/1.1 413 "), "{first:?}");
+    assert_eq!(upstream.request_count(), 0);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_upstream_dying_mid_body_reaches_the_client_as_an_aborted_response() {
     let upstream = Upstream::builder("blue")
