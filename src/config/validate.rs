@@ -167,11 +167,12 @@ fn deserialize_all(text: &str, v: &Validator<'_>) -> (Option<RawConfig>, KeyProb
             None => inner.span().map(|span| line_of(text, span.start)),
             Some(_) => v.line(&borrowed),
         };
-        // Not TOML at all: the key written on that line, if it tells.
+        // Not TOML at all: the key written on that line, or the key whose value (an array
+        // across lines) is still open there, if it tells.
         let path = match line {
-            Some(line) if path.is_empty() && source.is_none() => {
-                key_written_at(text, line).unwrap_or(path)
-            }
+            Some(line) if path.is_empty() && source.is_none() => key_written_at(text, line)
+                .or_else(|| key_left_open_above(text, line))
+                .unwrap_or(path),
             _ => path,
         };
         // A table that lacks a key because its wrong value was left out: already reported.
@@ -393,6 +394,26 @@ fn key_written_at(text: &str, line: usize) -> Option<String> {
         path.push_str(key.get());
     }
     Some(path.trim_start_matches('.').to_string())
+}
+
+/// The key whose value, begun on a line above `line` (1-based), is still open at `line`: the
+/// nearest line above at which the text before it is whole TOML, when a key is written there.
+/// Looks at most 200 lines up.
+fn key_left_open_above(text: &str, line: usize) -> Option<String> {
+    let start_of = |line: usize| {
+        text.split_inclusive('\n')
+            .take(line - 1)
+            .map(str::len)
+            .sum::<usize>()
+    };
+    let whole_before = |line: usize| toml_edit::ImDocument::parse(&text[..start_of(line)]).is_ok();
+    if line <= 1 || whole_before(line) {
+        return None;
+    }
+    let opened = (line.saturating_sub(200).max(1)..line)
+        .rev()
+        .find(|&above| whole_before(above))?;
+    key_written_at(text, opened)
 }
 
 /// Why a `path_prefix` could never match a request path (which is ASCII, and matched with its
@@ -1865,11 +1886,16 @@ endpoints = ["127.0.0.1:9002"]
             "tls.cert = \"c.pem\"\n\"tls\" . key = k.pem\nlisten = [",
         );
         only_problem(&rendered(&text), "server.tls.key: ");
-        // A value left open on the lines above, or a broken header: only the line.
+        // An array left open on the lines above: the key it belongs to, in its table.
         let text = MINIMAL.replace("listen = [\"127.0.0.1:8080\"]", "listen = [\n\"a\" \"b\"]");
-        only_problem(&rendered(&text), "line 4: ");
+        only_problem(&rendered(&text), "server.listen: invalid array");
+        let text = format!("{MINIMAL}[route.rollout]\nsteps = [\n  1,\n  5\n  10,\n]\n");
+        only_problem(&rendered(&text), "route[0].rollout.steps: ");
+        // A broken header, or a stray value after a whole one: only the line.
         let text = MINIMAL.replace("[route.blue]", "[route.blue");
         only_problem(&rendered(&text), "line 7: ");
+        let text = MINIMAL.replace("listen = [\"127.0.0.1:8080\"]", "listen = []\n\"a\"");
+        only_problem(&rendered(&text), "line 4: ");
     }
 
     #[test]
