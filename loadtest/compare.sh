@@ -44,6 +44,8 @@ STREAMS=${STREAMS:-10}
 WARMUP=${WARMUP:-2}
 USERS=${USERS:-10000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=peers.sh
+. "$ROOT/loadtest/peers.sh"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=$ROOT/loadtest/results
 WORK=$(mktemp -d /tmp/veer-compare.XXXXXX)
@@ -232,19 +234,13 @@ log "upstreams: blue :$BLUE, green :$GREEN, shadow :$SHADOW"
 # ---------------------------------------------------------------- proxies
 declare -A ADMIN
 
-# Every proxy's TLS settings: the same certificate, and ALPN for the clients' protocol.
+# Every proxy's TLS settings: the same certificate (the peers' in peers.sh).
 VEER_TLS=""
-NGINX_TLS=""
-HAPROXY_TLS=""
 if [ "$TLS" = 1 ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
   cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/both.pem"
   VEER_TLS="tls = { cert = \"$WORK/cert.pem\", key = \"$WORK/key.pem\" }"
-  NGINX_TLS=" ssl;
-    ssl_certificate $WORK/cert.pem;
-    ssl_certificate_key $WORK/key.pem"
-  HAPROXY_TLS=" ssl crt $WORK/both.pem alpn $([ "$PROTO" = h2 ] && echo h2,http/1.1 || echo http/1.1)"
 fi
 
 veer_config() {
@@ -295,69 +291,12 @@ endpoints = [\"127.0.0.1:$SHADOW\"]
 percent = 1"
 
 PORT[nginx]=$(free_port)
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx/body;
-  proxy_temp_path $WORK/nginx/proxy;
-  fastcgi_temp_path $WORK/nginx/fastcgi;
-  uwsgi_temp_path $WORK/nginx/uwsgi;
-  scgi_temp_path $WORK/nginx/scgi;
-  keepalive_timeout 120s;
-  keepalive_requests 1000000;
-  split_clients "\${request_id}" \$slot {
-    10% green;
-    *   blue;
-  }
-  upstream blue  { server 127.0.0.1:$BLUE;  keepalive 64; keepalive_requests 1000000; }
-  upstream green { server 127.0.0.1:$GREEN; keepalive 64; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:${PORT[nginx]}$([ "$PROTO" = h2 ] && echo " http2")$NGINX_TLS;
-    location / {
-      proxy_pass http://\$slot;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-    }
-  }
-}
-EOF
+nginx_conf "${PORT[nginx]}" >"$WORK/nginx.conf"
 start nginx "$NGINX" -e "$WORK/nginx-error.log" -p "$WORK/nginx" -c "$WORK/nginx.conf"
 wait_port nginx
 
 PORT[haproxy]=$(free_port)
-cat >"$WORK/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 4000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 120s
-  timeout server 120s
-  timeout http-keep-alive 120s
-  option http-keep-alive
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:${PORT[haproxy]}$([ "$PROTO" = h2 ] && [ "$TLS" = 0 ] && echo " proto h2")$HAPROXY_TLS
-  http-request set-header X-Forwarded-Proto $SCHEME
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  default_backend be
-backend be
-  balance roundrobin
-  server blue 127.0.0.1:$BLUE weight 90
-  server green 127.0.0.1:$GREEN weight 10
-EOF
+haproxy_cfg "${PORT[haproxy]}" >"$WORK/haproxy.cfg"
 start haproxy "$HAPROXY" -db -f "$WORK/haproxy.cfg"
 wait_port haproxy
 

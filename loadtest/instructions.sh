@@ -15,7 +15,8 @@
 #                                                         returning user's cookie on every
 #                                                         request) and a 1 % shadow to a third
 #                                                         upstream
-# Needs: valgrind, h2load, curl (nginx, haproxy), and `cargo build --release -p veer-loadtest` (the upstream).
+# Needs: valgrind, h2load, curl, `cargo build --release -p veer-loadtest` (the upstream), and
+# nginx and haproxy to count them.
 # A run whose answers are not all 2xx is refused: it would count veer's error path instead.
 # Every process is bounded by `timeout`; everything listens on 127.0.0.1 (ports PORT_BASE+1,
 # +2, +3, +40, +41; PORT_BASE defaults to 31000). The proxy's port answers every request of a
@@ -71,75 +72,20 @@ esac
 if [ "${PROTO:-h1}" = h2 ]; then
   CLIENT=(-c 10 -m 10)
   CURL=(--http2-prior-knowledge)
-  NGINX_H2=" http2"
-  HAPROXY_H2=" proto h2"
 else
   CLIENT=(--h1 -c 10)
   CURL=(--http1.1)
-  NGINX_H2=""
-  HAPROXY_H2=""
 fi
 
-# The peers, as compare.sh sets them up: one worker, keep-alive both sides, a 90/10 split.
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx/body;
-  proxy_temp_path $WORK/nginx/proxy;
-  fastcgi_temp_path $WORK/nginx/fastcgi;
-  uwsgi_temp_path $WORK/nginx/uwsgi;
-  scgi_temp_path $WORK/nginx/scgi;
-  keepalive_requests 1000000;
-  split_clients "\${request_id}" \$slot {
-    10% green;
-    *   blue;
-  }
-  upstream blue  { server 127.0.0.1:$((BASE + 1)); keepalive 64; keepalive_requests 1000000; }
-  upstream green { server 127.0.0.1:$((BASE + 2)); keepalive 64; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$((BASE + 40))$NGINX_H2;
-    location / {
-      proxy_pass http://\$slot;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-    }
-  }
-}
-EOF
-cat >"$WORK/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 1000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 120s
-  timeout server 120s
-  timeout http-keep-alive 120s
-  option http-keep-alive
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$((BASE + 40))$HAPROXY_H2
-  http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  default_backend be
-backend be
-  balance roundrobin
-  server blue 127.0.0.1:$((BASE + 1)) weight 90
-  server green 127.0.0.1:$((BASE + 2)) weight 10
-EOF
+# The peers, as compare.sh sets them up (NGINX as one process, so that callgrind sees it all).
+BLUE=$((BASE + 1))
+GREEN=$((BASE + 2))
+TLS=0
+PROTO=${PROTO:-h1}
+# shellcheck source=peers.sh
+. "$ROOT/loadtest/peers.sh"
+nginx_conf $((BASE + 40)) "master_process off;" >"$WORK/nginx.conf"
+haproxy_cfg $((BASE + 40)) >"$WORK/haproxy.cfg"
 
 # The command line of a proxy: a veer build, or a peer by name.
 proxy_command() {
