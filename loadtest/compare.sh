@@ -44,8 +44,8 @@ STREAMS=${STREAMS:-10}
 WARMUP=${WARMUP:-2}
 USERS=${USERS:-10000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=peers.sh
-. "$ROOT/loadtest/peers.sh"
+# shellcheck source=proxies.sh
+. "$ROOT/loadtest/proxies.sh"
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=$ROOT/loadtest/results
 WORK=$(mktemp -d /tmp/veer-compare.XXXXXX)
@@ -234,61 +234,25 @@ log "upstreams: blue :$BLUE, green :$GREEN, shadow :$SHADOW"
 # ---------------------------------------------------------------- proxies
 declare -A ADMIN
 
-# Every proxy's TLS settings: the same certificate (the peers' in peers.sh).
-VEER_TLS=""
+# Every proxy's certificate (proxies.sh writes their configs).
 if [ "$TLS" = 1 ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
   cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/both.pem"
-  VEER_TLS="tls = { cert = \"$WORK/cert.pem\", key = \"$WORK/key.pem\" }"
 fi
 
-veer_config() {
-  local name=$1 port=$2 admin=$3 sticky=$4 shadow=$5
-  cat <<EOF
-[server]
-listen = ["127.0.0.1:$port"]
-workers = 1
-idle_timeout = "120s"
-upstream_idle_timeout = "60s"
-$VEER_TLS
-[admin]
-listen = "127.0.0.1:$admin"
-[state]
-dir = "$WORK/$name-state"
-
-[[route]]
-name = "bench"
-[route.blue]
-endpoints = ["127.0.0.1:$BLUE"]
-version = "v1"
-[route.green]
-endpoints = ["127.0.0.1:$GREEN"]
-version = "v2"
-[route.sticky]
-$sticky
-[route.rollout]
-mode = "manual"
-weight = 10
-$shadow
-EOF
-}
-
 start_veer() {
-  local name=$1 sticky=$2 shadow=$3
+  local name=$1 features=$2
   PORT[$name]=$(free_port)
   ADMIN[$name]=$(free_port)
-  veer_config "$name" "${PORT[$name]}" "${ADMIN[$name]}" "$sticky" "$shadow" >"$WORK/$name.toml"
+  veer_toml "${PORT[$name]}" "${ADMIN[$name]}" "$WORK/$name-state" "$features" >"$WORK/$name.toml"
   "$VEER" check -c "$WORK/$name.toml" >/dev/null
   start "$name" "$VEER" run -c "$WORK/$name.toml"
   wait_port "$name"
 }
 
-start_veer veer 'by = "none"' ""
-start_veer veer-full 'by = "cookie"
-cookie = "veer_bench"' "[route.shadow]
-endpoints = [\"127.0.0.1:$SHADOW\"]
-percent = 1"
+start_veer veer plain
+start_veer veer-full full
 
 PORT[nginx]=$(free_port)
 nginx_conf "${PORT[nginx]}" >"$WORK/nginx.conf"

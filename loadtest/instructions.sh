@@ -32,60 +32,31 @@ fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-cat >"$WORK/veer.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$((BASE + 40))"]
-workers = 1
-[admin]
-listen = "127.0.0.1:$((BASE + 41))"
-[state]
-dir = "$WORK/state"
-[[route]]
-name = "bench"
-[route.blue]
-endpoints = ["127.0.0.1:$((BASE + 1))"]
-version = "v1"
-[route.green]
-endpoints = ["127.0.0.1:$((BASE + 2))"]
-version = "v2"
-[route.rollout]
-mode = "manual"
-weight = 10
-EOF
+# The proxies, as compare.sh sets them up (NGINX as one process, so that callgrind sees it all).
+BLUE=$((BASE + 1))
+GREEN=$((BASE + 2))
+SHADOW=$((BASE + 3))
+TLS=0
+PROTO=${PROTO:-h1}
+# shellcheck source=proxies.sh
+. "$ROOT/loadtest/proxies.sh"
 COOKIE=()
 case "${FEATURES:-plain}" in
-  plain) printf '[route.sticky]\nby = "none"\n' >>"$WORK/veer.toml" ;;
-  full)
-    cat >>"$WORK/veer.toml" <<EOF
-[route.sticky]
-by = "cookie"
-cookie = "veer_bench"
-[route.shadow]
-endpoints = ["127.0.0.1:$((BASE + 3))"]
-percent = 1
-EOF
-    COOKIE=(-H "cookie: veer_bench=0123456789abcdef0123456789abcdef")
-    ;;
+  plain) ;;
+  full) COOKIE=(-H "cookie: veer_bench=0123456789abcdef0123456789abcdef") ;;
   *) echo "FEATURES must be plain or full, not $FEATURES" >&2; exit 2 ;;
 esac
+veer_toml $((BASE + 40)) $((BASE + 41)) "$WORK/state" "${FEATURES:-plain}" >"$WORK/veer.toml"
+nginx_conf $((BASE + 40)) "master_process off;" >"$WORK/nginx.conf"
+haproxy_cfg $((BASE + 40)) >"$WORK/haproxy.cfg"
 
-if [ "${PROTO:-h1}" = h2 ]; then
+if [ "$PROTO" = h2 ]; then
   CLIENT=(-c 10 -m 10)
   CURL=(--http2-prior-knowledge)
 else
   CLIENT=(--h1 -c 10)
   CURL=(--http1.1)
 fi
-
-# The peers, as compare.sh sets them up (NGINX as one process, so that callgrind sees it all).
-BLUE=$((BASE + 1))
-GREEN=$((BASE + 2))
-TLS=0
-PROTO=${PROTO:-h1}
-# shellcheck source=peers.sh
-. "$ROOT/loadtest/peers.sh"
-nginx_conf $((BASE + 40)) "master_process off;" >"$WORK/nginx.conf"
-haproxy_cfg $((BASE + 40)) >"$WORK/haproxy.cfg"
 
 # The command line of a proxy: a veer build, or a peer by name.
 proxy_command() {
@@ -99,13 +70,13 @@ proxy_command() {
 # The instructions of one run of $1 serving $2 requests, start and shutdown included.
 run() {
   local bin=$1 requests=$2 u1 u2 proxy
-  timeout 300 "$UPSTREAM" --name blue --listen "127.0.0.1:$((BASE + 1))" --threads 1 \
+  timeout 300 "$UPSTREAM" --name blue --listen "127.0.0.1:$BLUE" --threads 1 \
     --max-time 280s >/dev/null 2>&1 &
   u1=$!
-  timeout 300 "$UPSTREAM" --name green --listen "127.0.0.1:$((BASE + 2))" --threads 1 \
+  timeout 300 "$UPSTREAM" --name green --listen "127.0.0.1:$GREEN" --threads 1 \
     --max-time 280s >/dev/null 2>&1 &
   u2=$!
-  timeout 300 "$UPSTREAM" --name shadow --listen "127.0.0.1:$((BASE + 3))" --threads 1 \
+  timeout 300 "$UPSTREAM" --name shadow --listen "127.0.0.1:$SHADOW" --threads 1 \
     --max-time 280s >/dev/null 2>&1 &
   u3=$!
   rm -rf "$WORK/state" "$WORK/cg.out"

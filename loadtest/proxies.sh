@@ -1,9 +1,51 @@
-# The peers' configs, shared by compare.sh and instructions.sh (sourced, not run): NGINX and
-# HAProxy with one worker, keep-alive on both sides and the same 90/10 split over two loopback
-# upstreams as veer.
+# The proxies' configs, shared by compare.sh and instructions.sh (sourced, not run): veer,
+# NGINX and HAProxy with one worker, keep-alive on both sides and the same 90/10 split over two
+# loopback upstreams.
 #
-# Both read: WORK (a scratch directory), BLUE and GREEN (the upstreams' ports), PROTO (h1 or
-# h2) and TLS (0 or 1; with 1, $WORK/cert.pem, $WORK/key.pem and $WORK/both.pem must exist).
+# All read: WORK (a scratch directory), BLUE, GREEN and SHADOW (the upstreams' ports), PROTO
+# (h1 or h2) and TLS (0 or 1; with 1, $WORK/cert.pem, $WORK/key.pem and $WORK/both.pem must
+# exist).
+
+# veer's config listening on 127.0.0.1:$1, its admin API on 127.0.0.1:$2, its state in $3, on
+# stdout. $4 is `plain` (plain forwarding) or `full` (cookie stickiness and a 1 % shadow).
+veer_toml() {
+  local port=$1 admin=$2 state=$3 features=$4 tls="" sticky='by = "none"' shadow=""
+  [ "$TLS" = 1 ] && tls="tls = { cert = \"$WORK/cert.pem\", key = \"$WORK/key.pem\" }"
+  if [ "$features" = full ]; then
+    sticky='by = "cookie"
+cookie = "veer_bench"'
+    shadow="[route.shadow]
+endpoints = [\"127.0.0.1:$SHADOW\"]
+percent = 1"
+  fi
+  cat <<EOF
+[server]
+listen = ["127.0.0.1:$port"]
+workers = 1
+idle_timeout = "120s"
+upstream_idle_timeout = "60s"
+$tls
+[admin]
+listen = "127.0.0.1:$admin"
+[state]
+dir = "$state"
+
+[[route]]
+name = "bench"
+[route.blue]
+endpoints = ["127.0.0.1:$BLUE"]
+version = "v1"
+[route.green]
+endpoints = ["127.0.0.1:$GREEN"]
+version = "v2"
+[route.sticky]
+$sticky
+[route.rollout]
+mode = "manual"
+weight = 10
+$shadow
+EOF
+}
 
 # nginx.conf listening on 127.0.0.1:$1, on stdout; $2 is put first (e.g. "master_process
 # off;" to run it as one process under valgrind). Its temp paths are under $WORK/nginx.
