@@ -260,6 +260,49 @@ async fn a_refused_upstream_is_502_and_a_connect_error_of_the_slot() {
     veer.shutdown().await;
 }
 
+/// A listener whose accept queue is full, and the connections that fill it: Linux drops the
+/// SYN of any further connection, so a connect to it is neither refused nor done.
+async fn swamped_listener() -> (std::net::SocketAddr, socket2::Socket, Vec<TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(1).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    // The queue takes backlog + 1 connections; one more makes sure it is full.
+    for _ in 0..3 {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            fill.push(stream);
+        }
+    }
+    let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
+    assert!(probe.is_err(), "a connect to the full queue completed");
+    (addr, socket, fill)
+}
+
+/// A connect not done within `connect_timeout` (the endpoint drops SYNs, as an upstream whose
+/// accept queue overflows does) is a 504 and a timeout of the slot, not a 502.
+#[tokio::test]
+async fn a_connect_slower_than_connect_timeout_is_504_and_a_timeout_of_the_slot() {
+    let (addr, _listener, _queued) = swamped_listener().await;
+    let veer = Veer::shop("connect_timeout = \"300ms\"", addr).await;
+    let started = tokio::time::Instant::now();
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 504, "{body:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "answered before connect_timeout: {:?}",
+        started.elapsed()
+    );
+    let slot = blue_slot(&veer).await;
+    assert_eq!(slot["errors"]["timeout"], 1, "{slot}");
+    assert_eq!(slot["errors"]["connect"], 0, "{slot}");
+    veer.shutdown().await;
+}
+
 /// veer with the route `shop`: blue on endpoints `first` and `second`, green on `first`.
 async fn two_blue_endpoints(first: std::net::SocketAddr, second: std::net::SocketAddr) -> Veer {
     let routes = route("shop", first, first, "").replacen(

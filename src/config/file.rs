@@ -259,7 +259,7 @@ fn d_request_timeout() -> String {
     "60s".into()
 }
 fn d_connect_timeout() -> String {
-    "2s".into()
+    "5s".into()
 }
 fn d_idle_timeout() -> String {
     "60s".into()

@@ -2038,6 +2038,26 @@ endpoints = ["127.0.0.1:9002"]
         }
     }
 
+    /// SPEC: `config/example.toml` shows every key with its default. Read with only what it
+    /// must set (the listen address, the route's name, host, endpoints and labels), the same
+    /// file must give the same config.
+    #[test]
+    fn the_example_config_shows_every_default() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let text = std::fs::read_to_string(dir.join("example.toml")).unwrap();
+        let example = parse(&text, Some(&dir)).unwrap_or_else(|errors| panic!("{errors}"));
+        let bare = "[server]\nlisten = [\"0.0.0.0:8080\"]\n\
+                    [[route]]\nname = \"shop\"\nhosts = [\"shop.example.com\"]\n\
+                    [route.blue]\nendpoints = [\"127.0.0.1:9001\"]\nversion = \"v41\"\n\
+                    [route.green]\nendpoints = [\"127.0.0.1:9002\"]\nversion = \"v42\"\n\
+                    [route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\n";
+        let defaults = parse(bare, Some(&dir)).unwrap_or_else(|errors| panic!("{errors}"));
+        assert_eq!(example.server, defaults.server);
+        assert_eq!(example.admin, defaults.admin);
+        assert_eq!(example.state, defaults.state);
+        assert_eq!(example.routes, defaults.routes);
+    }
+
     #[test]
     fn second_route_errors_name_its_index() {
         let text = format!(
