@@ -493,6 +493,46 @@ async fn an_8_mib_body_streams_through_intact_both_ways() {
     veer.shutdown().await;
 }
 
+/// Requests pipelined in one write (a POST with its body among them) are each forwarded once,
+/// in order, and answered in order on the same connection.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /a HTTP/1.1\r\nHost: shop\r\n\r\n\
+              POST /b HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello\
+              GET /c HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // All three answers, up to the close the last one asked for.
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answers))
+        .await
+        .expect("connection still open after 5 s")
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    let heads: Vec<&str> = answers
+        .split("\r\n\r\n")
+        .filter(|part| part.contains("HTTP/1.1 "))
+        .collect();
+    assert_eq!(heads.len(), 3, "{answers}");
+    assert!(
+        heads.iter().all(|h| h.contains("HTTP/1.1 200 OK")),
+        "{answers}"
+    );
+    assert!(heads[2].contains("connection: close"), "{answers}");
+    await_requests(&upstream, 3, Duration::from_secs(5)).await;
+    let seen = upstream.seen();
+    let uris: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
+    assert_eq!(uris, ["/a", "/b", "/c"]);
+    assert_eq!(seen[1].body.as_deref(), Some(&b"hello"[..]));
+    veer.shutdown().await;
+}
+
 /// Reads from `stream` until a head ends (5 s at most); `None` when it does not.
 async fn read_head(stream: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
