@@ -15,7 +15,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -145,7 +145,16 @@ impl UpstreamBuilder {
 
     /// Binds the listen address (`127.0.0.1:0` unless set) and serves HTTP/1.1 and h2c.
     pub async fn start(self) -> std::io::Result<Upstream> {
-        let listener = TcpListener::bind(self.listen).await?;
+        let socket = match self.listen {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(self.listen)?;
+        // A queue as deep as veer's own: the std default (128) drops the SYNs of a burst of new
+        // connections (a proxy opening one per stream of many clients at once), and each lost
+        // SYN costs that connect a second.
+        let listener = socket.listen(1024)?;
         let addr = listener.local_addr()?;
         let body = if self.body.is_empty() {
             Bytes::from(format!("{}\n", self.name))
