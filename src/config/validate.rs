@@ -351,11 +351,7 @@ fn line_in(text: &str, doc: &toml_edit::ImDocument<&str>, path: &[Seg<'_>]) -> O
 /// `=`, under the last table header above it. `None` when the line does not start with a key or
 /// the lines above it are not valid TOML by themselves (a value left open).
 fn key_written_at(text: &str, line: usize) -> Option<String> {
-    let start = text
-        .split_inclusive('\n')
-        .take(line - 1)
-        .map(str::len)
-        .sum::<usize>();
+    let start = line_start(text, line);
     let written = text[start..].lines().next()?;
     let (key, _) = written.split_once('=')?;
     let keys = toml_edit::Key::parse(key.trim()).ok()?;
@@ -400,13 +396,8 @@ fn key_written_at(text: &str, line: usize) -> Option<String> {
 /// nearest line above at which the text before it is whole TOML, when a key is written there.
 /// Looks at most 200 lines up.
 fn key_left_open_above(text: &str, line: usize) -> Option<String> {
-    let start_of = |line: usize| {
-        text.split_inclusive('\n')
-            .take(line - 1)
-            .map(str::len)
-            .sum::<usize>()
-    };
-    let whole_before = |line: usize| toml_edit::ImDocument::parse(&text[..start_of(line)]).is_ok();
+    let whole_before =
+        |line: usize| toml_edit::ImDocument::parse(&text[..line_start(text, line)]).is_ok();
     if line <= 1 || whole_before(line) {
         return None;
     }
@@ -414,6 +405,14 @@ fn key_left_open_above(text: &str, line: usize) -> Option<String> {
         .rev()
         .find(|&above| whole_before(above))?;
     key_written_at(text, opened)
+}
+
+/// The byte offset in `text` at which line `line` (1-based) starts.
+fn line_start(text: &str, line: usize) -> usize {
+    text.split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum()
 }
 
 /// Why a `path_prefix` could never match a request path (which is ASCII, and matched with its
