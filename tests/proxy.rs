@@ -493,13 +493,19 @@ async fn an_8_mib_body_streams_through_intact_both_ways() {
     veer.shutdown().await;
 }
 
+/// A recording upstream, veer with `server_extra` in front of it, and a raw connection to veer.
+async fn shop_connection(server_extra: &str) -> (Upstream, Veer, TcpStream) {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop(server_extra, upstream.addr).await;
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    (upstream, veer, stream)
+}
+
 /// Requests pipelined in one write (a POST with its body among them) are each forwarded once,
 /// in order, and answered in order on the same connection.
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
-    let upstream = recording("blue").await;
-    let veer = Veer::shop("", upstream.addr).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (upstream, veer, mut stream) = shop_connection("").await;
     stream
         .write_all(
             b"GET /a HTTP/1.1\r\nHost: shop\r\n\r\n\
@@ -551,10 +557,8 @@ async fn read_head(stream: &mut TcpStream) -> Option<String> {
 /// the body arrives whole.
 #[tokio::test]
 async fn an_upload_that_expects_100_continue_gets_it_and_arrives_whole() {
-    let upstream = recording("blue").await;
-    let veer = Veer::shop("", upstream.addr).await;
+    let (upstream, veer, mut stream) = shop_connection("").await;
     let body = pattern(100_000);
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
     let head = format!(
         "PUT /up HTTP/1.1\r\nHost: shop\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
         body.len()
@@ -576,9 +580,7 @@ async fn an_upload_that_expects_100_continue_gets_it_and_arrives_whole() {
 /// client need not send the body at all.
 #[tokio::test]
 async fn an_upload_refused_by_its_head_gets_no_100_continue() {
-    let upstream = recording("blue").await;
-    let veer = Veer::shop("max_body_bytes = 1000", upstream.addr).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    let (upstream, veer, mut stream) = shop_connection("max_body_bytes = 1000").await;
     stream
         .write_all(
             b"PUT /up HTTP/1.1\r\nHost: shop\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
