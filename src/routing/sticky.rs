@@ -58,20 +58,20 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> 
         (value.len() == COOKIE_ID_LEN && value.iter().fold(true, hex)).then_some(value)
     };
     // Pairs found with `memchr`: a browser's cookie header often runs to a kilobyte.
-    for value in headers.get_all(http::header::COOKIE).iter() {
-        let mut rest = value.as_bytes();
-        loop {
-            let end = memchr::memchr(b';', rest);
-            if let Some(value) = id(&rest[..end.unwrap_or(rest.len())]) {
-                return Some(value);
-            }
-            match end {
-                Some(end) => rest = &rest[end + 1..],
-                None => break,
-            }
-        }
-    }
-    None
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .find_map(|value| {
+            let bytes = value.as_bytes();
+            let mut start = 0;
+            memchr::memchr_iter(b';', bytes)
+                .chain([bytes.len()])
+                .find_map(|end| {
+                    let pair = &bytes[start..end];
+                    start = end + 1;
+                    id(pair)
+                })
+        })
 }
 
 /// The key bytes of a client address: 4 bytes for IPv4 (also when IPv4-mapped), else 16.
