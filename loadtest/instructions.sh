@@ -69,7 +69,7 @@ proxy_command() {
 
 # The instructions of one run of $1 serving $2 requests, start and shutdown included.
 run() {
-  local bin=$1 requests=$2 u1 u2 proxy
+  local bin=$1 requests=$2 u1 u2 u3 proxy
   timeout 300 "$UPSTREAM" --name blue --listen "127.0.0.1:$BLUE" --threads 1 \
     --max-time 280s >/dev/null 2>&1 &
   u1=$!
@@ -115,5 +115,5 @@ for bin in "$@"; do
   esac
   small=$(run "$bin" 2000)
   large=$(run "$bin" 22000)
-  echo "$bin: $(((large - small) / 20000)) user-space instructions per request (${PROTO:-h1}, ${FEATURES:-plain})"
+  echo "$bin: $(((large - small) / 20000)) user-space instructions per request ($PROTO, ${FEATURES:-plain})"
 done
