@@ -162,3 +162,110 @@ async fn idle_upstream_connections_are_closed_after_upstream_idle_timeout() {
     assert_eq!(counts.accepted(), 2);
     veer.shutdown().await;
 }
+
+/// An upstream that answers the first request of every connection and, on the same connection,
+/// takes the next one and closes (`reset`: resets) without answering it, as an upstream whose
+/// keep-alive timeout runs out just as a request arrives. Returns the heads of every request it
+/// took, in order, and the number of connections accepted.
+async fn closing_upstream(reset: bool) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>, Counts) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let counts = Counts::default();
+    let (seen, shared) = (Arc::clone(&heads), counts.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            shared.accepted.fetch_add(1, Ordering::SeqCst);
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for answered in [true, false] {
+                    let end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    // A body, if any, is small and came with its head: it is dropped with `buf`.
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |n| n.parse::<usize>().unwrap());
+                    buf.drain(..length.min(buf.len()));
+                    seen.lock().unwrap().push(head);
+                    if answered {
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        stream.write_all(answer).await.unwrap();
+                    }
+                }
+                if reset {
+                    stream.set_zero_linger().unwrap();
+                }
+            });
+        }
+    });
+    (addr, heads, counts)
+}
+
+#[tokio::test]
+async fn a_bodiless_get_is_sent_again_when_a_reused_connection_closes_unanswered() {
+    for reset in [false, true] {
+        let (addr, heads, counts) = closing_upstream(reset).await;
+        let veer = veer("", addr).await;
+        for i in 1..=2 {
+            // Idle for a while first, as a connection whose keep-alive timeout runs out is.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (status, _, body) = get(&veer.url("/page?q=1"), &[("x-trace", "t1")]).await;
+            assert_eq!(status, StatusCode::OK, "request {i}, reset {reset}");
+            assert_eq!(&body[..], b"ok");
+        }
+        // The second request met the closing connection, then went on a new one, whole.
+        assert_eq!(counts.accepted(), 2, "reset {reset}");
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 3, "{heads:?}");
+        assert_eq!(heads[1], heads[2], "sent again as it was");
+        assert!(
+            heads[2].starts_with("GET /page?q=1 HTTP/1.1\r\n"),
+            "{}",
+            heads[2]
+        );
+        assert!(heads[2].contains("x-trace: t1\r\n"), "{}", heads[2]);
+        assert_eq!(
+            heads[2].matches("x-forwarded-for:").count(),
+            1,
+            "{}",
+            heads[2]
+        );
+        let slot = veer.slot("shop", "blue").await;
+        assert!(support::no_errors(&slot), "{slot}");
+        veer.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_post_is_never_sent_again_when_a_reused_connection_closes_unanswered() {
+    let (addr, heads, counts) = closing_upstream(false).await;
+    let veer = veer("", addr).await;
+    let client = support::load::client();
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let request = http::Request::post(veer.url("/order"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"one")))
+            .unwrap();
+        statuses.push(client.request(request).await.unwrap().status());
+    }
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::BAD_GATEWAY]);
+    // The upstream may have acted on the second POST: it is not sent again.
+    assert_eq!(heads.lock().unwrap().len(), 2);
+    assert_eq!(counts.accepted(), 1);
+    let slot = veer.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["reset"], 1, "{slot}");
+    veer.shutdown().await;
+}

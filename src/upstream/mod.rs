@@ -169,6 +169,24 @@ impl RequestBody {
         }
     }
 
+    /// A body already at its end: that of a request sent again (see `pool`).
+    pub(crate) fn ended() -> Self {
+        Self {
+            inner: Unread {
+                body: None,
+                http2: false,
+            },
+            limit: 0,
+            seen: 0,
+            idle: Duration::ZERO,
+            timer: None,
+            tee: None,
+            state: BodyState::default(),
+            reading: None,
+            override_header: None,
+        }
+    }
+
     /// Removes the route's override header from the client's trailers too (the shadow marker
     /// always is): veer's own fields reach no upstream from a client, whichever section
     /// carries them.

