@@ -78,11 +78,18 @@ impl Journal {
         self.opened().map(drop)
     }
 
+    /// The open file, reopened (created anew) when the path no longer names it: the journal
+    /// was rotated (moved aside, as logrotate does) or deleted while veer ran. Kept open
+    /// instead, every later entry would go to the old file, or to none that has a name.
     fn opened(&self) -> std::io::Result<MutexGuard<'_, Option<File>>> {
         let mut guard = self
             .file
             .lock()
             .map_err(|_| std::io::Error::other("journal lock poisoned"))?;
+        if guard.as_ref().is_some_and(|file| !self.names(file)) {
+            tracing::info!(path = %self.path.display(), "The journal was moved or deleted; a new one is started.");
+            *guard = None;
+        }
         if guard.is_none() {
             if let Some(dir) = self.path.parent() {
                 fs::create_dir_all(dir)?;
@@ -96,6 +103,17 @@ impl Journal {
             );
         }
         Ok(guard)
+    }
+
+    /// Whether the journal's path still names `file` (unknown counts as yes: an error to stat
+    /// is not a sign of rotation).
+    fn names(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::metadata(&self.path), file.metadata()) {
+            (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+            (Err(error), _) => error.kind() != std::io::ErrorKind::NotFound,
+            (_, Err(_)) => true,
+        }
     }
 
     /// The newest `limit` entries, newest first: the file is read backwards a chunk at a time
@@ -215,6 +233,25 @@ mod tests {
         assert_eq!(reasons, ["c", "b", "a"]);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 5, "{text}");
+    }
+
+    /// A journal moved aside (rotated) or deleted while veer runs is started anew at its path:
+    /// the entries after it are written there and read back by the tail.
+    #[test]
+    fn a_rotated_or_deleted_journal_is_started_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let path = dir.path().join("journal.jsonl");
+        journal.append(&entry("a")).unwrap();
+        std::fs::rename(&path, dir.path().join("journal.jsonl.1")).unwrap();
+        journal.append(&entry("b")).unwrap();
+        assert_eq!(reasons(&journal), ["b"]);
+        let rotated = std::fs::read_to_string(dir.path().join("journal.jsonl.1")).unwrap();
+        assert_eq!(rotated.lines().count(), 1, "{rotated}");
+        std::fs::remove_file(&path).unwrap();
+        journal.append(&entry("c")).unwrap();
+        journal.append(&entry("d")).unwrap();
+        assert_eq!(reasons(&journal), ["d", "c"]);
     }
 
     /// Lines that are not entries (cut inside a character, not UTF-8, not an object) are left
