@@ -46,6 +46,10 @@ fn admin_request(
     path: &str,
 ) -> Result<http::request::Builder, CliError> {
     let base = admin.trim_end_matches('/');
+    // The API's paths are added at the end: a query or fragment would swallow them.
+    if base.contains(['?', '#']) {
+        return Err(CliError::Url(admin.to_string()));
+    }
     // `127.0.0.1:9901`, as `admin.listen` and `veer demo --admin` write it, is meant as http.
     let scheme = if base.parse::<SocketAddr>().is_ok() {
         "http://"

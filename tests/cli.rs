@@ -360,6 +360,8 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
         "http://",
         "localhost",
         "127.0.0.1",
+        "http://127.0.0.1:9901?x",
+        "http://127.0.0.1:9901/#top",
     ] {
         for args in [
             vec!["status", "--admin", admin],
