@@ -12,8 +12,8 @@
 //! The rules:
 //! - a connection carries one exchange at a time, and goes back to the pool only when its
 //!   request was sent whole and its response body read to the end ([`Lease::release`]); an
-//!   exchange that ends early (client gone, timeout, upstream error, upgrade) drops its
-//!   connection instead;
+//!   exchange that ends early (client gone, timeout, upstream error, upgrade), and a HEAD,
+//!   drop their connection instead;
 //! - the most recently used idle connection is reused first; one idle for longer than
 //!   `upstream_idle_timeout` is never reused, and [`Pool::expire`] (run by every worker each
 //!   `upstream_idle_timeout`) closes it;
@@ -116,6 +116,8 @@ pub struct Lease {
     endpoint: Authority,
     pool: Weak<Mutex<Idle>>,
     request: BodyState,
+    /// The exchange was a HEAD: its connection is closed, never reused (see [`Pool::send`]).
+    head: bool,
 }
 
 impl Lease {
@@ -126,7 +128,7 @@ impl Lease {
         let Some(idle) = self.pool.upgrade() else {
             return;
         };
-        if self.sender.is_closed() || !self.request.ended() {
+        if self.head || self.sender.is_closed() || !self.request.ended() {
             return;
         }
         let entry = (self.sender, Instant::now());
@@ -153,6 +155,13 @@ impl Pool {
     /// Sends `request` (its URI in origin form) to `endpoint` on an idle connection, or on a
     /// new one when none is left. A new connection refuses an answer head (or trailer section)
     /// over `max_head` bytes as a protocol error.
+    ///
+    /// The connection of a HEAD is not reused: many a server sends the body of the GET to a HEAD
+    /// too (Python's `http.server` with `do_HEAD = do_GET`), often in a segment of its own that
+    /// comes after the answer head, even tens of milliseconds later (Nagle's algorithm waiting
+    /// for the ACK). On a reused connection those bytes would be read as the answer to the next
+    /// request, someone else's: a 502, or an answer shifted by one. HEADs are few; a new
+    /// connection each costs little.
     pub async fn send(
         &self,
         endpoint: &Authority,
@@ -160,6 +169,7 @@ impl Pool {
         max_head: usize,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         let body = request.body().state();
+        let head = request.method() == Method::HEAD;
         while let Some((mut sender, idle)) = self.checkout(endpoint) {
             if sender.inner.ready().await.is_err() {
                 continue;
@@ -170,7 +180,7 @@ impl Pool {
                 None
             };
             match sender.inner.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.lease(sender, endpoint, body))),
+                Ok(response) => return Ok((response, self.lease(sender, endpoint, body, head))),
                 Err(mut error) => match error.take_message() {
                     // Not sent: the connection was closed under it. Next one.
                     Some(unsent) => request = unsent,
@@ -200,7 +210,7 @@ impl Pool {
                 fresh: true,
                 ..Failed::from(UpstreamError::from(error))
             })?;
-        Ok((response, self.lease(sender, endpoint, body)))
+        Ok((response, self.lease(sender, endpoint, body, head)))
     }
 
     /// Closes the connections idle for longer than the idle timeout.
@@ -267,12 +277,13 @@ impl Pool {
         Ok(Sender { inner, peer_gone })
     }
 
-    fn lease(&self, sender: Sender, endpoint: &Authority, request: BodyState) -> Lease {
+    fn lease(&self, sender: Sender, endpoint: &Authority, request: BodyState, head: bool) -> Lease {
         Lease {
             sender,
             endpoint: endpoint.clone(),
             pool: Arc::downgrade(&self.idle),
             request,
+            head,
         }
     }
 }
