@@ -620,6 +620,29 @@ async fn head_requests_compared_by_body_match() {
     veer.shutdown().await;
 }
 
+/// A shadow that sends a body to a HEAD too, late, has it read by no other copy: a HEAD's copy
+/// asks for its connection to be closed after the answer. (Reused, the connection handed the
+/// late bytes to the next copy as its answer: a shadow `error` for a healthy shadow.)
+#[tokio::test]
+async fn a_late_body_after_a_heads_copy_never_reaches_the_next_copy() {
+    let (shadow, _accepted) = wire::late_head_body_upstream().await;
+    let (veer, blue, _green) =
+        mirror_to(shadow, "percent = 100.0\ncompare = \"status\"", "none").await;
+    for i in 0..3 {
+        for method in [Method::HEAD, Method::GET] {
+            let url = veer.url(&format!("/{i}"));
+            let (status, _, _) = send(method, &url, &[], Bytes::new()).await;
+            assert_eq!(status, http::StatusCode::OK);
+            settled_shadow(&veer, "mirror").await;
+        }
+    }
+    let stats = settled_shadow(&veer, "mirror").await;
+    assert_eq!(counter(&stats, "match"), 6, "{stats}");
+    assert_eq!(counter(&stats, "error"), 0, "{stats}");
+    assert_eq!(blue.request_count(), 6);
+    veer.shutdown().await;
+}
+
 /// A client that leaves in the middle of the primary's body leaves nothing to compare the
 /// copy's body with: the copy, sent and answered, counts as `sent`, not as the shadow's
 /// `error`; the client's leaving counts as a client abort of the slot, not as its error.

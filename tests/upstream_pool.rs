@@ -270,56 +270,11 @@ async fn a_post_is_never_sent_again_when_a_reused_connection_closes_unanswered()
     veer.shutdown().await;
 }
 
-/// An upstream that sends a body after its answer to a HEAD too, in a write of its own 50 ms
-/// after the head (as a server whose HEAD is its GET, with Nagle's algorithm holding the body
-/// back), then answers the next request on the same connection, if any, with its path.
-async fn head_with_late_body() -> (SocketAddr, Counts) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let counts = Counts::default();
-    let shared = counts.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            shared.accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let end = loop {
-                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
-                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                    let answer =
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len());
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    if head.starts_with("HEAD ") {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    if stream.write_all(path.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, counts)
-}
-
 /// The body a server sends after its answer to a HEAD is not read as the answer to the next
 /// request: a HEAD's connection is not reused.
 #[tokio::test]
 async fn a_late_body_after_a_head_answer_never_reaches_the_next_request() {
-    let (addr, counts) = head_with_late_body().await;
+    let (addr, accepted) = support::wire::late_head_body_upstream().await;
     let veer = veer("", addr).await;
     let client = support::load::client();
     for i in 0..3 {
@@ -337,6 +292,6 @@ async fn a_late_body_after_a_head_answer_never_reaches_the_next_request() {
     assert!(support::no_errors(&slot), "{slot}");
     // A HEAD's connection is closed after it (each GET after the first takes the connection
     // its HEAD used): 4 connections for 6 requests.
-    assert_eq!(counts.accepted(), 4);
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
     veer.shutdown().await;
 }

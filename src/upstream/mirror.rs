@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request};
+use http::{header, HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -375,11 +375,16 @@ impl BodyHasher {
     }
 }
 
-/// Marks a request as a shadow copy.
+/// Marks a request as a shadow copy. The copy of a HEAD asks for its connection to be closed
+/// after the answer: a body the shadow sends to a HEAD too, late, would be read as the next
+/// copy's answer on a reused connection (as for the primary, see `pool::Pool::send`).
 pub fn mark(request: &mut Request<()>) {
-    request
-        .headers_mut()
-        .insert(SHADOW_HEADER, HeaderValue::from_static("1"));
+    let head = request.method() == Method::HEAD;
+    let headers = request.headers_mut();
+    headers.insert(SHADOW_HEADER, HeaderValue::from_static("1"));
+    if head {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! HTTP/1.1 on the wire: reading one response from a raw socket, decoding a chunked body, and
-//! a scripted upstream that answers every request with the same bytes.
+//! HTTP/1.1 on the wire: reading one response from a raw socket, decoding a chunked body, a
+//! scripted upstream that answers every request with the same bytes, and one that sends a body
+//! to a HEAD too, late.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -186,4 +189,47 @@ pub async fn chunked_upstream(
         let _ = stream.shutdown().await;
     });
     (addr, rx, task)
+}
+
+/// An upstream on `127.0.0.1:0` that answers every request with its path as the body, sends
+/// that body after its answer to a HEAD too, in a write of its own 50 ms after the head (as a
+/// server whose HEAD is its GET, with Nagle's algorithm holding the body back), and takes the
+/// next request on the same connection. Counts the connections it accepted.
+pub async fn late_head_body_upstream() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    let Some(end) = find(&buf, b"\r\n\r\n") else {
+                        if !read_more(&mut stream, &mut buf, deadline).await {
+                            return;
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let answer =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len());
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if head.starts_with("HEAD ") {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    if stream.write_all(path.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
 }
