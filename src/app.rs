@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -85,8 +85,9 @@ pub struct Running {
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     workers: Workers,
-    /// The lock on the state dir, released when this instance is dropped.
-    _state_lock: File,
+    /// The lock on the state dir, released when this instance is dropped (kept by
+    /// [`keep_state_lock`] meanwhile).
+    _state_lock: Arc<Mutex<File>>,
 }
 
 /// Builds a snapshot, carrying each route's long-lived state over from `previous` by name
@@ -159,9 +160,41 @@ fn lock_state_dir(dir: &Path) -> Result<File, AppError> {
     }
 }
 
+/// Keeps the lock on `state.dir` while the instance runs: a state dir (or lock file) deleted
+/// under a running veer leaves its lock on a file that no path names, and a second veer could
+/// take the dir. Checked every second; the lock file is made and locked again when its path
+/// no longer names the one held. Stops when the instance drops the lock.
+async fn keep_state_lock(dir: PathBuf, held: std::sync::Weak<Mutex<File>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let Some(held) = held.upgrade() else {
+            return;
+        };
+        let mut file = held.lock().unwrap_or_else(PoisonError::into_inner);
+        if crate::io::names(&dir.join("veer.lock"), &file) {
+            continue;
+        }
+        match lock_state_dir(&dir) {
+            Ok(again) => {
+                warn!(dir = %dir.display(), "The state dir's lock file was removed; it is made and locked again.");
+                *file = again;
+                failing = false;
+            }
+            Err(error) if !failing => {
+                tracing::error!(%error, "The state dir's lock file was removed and cannot be taken again.");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Binds everything and starts serving. Errors here are startup failures (exit code 2).
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, AppError> {
-    let state_lock = lock_state_dir(&config.state.dir)?;
+    let state_dir = config.state.dir.clone();
+    let state_lock = Arc::new(Mutex::new(lock_state_dir(&state_dir)?));
     let store =
         Store::open(&config.state).map_err(|(path, source)| AppError::State { path, source })?;
     let store = Arc::new(store);
@@ -252,6 +285,10 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     )));
     tasks.push(tokio::spawn(rollout::run(Arc::clone(&table))));
     tasks.push(tokio::spawn(rotate_windows(Arc::clone(&table))));
+    tasks.push(tokio::spawn(keep_state_lock(
+        state_dir,
+        Arc::downgrade(&state_lock),
+    )));
     if let Some(path) = app.config_path.clone() {
         // Both listen from here on, before `start` returns: a change or a SIGHUP right after
         // start is not missed (and SIGHUP never falls back to its default, ending the process).

@@ -17,6 +17,18 @@ use std::task::{Context, Poll};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 
+/// Whether `path` still names the open `file` (the same device and inode): not once the file
+/// was deleted or moved aside. An error to look at `path` other than its absence counts as
+/// yes: it is no sign that the file went.
+pub fn names(path: &std::path::Path, file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+        (Err(error), _) => error.kind() != io::ErrorKind::NotFound,
+        (_, Err(_)) => true,
+    }
+}
+
 /// Writes up to this many bytes in all are copied and sent flat; the buffer is this large.
 pub const FLAT_MAX: usize = 2048;
 

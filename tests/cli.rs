@@ -307,6 +307,25 @@ fn a_second_veer_on_the_same_state_dir_stops_at_start() {
     assert!(text.contains("Admin API listening"), "{text}");
 }
 
+/// A state dir deleted under a running veer is taken again (its lock file made and locked
+/// anew within a second or so): a second veer started on it then still stops at start.
+#[test]
+fn a_state_dir_deleted_under_a_running_veer_is_locked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let (mut first, rx) = run(&path);
+    lines_until(&rx, "Admin API listening");
+    let state = dir.path().join("veer-state");
+    std::fs::remove_dir_all(&state).unwrap();
+    let text = lines_until(&rx, "made and locked again").join("\n");
+    let (code, stderr) = run_to_exit(&path);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(text.contains("made and locked again"), "{text}");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is in use by another veer"), "{stderr}");
+}
+
 /// Started with a soft open-files limit of 64 (each proxied connection takes two descriptors),
 /// veer raises it to the hard limit.
 #[test]

@@ -86,7 +86,10 @@ impl Journal {
             .file
             .lock()
             .map_err(|_| std::io::Error::other("journal lock poisoned"))?;
-        if guard.as_ref().is_some_and(|file| !self.names(file)) {
+        if guard
+            .as_ref()
+            .is_some_and(|file| !crate::io::names(&self.path, file))
+        {
             tracing::info!(path = %self.path.display(), "The journal was moved or deleted; a new one is started.");
             *guard = None;
         }
@@ -103,17 +106,6 @@ impl Journal {
             );
         }
         Ok(guard)
-    }
-
-    /// Whether the journal's path still names `file` (unknown counts as yes: an error to stat
-    /// is not a sign of rotation).
-    fn names(&self, file: &File) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        match (fs::metadata(&self.path), file.metadata()) {
-            (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
-            (Err(error), _) => error.kind() != std::io::ErrorKind::NotFound,
-            (_, Err(_)) => true,
-        }
     }
 
     /// The newest `limit` entries, newest first: the file is read backwards a chunk at a time
