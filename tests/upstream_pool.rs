@@ -295,3 +295,95 @@ async fn a_late_body_after_a_head_answer_never_reaches_the_next_request() {
     assert_eq!(accepted.load(Ordering::SeqCst), 4);
     veer.shutdown().await;
 }
+
+/// An upstream that closes the connection without an answer for the first `fail` requests it
+/// takes (as a handler that crashes), and answers every other one with `ok`. Returns the
+/// number of requests it took.
+async fn failing_upstream(fail: u64) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let taken = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&taken);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..end + 4);
+                    if counted.fetch_add(1, Ordering::SeqCst) < fail {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, taken)
+}
+
+/// A GET the upstream fails before answering (on a connection made for it) is sent once more,
+/// and the client gets the answer to that; the failure still counts against the slot, so that
+/// the judge sees an upstream that drops requests. A POST is not sent again (see above).
+#[tokio::test]
+async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
+    let (addr, taken) = failing_upstream(1).await;
+    let once = veer("", addr).await;
+    let (status, _, body) = get(&once.url("/page"), &[]).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    assert_eq!(taken.load(Ordering::SeqCst), 2);
+    let slot = once.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["reset"], 1, "{slot}");
+    assert_eq!(slot["requests"], 2, "{slot}");
+    once.shutdown().await;
+    // Sent once more at most: dropped twice, it is a 502.
+    let (addr, taken) = failing_upstream(2).await;
+    let twice = veer("", addr).await;
+    let (status, _, _) = get(&twice.url("/page"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(taken.load(Ordering::SeqCst), 2);
+    twice.shutdown().await;
+}
+
+/// With two endpoints, the GET an endpoint drops goes once more to the other one, and the one
+/// that dropped it is passed over.
+#[tokio::test]
+async fn a_get_dropped_by_one_endpoint_is_answered_by_the_next() {
+    let (bad, bad_taken) = failing_upstream(u64::MAX).await;
+    let (good, good_taken) = failing_upstream(0).await;
+    let routes = format!(
+        "[[route]]\nname = \"shop\"\n[route.blue]\nendpoints = [\"{bad}\", \"{good}\"]\n\
+         [route.green]\nendpoints = [\"{good}\"]\n"
+    );
+    let veer = Veer::start("workers = 1", &routes).await;
+    for i in 0..4 {
+        let (status, _, body) = get(&veer.url("/page"), &[]).await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"ok"[..]),
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        bad_taken.load(Ordering::SeqCst),
+        1,
+        "passed over after dropping one"
+    );
+    assert_eq!(good_taken.load(Ordering::SeqCst), 4);
+    let slot = veer.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["reset"], 1, "{slot}");
+    veer.shutdown().await;
+}

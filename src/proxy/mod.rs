@@ -155,8 +155,38 @@ impl Proxy {
                 ));
                 tokio::time::timeout_at(deadline, others).await
             }
+            Ok(Err(Failed {
+                error,
+                again: Some(again),
+                fresh,
+                ..
+            })) => {
+                // The upstream dropped a safe request before answering: it goes once more. When
+                // that is answered, the drop still counts against the slot, as a failed request
+                // of its own (the judge must see an upstream that drops requests); when not, the
+                // request counts once, as any, with its last failure.
+                pass_over_if_reset(route, decision.slot, endpoint, fresh, &error);
+                let kind = match upstream::classify(&error) {
+                    Failure::Upstream(kind) => kind,
+                    _ => crate::metrics::ErrorKind::Reset,
+                };
+                let dropped_after = sent.elapsed();
+                debug!(route = route.name(), slot = %decision.slot, %error, %endpoint, "The upstream dropped a safe request before answering; sending it once more.");
+                let again = Box::pin(self.send_again(
+                    route,
+                    decision.slot,
+                    *again,
+                    error,
+                    server.max_header_bytes,
+                ));
+                let result = tokio::time::timeout_at(deadline, again).await;
+                if matches!(result, Ok(Ok(_))) {
+                    metrics.record_failure(pending.epoch(), kind, dropped_after);
+                }
+                result
+            }
             Ok(Err(failed)) => {
-                pass_over_if_reset(route, decision.slot, endpoint, &failed);
+                pass_over_if_reset(route, decision.slot, endpoint, failed.fresh, &failed.error);
                 Ok(Err(failed.error))
             }
             Err(elapsed) => Err(elapsed),
@@ -223,13 +253,45 @@ impl Proxy {
                     ..
                 }) => (refused, request, error) = (next, unsent, failed),
                 Err(failed) => {
-                    pass_over_if_reset(route, slot, next, &failed);
+                    pass_over_if_reset(route, slot, next, failed.fresh, &failed.error);
                     return Err(failed.error);
                 }
             }
         }
         route.eject(slot, refused);
         Err(error)
+    }
+
+    /// Phase 5 once more, for a safe request without a body that the upstream failed before
+    /// answering (`error`): to the slot's next endpoint in turn (the same one when it is the
+    /// only one, or the others are passed over), at most once; when no connection can be made
+    /// there, on to the others as for any request.
+    async fn send_again(
+        &self,
+        route: &Route,
+        slot: Slot,
+        request: Request<RequestBody>,
+        error: UpstreamError,
+        max_head: usize,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let Some(next) = route.endpoint(slot) else {
+            return Err(error);
+        };
+        match self.pool.send(next, request, max_head).await {
+            Ok(answer) => Ok(answer),
+            Err(Failed {
+                error,
+                unsent: Some(unsent),
+                ..
+            }) => {
+                self.next_endpoints(route, slot, next, unsent, error, max_head)
+                    .await
+            }
+            Err(failed) => {
+                pass_over_if_reset(route, slot, next, failed.fresh, &failed.error);
+                Err(failed.error)
+            }
+        }
     }
 
     /// Phase 4: rewrites the request for the chosen slot's next endpoint, prepares the shadow
@@ -615,9 +677,15 @@ fn failed(
 /// passed over for a while, as one that refused a connection is (a reused connection the
 /// upstream closed as it idled says nothing about the endpoint). The request itself is not
 /// sent again: the upstream may have acted on it.
-fn pass_over_if_reset(route: &Route, slot: Slot, endpoint: &Authority, failed: &Failed) {
+fn pass_over_if_reset(
+    route: &Route,
+    slot: Slot,
+    endpoint: &Authority,
+    fresh: bool,
+    error: &UpstreamError,
+) {
     let reset = Failure::Upstream(crate::metrics::ErrorKind::Reset);
-    if failed.fresh && upstream::classify(&failed.error) == reset {
+    if fresh && upstream::classify(error) == reset {
         route.eject(slot, endpoint);
     }
 }
@@ -661,10 +729,15 @@ impl<'a> Pending<'a> {
         }
     }
 
+    /// The epoch the request was sent in.
+    fn epoch(&self) -> Epoch {
+        self.sent.as_ref().map_or(Epoch::CURRENT, Sent::epoch)
+    }
+
     /// The upstream answered or failed: the epoch the request was sent in.
     fn done(mut self) -> Epoch {
         self.done = true;
-        self.sent.as_ref().map_or(Epoch::CURRENT, Sent::epoch)
+        self.epoch()
     }
 }
 

@@ -20,8 +20,8 @@
 //! - a request that a reused connection could not even send (the upstream closed it
 //!   meanwhile) is sent on the next idle connection or a new one: it never reached the
 //!   upstream, so it cannot be duplicated. Once sent, a request is sent again only when it is
-//!   a bodiless request of a safe method and the reused connection was closed or reset with no
-//!   answer (see [`Replay`]), once, on a new connection.
+//!   a bodiless request of a safe method and the connection was closed or reset with no
+//!   answer (see [`Replay`]).
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
@@ -73,6 +73,9 @@ pub enum UpstreamError {
 pub struct Failed {
     pub error: UpstreamError,
     pub unsent: Option<Box<Request<RequestBody>>>,
+    /// A copy of a safe request without a body that the upstream closed or reset the connection
+    /// on before answering (see [`Replay`]): it may be sent once more.
+    pub again: Option<Box<Request<RequestBody>>>,
     /// The exchange failed on a connection made for it, not on a reused one that the upstream
     /// may have closed as it idled: the endpoint itself is at fault.
     pub fresh: bool,
@@ -83,7 +86,21 @@ impl Failed {
         Failed {
             error,
             unsent: Some(Box::new(request)),
+            again: None,
             fresh: true,
+        }
+    }
+
+    /// `error` on a connection that was `fresh` or not; `replay` when the request may go again.
+    fn sent(error: hyper::Error, replay: Option<Replay>, fresh: bool) -> Self {
+        let again = replay
+            .filter(|_| closed_unanswered(&error))
+            .map(|replay| Box::new(replay.into_request()));
+        Failed {
+            error: error.into(),
+            unsent: None,
+            again,
+            fresh,
         }
     }
 }
@@ -93,6 +110,7 @@ impl From<UpstreamError> for Failed {
         Failed {
             error,
             unsent: None,
+            again: None,
             fresh: false,
         }
     }
@@ -174,11 +192,7 @@ impl Pool {
             if sender.inner.ready().await.is_err() {
                 continue;
             }
-            let replay = if idle >= Replay::IDLE {
-                Replay::of(&request)
-            } else {
-                None
-            };
+            let replay = Replay::of(&request);
             match sender.inner.try_send_request(request).await {
                 Ok(response) => return Ok((response, self.lease(sender, endpoint, body, head))),
                 Err(mut error) => match error.take_message() {
@@ -187,12 +201,13 @@ impl Pool {
                     None => {
                         let error = error.into_error();
                         match replay {
-                            Some(replay) if closed_unanswered(&error) => {
+                            // The keep-alive race: sent again at once, on a new connection.
+                            Some(replay) if idle >= Replay::IDLE && closed_unanswered(&error) => {
                                 tracing::debug!(%endpoint, %error, "A reused connection closed before its answer; sending the request again on a new one.");
                                 request = replay.into_request();
                                 break;
                             }
-                            _ => return Err(UpstreamError::from(error).into()),
+                            replay => return Err(Failed::sent(error, replay, false)),
                         }
                     }
                 },
@@ -202,15 +217,11 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
-        let response = sender
-            .inner
-            .send_request(request)
-            .await
-            .map_err(|error| Failed {
-                fresh: true,
-                ..Failed::from(UpstreamError::from(error))
-            })?;
-        Ok((response, self.lease(sender, endpoint, body, head)))
+        let replay = Replay::of(&request);
+        match sender.inner.send_request(request).await {
+            Ok(response) => Ok((response, self.lease(sender, endpoint, body, head))),
+            Err(error) => Err(Failed::sent(error, replay, true)),
+        }
     }
 
     /// Closes the connections idle for longer than the idle timeout.
@@ -288,18 +299,21 @@ impl Pool {
     }
 }
 
-/// The head of a request that may be sent again when a reused connection turns out to have been
-/// closed by the upstream as it idled (it closed or reset the connection with no answer): the
-/// keep-alive race, which no `is_closed` check before sending can rule out. Only a request of
-/// a safe method (RFC 9110 §9.2.1: GET, HEAD, OPTIONS, TRACE) with no body: sending it twice
-/// changes nothing on the upstream, and its whole request is in its head. As browsers, Go's
-/// `net/http` and NGINX (`proxy_next_upstream error` on a cached connection) do.
+/// The head of a request that may be sent again when the upstream closes or resets its
+/// connection before answering. Only a request of a safe method (RFC 9110 §9.2.1: GET, HEAD,
+/// OPTIONS, TRACE) with no body: sending it twice changes nothing on the upstream, and its
+/// whole request is in its head. As NGINX (`proxy_next_upstream error`), Go's `net/http` and
+/// browsers do. Two cases:
+/// - a reused connection idle for [`Replay::IDLE`] (10 ms) or longer: the keep-alive race (the
+///   upstream's keep-alive timeout ran out as the request arrived; no `is_closed` check before
+///   sending can rule it out). Sent again here, on a new connection, and not the upstream's
+///   fault;
+/// - otherwise the upstream failed the request (it crashed, or its handler dropped the
+///   connection): handed back in [`Failed::again`], counted against the slot by the caller, and
+///   sent once more there.
 ///
-/// The copy is taken only for a connection idle for [`Replay::IDLE`] (10 ms) or longer, far
-/// below any upstream's keep-alive timeout: it costs about 3 % of a request's instructions,
-/// and under load most connections are taken again within microseconds of their last answer
-/// (`wrk -c50` at 65k req/s: 0.8 % of requests took the copy). An upstream that closes
-/// connections busier than that (shutting down) is not covered: such a request is a 502.
+/// The copy costs about 3 % of a request's instructions (31.3k to 32.2k per HTTP/1.1 request
+/// under callgrind; 1-2 % of requests per second in `wrk` runs).
 struct Replay {
     method: Method,
     uri: Uri,
