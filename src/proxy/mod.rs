@@ -675,8 +675,7 @@ fn failed(
 
 /// An endpoint that reset an exchange on a connection made for it, before its answer, is
 /// passed over for a while, as one that refused a connection is (a reused connection the
-/// upstream closed as it idled says nothing about the endpoint). The request itself is not
-/// sent again: the upstream may have acted on it.
+/// upstream closed as it idled says nothing about the endpoint).
 fn pass_over_if_reset(
     route: &Route,
     slot: Slot,

@@ -344,8 +344,9 @@ impl Replay {
     }
 }
 
-/// The upstream closed or reset the connection before any answer: the end of a keep-alive
-/// connection, not an answer veer could not read (a parse error, a timeout).
+/// The upstream closed or reset the connection before any answer (its keep-alive timeout ran
+/// out, it crashed, its handler hung up), as opposed to an answer veer could not read (a parse
+/// error) or a timeout.
 fn closed_unanswered(error: &hyper::Error) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
     error.is_incomplete_message()
