@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
+use support::wire::next_head;
 use support::{eventually, get, route, Veer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A bare HTTP/1.1 upstream that counts what the pool does to it: connections accepted,
@@ -59,17 +60,7 @@ async fn upstream(delay: Duration, close_after_answer: bool) -> (SocketAddr, Cou
 
 async fn serve(mut stream: TcpStream, counts: &Counts, delay: Duration, close_after_answer: bool) {
     let mut buf = Vec::new();
-    loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end + 4);
+    while let Some(head) = next_head(&mut stream, &mut buf).await {
         counts.requests.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(delay).await;
         let answer: &[u8] = if head.starts_with("GET /empty ") {
@@ -180,18 +171,9 @@ async fn closing_upstream(reset: bool) -> (SocketAddr, Arc<std::sync::Mutex<Vec<
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 for answered in [true, false] {
-                    let end = loop {
-                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    let Some(head) = next_head(&mut stream, &mut buf).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
                     // A body, if any, is small and came with its head: it is dropped with `buf`.
                     let length = head
                         .lines()
@@ -309,18 +291,7 @@ async fn failing_upstream(fail: u64) -> (SocketAddr, Arc<AtomicU64>) {
             let counted = Arc::clone(&counted);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    let end = loop {
-                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    buf.drain(..end + 4);
+                while next_head(&mut stream, &mut buf).await.is_some() {
                     if counted.fetch_add(1, Ordering::SeqCst) < fail {
                         return;
                     }

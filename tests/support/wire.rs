@@ -92,6 +92,22 @@ async fn read_more(
     }
 }
 
+/// The next request head on `stream` (without its blank line), read into `buf` and taken
+/// out of it, bytes after it left in `buf`; `None` once the peer closes, or after 30 s.
+pub async fn next_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        if !read_more(stream, buf, deadline).await {
+            return None;
+        }
+    }
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -205,16 +221,7 @@ pub async fn late_head_body_upstream() -> (SocketAddr, Arc<AtomicU64>) {
             counted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-                loop {
-                    let Some(end) = find(&buf, b"\r\n\r\n") else {
-                        if !read_more(&mut stream, &mut buf, deadline).await {
-                            return;
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
+                while let Some(head) = next_head(&mut stream, &mut buf).await {
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
                     let answer =
                         format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len());
