@@ -320,6 +320,19 @@ async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
     assert_eq!(slot["errors"]["reset"], 1, "{slot}");
     assert_eq!(slot["requests"], 2, "{slot}");
     once.shutdown().await;
+    // The same for a client over HTTP/2.
+    let (addr, taken) = failing_upstream(1).await;
+    let h2 = veer("", addr).await;
+    let (mut sender, _conn) = support::h2c_to(h2.addr).await;
+    let request = http::Request::get(h2.url("/page"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(taken.load(Ordering::SeqCst), 2);
+    let slot = h2.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["reset"], 1, "{slot}");
+    h2.shutdown().await;
     // Sent once more at most: dropped twice, it is a 502.
     let (addr, taken) = failing_upstream(2).await;
     let twice = veer("", addr).await;
