@@ -278,10 +278,10 @@ async fn a_late_body_after_a_head_answer_never_reaches_the_next_request() {
     veer.shutdown().await;
 }
 
-/// An upstream that closes the connection without an answer for the first `fail` requests it
-/// takes (as a handler that crashes), and answers every other one with `ok`. Returns the
-/// number of requests it took.
-async fn failing_upstream(fail: u64) -> (SocketAddr, Arc<AtomicU64>) {
+/// An upstream that closes the connection without an answer for each request it takes whose
+/// number (from 0, over all connections) `drops` picks (as a handler that crashes), and
+/// answers every other one with `ok`. Returns the number of requests it took.
+async fn failing_upstream(drops: fn(u64) -> bool) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let taken = Arc::new(AtomicU64::new(0));
@@ -292,7 +292,7 @@ async fn failing_upstream(fail: u64) -> (SocketAddr, Arc<AtomicU64>) {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while next_head(&mut stream, &mut buf).await.is_some() {
-                    if counted.fetch_add(1, Ordering::SeqCst) < fail {
+                    if drops(counted.fetch_add(1, Ordering::SeqCst)) {
                         return;
                     }
                     let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -311,7 +311,7 @@ async fn failing_upstream(fail: u64) -> (SocketAddr, Arc<AtomicU64>) {
 /// the judge sees an upstream that drops requests. A POST is not sent again (see above).
 #[tokio::test]
 async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
-    let (addr, taken) = failing_upstream(1).await;
+    let (addr, taken) = failing_upstream(|n| n == 0).await;
     let once = veer("", addr).await;
     let (status, _, body) = get(&once.url("/page"), &[]).await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
@@ -321,7 +321,7 @@ async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
     assert_eq!(slot["requests"], 2, "{slot}");
     once.shutdown().await;
     // The same for a client over HTTP/2.
-    let (addr, taken) = failing_upstream(1).await;
+    let (addr, taken) = failing_upstream(|n| n == 0).await;
     let h2 = veer("", addr).await;
     let (mut sender, _conn) = support::h2c_to(h2.addr).await;
     let request = http::Request::get(h2.url("/page"))
@@ -334,20 +334,31 @@ async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
     assert_eq!(slot["errors"]["reset"], 1, "{slot}");
     h2.shutdown().await;
     // Sent once more at most: dropped twice, it is a 502.
-    let (addr, taken) = failing_upstream(2).await;
+    let (addr, taken) = failing_upstream(|n| n < 2).await;
     let twice = veer("", addr).await;
     let (status, _, _) = get(&twice.url("/page"), &[]).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(taken.load(Ordering::SeqCst), 2);
     twice.shutdown().await;
+    // Also when the first drop was the keep-alive race: the second try, on a new connection,
+    // is the last.
+    let (addr, taken) = failing_upstream(|n| n == 1 || n == 2).await;
+    let race = veer("", addr).await;
+    let (status, _, _) = get(&race.url("/page"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, _, _) = get(&race.url("/page"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(taken.load(Ordering::SeqCst), 3);
+    race.shutdown().await;
 }
 
 /// With two endpoints, the GET an endpoint drops goes once more to the other one, and the one
 /// that dropped it is passed over.
 #[tokio::test]
 async fn a_get_dropped_by_one_endpoint_is_answered_by_the_next() {
-    let (bad, bad_taken) = failing_upstream(u64::MAX).await;
-    let (good, good_taken) = failing_upstream(0).await;
+    let (bad, bad_taken) = failing_upstream(|_| true).await;
+    let (good, good_taken) = failing_upstream(|_| false).await;
     let routes = format!(
         "[[route]]\nname = \"shop\"\n[route.blue]\nendpoints = [\"{bad}\", \"{good}\"]\n\
          [route.green]\nendpoints = [\"{good}\"]\n"

@@ -188,6 +188,8 @@ impl Pool {
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         let body = request.body().state();
         let head = request.method() == Method::HEAD;
+        // Sent again after the keep-alive race: not a third time.
+        let mut replayed = false;
         while let Some((mut sender, idle)) = self.checkout(endpoint) {
             if sender.inner.ready().await.is_err() {
                 continue;
@@ -205,6 +207,7 @@ impl Pool {
                             Some(replay) if idle >= Replay::IDLE && closed_unanswered(&error) => {
                                 tracing::debug!(%endpoint, %error, "A reused connection closed before its answer; sending the request again on a new one.");
                                 request = replay.into_request();
+                                replayed = true;
                                 break;
                             }
                             replay => return Err(Failed::sent(error, replay, false)),
@@ -217,7 +220,7 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
-        let replay = Replay::of(&request);
+        let replay = if replayed { None } else { Replay::of(&request) };
         match sender.inner.send_request(request).await {
             Ok(response) => Ok((response, self.lease(sender, endpoint, body, head))),
             Err(error) => Err(Failed::sent(error, replay, true)),
