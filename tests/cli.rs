@@ -316,7 +316,15 @@ fn a_state_dir_deleted_under_a_running_veer_is_locked_again() {
     let (mut first, rx) = run(&path);
     lines_until(&rx, "Admin API listening");
     let state = dir.path().join("veer-state");
-    std::fs::remove_dir_all(&state).unwrap();
+    // veer may write into the dir as it is removed ("directory not empty"): tried again.
+    let removed = (0..50).any(|_| {
+        let done = std::fs::remove_dir_all(&state).is_ok();
+        if !done {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        done
+    });
+    assert!(removed, "{state:?} could not be removed");
     let text = lines_until(&rx, "made and locked again").join("\n");
     let (code, stderr) = run_to_exit(&path);
     first.kill().unwrap();

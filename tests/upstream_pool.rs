@@ -279,9 +279,13 @@ async fn a_late_body_after_a_head_answer_never_reaches_the_next_request() {
 }
 
 /// An upstream that closes the connection without an answer for each request it takes whose
-/// number (from 0, over all connections) `drops` picks (as a handler that crashes), and
-/// answers every other one with `ok`. Returns the number of requests it took.
-async fn failing_upstream(drops: fn(u64) -> bool) -> (SocketAddr, Arc<AtomicU64>) {
+/// number (from 0, over all connections) and head `drops` picks (as a handler that crashes),
+/// and answers every other one with `ok`, keeping the connection open unless `close_after`.
+/// Returns the number of requests it took.
+async fn failing_upstream(
+    drops: fn(u64, &str) -> bool,
+    close_after: bool,
+) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let taken = Arc::new(AtomicU64::new(0));
@@ -291,12 +295,12 @@ async fn failing_upstream(drops: fn(u64) -> bool) -> (SocketAddr, Arc<AtomicU64>
             let counted = Arc::clone(&counted);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                while next_head(&mut stream, &mut buf).await.is_some() {
-                    if drops(counted.fetch_add(1, Ordering::SeqCst)) {
+                while let Some(head) = next_head(&mut stream, &mut buf).await {
+                    if drops(counted.fetch_add(1, Ordering::SeqCst), &head) {
                         return;
                     }
                     let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(answer).await.is_err() {
+                    if stream.write_all(answer).await.is_err() || close_after {
                         return;
                     }
                 }
@@ -311,7 +315,7 @@ async fn failing_upstream(drops: fn(u64) -> bool) -> (SocketAddr, Arc<AtomicU64>
 /// the judge sees an upstream that drops requests. A POST is not sent again (see above).
 #[tokio::test]
 async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
-    let (addr, taken) = failing_upstream(|n| n == 0).await;
+    let (addr, taken) = failing_upstream(|n, _| n == 0, false).await;
     let once = veer("", addr).await;
     let (status, _, body) = get(&once.url("/page"), &[]).await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
@@ -321,7 +325,7 @@ async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
     assert_eq!(slot["requests"], 2, "{slot}");
     once.shutdown().await;
     // The same for a client over HTTP/2.
-    let (addr, taken) = failing_upstream(|n| n == 0).await;
+    let (addr, taken) = failing_upstream(|n, _| n == 0, false).await;
     let h2 = veer("", addr).await;
     let (mut sender, _conn) = support::h2c_to(h2.addr).await;
     let request = http::Request::get(h2.url("/page"))
@@ -334,7 +338,7 @@ async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
     assert_eq!(slot["errors"]["reset"], 1, "{slot}");
     h2.shutdown().await;
     // Sent once more at most: dropped twice, it is a 502.
-    let (addr, taken) = failing_upstream(|n| n < 2).await;
+    let (addr, taken) = failing_upstream(|n, _| n < 2, false).await;
     let twice = veer("", addr).await;
     let (status, _, _) = get(&twice.url("/page"), &[]).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
@@ -342,7 +346,7 @@ async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
     twice.shutdown().await;
     // Also when the first drop was the keep-alive race: the second try, on a new connection,
     // is the last.
-    let (addr, taken) = failing_upstream(|n| n == 1 || n == 2).await;
+    let (addr, taken) = failing_upstream(|n, _| n == 1 || n == 2, false).await;
     let race = veer("", addr).await;
     let (status, _, _) = get(&race.url("/page"), &[]).await;
     assert_eq!(status, StatusCode::OK);
@@ -357,8 +361,8 @@ async fn a_get_the_upstream_drops_unanswered_is_sent_once_more_and_counted() {
 /// that dropped it is passed over.
 #[tokio::test]
 async fn a_get_dropped_by_one_endpoint_is_answered_by_the_next() {
-    let (bad, bad_taken) = failing_upstream(|_| true).await;
-    let (good, good_taken) = failing_upstream(|_| false).await;
+    let (bad, bad_taken) = failing_upstream(|_, _| true, false).await;
+    let (good, good_taken) = failing_upstream(|_, _| false, false).await;
     let routes = format!(
         "[[route]]\nname = \"shop\"\n[route.blue]\nendpoints = [\"{bad}\", \"{good}\"]\n\
          [route.green]\nendpoints = [\"{good}\"]\n"
@@ -380,5 +384,47 @@ async fn a_get_dropped_by_one_endpoint_is_answered_by_the_next() {
     assert_eq!(good_taken.load(Ordering::SeqCst), 4);
     let slot = veer.slot("shop", "blue").await;
     assert_eq!(slot["errors"]["reset"], 1, "{slot}");
+    veer.shutdown().await;
+}
+
+/// Two endpoints; one answers and closes every connection, the other keeps its connections
+/// open; both drop `/crash`. The request sent once more after a drop is not sent a third time,
+/// whichever connection it finds (here, after the first drop, an idle one that a drop there
+/// would take for the keep-alive race).
+#[tokio::test]
+async fn a_get_sent_once_more_is_never_sent_a_third_time() {
+    let crash = |_: u64, head: &str| head.starts_with("GET /crash ");
+    let (closing, closing_taken) = failing_upstream(crash, true).await;
+    let (open, open_taken) = failing_upstream(crash, false).await;
+    let routes = format!(
+        "[[route]]\nname = \"shop\"\n[route.blue]\nendpoints = [\"{closing}\", \"{open}\"]\n\
+         [route.green]\nendpoints = [\"{open}\"]\n"
+    );
+    let veer = Veer::start("workers = 1", &routes).await;
+    for _ in 0..2 {
+        assert_eq!(get(&veer.url("/warm"), &[]).await.0, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (status, _, _) = get(&veer.url("/crash"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let crashes = closing_taken.load(Ordering::SeqCst) + open_taken.load(Ordering::SeqCst) - 2;
+    assert_eq!(crashes, 2, "tries of /crash");
+    veer.shutdown().await;
+}
+
+/// A GET that goes to the next endpoint because the first refused the connection, and that
+/// the next one drops, is sent once more too.
+#[tokio::test]
+async fn a_get_dropped_after_a_refused_connection_is_sent_once_more() {
+    let refused = support::closed_addr().await;
+    let (flaky, taken) = failing_upstream(|n, _| n == 0, false).await;
+    let routes = format!(
+        "[[route]]\nname = \"shop\"\n[route.blue]\nendpoints = [\"{refused}\", \"{flaky}\"]\n\
+         [route.green]\nendpoints = [\"{flaky}\"]\n"
+    );
+    let veer = Veer::start("workers = 1", &routes).await;
+    let (status, _, body) = get(&veer.url("/page"), &[]).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    assert_eq!(taken.load(Ordering::SeqCst), 2);
     veer.shutdown().await;
 }

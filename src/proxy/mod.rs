@@ -132,13 +132,12 @@ impl Proxy {
         let sent = Instant::now();
         let pending = Pending::new(metrics, &mut exchange.log, started, sent);
         let deadline = exchange.deadline;
-        let result = match tokio::time::timeout_at(
+        let first = match tokio::time::timeout_at(
             deadline,
             self.pool.send(endpoint, request, server.max_header_bytes),
         )
         .await
         {
-            Ok(Ok(answer)) => Ok(Ok(answer)),
             Ok(Err(Failed {
                 error,
                 unsent: Some(unsent),
@@ -155,23 +154,29 @@ impl Proxy {
                 ));
                 tokio::time::timeout_at(deadline, others).await
             }
+            Ok(Err(failed)) => {
+                pass_over_if_reset(route, decision.slot, endpoint, failed.fresh, &failed.error);
+                Ok(Err(failed))
+            }
+            answered_or_late => answered_or_late,
+        };
+        let result = match first {
+            Ok(Ok(answer)) => Ok(Ok(answer)),
             Ok(Err(Failed {
                 error,
                 again: Some(again),
-                fresh,
                 ..
             })) => {
                 // The upstream dropped a safe request before answering: it goes once more. When
                 // that is answered, the drop still counts against the slot, as a failed request
                 // of its own (the judge must see an upstream that drops requests); when not, the
                 // request counts once, as any, with its last failure.
-                pass_over_if_reset(route, decision.slot, endpoint, fresh, &error);
                 let kind = match upstream::classify(&error) {
                     Failure::Upstream(kind) => kind,
                     _ => crate::metrics::ErrorKind::Reset,
                 };
                 let dropped_after = sent.elapsed();
-                debug!(route = route.name(), slot = %decision.slot, %error, %endpoint, "The upstream dropped a safe request before answering; sending it once more.");
+                debug!(route = route.name(), slot = %decision.slot, %error, "The upstream dropped a safe request before answering; sending it once more.");
                 let again = Box::pin(self.send_again(
                     route,
                     decision.slot,
@@ -185,10 +190,7 @@ impl Proxy {
                 }
                 result
             }
-            Ok(Err(failed)) => {
-                pass_over_if_reset(route, decision.slot, endpoint, failed.fresh, &failed.error);
-                Ok(Err(failed.error))
-            }
+            Ok(Err(failed)) => Ok(Err(failed.error)),
             Err(elapsed) => Err(elapsed),
         };
         let latency = sent.elapsed();
@@ -238,7 +240,7 @@ impl Proxy {
         mut request: Box<Request<RequestBody>>,
         mut error: UpstreamError,
         max_head: usize,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+    ) -> Result<(Response<Incoming>, Lease), Failed> {
         for _ in 1..route.endpoint_count(slot) {
             route.eject(slot, refused);
             let Some(next) = route.endpoint(slot) else {
@@ -254,18 +256,19 @@ impl Proxy {
                 }) => (refused, request, error) = (next, unsent, failed),
                 Err(failed) => {
                     pass_over_if_reset(route, slot, next, failed.fresh, &failed.error);
-                    return Err(failed.error);
+                    return Err(failed);
                 }
             }
         }
         route.eject(slot, refused);
-        Err(error)
+        Err(error.into())
     }
 
     /// Phase 5 once more, for a safe request without a body that the upstream failed before
     /// answering (`error`): to the slot's next endpoint in turn (the same one when it is the
-    /// only one, or the others are passed over), at most once; when no connection can be made
-    /// there, on to the others as for any request.
+    /// only one, or the others are passed over); when no connection can be made there, on to
+    /// the others as for any request. The request is marked as sent again: it is never handed
+    /// back for another try (see `pool::Replay`).
     async fn send_again(
         &self,
         route: &Route,
@@ -283,10 +286,10 @@ impl Proxy {
                 error,
                 unsent: Some(unsent),
                 ..
-            }) => {
-                self.next_endpoints(route, slot, next, unsent, error, max_head)
-                    .await
-            }
+            }) => self
+                .next_endpoints(route, slot, next, unsent, error, max_head)
+                .await
+                .map_err(|failed| failed.error),
             Err(failed) => {
                 pass_over_if_reset(route, slot, next, failed.fresh, &failed.error);
                 Err(failed.error)

@@ -188,8 +188,6 @@ impl Pool {
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         let body = request.body().state();
         let head = request.method() == Method::HEAD;
-        // Sent again after the keep-alive race: not a third time.
-        let mut replayed = false;
         while let Some((mut sender, idle)) = self.checkout(endpoint) {
             if sender.inner.ready().await.is_err() {
                 continue;
@@ -207,7 +205,6 @@ impl Pool {
                             Some(replay) if idle >= Replay::IDLE && closed_unanswered(&error) => {
                                 tracing::debug!(%endpoint, %error, "A reused connection closed before its answer; sending the request again on a new one.");
                                 request = replay.into_request();
-                                replayed = true;
                                 break;
                             }
                             replay => return Err(Failed::sent(error, replay, false)),
@@ -220,7 +217,7 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
-        let replay = if replayed { None } else { Replay::of(&request) };
+        let replay = Replay::of(&request);
         match sender.inner.send_request(request).await {
             Ok(response) => Ok((response, self.lease(sender, endpoint, body, head))),
             Err(error) => Err(Failed::sent(error, replay, true)),
@@ -323,6 +320,11 @@ struct Replay {
     headers: HeaderMap,
 }
 
+/// Marks a request made from a [`Replay`]: it was sent once already, and is never copied for
+/// another try, whichever endpoint or connection it goes to next.
+#[derive(Clone, Copy)]
+struct SentAgain;
+
 impl Replay {
     const IDLE: Duration = Duration::from_millis(10);
 
@@ -331,7 +333,8 @@ impl Replay {
             *request.method(),
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         );
-        (safe && http_body::Body::is_end_stream(request.body())).then(|| Replay {
+        let first = request.extensions().get::<SentAgain>().is_none();
+        (safe && first && http_body::Body::is_end_stream(request.body())).then(|| Replay {
             method: request.method().clone(),
             uri: request.uri().clone(),
             headers: request.headers().clone(),
@@ -343,6 +346,7 @@ impl Replay {
         *request.method_mut() = self.method;
         *request.uri_mut() = self.uri;
         *request.headers_mut() = self.headers;
+        request.extensions_mut().insert(SentAgain);
         request
     }
 }
