@@ -132,34 +132,17 @@ impl Proxy {
         let sent = Instant::now();
         let pending = Pending::new(metrics, &mut exchange.log, started, sent);
         let deadline = exchange.deadline;
-        let first = match tokio::time::timeout_at(
+        let first = tokio::time::timeout_at(
             deadline,
-            self.pool.send(endpoint, request, server.max_header_bytes),
+            self.forward(
+                route,
+                decision.slot,
+                endpoint,
+                request,
+                server.max_header_bytes,
+            ),
         )
-        .await
-        {
-            Ok(Err(Failed {
-                error,
-                unsent: Some(unsent),
-                ..
-            })) => {
-                // Out of line: the rare path must not grow every request's future.
-                let others = Box::pin(self.next_endpoints(
-                    route,
-                    decision.slot,
-                    endpoint,
-                    unsent,
-                    error,
-                    server.max_header_bytes,
-                ));
-                tokio::time::timeout_at(deadline, others).await
-            }
-            Ok(Err(failed)) => {
-                pass_over_if_reset(route, decision.slot, endpoint, failed.fresh, &failed.error);
-                Ok(Err(failed))
-            }
-            answered_or_late => answered_or_late,
-        };
+        .await;
         let result = match first {
             Ok(Ok(answer)) => Ok(Ok(answer)),
             Ok(Err(Failed {
@@ -170,11 +153,8 @@ impl Proxy {
                 // The upstream dropped a safe request before answering: it goes once more. When
                 // that is answered, the drop still counts against the slot, as a failed request
                 // of its own (the judge must see an upstream that drops requests); when not, the
-                // request counts once, as any, with its last failure.
-                let kind = match upstream::classify(&error) {
-                    Failure::Upstream(kind) => kind,
-                    _ => crate::metrics::ErrorKind::Reset,
-                };
+                // request counts once, as any, with its last failure. (A connection closed or
+                // reset before any answer is a `reset`, as `upstream::classify` has it.)
                 let dropped_after = sent.elapsed();
                 debug!(route = route.name(), slot = %decision.slot, %error, "The upstream dropped a safe request before answering; sending it once more.");
                 let again = Box::pin(self.send_again(
@@ -186,7 +166,8 @@ impl Proxy {
                 ));
                 let result = tokio::time::timeout_at(deadline, again).await;
                 if matches!(result, Ok(Ok(_))) {
-                    metrics.record_failure(pending.epoch(), kind, dropped_after);
+                    let reset = crate::metrics::ErrorKind::Reset;
+                    metrics.record_failure(pending.epoch(), reset, dropped_after);
                 }
                 result
             }
@@ -226,6 +207,34 @@ impl Proxy {
                 metrics.record_failure(epoch, kind, latency);
                 self.local_answer(exchange, LocalError::Upstream(kind), latency)
             }
+        }
+    }
+
+    /// Phase 5: sends `request` to `endpoint`; when no connection can be made there, to the
+    /// slot's other endpoints in turn. An endpoint that resets the exchange on a connection
+    /// made for it is passed over.
+    async fn forward(
+        &self,
+        route: &Route,
+        slot: Slot,
+        endpoint: &Authority,
+        request: Request<RequestBody>,
+        max_head: usize,
+    ) -> Result<(Response<Incoming>, Lease), Failed> {
+        match self.pool.send(endpoint, request, max_head).await {
+            Err(Failed {
+                error,
+                unsent: Some(unsent),
+                ..
+            }) => {
+                // Out of line: the rare path must not grow every request's future.
+                Box::pin(self.next_endpoints(route, slot, endpoint, unsent, error, max_head)).await
+            }
+            Err(failed) => {
+                pass_over_if_reset(route, slot, endpoint, failed.fresh, &failed.error);
+                Err(failed)
+            }
+            answered => answered,
         }
     }
 
@@ -280,21 +289,9 @@ impl Proxy {
         let Some(next) = route.endpoint(slot) else {
             return Err(error);
         };
-        match self.pool.send(next, request, max_head).await {
-            Ok(answer) => Ok(answer),
-            Err(Failed {
-                error,
-                unsent: Some(unsent),
-                ..
-            }) => self
-                .next_endpoints(route, slot, next, unsent, error, max_head)
-                .await
-                .map_err(|failed| failed.error),
-            Err(failed) => {
-                pass_over_if_reset(route, slot, next, failed.fresh, &failed.error);
-                Err(failed.error)
-            }
-        }
+        self.forward(route, slot, next, request, max_head)
+            .await
+            .map_err(|failed| failed.error)
     }
 
     /// Phase 4: rewrites the request for the chosen slot's next endpoint, prepares the shadow

@@ -178,8 +178,8 @@ impl Pool {
     /// too (Python's `http.server` with `do_HEAD = do_GET`), often in a segment of its own that
     /// comes after the answer head, even tens of milliseconds later (Nagle's algorithm waiting
     /// for the ACK). On a reused connection those bytes would be read as the answer to the next
-    /// request, someone else's: a 502, or an answer shifted by one. HEADs are few; a new
-    /// connection each costs little.
+    /// request, someone else's: a 502, or an answer shifted by one. Each HEAD costs a connect
+    /// instead (not measured; HEADs are a small share of most traffic).
     pub async fn send(
         &self,
         endpoint: &Authority,
@@ -188,11 +188,12 @@ impl Pool {
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         let body = request.body().state();
         let head = request.method() == Method::HEAD;
+        // One copy for the whole call: the request is sent twice at most.
+        let mut replay = Replay::of(&request);
         while let Some((mut sender, idle)) = self.checkout(endpoint) {
             if sender.inner.ready().await.is_err() {
                 continue;
             }
-            let replay = Replay::of(&request);
             match sender.inner.try_send_request(request).await {
                 Ok(response) => return Ok((response, self.lease(sender, endpoint, body, head))),
                 Err(mut error) => match error.take_message() {
@@ -200,14 +201,15 @@ impl Pool {
                     Some(unsent) => request = unsent,
                     None => {
                         let error = error.into_error();
-                        match replay {
-                            // The keep-alive race: sent again at once, on a new connection.
-                            Some(replay) if idle >= Replay::IDLE && closed_unanswered(&error) => {
+                        // The keep-alive race: sent again at once, on a new connection.
+                        let race = idle >= Replay::IDLE && closed_unanswered(&error);
+                        match replay.take() {
+                            Some(copy) if race => {
                                 tracing::debug!(%endpoint, %error, "A reused connection closed before its answer; sending the request again on a new one.");
-                                request = replay.into_request();
+                                request = copy.into_request();
                                 break;
                             }
-                            replay => return Err(Failed::sent(error, replay, false)),
+                            copy => return Err(Failed::sent(error, copy, false)),
                         }
                     }
                 },
@@ -217,7 +219,6 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
-        let replay = Replay::of(&request);
         match sender.inner.send_request(request).await {
             Ok(response) => Ok((response, self.lease(sender, endpoint, body, head))),
             Err(error) => Err(Failed::sent(error, replay, true)),
