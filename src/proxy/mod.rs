@@ -132,17 +132,21 @@ impl Proxy {
         let sent = Instant::now();
         let pending = Pending::new(metrics, &mut exchange.log, started, sent);
         let deadline = exchange.deadline;
-        let first = tokio::time::timeout_at(
+        let first = match tokio::time::timeout_at(
             deadline,
-            self.forward(
-                route,
-                decision.slot,
-                endpoint,
-                request,
-                server.max_header_bytes,
-            ),
+            self.pool.send(endpoint, request, server.max_header_bytes),
         )
-        .await;
+        .await
+        {
+            Ok(Err(failed)) => {
+                // Out of line: the rare path must not grow every request's future.
+                let slot = decision.slot;
+                let max_head = server.max_header_bytes;
+                let recovered = Box::pin(self.recover(route, slot, endpoint, failed, max_head));
+                tokio::time::timeout_at(deadline, recovered).await
+            }
+            answered_or_late => answered_or_late,
+        };
         let result = match first {
             Ok(Ok(answer)) => Ok(Ok(answer)),
             Ok(Err(Failed {
@@ -210,31 +214,30 @@ impl Proxy {
         }
     }
 
-    /// Phase 5: sends `request` to `endpoint`; when no connection can be made there, to the
-    /// slot's other endpoints in turn. An endpoint that resets the exchange on a connection
-    /// made for it is passed over.
-    async fn forward(
+    /// Phase 5, after `endpoint` failed an exchange: a request no connection could be made
+    /// for goes to the slot's other endpoints in turn; an endpoint that reset the exchange on
+    /// a connection made for it is passed over.
+    async fn recover(
         &self,
         route: &Route,
         slot: Slot,
         endpoint: &Authority,
-        request: Request<RequestBody>,
+        failed: Failed,
         max_head: usize,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
-        match self.pool.send(endpoint, request, max_head).await {
-            Err(Failed {
+        match failed {
+            Failed {
                 error,
                 unsent: Some(unsent),
                 ..
-            }) => {
-                // Out of line: the rare path must not grow every request's future.
-                Box::pin(self.next_endpoints(route, slot, endpoint, unsent, error, max_head)).await
+            } => {
+                self.next_endpoints(route, slot, endpoint, unsent, error, max_head)
+                    .await
             }
-            Err(failed) => {
+            failed => {
                 pass_over_if_reset(route, slot, endpoint, failed.fresh, &failed.error);
                 Err(failed)
             }
-            answered => answered,
         }
     }
 
@@ -289,9 +292,11 @@ impl Proxy {
         let Some(next) = route.endpoint(slot) else {
             return Err(error);
         };
-        self.forward(route, slot, next, request, max_head)
-            .await
-            .map_err(|failed| failed.error)
+        let answered = match self.pool.send(next, request, max_head).await {
+            Err(failed) => self.recover(route, slot, next, failed, max_head).await,
+            answered => answered,
+        };
+        answered.map_err(|failed| failed.error)
     }
 
     /// Phase 4: rewrites the request for the chosen slot's next endpoint, prepares the shadow
