@@ -252,6 +252,37 @@ async fn a_post_is_never_sent_again_when_a_reused_connection_closes_unanswered()
     veer.shutdown().await;
 }
 
+/// A DELETE without a body is idempotent (RFC 9110 §9.2.2): lost to the keep-alive race, it is
+/// sent again on a new connection, as a GET is; a DELETE with a body is not.
+#[tokio::test]
+async fn a_bodiless_delete_is_sent_again_when_a_reused_connection_closes_unanswered() {
+    let (addr, heads, counts) = closing_upstream(false).await;
+    let veer = veer("", addr).await;
+    let client = support::load::client();
+    let mut statuses = Vec::new();
+    for body in [&b""[..], b"", b"x"] {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let request = http::Request::delete(veer.url("/item/7"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+            .unwrap();
+        statuses.push(client.request(request).await.unwrap().status());
+    }
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::OK, StatusCode::BAD_GATEWAY]
+    );
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 4, "{heads:?}");
+    assert_eq!(heads[1], heads[2], "sent again as it was");
+    assert_eq!(counts.accepted(), 2);
+    assert!(
+        heads[2].starts_with("DELETE /item/7 HTTP/1.1\r\n"),
+        "{}",
+        heads[2]
+    );
+    veer.shutdown().await;
+}
+
 /// The body a server sends after its answer to a HEAD is not read as the answer to the next
 /// request: a HEAD's connection is not reused.
 #[tokio::test]

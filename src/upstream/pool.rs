@@ -20,7 +20,7 @@
 //! - a request that a reused connection could not even send (the upstream closed it
 //!   meanwhile) is sent on the next idle connection or a new one: it never reached the
 //!   upstream, so it cannot be duplicated. Once sent, a request is sent again only when it is
-//!   a bodiless request of a safe method and the connection was closed or reset with no
+//!   a bodiless request of an idempotent method and the connection was closed or reset with no
 //!   answer (see [`Replay`]).
 
 use std::collections::HashMap;
@@ -301,10 +301,10 @@ impl Pool {
 }
 
 /// The head of a request that may be sent again when the upstream closes or resets its
-/// connection before answering. Only a request of a safe method (RFC 9110 §9.2.1: GET, HEAD,
-/// OPTIONS, TRACE) with no body: sending it twice changes nothing on the upstream, and its
-/// whole request is in its head. As NGINX (`proxy_next_upstream error`), Go's `net/http` and
-/// browsers do. Two cases:
+/// connection before answering. Only a request of an idempotent method (RFC 9110 §9.2.2: GET,
+/// HEAD, OPTIONS, TRACE, PUT, DELETE) with no body: sending it twice has the effect of sending
+/// it once, and its whole request is in its head. As NGINX (`proxy_next_upstream error`, which
+/// resends every method but POST, LOCK and PATCH), Go's `net/http` and browsers do. Two cases:
 /// - a reused connection idle for [`Replay::IDLE`] (10 ms) or longer: the keep-alive race (the
 ///   upstream's keep-alive timeout ran out as the request arrived; no `is_closed` check before
 ///   sending can rule it out). Sent again here, on a new connection, and not the upstream's
@@ -330,12 +330,17 @@ impl Replay {
     const IDLE: Duration = Duration::from_millis(10);
 
     fn of(request: &Request<RequestBody>) -> Option<Replay> {
-        let safe = matches!(
+        let idempotent = matches!(
             *request.method(),
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
         );
         let first = request.extensions().get::<SentAgain>().is_none();
-        (safe && first && http_body::Body::is_end_stream(request.body())).then(|| Replay {
+        (idempotent && first && http_body::Body::is_end_stream(request.body())).then(|| Replay {
             method: request.method().clone(),
             uri: request.uri().clone(),
             headers: request.headers().clone(),
