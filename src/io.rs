@@ -1,5 +1,6 @@
 //! Sockets that send a small gathered write as one `send` instead of a `writev`, upstream
-//! connections that read on once their peer stops taking bytes, and whether a path still
+//! connections that read on once their peer stops taking bytes (and stop reading interim
+//! answers sent without end), and whether a path still
 //! names an open file (a journal or lock file deleted or moved aside).
 //!
 //! hyper hands a message over as several slices (the head, then each body chunk) and writes
@@ -12,12 +13,14 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
+
+use crate::upstream::{TooManyInterim, MAX_EARLY_BYTES};
 
 /// Whether `path` still names the open `file` (the same device and inode): not once the file
 /// was deleted or moved aside. An error to look at `path` other than its absence counts as
@@ -48,22 +51,69 @@ pin_project! {
     /// §9.5 asks. Without it the write error ended the exchange before hyper read that answer.
     /// Once reads end (the answer is in, or there was none), writes fail again, so nothing
     /// (a tunnel, an upload) goes on writing into the void; and `peer_gone` tells the pool
-    /// never to reuse the connection.
+    /// never to reuse the connection. Reads fail once the upstream sent too much before its
+    /// answer's head (see [`Link`]).
     pub struct KeepReading<T> {
         #[pin]
         inner: T,
-        peer_gone: Arc<AtomicBool>,
+        link: Arc<Link>,
         read_ended: bool,
     }
 }
 
 impl<T> KeepReading<T> {
-    pub fn new(inner: T, peer_gone: Arc<AtomicBool>) -> Self {
+    pub fn new(inner: T, link: Arc<Link>) -> Self {
         KeepReading {
             inner,
-            peer_gone,
+            link,
             read_ended: false,
         }
+    }
+}
+
+/// What the pool and an upstream connection's [`KeepReading`] share.
+pub struct Link {
+    /// The peer stopped taking bytes mid-request: the connection is never reused.
+    pub peer_gone: AtomicBool,
+    /// The bytes read since the request under way was sent, while the pool waits for its
+    /// answer's head: interim (1xx) answers, then the head, and the body bytes hyper reads
+    /// before the pool sees the head (the rest of the read that brought the head, and one
+    /// more read for the body's channel: each at most hyper's read buffer, 408 KiB).
+    /// `usize::MAX` when the pool waits for none.
+    early: AtomicUsize,
+    /// Past this many early bytes, reads fail with [`TooManyInterim`].
+    early_max: usize,
+}
+
+impl Link {
+    /// A connection whose answers' heads may be up to `max_head` bytes long.
+    pub fn new(max_head: usize) -> Self {
+        Link {
+            peer_gone: AtomicBool::new(false),
+            early: AtomicUsize::new(usize::MAX),
+            early_max: max_head.saturating_add(MAX_EARLY_BYTES),
+        }
+    }
+
+    /// The request sent next waits for its answer's head.
+    pub fn awaiting(&self) {
+        self.early.store(0, Ordering::Relaxed);
+    }
+
+    /// The answer's head is in.
+    pub fn answered(&self) {
+        self.early.store(usize::MAX, Ordering::Relaxed);
+    }
+
+    /// Counts `read` bytes; false once too many arrived before the answer's head.
+    fn read(&self, read: usize) -> bool {
+        let early = self.early.load(Ordering::Relaxed);
+        if early == usize::MAX {
+            return true;
+        }
+        let early = early.saturating_add(read);
+        self.early.store(early, Ordering::Relaxed);
+        early <= self.early_max
     }
 }
 
@@ -86,6 +136,12 @@ impl<T: AsyncRead> AsyncRead for KeepReading<T> {
         let polled = this.inner.poll_read(cx, buf);
         match &polled {
             Poll::Ready(Ok(())) if buf.filled().len() == before => *this.read_ended = true,
+            Poll::Ready(Ok(())) if !this.link.read(buf.filled().len() - before) => {
+                *this.read_ended = true;
+                buf.set_filled(before);
+                let error = io::Error::new(io::ErrorKind::InvalidData, TooManyInterim);
+                return Poll::Ready(Err(error));
+            }
             Poll::Ready(Err(_)) => *this.read_ended = true,
             _ => {}
         }
@@ -101,7 +157,7 @@ impl<T: AsyncWrite> KeepReading<T> {
         write: impl FnOnce(Pin<&mut T>) -> Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
         let this = self.project();
-        if this.peer_gone.load(Ordering::Relaxed) {
+        if this.link.peer_gone.load(Ordering::Relaxed) {
             return Poll::Ready(match *this.read_ended {
                 false => Ok(written),
                 true => Err(io::ErrorKind::BrokenPipe.into()),
@@ -110,7 +166,7 @@ impl<T: AsyncWrite> KeepReading<T> {
         match write(this.inner) {
             Poll::Ready(Err(error)) if peer_gone(&error) && !*this.read_ended => {
                 tracing::debug!(%error, "Upstream takes no more of the request; reading its answer.");
-                this.peer_gone.store(true, Ordering::Relaxed);
+                this.link.peer_gone.store(true, Ordering::Relaxed);
                 Poll::Ready(Ok(written))
             }
             polled => polled,
@@ -271,21 +327,45 @@ mod tests {
     /// reads have ended; the pool is told not to reuse the connection.
     #[tokio::test]
     async fn writes_to_a_gone_peer_are_dropped_until_its_answer_is_read() {
-        let gone = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let link = Arc::new(Link::new(1024));
         let mut io = KeepReading::new(
             Reset {
                 answer: Some(b"413"),
             },
-            gone.clone(),
+            Arc::clone(&link),
         );
         assert_eq!(io.write(b"body").await.unwrap(), 4);
-        assert!(gone.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(link.peer_gone.load(Ordering::Relaxed));
         io.flush().await.unwrap();
         let mut answer = Vec::new();
         io.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"413");
         let error = io.write(b"more").await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    /// While the pool waits for an answer's head, reads fail past the head's room and
+    /// `MAX_EARLY_BYTES` (interim answers without end); once the head is in, the body is read
+    /// whatever its length, as is everything when no request waits.
+    #[tokio::test]
+    async fn reads_before_the_answers_head_are_bounded() {
+        let bytes = vec![b'x'; MAX_EARLY_BYTES + 2048];
+        let link = Arc::new(Link::new(1024));
+        link.awaiting();
+        let mut io = KeepReading::new(&bytes[..], Arc::clone(&link));
+        let error = io.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(error.get_ref().is_some_and(|e| e.is::<TooManyInterim>()));
+        // Within the bound, all is read.
+        link.awaiting();
+        let within = &bytes[..MAX_EARLY_BYTES + 1024];
+        let mut io = KeepReading::new(within, Arc::clone(&link));
+        assert_eq!(io.read_to_end(&mut Vec::new()).await.unwrap(), within.len());
+        link.answered();
+        for _ in 0..2 {
+            let mut io = KeepReading::new(&bytes[..], Arc::clone(&link));
+            assert_eq!(io.read_to_end(&mut Vec::new()).await.unwrap(), bytes.len());
+        }
     }
 
     /// Over a real socket, whatever the split, the bytes arrive whole and in order.

@@ -459,3 +459,36 @@ async fn a_get_dropped_after_a_refused_connection_is_sent_once_more() {
     assert_eq!(taken.load(Ordering::SeqCst), 2);
     veer.shutdown().await;
 }
+
+/// Interim answers before the final one are read and passed over; an upstream that sends
+/// them without end fails the exchange (502, a `protocol` error) once 1 MiB of them came,
+/// instead of keeping the worker parsing them until `request_timeout` (30 s here; the client
+/// waits 10 s). The same for a shadow: its copy counts as an `error` then, not at the timeout.
+#[tokio::test]
+async fn endless_interim_answers_fail_the_exchange_at_once() {
+    let few = support::wire::interim_upstream(Some(3)).await;
+    let endless = support::wire::interim_upstream(None).await;
+    let shadow = format!("[route.shadow]\nendpoints = [\"{endless}\"]\npercent = 100.0");
+    let routes =
+        route("shop", few, few, &shadow) + &support::host_route("flood", &[], "/flood", endless);
+    let veer = Veer::start("workers = 1\nrequest_timeout = \"30s\"", &routes).await;
+    let (status, _, body) = get(&veer.url("/page"), &[]).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    let flood_url = veer.url("/flood");
+    let answer = tokio::time::timeout(Duration::from_secs(10), get(&flood_url, &[]));
+    let (status, _, body) = answer.await.expect("no answer within 10 s");
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+    let flood = veer.slot("flood", "blue").await;
+    assert_eq!(flood["errors"]["protocol"], 1, "{flood}");
+    let shop = veer.slot("shop", "blue").await;
+    assert!(support::no_errors(&shop), "{shop}");
+    // The copy of `/page` failed as the shadow's error (its timeout is request_timeout).
+    let settled = eventually(Duration::from_secs(10), || async {
+        let shadow = veer.route_status("shop").await["shadow"].clone();
+        shadow["error"] == 1 && shadow["in_flight"] == 0
+    })
+    .await;
+    let shadow = veer.route_status("shop").await["shadow"].clone();
+    assert!(settled, "{shadow}");
+    veer.shutdown().await;
+}

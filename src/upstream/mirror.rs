@@ -248,17 +248,21 @@ impl ShadowJob {
         let (parts, ()) = request.into_parts();
         let method = parts.method.clone();
         let path = parts.uri.path().to_string();
-        let request = Request::from_parts(parts, Full::new(body));
+        let mut request = Request::from_parts(parts, Full::new(body));
+        // A shadow sending interim answers without end fails as a primary does (dropping the
+        // exchange closes its connection).
+        let interim = Arc::new(super::Interim::default());
+        interim.watch(&mut request);
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, async {
-            let response =
-                client
-                    .request(request)
-                    .await
-                    .map_err(|e| match super::classify(&e) {
-                        super::Failure::Upstream(kind) => kind,
-                        _ => ErrorKind::Reset,
-                    })?;
+            let response = tokio::select! {
+                response = client.request(request) => response,
+                () = interim.too_many() => return Err(ErrorKind::Protocol),
+            };
+            let response = response.map_err(|e| match super::classify(&e) {
+                super::Failure::Upstream(kind) => kind,
+                _ => ErrorKind::Reset,
+            })?;
             let status = response.status().as_u16();
             rest.end();
             route.shadow_metrics.record_response(

@@ -10,7 +10,7 @@ pub mod pool;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -44,6 +44,54 @@ pub(crate) fn connector(connect_timeout: Duration) -> HttpConnector {
     connector.set_keepalive(Some(Duration::from_secs(60)));
     connector
 }
+
+/// How much an upstream may send before its answer's head (beyond the head itself): room for
+/// interim (1xx) answers, which hyper reads and passes over while it waits for the answer.
+/// Servers send one or two (100 Continue, 103 Early Hints) or a 102 Processing now and then;
+/// one that sent them without end kept a worker parsing them at full speed until
+/// `request_timeout`, and every other request on that worker waited behind it (0.3-0.8 s
+/// each). Past this, the exchange fails as an invalid answer (502, a `protocol` error of the
+/// slot). For a primary it also covers the first body bytes hyper may read before veer sees
+/// the head (see [`crate::io::Link`]).
+pub const MAX_EARLY_BYTES: usize = 1 << 20;
+
+/// The interim answers to one shadow copy, added up by a callback hyper calls for each; the
+/// copy is dropped (closing its connection) once they pass [`MAX_EARLY_BYTES`]. (A primary's
+/// are counted by its connection's reader instead, at no cost per request: see
+/// [`crate::io::Link`].)
+#[derive(Default)]
+pub struct Interim {
+    bytes: AtomicUsize,
+    over: tokio::sync::Notify,
+}
+
+impl Interim {
+    /// Counts the interim answers to `request`.
+    pub fn watch<B>(self: &Arc<Self>, request: &mut http::Request<B>) {
+        let this = Arc::clone(self);
+        hyper::ext::on_informational(request, move |answer| {
+            // The size of the head as sent: status line, fields, blank line.
+            let fields: usize = (answer.headers().iter())
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum();
+            let before = this.bytes.fetch_add(fields + 16, Ordering::Relaxed);
+            if before <= MAX_EARLY_BYTES && before + fields + 16 > MAX_EARLY_BYTES {
+                this.over.notify_one();
+            }
+        });
+    }
+
+    /// Resolves once the interim answers passed [`MAX_EARLY_BYTES`].
+    pub async fn too_many(&self) {
+        self.over.notified().await;
+    }
+}
+
+/// The error of an exchange whose upstream sent more than [`MAX_EARLY_BYTES`] before its
+/// answer's head.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent more than {MAX_EARLY_BYTES} bytes of interim (1xx) answers")]
+pub struct TooManyInterim;
 
 /// Why a downstream request body stopped early: always the client's doing.
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +407,9 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return Failure::Upstream(ErrorKind::Timeout);
+            }
+            if io.get_ref().is_some_and(|e| e.is::<TooManyInterim>()) {
+                return Failure::Upstream(ErrorKind::Protocol);
             }
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {

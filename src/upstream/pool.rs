@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -40,18 +40,19 @@ use tower_service::Service;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use super::{BodyState, RequestBody};
+use crate::io::Link;
 
 /// A connection's sending half, and whether its peer stopped taking bytes mid-request (see
 /// [`crate::io::KeepReading`]): such a connection is never reused, even before hyper has read
 /// its end.
 struct Sender {
     inner: http1::SendRequest<RequestBody>,
-    peer_gone: Arc<AtomicBool>,
+    link: Arc<Link>,
 }
 
 impl Sender {
     fn is_closed(&self) -> bool {
-        self.inner.is_closed() || self.peer_gone.load(Ordering::Relaxed)
+        self.inner.is_closed() || self.link.peer_gone.load(Ordering::Relaxed)
     }
 }
 
@@ -194,8 +195,12 @@ impl Pool {
             if sender.inner.ready().await.is_err() {
                 continue;
             }
+            sender.link.awaiting();
             match sender.inner.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.lease(sender, endpoint, body, head))),
+                Ok(response) => {
+                    sender.link.answered();
+                    return Ok((response, self.lease(sender, endpoint, body, head)));
+                }
                 Err(mut error) => match error.take_message() {
                     // Not sent: the connection was closed under it. Next one.
                     Some(unsent) => request = unsent,
@@ -219,8 +224,12 @@ impl Pool {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
+        sender.link.awaiting();
         match sender.inner.send_request(request).await {
-            Ok(response) => Ok((response, self.lease(sender, endpoint, body, head))),
+            Ok(response) => {
+                sender.link.answered();
+                Ok((response, self.lease(sender, endpoint, body, head)))
+            }
             Err(error) => Err(Failed::sent(error, replay, true)),
         }
     }
@@ -275,8 +284,8 @@ impl Pool {
             .await
             .map_err(|e| connect_error(e.into()))?;
         let io = crate::io::send_flat(io.into_inner());
-        let peer_gone = Arc::new(AtomicBool::new(false));
-        let io = TokioIo::new(crate::io::KeepReading::new(io, Arc::clone(&peer_gone)));
+        let link = Arc::new(Link::new(max_head));
+        let io = TokioIo::new(crate::io::KeepReading::new(io, Arc::clone(&link)));
         let (inner, connection) = http1::Builder::new()
             .max_header_size(max_head)
             .handshake(io)
@@ -286,7 +295,7 @@ impl Pool {
                 tracing::debug!(%error, "Upstream connection ended.");
             }
         });
-        Ok(Sender { inner, peer_gone })
+        Ok(Sender { inner, link })
     }
 
     fn lease(&self, sender: Sender, endpoint: &Authority, request: BodyState, head: bool) -> Lease {

@@ -240,3 +240,37 @@ pub async fn late_head_body_upstream() -> (SocketAddr, Arc<AtomicU64>) {
     });
     (addr, accepted)
 }
+
+/// An upstream on `127.0.0.1:0` that answers each request with `interim` interim answers
+/// (`103 Early Hints`, 2 KiB each) and then `200 ok`, on a kept-alive connection; with `None`,
+/// with interim answers and nothing else, as fast as they are taken, until the connection
+/// closes.
+pub async fn interim_upstream(interim: Option<usize>) -> SocketAddr {
+    let hint = format!(
+        "HTTP/1.1 103 Early Hints\r\nlink: </{}.css>; rel=preload\r\n\r\n",
+        "a".repeat(2000)
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let hint = hint.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while next_head(&mut stream, &mut buf).await.is_some() {
+                    let Some(count) = interim else {
+                        let hints = hint.repeat(32);
+                        while stream.write_all(hints.as_bytes()).await.is_ok() {}
+                        return;
+                    };
+                    let mut answer = hint.repeat(count).into_bytes();
+                    answer.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    if stream.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
