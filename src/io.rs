@@ -1,7 +1,7 @@
 //! Sockets that send a small gathered write as one `send` instead of a `writev`, upstream
 //! connections that read on once their peer stops taking bytes (and stop reading interim
-//! answers sent without end), and whether a path still
-//! names an open file (a journal or lock file deleted or moved aside).
+//! answers sent without end), and whether a path still names an open file (a journal or lock
+//! file deleted or moved aside).
 //!
 //! hyper hands a message over as several slices (the head, then each body chunk) and writes
 //! them with one `writev`. On Linux `writev` on a socket goes through the VFS layer and costs

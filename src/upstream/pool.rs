@@ -42,9 +42,10 @@ use xxhash_rust::xxh3::Xxh3Default;
 use super::{BodyState, RequestBody};
 use crate::io::Link;
 
-/// A connection's sending half, and whether its peer stopped taking bytes mid-request (see
-/// [`crate::io::KeepReading`]): such a connection is never reused, even before hyper has read
-/// its end.
+/// A connection's sending half, and what it shares with the connection's reader (see
+/// [`crate::io::KeepReading`]): whether its peer stopped taking bytes mid-request (such a
+/// connection is never reused, even before hyper has read its end), and whether an answer's
+/// head is awaited.
 struct Sender {
     inner: http1::SendRequest<RequestBody>,
     link: Arc<Link>,
