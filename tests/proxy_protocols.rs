@@ -499,7 +499,7 @@ async fn a_tls_record_broken_mid_upload_is_a_client_gone() {
 }
 
 #[tokio::test]
-async fn tls_serves_h2_and_http11_by_alpn_with_https_forwarded_and_a_secure_cookie() {
+async fn tls_serves_h2_http11_and_http10_by_alpn_with_https_forwarded_and_a_secure_cookie() {
     let upstream = named("blue").await;
     let dir = tempfile::tempdir().unwrap();
     let cert = self_signed(dir.path());
@@ -558,11 +558,22 @@ async fn tls_serves_h2_and_http11_by_alpn_with_https_forwarded_and_a_secure_cook
         assert_eq!(request.headers["x-forwarded-proto"], "https");
     }
 
+    // A client that offers only http/1.0 (curl --http1.0) is served too.
+    let mut h10 = tls_connect(veer.addr, &cert, b"http/1.0").await;
+    h10.write_all(b"GET /old HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), h10.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer}");
+    assert_eq!(upstream.seen().len(), 3);
+
     // Plain HTTP to the TLS port: a readable 400, not a TLS alert; nothing forwarded.
     let answer = raw(veer.addr, b"GET /plain HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert_eq!(raw_status(&answer), Some(400), "{answer}");
     assert!(answer.ends_with("use an https:// URL\n"), "{answer}");
-    assert_eq!(upstream.seen().len(), 2);
+    assert_eq!(upstream.seen().len(), 3);
     veer.shutdown().await;
 }
 

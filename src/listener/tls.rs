@@ -1,8 +1,8 @@
-//! TLS for the proxy listeners: rustls with ALPN h2 and http/1.1. The acceptor sits behind an
+//! TLS for the proxy listeners: rustls with ALPN h2, http/1.1 and http/1.0. The acceptor sits behind an
 //! `ArcSwap` so that a reload re-reads the certificate and key (rotation without a restart).
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -78,7 +78,8 @@ pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(server_config(certs, key)?)))
 }
 
-/// The rustls server config for a certificate chain and its key, with ALPN h2 and http/1.1.
+/// The rustls server config for a certificate chain and its key, with ALPN h2, http/1.1 and
+/// http/1.0.
 pub(crate) fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -94,17 +95,34 @@ pub(crate) fn server_config(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::of_pair)?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // http/1.0 too, which curl offers for `--http1.0`: offered alone and not listed, it
+    // failed the handshake (`no_application_protocol`), though veer serves HTTP/1.0.
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(server)
 }
 
-fn open(path: &Path) -> Result<BufReader<File>, TlsError> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(|source| TlsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
+/// A PEM file larger than this is refused: certificate chains and keys are a few KiB.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// A PEM file, when it is a regular file of at most [`MAX_PEM_BYTES`]: a path to a device
+/// (`/dev/zero`) was read without end, and one to a FIFO blocked the check or reload for good.
+fn open(path: &Path) -> Result<BufReader<std::io::Take<File>>, TlsError> {
+    let error = |source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let refused = |why: &str| error(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
+    let metadata = std::fs::metadata(path).map_err(error)?;
+    if !metadata.is_file() {
+        return Err(refused("not a regular file"));
+    }
+    if metadata.len() > MAX_PEM_BYTES {
+        return Err(refused(
+            "larger than 1 MiB; a PEM certificate chain or key is a few KiB",
+        ));
+    }
+    let file = File::open(path).map_err(error)?;
+    Ok(BufReader::new(file.take(MAX_PEM_BYTES)))
 }
 
 /// The certificate chain in a PEM file.
@@ -166,6 +184,29 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             let error = private_key(&path).map(|_| ()).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    /// A path to a device, a FIFO or a file far too large is refused before it is read (it was
+    /// read without end, or blocked for good).
+    #[test]
+    fn only_a_regular_file_of_a_sane_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        let large = dir.path().join("large.pem");
+        std::fs::write(&large, vec![b'A'; 1 << 20 | 1]).unwrap();
+        let cases = [
+            (Path::new("/dev/zero"), "not a regular file"),
+            (&fifo, "not a regular file"),
+            (&large, "larger than 1 MiB"),
+        ];
+        for (path, expected) in cases {
+            let error = certificates(path).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains(expected), "{}: {error}", path.display());
+            let error = private_key(path).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains(expected), "{}: {error}", path.display());
         }
     }
 
