@@ -577,6 +577,42 @@ async fn tls_serves_h2_http11_and_http10_by_alpn_with_https_forwarded_and_a_secu
     veer.shutdown().await;
 }
 
+/// A connection still in its TLS handshake (silent, or half a ClientHello) has no request to
+/// finish: the drain closes it at once instead of waiting `header_timeout` (30 s here).
+#[tokio::test]
+async fn the_drain_does_not_wait_for_tls_handshakes() {
+    let upstream = named("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    self_signed(dir.path());
+    let server = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}\nheader_timeout = \"30s\"\n\
+         drain_timeout = \"30s\"",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    );
+    let text = config_text(
+        dir.path(),
+        &server,
+        &route("shop", upstream.addr, upstream.addr, ""),
+    );
+    let mut veer = Veer::start_in(dir, &text).await;
+    let mut silent = TcpStream::connect(veer.addr).await.unwrap();
+    let mut halfway = TcpStream::connect(veer.addr).await.unwrap();
+    halfway
+        .write_all(b"\x16\x03\x01\x02\x00\x01")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = veer.running.take().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await;
+    assert!(stopped.is_ok(), "the drain waited for the handshakes");
+    for stream in [&mut silent, &mut halfway] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
+        assert!(matches!(read.await, Ok(Ok(0))), "not closed: {rest:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // WebSocket / Upgrade
 

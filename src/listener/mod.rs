@@ -178,27 +178,41 @@ impl Connection {
             };
             (builder(server), timers)
         };
-        let handshake_deadline = accepted + timers.header;
-        if self.tls.is_some() && plain_http_on_tls(&stream, handshake_deadline).await {
-            debug!(peer = %self.peer, "Plain HTTP on a TLS listener: answered 400.");
-            return;
-        }
         let activity = Arc::new(Activity::new(accepted));
-        let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
-        match self.tls.clone() {
-            None => {
-                let stream = crate::io::send_flat(stream);
-                self.serve(stream, false, builder, activity, timers).await
+        let Some(acceptor) = self.tls.clone() else {
+            let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
+            let stream = crate::io::send_flat(stream);
+            return self.serve(stream, false, builder, activity, timers).await;
+        };
+        // A connection still in its TLS handshake has no request to finish: the drain closes
+        // it at once rather than wait for `header_timeout`.
+        let mut shutdown = self.shutdown.clone();
+        let handshake_deadline = accepted + timers.header;
+        let handshake = async {
+            if plain_http_on_tls(&stream, handshake_deadline).await {
+                debug!(peer = %self.peer, "Plain HTTP on a TLS listener: answered 400.");
+                return None;
             }
-            Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream));
-                match handshake.await {
-                    Ok(Ok(stream)) => self.serve(stream, true, builder, activity, timers).await,
-                    Ok(Err(error)) => debug!(peer = %self.peer, %error, "TLS handshake failed."),
-                    Err(_) => debug!(peer = %self.peer, "TLS handshake timed out."),
+            let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
+            let handshake = tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(stream)) => Some(stream),
+                Ok(Err(error)) => {
+                    debug!(peer = %self.peer, %error, "TLS handshake failed.");
+                    None
+                }
+                Err(_) => {
+                    debug!(peer = %self.peer, "TLS handshake timed out.");
+                    None
                 }
             }
+        };
+        let stream = tokio::select! {
+            stream = handshake => stream,
+            () = crate::app::stopped(&mut shutdown) => None,
+        };
+        if let Some(stream) = stream {
+            self.serve(stream, true, builder, activity, timers).await;
         }
     }
 
