@@ -69,8 +69,13 @@ pub struct App {
     pub ready: AtomicBool,
     pub access_log: Option<AccessLogger>,
     tls: Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>,
+    /// When the served certificate expires (Unix seconds), or [`NO_CERTIFICATE`].
+    pub tls_not_after: AtomicI64,
     reload_lock: tokio::sync::Mutex<()>,
 }
+
+/// `App::tls_not_after` without TLS, or with a certificate whose validity was not read.
+pub const NO_CERTIFICATE: i64 = i64::MIN;
 
 /// A started instance: where it listens and how to stop it.
 pub struct Running {
@@ -198,9 +203,12 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let store =
         Store::open(&config.state).map_err(|(path, source)| AppError::State { path, source })?;
     let store = Arc::new(store);
-    let tls_acceptor = match &config.server.tls {
-        Some(t) => Some(Arc::new(tls::acceptor(t)?)),
-        None => None,
+    let (tls_acceptor, tls_validity) = match &config.server.tls {
+        Some(t) => {
+            let (acceptor, validity) = tls::acceptor(t)?;
+            (Some(Arc::new(acceptor)), validity)
+        }
+        None => (None, None),
     };
     let access_log = AccessLogger::start(&config.server.access_log)?;
     let workers = Workers::start(config.server.workers).map_err(AppError::Workers)?;
@@ -250,6 +258,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         ready: AtomicBool::new(false),
         access_log: access_log.clone(),
         tls: Arc::new(ArcSwapOption::new(tls_acceptor)),
+        tls_not_after: AtomicI64::new(tls_validity.map_or(NO_CERTIFICATE, |v| v.not_after)),
         reload_lock: tokio::sync::Mutex::new(()),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -586,9 +595,11 @@ impl App {
             ));
         }
         if let Some(tls_config) = &config.server.tls {
-            let acceptor = tls::acceptor(tls_config)
+            let (acceptor, validity) = tls::acceptor(tls_config)
                 .map_err(|e| restart_error("server.tls", &e.to_string()))?;
             self.tls.store(Some(Arc::new(acceptor)));
+            let not_after = validity.map_or(NO_CERTIFICATE, |v| v.not_after);
+            self.tls_not_after.store(not_after, Ordering::Relaxed);
         }
         // A removed route's state file stays: if it comes back, by a reload or a restart, it
         // gets its rollout back, as a restart with the file that still has it would give it.

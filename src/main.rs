@@ -293,12 +293,21 @@ fn usage(message: &str) -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            let _ = veer::cli::out(&format!(
+            let mut text = format!(
                 "{}: ok ({} route{})\n",
                 path.display(),
                 config.routes.len(),
                 if config.routes.len() == 1 { "" } else { "s" }
-            ));
+            );
+            // Valid, and served, but clients will refuse it.
+            let tls = config.server.tls.as_ref();
+            if let Some(problem) = tls.and_then(veer::listener::tls::certificate_problem) {
+                text.push_str(&format!(
+                    "{}: warning: server.tls.cert: {problem}\n",
+                    path.display()
+                ));
+            }
+            let _ = veer::cli::out(&text);
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -461,6 +461,40 @@ fn an_unreadable_tls_certificate_is_a_config_error() {
     }
 }
 
+/// A certificate that expired is valid config (served, as NGINX serves it), but `check` warns
+/// that clients will refuse it; one valid now gets no warning.
+#[test]
+fn check_warns_of_an_expired_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[server]\n",
+        "[server]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    for (expired, warned) in [(true, true), (false, false)] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{said}");
+        assert!(said.contains(": ok (1 route)"), "{said}");
+        let warning = "warning: server.tls.cert: the certificate expired at 2021-01-01T00:00:00Z";
+        assert_eq!(said.contains(warning), warned, "expired {expired}: {said}");
+    }
+}
+
 /// Plain `veer`, with nothing to run, shows what it can do on stderr and exits 1; `veer run`
 /// without a file says what it needs.
 #[test]

@@ -574,6 +574,18 @@ async fn tls_serves_h2_http11_and_http10_by_alpn_with_https_forwarded_and_a_secu
     assert_eq!(raw_status(&answer), Some(400), "{answer}");
     assert!(answer.ends_with("use an https:// URL\n"), "{answer}");
     assert_eq!(upstream.seen().len(), 3);
+
+    // /metrics says when the served certificate expires.
+    let (status, _, metrics) = get(&veer.admin_url("/metrics"), &[]).await;
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    let expiry = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("veer_tls_certificate_expiry_timestamp_seconds "))
+        .unwrap_or_else(|| panic!("no expiry gauge: {metrics}"));
+    // rcgen's default end of validity.
+    let not_after = rcgen::date_time_ymd(4096, 1, 1).unix_timestamp();
+    assert_eq!(expiry.parse::<f64>().unwrap(), not_after as f64);
     veer.shutdown().await;
 }
 

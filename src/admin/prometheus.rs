@@ -162,6 +162,16 @@ pub fn render(app: &App) -> String {
         let value = gauge.load(Ordering::Relaxed) as f64;
         w.sample("veer_connections", &[("listener", listener)], value);
     }
+    let not_after = app.tls_not_after.load(Ordering::Relaxed);
+    if not_after != crate::app::NO_CERTIFICATE {
+        w.family(
+            "veer_tls_certificate_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "When the served TLS certificate expires, in Unix seconds.",
+        );
+        let value = not_after as f64;
+        w.sample("veer_tls_certificate_expiry_timestamp_seconds", &[], value);
+    }
     if let Some(log) = &app.access_log {
         w.family(
             "veer_access_log_dropped_total",

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
@@ -71,11 +72,73 @@ impl TlsError {
     }
 }
 
-/// Builds an acceptor from PEM files.
-pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+/// Builds an acceptor from PEM files; also returns when the served certificate is valid.
+/// Warns (logs) when it has expired or is not valid yet: clients refuse it, but it is served,
+/// as NGINX and HAProxy serve it (an expired certificate beats none for clients told to
+/// accept it).
+pub fn acceptor(config: &TlsConfig) -> Result<(TlsAcceptor, Option<Validity>), TlsError> {
     let certs = certificates(&config.cert)?;
     let key = private_key(&config.key)?;
-    Ok(TlsAcceptor::from(Arc::new(server_config(certs, key)?)))
+    let validity = certs.first().and_then(Validity::of);
+    if let Some(problem) = validity.and_then(|v| v.problem(unix_now())) {
+        tracing::warn!(cert = %config.cert.display(), "{problem}");
+    }
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(certs, key)?));
+    Ok((acceptor, validity))
+}
+
+/// When a certificate is valid, in Unix seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// The validity of a DER certificate; `None` when it cannot be parsed (rustls judges it).
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Validity> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let validity = parsed.validity();
+        Some(Validity {
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+
+    /// What is wrong with the certificate at `now` (Unix seconds): expired or not valid yet.
+    pub fn problem(&self, now: i64) -> Option<String> {
+        let date = |at: i64| {
+            let at = u64::try_from(at).unwrap_or(0);
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(at))
+        };
+        if now > self.not_after {
+            Some(format!(
+                "the certificate expired at {}: clients will refuse it",
+                date(self.not_after)
+            ))
+        } else if now < self.not_before {
+            Some(format!(
+                "the certificate is not valid before {}: clients will refuse it",
+                date(self.not_before)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// What is wrong with the certificate `config` names, now, for `veer check`; `None` when it
+/// is valid now or cannot be read (the config check reports that).
+pub fn certificate_problem(config: &TlsConfig) -> Option<String> {
+    let certs = certificates(&config.cert).ok()?;
+    Validity::of(certs.first()?)?.problem(unix_now())
+}
+
+fn unix_now() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// The rustls server config for a certificate chain and its key, with ALPN h2, http/1.1 and
@@ -208,6 +271,26 @@ mod tests {
             let error = private_key(path).map(|_| ()).unwrap_err().to_string();
             assert!(error.contains(expected), "{}: {error}", path.display());
         }
+    }
+
+    /// An expired certificate and one not valid yet are named so, with the date; one valid
+    /// now is not.
+    #[test]
+    fn a_certificate_outside_its_validity_is_named() {
+        let (certs, _) = self_signed();
+        let validity = Validity::of(&certs[0]).unwrap();
+        assert!(validity.not_before < validity.not_after);
+        assert_eq!(validity.problem(unix_now()), None);
+        let after = validity.problem(validity.not_after + 1).unwrap();
+        assert!(after.starts_with("the certificate expired at "), "{after}");
+        let before = validity.problem(validity.not_before - 1).unwrap();
+        assert!(before.contains("is not valid before "), "{before}");
+        let fixed = Validity {
+            not_before: 0,
+            not_after: 1_700_000_000,
+        };
+        let said = fixed.problem(1_800_000_000).unwrap();
+        assert!(said.contains("2023-11-14T22:13:20Z"), "{said}");
     }
 
     /// The certificate chain and key of a new self-signed certificate for localhost.
