@@ -428,17 +428,23 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
     }
 }
 
+/// [`config`] with TLS on, from `cert` and `key` (paths relative to the config's dir).
+fn tls_config(dir: &Path, cert: &str, key: &str) -> std::path::PathBuf {
+    let path = config(dir, "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[server]\n",
+        &format!("[server]\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// A certificate and key that cannot be read are config problems: `check` names their keys and
 /// line, and `run` refuses to start with the config exit code, 1.
 #[test]
 fn an_unreadable_tls_certificate_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), "127.0.0.1:0");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "[server]\n",
-        "[server]\ntls = { cert = \"missing.pem\", key = \"missing-key.pem\" }\n",
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = tls_config(dir.path(), "missing.pem", "missing-key.pem");
     for command in ["check", "run"] {
         let output = Command::new(env!("CARGO_BIN_EXE_veer"))
             .args([command, "-c"])
@@ -466,12 +472,7 @@ fn an_unreadable_tls_certificate_is_a_config_error() {
 #[test]
 fn check_warns_of_an_expired_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), "127.0.0.1:0");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "[server]\n",
-        "[server]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = tls_config(dir.path(), "cert.pem", "key.pem");
     for (expired, warned) in [(true, true), (false, false)] {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();

@@ -421,6 +421,30 @@ fn self_signed(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'stat
     certified.cert.der().clone()
 }
 
+/// veer with a TLS listener (a new self-signed certificate for localhost, in a new config
+/// dir) and `server_extra` in `[server]` (`{dir}` in it names the dir), routing `shop` to
+/// `upstream`; returns veer, the certificate and the dir.
+async fn tls_veer(
+    server_extra: &str,
+    upstream: SocketAddr,
+) -> (
+    Veer,
+    rustls::pki_types::CertificateDer<'static>,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let cert = self_signed(&path);
+    let server = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}\n{}",
+        path.join("cert.pem").display(),
+        path.join("key.pem").display(),
+        server_extra.replace("{dir}", &path.display().to_string())
+    );
+    let text = config_text(&path, &server, &route("shop", upstream, upstream, ""));
+    (Veer::start_in(dir, &text).await, cert, path)
+}
+
 async fn tls_connect(
     addr: SocketAddr,
     cert: &rustls::pki_types::CertificateDer<'static>,
@@ -464,17 +488,8 @@ async fn a_tls_record_broken_mid_upload_is_a_client_gone() {
         let _ = head_in.send(());
         let _ = socket.read_to_end(&mut head).await;
     });
-    let dir = tempfile::tempdir().unwrap();
-    let cert = self_signed(dir.path());
-    let log = dir.path().join("access.log");
-    let server = format!(
-        "tls = {{ cert = \"{}\", key = \"{}\" }}\naccess_log = \"{}\"",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display(),
-        log.display()
-    );
-    let text = config_text(dir.path(), &server, &route("shop", upstream, upstream, ""));
-    let veer = Veer::start_in(dir, &text).await;
+    let (veer, cert, dir) = tls_veer("access_log = \"{dir}/access.log\"", upstream).await;
+    let log = dir.join("access.log");
     let mut tls = tls_connect(veer.addr, &cert, b"http/1.1").await;
     tls.write_all(b"POST /up HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\nhello")
         .await
@@ -501,19 +516,7 @@ async fn a_tls_record_broken_mid_upload_is_a_client_gone() {
 #[tokio::test]
 async fn tls_serves_h2_http11_and_http10_by_alpn_with_https_forwarded_and_a_secure_cookie() {
     let upstream = named("blue").await;
-    let dir = tempfile::tempdir().unwrap();
-    let cert = self_signed(dir.path());
-    let tls = format!(
-        "tls = {{ cert = \"{}\", key = \"{}\" }}",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display()
-    );
-    let text = config_text(
-        dir.path(),
-        &tls,
-        &route("shop", upstream.addr, upstream.addr, ""),
-    );
-    let veer = Veer::start_in(dir, &text).await;
+    let (veer, cert, _) = tls_veer("", upstream.addr).await;
 
     let h2 = tls_connect(veer.addr, &cert, b"h2").await;
     let (mut sender, conn) =
@@ -594,20 +597,8 @@ async fn tls_serves_h2_http11_and_http10_by_alpn_with_https_forwarded_and_a_secu
 #[tokio::test]
 async fn the_drain_does_not_wait_for_tls_handshakes() {
     let upstream = named("blue").await;
-    let dir = tempfile::tempdir().unwrap();
-    self_signed(dir.path());
-    let server = format!(
-        "tls = {{ cert = \"{}\", key = \"{}\" }}\nheader_timeout = \"30s\"\n\
-         drain_timeout = \"30s\"",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display()
-    );
-    let text = config_text(
-        dir.path(),
-        &server,
-        &route("shop", upstream.addr, upstream.addr, ""),
-    );
-    let mut veer = Veer::start_in(dir, &text).await;
+    let timers = "header_timeout = \"30s\"\ndrain_timeout = \"30s\"";
+    let (mut veer, _, _) = tls_veer(timers, upstream.addr).await;
     let mut silent = TcpStream::connect(veer.addr).await.unwrap();
     let mut halfway = TcpStream::connect(veer.addr).await.unwrap();
     halfway

@@ -230,19 +230,33 @@ async fn a_bodiless_get_is_sent_again_when_a_reused_connection_closes_unanswered
     }
 }
 
+/// Sends `method` to `path` with each of `bodies` in turn, each after 20 ms idle (as a
+/// connection whose keep-alive timeout runs out is); returns the statuses.
+async fn after_idling(
+    veer: &Veer,
+    method: http::Method,
+    path: &str,
+    bodies: &[&'static [u8]],
+) -> Vec<StatusCode> {
+    let client = support::load::client();
+    let mut statuses = Vec::new();
+    for body in bodies {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let request = http::Request::builder()
+            .method(method.clone())
+            .uri(veer.url(path))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+            .unwrap();
+        statuses.push(client.request(request).await.unwrap().status());
+    }
+    statuses
+}
+
 #[tokio::test]
 async fn a_post_is_never_sent_again_when_a_reused_connection_closes_unanswered() {
     let (addr, heads, counts) = closing_upstream(false).await;
     let veer = veer("", addr).await;
-    let client = support::load::client();
-    let mut statuses = Vec::new();
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let request = http::Request::post(veer.url("/order"))
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"one")))
-            .unwrap();
-        statuses.push(client.request(request).await.unwrap().status());
-    }
+    let statuses = after_idling(&veer, http::Method::POST, "/order", &[b"one", b"one"]).await;
     assert_eq!(statuses, [StatusCode::OK, StatusCode::BAD_GATEWAY]);
     // The upstream may have acted on the second POST: it is not sent again.
     assert_eq!(heads.lock().unwrap().len(), 2);
@@ -258,15 +272,7 @@ async fn a_post_is_never_sent_again_when_a_reused_connection_closes_unanswered()
 async fn a_bodiless_delete_is_sent_again_when_a_reused_connection_closes_unanswered() {
     let (addr, heads, counts) = closing_upstream(false).await;
     let veer = veer("", addr).await;
-    let client = support::load::client();
-    let mut statuses = Vec::new();
-    for body in [&b""[..], b"", b"x"] {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let request = http::Request::delete(veer.url("/item/7"))
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
-            .unwrap();
-        statuses.push(client.request(request).await.unwrap().status());
-    }
+    let statuses = after_idling(&veer, http::Method::DELETE, "/item/7", &[b"", b"", b"x"]).await;
     assert_eq!(
         statuses,
         [StatusCode::OK, StatusCode::OK, StatusCode::BAD_GATEWAY]
