@@ -1,5 +1,6 @@
-//! TLS for the proxy listeners: rustls with ALPN h2, http/1.1 and http/1.0. The acceptor sits behind an
-//! `ArcSwap` so that a reload re-reads the certificate and key (rotation without a restart).
+//! TLS for the proxy listeners: rustls with ALPN h2, http/1.1 and http/1.0. The acceptor sits
+//! behind an `ArcSwap` so that a reload re-reads the certificate and key (rotation without a
+//! restart).
 
 use std::fs::File;
 use std::io::{BufReader, Read};
