@@ -57,8 +57,8 @@ pub const MAX_EARLY_BYTES: usize = 1 << 20;
 
 /// The interim answers to one shadow copy, added up by a callback hyper calls for each; the
 /// copy is dropped (closing its connection) once they pass [`MAX_EARLY_BYTES`]. (A primary's
-/// are counted by its connection's reader instead, at no cost per request: see
-/// [`crate::io::Link`].)
+/// are counted by its connection's reader instead, see [`crate::io::Link`]: about 36
+/// instructions per request under callgrind, where this callback on every request cost 856.)
 #[derive(Default)]
 pub struct Interim {
     bytes: AtomicUsize,
