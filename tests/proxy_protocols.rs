@@ -616,6 +616,68 @@ async fn the_drain_does_not_wait_for_tls_handshakes() {
     }
 }
 
+/// A TLS 1.3 client whose handshake is done on its side sends its last handshake message and
+/// its first request together: when the drain begins while they travel, the request is still
+/// answered (with `Connection: close`), as one sent on a kept-alive connection just before
+/// the signal is.
+#[tokio::test]
+async fn a_request_sent_with_the_last_handshake_message_at_the_drain_is_answered() {
+    use std::io::{Read, Write};
+    let upstream = named("blue").await;
+    let timers = "header_timeout = \"30s\"\ndrain_timeout = \"5s\"";
+    let (mut veer, cert, _) = tls_veer(timers, upstream.addr).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let mut bytes = Vec::new();
+    client.write_tls(&mut bytes).unwrap();
+    tcp.write_all(&bytes).await.unwrap();
+    // veer's answer to the ClientHello, until the client is done with the handshake.
+    let mut buf = vec![0u8; 65536];
+    while client.is_handshaking() {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during the handshake");
+        client.read_tls(&mut &buf[..n]).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    client
+        .writer()
+        .write_all(b"GET /x HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .unwrap();
+    let mut flight = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut flight).unwrap();
+    }
+    let stop = tokio::spawn(veer.running.take().unwrap().shutdown());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    tcp.write_all(&flight).await.unwrap();
+    let mut plain = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                client.read_tls(&mut &buf[..n]).unwrap();
+                if client.process_new_packets().is_err() {
+                    break;
+                }
+                let _ = client.reader().read_to_end(&mut plain);
+            }
+            _ => break,
+        }
+    }
+    stop.await.unwrap();
+    let answer = String::from_utf8_lossy(&plain);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert_eq!(upstream.seen().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // WebSocket / Upgrade
 

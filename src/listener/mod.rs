@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tracing::{debug, warn};
 
 use crate::config::ServerConfig;
@@ -156,6 +156,24 @@ async fn plain_http_on_tls(stream: &TcpStream, deadline: Instant) -> bool {
     true
 }
 
+/// What a part of a TLS handshake bounded by a deadline gave, logged when it failed.
+fn handshake_done<T>(
+    peer: SocketAddr,
+    done: Result<std::io::Result<T>, tokio::time::error::Elapsed>,
+) -> Option<T> {
+    match done {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(error)) => {
+            debug!(peer = %peer, %error, "TLS handshake failed.");
+            None
+        }
+        Err(_) => {
+            debug!(peer = %peer, "TLS handshake timed out.");
+            None
+        }
+    }
+}
+
 struct Connection {
     proxy: Arc<Proxy>,
     tls: Option<Arc<TlsAcceptor>>,
@@ -184,33 +202,33 @@ impl Connection {
             let stream = crate::io::send_flat(stream);
             return self.serve(stream, false, builder, activity, timers).await;
         };
-        // A connection still in its TLS handshake has no request to finish: the drain closes
-        // it at once rather than wait for `header_timeout`.
+        // A connection whose client has not sent its whole ClientHello yet has no request
+        // under way (nor can it have, before veer's answer to it): the drain closes it at once
+        // rather than wait for `header_timeout`. Past the ClientHello the handshake goes on
+        // (within `header_timeout` from the accept): a TLS 1.3 client sends its first request
+        // with its last handshake message, and the drain then ends the exchange gracefully.
         let mut shutdown = self.shutdown.clone();
-        let handshake_deadline = accepted + timers.header;
-        let handshake = async {
-            if plain_http_on_tls(&stream, handshake_deadline).await {
+        let deadline = accepted + timers.header;
+        let hello = async {
+            if plain_http_on_tls(&stream, deadline).await {
                 debug!(peer = %self.peer, "Plain HTTP on a TLS listener: answered 400.");
                 return None;
             }
             let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
-            let handshake = tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream));
-            match handshake.await {
-                Ok(Ok(stream)) => Some(stream),
-                Ok(Err(error)) => {
-                    debug!(peer = %self.peer, %error, "TLS handshake failed.");
-                    None
-                }
-                Err(_) => {
-                    debug!(peer = %self.peer, "TLS handshake timed out.");
-                    None
-                }
-            }
+            let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+            handshake_done(self.peer, tokio::time::timeout_at(deadline, hello).await)
         };
-        let stream = tokio::select! {
-            stream = handshake => stream,
+        let start = tokio::select! {
+            biased;
+            start = hello => start,
             () = crate::app::stopped(&mut shutdown) => None,
         };
+        let Some(start) = start else { return };
+        let handshake = start.into_stream(Arc::clone(acceptor.config()));
+        let stream = handshake_done(
+            self.peer,
+            tokio::time::timeout_at(deadline, handshake).await,
+        );
         if let Some(stream) = stream {
             self.serve(stream, true, builder, activity, timers).await;
         }
