@@ -71,7 +71,9 @@ impl<T> KeepReading<T> {
     }
 }
 
-/// What the pool and an upstream connection's [`KeepReading`] share.
+/// What the pool and an upstream connection's [`KeepReading`] share. Both run on the worker
+/// that owns the pool (a single-threaded runtime), so the load and store of [`Link::read`]
+/// never interleave with [`Link::awaiting`] or [`Link::answered`].
 pub struct Link {
     /// The peer stopped taking bytes mid-request: the connection is never reused.
     pub peer_gone: AtomicBool,

@@ -469,7 +469,8 @@ async fn a_get_dropped_after_a_refused_connection_is_sent_once_more() {
 /// Interim answers before the final one are read and passed over; an upstream that sends
 /// them without end fails the exchange (502, a `protocol` error) once 1 MiB of them came,
 /// instead of keeping the worker parsing them until `request_timeout` (30 s here; the client
-/// waits 10 s). The same for a shadow: its copy counts as an `error` then, not at the timeout.
+/// waits 10 s). The same for a shadow after 100 of them: its copy counts as an `error` then,
+/// not at the timeout (the answers' long reason phrases are not in what hyper shows of them).
 #[tokio::test]
 async fn endless_interim_answers_fail_the_exchange_at_once() {
     let few = support::wire::interim_upstream(Some(3)).await;

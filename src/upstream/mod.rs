@@ -45,23 +45,29 @@ pub(crate) fn connector(connect_timeout: Duration) -> HttpConnector {
     connector
 }
 
-/// How much an upstream may send before its answer's head (beyond the head itself): room for
-/// interim (1xx) answers, which hyper reads and passes over while it waits for the answer.
+/// How much a primary's upstream may send before veer has its answer's head, beyond the head
+/// itself: room for interim (1xx) answers, which hyper reads and passes over while it waits
+/// for the answer, and for the body bytes that arrive with the head (hyper may read up to
+/// about 408 KiB more before veer sees the head; see [`crate::io::Link`]): so the interim
+/// answers an upstream may send before its exchange fails are between about 600 KiB and 1 MiB.
 /// Servers send one or two (100 Continue, 103 Early Hints) or a 102 Processing now and then;
 /// one that sent them without end kept a worker parsing them at full speed until
 /// `request_timeout`, and every other request on that worker waited behind it (0.3-0.8 s
 /// each). Past this, the exchange fails as an invalid answer (502, a `protocol` error of the
-/// slot). For a primary it also covers the first body bytes hyper may read before veer sees
-/// the head (see [`crate::io::Link`]).
+/// slot).
 pub const MAX_EARLY_BYTES: usize = 1 << 20;
 
-/// The interim answers to one shadow copy, added up by a callback hyper calls for each; the
-/// copy is dropped (closing its connection) once they pass [`MAX_EARLY_BYTES`]. (A primary's
-/// are counted by its connection's reader instead, see [`crate::io::Link`]: about 36
-/// instructions per request under callgrind, where this callback on every request cost 856.)
+/// How many interim answers a shadow copy may get: it is dropped (closing its connection) past
+/// them. Counted, not measured: the callback hyper calls for each does not see its reason
+/// phrase, which can be long. A primary's are measured in bytes by its connection's reader
+/// instead, see [`crate::io::Link`] (about 36 instructions per request under callgrind, where
+/// this callback on every request cost 856).
+pub const MAX_SHADOW_INTERIM: usize = 100;
+
+/// The interim answers to one shadow copy, counted by a callback hyper calls for each.
 #[derive(Default)]
 pub struct Interim {
-    bytes: AtomicUsize,
+    count: AtomicUsize,
     over: tokio::sync::Notify,
 }
 
@@ -69,28 +75,23 @@ impl Interim {
     /// Counts the interim answers to `request`.
     pub fn watch<B>(self: &Arc<Self>, request: &mut http::Request<B>) {
         let this = Arc::clone(self);
-        hyper::ext::on_informational(request, move |answer| {
-            // The size of the head as sent: status line, fields, blank line.
-            let fields: usize = (answer.headers().iter())
-                .map(|(name, value)| name.as_str().len() + value.len() + 4)
-                .sum();
-            let before = this.bytes.fetch_add(fields + 16, Ordering::Relaxed);
-            if before <= MAX_EARLY_BYTES && before + fields + 16 > MAX_EARLY_BYTES {
+        hyper::ext::on_informational(request, move |_| {
+            if this.count.fetch_add(1, Ordering::Relaxed) == MAX_SHADOW_INTERIM {
                 this.over.notify_one();
             }
         });
     }
 
-    /// Resolves once the interim answers passed [`MAX_EARLY_BYTES`].
+    /// Resolves once more than [`MAX_SHADOW_INTERIM`] interim answers came.
     pub async fn too_many(&self) {
         self.over.notified().await;
     }
 }
 
-/// The error of an exchange whose upstream sent more than [`MAX_EARLY_BYTES`] before its
-/// answer's head.
+/// The error of an exchange whose upstream sent more than its answer's head and
+/// [`MAX_EARLY_BYTES`] before the head was in.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream sent more than {MAX_EARLY_BYTES} bytes of interim (1xx) answers")]
+#[error("upstream sent too much before its answer's head (interim (1xx) answers without end?)")]
 pub struct TooManyInterim;
 
 /// Why a downstream request body stopped early: always the client's doing.

@@ -242,13 +242,13 @@ pub async fn late_head_body_upstream() -> (SocketAddr, Arc<AtomicU64>) {
 }
 
 /// An upstream on `127.0.0.1:0` that answers each request with `interim` interim answers
-/// (`103 Early Hints`, 2 KiB each) and then `200 ok`, on a kept-alive connection; with `None`,
-/// with interim answers and nothing else, as fast as they are taken, until the connection
-/// closes.
+/// (`103 Early Hints`, 53 KiB each, most of it a long reason phrase) and then `200 ok`, on a
+/// kept-alive connection; with `None`, with interim answers and nothing else, as fast as they
+/// are taken, until the connection closes.
 pub async fn interim_upstream(interim: Option<usize>) -> SocketAddr {
     let hint = format!(
-        "HTTP/1.1 103 Early Hints\r\nlink: </{}.css>; rel=preload\r\n\r\n",
-        "a".repeat(2000)
+        "HTTP/1.1 103 Early Hints{}\r\nlink: </a.css>; rel=preload\r\n\r\n",
+        " again".repeat(9_000)
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
