@@ -314,7 +314,8 @@ impl Pool {
 /// connection before answering. Only a request of an idempotent method (RFC 9110 §9.2.2: GET,
 /// HEAD, OPTIONS, TRACE, PUT, DELETE) with no body: sending it twice has the effect of sending
 /// it once, and its whole request is in its head. As NGINX (`proxy_next_upstream error`, which
-/// resends every method but POST, LOCK and PATCH), Go's `net/http` and browsers do. Two cases:
+/// resends every method but POST, LOCK and PATCH) does; Go's `net/http` and browsers resend
+/// GET, HEAD, OPTIONS and TRACE. Two cases:
 /// - a reused connection idle for [`Replay::IDLE`] (10 ms) or longer: the keep-alive race (the
 ///   upstream's keep-alive timeout ran out as the request arrived; no `is_closed` check before
 ///   sending can rule it out). Sent again here, on a new connection, and not the upstream's
