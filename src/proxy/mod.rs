@@ -154,13 +154,14 @@ impl Proxy {
                 again: Some(again),
                 ..
             })) => {
-                // The upstream dropped a safe request before answering: it goes once more. When
-                // that is answered, the drop still counts against the slot, as a failed request
-                // of its own (the judge must see an upstream that drops requests); when not, the
-                // request counts once, as any, with its last failure. (A connection closed or
-                // reset before any answer is a `reset`, as `upstream::classify` has it.)
+                // The upstream dropped an idempotent request before answering: it goes once
+                // more. When that is answered, the drop still counts against the slot, as a
+                // failed request of its own (the judge must see an upstream that drops
+                // requests); when not, the request counts once, as any, with its last failure.
+                // (A connection closed or reset before any answer is a `reset`, as
+                // `upstream::classify` has it.)
                 let dropped_after = sent.elapsed();
-                debug!(route = route.name(), slot = %decision.slot, %error, "The upstream dropped a safe request before answering; sending it once more.");
+                debug!(route = route.name(), slot = %decision.slot, %error, "The upstream dropped an idempotent request before answering; sending it once more.");
                 let again = Box::pin(self.send_again(
                     route,
                     decision.slot,
@@ -276,10 +277,10 @@ impl Proxy {
         Err(error.into())
     }
 
-    /// Phase 5 once more, for a safe request without a body that the upstream failed before
-    /// answering (`error`): to the slot's next endpoint in turn (the same one when it is the
-    /// only one, or the others are passed over); when no connection can be made there, on to
-    /// the others as for any request. The request is marked as sent again: it is never handed
+    /// Phase 5 once more, for an idempotent request without a body that the upstream failed
+    /// before answering (`error`): to the slot's next endpoint in turn (the same one when it is
+    /// the only one, or the others are passed over); when no connection can be made there, on
+    /// to the others as for any request. The request is marked as sent again: it is never handed
     /// back for another try (see `pool::Replay`).
     async fn send_again(
         &self,

@@ -249,10 +249,7 @@ impl ShadowJob {
         let method = parts.method.clone();
         let path = parts.uri.path().to_string();
         let mut request = Request::from_parts(parts, Full::new(body));
-        // A shadow sending interim answers without end fails as a primary does (dropping the
-        // exchange closes its connection).
-        let interim = Arc::new(super::Interim::default());
-        interim.watch(&mut request);
+        let interim = Interim::watch(&mut request);
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, async {
             let response = tokio::select! {
@@ -376,6 +373,42 @@ impl BodyHasher {
 
     pub fn finish(&self) -> u64 {
         self.hasher.digest()
+    }
+}
+
+/// How many interim (1xx) answers a shadow copy may get: it is dropped (closing its
+/// connection) past them, as an `error`, rather than have a worker parse them until the
+/// timeout. Counted, not measured: the callback hyper calls for each does not see its reason
+/// phrase, which can be long. A primary's are measured in bytes by its connection's reader
+/// instead, see [`crate::io::Link`] (about 36 instructions per request under callgrind, where
+/// this callback on every request cost 856).
+const MAX_INTERIM: usize = 100;
+
+/// The interim answers to one shadow copy, counted by a callback hyper calls for each.
+struct Interim {
+    count: AtomicUsize,
+    over: tokio::sync::Notify,
+}
+
+impl Interim {
+    /// Counts the interim answers to `request`.
+    fn watch<B>(request: &mut Request<B>) -> Arc<Interim> {
+        let interim = Arc::new(Interim {
+            count: AtomicUsize::new(0),
+            over: tokio::sync::Notify::new(),
+        });
+        let counted = Arc::clone(&interim);
+        hyper::ext::on_informational(request, move |_| {
+            if counted.count.fetch_add(1, Ordering::Relaxed) == MAX_INTERIM {
+                counted.over.notify_one();
+            }
+        });
+        interim
+    }
+
+    /// Resolves once more than [`MAX_INTERIM`] interim answers came.
+    async fn too_many(&self) {
+        self.over.notified().await;
     }
 }
 

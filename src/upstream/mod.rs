@@ -10,7 +10,7 @@ pub mod pool;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -56,37 +56,6 @@ pub(crate) fn connector(connect_timeout: Duration) -> HttpConnector {
 /// each). Past this, the exchange fails as an invalid answer (502, a `protocol` error of the
 /// slot).
 pub const MAX_EARLY_BYTES: usize = 1 << 20;
-
-/// How many interim answers a shadow copy may get: it is dropped (closing its connection) past
-/// them. Counted, not measured: the callback hyper calls for each does not see its reason
-/// phrase, which can be long. A primary's are measured in bytes by its connection's reader
-/// instead, see [`crate::io::Link`] (about 36 instructions per request under callgrind, where
-/// this callback on every request cost 856).
-pub const MAX_SHADOW_INTERIM: usize = 100;
-
-/// The interim answers to one shadow copy, counted by a callback hyper calls for each.
-#[derive(Default)]
-pub struct Interim {
-    count: AtomicUsize,
-    over: tokio::sync::Notify,
-}
-
-impl Interim {
-    /// Counts the interim answers to `request`.
-    pub fn watch<B>(self: &Arc<Self>, request: &mut http::Request<B>) {
-        let this = Arc::clone(self);
-        hyper::ext::on_informational(request, move |_| {
-            if this.count.fetch_add(1, Ordering::Relaxed) == MAX_SHADOW_INTERIM {
-                this.over.notify_one();
-            }
-        });
-    }
-
-    /// Resolves once more than [`MAX_SHADOW_INTERIM`] interim answers came.
-    pub async fn too_many(&self) {
-        self.over.notified().await;
-    }
-}
 
 /// The error of an exchange whose upstream sent more than its answer's head and
 /// [`MAX_EARLY_BYTES`] before the head was in.
@@ -220,20 +189,11 @@ impl RequestBody {
 
     /// A body already at its end: that of a request sent again (see `pool`).
     pub(crate) fn ended() -> Self {
-        Self {
-            inner: Unread {
-                body: None,
-                http2: false,
-            },
-            limit: 0,
-            seen: 0,
-            idle: Duration::ZERO,
-            timer: None,
-            tee: None,
-            state: BodyState::default(),
-            reading: None,
-            override_header: None,
-        }
+        let none = Unread {
+            body: None,
+            http2: false,
+        };
+        Self::new(none, 0, Duration::ZERO, None, None)
     }
 
     /// Removes the route's override header from the client's trailers too (the shadow marker

@@ -75,8 +75,8 @@ pub enum UpstreamError {
 pub struct Failed {
     pub error: UpstreamError,
     pub unsent: Option<Box<Request<RequestBody>>>,
-    /// A copy of a safe request without a body that the upstream closed or reset the connection
-    /// on before answering (see [`Replay`]): it may be sent once more.
+    /// A copy of an idempotent request without a body that the upstream closed or reset the
+    /// connection on before answering (see [`Replay`]): it may be sent once more.
     pub again: Option<Box<Request<RequestBody>>>,
     /// The exchange failed on a connection made for it, not on a reused one that the upstream
     /// may have closed as it idled: the endpoint itself is at fault.
