@@ -159,39 +159,36 @@ async fn idle_upstream_connections_are_closed_after_upstream_idle_timeout() {
 /// keep-alive timeout runs out just as a request arrives. Returns the heads of every request it
 /// took, in order, and the number of connections accepted.
 async fn closing_upstream(reset: bool) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>, Counts) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
     let counts = Counts::default();
     let (seen, shared) = (Arc::clone(&heads), counts.clone());
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            shared.accepted.fetch_add(1, Ordering::SeqCst);
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                for answered in [true, false] {
-                    let Some(head) = next_head(&mut stream, &mut buf).await else {
-                        return;
-                    };
-                    // A body, if any, is small and came with its head: it is dropped with `buf`.
-                    let length = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .map_or(0, |n| n.parse::<usize>().unwrap());
-                    buf.drain(..length.min(buf.len()));
-                    seen.lock().unwrap().push(head);
-                    if answered {
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        stream.write_all(answer).await.unwrap();
-                    }
+    let addr = support::wire::each_connection(move |mut stream| {
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        let seen = Arc::clone(&seen);
+        async move {
+            let mut buf = Vec::new();
+            for answered in [true, false] {
+                let Some(head) = next_head(&mut stream, &mut buf).await else {
+                    return;
+                };
+                // A body, if any, is small and came with its head: it is dropped with `buf`.
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |n| n.parse::<usize>().unwrap());
+                buf.drain(..length.min(buf.len()));
+                seen.lock().unwrap().push(head);
+                if answered {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    stream.write_all(answer).await.unwrap();
                 }
-                if reset {
-                    stream.set_zero_linger().unwrap();
-                }
-            });
+            }
+            if reset {
+                stream.set_zero_linger().unwrap();
+            }
         }
-    });
+    })
+    .await;
     (addr, heads, counts)
 }
 
@@ -323,27 +320,24 @@ async fn failing_upstream(
     drops: fn(u64, &str) -> bool,
     close_after: bool,
 ) -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let taken = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&taken);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let counted = Arc::clone(&counted);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some(head) = next_head(&mut stream, &mut buf).await {
-                    if drops(counted.fetch_add(1, Ordering::SeqCst), &head) {
-                        return;
-                    }
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(answer).await.is_err() || close_after {
-                        return;
-                    }
+    let addr = support::wire::each_connection(move |mut stream| {
+        let counted = Arc::clone(&counted);
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = next_head(&mut stream, &mut buf).await {
+                if drops(counted.fetch_add(1, Ordering::SeqCst), &head) {
+                    return;
                 }
-            });
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(answer).await.is_err() || close_after {
+                    return;
+                }
+            }
         }
-    });
+    })
+    .await;
     (addr, taken)
 }
 

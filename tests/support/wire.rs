@@ -1,6 +1,7 @@
 //! HTTP/1.1 on the wire: reading one response from a raw socket, decoding a chunked body, a
-//! scripted upstream that answers every request with the same bytes, and one that sends a body
-//! to a HEAD too, late.
+//! listener that serves each connection in a task of its own, a scripted upstream that answers
+//! every request with the same bytes, one that sends a body to a HEAD too, late, and one that
+//! sends interim answers.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -207,37 +208,50 @@ pub async fn chunked_upstream(
     (addr, rx, task)
 }
 
+/// A listener on `127.0.0.1:0` that hands each connection it accepts to `serve`, in a task of
+/// its own. Returns its address; it stops with the test's runtime.
+pub async fn each_connection<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
+        }
+    });
+    addr
+}
+
 /// An upstream on `127.0.0.1:0` that answers every request with its path as the body, sends
 /// that body after its answer to a HEAD too, in a write of its own 50 ms after the head (as a
 /// server whose HEAD is its GET, with Nagle's algorithm holding the body back), and takes the
 /// next request on the same connection. Counts the connections it accepted.
 pub async fn late_head_body_upstream() -> (SocketAddr, Arc<AtomicU64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some(head) = next_head(&mut stream, &mut buf).await {
-                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                    let answer =
-                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len());
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    if head.starts_with("HEAD ") {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    if stream.write_all(path.as_bytes()).await.is_err() {
-                        return;
-                    }
+    let addr = each_connection(move |mut stream| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = next_head(&mut stream, &mut buf).await {
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len());
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
                 }
-            });
+                if head.starts_with("HEAD ") {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if stream.write_all(path.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
         }
-    });
+    })
+    .await;
     (addr, accepted)
 }
 
@@ -250,27 +264,23 @@ pub async fn interim_upstream(interim: Option<usize>) -> SocketAddr {
         "HTTP/1.1 103 Early Hints{}\r\nlink: </a.css>; rel=preload\r\n\r\n",
         " again".repeat(9_000)
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let hint = hint.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while next_head(&mut stream, &mut buf).await.is_some() {
-                    let Some(count) = interim else {
-                        let hints = hint.repeat(32);
-                        while stream.write_all(hints.as_bytes()).await.is_ok() {}
-                        return;
-                    };
-                    let mut answer = hint.repeat(count).into_bytes();
-                    answer.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-                    if stream.write_all(&answer).await.is_err() {
-                        return;
-                    }
+    each_connection(move |mut stream| {
+        let hint = hint.clone();
+        async move {
+            let mut buf = Vec::new();
+            while next_head(&mut stream, &mut buf).await.is_some() {
+                let Some(count) = interim else {
+                    let hints = hint.repeat(32);
+                    while stream.write_all(hints.as_bytes()).await.is_ok() {}
+                    return;
+                };
+                let mut answer = hint.repeat(count).into_bytes();
+                answer.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                if stream.write_all(&answer).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
-    addr
+    })
+    .await
 }
