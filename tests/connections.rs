@@ -391,6 +391,8 @@ async fn h2_client(
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
     let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    // A reset and the next stream's head are two small writes: not held for an ACK.
+    tcp.set_nodelay(true).unwrap();
     let (client, connection) = h2::client::Builder::new()
         .initial_window_size(65_535)
         .initial_connection_window_size(connection_window)
@@ -489,6 +491,118 @@ async fn a_starved_stream_lets_its_neighbours_finish() {
     .await;
     assert!(matches!(other, Ok(Ok(()))), "{other:?}");
     drop(paused);
+    conn.abort();
+    veer.shutdown().await;
+}
+
+/// An upstream that answers `/ok` at once and never answers `/hang` (it holds the connection
+/// until veer closes it); each request it reads is sent on `seen`.
+async fn ok_or_hanging_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (seen, heads) = tokio::sync::mpsc::unbounded_channel();
+    let addr = support::wire::each_connection(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = support::wire::next_head(&mut stream, &mut buf).await {
+                let _ = seen.send(());
+                if !head.starts_with("GET /ok ") {
+                    // Held until veer closes the connection.
+                    let _ = stream.read_to_end(&mut buf).await;
+                    return;
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+/// Sends `count` requests on one HTTP/2 connection, one at a time; those with `reset(i)` go to
+/// `/hang` and are reset by the client as soon as the upstream has the request, the others to
+/// `/ok` and are read to the end. Returns how many were sent before the connection failed,
+/// and the connection's task.
+async fn h2_resetting(
+    veer: &Veer,
+    heads: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    count: usize,
+    reset: impl Fn(usize) -> bool,
+) -> (usize, tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let (mut client, conn) = h2_client(veer, 1 << 20).await;
+    for i in 0..count {
+        let path = if reset(i) { "/hang" } else { "/ok" };
+        let request = http::Request::get(format!("http://shop{path}"))
+            .body(())
+            .unwrap();
+        let ready = tokio::time::timeout(Duration::from_secs(5), client.ready()).await;
+        let Ok(Ok(ready)) = ready else {
+            return (i, conn);
+        };
+        client = ready;
+        let Ok((response, mut stream)) = client.send_request(request, true) else {
+            return (i, conn);
+        };
+        if reset(i) {
+            // Until the upstream has it, or the stream fails (the connection closed).
+            let upstream_has_it = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::select! {
+                    seen = heads.recv() => seen.is_some(),
+                    _ = response => false,
+                }
+            })
+            .await;
+            if !matches!(upstream_has_it, Ok(true)) {
+                return (i, conn);
+            }
+            stream.send_reset(h2::Reason::CANCEL);
+        } else {
+            let answered = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut body = response.await?.into_body();
+                while let Some(chunk) = body.data().await {
+                    body.flow_control().release_capacity(chunk?.len())?;
+                }
+                Ok::<_, h2::Error>(())
+            })
+            .await;
+            if !matches!(answered, Ok(Ok(()))) {
+                return (i, conn);
+            }
+            assert!(matches!(heads.try_recv(), Ok(())));
+        }
+    }
+    (count, conn)
+}
+
+/// A client that opens HTTP/2 streams and resets each once veer has sent its request upstream
+/// (the reset-after-accept form of rapid reset: two frames of the client's cost the upstream a
+/// request each) has its connection closed once 500 streams are over and half of them were so
+/// cut short: with 700 tried, at most about 500 reach the upstream.
+#[tokio::test]
+async fn an_h2_client_resetting_every_stream_it_opens_is_cut_off() {
+    let (upstream, mut heads) = ok_or_hanging_upstream().await;
+    let veer = Veer::shop("", upstream).await;
+    let (sent, conn) = h2_resetting(&veer, &mut heads, 700, |_| true).await;
+    assert!((500..510).contains(&sent), "{sent} streams sent");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the connection is still open");
+    veer.shutdown().await;
+}
+
+/// A client that cancels some of its streams, a third of 700 here, is served on: most of
+/// them were answered.
+#[tokio::test]
+async fn an_h2_client_cancelling_a_third_of_its_streams_is_served_on() {
+    let (upstream, mut heads) = ok_or_hanging_upstream().await;
+    let veer = Veer::shop("", upstream).await;
+    let (sent, conn) = h2_resetting(&veer, &mut heads, 700, |i| i % 3 == 0).await;
+    assert_eq!(sent, 700);
+    assert!(!conn.is_finished());
     conn.abort();
     veer.shutdown().await;
 }

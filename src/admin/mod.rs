@@ -88,7 +88,7 @@ async fn serve_connection(
     let seen = Arc::clone(&activity);
     let service = service_fn(move |req: Request<Incoming>| {
         // Held until the answer is written or dropped.
-        let exchange = Activity::request(&seen, req.version());
+        let exchange = Activity::request(&seen, req.version(), Instant::now());
         let app = Arc::clone(&app);
         async move {
             let answer = handle(&app, req).await;

@@ -5,7 +5,7 @@
 //! its one sleep fires.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -89,7 +89,21 @@ pub(crate) struct Activity {
     waiting: [AtomicU32; TICKS],
     /// The current tick of [`Starving`].
     tick: AtomicU32,
+    /// HTTP/2: the streams whose exchange is over, and of those the ones the client cut short
+    /// (see [`Activity::stream_closed`]).
+    streams_closed: AtomicU64,
+    cut_short: AtomicU64,
+    /// Set once the client has cut short too many streams: the connection is to close.
+    flooded: AtomicBool,
 }
+
+/// HTTP/2 streams a connection must have closed before the share of them its client cut short
+/// is looked at (Envoy's `premature_reset_total_stream_count`).
+const FLOOD_STREAMS: u64 = 500;
+
+/// A stream the client resets within this many milliseconds of its request, before its answer
+/// has ended, is cut short (Envoy's `premature_reset_min_stream_lifetime`, 1 s).
+const CUT_SHORT_MS: u32 = 1000;
 
 /// Ticks of the starved-stream clock kept (see [`Starving`]).
 const TICKS: usize = 16;
@@ -108,6 +122,9 @@ impl Activity {
             moved: AtomicU64::new(0),
             waiting: Default::default(),
             tick: AtomicU32::new(0),
+            streams_closed: AtomicU64::new(0),
+            cut_short: AtomicU64::new(0),
+            flooded: AtomicBool::new(false),
         }
     }
 
@@ -120,15 +137,22 @@ impl Activity {
     }
 
     fn millis(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(AWAITING_HEAD - 1)
+        self.millis_at(Instant::now())
     }
 
-    /// Notes a request: its exchange is under way while the guard lives.
-    pub(crate) fn request(this: &Arc<Self>, version: Version) -> InFlight {
-        let protocol = if version == Version::HTTP_2 {
-            Protocol::Http2
+    /// `at`, in milliseconds after `opened`.
+    fn millis_at(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.opened);
+        u64::try_from(since.as_millis()).unwrap_or(AWAITING_HEAD - 1)
+    }
+
+    /// Notes a request that arrived `at`: its exchange is under way while the guard lives.
+    pub(crate) fn request(this: &Arc<Self>, version: Version, at: Instant) -> InFlight {
+        // Over HTTP/2 the exchange's start is kept, to tell a stream the client cut short.
+        let (protocol, began) = if version == Version::HTTP_2 {
+            (Protocol::Http2, this.millis_at(at) as u32)
         } else {
-            Protocol::Http1
+            (Protocol::Http1, 0)
         };
         this.protocol.store(protocol as u8, Ordering::Relaxed);
         this.head_at.store(NO_HEAD, Ordering::Relaxed);
@@ -138,6 +162,8 @@ impl Activity {
             activity: Arc::clone(this),
             answering: true,
             waiting: NOT_WAITING,
+            ended: false,
+            began,
         }
     }
 
@@ -153,6 +179,38 @@ impl Activity {
 
     pub(super) fn is_h2(&self) -> bool {
         self.protocol() == Protocol::Http2
+    }
+
+    /// Ready once the client has cut short most of its streams (see
+    /// [`Activity::stream_closed`]). It registers no waker: the flag is set by a stream's own
+    /// task, after the connection's task read the client's reset, and the client's next frame
+    /// wakes the connection's task again (a client that sends nothing more costs nothing more).
+    pub(super) fn flooded(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|_| {
+            if self.flooded.load(Ordering::Relaxed) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// An HTTP/2 stream's exchange is over, at `now` (milliseconds after `opened`). One whose
+    /// answer had not ended and that lasted under [`CUT_SHORT_MS`] was cut short by its client
+    /// (a reset, or the connection's end). A client that opens streams and resets them at once,
+    /// after veer accepted them, costs the upstreams a request each and itself two frames
+    /// (the reset-after-accept form of HTTP/2's rapid reset, CVE-2023-44487; h2 itself bounds
+    /// resets of streams not yet accepted): once at least [`FLOOD_STREAMS`] streams are over and
+    /// half of them were cut short, the connection is flagged to close (Envoy's rule).
+    fn stream_closed(&self, ended: bool, began: u32, now: u64) {
+        let closed = self.streams_closed.fetch_add(1, Ordering::Relaxed) + 1;
+        if ended || (now as u32).wrapping_sub(began) >= CUT_SHORT_MS {
+            return;
+        }
+        let cut_short = self.cut_short.fetch_add(1, Ordering::Relaxed) + 1;
+        if closed >= FLOOD_STREAMS && cut_short * 2 >= closed {
+            self.flooded.store(true, Ordering::Relaxed);
+        }
     }
 
     /// An HTTP/2 connection with no stream under way.
@@ -262,8 +320,13 @@ pub struct InFlight {
     answering: bool,
     /// HTTP/2: the bucket of [`Activity::waiting`] its response body is counted in while it
     /// waits for the client, or `NOT_WAITING`. Here, not in [`Tracked`], so that it fits in
-    /// this struct's padding.
+    /// this struct's padding (as do the two fields below).
     waiting: u8,
+    /// HTTP/2: the answer has ended (or failed): the exchange was not cut short by the client.
+    ended: bool,
+    /// HTTP/2: when the request arrived, in milliseconds after the connection's `opened`
+    /// (truncated: only differences of under 49 days are taken).
+    began: u32,
 }
 
 /// `InFlight::waiting` while the body does not wait for its client.
@@ -277,6 +340,8 @@ impl InFlight {
             activity: Arc::clone(&self.activity),
             answering: false,
             waiting: NOT_WAITING,
+            ended: false,
+            began: 0,
         }
     }
 }
@@ -287,11 +352,13 @@ impl Drop for InFlight {
         if self.waiting != NOT_WAITING {
             activity.taken(self.waiting);
         }
-        activity
-            .quiet_since
-            .fetch_max(activity.millis(), Ordering::Relaxed);
+        let now = activity.millis();
+        activity.quiet_since.fetch_max(now, Ordering::Relaxed);
         if self.answering {
             activity.answering.fetch_sub(1, Ordering::AcqRel);
+            if activity.protocol() == Protocol::Http2 {
+                activity.stream_closed(self.ended, self.began, now);
+            }
         }
         let last = activity.open.fetch_sub(1, Ordering::AcqRel) == 1;
         // HTTP/1.1 has one exchange at a time: once it is over, the next head is awaited.
@@ -322,12 +389,13 @@ pin_project! {
 /// 400 KiB: a client taking 100 KB/s would seem to wait 4 s.)
 const PIECE: usize = 16 << 10;
 
-impl<B> Tracked<B> {
+impl<B: Body> Tracked<B> {
     /// `body`, handed to the client's connection: over HTTP/2 it waits from now until hyper
-    /// first asks it for a frame.
+    /// first asks it for a frame (an empty one is not asked: the answer has ended).
     pub(crate) fn new(body: B, mut exchange: InFlight) -> Self {
         if exchange.activity.is_h2() {
             exchange.waiting = exchange.activity.waits();
+            exchange.ended = body.is_end_stream();
         }
         Tracked {
             body,
@@ -345,7 +413,7 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
+        let mut this = self.project();
         let exchange = this.exchange;
         if exchange.waiting != NOT_WAITING {
             exchange.activity.taken(exchange.waiting);
@@ -353,7 +421,7 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
         }
         let polled = match this.rest.take() {
             Some(rest) => Poll::Ready(Some(Ok(Frame::data(*rest)))),
-            None => this.body.poll_frame(cx),
+            None => this.body.as_mut().poll_frame(cx),
         };
         match polled {
             // Data handed over: until hyper asks again, the client's window is what it waits
@@ -364,9 +432,17 @@ impl<B: Body<Data = Bytes>> Body for Tracked<B> {
                     *this.rest = Some(Box::new(data.split_off(PIECE)));
                 }
                 exchange.waiting = exchange.activity.waits();
+                // hyper asks no more of a body that says it has ended.
+                exchange.ended = this.rest.is_none() && this.body.is_end_stream();
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            polled => polled,
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => Poll::Pending,
+            // The end, trailers (the end too), or a failure of the upstream's body.
+            polled => {
+                exchange.ended = true;
+                polled
+            }
         }
     }
 
@@ -558,7 +634,7 @@ mod tests {
         let body = || http_body_util::Empty::<Bytes>::new();
         for every in [Duration::from_millis(500), idle / 8] {
             let activity = Arc::new(Activity::new(Instant::now()));
-            let exchange = Activity::request(&activity, Version::HTTP_2);
+            let exchange = Activity::request(&activity, Version::HTTP_2, Instant::now());
             let waiting = Tracked::new(body(), exchange);
             let at = starved_at(&activity, every, idle, || {}).await;
             assert!(
@@ -583,7 +659,7 @@ mod tests {
         assert_eq!(at, None);
         activity.taken(bucket);
         // HTTP/1.1 bodies are not counted: a full socket is the stall clock's.
-        let exchange = Activity::request(&activity, Version::HTTP_11);
+        let exchange = Activity::request(&activity, Version::HTTP_11, Instant::now());
         let _body = Tracked::new(body(), exchange);
         let at = starved_at(&activity, Duration::from_secs(1), idle, || {}).await;
         assert_eq!(at, None);
@@ -600,7 +676,7 @@ mod tests {
             (Version::HTTP_11, vec![2 * PIECE + 5]),
         ] {
             let activity = Arc::new(Activity::new(Instant::now()));
-            let exchange = Activity::request(&activity, version);
+            let exchange = Activity::request(&activity, version, Instant::now());
             let full = http_body_util::Full::new(data.clone());
             let mut body = Tracked::new(full, exchange);
             let mut got = Vec::new();
@@ -623,7 +699,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stall_runs_from_the_first_blocked_write_until_the_socket_takes_bytes() {
         let activity = Arc::new(Activity::new(Instant::now()));
-        let _exchange = Activity::request(&activity, Version::HTTP_11);
+        let _exchange = Activity::request(&activity, Version::HTTP_11, Instant::now());
         activity.wrote(&Poll::Pending);
         tokio::time::advance(Duration::from_secs(30)).await;
         // A later write that finds the socket still full, or that fails, moves nothing.
@@ -639,7 +715,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_head_is_timed_while_an_exchange_is_under_way() {
         let activity = Arc::new(Activity::new(Instant::now()));
-        let exchange = Activity::request(&activity, Version::HTTP_11);
+        let exchange = Activity::request(&activity, Version::HTTP_11, Instant::now());
         // Even with a head clock left running (a late store from another hold's drop).
         activity.head_at.store(0, Ordering::Relaxed);
         tokio::time::advance(Duration::from_secs(20)).await;
@@ -661,7 +737,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_http1_connection_idles_then_times_its_next_head_from_the_first_byte() {
         let activity = Arc::new(Activity::new(Instant::now()));
-        let exchange = Activity::request(&activity, Version::HTTP_11);
+        let exchange = Activity::request(&activity, Version::HTTP_11, Instant::now());
         // Reads during the exchange (its body) start no head.
         activity.read();
         tokio::time::advance(Duration::from_secs(100)).await;
@@ -698,7 +774,7 @@ mod tests {
     async fn an_idle_connection_is_due_idle_timeout_after_its_last_exchange() {
         for version in [Version::HTTP_11, Version::HTTP_2] {
             let activity = Arc::new(Activity::new(Instant::now()));
-            drop(Activity::request(&activity, version));
+            drop(Activity::request(&activity, version, Instant::now()));
             let timers = Timers {
                 header: Duration::from_secs(10),
                 idle: Duration::from_secs(1),
@@ -717,9 +793,61 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn http2_reads_start_no_head() {
         let activity = Arc::new(Activity::new(Instant::now()));
-        drop(Activity::request(&activity, Version::HTTP_2));
+        drop(Activity::request(
+            &activity,
+            Version::HTTP_2,
+            Instant::now(),
+        ));
         activity.read();
         tokio::time::advance(Duration::from_secs(20)).await;
         assert_eq!(activity.due(Instant::now(), TIMERS), Due::At(after(10)));
+    }
+
+    /// Ends `n` exchanges of `version` on `activity` at once: answered, or cut short (their
+    /// hold dropped before the answer ended).
+    fn close_streams(activity: &Arc<Activity>, version: Version, n: usize, answered: bool) {
+        for _ in 0..n {
+            let mut exchange = Activity::request(activity, version, Instant::now());
+            exchange.ended = answered;
+            drop(exchange);
+        }
+    }
+
+    fn flooded(activity: &Activity) -> bool {
+        activity.flooded.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2_connection_is_flooded_once_half_of_500_streams_were_cut_short() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        close_streams(&activity, Version::HTTP_2, 499, false);
+        assert!(!flooded(&activity), "499 streams");
+        close_streams(&activity, Version::HTTP_2, 1, false);
+        assert!(flooded(&activity));
+
+        let activity = Arc::new(Activity::new(Instant::now()));
+        close_streams(&activity, Version::HTTP_2, 251, true);
+        close_streams(&activity, Version::HTTP_2, 249, false);
+        assert!(!flooded(&activity), "249 of 500 cut short");
+        close_streams(&activity, Version::HTTP_2, 1, false);
+        assert!(!flooded(&activity), "250 of 501 cut short");
+        close_streams(&activity, Version::HTTP_2, 1, false);
+        assert!(flooded(&activity), "251 of 502 cut short");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_cut_short_after_a_second_and_http1_exchanges_do_not_count() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let long: Vec<_> = (0..500)
+            .map(|_| Activity::request(&activity, Version::HTTP_2, Instant::now()))
+            .collect();
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        drop(long);
+        close_streams(&activity, Version::HTTP_2, 499, false);
+        assert!(!flooded(&activity), "499 of 999 cut short within a second");
+
+        let activity = Arc::new(Activity::new(Instant::now()));
+        close_streams(&activity, Version::HTTP_11, 1000, false);
+        assert!(!flooded(&activity));
     }
 }

@@ -250,13 +250,15 @@ impl Connection {
         let seen = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
             // Held until the response body is done with (or the request is dropped).
-            let exchange = Activity::request(&seen, req.version());
+            // One clock read for the connection's bookkeeping and the request's.
+            let arrived = Instant::now();
+            let exchange = Activity::request(&seen, req.version(), arrived);
             // The request body holds the exchange too, until it ends or is dropped.
             let reading = (!http_body::Body::is_end_stream(req.body())).then(|| exchange.also());
             let proxy = Arc::clone(&proxy);
             let info = info.clone();
             async move {
-                let response = proxy.handle(req, &info, reading).await;
+                let response = proxy.handle(req, &info, reading, arrived).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, exchange)))
             }
         });
@@ -302,6 +304,10 @@ pub(crate) async fn drive<C>(
         tokio::select! {
             biased;
             result = conn.as_mut() => break Some(result),
+            () = activity.flooded() => {
+                warn!(%peer, "The client reset at least half of this HTTP/2 connection's streams within 1 s of their requests, before their answers (at least 250 of 500); closing.");
+                break None;
+            }
             // Polled until it is ready, never after.
             () = &mut stop, if !drain.signalled => {
                 drain.signalled = true;

@@ -82,14 +82,15 @@ impl Proxy {
     /// Handles one request: validate, route, decide, forward, stream back, record.
     ///
     /// `reading` is held by the request body as it goes upstream, until the body ends or is
-    /// dropped (the connection counts the exchange as under way until then).
+    /// dropped (the connection counts the exchange as under way until then). `started`: when
+    /// the request arrived.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
         reading: Option<InFlight>,
+        started: Instant,
     ) -> Response<ProxyBody> {
-        let started = Instant::now();
         // Phase 2: one routing snapshot for the whole request.
         let table = self.table.load_full();
         let server = &table.config.server;
