@@ -50,12 +50,13 @@ fn admin_request(
     if base.contains(['?', '#']) {
         return Err(CliError::Url(admin.to_string()));
     }
-    // `127.0.0.1:9901`, as `admin.listen` and `veer demo --admin` write it, is meant as http.
-    let scheme = if base.parse::<SocketAddr>().is_ok() {
-        "http://"
-    } else {
-        ""
-    };
+    // `127.0.0.1:9901` (as `admin.listen` and `veer demo --admin` write it) or
+    // `localhost:9901`, without a scheme, is meant as http; a bare name without a port is
+    // taken for a mistake.
+    let host_and_port = base
+        .parse::<http::uri::Authority>()
+        .is_ok_and(|authority| authority.port().is_some());
+    let scheme = if host_and_port { "http://" } else { "" };
     let uri: Uri = format!("{scheme}{base}{path}")
         .parse()
         .map_err(|_| CliError::Url(admin.to_string()))?;
@@ -260,6 +261,23 @@ pub fn step_label(route: &Value) -> String {
     }
 }
 
+/// A text cell of the status table: `-` when empty (a slot without a version label), control
+/// characters escaped (a label is free text: a newline would break the row).
+fn cell(text: &str) -> String {
+    if text.is_empty() {
+        return "-".into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// The status table: one row per route and slot.
 pub fn render_table(routes: &[Value], colour: bool) -> String {
     let header = [
@@ -268,7 +286,7 @@ pub fn render_table(routes: &[Value], colour: bool) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut verdicts = Vec::new();
     for route in routes {
-        let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+        let s = |v: &Value| cell(v.as_str().unwrap_or(""));
         let f = |v: &Value| v.as_f64().unwrap_or(0.0);
         let name = s(&route["name"]);
         let stable = s(&route["stable"]);
@@ -433,6 +451,24 @@ mod tests {
         assert!(lines[2].contains("1/3"));
         assert_eq!(lines[0].find("SLOT"), lines[1].find("blue"));
         assert!(lines[3].contains("last verdict hold"));
+    }
+
+    #[test]
+    fn a_missing_or_empty_version_shows_as_a_dash_and_control_characters_are_escaped() {
+        let route = json!({
+            "name": "shop", "stable": "blue", "phase": "idle",
+            "versions": {"blue": "", "green": "v2\nbeta"},
+        });
+        let table = render_table(&[route], false);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        let version = |line: &str| line.split_whitespace().nth(2).map(str::to_string);
+        assert_eq!(version(lines[1]).as_deref(), Some("-"), "{table}");
+        assert_eq!(version(lines[2]).as_deref(), Some("v2\\nbeta"), "{table}");
+        // Every row has every column.
+        for line in &lines {
+            assert_eq!(line.split_whitespace().count(), 10, "{table}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The admin port holds no connection for free (its own test binary: it opens a few hundred
 //! sockets): a connection with no request under way for `IDLE_TIMEOUT` is closed, whether it
 //! sent nothing, half a head, or an HTTP/2 preface; beyond `MAX_CONNECTIONS` open at once a new
-//! one is closed as it is accepted; a POST body over 64 KiB is a 413 on every endpoint.
+//! one is closed as it is accepted; a POST body over 64 KiB is a 413 on every endpoint; heads
+//! are held to 64 KiB and one Host.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -95,5 +96,40 @@ async fn admin_post_bodies_over_64_kib_are_413() {
     assert_eq!(veer.route_status("shop").await["phase"], "idle");
     let (status, _) = veer.admin_post("/api/v1/config/reload", "").await;
     assert_eq!(status, StatusCode::OK);
+    veer.shutdown().await;
+}
+
+/// The admin port reads heads as the proxy does: an HTTP/1.1 request without a Host, or with
+/// two, is a 400 (the checks against DNS rebinding read the Host: a second one must not hide
+/// behind the first); a head over 64 KiB is a 431. HTTP/1.0 needs no Host.
+#[tokio::test]
+async fn admin_heads_need_one_host_and_at_most_64_kib() {
+    let blue = Upstream::builder("blue").start().await.unwrap();
+    let veer = Veer::start("", &route("shop", blue.addr, blue.addr, "")).await;
+    let big = format!("x-big: {}\r\n", "a".repeat(100 * 1024));
+    for (request, status) in [
+        ("GET /healthz HTTP/1.1\r\n\r\n".to_string(), 400),
+        (
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n".to_string(),
+            400,
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n{big}\r\n"),
+            431,
+        ),
+        (
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".to_string(),
+            200,
+        ),
+        ("GET /healthz HTTP/1.0\r\n\r\n".to_string(), 200),
+    ] {
+        let answer = raw(veer.admin, request.as_bytes()).await;
+        assert_eq!(
+            raw_status(&answer),
+            Some(status),
+            "{}: {answer}",
+            &request[..40]
+        );
+    }
     veer.shutdown().await;
 }

@@ -387,6 +387,7 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
         "http://",
         "localhost",
         "127.0.0.1",
+        "localhost:port",
         "http://127.0.0.1:9901?x",
         "http://127.0.0.1:9901/#top",
     ] {
@@ -413,11 +414,14 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
     );
 
     // Nothing listens on a port just bound and closed again.
+    // (A bare host and port is an http URL, a name as well as an address.)
     let closed = refused_addr();
     let admin = format!("http://{closed}");
+    let bare = format!("localhost:{}", closed.port());
     for args in [
         vec!["status", "--admin", &admin],
         vec!["rollout", "start", "shop", "--admin", &admin],
+        vec!["status", "--admin", &bare],
     ] {
         let (code, stderr) = admin_command(&args);
         assert_eq!(code, Some(2), "{args:?}: {stderr}");

@@ -1628,10 +1628,14 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
             ("start", 0.0, 10.0, 1)
         ]
     );
-    for bad in ["zero", "0", "-1", "", "1.5"] {
+    for bad in ["zero", "-1", "", "1.5"] {
         let (status, _) = veer.admin_get(&format!("/api/v1/events?limit={bad}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "limit={bad}");
     }
+    // None asked for, none given.
+    let (status, none) = veer.admin_get("/api/v1/events?limit=0").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(none["events"], serde_json::json!([]));
     // A limit beyond any journal is capped, not refused.
     let (status, all) = veer
         .admin_get("/api/v1/events?limit=99999999999999999999999")

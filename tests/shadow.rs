@@ -163,6 +163,31 @@ async fn mirrored_share_is_percent(by: &str) {
     veer.shutdown().await;
 }
 
+/// A route without a shadow has the shadow's counters too, at zero (SPEC's route JSON has
+/// them on every route), marked `configured: false`; one with a shadow is marked `true`.
+#[tokio::test]
+async fn a_route_without_a_shadow_shows_its_counters_at_zero() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    get_n(&veer, "/", 3).await;
+    let shadow = shadow_stats(&veer, "shop").await;
+    assert_eq!(shadow["configured"], false, "{shadow}");
+    for key in [
+        "requests",
+        "match",
+        "mismatch",
+        "error",
+        "dropped_busy",
+        "dropped_body",
+    ] {
+        assert_eq!(counter(&shadow, key), 0, "{key}");
+    }
+    veer.shutdown().await;
+    let (veer, _blue, _green, _shadow) = mirror(recording("shadow").await, "percent = 100.0").await;
+    assert_eq!(shadow_stats(&veer, "mirror").await["configured"], true);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn mirrored_share_matches_percent() {
     mirrored_share_is_percent("none").await;

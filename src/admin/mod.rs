@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -28,6 +28,8 @@ use crate::listener::{keep_unsent_small, Activity, Timers, Tracked, Watched};
 use crate::rollout::{self, state::Action};
 
 const MAX_BODY: usize = 64 * 1024;
+/// The largest request head the admin API reads (the proxy's default `max_header_bytes`).
+const MAX_HEAD: usize = 64 * 1024;
 /// Admin connections open at once; more are closed as they are accepted. The admin port may
 /// face a network (with a token), and each connection holds a descriptor the proxy needs too.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -95,7 +97,12 @@ async fn serve_connection(
             Ok::<_, Infallible>(answer.map(|body| Tracked::new(body, exchange)))
         }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The proxy's default head limit (hyper's is about 400 KiB): larger heads get a 431.
+    builder.http1().max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(MAX_HEAD).unwrap_or(u32::MAX));
     let conn = builder.serve_connection(TokioIo::new(io), service);
     crate::listener::drive(conn, &activity, timers, shutdown, peer).await;
     drop(slot);
@@ -185,6 +192,20 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
 /// Routes one admin request: 404 for a path that is no endpoint, 405 with `Allow` for an
 /// endpoint asked with another method.
 async fn route(app: &App, req: Request<Incoming>) -> Answer {
+    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (and the checks of `auth` read
+    // it: a second one must not hide behind the first).
+    if req.version() == Version::HTTP_11 && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        let mut answer = json_error(
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request needs exactly one Host header",
+        );
+        // A client that sends such heads is not one to go on with.
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return answer;
+    }
     let token = app.table.load().config.admin.token.clone();
     if let Err(answer) = auth::check(&req, token.as_deref()) {
         return *answer;
@@ -336,9 +357,15 @@ async fn events(app: &App, query: &str) -> Answer {
         .map(str::parse::<usize>);
     let limit = match limit {
         None => 50,
-        Some(Ok(n)) if n > 0 => n.min(MAX_LIMIT),
+        // 0 asks for none: an empty list.
+        Some(Ok(n)) => n.min(MAX_LIMIT),
         Some(Err(e)) if *e.kind() == std::num::IntErrorKind::PosOverflow => MAX_LIMIT,
-        Some(_) => return json_error(StatusCode::BAD_REQUEST, "limit must be a positive integer"),
+        Some(Err(_)) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "limit must be a whole number from 0 (larger ones are read as 10000)",
+            )
+        }
     };
     // Up to 10,000 decisions (a dozen MB of journal): read on a blocking thread, not on the
     // runtime that also runs the controller and the config watcher.
