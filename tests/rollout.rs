@@ -186,10 +186,7 @@ async fn a_healthy_canary_ramps_through_every_step_and_is_promoted() {
     // One journal line per transition, each pass with the numbers it was decided on.
     let journal = c.journal();
     let actions = actions(&journal);
-    assert_eq!(
-        actions,
-        ["start", "step_passed", "step_passed", "step_passed"]
-    );
+    assert_eq!(actions, ["start", "step_passed", "step_passed", "promote"]);
     let last = &journal[3];
     assert_eq!(
         (last["from"].as_str(), last["to"].as_str()),
@@ -1275,10 +1272,7 @@ async fn a_healthy_green_is_promoted() {
     // Newest decisions first, each pass with the figures it was decided on.
     let events = events(&veer, 4).await;
     let actions = actions(&events);
-    assert_eq!(
-        actions,
-        ["step_passed", "step_passed", "step_passed", "start"]
-    );
+    assert_eq!(actions, ["promote", "step_passed", "step_passed", "start"]);
     let weights: Vec<f64> = events
         .iter()
         .map(|e| e["weight_to"].as_f64().unwrap())

@@ -671,7 +671,13 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
             next.failures += 1;
             (Ok(next), "analysis")
         }
-        Verdict::Pass => (state.apply(Action::StepPassed, steps), "step_passed"),
+        Verdict::Pass => {
+            let next = state.apply(Action::StepPassed, steps);
+            // The last step's pass promotes the canary: journaled as a promotion, as one by
+            // hand is (and as rollbacks of both kinds are), with the figures it was decided on.
+            let promoted = matches!(&next, Ok(next) if next.phase == Phase::Idle);
+            (next, if promoted { "promote" } else { "step_passed" })
+        }
         Verdict::Hold => {
             let overdue = step_elapsed > config.rollout.max_step_time && !inner.hold_warned;
             if overdue {
