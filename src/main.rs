@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format, level);
     match command {
         Command::Run => match &cli.config {
-            Some(path) => run(path),
+            Some(path) => run(path, cli.log_format),
             None => usage("veer run needs -c FILE"),
         },
         Command::Check => match &cli.config {
@@ -322,20 +322,24 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// Loads a config file, or prints its problems on stderr: exit code 1.
-fn load(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
-        for error in &errors.0 {
-            eprintln!("{}: {error}", path.display());
-        }
-        ExitCode::from(1)
-    })
+/// Prints why `veer run` cannot go on: a plain line on stderr, or with `--log-format json` a
+/// log line like every other (a log collector reading JSON would not parse a plain one).
+fn fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Text => eprintln!("{message}"),
+        LogFormat::Json => tracing::error!("{message}"),
+    }
 }
 
-fn run(path: &Path) -> ExitCode {
-    let config = match load(path) {
+fn run(path: &Path, format: LogFormat) -> ExitCode {
+    let config = match Config::load(path) {
         Ok(config) => config,
-        Err(code) => return code,
+        Err(errors) => {
+            for error in &errors.0 {
+                fatal(format, &format!("{}: {error}", path.display()));
+            }
+            return ExitCode::from(1);
+        }
     };
     raise_open_files_limit();
     // Requests are handled on `server.workers` threads of their own (see listener::workers);
@@ -348,7 +352,13 @@ fn run(path: &Path) -> ExitCode {
         rt.shutdown_timeout(Duration::from_secs(1));
         outcome.context("veer stopped")
     });
-    report(result, 2)
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            fatal(format, &format!("error: {}", causes(&error)));
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Every proxied connection takes two descriptors (client and upstream), so the common soft
@@ -384,20 +394,24 @@ fn report<T>(result: anyhow::Result<T>, code: u8) -> ExitCode {
     match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
-            // The causes, each once: several errors already include their source's text.
-            let mut message = String::new();
-            for cause in error.chain().map(ToString::to_string) {
-                if !message.contains(&cause) {
-                    if !message.is_empty() {
-                        message.push_str(": ");
-                    }
-                    message.push_str(&cause);
-                }
-            }
-            eprintln!("error: {message}");
+            eprintln!("error: {}", causes(&error));
             ExitCode::from(code)
         }
     }
+}
+
+/// `error` and its causes, each once: several errors already include their source's text.
+fn causes(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if !message.contains(&cause) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&cause);
+        }
+    }
+    message
 }
 
 #[global_allocator]

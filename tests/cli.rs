@@ -114,6 +114,33 @@ fn a_second_veer_on_the_same_port_cannot_bind() {
     );
 }
 
+/// With `--log-format json`, what stops `veer run` is a JSON log line as well (a log collector
+/// would not parse a plain one): a config error, with its key, and a port it cannot bind.
+#[test]
+fn with_json_logs_why_veer_stops_is_a_json_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = config(dir.path(), &taken.local_addr().unwrap().to_string());
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(&busy).unwrap();
+    std::fs::write(&bad, text.replace("[server]\n", "[server]\nbogus = 1\n")).unwrap();
+    for (path, code, reason) in [(busy, 2, "cannot bind"), (bad, 1, "server.bogus")] {
+        let (got, stderr) = run_to_exit_with(&path, &["--log-format", "json"]);
+        assert_eq!(got, Some(code), "{stderr}");
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        let said = |line: &serde_json::Value| {
+            line["level"] == "ERROR"
+                && line["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(reason))
+        };
+        assert!(lines.iter().any(said), "{stderr}");
+    }
+}
+
 /// A second SIGTERM while veer drains stops it at once, instead of waiting out
 /// `drain_timeout` (30 s here) for a request its upstream never answers.
 #[test]
@@ -846,7 +873,14 @@ fn check(config: &Path) -> std::process::Output {
 
 /// `veer run -c config` until it exits (killed after 20 s): exit code and stderr.
 fn run_to_exit(config: &Path) -> (Option<i32>, String) {
-    let (mut child, rx) = run(config);
+    run_to_exit_with(config, &[])
+}
+
+/// [`run_to_exit`] with `extra` arguments.
+fn run_to_exit_with(config: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_veer"));
+    command.args(["run", "-c"]).arg(config).args(extra);
+    let (mut child, rx) = spawn(command);
     let mut status = None;
     for _ in 0..200 {
         status = child.try_wait().unwrap();
