@@ -74,9 +74,9 @@ impl TlsError {
 }
 
 /// Builds an acceptor from PEM files; also returns when the served certificate is valid.
-/// Warns (logs) when it has expired or is not valid yet: clients refuse it, but it is served,
-/// as NGINX and HAProxy serve it (an expired certificate beats none for clients told to
-/// accept it).
+/// Warns (logs) when it has expired or is not valid yet (clients refuse it, but it is served,
+/// as NGINX and HAProxy serve it: an expired certificate beats none for clients told to
+/// accept it), or expires within 14 days.
 pub fn acceptor(config: &TlsConfig) -> Result<(TlsAcceptor, Option<Validity>), TlsError> {
     let certs = certificates(&config.cert)?;
     let key = private_key(&config.key)?;
@@ -87,6 +87,9 @@ pub fn acceptor(config: &TlsConfig) -> Result<(TlsAcceptor, Option<Validity>), T
     let acceptor = TlsAcceptor::from(Arc::new(server_config(certs, key)?));
     Ok((acceptor, validity))
 }
+
+/// How close to its end a certificate's validity is warned of, in seconds: 14 days.
+const EXPIRES_SOON: i64 = 14 * 24 * 3600;
 
 /// When a certificate is valid, in Unix seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +109,9 @@ impl Validity {
         })
     }
 
-    /// What is wrong with the certificate at `now` (Unix seconds): expired or not valid yet.
+    /// What is wrong with the certificate at `now` (Unix seconds): expired, not valid yet, or
+    /// expiring within [`EXPIRES_SOON`] (renewals start about 30 days ahead: one that is this
+    /// close has failed).
     pub fn problem(&self, now: i64) -> Option<String> {
         let date = |at: i64| {
             let at = u64::try_from(at).unwrap_or(0);
@@ -122,14 +127,22 @@ impl Validity {
                 "the certificate is not valid before {}: clients will refuse it",
                 date(self.not_before)
             ))
+        } else if self.not_after - now < EXPIRES_SOON {
+            let hours = (self.not_after - now) / 3600;
+            Some(format!(
+                "the certificate expires at {}, in {} days {} hours: renew it",
+                date(self.not_after),
+                hours / 24,
+                hours % 24
+            ))
         } else {
             None
         }
     }
 }
 
-/// What is wrong with the certificate `config` names, now, for `veer check`; `None` when it
-/// is valid now or cannot be read (the config check reports that).
+/// What is wrong with the certificate `config` names, now (see [`Validity::problem`]), for
+/// `veer check`; `None` when nothing is or it cannot be read (the config check reports that).
 pub fn certificate_problem(config: &TlsConfig) -> Option<String> {
     let certs = certificates(&config.cert).ok()?;
     Validity::of(certs.first()?)?.problem(unix_now())
@@ -274,8 +287,8 @@ mod tests {
         }
     }
 
-    /// An expired certificate and one not valid yet are named so, with the date; one valid
-    /// now is not.
+    /// An expired certificate, one not valid yet and one expiring within 14 days are named
+    /// so, with the date; one valid for longer is not.
     #[test]
     fn a_certificate_outside_its_validity_is_named() {
         let (certs, _) = self_signed();
@@ -292,6 +305,15 @@ mod tests {
         };
         let said = fixed.problem(1_800_000_000).unwrap();
         assert!(said.contains("2023-11-14T22:13:20Z"), "{said}");
+        // Within 14 days of its end it is warned of; 14 days ahead, not.
+        let soon = fixed
+            .problem(fixed.not_after - 13 * 86_400 - 5 * 3600)
+            .unwrap();
+        assert_eq!(
+            soon,
+            "the certificate expires at 2023-11-14T22:13:20Z, in 13 days 5 hours: renew it"
+        );
+        assert_eq!(fixed.problem(fixed.not_after - 14 * 86_400), None);
     }
 
     /// The certificate chain and key of a new self-signed certificate for localhost.
