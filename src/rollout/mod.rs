@@ -710,23 +710,111 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
 
 /// The controller task: analyses every route at its own `interval`, forever.
 pub async fn run(table: Arc<ArcSwap<RoutingTable>>) {
-    let mut due: HashMap<String, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut looks = Looks::default();
     loop {
-        tick.tick().await;
         let snapshot = table.load_full();
         let now = Instant::now();
-        due.retain(|name, _| snapshot.route(name).is_some());
+        looks.keep_only(|name| snapshot.route(name).is_some());
         for route in snapshot.routes() {
-            let next = due
-                .entry(route.config.name.clone())
-                .or_insert_with(|| now + route.config.rollout.interval);
-            if now >= *next {
-                *next = now + route.config.rollout.interval;
+            if looks.is_due(&route.config.name, route.config.rollout.interval, now) {
                 save_if_unsaved(&route.shared);
                 analyse(&route.shared, &route.config);
             }
         }
+        tokio::time::sleep_until(looks.next(now)).await;
+    }
+}
+
+/// The longest the controller sleeps: a route a reload added, or whose `interval` it changed,
+/// is seen within this.
+const PICK_UP: Duration = Duration::from_millis(100);
+
+/// When each route, by name, is next analysed.
+#[derive(Default)]
+struct Looks {
+    due: HashMap<String, Instant>,
+}
+
+impl Looks {
+    /// Whether the route `name`, analysed every `interval`, is due at `now` (its first look
+    /// is an `interval` after it is first seen); if so, its next look is set.
+    fn is_due(&mut self, name: &str, interval: Duration, now: Instant) -> bool {
+        let Some(next) = self.due.get_mut(name) else {
+            self.due.insert(name.to_string(), now + interval);
+            return false;
+        };
+        // An `interval` shortened by a reload counts from now.
+        if now >= *next || *next > now + interval {
+            let due = now >= *next;
+            *next = now + interval;
+            return due;
+        }
+        false
+    }
+
+    /// Forgets the routes `exists` does not know (removed by a reload).
+    fn keep_only(&mut self, exists: impl Fn(&str) -> bool) {
+        self.due.retain(|name, _| exists(name));
+    }
+
+    /// When to look again after `now`: the next route's look, within [`PICK_UP`].
+    fn next(&self, now: Instant) -> Instant {
+        let soonest = self.due.values().min().copied();
+        soonest.map_or(now + PICK_UP, |at| at.min(now + PICK_UP))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the controller's schedule from `start` until `until` after it, as `run` does, with
+    /// `routes` (name, interval) present from the given offset on; the looks each got.
+    fn looks_over(routes: &[(&str, u64, u64)], until: u64) -> Vec<(String, Vec<u64>)> {
+        let start = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut looks = Looks::default();
+        let mut seen: Vec<(String, Vec<u64>)> =
+            routes.iter().map(|r| (r.0.to_string(), vec![])).collect();
+        let mut now = start;
+        while now <= start + ms(until) {
+            for (i, &(name, interval, from)) in routes.iter().enumerate() {
+                if now >= start + ms(from) && looks.is_due(name, ms(interval), now) {
+                    seen[i].1.push((now - start).as_millis() as u64);
+                }
+            }
+            now = looks.next(now);
+        }
+        seen
+    }
+
+    /// Each route is analysed every `interval`, to the millisecond (not on a coarser tick:
+    /// 150 ms were looks every 200 ms); a route a reload adds is first looked at `interval`
+    /// after the controller saw it, within 100 ms of its arrival.
+    #[test]
+    fn each_route_is_looked_at_every_interval() {
+        let seen = looks_over(&[("a", 150, 0), ("b", 1000, 0), ("late", 300, 1250)], 2000);
+        assert_eq!(
+            seen[0].1,
+            [150, 300, 450, 600, 750, 900, 1050, 1200, 1350, 1500, 1650, 1800, 1950]
+        );
+        assert_eq!(seen[1].1, [1000, 2000]);
+        // Seen at 1300 (the first look after 1250), looked at 300 ms later.
+        assert_eq!(seen[2].1, [1600, 1900]);
+    }
+
+    /// A reload that shortens a route's interval takes effect from the next look of the
+    /// controller, not after the longer interval; removed routes are forgotten.
+    #[test]
+    fn a_shortened_interval_counts_from_now() {
+        let start = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut looks = Looks::default();
+        assert!(!looks.is_due("a", ms(60_000), start));
+        assert!(!looks.is_due("a", ms(200), start + ms(100)));
+        assert!(looks.is_due("a", ms(200), start + ms(300)));
+        looks.keep_only(|name| name != "a");
+        assert_eq!(looks.next(start + ms(300)), start + ms(400));
+        assert!(!looks.is_due("a", ms(200), start + ms(300)));
     }
 }
