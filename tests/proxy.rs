@@ -69,6 +69,27 @@ async fn exact_host_beats_wildcard_beats_any_host_and_the_longest_prefix_wins() 
     veer.shutdown().await;
 }
 
+/// `OPTIONS *` (about the server as a whole) goes to the route of the host's root, as sent;
+/// a host whose routes do not cover `/` has none for it.
+#[tokio::test]
+async fn options_asterisk_goes_to_the_route_of_the_root() {
+    let root = recording("root").await;
+    let sub = recording("sub").await;
+    let routes = host_route("root", &["root"], "/", root.addr)
+        + &host_route("sub", &["sub"], "/sub/", sub.addr);
+    let veer = Veer::start("", &routes).await;
+    let ask =
+        |host: &str| format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let answer = raw(veer.addr, ask("root").as_bytes()).await;
+    assert_eq!(raw_status(&answer), Some(200), "{answer}");
+    let seen = only_request(&root).await;
+    assert_eq!((seen.method.as_str(), seen.uri.as_str()), ("OPTIONS", "*"));
+    let answer = raw(veer.addr, ask("sub").as_bytes()).await;
+    assert_eq!(raw_status(&answer), Some(404), "{answer}");
+    assert_eq!(sub.request_count(), 0);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_request_no_route_matches_gets_a_short_404_from_veer() {
     let upstream = recording("shop").await;

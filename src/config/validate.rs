@@ -436,6 +436,9 @@ fn path_prefix_problem(prefix: &str) -> Option<String> {
             "write it {encoded:?}: request paths carry other characters than ASCII percent-encoded"
         ));
     }
+    if prefix.contains("//") {
+        return Some("must have no '//': paths are matched with runs of '/' taken as one".into());
+    }
     let normalized = crate::routing::decoded_unreserved(prefix);
     if normalized.split('/').any(is_dot_segment) {
         return Some(
@@ -1426,7 +1429,9 @@ fn parse_statuses(text: &str) -> Option<StatusSet> {
     let mut set = StatusSet::default();
     let mut any = false;
     for part in text.split(',').map(str::trim) {
-        let (lo, hi) = if let Some(class) = part.strip_suffix("xx") {
+        // A class in either case: `5xx` or `5XX`.
+        let class = part.strip_suffix("xx").or_else(|| part.strip_suffix("XX"));
+        let (lo, hi) = if let Some(class) = class {
             let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
             (c * 100, c * 100 + 99)
         } else if let Some((a, b)) = part.split_once('-') {
@@ -2132,6 +2137,7 @@ endpoints = ["127.0.0.1:9002"]
         let set = parse_statuses("5xx, 429,400-401").unwrap();
         assert!(set.contains(500) && set.contains(599) && set.contains(429));
         assert!(set.contains(400) && set.contains(401) && !set.contains(402));
+        assert_eq!(parse_statuses("5XX"), parse_statuses("5xx"));
         assert!(parse_statuses("6xx").is_none());
         assert!(parse_statuses("").is_none());
         assert!(parse_statuses("abc").is_none());
@@ -2426,6 +2432,13 @@ endpoints = ["127.0.0.1:9002"]
                 &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "'..' segment");
+        }
+        for prefix in ["//", "/api//v2/", "/api//"] {
+            let text = MINIMAL.replace(
+                "name = \"shop\"",
+                &format!("name = \"shop\"\npath_prefix = \"{prefix}\""),
+            );
+            one_problem_at(&text, "route[0].path_prefix", 7, "must have no '//'");
         }
         for (prefix, decoded) in [
             ("/%61pi/%7E", "/api/~"),

@@ -317,10 +317,14 @@ pub(crate) fn decoded_unreserved(path: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_string()))
 }
 
+/// `path` with its `.` and `..` segments resolved and its runs of `/` taken as one (as NGINX's
+/// `merge_slashes` and Go's `path.Clean` take them: `//api` is matched as `/api`).
 fn without_dot_segments(path: &str) -> Cow<'_, str> {
-    // Most paths have no dot at all: one `memchr` tells.
-    if memchr::memchr(b'.', path.as_bytes()).is_none()
-        || !path.split('/').any(|segment| dots(segment) > 0)
+    // Most paths have no dot and no `//` at all: a `memchr` and a `memmem` tell.
+    let bytes = path.as_bytes();
+    if memchr::memmem::find(bytes, b"//").is_none()
+        && (memchr::memchr(b'.', bytes).is_none()
+            || !path.split('/').any(|segment| dots(segment) > 0))
     {
         return Cow::Borrowed(path);
     }
@@ -330,6 +334,8 @@ fn without_dot_segments(path: &str) -> Cow<'_, str> {
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
         match dots(segment) {
+            // Between two slashes of a run; the last: after a trailing slash.
+            _ if segment.is_empty() => trailing_slash = last,
             0 => kept.push(segment),
             1 => trailing_slash = last,
             _ => {
@@ -467,7 +473,12 @@ impl RoutingTable {
     /// with no matching prefix falls through to the next. The path is matched with its dot
     /// segments resolved, as the upstream will read it.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        let path = resolved(path);
+        // `OPTIONS *` asks about the server as a whole: the route of the host's root answers.
+        let path = if path == "*" {
+            Cow::Borrowed("/")
+        } else {
+            resolved(path)
+        };
         let by_path = |list: &[usize]| {
             list.iter()
                 .map(|&i| &self.routes[i])
@@ -651,7 +662,11 @@ mod tests {
             ("/a/.%2e/b", "/b"),
             ("/a/%2e/b", "/a/b"),
             ("/a/.b/..c/...", "/a/.b/..c/..."),
-            ("/a//../b", "/a/b"),
+            ("/a//../b", "/b"),
+            ("//api/v2", "/api/v2"),
+            ("/a///b//", "/a/b/"),
+            ("//", "/"),
+            ("/a/b/", "/a/b/"),
             ("/a/..;/b", "/b"),
             ("/a/..;x=1/b", "/b"),
             ("/a/.;/b", "/a/b"),
@@ -674,6 +689,7 @@ mod tests {
         let t = table(&text);
         let name = |path| t.find(None, path).map(|r| r.name().to_string());
         assert_eq!(name("/public/../admin/x").as_deref(), Some("admin"));
+        assert_eq!(name("//admin//x").as_deref(), Some("admin"));
         assert_eq!(name("/public/%2e%2e/admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/public/..;/admin/x").as_deref(), Some("admin"));
         assert_eq!(name("/%61dmin/x").as_deref(), Some("admin"));
