@@ -37,10 +37,16 @@
 //!   the null is `θ₀ > 0`, not equal rates; a high observed canary rate raises its own variance,
 //!   which protects small samples.
 //! * Mixing sd: `τ = max(2 · error_rate_margin, 0.01)`, fixed by the policy, never by the data
-//!   (that would break the martingale). The mixture has most power where `τ² ≈ v (z² − 1)`, i.e.
-//!   at regressions of about `τ` above the margin: one percentage point at the default margin,
-//!   the size of regression a step of a few thousand requests can resolve. A small `τ` also keeps
-//!   small samples from ever crossing (see below).
+//!   (that would break the martingale). One normal mixture has most power where
+//!   `τ² ≈ v (z² − 1)`, i.e. at regressions of about `τ` above the margin: one percentage point
+//!   at the default margin, the size of regression a step of a few thousand requests can
+//!   resolve. `Λ` is the equal-weight average of the mixtures with `τ`, `4τ` and `16τ` (an
+//!   average of martingales is a martingale: Ville's bound holds as for one), as in the latency
+//!   test: gross regressions are decided on few requests (10 % against 1 %: 185 canary requests
+//!   with the three, 395 with `τ` alone; 15 %: 104 and 328), at a cost of at most ln 3 nats
+//!   where `τ` alone fits (3 % against 1 %: 1,817 requests, 1,684 with `τ` alone;
+//!   `gross_error_regressions_fail_fast`). A small `τ` also keeps small samples from ever
+//!   crossing (see below).
 //! * Floor: the test is computed only with >= [`MIN_TEST_REQUESTS`] requests on EACH side; below
 //!   that the normal approximation of a binomial means nothing and gross failures are `Abort`'s
 //!   job anyway.
@@ -50,13 +56,14 @@
 //!   `v` stops shrinking and `Λ` tends to a function of one fixed z; crossing then needs
 //!   z ≳ 3, a one-look level well below α. Checked by simulation at the null's boundary
 //!   (`error_test_keeps_its_level_at_the_margin_under_continuous_looks`: 1.5 % vs 1 % and
-//!   0.6 % vs 0.1 %, 300 looks, 2,000 runs each): the mixture failed in 5 and 1 runs
-//!   (0.25 %, 0.05 %; α = 1 %); a 99 % z-test repeated at every look failed in 93 and 64.
+//!   0.6 % vs 0.1 %, 300 looks, 2,000 runs each): the mixture failed in 2 and 1 runs
+//!   (0.1 %, 0.05 %; α = 1 %); a 99 % z-test repeated at every look failed in 93 and 64.
 //!
 //! What this costs: an always-valid test needs roughly 2-3x the data of a one-look test. E.g. 3 %
 //! vs 1 % with a 0.5 % margin is z = 2.4 at 1,000 requests per side: a single-look test at 99 %
 //! would just fire; no mixture can (its best `Λ` over all τ is about 4.5, not 100). The same
-//! difference fails from about 2,300 requests per side on, well within a rollout's later steps.
+//! difference fails from about 2,500 requests per side on (2,300 with `τ` alone), well within a
+//! rollout's later steps.
 //!
 //! # Latency test
 //!
@@ -111,9 +118,9 @@
 //! bound 3/2,000 = 0.15 %). No failing look at all came from either test.
 //!
 //! Power (`canary_one_point_above_the_margin_mostly_rolls_back`): canary 2.5 % vs stable 1 %
-//! (1 point above the margin) rolls back in 1,000 of 1,000 rollouts at 1,000 req/s, and in 298
+//! (1 point above the margin) rolls back in 1,000 of 1,000 rollouts at 1,000 req/s, and in 297
 //! of 300 at 200 req/s: a canary that looks worse than the margin holds at its step instead of
-//! passing, until the test is conclusive (mostly in the 1 % step; 2 of 300 were still held
+//! passing, until the test is conclusive (mostly in the 1 % step; 3 of 300 were still held
 //! there after the simulation's hour).
 //!
 //! Short steps (`identical_slots_after_short_steps_are_not_held_at_100_percent`: 2 s and 200
@@ -585,6 +592,9 @@ fn mixture_log_lr(delta: f64, var: f64, tau2: f64) -> f64 {
     finite(value)
 }
 
+/// The mixing sds of the error test, as multiples of [`error_mixing_sd`].
+const ERROR_MIXING_SCALES: [f64; 3] = [1.0, 4.0, 16.0];
+
 /// The mixing sds of the latency test, as multiples of `1 − q`.
 const LATENCY_MIXING_SCALES: [f64; 3] = [1.0, 4.0, 16.0];
 
@@ -636,7 +646,11 @@ fn error_test(p: &Params, canary: &SlotSummary, stable: &SlotSummary) -> ErrorTe
     test.computed = true;
     test.std_error = var.sqrt();
     test.z = finite(delta / test.std_error);
-    test.log_lr = mixture_log_lr(delta, var, mixing_sd * mixing_sd);
+    test.log_lr = mixtures_log_lr(
+        delta,
+        var,
+        &ERROR_MIXING_SCALES.map(|k| (k * mixing_sd).powi(2)),
+    );
     test.conclusive = test.log_lr >= p.threshold;
     test.failing = test.conclusive && delta > 0.0;
     test
@@ -1286,7 +1300,8 @@ mod tests {
         };
         let c = filled(1_000, 1.0, 3);
         let s = filled(5_000, 1.0, 3);
-        let j = judge(&policy, &evidence((120, 24, &c), (5_000, 0, &s), 60));
+        // 2.5 % of 120 against none of 5,000: worse than the margin, not conclusively.
+        let j = judge(&policy, &evidence((120, 3, &c), (5_000, 0, &s), 60));
         assert!(!j.error_test.conclusive, "{}", j.reason);
         assert_eq!(j.verdict, Verdict::Hold, "{}", j.reason);
         assert!(j.reason.contains("above the 0.5% margin"), "{}", j.reason);
@@ -1835,6 +1850,35 @@ mod tests {
                     .count();
                 assert!(promoted >= 285, "{}", describe(&outcomes));
             }
+        }
+    }
+
+    /// Canary requests after which the error test fails a canary with `canary_rate` errors
+    /// against a stable with 1 %, at one canary request a second against 99 of stable's (the
+    /// first step, 1 %, at 100 req/s), the errors spread evenly; `None` within the hour.
+    fn canary_requests_to_fail(canary_rate: f64) -> Option<u64> {
+        let policy = Policy::default();
+        let empty = histogram(2);
+        (1..=3_600u64).find_map(|second| {
+            let (c, s) = (second, 99 * second);
+            let ce = (c as f64 * canary_rate).round() as u64;
+            let se = (s as f64 * 0.01).round() as u64;
+            let j = judge(&policy, &evidence((c, ce, &empty), (s, se, &empty), second));
+            j.error_test.failing.then_some(c)
+        })
+    }
+
+    /// Fail fast: the error test's mixture spans regressions 1 to 16 times `τ` above the
+    /// margin, so a gross one is decided on few requests (10 % against 1 %: 185 canary
+    /// requests; with `τ` alone it took 395, over 6 minutes at the first step of 100 req/s),
+    /// while one near the margin costs little more (3 %: 1,817; 1,684 with `τ` alone).
+    /// Deterministic: the errors are spread evenly.
+    #[test]
+    fn gross_error_regressions_fail_fast() {
+        for (rate, within) in [(0.03, 2_000), (0.05, 600), (0.10, 200), (0.15, 120)] {
+            let after = canary_requests_to_fail(rate);
+            println!("canary {rate} vs 1 %: fails after {after:?} canary requests");
+            assert!(after.is_some_and(|n| n <= within), "{rate}: {after:?}");
         }
     }
 
