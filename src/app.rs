@@ -504,6 +504,11 @@ impl App {
         }
     }
 
+    /// How many reloads were done so far, applied or rejected, by any path.
+    pub fn reloads_done(&self) -> u64 {
+        self.reloads_applied.load(Ordering::Relaxed) + self.reloads_rejected.load(Ordering::Relaxed)
+    }
+
     /// Re-reads the config file; applies it whole or not at all.
     pub async fn reload(&self) -> Result<(), ConfigErrors> {
         let _guard = self.reload_lock.lock().await;

@@ -8,7 +8,10 @@
 //! link). It debounces bursts, reloads when the content of any of them changed, and after each
 //! burst places its watches again, as links may point elsewhere now. Writes to other files in
 //! those directories (a log next to the config) are ignored, so they can neither delay a reload
-//! nor cause reads. A rejected config keeps the old one serving (see `App::reload`).
+//! nor cause reads. A rejected config keeps the old one serving (see `App::reload`); a config
+//! that cannot be read (deleted, its permissions taken) is reloaded once, to be rejected where
+//! operators look. Reloads by SIGHUP or the admin API are noticed: the content they read is
+//! not the one this watcher last applied.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -240,27 +243,42 @@ impl Watching {
     /// Reloads whenever the content of the config or of a file it names changed, until the
     /// process ends.
     pub async fn run(self, app: Arc<App>) {
-        let reload = || {
-            let app = Arc::clone(&app);
+        let reloading = Arc::clone(&app);
+        let reload = move || {
+            let app = Arc::clone(&reloading);
             async move { app.reload().await.ok().map(|()| app.named_files()) }
         };
-        self.run_with(reload).await;
+        self.run_with(reload, move || app.reloads_done()).await;
     }
 
-    /// [`Watching::run`] with `reload`: `Some` with the files the config names when it was
-    /// applied.
+    /// [`Watching::run`] with `reload` (`Some` with the files the config names when it was
+    /// applied) and `reloads_done` (how many reloads were done so far, by any path).
     async fn run_with<R: Future<Output = Option<Vec<PathBuf>>>>(
         mut self,
         mut reload: impl FnMut() -> R,
+        reloads_done: impl Fn() -> u64,
     ) {
+        // The reloads done when this watcher last reloaded: one done since by SIGHUP or the
+        // admin API read the file as it was then, so the hash kept here no longer tells what
+        // is in force (a file changed, reloaded by SIGHUP, then changed back).
+        let mut seen = reloads_done();
+        // Whether the config could not be read at the last reload: a file deleted or made
+        // unreadable is reloaded once, so that the rejection is told (logged, counted, shown by
+        // the admin API), not at every event until it can be read again.
+        let mut unreadable = false;
         while self.settled().await {
             // What changed may be a link or a directory on the way to a file.
             let _ = self.place();
             let now = contents_hash(&self.files);
-            if now.is_none() || now == self.last {
+            let unchanged = match now {
+                None => unreadable,
+                Some(_) => now == self.last,
+            };
+            if unchanged && reloads_done() == seen {
                 continue;
             }
             debug!(path = %self.files[0].display(), "Config changed.");
+            unreadable = now.is_none();
             // A rejected config is read again at the next change around it: it may have been
             // refused for a file it names (a certificate) that is there now.
             self.last = match reload().await {
@@ -269,6 +287,7 @@ impl Watching {
                 // Other files named: the hash of what is watched from now on.
                 Some(named) => self.follow(named),
             };
+            seen = reloads_done();
         }
     }
 
@@ -478,16 +497,35 @@ mod tests {
         tokio::task::JoinHandle<()>,
         mpsc::UnboundedReceiver<Vec<u8>>,
     ) {
+        reloading_counted(path, named, accept, Arc::default())
+    }
+
+    /// [`reloading_named`] where `done` counts the reloads, this watcher's and those a test
+    /// makes as SIGHUP would.
+    fn reloading_counted(
+        path: &Path,
+        named: Vec<PathBuf>,
+        accept: Arc<std::sync::atomic::AtomicBool>,
+        done: Arc<std::sync::atomic::AtomicU64>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        mpsc::UnboundedReceiver<Vec<u8>>,
+    ) {
         let watching = watch(path.to_path_buf(), named.clone()).expect("watch");
         let (tx, rx) = mpsc::unbounded_channel();
         let read = path.to_path_buf();
+        let counted = Arc::clone(&done);
         let reload = move || {
+            // An unreadable file is reloaded (and rejected) as an empty one.
             let _ = tx.send(std::fs::read(&read).unwrap_or_default());
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let accept = accept.load(std::sync::atomic::Ordering::SeqCst);
+            let readable = read.exists();
             let named = named.clone();
-            async move { accept.then_some(named) }
+            async move { (accept && readable).then_some(named) }
         };
-        (tokio::spawn(watching.run_with(reload)), rx)
+        let reloads_done = move || done.load(std::sync::atomic::Ordering::SeqCst);
+        (tokio::spawn(watching.run_with(reload, reloads_done)), rx)
     }
 
     fn reloading(
@@ -576,8 +614,9 @@ mod tests {
         std::fs::write(&path, "a = 1\n").expect("write");
         let (task, mut reloads) = reloading(&path, accepting());
         std::fs::remove_dir_all(&conf).expect("rm -rf");
-        // Long enough for the removal's burst to settle with the directory still gone.
-        tokio::time::sleep(MAX_DELAY + DEBOUNCE).await;
+        // Once the removal's burst settled with the directory still gone, the config it took
+        // is reloaded to be rejected (read as nothing here).
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some(""));
         std::fs::create_dir(&conf).expect("mkdir");
         std::fs::write(&path, "a = 2\n").expect("write");
         assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
@@ -605,6 +644,45 @@ mod tests {
             no_reload(&mut reloads).await,
             "an applied file was reloaded unchanged"
         );
+        task.abort();
+    }
+
+    /// A file changed, reloaded by SIGHUP (or the admin API), then changed back to what this
+    /// watcher last applied, is reloaded: what is in force is what SIGHUP read, not the file.
+    #[tokio::test]
+    async fn a_file_changed_back_after_a_reload_elsewhere_is_reloaded() {
+        let (_dir, path, watching) = watched();
+        drop(watching);
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (task, mut reloads) =
+            reloading_counted(&path, Vec::new(), accepting(), Arc::clone(&done));
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        // Within one burst: B written and reloaded by SIGHUP, then A written back.
+        std::fs::write(&path, "a = 3\n").expect("write");
+        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        // Nothing else reloaded since: the same bytes again are not.
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert!(no_reload(&mut reloads).await, "reloaded unchanged");
+        task.abort();
+    }
+
+    /// A config deleted (or made unreadable) is reloaded once, to be rejected where it is seen
+    /// (the log, the counter, the admin API), not passed over in silence; back with the very
+    /// content in force, it is reloaded again (the last reload was a rejection).
+    #[tokio::test]
+    async fn a_deleted_config_is_reloaded_once_and_again_when_it_is_back() {
+        let (_dir, path, watching) = watched();
+        drop(watching);
+        let (task, mut reloads) = reloading(&path, accepting());
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        std::fs::remove_file(&path).expect("rm");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some(""));
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
         task.abort();
     }
 
@@ -658,7 +736,7 @@ mod tests {
             let named = vec![named.clone()];
             async move { Some(named) }
         };
-        let task = tokio::spawn(watching.run_with(reload));
+        let task = tokio::spawn(watching.run_with(reload, || 0));
         std::fs::write(&path, "a = 2\n").expect("write");
         assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
         std::fs::write(&new, "newer").expect("write");
