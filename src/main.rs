@@ -343,8 +343,11 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
     };
     raise_open_files_limit();
     // Requests are handled on `server.workers` threads of their own (see listener::workers);
-    // this runtime only runs the admin API, the controller and the config watcher.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // this runtime only runs the admin API, the controller and the config watcher. On two
+    // threads: a state file's fsync (at a reload, a rollout transition, an admin action) may
+    // take seconds on a busy disk, and must not hold `/healthz` (a liveness probe) meanwhile.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build();
     let result = runtime.context("cannot start the runtime").and_then(|rt| {
