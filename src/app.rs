@@ -550,58 +550,73 @@ impl App {
         let text = Config::read(path)?;
         let config =
             crate::config::parse_for(&text, path.parent(), crate::config::Purpose::Reload)?;
-        let restart_error = |key: &str, message: &str| {
-            ConfigErrors::single(ConfigError {
-                path: key.to_string(),
-                line: crate::config::key_line(&text, key),
-                message: message.to_string(),
-            })
+        let restart_error = |key: &str, message: &str| ConfigError {
+            path: key.to_string(),
+            line: crate::config::key_line(&text, key),
+            message: message.to_string(),
         };
         let current = self.table.load_full();
         let old = &current.config;
-        if config.server.listen != old.server.listen {
-            return Err(restart_error(
-                "server.listen",
-                "changing listeners needs a restart",
-            ));
-        }
-        if config.admin != old.admin {
-            return Err(restart_error(
-                "admin",
-                "changing the admin listener or token needs a restart",
-            ));
-        }
-        if config.state != old.state {
-            return Err(restart_error(
-                "state.dir",
-                "changing the state dir needs a restart",
-            ));
-        }
         let (new, was) = (&config.server, &old.server);
+        // Every key changed that needs a restart, each named: the reload is rejected whole.
         let fixed = [
-            ("server.workers", new.workers != was.workers),
+            (
+                "server.listen",
+                new.listen != was.listen,
+                "changing listeners",
+            ),
+            (
+                "server.workers",
+                new.workers != was.workers,
+                "changing this",
+            ),
             (
                 "server.connect_timeout",
                 new.connect_timeout != was.connect_timeout,
+                "changing this",
             ),
             (
                 "server.upstream_idle_timeout",
                 new.upstream_idle_timeout != was.upstream_idle_timeout,
+                "changing this",
             ),
-            ("server.access_log", new.access_log != was.access_log),
-        ];
-        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
-            return Err(restart_error(key, "changing this needs a restart"));
-        }
-        if config.server.tls.is_some() != old.server.tls.is_some() {
-            return Err(restart_error(
+            (
+                "server.access_log",
+                new.access_log != was.access_log,
+                "changing this",
+            ),
+            (
                 "server.tls",
-                "turning TLS on or off needs a restart",
-            ));
+                new.tls.is_some() != was.tls.is_some(),
+                "turning TLS on or off",
+            ),
+            (
+                "admin.listen",
+                config.admin.listen != old.admin.listen,
+                "changing the admin listener",
+            ),
+            (
+                "admin.token",
+                config.admin.token != old.admin.token,
+                "changing the admin token",
+            ),
+            (
+                "state.dir",
+                config.state != old.state,
+                "changing the state dir",
+            ),
+        ];
+        let restart: Vec<ConfigError> = fixed
+            .iter()
+            .filter(|(_, changed, _)| *changed)
+            .map(|(key, _, what)| restart_error(key, &format!("{what} needs a restart")))
+            .collect();
+        if !restart.is_empty() {
+            return Err(ConfigErrors(restart));
         }
         if let Some(tls_config) = &config.server.tls {
             let (acceptor, validity) = tls::acceptor(tls_config)
-                .map_err(|e| restart_error("server.tls", &e.to_string()))?;
+                .map_err(|e| ConfigErrors::single(restart_error("server.tls", &e.to_string())))?;
             self.tls.store(Some(Arc::new(acceptor)));
             let not_after = validity.map_or(NO_CERTIFICATE, |v| v.not_after);
             self.tls_not_after.store(not_after, Ordering::Relaxed);

@@ -220,6 +220,51 @@ async fn changing_the_listeners_is_rejected_as_needing_a_restart() {
     veer.shutdown().await;
 }
 
+/// A file that changes several keys needing a restart gets each named, with its line, and
+/// nothing of it applied (the manual weight it also changes neither).
+#[tokio::test]
+async fn every_key_that_needs_a_restart_is_named() {
+    let (blue, green) = upstreams().await;
+    let manual = "[route.rollout]\nmode = \"manual\"\nweight = 0\n";
+    let routes = route("shop", blue.addr, green.addr, manual);
+    let veer = Veer::start("", &routes).await;
+    let text = text_for(&veer, &routes)
+        .replace(
+            "[server]\n",
+            "[server]\nworkers = 3\naccess_log = \"stderr\"\n",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.2:0\"",
+        )
+        .replace("weight = 0", "weight = 100");
+    std::fs::write(&veer.config_path, &text).unwrap();
+    let (status, body) = reload(&veer).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let named: Vec<(&str, Option<u64>)> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["path"].as_str().unwrap(), e["line"].as_u64()))
+        .collect();
+    let line = |start: &str| {
+        text.lines()
+            .position(|l| l.starts_with(start))
+            .map(|i| i as u64 + 1)
+    };
+    assert_eq!(
+        named,
+        [
+            ("server.workers", line("workers = 3")),
+            ("server.access_log", line("access_log")),
+            ("admin.listen", line("listen = \"127.0.0.2:0\"")),
+        ],
+        "{body}"
+    );
+    assert_eq!(veer.route_status("shop").await["canary_weight"], 0.0);
+    veer.shutdown().await;
+}
+
 /// A short auto policy, sticky users by header.
 const AUTO: &str =
     "[route.sticky]\nby = \"header:x-user\"\n[route.rollout]\nsteps = [10, 50, 100]\n\

@@ -257,6 +257,10 @@ fn plain_message(message: &str) -> String {
         .copied()
         .collect::<Vec<_>>()
         .join(": ");
+    // The TOML parser says nothing of a key whose value the file ends before (`key =`).
+    if message.is_empty() {
+        return "a value is missing (the file ends after `=`)".into();
+    }
     if let Some(at) = message.find("expected struct Raw") {
         return format!("{}expected a table", &message[..at]);
     }
@@ -2433,6 +2437,9 @@ endpoints = ["127.0.0.1:9002"]
             );
             one_problem_at(&text, "route[0].path_prefix", 7, "'..' segment");
         }
+        // A file that ends after `=` (written in place, read half-written).
+        let cut = MINIMAL.replace("endpoints = [\"127.0.0.1:9002\"]\n", "endpoints = ");
+        one_problem_at(&cut, "route[0].green.endpoints", 10, "a value is missing");
         for prefix in ["//", "/api//v2/", "/api//"] {
             let text = MINIMAL.replace(
                 "name = \"shop\"",
