@@ -68,6 +68,9 @@ pub struct LastVerdict {
 struct Inner {
     state: RolloutState,
     step_started: Instant,
+    /// When the slots' step windows began: at the step's start, and while no rollout is under
+    /// way, at the last [`roll_idle_window`].
+    window_started: Instant,
     last: Option<LastVerdict>,
     hold_warned: bool,
     /// Why the state in memory is not the one in `state.dir`: its last save failed. Saved
@@ -102,6 +105,7 @@ impl RouteRollout {
             inner: Mutex::new(Inner {
                 state,
                 step_started: Instant::now(),
+                window_started: Instant::now(),
                 last: None,
                 hold_warned: false,
                 unsaved: None,
@@ -288,8 +292,16 @@ fn commit(
         // only requests the override header sends there.
         let served = inner.state.canary_bp < 10_000;
         if same_stable && served {
-            if let Some(baseline) = next_baseline(&window, next.baseline.as_deref(), policy) {
-                next.baseline = Some(Arc::new(baseline));
+            // A start takes the figures kept while no rollout was under way (see
+            // `roll_idle_window`), which the new state dropped with the last rollout's.
+            let kept = match action {
+                "start" => inner.state.baseline.clone(),
+                _ => next.baseline.clone(),
+            };
+            match next_baseline(&window, kept.as_deref(), policy) {
+                Some(baseline) => next.baseline = Some(Arc::new(baseline)),
+                None if action == "start" => next.baseline = kept,
+                None => {}
             }
         }
     }
@@ -308,6 +320,7 @@ fn commit(
     }
     if moved {
         inner.step_started = Instant::now();
+        inner.window_started = inner.step_started;
         inner.hold_warned = false;
         shared.split.store(state.split());
     }
@@ -600,6 +613,7 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
     }
     let mut inner = shared.rollout.lock();
     if inner.state.phase != Phase::Ramping {
+        roll_idle_window(shared, &mut inner, &config.rollout);
         return;
     }
     let split: Split = inner.state.split();
@@ -705,6 +719,33 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
             commit(shared, &mut inner, next, &config.rollout, why);
         }
         Err(error) => warn!(route = %shared.name, %error, "Controller transition refused."),
+    }
+}
+
+/// How long stable's figures gather while no rollout is under way before they are folded into
+/// the kept baseline (see [`roll_idle_window`]).
+const IDLE_WINDOW: Duration = Duration::from_secs(600);
+
+/// While no rollout is under way (idle, or rolled back), every [`IDLE_WINDOW`] stable's step
+/// window is folded into the kept baseline as a step's is when it ends ([`next_baseline`]:
+/// taken alone when it has enough samples, else topped up from the older figures). A start
+/// then takes as stable's figures the window since the last fold, topped up from recent ones:
+/// without the folds its window ran from the last transition, hours or days of figures of
+/// which the oldest may no longer say how stable serves (an endpoint moved, a dependency
+/// changed).
+fn roll_idle_window(shared: &RouteShared, inner: &mut Inner, policy: &RolloutConfig) {
+    let idle = matches!(inner.state.phase, Phase::Idle | Phase::RolledBack);
+    if !idle || inner.window_started.elapsed() < IDLE_WINDOW {
+        return;
+    }
+    let stable = inner.state.stable;
+    let window = shared.slot_metrics(stable).take_step();
+    shared.slot_metrics(stable.other()).reset_step();
+    inner.window_started = Instant::now();
+    if let Some(baseline) = next_baseline(&window, inner.state.baseline.as_deref(), policy) {
+        // Kept in memory: saved with the next change of the state (a restart keeps the one
+        // saved last).
+        inner.state.baseline = Some(Arc::new(baseline));
     }
 }
 

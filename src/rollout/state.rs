@@ -206,7 +206,8 @@ impl RolloutState {
         match (self.phase, action) {
             (Phase::Idle | Phase::RolledBack, Action::Start) => {
                 // A new rollout does not inherit the last one's baseline: the stable window
-                // just before it (the idle time) becomes the first one.
+                // just before it (the idle time, with the figures folded while idle: see
+                // `rollout::commit`) becomes the first one.
                 next.baseline = None;
                 next.phase = Phase::Ramping;
                 next.step = 0;
