@@ -511,6 +511,12 @@ impl App {
 
     /// Re-reads the config file; applies it whole or not at all.
     pub async fn reload(&self) -> Result<(), ConfigErrors> {
+        self.reload_counted().await.0
+    }
+
+    /// [`App::reload`], with [`App::reloads_done`] as it stood when this one ended (read
+    /// before another reload can begin).
+    pub async fn reload_counted(&self) -> (Result<(), ConfigErrors>, u64) {
         let _guard = self.reload_lock.lock().await;
         // Whatever becomes of the config: `SIGHUP` after a log rotation must reopen the log.
         if let Some(log) = &self.access_log {
@@ -536,7 +542,7 @@ impl App {
                 errors,
             };
         }
-        result
+        (result, self.reloads_done())
     }
 
     fn try_reload(&self) -> Result<(), ConfigErrors> {
@@ -552,7 +558,9 @@ impl App {
             crate::config::parse_for(&text, path.parent(), crate::config::Purpose::Reload)?;
         let restart_error = |key: &str, message: &str| ConfigError {
             path: key.to_string(),
-            line: crate::config::key_line(&text, key),
+            // `admin.token` may be given as `admin.token_env`.
+            line: crate::config::key_line(&text, key)
+                .or_else(|| crate::config::key_line(&text, &format!("{key}_env"))),
             message: message.to_string(),
         };
         let current = self.table.load_full();

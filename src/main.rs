@@ -299,7 +299,7 @@ fn check(path: &Path) -> ExitCode {
                 config.routes.len(),
                 if config.routes.len() == 1 { "" } else { "s" }
             );
-            // Valid, and served, but clients will refuse it.
+            // Valid, and served, but clients will refuse the certificate (or soon will).
             let tls = config.server.tls.as_ref();
             if let Some(problem) = tls.and_then(veer::listener::tls::certificate_problem) {
                 text.push_str(&format!(
@@ -323,11 +323,20 @@ fn check(path: &Path) -> ExitCode {
 }
 
 /// Prints why `veer run` cannot go on: a plain line on stderr, or with `--log-format json` a
-/// log line like every other (a log collector reading JSON would not parse a plain one).
+/// JSON line shaped like the log's (a log collector reading JSON would not parse a plain one),
+/// written whatever `RUST_LOG` filters out.
 fn fatal(format: LogFormat, message: &str) {
     match format {
         LogFormat::Text => eprintln!("{message}"),
-        LogFormat::Json => tracing::error!("{message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "timestamp": veer::rollout::journal::now_rfc3339(),
+                "level": "ERROR",
+                "fields": { "message": message },
+                "target": "veer",
+            })
+        ),
     }
 }
 

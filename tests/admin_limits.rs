@@ -99,9 +99,9 @@ async fn admin_post_bodies_over_64_kib_are_413() {
     veer.shutdown().await;
 }
 
-/// The admin port reads heads as the proxy does: an HTTP/1.1 request without a Host, or with
-/// two, is a 400 (the checks against DNS rebinding read the Host: a second one must not hide
-/// behind the first); a head over 64 KiB is a 431. HTTP/1.0 needs no Host.
+/// The admin port reads heads as the proxy does: an HTTP/1.1 request without a Host, or any
+/// with two, is a 400 (the checks against DNS rebinding read the Host: a second one must not
+/// hide behind the first); a head over 64 KiB is a 431. HTTP/1.0 needs no Host.
 #[tokio::test]
 async fn admin_heads_need_one_host_and_at_most_64_kib() {
     let blue = Upstream::builder("blue").start().await.unwrap();
@@ -122,6 +122,10 @@ async fn admin_heads_need_one_host_and_at_most_64_kib() {
             200,
         ),
         ("GET /healthz HTTP/1.0\r\n\r\n".to_string(), 200),
+        (
+            "GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n".to_string(),
+            400,
+        ),
     ] {
         let answer = raw(veer.admin, request.as_bytes()).await;
         assert_eq!(

@@ -127,6 +127,13 @@ fn with_json_logs_why_veer_stops_is_a_json_line() {
     for (path, code, reason) in [(busy, 2, "cannot bind"), (bad, 1, "server.bogus")] {
         let (got, stderr) = run_to_exit_with(&path, &["--log-format", "json"]);
         assert_eq!(got, Some(code), "{stderr}");
+        // Whatever RUST_LOG filters out (RUST_LOG=off), why veer stopped is still told.
+        let mut quiet = Command::new(env!("CARGO_BIN_EXE_veer"));
+        quiet.args(["run", "--log-format", "json", "-c"]).arg(&path);
+        let output = quiet.env("RUST_LOG", "off").output().unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.contains(reason), "RUST_LOG=off: {said}");
+        assert_eq!(got, Some(code), "{stderr}");
         let lines: Vec<serde_json::Value> = stderr
             .lines()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))

@@ -90,6 +90,30 @@ async fn options_asterisk_goes_to_the_route_of_the_root() {
     veer.shutdown().await;
 }
 
+/// A path with both a run of `/` and a dot segment is read two ways by upstreams
+/// (`/admin//../x`: `/admin/x` by RFC 3986, `/x` by NGINX and Go): refused with a 400, sent
+/// nowhere. `//` alone, or dot segments alone, are routed.
+#[tokio::test]
+async fn a_path_with_both_double_slashes_and_dot_segments_is_refused() {
+    let admin = recording("admin").await;
+    let root = recording("root").await;
+    let routes =
+        host_route("admin", &[], "/admin/", admin.addr) + &host_route("root", &[], "/", root.addr);
+    let veer = Veer::start("", &routes).await;
+    let ask = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    for (path, status) in [
+        ("/admin//../x", 400),
+        ("/admin//%2e%2e/x", 400),
+        ("//admin/x", 200),
+        ("/public/../admin/x", 200),
+    ] {
+        let answer = raw(veer.addr, ask(path).as_bytes()).await;
+        assert_eq!(raw_status(&answer), Some(status), "{path}: {answer}");
+    }
+    assert_eq!((admin.request_count(), root.request_count()), (2, 0));
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_request_no_route_matches_gets_a_short_404_from_veer() {
     let upstream = recording("shop").await;

@@ -655,6 +655,23 @@ async fn ramp_to_half(c: &Controller, shared: &RouteShared) {
     assert_eq!(phase_step_weight(shared), (Phase::Ramping, 1, 5000));
 }
 
+/// A new canary label mid-rollout starts over without the withdrawn rollout's figures: the
+/// new start's stable figures are its window since the last step began (10 requests), not
+/// topped up from those the withdrawn rollout kept (200).
+#[tokio::test(start_paused = true)]
+async fn a_new_canary_label_mid_rollout_keeps_none_of_the_withdrawn_rollouts_figures() {
+    let c = Controller::new("");
+    let shared = c.restore();
+    ramp_to_half(&c, &shared).await;
+    let kept = shared.rollout.view().state.baseline.map(|b| b.requests);
+    assert_eq!(kept, Some(200));
+    feed(&shared, Slot::Blue, 10, 0, 10);
+    let v3 = relabelled(&c.route, Slot::Green, "v3");
+    rollout::reconcile(&shared, &v3, Some(&c.route));
+    let baseline = shared.rollout.view().state.baseline.map(|b| b.requests);
+    assert_eq!(baseline, Some(10));
+}
+
 /// A build that hangs is rolled back within seconds, while its requests wait for
 /// `request_timeout`. When they fail, after a new rollout started (a `start`, or a fixed build
 /// under a new label), they count in the sliding window and the totals, not in the new step:

@@ -182,6 +182,13 @@ async fn a_route_without_a_shadow_shows_its_counters_at_zero() {
     ] {
         assert_eq!(counter(&shadow, key), 0, "{key}");
     }
+    // The same fields as with a shadow.
+    assert_eq!(
+        shadow["recent_mismatches"],
+        serde_json::json!([]),
+        "{shadow}"
+    );
+    assert!(shadow["latency"].is_object(), "{shadow}");
     veer.shutdown().await;
     let (veer, _blue, _green, _shadow) = mirror(recording("shadow").await, "percent = 100.0").await;
     assert_eq!(shadow_stats(&veer, "mirror").await["configured"], true);

@@ -192,13 +192,13 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
 /// Routes one admin request: 404 for a path that is no endpoint, 405 with `Allow` for an
 /// endpoint asked with another method.
 async fn route(app: &App, req: Request<Incoming>) -> Answer {
-    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (and the checks of `auth` read
-    // it: a second one must not hide behind the first).
-    if req.version() == Version::HTTP_11 && req.headers().get_all(header::HOST).iter().count() != 1
-    {
+    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host, and no request two (the checks
+    // of `auth` read it: a second one must not hide behind the first).
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
         let mut answer = json_error(
             StatusCode::BAD_REQUEST,
-            "an HTTP/1.1 request needs exactly one Host header",
+            "a request has at most one Host header (HTTP/1.1: exactly one)",
         );
         // A client that sends such heads is not one to go on with.
         answer

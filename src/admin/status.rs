@@ -99,30 +99,22 @@ fn window_json(w: &WindowStats) -> Value {
 /// The shadow's counters; a route without a shadow has them too, at zero, with
 /// `configured: false` (so that readers of SPEC's fields need no case of their own).
 fn shadow_json(route: &Route) -> Value {
-    let Some(config) = &route.config.shadow else {
-        return json!({
-            "configured": false,
-            "percent": 0.0,
-            "compare": "off",
-            "requests": 0,
-            "sent": 0,
-            "match": 0,
-            "mismatch": 0,
-            "mismatch_rate": 0.0,
-            "error": 0,
-            "dropped_busy": 0,
-            "dropped_body": 0,
-            "in_flight": 0,
-        });
+    let (configured, percent, compare) = match &route.config.shadow {
+        Some(config) => (
+            true,
+            f64::from(config.basis_points) / 100.0,
+            format!("{:?}", config.compare).to_lowercase(),
+        ),
+        None => (false, 0.0, "off".to_string()),
     };
     let s = &route.shared.shadow;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let (matched, mismatched) = (get(&s.matched), get(&s.mismatched));
     let compared = matched + mismatched;
     json!({
-        "configured": true,
-        "percent": f64::from(config.basis_points) / 100.0,
-        "compare": format!("{:?}", config.compare).to_lowercase(),
+        "configured": configured,
+        "percent": percent,
+        "compare": compare,
         "requests": get(&s.requests),
         "sent": get(&s.sent),
         "match": matched,

@@ -246,14 +246,18 @@ impl Watching {
         let reloading = Arc::clone(&app);
         let reload = move || {
             let app = Arc::clone(&reloading);
-            async move { app.reload().await.ok().map(|()| app.named_files()) }
+            async move {
+                let (result, done) = app.reload_counted().await;
+                (result.ok().map(|()| app.named_files()), done)
+            }
         };
         self.run_with(reload, move || app.reloads_done()).await;
     }
 
     /// [`Watching::run`] with `reload` (`Some` with the files the config names when it was
-    /// applied) and `reloads_done` (how many reloads were done so far, by any path).
-    async fn run_with<R: Future<Output = Option<Vec<PathBuf>>>>(
+    /// applied, and how many reloads were done when it ended) and `reloads_done` (how many
+    /// reloads were done so far, by any path).
+    async fn run_with<R: Future<Output = (Option<Vec<PathBuf>>, u64)>>(
         mut self,
         mut reload: impl FnMut() -> R,
         reloads_done: impl Fn() -> u64,
@@ -281,13 +285,15 @@ impl Watching {
             unreadable = now.is_none();
             // A rejected config is read again at the next change around it: it may have been
             // refused for a file it names (a certificate) that is there now.
-            self.last = match reload().await {
+            let (applied, done) = reload().await;
+            self.last = match applied {
                 None => None,
                 Some(named) if self.follows(&named) => now,
                 // Other files named: the hash of what is watched from now on.
                 Some(named) => self.follow(named),
             };
-            seen = reloads_done();
+            // As the reload ended: one by SIGHUP right after it is one more.
+            seen = done;
         }
     }
 
@@ -518,11 +524,11 @@ mod tests {
         let reload = move || {
             // An unreadable file is reloaded (and rejected) as an empty one.
             let _ = tx.send(std::fs::read(&read).unwrap_or_default());
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let done = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let accept = accept.load(std::sync::atomic::Ordering::SeqCst);
             let readable = read.exists();
             let named = named.clone();
-            async move { (accept && readable).then_some(named) }
+            async move { ((accept && readable).then_some(named), done) }
         };
         let reloads_done = move || done.load(std::sync::atomic::Ordering::SeqCst);
         (tokio::spawn(watching.run_with(reload, reloads_done)), rx)
@@ -669,6 +675,33 @@ mod tests {
         task.abort();
     }
 
+    /// A SIGHUP reload that ends right after the watcher's own (it waited for the lock) is
+    /// one this watcher has not seen: the file written back to what the watcher applied is
+    /// reloaded, since what is in force is what SIGHUP read.
+    #[tokio::test]
+    async fn a_reload_elsewhere_right_after_the_watchers_own_is_not_taken_for_seen() {
+        let (_dir, path, watching) = watched();
+        drop(watching);
+        let watching = watch(path.clone(), Vec::new()).expect("watch");
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (tx, mut reloads) = mpsc::unbounded_channel();
+        let (read, counted) = (path.clone(), Arc::clone(&done));
+        let reload = move || {
+            let _ = tx.send(std::fs::read(&read).unwrap_or_default());
+            let own = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            // The SIGHUP reload waiting on the lock, done before the watcher looks again.
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { (Some(Vec::new()), own) }
+        };
+        let reloads_done = move || done.load(std::sync::atomic::Ordering::SeqCst);
+        let task = tokio::spawn(watching.run_with(reload, reloads_done));
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        task.abort();
+    }
+
     /// A config deleted (or made unreadable) is reloaded once, to be rejected where it is seen
     /// (the log, the counter, the admin API), not passed over in silence; back with the very
     /// content in force, it is reloaded again (the last reload was a rejection).
@@ -734,7 +767,7 @@ mod tests {
         let reload = move || {
             let _ = tx.send(std::fs::read(&read).unwrap_or_default());
             let named = vec![named.clone()];
-            async move { Some(named) }
+            async move { (Some(named), 0) }
         };
         let task = tokio::spawn(watching.run_with(reload, || 0));
         std::fs::write(&path, "a = 2\n").expect("write");

@@ -76,7 +76,7 @@ impl TlsError {
 /// Builds an acceptor from PEM files; also returns when the served certificate is valid.
 /// Warns (logs) when it has expired or is not valid yet (clients refuse it, but it is served,
 /// as NGINX and HAProxy serve it: an expired certificate beats none for clients told to
-/// accept it), or expires within 14 days.
+/// accept it), or expires soon (see [`Validity::problem`]).
 pub fn acceptor(config: &TlsConfig) -> Result<(TlsAcceptor, Option<Validity>), TlsError> {
     let certs = certificates(&config.cert)?;
     let key = private_key(&config.key)?;
@@ -110,8 +110,9 @@ impl Validity {
     }
 
     /// What is wrong with the certificate at `now` (Unix seconds): expired, not valid yet, or
-    /// expiring within [`EXPIRES_SOON`] (renewals start about 30 days ahead: one that is this
-    /// close has failed).
+    /// expiring within [`EXPIRES_SOON`] or a third of its lifetime, whichever is less
+    /// (renewals start about 30 days ahead, or at two thirds of a short-lived certificate's
+    /// lifetime: one that is this close has failed).
     pub fn problem(&self, now: i64) -> Option<String> {
         let date = |at: i64| {
             let at = u64::try_from(at).unwrap_or(0);
@@ -127,7 +128,7 @@ impl Validity {
                 "the certificate is not valid before {}: clients will refuse it",
                 date(self.not_before)
             ))
-        } else if self.not_after - now < EXPIRES_SOON {
+        } else if self.not_after - now < EXPIRES_SOON.min((self.not_after - self.not_before) / 3) {
             let hours = (self.not_after - now) / 3600;
             Some(format!(
                 "the certificate expires at {}, in {} days {} hours: renew it",
@@ -314,6 +315,13 @@ mod tests {
             "the certificate expires at 2023-11-14T22:13:20Z, in 13 days 5 hours: renew it"
         );
         assert_eq!(fixed.problem(fixed.not_after - 14 * 86_400), None);
+        // A certificate for 3 days is warned of in its last day, not all along.
+        let short = Validity {
+            not_before: 1_700_000_000,
+            not_after: 1_700_000_000 + 3 * 86_400,
+        };
+        assert_eq!(short.problem(short.not_before + 2 * 86_400 - 60), None);
+        assert!(short.problem(short.not_before + 2 * 86_400 + 60).is_some());
     }
 
     /// The certificate chain and key of a new self-signed certificate for localhost.

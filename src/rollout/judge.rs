@@ -45,8 +45,9 @@
 //!   test: gross regressions are decided on few requests (10 % against 1 %: 185 canary requests
 //!   with the three, 395 with `τ` alone; 15 %: 104 and 328), at a cost of at most ln 3 nats
 //!   where `τ` alone fits (3 % against 1 %: 1,817 requests, 1,684 with `τ` alone;
-//!   `gross_error_regressions_fail_fast`). A small `τ` also keeps small samples from ever
-//!   crossing (see below).
+//!   `gross_error_regressions_fail_fast`). Small samples are kept from crossing on a few
+//!   errors by the floor below and the per-arm variance above, not by `τ`: a gross difference
+//!   on a few dozen requests may cross, as failing fast means.
 //! * Floor: the test is computed only with >= [`MIN_TEST_REQUESTS`] requests on EACH side; below
 //!   that the normal approximation of a binomial means nothing and gross failures are `Abort`'s
 //!   job anyway.
@@ -1289,7 +1290,7 @@ mod tests {
         assert_ne!(j.verdict, Verdict::Pass, "{}", j.reason);
     }
 
-    /// 20 % errors against none, seen before the test can decide (a controller that looked
+    /// 2.5 % errors against none, seen before the test can decide (a controller that looked
     /// late, with the step's time and requests already met): held, not passed.
     #[test]
     fn a_canary_worse_than_the_margin_holds_until_the_test_decides() {

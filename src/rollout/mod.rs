@@ -292,15 +292,19 @@ fn commit(
         // only requests the override header sends there.
         let served = inner.state.canary_bp < 10_000;
         if same_stable && served {
-            // A start takes the figures kept while no rollout was under way (see
-            // `roll_idle_window`), which the new state dropped with the last rollout's.
-            let kept = match action {
-                "start" => inner.state.baseline.clone(),
-                _ => next.baseline.clone(),
+            // A start from idle takes the figures kept while no rollout was under way (see
+            // `roll_idle_window`), which the new state dropped with the last rollout's. (A
+            // start over for a new canary label keeps nothing of the withdrawn rollout's.)
+            let after_idle =
+                action == "start" && matches!(inner.state.phase, Phase::Idle | Phase::RolledBack);
+            let kept = if after_idle {
+                inner.state.baseline.clone()
+            } else {
+                next.baseline.clone()
             };
             match next_baseline(&window, kept.as_deref(), policy) {
                 Some(baseline) => next.baseline = Some(Arc::new(baseline)),
-                None if action == "start" => next.baseline = kept,
+                None if after_idle => next.baseline = kept,
                 None => {}
             }
         }
@@ -766,6 +770,10 @@ pub async fn run(table: Arc<ArcSwap<RoutingTable>>) {
     }
 }
 
+/// The shortest `interval` the controller keeps (a shorter one is taken as this): each look
+/// takes the route's lock and may write the journal.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
 /// The longest the controller sleeps: a route a reload added, or whose `interval` it changed,
 /// is seen within this.
 const PICK_UP: Duration = Duration::from_millis(100);
@@ -780,6 +788,7 @@ impl Looks {
     /// Whether the route `name`, analysed every `interval`, is due at `now` (its first look
     /// is an `interval` after it is first seen); if so, its next look is set.
     fn is_due(&mut self, name: &str, interval: Duration, now: Instant) -> bool {
+        let interval = interval.max(MIN_INTERVAL);
         let Some(next) = self.due.get_mut(name) else {
             self.due.insert(name.to_string(), now + interval);
             return false;
@@ -840,6 +849,9 @@ mod tests {
             [150, 300, 450, 600, 750, 900, 1050, 1200, 1350, 1500, 1650, 1800, 1950]
         );
         assert_eq!(seen[1].1, [1000, 2000]);
+        // An interval under 10 ms is taken as 10 ms.
+        let fast = looks_over(&[("fast", 0, 0)], 50);
+        assert_eq!(fast[0].1, [10, 20, 30, 40, 50]);
         // Seen at 1300 (the first look after 1250), looked at 300 ms later.
         assert_eq!(seen[2].1, [1600, 1900]);
     }

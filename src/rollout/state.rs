@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tokio::runtime::RuntimeFlavor;
 
 use crate::config::StatusSet;
 use crate::routing::Split;
@@ -334,8 +335,20 @@ impl StateFiles {
         }
     }
 
-    /// Saves atomically: write a temporary file, fsync it, rename over the old one.
+    /// Saves atomically: write a temporary file, fsync it, rename over the old one. The fsync
+    /// may take seconds on a busy disk: on a multi-threaded runtime (the control plane's) this
+    /// worker's other tasks and the I/O driver go to another meanwhile, so that the admin API
+    /// (`/healthz`, a liveness probe) still answers.
     pub fn save(&self, route: &str, state: &RolloutState) -> Result<(), StateError> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.write(route, state))
+            }
+            _ => self.write(route, state),
+        }
+    }
+
+    fn write(&self, route: &str, state: &RolloutState) -> Result<(), StateError> {
         let path = self.path(route);
         let io = |source| StateError::Io {
             path: path.clone(),

@@ -317,6 +317,17 @@ pub(crate) fn decoded_unreserved(path: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_string()))
 }
 
+/// Whether `path` has both a run of `/` and a `.` or `..` segment (escaped or not). Upstreams
+/// read such a path two ways: RFC 3986 keeps the empty segment for `..` to remove
+/// (`/admin//../x` is `/admin/x`), NGINX and Go merge the slashes first (`/x`). No route can
+/// be chosen that matches what the upstream will serve: such a request is refused (400).
+pub fn is_ambiguous(path: &str) -> bool {
+    memchr::memmem::find(path.as_bytes(), b"//").is_some()
+        && decoded_unreserved(path)
+            .split('/')
+            .any(|segment| dots(segment) > 0)
+}
+
 /// `path` with its `.` and `..` segments resolved and its runs of `/` taken as one (as NGINX's
 /// `merge_slashes` and Go's `path.Clean` take them: `//api` is matched as `/api`).
 fn without_dot_segments(path: &str) -> Cow<'_, str> {
@@ -680,6 +691,16 @@ mod tests {
             assert_eq!(resolved(path), want, "{path}");
         }
         assert!(matches!(resolved("/plain/path"), Cow::Borrowed(_)));
+        for (path, ambiguous) in [
+            ("/admin//../x", true),
+            ("//a/./b", true),
+            ("/a//b/%2e%2E/c", true),
+            ("/a//b", false),
+            ("/a/../b", false),
+            ("/a//.b/..c", false),
+        ] {
+            assert_eq!(is_ambiguous(path), ambiguous, "{path}");
+        }
 
         let text = format!(
             "[server]\nlisten = [\"127.0.0.1:0\"]\n{}{}",
