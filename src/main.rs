@@ -354,7 +354,9 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
     // Requests are handled on `server.workers` threads of their own (see listener::workers);
     // this runtime only runs the admin API, the controller and the config watcher. On two
     // threads: a state file's fsync (at a reload, a rollout transition, an admin action) may
-    // take seconds on a busy disk, and must not hold `/healthz` (a liveness probe) meanwhile.
+    // take seconds on a busy disk, and must not hold `/healthz` (a liveness probe) meanwhile;
+    // it runs in `block_in_place`, which hands the other tasks and the I/O driver to the other
+    // thread (see `StateFiles::save`).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
