@@ -634,7 +634,8 @@ fn route_request<'t>(
     let host = effective_authority(parts)?;
     let host_name = host.as_ref().and_then(|h| h.to_str().ok()).map(strip_port);
     let route = table
-        .find(host_name, parts.uri.path())
+        .route_for(host_name, parts.uri.path())
+        .map_err(|_| LocalError::BadRequest("path with both '//' and a '.' or '..' segment"))?
         .ok_or(LocalError::NoRoute)?;
     let decision = route.decide(&parts.headers, conn.peer.ip());
     Ok((route, decision, host))

@@ -29,11 +29,6 @@ pub(super) fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), 
         }
         None => {}
     }
-    if crate::routing::is_ambiguous(parts.uri.path()) {
-        return Err(LocalError::BadRequest(
-            "path with both '//' and a '.' or '..' segment",
-        ));
-    }
     let uri_len = parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     if uri_len > server.max_uri_bytes {
         return Err(LocalError::UriTooLong);

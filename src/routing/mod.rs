@@ -263,12 +263,19 @@ pub const EJECTED_FOR: Duration = Duration::from_secs(10);
 /// resolved (§5.2.4) and a segment's `;parameters` left out of that (`..;x` is `..` to Tomcat
 /// and Jetty), so that `/public/../admin` is routed as `/admin`, not by its first segment.
 /// Borrowed when there is nothing to do, which is the usual case.
-fn resolved(path: &str) -> Cow<'_, str> {
-    match decoded_unreserved(path) {
-        Cow::Borrowed(path) => without_dot_segments(path),
-        Cow::Owned(path) => Cow::Owned(without_dot_segments(&path).into_owned()),
-    }
+fn resolved(path: &str) -> Result<Cow<'_, str>, AmbiguousPath> {
+    Ok(match decoded_unreserved(path) {
+        Cow::Borrowed(path) => without_dot_segments(path)?,
+        Cow::Owned(path) => Cow::Owned(without_dot_segments(&path)?.into_owned()),
+    })
 }
+
+/// A path with both a run of `/` and a `.` or `..` segment (escaped or not). Upstreams read
+/// such a path two ways: RFC 3986 keeps the empty segment for `..` to remove (`/admin//../x`
+/// is `/admin/x`), NGINX and Go merge the slashes first (`/x`). No route can be chosen that
+/// matches what the upstream will serve: such a request is refused (400).
+#[derive(Debug, PartialEq, Eq)]
+pub struct AmbiguousPath;
 
 /// `path` with its escapes in one form (RFC 3986 §6.2.2): `%XX` decoded where it stands for a
 /// letter, a digit, `-`, `.`, `_` or `~`, other escapes (`%2F` among them) with upper-case hex
@@ -317,27 +324,19 @@ pub(crate) fn decoded_unreserved(path: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_string()))
 }
 
-/// Whether `path` has both a run of `/` and a `.` or `..` segment (escaped or not). Upstreams
-/// read such a path two ways: RFC 3986 keeps the empty segment for `..` to remove
-/// (`/admin//../x` is `/admin/x`), NGINX and Go merge the slashes first (`/x`). No route can
-/// be chosen that matches what the upstream will serve: such a request is refused (400).
-pub fn is_ambiguous(path: &str) -> bool {
-    memchr::memmem::find(path.as_bytes(), b"//").is_some()
-        && decoded_unreserved(path)
-            .split('/')
-            .any(|segment| dots(segment) > 0)
-}
-
-/// `path` with its `.` and `..` segments resolved and its runs of `/` taken as one (as NGINX's
-/// `merge_slashes` and Go's `path.Clean` take them: `//api` is matched as `/api`).
-fn without_dot_segments(path: &str) -> Cow<'_, str> {
+/// `path` with its `.` and `..` segments resolved, or its runs of `/` taken as one (as NGINX's
+/// `merge_slashes` and Go's `path.Clean` take them: `//api` is matched as `/api`); a path with
+/// both is [`AmbiguousPath`].
+fn without_dot_segments(path: &str) -> Result<Cow<'_, str>, AmbiguousPath> {
     // Most paths have no dot and no `//` at all: a `memchr` and a `memmem` tell.
     let bytes = path.as_bytes();
-    if memchr::memmem::find(bytes, b"//").is_none()
-        && (memchr::memchr(b'.', bytes).is_none()
-            || !path.split('/').any(|segment| dots(segment) > 0))
-    {
-        return Cow::Borrowed(path);
+    let runs = memchr::memmem::find(bytes, b"//").is_some();
+    let dotted =
+        memchr::memchr(b'.', bytes).is_some() && path.split('/').any(|segment| dots(segment) > 0);
+    match (runs, dotted) {
+        (false, false) => return Ok(Cow::Borrowed(path)),
+        (true, true) => return Err(AmbiguousPath),
+        _ => {}
     }
     let mut kept: Vec<&str> = Vec::new();
     let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
@@ -363,7 +362,7 @@ fn without_dot_segments(path: &str) -> Cow<'_, str> {
     if trailing_slash || out.is_empty() {
         out.push('/');
     }
-    Cow::Owned(out)
+    Ok(Cow::Owned(out))
 }
 
 /// 1 for a `.` segment, 2 for `..`, else 0; `;parameters` are left out.
@@ -484,11 +483,20 @@ impl RoutingTable {
     /// with no matching prefix falls through to the next. The path is matched with its dot
     /// segments resolved, as the upstream will read it.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.route_for(host, path).ok().flatten()
+    }
+
+    /// [`RoutingTable::find`], telling an [`AmbiguousPath`] from one that no route matches.
+    pub fn route_for(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<Option<&Arc<Route>>, AmbiguousPath> {
         // `OPTIONS *` asks about the server as a whole: the route of the host's root answers.
         let path = if path == "*" {
             Cow::Borrowed("/")
         } else {
-            resolved(path)
+            resolved(path)?
         };
         let by_path = |list: &[usize]| {
             list.iter()
@@ -509,17 +517,17 @@ impl RoutingTable {
             };
             let host = host.strip_suffix('.').unwrap_or(host);
             if let Some(route) = self.exact.get(host).and_then(|list| by_path(list)) {
-                return Some(route);
+                return Ok(Some(route));
             }
             for (suffix, list) in &self.suffix {
                 if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
                     if let Some(route) = by_path(list) {
-                        return Some(route);
+                        return Ok(Some(route));
                     }
                 }
             }
         }
-        by_path(&self.any)
+        Ok(by_path(&self.any))
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -673,7 +681,6 @@ mod tests {
             ("/a/.%2e/b", "/b"),
             ("/a/%2e/b", "/a/b"),
             ("/a/.b/..c/...", "/a/.b/..c/..."),
-            ("/a//../b", "/b"),
             ("//api/v2", "/api/v2"),
             ("/a///b//", "/a/b/"),
             ("//", "/"),
@@ -688,18 +695,19 @@ mod tests {
             ("/caf%c3%a9/a%2fb", "/caf%C3%A9/a%2Fb"),
             ("/x/%2E%2e%2f", "/x/..%2F"),
         ] {
-            assert_eq!(resolved(path), want, "{path}");
+            assert_eq!(resolved(path), Ok(Cow::Borrowed(want)), "{path}");
         }
-        assert!(matches!(resolved("/plain/path"), Cow::Borrowed(_)));
+        assert!(matches!(resolved("/plain/path"), Ok(Cow::Borrowed(_))));
         for (path, ambiguous) in [
             ("/admin//../x", true),
+            ("/a//../b", true),
             ("//a/./b", true),
             ("/a//b/%2e%2E/c", true),
             ("/a//b", false),
             ("/a/../b", false),
             ("/a//.b/..c", false),
         ] {
-            assert_eq!(is_ambiguous(path), ambiguous, "{path}");
+            assert_eq!(resolved(path).is_err(), ambiguous, "{path}");
         }
 
         let text = format!(
