@@ -638,6 +638,9 @@ impl App {
         {
             info!(route = %route.name, "Route removed; its rollout state is kept in state.dir.");
         }
+        for warning in crate::config::warnings(&config, &text) {
+            warn!("{warning}");
+        }
         let table = build_table(config, Some(&current), &self.store);
         self.table.store(Arc::new(table));
         Ok(())

@@ -307,6 +307,11 @@ fn check(path: &Path) -> ExitCode {
                     path.display()
                 ));
             }
+            // Valid, and doing nothing.
+            let source = Config::read(path).unwrap_or_default();
+            for warning in veer::config::warnings(&config, &source) {
+                text.push_str(&format!("{}: warning: {warning}\n", path.display()));
+            }
             let _ = veer::cli::out(&text);
             ExitCode::SUCCESS
         }
@@ -350,6 +355,10 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let source = Config::read(path).unwrap_or_default();
+    for warning in veer::config::warnings(&config, &source) {
+        tracing::warn!("{}: {warning}", path.display());
+    }
     raise_open_files_limit();
     // Requests are handled on `server.workers` threads of their own (see listener::workers);
     // this runtime only runs the admin API, the controller and the config watcher. On two

@@ -534,6 +534,33 @@ fn check_warns_of_an_expired_certificate() {
     }
 }
 
+/// An auto route's `weight` (manual mode's key) does nothing: `check` says so, with the key and
+/// its line, and passes (exit 0); without it, no warning.
+#[test]
+fn check_warns_of_a_weight_that_auto_mode_ignores() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let plain = std::fs::read_to_string(&path).unwrap();
+    for (extra, warned) in [("", false), ("[route.rollout]\nweight = 30\n", true)] {
+        let text = format!("{plain}{extra}");
+        std::fs::write(&path, &text).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{said}");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("weight"))
+            .map_or(0, |i| i + 1);
+        let warning = "warning: route[0].rollout.weight: ignored in auto mode";
+        assert_eq!(said.contains(warning), warned, "{said}");
+        assert_eq!(said.contains(&format!(", line {line}")), warned, "{said}");
+    }
+}
+
 /// Plain `veer`, with nothing to run, shows what it can do on stderr and exits 1; `veer run`
 /// without a file says what it needs.
 #[test]

@@ -12,7 +12,9 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use crate::Slot;
-pub use validate::{basis_points, key_line, parse, parse_for, ConfigError, ConfigErrors, Purpose};
+pub use validate::{
+    basis_points, key_line, parse, parse_for, warnings, ConfigError, ConfigErrors, Purpose,
+};
 
 /// A fully validated configuration. Every invariant the rest of veer relies on holds here.
 #[derive(Clone, Debug)]

@@ -317,12 +317,42 @@ fn remove_key(doc: &mut toml_edit::DocumentMut, path: &[Segment]) -> Option<Stri
     Some(render(&removed))
 }
 
-/// The line of `key` (dotted: `server.workers`) in config `text`, or of the deepest table
-/// above it that is there.
+/// The line of `key` (dotted, array elements indexed: `server.workers`,
+/// `route[1].rollout.weight`) in config `text`, or of the deepest table above it that is there.
 pub fn key_line(text: &str, key: &str) -> Option<usize> {
     let doc = toml_edit::ImDocument::parse(text).ok()?;
-    let path: Vec<Seg<'_>> = key.split('.').map(Seg::Key).collect();
+    let mut path: Vec<Seg<'_>> = Vec::new();
+    for part in key.split('.') {
+        match part.strip_suffix(']').and_then(|p| p.split_once('[')) {
+            Some((name, index)) => {
+                path.push(Seg::Key(name));
+                path.push(Seg::Index(index.parse().ok()?));
+            }
+            None => path.push(Seg::Key(part)),
+        }
+    }
     line_in(text, &doc, &path)
+}
+
+/// What a valid config (parsed from `text`) holds that does nothing, for `veer check` and the
+/// log: an auto route's `weight`, which is manual mode's (the controller sets the weight).
+pub fn warnings(config: &Config, text: &str) -> Vec<ConfigError> {
+    config
+        .routes
+        .iter()
+        .enumerate()
+        .filter(|(_, route)| route.rollout.mode == Mode::Auto && route.rollout.weight != 0)
+        .map(|(i, _)| {
+            let path = format!("route[{i}].rollout.weight");
+            ConfigError {
+                line: key_line(text, &path),
+                path,
+                message: "ignored in auto mode (the controller sets the weight; it is manual \
+                          mode's)"
+                    .into(),
+            }
+        })
+        .collect()
 }
 
 /// The line of the deepest part of `path` that is present in `doc`, parsed from `text`.
@@ -2134,6 +2164,24 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(basis_points(0.001), None);
         assert_eq!(basis_points(100.01), None);
         assert_eq!(basis_points(-1.0), None);
+    }
+
+    #[test]
+    fn an_auto_routes_weight_is_warned_of_with_its_line() {
+        let text = format!("{MINIMAL}[route.rollout]\nmode = \"auto\"\nweight = 30\n");
+        let config = parse(&text, None).unwrap();
+        let warned = warnings(&config, &text);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert_eq!(warned[0].path, "route[0].rollout.weight");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("weight"))
+            .map(|i| i + 1);
+        assert_eq!(warned[0].line, line);
+        let manual = text.replace("\"auto\"", "\"manual\"");
+        assert_eq!(warnings(&parse(&manual, None).unwrap(), &manual), []);
+        let unset = format!("{MINIMAL}[route.rollout]\nmode = \"auto\"\n");
+        assert_eq!(warnings(&parse(&unset, None).unwrap(), &unset), []);
     }
 
     #[test]
