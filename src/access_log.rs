@@ -2,7 +2,7 @@
 //! disk never stalls a request. The queue is bounded; what it cannot take is counted.
 
 use std::fs::OpenOptions;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -131,37 +131,48 @@ fn open(path: &PathBuf) -> Result<std::fs::File, AccessLogError> {
 
 fn write_loop(
     rx: Receiver<Record>,
-    out: Box<dyn Write + Send>,
+    mut out: Box<dyn Write + Send>,
     path: Option<PathBuf>,
     reopen: &AtomicBool,
 ) {
-    let mut out = BufWriter::new(out);
+    // Whole lines only reach `out`, each batch in one `write_all`: on stderr that is one hold
+    // of its lock, so the log's other lines fall between access lines, never inside one (a
+    // `BufWriter` flushes at its capacity, mid-line).
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
     while let Ok(record) = rx.recv() {
         if let Some(path) = path
             .as_ref()
             .filter(|_| reopen.swap(false, Ordering::Relaxed))
         {
             match open(path) {
-                Ok(file) => {
-                    let _ = out.flush();
-                    out = BufWriter::new(Box::new(file));
-                }
+                Ok(file) => out = Box::new(file),
                 Err(error) => tracing::warn!(%error, "Cannot reopen the access log; writing on."),
             }
         }
-        let mut write = |record: &Record| -> std::io::Result<()> {
-            serde_json::to_writer(&mut out, record)?;
-            out.write_all(b"\n")
-        };
-        let mut result = write(&record);
-        while let Ok(record) = rx.try_recv() {
-            result = result.and(write(&record));
+        let mut result = Ok(());
+        let mut next = Some(record);
+        while let Some(record) = next {
+            let start = batch.len();
+            match serde_json::to_writer(&mut batch, &record) {
+                Ok(()) => batch.push(b'\n'),
+                Err(_) => batch.truncate(start),
+            }
+            if batch.len() >= BATCH_BYTES {
+                result = result.and(out.write_all(&batch));
+                batch.clear();
+            }
+            next = rx.try_recv().ok();
         }
-        if let Err(error) = result.and_then(|()| out.flush()) {
+        result = result.and(out.write_all(&batch)).and_then(|()| out.flush());
+        batch.clear();
+        if let Err(error) = result {
             tracing::warn!(%error, "Cannot write the access log.");
         }
     }
 }
+
+/// The most bytes of access lines gathered before they are written.
+const BATCH_BYTES: usize = 64 << 10;
 
 #[cfg(test)]
 mod tests {
@@ -178,6 +189,43 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         text
+    }
+
+    /// What a writer was handed, call by call.
+    #[derive(Clone, Default)]
+    struct Calls(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Every write hands over whole lines (on stderr, other log lines cannot then fall inside
+    /// an access line): 5,000 records of about 150 bytes, queued at once, so that batches
+    /// fill past their limit.
+    #[test]
+    fn writes_hand_over_whole_lines() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(10_000);
+        for i in 0..5_000 {
+            tx.send(Record::new(None, None, "GET", &format!("/path/{i}")))
+                .unwrap();
+        }
+        drop(tx);
+        let calls = Calls::default();
+        write_loop(rx, Box::new(calls.clone()), None, &AtomicBool::new(false));
+        let calls = calls.0.lock().unwrap();
+        assert!(calls.len() > 1, "{} writes", calls.len());
+        assert!(calls.iter().all(|call| call.last() == Some(&b'\n')));
+        let lines: usize = calls
+            .iter()
+            .map(|c| c.iter().filter(|&&b| b == b'\n').count())
+            .sum();
+        assert_eq!(lines, 5_000);
     }
 
     #[test]

@@ -811,12 +811,19 @@ async fn a_client_gone_before_the_answer_is_logged_as_499() {
         .unwrap();
     let waiting = tokio::spawn(async move { sender.send_request(request).await });
     await_requests(&slow, 1, Duration::from_secs(5)).await;
+    // Gone after 200 ms of waiting for the upstream: the line says how long it waited.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     waiting.abort();
     conn.abort();
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(eventually(Duration::from_secs(5), || async { read().ends_with('\n') }).await);
     let line: serde_json::Value = serde_json::from_str(read().trim()).unwrap();
     assert_eq!(line["status"], 499, "{line}");
+    let waited = line["upstream_ms"].as_f64().unwrap();
+    assert!(
+        waited >= 200.0 && waited <= line["total_ms"].as_f64().unwrap(),
+        "{line}"
+    );
     assert_eq!(line["path"], "/gone", "{line}");
     assert_eq!(line["route"], "shop", "{line}");
     assert_eq!(veer.slot("shop", "blue").await["client_aborts"], 1);

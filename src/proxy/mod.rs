@@ -718,6 +718,8 @@ struct Pending<'a> {
     /// The exchange's access-log line, borrowed (not moved) while the upstream is waited for.
     log: &'a mut Option<(AccessLogger, Record)>,
     started: Instant,
+    /// When the request went upstream: a client gone meanwhile is logged with the wait.
+    sent_at: Instant,
 }
 
 impl<'a> Pending<'a> {
@@ -733,6 +735,7 @@ impl<'a> Pending<'a> {
             done: false,
             log,
             started,
+            sent_at: sent,
         }
     }
 
@@ -757,7 +760,8 @@ impl Drop for Pending<'_> {
             return;
         }
         self.metrics.record_client_abort();
-        if let Some((logger, record)) = self.log.take() {
+        if let Some((logger, mut record)) = self.log.take() {
+            record.upstream_ms = millis(self.sent_at.elapsed());
             logged_gone(&logger, record, self.started);
         }
     }
