@@ -505,6 +505,18 @@ fn an_unreadable_tls_certificate_is_a_config_error() {
     }
 }
 
+/// What `veer check -c path` printed, having found the config valid (exit 0).
+fn checked_valid(path: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_veer"))
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{said}");
+    said
+}
+
 /// A certificate that expired is valid config (served, as NGINX serves it), but `check` warns
 /// that clients will refuse it; one valid now gets no warning.
 #[test]
@@ -521,13 +533,7 @@ fn check_warns_of_an_expired_certificate() {
         let cert = params.self_signed(&key).unwrap();
         std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
         std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["check", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&output.stdout);
-        assert_eq!(output.status.code(), Some(0), "{said}");
+        let said = checked_valid(&path);
         assert!(said.contains(": ok (1 route)"), "{said}");
         let warning = "warning: server.tls.cert: the certificate expired at 2021-01-01T00:00:00Z";
         assert_eq!(said.contains(warning), warned, "expired {expired}: {said}");
@@ -544,13 +550,7 @@ fn check_warns_of_a_weight_that_auto_mode_ignores() {
     for (extra, warned) in [("", false), ("[route.rollout]\nweight = 30\n", true)] {
         let text = format!("{plain}{extra}");
         std::fs::write(&path, &text).unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_veer"))
-            .args(["check", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&output.stdout);
-        assert_eq!(output.status.code(), Some(0), "{said}");
+        let said = checked_valid(&path);
         let line = text
             .lines()
             .position(|l| l.starts_with("weight"))
