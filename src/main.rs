@@ -291,8 +291,8 @@ fn usage(message: &str) -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(config) => {
+    match Config::load_with_text(path) {
+        Ok((config, source)) => {
             let mut text = format!(
                 "{}: ok ({} route{})\n",
                 path.display(),
@@ -308,7 +308,6 @@ fn check(path: &Path) -> ExitCode {
                 ));
             }
             // Valid, and doing nothing.
-            let source = Config::read(path).unwrap_or_default();
             for warning in veer::config::warnings(&config, &source) {
                 text.push_str(&format!("{}: warning: {warning}\n", path.display()));
             }
@@ -346,8 +345,8 @@ fn fatal(format: LogFormat, message: &str) {
 }
 
 fn run(path: &Path, format: LogFormat) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
+    let (config, source) = match Config::load_with_text(path) {
+        Ok(loaded) => loaded,
         Err(errors) => {
             for error in &errors.0 {
                 fatal(format, &format!("{}: {error}", path.display()));
@@ -355,7 +354,6 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let source = Config::read(path).unwrap_or_default();
     for warning in veer::config::warnings(&config, &source) {
         tracing::warn!("{}: {warning}", path.display());
     }

@@ -198,6 +198,14 @@ impl Config {
         Self::load_for(path, Purpose::Start)
     }
 
+    /// [`Config::load`], with the text it was read from (for what refers to its lines, such as
+    /// [`warnings`]), read once.
+    pub fn load_with_text(path: &Path) -> Result<(Config, String), ConfigErrors> {
+        let text = Self::read(path)?;
+        let config = parse_for(&text, path.parent(), Purpose::Start)?;
+        Ok((config, text))
+    }
+
     /// Reads and validates a config file for `purpose`.
     pub fn load_for(path: &Path, purpose: Purpose) -> Result<Config, ConfigErrors> {
         parse_for(&Self::read(path)?, path.parent(), purpose)
