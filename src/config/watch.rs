@@ -503,16 +503,18 @@ mod tests {
         tokio::task::JoinHandle<()>,
         mpsc::UnboundedReceiver<Vec<u8>>,
     ) {
-        reloading_counted(path, named, accept, Arc::default())
+        reloading_counted(path, named, accept, Arc::default(), false)
     }
 
     /// [`reloading_named`] where `done` counts the reloads, this watcher's and those a test
-    /// makes as SIGHUP would.
+    /// makes as SIGHUP would; with `sighup_after_each`, one more is counted right after each of
+    /// the watcher's own (a SIGHUP reload that waited on the lock).
     fn reloading_counted(
         path: &Path,
         named: Vec<PathBuf>,
         accept: Arc<std::sync::atomic::AtomicBool>,
         done: Arc<std::sync::atomic::AtomicU64>,
+        sighup_after_each: bool,
     ) -> (
         tokio::task::JoinHandle<()>,
         mpsc::UnboundedReceiver<Vec<u8>>,
@@ -525,6 +527,9 @@ mod tests {
             // An unreadable file is reloaded (and rejected) as an empty one.
             let _ = tx.send(std::fs::read(&read).unwrap_or_default());
             let done = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if sighup_after_each {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             let accept = accept.load(std::sync::atomic::Ordering::SeqCst);
             let readable = read.exists();
             let named = named.clone();
@@ -661,7 +666,7 @@ mod tests {
         drop(watching);
         let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (task, mut reloads) =
-            reloading_counted(&path, Vec::new(), accepting(), Arc::clone(&done));
+            reloading_counted(&path, Vec::new(), accepting(), Arc::clone(&done), false);
         std::fs::write(&path, "a = 2\n").expect("write");
         assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
         // Within one burst: B written and reloaded by SIGHUP, then A written back.
@@ -682,19 +687,8 @@ mod tests {
     async fn a_reload_elsewhere_right_after_the_watchers_own_is_not_taken_for_seen() {
         let (_dir, path, watching) = watched();
         drop(watching);
-        let watching = watch(path.clone(), Vec::new()).expect("watch");
-        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (tx, mut reloads) = mpsc::unbounded_channel();
-        let (read, counted) = (path.clone(), Arc::clone(&done));
-        let reload = move || {
-            let _ = tx.send(std::fs::read(&read).unwrap_or_default());
-            let own = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            // The SIGHUP reload waiting on the lock, done before the watcher looks again.
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async move { (Some(Vec::new()), own) }
-        };
-        let reloads_done = move || done.load(std::sync::atomic::Ordering::SeqCst);
-        let task = tokio::spawn(watching.run_with(reload, reloads_done));
+        let (task, mut reloads) =
+            reloading_counted(&path, Vec::new(), accepting(), Arc::default(), true);
         std::fs::write(&path, "a = 2\n").expect("write");
         assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
         std::fs::write(&path, "a = 2\n").expect("write");
