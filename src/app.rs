@@ -77,6 +77,11 @@ pub struct App {
 /// `App::tls_not_after` without TLS, or with a certificate whose validity was not read.
 pub const NO_CERTIFICATE: i64 = i64::MIN;
 
+/// `App::tls_not_after` for a served certificate's `validity`.
+fn not_after(validity: Option<tls::Validity>) -> i64 {
+    validity.map_or(NO_CERTIFICATE, |v| v.not_after)
+}
+
 /// A started instance: where it listens and how to stop it.
 pub struct Running {
     pub app: Arc<App>,
@@ -258,7 +263,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         ready: AtomicBool::new(false),
         access_log: access_log.clone(),
         tls: Arc::new(ArcSwapOption::new(tls_acceptor)),
-        tls_not_after: AtomicI64::new(tls_validity.map_or(NO_CERTIFICATE, |v| v.not_after)),
+        tls_not_after: AtomicI64::new(not_after(tls_validity)),
         reload_lock: tokio::sync::Mutex::new(()),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -626,8 +631,8 @@ impl App {
             let (acceptor, validity) = tls::acceptor(tls_config)
                 .map_err(|e| ConfigErrors::single(restart_error("server.tls", &e.to_string())))?;
             self.tls.store(Some(Arc::new(acceptor)));
-            let not_after = validity.map_or(NO_CERTIFICATE, |v| v.not_after);
-            self.tls_not_after.store(not_after, Ordering::Relaxed);
+            self.tls_not_after
+                .store(not_after(validity), Ordering::Relaxed);
         }
         // A removed route's state file stays: if it comes back, by a reload or a restart, it
         // gets its rollout back, as a restart with the file that still has it would give it.
