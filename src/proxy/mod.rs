@@ -451,7 +451,7 @@ impl Proxy {
             let primary = PrimaryOutcome {
                 status: status.as_u16(),
             };
-            tokio::spawn(job.run(self.shadow_client.clone(), primary));
+            tokio::spawn((*job).run(self.shadow_client.clone(), primary));
         }
         if let Some((logger, mut record)) = log {
             record.status = status.as_u16();
@@ -495,7 +495,7 @@ impl Proxy {
             let primary = PrimaryOutcome {
                 status: local.status().as_u16(),
             };
-            tokio::spawn(job.run(self.shadow_client.clone(), primary));
+            tokio::spawn((*job).run(self.shadow_client.clone(), primary));
         }
         let mut response = local.response();
         add_cookie(
@@ -538,7 +538,7 @@ impl Proxy {
         parts: &Parts,
         empty_body: bool,
         server: &ServerConfig,
-    ) -> Option<(ShadowJob, Option<Box<Tee>>)> {
+    ) -> Option<(Box<ShadowJob>, Option<Box<Tee>>)> {
         let config = route.config.shadow.as_ref()?;
         // A draw per request: `percent` is a share of requests, whoever sends them.
         if !config.methods.contains(&parts.method)
@@ -588,7 +588,7 @@ impl Proxy {
         } else {
             config.timeout
         };
-        let job = ShadowJob {
+        let job = Box::new(ShadowJob {
             request,
             body,
             permit,
@@ -597,7 +597,7 @@ impl Proxy {
             config: config.clone(),
             timeout,
             primary_hash: None,
-        };
+        });
         Some((job, tee))
     }
 }
@@ -618,7 +618,8 @@ struct Exchange<'a> {
     /// The client speaks HTTP/1.0.
     http10: bool,
     downstream_upgrade: Option<OnUpgrade>,
-    shadow: Option<ShadowJob>,
+    /// Boxed: most requests have none, and every request's future would carry its room.
+    shadow: Option<Box<ShadowJob>>,
     /// Where the request body stands (waiting for the client: a timeout is its fault).
     body_state: BodyState,
     log: Option<(AccessLogger, Record)>,
