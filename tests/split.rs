@@ -203,6 +203,16 @@ async fn header_key_keeps_its_slot_and_a_missing_header_is_random() {
     // Without the header each request draws a bucket: 200 requests at 50 % all in one slot
     // has a chance of 2^-199.
     assert!(count(&keyless, "green") > 0 && count(&keyless, "blue") > 0);
+    // An empty value is no key either (else every client sending one would share a bucket):
+    // the same chance of 2^-199 per value.
+    for empty in ["", "   "] {
+        let requests = vec![vec![("x-user".to_string(), empty.to_string())]; 200];
+        let slots = slots_of(&veer, requests).await;
+        assert!(
+            count(&slots, "green") > 0 && count(&slots, "blue") > 0,
+            "{empty:?}"
+        );
+    }
     veer.shutdown().await;
 }
 

@@ -1411,7 +1411,9 @@ pub fn basis_points(percent: f64) -> Option<u32> {
     }
     let scaled = percent * 100.0;
     let rounded = scaled.round();
-    if (scaled - rounded).abs() > 1e-6 {
+    // Room for the error of the decimal's binary form (33.33 * 100 = 3332.9999999999995), no
+    // more: 1e-9 is not a weight of 0.
+    if (scaled - rounded).abs() > 1e-9 {
         return None;
     }
     // In range 0..=10000 by the checks above.
@@ -2164,6 +2166,13 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(basis_points(0.001), None);
         assert_eq!(basis_points(100.01), None);
         assert_eq!(basis_points(-1.0), None);
+        assert_eq!(basis_points(1e-9), None);
+        assert_eq!(basis_points(99.999_999_9), None);
+        // Every hundredth as a client would write it, parsed from its decimal.
+        for bp in 0..=10_000u32 {
+            let text = format!("{}.{:02}", bp / 100, bp % 100);
+            assert_eq!(basis_points(text.parse().unwrap()), Some(bp), "{text}");
+        }
     }
 
     #[test]

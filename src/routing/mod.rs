@@ -156,9 +156,10 @@ impl Route {
                     keyed(&id, Some(id))
                 }
             },
-            StickyBy::Header(name) => match headers.get(name) {
-                Some(value) => keyed(value.as_bytes(), None),
-                None => random(),
+            // An empty value is no key: every client sending one would share a bucket.
+            StickyBy::Header(name) => match headers.get(name).map(|v| v.as_bytes().trim_ascii()) {
+                Some(key) if !key.is_empty() => keyed(key, None),
+                _ => random(),
             },
             StickyBy::ClientIp => {
                 let mut buf = [0u8; 16];

@@ -43,8 +43,8 @@ pub fn new_cookie_id() -> [u8; COOKIE_ID_LEN] {
     out
 }
 
-/// veer's cookie value in the request: the first well-formed one of that name. Foreign or
-/// malformed values are treated as absent (a new id will be set when none is left), never as
+/// veer's cookie value in the request: the first well-formed one of that name, quoted or not.
+/// Foreign or malformed values (veer's ids are lowercase) are treated as absent (a new id will be set when none is left), never as
 /// an error; a browser may send several cookies of one name (other paths or domains).
 pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     let id = |pair: &'a [u8]| {
@@ -52,6 +52,11 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> 
             .trim_ascii()
             .strip_prefix(name.as_bytes())?
             .strip_prefix(b"=")?;
+        // RFC 6265 lets a cookie's value be quoted: the same value.
+        let value = value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_suffix(b"\""))
+            .unwrap_or(value);
         // Without a branch per byte, so that the compiler can vectorize it (266 fewer
         // instructions per request than `all`, counted with loadtest/instructions.sh).
         let hex = |all: bool, b: &u8| all & matches!(b, b'0'..=b'9' | b'a'..=b'f');
@@ -138,6 +143,21 @@ mod tests {
             HeaderValue::from_static("veer_shop=0123456789ABCDEF0123456789abcdef"),
         );
         assert_eq!(cookie_value(&headers, "veer_shop"), None);
+        headers.insert(
+            http::header::COOKIE,
+            HeaderValue::from_static("a=1; veer_shop=\"0123456789abcdef0123456789abcdef\""),
+        );
+        assert_eq!(
+            cookie_value(&headers, "veer_shop"),
+            Some(&b"0123456789abcdef0123456789abcdef"[..])
+        );
+        for half_quoted in [
+            "veer_shop=\"0123456789abcdef0123456789abcdef",
+            "veer_shop=0123456789abcdef0123456789abcdef\"",
+        ] {
+            headers.insert(http::header::COOKIE, HeaderValue::from_static(half_quoted));
+            assert_eq!(cookie_value(&headers, "veer_shop"), None, "{half_quoted}");
+        }
     }
 
     /// Found among a browser's kilobyte of other cookies, by its exact name only: not in a
