@@ -18,6 +18,7 @@ use crate::admin;
 use crate::config::{Config, ConfigError, ConfigErrors, RouteConfig};
 use crate::listener::workers::Workers;
 use crate::listener::{self, tls, Listener};
+use crate::proxy::error::ClientErrors;
 use crate::proxy::Proxy;
 use crate::rollout::{self, Store};
 use crate::routing::{RouteShared, RoutingTable};
@@ -68,6 +69,8 @@ pub struct App {
     pub connections: Vec<(String, Arc<AtomicI64>)>,
     pub ready: AtomicBool,
     pub access_log: Option<AccessLogger>,
+    /// veer's own 4xx answers, by reason, counted by every worker.
+    pub client_errors: Arc<ClientErrors>,
     tls: Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>,
     /// When the served certificate expires (Unix seconds), or [`NO_CERTIFICATE`].
     pub tls_not_after: AtomicI64,
@@ -262,6 +265,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         connections,
         ready: AtomicBool::new(false),
         access_log: access_log.clone(),
+        client_errors: Arc::default(),
         tls: Arc::new(ArcSwapOption::new(tls_acceptor)),
         tls_not_after: AtomicI64::new(not_after(tls_validity)),
         reload_lock: tokio::sync::Mutex::new(()),
@@ -284,6 +288,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
             mine,
             Arc::clone(&table),
             access_log.clone(),
+            Arc::clone(&app.client_errors),
             Arc::clone(&app.tls),
             Arc::clone(&graceful),
             shutdown_rx.clone(),
@@ -335,6 +340,7 @@ async fn serve_worker(
     sockets: Vec<(std::net::TcpListener, Arc<AtomicI64>)>,
     table: Arc<ArcSwap<RoutingTable>>,
     access_log: Option<AccessLogger>,
+    client_errors: Arc<ClientErrors>,
     tls: Arc<ArcSwapOption<tokio_rustls::TlsAcceptor>>,
     graceful: Arc<GracefulShutdown>,
     shutdown: watch::Receiver<bool>,
@@ -347,7 +353,7 @@ async fn serve_worker(
         .server
         .upstream_idle_timeout
         .max(std::time::Duration::from_millis(100));
-    let proxy = Arc::new(Proxy::new(table, access_log));
+    let proxy = Arc::new(Proxy::new(table, access_log, client_errors));
     let expiry = tokio::spawn({
         let proxy = Arc::clone(&proxy);
         async move {

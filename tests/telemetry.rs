@@ -503,6 +503,69 @@ async fn metrics_are_strict_prometheus_text_with_every_spec_family() {
     veer.shutdown().await;
 }
 
+/// veer's own refusals for the client's fault are counted by reason and status, each once;
+/// answers of the upstream are not.
+#[tokio::test]
+async fn client_errors_are_counted_by_reason() {
+    let upstream = Upstream::builder("blue").start().await.unwrap();
+    let server = "max_body_bytes = 100\nmax_uri_bytes = 200\n";
+    let veer = Veer::start(server, &path_route("shop", upstream.addr, upstream.addr)).await;
+    let sent = [
+        (b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), 404),
+        (
+            b"GET /shop HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            format!("GET /shop/{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(300)).into_bytes(),
+            414,
+        ),
+        (
+            format!(
+                "POST /shop HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n{}",
+                "x".repeat(101)
+            )
+            .into_bytes(),
+            413,
+        ),
+        (b"GET /shop HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), 200),
+    ];
+    for (request, status) in &sent {
+        let answer = raw(veer.addr, request).await;
+        assert_eq!(raw_status(&answer), Some(*status), "{answer}");
+    }
+    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    assert_eq!(
+        metrics
+            .types
+            .get("veer_client_errors_total")
+            .map(String::as_str),
+        Some("counter")
+    );
+    let counted: BTreeMap<(String, String), f64> = metrics
+        .family("veer_client_errors_total")
+        .map(|s| {
+            (
+                (s.labels["status"].clone(), s.labels["reason"].clone()),
+                s.value,
+            )
+        })
+        .collect();
+    let expected: BTreeMap<(String, String), f64> = [
+        ("400", "bad_request", 1.0),
+        ("404", "no_route", 1.0),
+        ("408", "body_timeout", 0.0),
+        ("413", "body_too_large", 1.0),
+        ("414", "uri_too_long", 1.0),
+        ("431", "headers_too_large", 0.0),
+    ]
+    .into_iter()
+    .map(|(status, reason, n)| ((status.to_string(), reason.to_string()), n))
+    .collect();
+    assert_eq!(counted, expected);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_and_readiness_answer_200() {
     let blue = Upstream::builder("blue").start().await.unwrap();

@@ -154,6 +154,19 @@ pub fn render(app: &App) -> String {
         w.sample("veer_config_reloads_total", &[("result", result)], value);
     }
     w.family(
+        "veer_client_errors_total",
+        Kind::Counter,
+        "Requests veer refused itself for the client's fault, by status and reason.",
+    );
+    for (reason, status, count) in app.client_errors.counts() {
+        let status = status.to_string();
+        w.sample(
+            "veer_client_errors_total",
+            &[("status", &status), ("reason", reason)],
+            count as f64,
+        );
+    }
+    w.family(
         "veer_connections",
         Kind::Gauge,
         "Open downstream connections per listener.",

@@ -1,10 +1,53 @@
 //! The one mapping from a local error to a status code and a short plain reason.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 use crate::metrics::ErrorKind;
+
+/// veer's own answers to requests it refused for the client's fault (`veer_client_errors_total`),
+/// by reason; shared by every worker. A client that went away mid-body is a client abort
+/// instead (`veer_client_aborts_total`), and hyper's own bare answers (a head it cannot read or
+/// over twice the limits) are counted nowhere.
+#[derive(Debug, Default)]
+pub struct ClientErrors([AtomicU64; CLIENT_ERRORS.len()]);
+
+/// The reasons of [`ClientErrors`], with their status, in the order of its counts.
+pub const CLIENT_ERRORS: [(&str, u16); 6] = [
+    ("bad_request", 400),
+    ("no_route", 404),
+    ("body_timeout", 408),
+    ("body_too_large", 413),
+    ("uri_too_long", 414),
+    ("headers_too_large", 431),
+];
+
+impl ClientErrors {
+    /// Counts `error` if it is a refusal for the client's fault.
+    pub fn count(&self, error: LocalError) {
+        let index = match error {
+            LocalError::BadRequest(_) => 0,
+            LocalError::NoRoute => 1,
+            LocalError::BodyTimeout => 2,
+            LocalError::BodyTooLarge => 3,
+            LocalError::UriTooLong => 4,
+            LocalError::HeadersTooLarge => 5,
+            LocalError::BodyAborted | LocalError::NoEndpoint | LocalError::Upstream(_) => return,
+        };
+        self.0[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(reason, status, count)` of every reason.
+    pub fn counts(&self) -> impl Iterator<Item = (&'static str, u16, u64)> + '_ {
+        CLIENT_ERRORS
+            .iter()
+            .zip(&self.0)
+            .map(|(&(reason, status), count)| (reason, status, count.load(Ordering::Relaxed)))
+    }
+}
 
 /// Whose fault an error was. Only upstream faults count against a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,5 +171,37 @@ mod tests {
             assert_eq!(error.fault(), fault, "{error:?}");
             assert!(!error.reason().is_empty());
         }
+    }
+
+    /// Each refusal for the client's fault is counted once, under its own reason and status;
+    /// upstream failures and client aborts are not.
+    #[test]
+    fn client_errors_count_the_clients_faults_by_reason() {
+        let counted = [
+            LocalError::BadRequest("x"),
+            LocalError::NoRoute,
+            LocalError::BodyTimeout,
+            LocalError::BodyTooLarge,
+            LocalError::UriTooLong,
+            LocalError::HeadersTooLarge,
+        ];
+        for error in counted {
+            let errors = ClientErrors::default();
+            errors.count(error);
+            let counts: Vec<_> = errors.counts().filter(|c| c.2 > 0).collect();
+            assert_eq!(counts.len(), 1, "{error:?}");
+            assert_eq!(counts[0].1, error.status().as_u16(), "{error:?}");
+            assert_eq!(counts[0].2, 1, "{error:?}");
+        }
+        let errors = ClientErrors::default();
+        for error in [
+            LocalError::BodyAborted,
+            LocalError::NoEndpoint,
+            LocalError::Upstream(ErrorKind::Timeout),
+            LocalError::Upstream(ErrorKind::Reset),
+        ] {
+            errors.count(error);
+        }
+        assert!(errors.counts().all(|c| c.2 == 0));
     }
 }

@@ -29,7 +29,7 @@ use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
 use crate::upstream::{self, BodyState, Failure, RequestBody, Unread};
 use crate::Slot;
 use body::{Extra, ProxyBody, Tail};
-use error::LocalError;
+use error::{ClientErrors, LocalError};
 use headers::Forwarded;
 use request::{
     body_too_large, check_request, content_length, discard_unread, effective_authority, strip_port,
@@ -61,16 +61,22 @@ pub struct Proxy {
     pool: Pool,
     shadow_client: ShadowClient,
     access_log: Option<AccessLogger>,
+    client_errors: Arc<ClientErrors>,
 }
 
 impl Proxy {
-    pub fn new(table: Arc<ArcSwap<RoutingTable>>, access_log: Option<AccessLogger>) -> Self {
+    pub fn new(
+        table: Arc<ArcSwap<RoutingTable>>,
+        access_log: Option<AccessLogger>,
+        client_errors: Arc<ClientErrors>,
+    ) -> Self {
         let server = table.load().config.server.clone();
         Self {
             pool: upstream::pool(&server),
             shadow_client: mirror::client(server.connect_timeout, server.upstream_idle_timeout),
             table,
             access_log,
+            client_errors,
         }
     }
 
@@ -497,6 +503,7 @@ impl Proxy {
             };
             tokio::spawn((*job).run(self.shadow_client.clone(), primary));
         }
+        self.client_errors.count(local);
         let mut response = local.response();
         add_cookie(
             response.headers_mut(),
@@ -523,6 +530,7 @@ impl Proxy {
         local: LocalError,
         started: Instant,
     ) -> Response<ProxyBody> {
+        self.client_errors.count(local);
         let response = local.response();
         if let Some(logger) = &self.access_log {
             let record = Record::new(None, None, parts.method.as_str(), parts.uri.path());
