@@ -150,6 +150,18 @@ async fn a_header_section_over_max_header_bytes_is_431() {
     veer.shutdown().await;
 }
 
+/// The method is part of the head: one of 20 KiB (under hyper's buffer of twice the limit) is
+/// refused, not forwarded.
+#[tokio::test]
+async fn a_method_that_takes_the_head_over_max_header_bytes_is_431() {
+    let (veer, upstream) = proxy_with("max_header_bytes = 16384").await;
+    let request = format!("{} / HTTP/1.1\r\nHost: shop\r\n\r\n", "M".repeat(20_000));
+    let reason = "request header section too large";
+    assert_answers_why(&veer, &request, 431, reason, "a 20 KB method").await;
+    assert_eq!(upstream.request_count(), 0);
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_declared_body_over_max_body_bytes_is_413() {
     let (veer, upstream) = proxy_with("max_body_bytes = 1000").await;
