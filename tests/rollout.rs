@@ -258,7 +258,7 @@ async fn failure_threshold_consecutive_failures_roll_back() {
             ("start", 0),
             ("analysis", 1),
             ("analysis", 2),
-            ("rollback", 0)
+            ("rollback", 3)
         ]
     );
     let rollback = &journal[3];
@@ -302,7 +302,7 @@ async fn a_hold_between_failures_restarts_the_count() {
             ("analysis", 1),
             ("analysis", 0),
             ("analysis", 1),
-            ("rollback", 0)
+            ("rollback", 2)
         ]
     );
 }
@@ -374,6 +374,12 @@ async fn a_bad_canary_is_judged_only_from_twenty_requests_on() {
     rollout::analyse(&shared, &c.route);
     assert_eq!(last_verdict(&shared), "abort");
     assert_eq!(phase_step_weight(&shared), (Phase::RolledBack, 0, 0));
+    // Journaled with the failing analysis that decided it counted.
+    let journal = c.journal();
+    assert_eq!(
+        actions_and_failures(&journal).last(),
+        Some(&("rollback", 1))
+    );
     // A new rollout has no verdict until its first analysis: the last one was another's.
     rollout::act(&shared, &c.route, Action::Start, "test").unwrap();
     assert!(shared.rollout.view().last.is_none());

@@ -371,7 +371,12 @@ fn commit(
         weight_from: from_split.canary_percent(),
         weight_to: to_split.canary_percent(),
         step: state.step_number(steps),
-        failures: state.failures,
+        // A failing analysis counts itself, also the one that rolls back (after which the
+        // state's count is 0 again).
+        failures: match judgement.map(|j| &j.verdict) {
+            Some(Verdict::Fail | Verdict::Abort) => prev.failures + 1,
+            _ => state.failures,
+        },
         reason,
         judgement,
     };
