@@ -794,6 +794,47 @@ async fn a_request_writes_one_json_access_log_line() {
     veer.shutdown().await;
 }
 
+/// A WebSocket's line is written when its tunnel closes, not at the 101: status 101, the
+/// bytes sent to the client through the tunnel, and the tunnel's whole duration.
+#[tokio::test]
+async fn a_tunnel_is_logged_when_it_closes_with_its_bytes_and_duration() {
+    let upstream = Upstream::builder("ws")
+        .behaviour(Behaviour::WebSocketEcho)
+        .start()
+        .await
+        .unwrap();
+    let (veer, log) = with_access_log("", &host_route("ws", &[], "/", upstream.addr)).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.head);
+    for _ in 0..3 {
+        stream.write_all(b"0123456789").await.unwrap();
+        let mut echoed = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(read(), "", "logged while the tunnel is open");
+    drop(stream);
+    assert!(eventually(Duration::from_secs(5), || async { read().ends_with('\n') }).await);
+    let text = read();
+    let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(line["status"], 101, "{text}");
+    assert_eq!(line["bytes"], 30, "{text}");
+    assert!(line["total_ms"].as_f64().unwrap() >= 300.0, "{text}");
+    veer.shutdown().await;
+}
+
 /// A client that goes away before the answer still gets its line, with status 499. (An HTTP/2
 /// one here: on HTTP/1.1 a close after a whole request is taken as a half-close, and the
 /// request goes on.)

@@ -431,10 +431,17 @@ impl Proxy {
         rparts.version = Version::HTTP_11;
         // Only a 101 the request asked for gets here (`handle` turns any other into a 502).
         let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        let mut log = log;
         if switched {
+            // The tunnel's line is written when the tunnel ends, with its bytes and duration.
+            let line = tunnel::Line::new(log.take().map(|(logger, mut record)| {
+                record.status = status.as_u16();
+                record.upstream_ms = millis(latency);
+                (logger, record, started)
+            }));
             let upstream_upgrade = rparts.extensions.remove::<OnUpgrade>();
             if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
-                tokio::spawn(tunnel::run(down, up, tunnel_idle));
+                tokio::spawn(tunnel::run(down, up, tunnel_idle, line));
             }
         }
         headers::to_client(status, &mut rparts.headers, switched);

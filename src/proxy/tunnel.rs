@@ -14,10 +14,37 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
+use tokio::time::Instant;
+
+use crate::access_log::{AccessLogger, Record};
 use crate::routing::clock_ms;
 
+/// A tunnel's access-log line (status 101), written as the tunnel ends, also when its task is
+/// dropped at shutdown: its `total_ms` spans the tunnel, its `bytes` are those sent to the
+/// client through it.
+pub(super) struct Line {
+    log: Option<(AccessLogger, Record, Instant)>,
+    sent: u64,
+}
+
+impl Line {
+    pub(super) fn new(log: Option<(AccessLogger, Record, Instant)>) -> Self {
+        Line { log, sent: 0 }
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        if let Some((logger, mut record, started)) = self.log.take() {
+            record.bytes = self.sent;
+            record.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+            logger.log(record);
+        }
+    }
+}
+
 /// Copies bytes both ways between an upgraded client and upstream connection.
-pub(super) async fn run(down: OnUpgrade, up: OnUpgrade, idle: Duration) {
+pub(super) async fn run(down: OnUpgrade, up: OnUpgrade, idle: Duration, mut line: Line) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
         Err(error) => {
@@ -26,8 +53,8 @@ pub(super) async fn run(down: OnUpgrade, up: OnUpgrade, idle: Duration) {
         }
     };
     let last = Arc::new(AtomicU64::new(clock_ms()));
-    let mut down = Touched::new(TokioIo::new(down), &last);
-    let mut up = Touched::new(TokioIo::new(up), &last);
+    let mut down = Touched::new(TokioIo::new(down), &last, Some(&mut line.sent));
+    let mut up = Touched::new(TokioIo::new(up), &last, None);
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     let quiet = async {
         loop {
@@ -48,22 +75,25 @@ pub(super) async fn run(down: OnUpgrade, up: OnUpgrade, idle: Duration) {
     }
 }
 
-/// A connection that notes when it last read or wrote a byte.
-struct Touched<I> {
+/// A connection that notes when it last read or wrote a byte, and counts the bytes written
+/// to it in `written` if given.
+struct Touched<'a, I> {
     io: I,
     last: Arc<AtomicU64>,
+    written: Option<&'a mut u64>,
 }
 
-impl<I> Touched<I> {
-    fn new(io: I, last: &Arc<AtomicU64>) -> Self {
+impl<'a, I> Touched<'a, I> {
+    fn new(io: I, last: &Arc<AtomicU64>, written: Option<&'a mut u64>) -> Self {
         Touched {
             io,
             last: Arc::clone(last),
+            written,
         }
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for Touched<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for Touched<'_, I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -78,15 +108,20 @@ impl<I: AsyncRead + Unpin> AsyncRead for Touched<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Touched<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Touched<'_, I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.last.store(clock_ms(), Ordering::Relaxed);
+        if let Poll::Ready(Ok(n)) = polled {
+            if n > 0 {
+                self.last.store(clock_ms(), Ordering::Relaxed);
+            }
+            if let Some(written) = self.written.as_deref_mut() {
+                *written += n as u64;
+            }
         }
         polled
     }
