@@ -542,20 +542,22 @@ async fn a_failed_primary_still_gets_its_shadow_compared() {
 }
 
 /// A shadow that refuses connections gets one attempt a second (`REFUSED_REST`), not one per
-/// copy: copies in between count as errors without costing a connect. 80 requests, 8 at a
-/// time; at most 8 attempts can be under way before the first refusal is seen, then one probe
-/// a second.
+/// copy: copies in between count as errors without costing a connect. 80 requests; with
+/// `max_in_flight = 8` at most 8 attempts can be under way before the first refusal is seen
+/// (copies past those are dropped busy), then one probe a second.
 #[tokio::test]
 async fn a_shadow_that_refuses_connections_is_rested_not_retried_per_copy() {
     let refused = closed_addr().await;
-    let (veer, _blue, _green) = mirror_to(refused, "percent = 100.0", "none").await;
+    let shadow = "percent = 100.0\nmax_in_flight = 8";
+    let (veer, _blue, _green) = mirror_to(refused, shadow, "none").await;
     let started = tokio::time::Instant::now();
     let answers = get_n(&veer, "/", 80).await;
     let took = started.elapsed().as_secs_f64();
     assert_eq!(not_from_blue(&answers), 0);
     let stats = settled_shadow(&veer, "mirror").await;
     assert_eq!(counter(&stats, "requests"), 80, "{stats}");
-    assert_eq!(counter(&stats, "error"), 80, "{stats}");
+    let (errors, busy) = (counter(&stats, "error"), counter(&stats, "dropped_busy"));
+    assert_eq!(errors + busy, 80, "{stats}");
     let attempts = stats["latency"]["errors"]["connect"].as_u64().unwrap();
     let bound = 8 + took.ceil() as u64;
     assert!(
@@ -567,8 +569,9 @@ async fn a_shadow_that_refuses_connections_is_rested_not_retried_per_copy() {
 
 /// A refused connection rests only the endpoint that refused it: with one of two shadow
 /// endpoints dead, the live one gets every copy the dead one does not. 80 requests, 8 at a
-/// time: the dead endpoint gets at most 8 attempts before its first refusal is seen, then one
-/// probe a second; every other copy reaches the live one.
+/// time, `max_in_flight = 8`: the dead endpoint gets at most 8 attempts before its first
+/// refusal is seen, then one probe a second; every other copy not dropped busy reaches the live
+/// one.
 #[tokio::test]
 async fn a_refusing_shadow_endpoint_rests_alone() {
     let refused = closed_addr().await;
@@ -579,7 +582,7 @@ async fn a_refusing_shadow_endpoint_rests_alone() {
         "/",
         blue.addr,
         refused,
-        Some((refused, "percent = 100.0")),
+        Some((refused, "percent = 100.0\nmax_in_flight = 8")),
     )
     .replace(
         &format!("endpoints = [\"{refused}\"]\npercent"),
@@ -598,7 +601,8 @@ async fn a_refusing_shadow_endpoint_rests_alone() {
         "{attempts} connection attempts to the dead endpoint in {took:.2} s: {stats}"
     );
     assert_eq!(counter(&stats, "error"), attempts, "{stats}");
-    assert_eq!(live.request_count(), 80 - attempts, "{stats}");
+    let busy = counter(&stats, "dropped_busy");
+    assert_eq!(live.request_count(), 80 - attempts - busy, "{stats}");
     veer.shutdown().await;
 }
 
