@@ -136,6 +136,100 @@ async fn content_length_with_transfer_encoding_never_reaches_the_upstream_with_b
 // ---------------------------------------------------------------------------------------------
 // Limits
 
+/// veer with one route whose blue slot (all traffic) takes `max_in_flight` requests at once.
+async fn limited(max_in_flight: usize, upstream: &Upstream) -> Veer {
+    let routes = route("shop", upstream.addr, upstream.addr, "").replacen(
+        "version = \"v1\"\n",
+        &format!("version = \"v1\"\nmax_in_flight = {max_in_flight}\n"),
+        1,
+    );
+    Veer::start("", &routes).await
+}
+
+/// `n` GETs of `/` sent at once; their answers.
+async fn all_at_once(veer: &Veer, n: usize) -> Vec<(http::StatusCode, http::HeaderMap, Bytes)> {
+    let url = veer.url("/");
+    let sent: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, &[]).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for answer in sent {
+        answers.push(answer.await.unwrap());
+    }
+    answers
+}
+
+/// Over the slot's `max_in_flight`, veer answers 503 itself at once, counted as an `overload`
+/// error of the slot, and the upstream never sees the request; the places come back as the
+/// answers end.
+#[tokio::test]
+async fn requests_over_a_slots_max_in_flight_are_503_and_counted_against_it() {
+    let upstream = Upstream::builder("blue")
+        .latency(Duration::from_millis(800))
+        .start()
+        .await
+        .unwrap();
+    let veer = limited(2, &upstream).await;
+    let answers = all_at_once(&veer, 5).await;
+    let statuses: Vec<u16> = answers.iter().map(|(s, _, _)| s.as_u16()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        3,
+        "{statuses:?}"
+    );
+    let refused = answers.iter().find(|(s, _, _)| *s == 503).unwrap();
+    assert_eq!(
+        std::str::from_utf8(&refused.2).unwrap(),
+        "upstream overloaded: too many requests under way to it\n"
+    );
+    assert_eq!(upstream.request_count(), 2);
+    let blue = blue_slot(&veer).await;
+    assert_eq!(blue["errors"]["overload"], 3, "{blue}");
+    assert_eq!(blue["requests"], 5, "{blue}");
+    // Both places are free again.
+    let again = all_at_once(&veer, 2).await;
+    assert!(again.iter().all(|(s, _, _)| *s == 200));
+    veer.shutdown().await;
+}
+
+/// A place is held until the answer's body has ended, not only until its head.
+#[tokio::test]
+async fn a_streaming_answer_holds_its_place_under_max_in_flight() {
+    let upstream = Upstream::builder("blue")
+        .body(vec![b'x'; 64 * 1024])
+        .slow_body(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    let veer = limited(1, &upstream).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let streaming = client.get(veer.url("/").parse().unwrap()).await.unwrap();
+    assert_eq!(streaming.status(), 200);
+    // The head is in, the body still streams: the slot is full.
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 503);
+    let body = http_body_util::BodyExt::collect(streaming.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), 64 * 1024);
+    let freed = eventually(Duration::from_secs(5), || async {
+        get(&veer.url("/"), &[]).await.0 == 200
+    })
+    .await;
+    assert!(freed, "the place was not given back when the body ended");
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_header_section_over_max_header_bytes_is_431() {
     let (veer, upstream) = proxy_with("max_header_bytes = 16384").await;

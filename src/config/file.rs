@@ -113,6 +113,8 @@ pub struct RawSlot {
     pub endpoints: Vec<String>,
     #[serde(default)]
     pub version: String,
+    #[serde(default)]
+    pub max_in_flight: i64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -106,6 +106,9 @@ pub struct SlotConfig {
     /// `host:port` authorities, round robin.
     pub endpoints: Vec<String>,
     pub version: String,
+    /// Requests under way to the slot at once (from the request to the end of its answer, or
+    /// of its tunnel), across workers; above it veer answers 503 itself. 0: no limit.
+    pub max_in_flight: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

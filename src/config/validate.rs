@@ -1014,10 +1014,14 @@ impl Validator<'_> {
             self.error(&path, "missing table (endpoints are required)");
             return None;
         };
-        let endpoints = self.endpoints(&path, &raw.endpoints)?;
+        let endpoints = self.endpoints(&path, &raw.endpoints);
+        let mut at = path.to_vec();
+        at.push(Seg::Key("max_in_flight"));
+        let max_in_flight = self.int_range(&at, raw.max_in_flight, 0, 1 << 30);
         Some(SlotConfig {
-            endpoints,
+            endpoints: endpoints?,
             version: raw.version,
+            max_in_flight: usize::try_from(max_in_flight?).ok()?,
         })
     }
 
@@ -1605,6 +1609,21 @@ endpoints = ["127.0.0.1:9002"]
         assert!(!route.rollout.error_statuses.contains(404));
         assert_eq!(config.server.max_body_bytes, 10_485_760);
         assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9901");
+    }
+
+    #[test]
+    fn a_slots_max_in_flight_is_zero_by_default_and_never_negative() {
+        let config = parse(MINIMAL, None).unwrap();
+        assert_eq!(config.routes[0].blue.max_in_flight, 0);
+        let text = MINIMAL.replace("[route.green]", "max_in_flight = 64\n[route.green]");
+        assert_eq!(parse(&text, None).unwrap().routes[0].blue.max_in_flight, 64);
+        let text = MINIMAL.replace("[route.green]\n", "[route.green]\nmax_in_flight = -1\n");
+        let errs = errors(&text);
+        let rendered: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rendered,
+            ["route[0].green.max_in_flight: must be between 0 and 1073741824, line 10"],
+        );
     }
 
     #[test]

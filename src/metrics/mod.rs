@@ -48,15 +48,19 @@ pub enum ErrorKind {
     Reset,
     /// The upstream broke HTTP.
     Protocol,
+    /// The slot had `max_in_flight` requests under way: veer answered 503 itself, without
+    /// trying the upstream.
+    Overload,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 6] = [
         ErrorKind::Status,
         ErrorKind::Connect,
         ErrorKind::Timeout,
         ErrorKind::Reset,
         ErrorKind::Protocol,
+        ErrorKind::Overload,
     ];
 
     /// The Prometheus `kind` label and admin JSON key.
@@ -67,6 +71,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Reset => "reset",
             ErrorKind::Protocol => "protocol",
+            ErrorKind::Overload => "overload",
         }
     }
 
@@ -93,7 +98,7 @@ pub struct WindowStats {
     /// Sum of `errors_by_kind`.
     pub errors: u64,
     /// Indexed like `ErrorKind::ALL`.
-    pub errors_by_kind: [u64; 5],
+    pub errors_by_kind: [u64; ErrorKind::ALL.len()],
     /// Exchanges the client abandoned; neither requests nor errors.
     pub client_aborts: u64,
     /// Upstream latency in microseconds, one value per request.
@@ -139,7 +144,7 @@ pub struct Totals {
     /// Requests by class, labelled by `CLASS_LABELS`: 1xx..5xx, then "error" (no response).
     pub by_class: [u64; 6],
     /// Indexed like `ErrorKind::ALL`.
-    pub errors_by_kind: [u64; 5],
+    pub errors_by_kind: [u64; ErrorKind::ALL.len()],
     pub client_aborts: u64,
     /// Upstream latency in microseconds, one value per request.
     pub histogram: Histogram<u64>,
@@ -329,7 +334,9 @@ impl SlotMetrics {
             counts.by_class[ERROR_CLASS] += 1;
             counts.errors_by_kind[kind.index()] += 1;
         };
-        let waited = (kind != ErrorKind::Connect).then(|| window::latency_micros(latency));
+        // Nothing was waited for when no connection was made, or none was tried.
+        let tried = !matches!(kind, ErrorKind::Connect | ErrorKind::Overload);
+        let waited = tried.then(|| window::latency_micros(latency));
         self.record(epoch, add, waited);
     }
 
@@ -581,7 +588,10 @@ mod tests {
     #[test]
     fn error_kinds_are_listed_in_index_order_with_stable_names() {
         let names: Vec<_> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["status", "connect", "timeout", "reset", "protocol"]);
+        assert_eq!(
+            names,
+            ["status", "connect", "timeout", "reset", "protocol", "overload"]
+        );
         for (i, kind) in ErrorKind::ALL.iter().enumerate() {
             assert_eq!(kind.index(), i);
         }
@@ -639,10 +649,10 @@ mod tests {
         for stats in [m.last_60s(), m.step()] {
             assert_eq!(stats.requests, 8);
             assert_eq!(stats.errors, 7);
-            assert_eq!(stats.errors_by_kind, [2, 1, 1, 2, 1]);
+            assert_eq!(stats.errors_by_kind, [2, 1, 1, 2, 1, 0]);
             assert!((stats.error_rate() - 7.0 / 8.0).abs() < 1e-12);
         }
-        assert_eq!(m.totals().errors_by_kind, [2, 1, 1, 2, 1]);
+        assert_eq!(m.totals().errors_by_kind, [2, 1, 1, 2, 1, 0]);
         assert_eq!(m.totals().by_class[ERROR_CLASS], 4);
         // Latency samples: every answer and failure but the connect one.
         assert_eq!(m.step().histogram.len(), 7);
@@ -818,7 +828,7 @@ mod tests {
         let totals = m.totals();
         assert_eq!(totals.requests(), 3 * quarter);
         assert_eq!(totals.by_class, [0, quarter, 0, 0, quarter, quarter]);
-        assert_eq!(totals.errors_by_kind, [quarter, 0, quarter, 0, 0]);
+        assert_eq!(totals.errors_by_kind, [quarter, 0, quarter, 0, 0, 0]);
         assert_eq!(totals.client_aborts, quarter);
         assert_eq!(totals.histogram.len(), 3 * quarter);
         for stats in [m.step(), m.last_60s()] {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hdrhistogram::{Counter, Histogram};
 use tokio::time::{Duration, Instant};
 
-use super::{Totals, WindowStats, SLICE, WINDOW};
+use super::{ErrorKind, Totals, WindowStats, SLICE, WINDOW};
 
 /// Latencies are recorded in microseconds and clamped to this (60 s).
 pub const MAX_LATENCY_US: u64 = 60_000_000;
@@ -76,7 +76,7 @@ fn heap_bytes<T: Counter>(hist: &Histogram<T>) -> usize {
 pub struct Counts {
     /// Requests by status class: 1xx..5xx, then "error" (no response head).
     pub by_class: [u64; 6],
-    pub errors_by_kind: [u64; 5],
+    pub errors_by_kind: [u64; ErrorKind::ALL.len()],
     pub client_aborts: u64,
 }
 
@@ -517,10 +517,14 @@ mod tests {
         prop_oneof![
             6 => (100u16..600, any::<bool>(), 0u64..70_000_000)
                 .prop_map(|(s, e, us)| Op::Response(s, e, us)),
-            2 => (0usize..5, 0u64..70_000_000).prop_map(|(k, us)| Op::Failure(k, us)),
-            // A body fails after a connection was made: never as a connect error.
-            1 => (0usize..5)
-                .prop_filter("not connect", |&k| ErrorKind::ALL[k] != ErrorKind::Connect)
+            2 => (0usize..ErrorKind::ALL.len(), 0u64..70_000_000)
+                .prop_map(|(k, us)| Op::Failure(k, us)),
+            // A body fails after a connection was made: never as a connect error or an
+            // overload.
+            1 => (0usize..ErrorKind::ALL.len())
+                .prop_filter("not connect or overload", |&k| {
+                    !matches!(ErrorKind::ALL[k], ErrorKind::Connect | ErrorKind::Overload)
+                })
                 .prop_map(Op::BodyFailure),
             1 => Just(Op::Abort),
             1 => Just(Op::Rotate),
@@ -613,9 +617,11 @@ mod tests {
         assert_eq!(stats.histogram.len(), samples(want));
     }
 
-    /// Latency samples: every request but those whose connection was never made.
+    /// Latency samples: every request but those whose connection was never made or tried.
     fn samples(counts: &Counts) -> u64 {
-        counts.requests() - counts.errors_by_kind[ErrorKind::Connect.index()]
+        counts.requests()
+            - counts.errors_by_kind[ErrorKind::Connect.index()]
+            - counts.errors_by_kind[ErrorKind::Overload.index()]
     }
 
     proptest! {

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{AccessLogger, Record};
 use crate::metrics::{Epoch, ErrorKind};
-use crate::routing::RouteShared;
+use crate::routing::{RouteShared, SlotPermit};
 use crate::upstream::mirror::BodyHasher;
 use crate::upstream::pool::Lease;
 use crate::Slot;
@@ -59,6 +59,8 @@ pub struct Tail {
     pub timer: Option<Pin<Box<Sleep>>>,
     /// The upstream connection, back to the pool when the body has ended.
     pub lease: Option<Lease>,
+    /// The request's place under its slot's `max_in_flight`, given back when this is dropped.
+    pub permit: Option<SlotPermit>,
     /// The body ended, or failed on the upstream's side; dropped before that, the client
     /// left mid-answer.
     pub over: bool,

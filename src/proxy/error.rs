@@ -81,7 +81,9 @@ impl LocalError {
             LocalError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             LocalError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             LocalError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            LocalError::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            LocalError::NoEndpoint | LocalError::Upstream(ErrorKind::Overload) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             LocalError::Upstream(ErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             LocalError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -109,6 +111,9 @@ impl LocalError {
             LocalError::Upstream(ErrorKind::Reset) => "upstream reset the connection",
             LocalError::Upstream(ErrorKind::Protocol) => "upstream sent an invalid response",
             LocalError::Upstream(ErrorKind::Status) => "upstream error",
+            LocalError::Upstream(ErrorKind::Overload) => {
+                "upstream overloaded: too many requests under way to it"
+            }
         }
     }
 
@@ -160,6 +165,11 @@ mod tests {
                 Fault::Upstream,
             ),
             (LocalError::NoEndpoint, 503, Fault::Upstream),
+            (
+                LocalError::Upstream(ErrorKind::Overload),
+                503,
+                Fault::Upstream,
+            ),
             (
                 LocalError::Upstream(ErrorKind::Timeout),
                 504,

@@ -23,7 +23,7 @@ use crate::access_log::{AccessLogger, Record};
 use crate::config::{Compare, ServerConfig};
 use crate::listener::InFlight;
 use crate::metrics::{Epoch, Sent, SlotMetrics};
-use crate::routing::{Decision, Route, RoutingTable};
+use crate::routing::{Decision, Route, RoutingTable, SlotPermit};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
 use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
 use crate::upstream::{self, BodyState, Failure, RequestBody, Unread};
@@ -128,7 +128,21 @@ impl Proxy {
                 .access_log
                 .as_ref()
                 .map(|logger| (logger.clone(), record(route, &decision, &parts))),
+            permit: None,
         };
+        // Within the slot's `max_in_flight`, or veer's own 503, against the slot (SPEC: "503
+        // ... overload").
+        let max_in_flight = route.config.slot(decision.slot).max_in_flight;
+        if max_in_flight > 0 {
+            exchange.permit = route.shared.admit(decision.slot, max_in_flight);
+            if exchange.permit.is_none() {
+                discard_unread(parts.version, body);
+                let kind = crate::metrics::ErrorKind::Overload;
+                let metrics = route.shared.slot_metrics(decision.slot);
+                metrics.record_failure(Epoch::CURRENT, kind, Duration::ZERO);
+                return self.local_answer(exchange, LocalError::Upstream(kind), Duration::ZERO);
+            }
+        }
         let (endpoint, request) =
             match self.upstream_request(&mut exchange, parts, (body, reading), host, server) {
                 Ok(request) => request,
@@ -413,6 +427,7 @@ impl Proxy {
             shadow,
             log,
             body_state: _,
+            permit,
         } = exchange;
         let status = response.status();
         let is_error = route
@@ -431,14 +446,15 @@ impl Proxy {
         rparts.version = Version::HTTP_11;
         // Only a 101 the request asked for gets here (`handle` turns any other into a 502).
         let switched = status == StatusCode::SWITCHING_PROTOCOLS;
-        let mut log = log;
+        let (mut log, mut permit) = (log, permit);
         if switched {
             // The tunnel's line is written when the tunnel ends, with its bytes and duration.
-            let line = tunnel::Line::new(log.take().map(|(logger, mut record)| {
+            let log = log.take().map(|(logger, mut record)| {
                 record.status = status.as_u16();
                 record.upstream_ms = millis(latency);
                 (logger, record, started)
-            }));
+            });
+            let line = tunnel::Line::new(log, permit.take());
             let upstream_upgrade = rparts.extensions.remove::<OnUpgrade>();
             if let (Some(down), Some(up)) = (downstream_upgrade, upstream_upgrade) {
                 tokio::spawn(tunnel::run(down, up, tunnel_idle, line));
@@ -484,6 +500,7 @@ impl Proxy {
             deadline,
             timer: None,
             lease,
+            permit,
             over: false,
         };
         if http_body::Body::is_end_stream(&rbody) {
@@ -638,6 +655,8 @@ struct Exchange<'a> {
     /// Where the request body stands (waiting for the client: a timeout is its fault).
     body_state: BodyState,
     log: Option<(AccessLogger, Record)>,
+    /// The request's place under the slot's `max_in_flight`, held to the end of its answer.
+    permit: Option<SlotPermit>,
 }
 
 /// Phase 3: the request's own checks, its route, and the slot decision.

@@ -17,19 +17,28 @@ use tracing::debug;
 use tokio::time::Instant;
 
 use crate::access_log::{AccessLogger, Record};
-use crate::routing::clock_ms;
+use crate::routing::{clock_ms, SlotPermit};
 
 /// A tunnel's access-log line (status 101), written as the tunnel ends, also when its task is
 /// dropped at shutdown: its `total_ms` spans the tunnel, its `bytes` are those sent to the
 /// client through it.
+/// It also holds the exchange's place under its slot's `max_in_flight` until the tunnel ends.
 pub(super) struct Line {
     log: Option<(AccessLogger, Record, Instant)>,
     sent: u64,
+    _permit: Option<SlotPermit>,
 }
 
 impl Line {
-    pub(super) fn new(log: Option<(AccessLogger, Record, Instant)>) -> Self {
-        Line { log, sent: 0 }
+    pub(super) fn new(
+        log: Option<(AccessLogger, Record, Instant)>,
+        permit: Option<SlotPermit>,
+    ) -> Self {
+        Line {
+            log,
+            sent: 0,
+            _permit: permit,
+        }
     }
 }
 

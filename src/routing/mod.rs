@@ -38,6 +38,8 @@ pub struct RouteShared {
     pub shadow: Arc<ShadowStats>,
     pub rollout: RouteRollout,
     round_robin: [AtomicUsize; 3],
+    /// Requests under way per slot, counted only while the slot has a `max_in_flight`.
+    in_flight: [AtomicUsize; 2],
 }
 
 impl RouteShared {
@@ -50,11 +52,50 @@ impl RouteShared {
             shadow: Arc::default(),
             rollout,
             round_robin: Default::default(),
+            in_flight: Default::default(),
         }
     }
 
     pub fn slot_metrics(&self, slot: Slot) -> &SlotMetrics {
         &self.metrics[slot.index()]
+    }
+
+    /// One more request under way to `slot`, unless `max` already are.
+    pub fn admit(self: &Arc<Self>, slot: Slot, max: usize) -> Option<SlotPermit> {
+        let count = &self.in_flight[slot.index()];
+        let mut now = count.load(Ordering::Relaxed);
+        loop {
+            if now >= max {
+                return None;
+            }
+            match count.compare_exchange_weak(now, now + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    return Some(SlotPermit {
+                        shared: Arc::clone(self),
+                        slot,
+                    })
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// Requests under way to `slot` (while it has a `max_in_flight`).
+    pub fn in_flight(&self, slot: Slot) -> usize {
+        self.in_flight[slot.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// A request under way to a slot with a `max_in_flight` ([`RouteShared::admit`]): it counts
+/// until dropped, with the end of its answer (or of its tunnel).
+pub struct SlotPermit {
+    shared: Arc<RouteShared>,
+    slot: Slot,
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        self.shared.in_flight[self.slot.index()].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
