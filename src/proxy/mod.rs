@@ -425,9 +425,9 @@ impl Proxy {
             http10,
             downstream_upgrade,
             shadow,
-            log,
+            mut log,
             body_state: _,
-            permit,
+            mut permit,
         } = exchange;
         let status = response.status();
         let is_error = route
@@ -446,7 +446,6 @@ impl Proxy {
         rparts.version = Version::HTTP_11;
         // Only a 101 the request asked for gets here (`handle` turns any other into a 502).
         let switched = status == StatusCode::SWITCHING_PROTOCOLS;
-        let (mut log, mut permit) = (log, permit);
         if switched {
             // The tunnel's line is written when the tunnel ends, with its bytes and duration.
             let log = log.take().map(|(logger, mut record)| {
