@@ -12,17 +12,16 @@ use std::time::Duration;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tracing::debug;
-
 use tokio::time::Instant;
+use tracing::debug;
 
 use crate::access_log::{AccessLogger, Record};
 use crate::routing::{clock_ms, SlotPermit};
 
 /// A tunnel's access-log line (status 101), written as the tunnel ends, also when its task is
 /// dropped at shutdown: its `total_ms` spans the tunnel, its `bytes` are those sent to the
-/// client through it.
-/// It also holds the exchange's place under its slot's `max_in_flight` until the tunnel ends.
+/// client through it. It also holds the exchange's place under its slot's `max_in_flight`
+/// until then.
 pub(super) struct Line {
     log: Option<(AccessLogger, Record, Instant)>,
     sent: u64,

@@ -79,11 +79,6 @@ impl RouteShared {
             }
         }
     }
-
-    /// Requests under way to `slot` (while it has a `max_in_flight`).
-    pub fn in_flight(&self, slot: Slot) -> usize {
-        self.in_flight[slot.index()].load(Ordering::Relaxed)
-    }
 }
 
 /// A request under way to a slot with a `max_in_flight` ([`RouteShared::admit`]): it counts

@@ -44,8 +44,9 @@ pub fn new_cookie_id() -> [u8; COOKIE_ID_LEN] {
 }
 
 /// veer's cookie value in the request: the first well-formed one of that name, quoted or not.
-/// Foreign or malformed values (veer's ids are lowercase) are treated as absent (a new id will be set when none is left), never as
-/// an error; a browser may send several cookies of one name (other paths or domains).
+/// Foreign or malformed values (veer's ids are lowercase hex) are treated as absent (a new id
+/// will be set when none is left), never as an error; a browser may send several cookies of
+/// one name (other paths or domains).
 pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     let id = |pair: &'a [u8]| {
         let value = pair
