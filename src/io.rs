@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 
@@ -85,6 +86,15 @@ pub struct Link {
     early: AtomicUsize,
     /// Past this many early bytes, reads fail with [`TooManyInterim`].
     early_max: usize,
+    /// The answer is over while the request was still being sent, to a client that can be
+    /// told to stop sending (HTTP/2): reads and writes fail from now on, so that an upstream
+    /// that takes nothing more and never closes cannot hold the connection (and the client's
+    /// stream) for good.
+    abandoned: AtomicBool,
+    /// The connection's task, registered whenever a write waits (on an upstream that takes
+    /// nothing), woken to see that it is abandoned. A connection waiting for the client's body
+    /// instead sees it at its next write, or its body's idle timeout ends it.
+    waker: AtomicWaker,
 }
 
 impl Link {
@@ -94,6 +104,21 @@ impl Link {
             peer_gone: AtomicBool::new(false),
             early: AtomicUsize::new(usize::MAX),
             early_max: max_head.saturating_add(MAX_EARLY_BYTES),
+            abandoned: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Gives the connection up: its task wakes and its reads and writes fail.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+        self.waker.wake();
+    }
+
+    fn abandoned(&self) -> io::Result<()> {
+        match self.abandoned.load(Ordering::Relaxed) {
+            true => Err(io::ErrorKind::ConnectionAborted.into()),
+            false => Ok(()),
         }
     }
 
@@ -134,6 +159,7 @@ impl<T: AsyncRead> AsyncRead for KeepReading<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        this.link.abandoned()?;
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         match &polled {
@@ -155,21 +181,27 @@ impl<T: AsyncWrite> KeepReading<T> {
     /// `written` bytes are taken (or, once the peer is gone and until reads end, dropped).
     fn on_write<R>(
         self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         written: R,
-        write: impl FnOnce(Pin<&mut T>) -> Poll<io::Result<R>>,
+        write: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
         let this = self.project();
+        this.link.abandoned()?;
         if this.link.peer_gone.load(Ordering::Relaxed) {
             return Poll::Ready(match *this.read_ended {
                 false => Ok(written),
                 true => Err(io::ErrorKind::BrokenPipe.into()),
             });
         }
-        match write(this.inner) {
+        match write(this.inner, cx) {
             Poll::Ready(Err(error)) if peer_gone(&error) && !*this.read_ended => {
                 tracing::debug!(%error, "Upstream takes no more of the request; reading its answer.");
                 this.link.peer_gone.store(true, Ordering::Relaxed);
                 Poll::Ready(Ok(written))
+            }
+            Poll::Pending => {
+                this.link.waker.register(cx.waker());
+                Poll::Pending
             }
             polled => polled,
         }
@@ -182,7 +214,7 @@ impl<T: AsyncWrite> AsyncWrite for KeepReading<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.on_write(buf.len(), |inner| inner.poll_write(cx, buf))
+        self.on_write(cx, buf.len(), |inner, cx| inner.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -191,7 +223,7 @@ impl<T: AsyncWrite> AsyncWrite for KeepReading<T> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        self.on_write(len, |inner| inner.poll_write_vectored(cx, bufs))
+        self.on_write(cx, len, |inner, cx| inner.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -199,11 +231,11 @@ impl<T: AsyncWrite> AsyncWrite for KeepReading<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.on_write((), |inner| inner.poll_flush(cx))
+        self.on_write(cx, (), |inner, cx| inner.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.on_write((), |inner| inner.poll_shutdown(cx))
+        self.on_write(cx, (), |inner, cx| inner.poll_shutdown(cx))
     }
 }
 

@@ -796,3 +796,54 @@ async fn an_h2_upload_ended_by_an_empty_data_frame_leaves_its_upstream_connectio
     assert_eq!(accepted.load(Ordering::Relaxed), 1);
     veer.shutdown().await;
 }
+
+/// An upstream that answers an HTTP/2 upload before reading it, then reads nothing more and
+/// never closes, holds neither its connection nor the client's stream: veer gives the
+/// connection up once the answer is over (the upstream sees its end after a small part of the
+/// upload), and the client's stream is reset once veer has discarded at most 16 MiB of it.
+#[tokio::test]
+async fn an_upstream_that_answers_an_h2_upload_early_and_stops_reading_is_let_go() {
+    const UPLOAD: usize = 64 << 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut received = stream.read(&mut buf).await.unwrap() as u64;
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        // Nothing read for 2 s: veer's writes fill the sockets' buffers. Then read until veer
+        // ends the connection (the whole upload, without the fix), for 10 s at most.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                received += n as u64;
+            }
+        })
+        .await
+        .is_ok();
+        (ended, received)
+    });
+    let veer = Veer::shop("max_body_bytes = 0", addr).await;
+    let (mut sender, _conn) = h2c_to(veer.addr).await;
+    let request = Request::post("http://shop/upload")
+        .body(Full::new(Bytes::from(vec![b'u'; UPLOAD])))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("no answer")
+        .expect("the request failed");
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    let (ended, received) = upstream.await.unwrap();
+    assert!(ended, "veer did not end its connection to the upstream");
+    assert!(
+        received < UPLOAD as u64 / 4,
+        "{received} bytes of the {UPLOAD}-byte upload reached the upstream"
+    );
+    drop(sender);
+    veer.shutdown().await;
+}

@@ -143,6 +143,9 @@ impl Drop for Tail {
             // The client reset the stream or closed the connection mid-answer. The access log
             // keeps the status sent, with the bytes sent (as NGINX logs it).
             self.route.slot_metrics(self.slot).record_client_abort();
+            if let Some(lease) = self.lease.take() {
+                lease.abandon();
+            }
         }
         if let Some((logger, mut record, started)) = self.extra.as_mut().and_then(|e| e.log.take())
         {

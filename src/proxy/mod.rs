@@ -121,6 +121,7 @@ impl Proxy {
             deadline: started + server.request_timeout,
             tunnelling: false,
             http10: parts.version == Version::HTTP_10,
+            http2: parts.version == Version::HTTP_2,
             downstream_upgrade: None,
             shadow: None,
             body_state: BodyState::default(),
@@ -423,6 +424,7 @@ impl Proxy {
             deadline,
             tunnelling: _,
             http10,
+            http2,
             downstream_upgrade,
             shadow,
             mut log,
@@ -488,7 +490,11 @@ impl Proxy {
         }
         // The connection goes back to the pool once the body has been read to its end; after a
         // 101 it belongs to the tunnel (or to nobody).
-        let lease = (!switched).then_some(lease);
+        let lease = match (switched, http2) {
+            (true, _) => None,
+            (false, true) => Some(lease.abandoning_unsent()),
+            (false, false) => Some(lease),
+        };
         let mut tail = Tail {
             route: Arc::clone(&route.shared),
             slot: decision.slot,
@@ -648,6 +654,8 @@ struct Exchange<'a> {
     tunnelling: bool,
     /// The client speaks HTTP/1.0.
     http10: bool,
+    /// The client speaks HTTP/2: it can be told to stop sending a body no longer needed.
+    http2: bool,
     downstream_upgrade: Option<OnUpgrade>,
     /// Boxed: most requests have none, and every request's future would carry its room.
     shadow: Option<Box<ShadowJob>>,

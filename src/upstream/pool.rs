@@ -138,17 +138,36 @@ pub struct Lease {
     request: BodyState,
     /// The exchange was a HEAD: its connection is closed, never reused (see [`Pool::send`]).
     head: bool,
+    /// The client can be told to stop sending (HTTP/2): see [`Lease::release`].
+    abandon_unsent: bool,
 }
 
 impl Lease {
+    /// For a client that can be told to stop sending its request body (HTTP/2: its stream is
+    /// reset once veer has discarded what it still sends, see `Unread`).
+    pub fn abandoning_unsent(mut self) -> Self {
+        self.abandon_unsent = true;
+        self
+    }
+
     /// The response body ended: the connection can carry the next exchange, unless the
-    /// request is still being sent (the upstream answered before reading it all): then it is
-    /// closed once the request is through, and no other request waits for that.
+    /// request is still being sent (the upstream answered before reading it all). Then, for
+    /// an HTTP/2 client, the connection is given up at once: the rest of the request is not
+    /// needed, and an upstream that reads nothing more and never closes would hold it, and the
+    /// client's stream, for good. For an HTTP/1.1 client it is closed once the request is
+    /// through (the client may still be sending, and a connection closed on unread bytes can
+    /// cost it the answer; `request_timeout` bounds that wait), and no other request waits.
     pub fn release(self) {
+        if !self.request.ended() {
+            if self.abandon_unsent {
+                self.abandon();
+            }
+            return;
+        }
         let Some(idle) = self.pool.upgrade() else {
             return;
         };
-        if self.head || self.sender.is_closed() || !self.request.ended() {
+        if self.head || self.sender.is_closed() {
             return;
         }
         let entry = (self.sender, Instant::now());
@@ -160,6 +179,12 @@ impl Lease {
                 idle.insert(self.endpoint.as_str().into(), vec![entry]);
             }
         }
+    }
+
+    /// The exchange ended early (the client went away mid-answer): the connection is given up
+    /// at once, also when it is still sending the request to an upstream that takes nothing.
+    pub fn abandon(self) {
+        self.sender.link.abandon();
     }
 }
 
@@ -306,6 +331,7 @@ impl Pool {
             pool: Arc::downgrade(&self.idle),
             request,
             head,
+            abandon_unsent: false,
         }
     }
 }
