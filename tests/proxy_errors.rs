@@ -136,14 +136,15 @@ async fn content_length_with_transfer_encoding_never_reaches_the_upstream_with_b
 // ---------------------------------------------------------------------------------------------
 // Limits
 
-/// veer with one route whose blue slot (all traffic) takes `max_in_flight` requests at once.
+/// veer with one route whose blue slot (all traffic) takes `max_in_flight` requests at once,
+/// and bodies of 100 bytes at most.
 async fn limited(max_in_flight: usize, upstream: &Upstream) -> Veer {
     let routes = route("shop", upstream.addr, upstream.addr, "").replacen(
         "version = \"v1\"\n",
         &format!("version = \"v1\"\nmax_in_flight = {max_in_flight}\n"),
         1,
     );
-    Veer::start("", &routes).await
+    Veer::start("max_body_bytes = 100", &routes).await
 }
 
 /// `n` GETs of `/` sent at once; their answers.
@@ -164,32 +165,43 @@ async fn all_at_once(veer: &Veer, n: usize) -> Vec<(http::StatusCode, http::Head
 
 /// Over the slot's `max_in_flight`, veer answers 503 itself at once, counted as an `overload`
 /// error of the slot, and the upstream never sees the request; the places come back as the
-/// answers end.
+/// answers end. A request veer refuses for its own sake (413) is refused so, not as overload.
 #[tokio::test]
 async fn requests_over_a_slots_max_in_flight_are_503_and_counted_against_it() {
     let upstream = Upstream::builder("blue")
-        .latency(Duration::from_millis(800))
+        .latency(Duration::from_secs(2))
         .start()
         .await
         .unwrap();
     let veer = limited(2, &upstream).await;
-    let answers = all_at_once(&veer, 5).await;
-    let statuses: Vec<u16> = answers.iter().map(|(s, _, _)| s.as_u16()).collect();
+    // Two requests take both places; the upstream holds them for 2 s.
+    let url = veer.url("/");
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, &[]).await.0 })
+        })
+        .collect();
+    let taken = eventually(Duration::from_secs(5), || async {
+        upstream.request_count() == 2
+    })
+    .await;
+    assert!(taken, "the first two requests never reached the upstream");
+    for (status, _, body) in all_at_once(&veer, 3).await {
+        assert_eq!(status, 503);
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            "upstream overloaded: too many requests under way to it\n"
+        );
+    }
+    let (status, _, _) = send(Method::POST, &url, &[], Bytes::from(vec![b'b'; 200])).await;
     assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        2,
-        "{statuses:?}"
+        status, 413,
+        "a body over max_body_bytes is the client's error first"
     );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 503).count(),
-        3,
-        "{statuses:?}"
-    );
-    let refused = answers.iter().find(|(s, _, _)| *s == 503).unwrap();
-    assert_eq!(
-        std::str::from_utf8(&refused.2).unwrap(),
-        "upstream overloaded: too many requests under way to it\n"
-    );
+    for answer in held {
+        assert_eq!(answer.await.unwrap(), 200);
+    }
     assert_eq!(upstream.request_count(), 2);
     let blue = blue_slot(&veer).await;
     assert_eq!(blue["errors"]["overload"], 3, "{blue}");
@@ -197,6 +209,34 @@ async fn requests_over_a_slots_max_in_flight_are_503_and_counted_against_it() {
     // Both places are free again.
     let again = all_at_once(&veer, 2).await;
     assert!(again.iter().all(|(s, _, _)| *s == 200));
+    veer.shutdown().await;
+}
+
+/// An open tunnel holds its place until it closes.
+#[tokio::test]
+async fn a_tunnel_holds_its_place_under_max_in_flight() {
+    let upstream = Upstream::builder("ws")
+        .behaviour(Behaviour::WebSocketEcho)
+        .start()
+        .await
+        .unwrap();
+    let veer = limited(1, &upstream).await;
+    let mut tunnel = raw_open(
+        veer.addr,
+        b"GET /chat HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    let answer = support::wire::read_response(&mut tunnel).await.unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.head);
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, 503);
+    drop(tunnel);
+    let freed = eventually(Duration::from_secs(5), || async {
+        get(&veer.url("/"), &[]).await.0 == 200
+    })
+    .await;
+    assert!(freed, "the place was not given back when the tunnel closed");
     veer.shutdown().await;
 }
 

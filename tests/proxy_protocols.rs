@@ -578,10 +578,12 @@ async fn tls_serves_h2_http11_and_http10_by_alpn_with_https_forwarded_and_a_secu
     assert!(answer.ends_with("use an https:// URL\n"), "{answer}");
     assert_eq!(upstream.seen().len(), 3);
 
-    // /metrics says when the served certificate expires.
+    // /metrics says when the served certificate expires, and counts that 400.
     let (status, _, metrics) = get(&veer.admin_url("/metrics"), &[]).await;
     assert_eq!(status, 200);
     let metrics = String::from_utf8_lossy(&metrics);
+    let bad_requests = "veer_client_errors_total{status=\"400\",reason=\"bad_request\"} 1";
+    assert!(metrics.lines().any(|l| l == bad_requests), "{metrics}");
     let expiry = metrics
         .lines()
         .find_map(|l| l.strip_prefix("veer_tls_certificate_expiry_timestamp_seconds "))

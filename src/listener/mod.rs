@@ -27,6 +27,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tracing::{debug, warn};
 
 use crate::config::ServerConfig;
+use crate::proxy::error::LocalError;
 use crate::proxy::{ConnInfo, Proxy};
 use activity::Due;
 pub use activity::InFlight;
@@ -217,6 +218,8 @@ impl Connection {
         let hello = async {
             if plain_http_on_tls(&stream, deadline).await {
                 debug!(peer = %self.peer, "Plain HTTP on a TLS listener: answered 400.");
+                self.proxy
+                    .count_client_error(LocalError::BadRequest("plain HTTP on TLS"));
                 return None;
             }
             let stream = Watched::new(stream, Arc::clone(&activity), Some(open));

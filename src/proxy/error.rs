@@ -9,9 +9,9 @@ use super::body::ProxyBody;
 use crate::metrics::ErrorKind;
 
 /// veer's own answers to requests it refused for the client's fault (`veer_client_errors_total`),
-/// by reason; shared by every worker. A client that went away mid-body is a client abort
-/// instead (`veer_client_aborts_total`), and hyper's own bare answers (a head it cannot read or
-/// over twice the limits) are counted nowhere.
+/// by reason, plain HTTP on a TLS listener among the 400s; shared by every worker. A client
+/// that went away mid-body is a client abort instead (`veer_client_aborts_total`), and hyper's
+/// own bare answers (a head it cannot read or over twice the limits) are counted nowhere.
 #[derive(Debug, Default)]
 pub struct ClientErrors([AtomicU64; CLIENT_ERRORS.len()]);
 

@@ -80,6 +80,12 @@ impl Proxy {
         }
     }
 
+    /// Counts an answer of veer's own for the client's fault given outside the request path
+    /// (plain HTTP on a TLS listener).
+    pub fn count_client_error(&self, error: LocalError) {
+        self.client_errors.count(error);
+    }
+
     /// Closes the upstream connections idle for longer than `upstream_idle_timeout`.
     pub fn expire_idle(&self) {
         self.pool.expire();
@@ -131,19 +137,6 @@ impl Proxy {
                 .map(|logger| (logger.clone(), record(route, &decision, &parts))),
             permit: None,
         };
-        // Within the slot's `max_in_flight`, or veer's own 503, against the slot (SPEC: "503
-        // ... overload").
-        let max_in_flight = route.config.slot(decision.slot).max_in_flight;
-        if max_in_flight > 0 {
-            exchange.permit = route.shared.admit(decision.slot, max_in_flight);
-            if exchange.permit.is_none() {
-                discard_unread(parts.version, body);
-                let kind = crate::metrics::ErrorKind::Overload;
-                let metrics = route.shared.slot_metrics(decision.slot);
-                metrics.record_failure(Epoch::CURRENT, kind, Duration::ZERO);
-                return self.local_answer(exchange, LocalError::Upstream(kind), Duration::ZERO);
-            }
-        }
         let (endpoint, request) =
             match self.upstream_request(&mut exchange, parts, (body, reading), host, server) {
                 Ok(request) => request,
@@ -338,7 +331,8 @@ impl Proxy {
             .ok_or(LocalError::NoEndpoint)
             .and_then(|endpoint| {
                 body_too_large(&parts, server.max_body_bytes).map_or(Ok(endpoint), Err)
-            });
+            })
+            .and_then(|endpoint| admit(exchange).map(|()| endpoint));
         let endpoint = match checked {
             Ok(endpoint) => endpoint,
             Err(error) => {
@@ -664,6 +658,25 @@ struct Exchange<'a> {
     log: Option<(AccessLogger, Record)>,
     /// The request's place under the slot's `max_in_flight`, held to the end of its answer.
     permit: Option<SlotPermit>,
+}
+
+/// Phase 4, once the request passed its own checks: its place under the slot's
+/// `max_in_flight`, held in the exchange to the end of its answer; past the limit, veer's own
+/// 503, an `overload` failure of the slot (SPEC: "503 ... overload").
+fn admit(exchange: &mut Exchange<'_>) -> Result<(), LocalError> {
+    let (route, slot) = (exchange.route, exchange.decision.slot);
+    let max = route.config.slot(slot).max_in_flight;
+    if max == 0 {
+        return Ok(());
+    }
+    exchange.permit = route.shared.admit(slot, max);
+    if exchange.permit.is_some() {
+        return Ok(());
+    }
+    let kind = crate::metrics::ErrorKind::Overload;
+    let metrics = route.shared.slot_metrics(slot);
+    metrics.record_failure(Epoch::CURRENT, kind, Duration::ZERO);
+    Err(LocalError::Upstream(kind))
 }
 
 /// Phase 3: the request's own checks, its route, and the slot decision.

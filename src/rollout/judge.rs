@@ -191,7 +191,8 @@ impl Default for Policy {
 /// One slot's figures over the step's window.
 pub struct SlotEvidence<'a> {
     pub requests: u64,
-    /// Counted as errors by the route's `error_statuses` plus transport failures.
+    /// Counted as errors by the route's `error_statuses` plus transport failures and
+    /// overloads (`max_in_flight`).
     pub errors: u64,
     /// Upstream latencies in MICROseconds.
     pub latency_us: &'a Histogram<u64>,
