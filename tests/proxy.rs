@@ -804,15 +804,8 @@ async fn a_tunnel_is_logged_when_it_closes_with_its_bytes_and_duration() {
         .await
         .unwrap();
     let (veer, log) = with_access_log("", &host_route("ws", &[], "/", upstream.addr)).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream).await.unwrap();
+    let (mut stream, answer) = support::wire::open_tunnel(veer.addr, "ws").await;
+    let answer = answer.unwrap();
     assert_eq!(answer.status, 101, "{}", answer.head);
     for _ in 0..3 {
         stream.write_all(b"0123456789").await.unwrap();

@@ -221,13 +221,8 @@ async fn a_tunnel_holds_its_place_under_max_in_flight() {
         .await
         .unwrap();
     let veer = limited(1, &upstream).await;
-    let mut tunnel = raw_open(
-        veer.addr,
-        b"GET /chat HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await;
-    let answer = support::wire::read_response(&mut tunnel).await.unwrap();
+    let (tunnel, answer) = support::wire::open_tunnel(veer.addr, "shop").await;
+    let answer = answer.unwrap();
     assert_eq!(answer.status, 101, "{}", answer.head);
     let (status, _, _) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 503);

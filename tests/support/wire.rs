@@ -33,6 +33,19 @@ impl RawResponse {
     }
 }
 
+/// Opens a WebSocket tunnel through veer at `addr` for `host`: the stream and the answer to
+/// the upgrade request (a 101 when the tunnel is open).
+pub async fn open_tunnel(addr: SocketAddr, host: &str) -> (TcpStream, Option<RawResponse>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /chat HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_response(&mut stream).await;
+    (stream, answer)
+}
+
 /// Reads one response head and its body: `Content-Length` bytes, a whole chunked body (kept
 /// as sent, see [`dechunk`]), or with neither until the peer closes. Gives up after 5 s;
 /// `None` when no complete head arrived.
