@@ -265,6 +265,11 @@ async fn failure_threshold_consecutive_failures_roll_back() {
     assert_eq!(rollback["to"], "rolled_back");
     assert_eq!(rollback["weight_to"], 0.0);
     assert_eq!(rollback["judgement"]["canary"]["errors"], 100);
+    // Told by kind: the 500s are `status` errors.
+    assert_eq!(
+        rollback["judgement"]["canary"]["errors_by_kind"],
+        serde_json::json!({"status": 100})
+    );
     assert_eq!(rollback["judgement"]["stable"]["requests"], 1000);
     assert_eq!(rollback["judgement"]["error_test"]["failing"], true);
 }

@@ -134,6 +134,7 @@
 //! of 79 ms) rolled back in 300 of 300 rollouts, by the latency test, in the first step; 1.1x
 //! (within the bound) was promoted in 300 of 300.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -255,6 +256,11 @@ pub struct SlotSummary {
     pub latency_samples: u64,
     /// The policy's latency quantile in ms; `None` for an empty histogram.
     pub quantile_ms: Option<f64>,
+    /// The errors by kind (`status`, `connect`, `timeout`, `reset`, `protocol`, `overload`),
+    /// the kinds counted only: filled in for the canary by the controller, so that a journal
+    /// line tells an overloaded canary from a failing one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors_by_kind: BTreeMap<String, u64>,
 }
 
 /// The sequential error-rate test (see the module docs).
@@ -567,6 +573,7 @@ fn summarize(slot: &SlotEvidence<'_>, quantile: f64) -> (SlotSummary, Option<u64
         error_rate: rate(errors, slot.requests),
         latency_samples: hist.len(),
         quantile_ms: quantile_us.map(|us| us as f64 / 1e3),
+        errors_by_kind: BTreeMap::new(),
     };
     (summary, quantile_us)
 }

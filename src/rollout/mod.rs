@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{Mode, RolloutConfig, RouteConfig, StateConfig};
-use crate::metrics::WindowStats;
+use crate::metrics::{ErrorKind, WindowStats};
 use crate::routing::{RouteShared, RoutingTable, Split};
 use journal::{Entry, Journal};
 use judge::{Evidence, Judgement, Policy, SlotEvidence, Verdict};
@@ -672,6 +672,12 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
             step_elapsed,
         },
     );
+    judgement.canary.errors_by_kind = ErrorKind::ALL
+        .iter()
+        .zip(canary.errors_by_kind)
+        .filter(|(_, count)| *count > 0)
+        .map(|(kind, count)| (kind.as_str().to_string(), count))
+        .collect();
     if full && inner.state.baseline.is_none() && judgement.verdict == Verdict::Hold {
         judgement.reason.push_str(
             "; at 100 % stable serves nothing and no stable figures from an earlier step are \
