@@ -360,6 +360,18 @@ fn a_state_dir_deleted_under_a_running_veer_is_locked_again() {
     });
     assert!(removed, "{state:?} could not be removed");
     let text = lines_until(&rx, "made and locked again").join("\n");
+    // That line may be of a relock between two tries of the removal, whose file the last try
+    // removed too: wait until the file now at the path is locked (by the running veer).
+    let lock = state.join("veer.lock");
+    let held = (0..200).any(|_| {
+        let busy = std::fs::File::open(&lock)
+            .is_ok_and(|file| matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+        if !busy {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        busy
+    });
+    assert!(held, "{lock:?} not locked again within 10 s");
     let (code, stderr) = run_to_exit(&path);
     first.kill().unwrap();
     first.wait().unwrap();
