@@ -272,6 +272,11 @@ impl ShadowJob {
             Ok::<_, ErrorKind>((status, hash))
         })
         .await;
+        // The endpoint rests before the copy's place is given back: no other copy takes the
+        // place and tries the endpoint in between.
+        if matches!(result, Ok(Err(ErrorKind::Connect))) {
+            rest.start(REFUSED_REST);
+        }
         drop(permit);
         let (status, hash) = match result {
             Ok(Ok(outcome)) => outcome,
@@ -280,9 +285,6 @@ impl ShadowJob {
                     .shadow_metrics
                     .record_failure(Epoch::CURRENT, kind, started.elapsed());
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                if kind == ErrorKind::Connect {
-                    rest.start(REFUSED_REST);
-                }
                 return;
             }
             Err(_) => {
