@@ -1587,8 +1587,10 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
             );
         }
     }
-    // After the promotion green is stable and the new canary is blue.
+    // After the promotion green is stable and the new canary is blue. Whole-percent steps are
+    // integers, as SPEC writes them.
     let shop = veer.route_status("shop").await;
+    assert_eq!(shop["steps"], serde_json::json!([10, 50, 100]), "{shop}");
     assert_eq!(
         (shop["stable"].as_str(), shop["canary"].as_str()),
         (Some("green"), Some("blue"))
@@ -1619,10 +1621,27 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
         "{\"canary_percent\": 150}",
         "{}",
         "[10]",
+        "{\"canary_percent\": \"20\"}",
+        "{\"canary_percent\": 20, \"pause\": false}",
+        "{\"canary_pecrent\": 20}",
     ] {
         let (status, body) = veer.admin_post("/api/v1/routes/shop/weight", bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
+    let (_, body) = veer
+        .admin_post(
+            "/api/v1/routes/shop/weight",
+            "{\"canary_percent\": 20, \"pause\": false}",
+        )
+        .await;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `pause`"),
+        "{body}"
+    );
+    assert_eq!(veer.route_status("shop").await["canary_weight"], 10.0);
     let padded = format!("{{\"canary_percent\": 20{}}}", " ".repeat(70_000));
     let (status, body) = veer.admin_post("/api/v1/routes/shop/weight", &padded).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");

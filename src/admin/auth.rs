@@ -47,8 +47,9 @@ fn bearer_credentials(value: &str) -> Option<&str> {
         .then(|| credentials.trim())
 }
 
-/// An `Origin` whose host:port is not the one the request was sent to (browsers send it on
-/// cross-site POSTs; CLIs and scripts send none).
+/// An `Origin` other than the API's own: another scheme than `http` (the API speaks no TLS),
+/// or another host:port than the one the request was sent to. Browsers send it on cross-site
+/// POSTs; CLIs and scripts send none.
 fn foreign_origin<B>(req: &Request<B>) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return false;
@@ -56,6 +57,7 @@ fn foreign_origin<B>(req: &Request<B>) -> bool {
     let origin = origin.to_str().unwrap_or("null");
     let origin_authority = origin
         .split_once("://")
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("http"))
         .map(|(_, rest)| rest.trim_end_matches('/'));
     let host = req
         .headers()
@@ -192,6 +194,15 @@ mod tests {
             ],
         );
         assert_eq!(status(check(&same, None)), None);
+        // The same host:port under another scheme is another origin.
+        let other_scheme = req(
+            Method::POST,
+            &[
+                ("host", "127.0.0.1:9901"),
+                ("origin", "https://127.0.0.1:9901"),
+            ],
+        );
+        assert_eq!(status(check(&other_scheme, None)), Some(403));
         let none = req(Method::POST, &[("host", "127.0.0.1:9901")]);
         assert_eq!(status(check(&none, None)), None);
         let get = req(

@@ -306,21 +306,35 @@ async fn read_body(body: Incoming) -> Result<Bytes, Answer> {
     }
 }
 
+/// The body of `POST /api/v1/routes/{name}/weight`: that one field, nothing else (a misspelt
+/// or extra field is refused, not ignored).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    canary_percent: f64,
+}
+
 fn set_weight(app: &App, name: &str, body: &[u8]) -> Answer {
-    let percent = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("canary_percent").and_then(Value::as_f64));
-    match percent.and_then(crate::config::basis_points) {
+    const EXPECTED: &str = "expected {\"canary_percent\": N} with N in [0, 100], 0.01 steps";
+    // An object only (serde would take `[10]` for the struct too).
+    let parsed = serde_json::from_slice::<Value>(body).and_then(|value| match value {
+        Value::Object(_) => serde_json::from_value::<WeightBody>(value),
+        _ => Err(serde::de::Error::custom("not a JSON object")),
+    });
+    let percent = match parsed {
+        Ok(body) => body.canary_percent,
+        Err(error) => {
+            return json_error(StatusCode::BAD_REQUEST, &format!("{EXPECTED} ({error})"));
+        }
+    };
+    match crate::config::basis_points(percent) {
         Some(bp) => apply(
             app,
             name,
             Action::SetWeight(bp),
             "weight set through the admin API",
         ),
-        None => json_error(
-            StatusCode::BAD_REQUEST,
-            "expected {\"canary_percent\": N} with N in [0, 100], 0.01 steps",
-        ),
+        None => json_error(StatusCode::BAD_REQUEST, EXPECTED),
     }
 }
 

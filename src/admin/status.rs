@@ -53,7 +53,7 @@ pub fn route_json(route: &Route) -> Value {
         "canary_weight": split.canary_percent(),
         "phase": view.state.phase.as_str(),
         "step": view.state.step_number(&config.rollout.steps),
-        "steps": config.rollout.steps.iter().map(|&bp| f64::from(bp) / 100.0).collect::<Vec<_>>(),
+        "steps": config.rollout.steps.iter().map(|&bp| percent_json(bp)).collect::<Vec<_>>(),
         "mode": match config.rollout.mode { crate::config::Mode::Auto => "auto", crate::config::Mode::Manual => "manual" },
         "failures": view.state.failures,
         "step_elapsed_s": view.step_elapsed.as_secs_f64(),
@@ -129,11 +129,31 @@ fn shadow_json(route: &Route) -> Value {
     })
 }
 
+/// A step's percent as SPEC writes steps: a whole percent as an integer (`10`), any other as a
+/// decimal (`12.5`).
+fn percent_json(bp: u32) -> Value {
+    match bp % 100 {
+        0 => json!(bp / 100),
+        _ => json!(f64::from(bp) / 100.0),
+    }
+}
+
 fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     if value.is_finite() {
         (value * scale).round() / scale
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_percent_steps_are_integers_and_others_decimals() {
+        let steps: Vec<Value> = [1000, 1250, 1, 10_000].map(percent_json).to_vec();
+        assert_eq!(Value::from(steps).to_string(), "[10,12.5,0.01,100]");
     }
 }

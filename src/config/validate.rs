@@ -334,25 +334,32 @@ pub fn key_line(text: &str, key: &str) -> Option<usize> {
     line_in(text, &doc, &path)
 }
 
-/// What a valid config (parsed from `text`) holds that does nothing, for `veer check` and the
-/// log: an auto route's `weight`, which is manual mode's (the controller sets the weight).
+/// What a valid config (parsed from `text`) holds that does nothing, or not what it says, for
+/// `veer check` and the log: an auto route's `weight`, which is manual mode's (the controller
+/// sets the weight); an `interval` under the controller's shortest.
 pub fn warnings(config: &Config, text: &str) -> Vec<ConfigError> {
-    config
-        .routes
-        .iter()
-        .enumerate()
-        .filter(|(_, route)| route.rollout.mode == Mode::Auto && route.rollout.weight != 0)
-        .map(|(i, _)| {
-            let path = format!("route[{i}].rollout.weight");
-            ConfigError {
-                line: key_line(text, &path),
-                path,
-                message: "ignored in auto mode (the controller sets the weight; it is manual \
-                          mode's)"
-                    .into(),
-            }
-        })
-        .collect()
+    let warning = |path: String, message: String| ConfigError {
+        line: key_line(text, &path),
+        path,
+        message,
+    };
+    let mut warnings = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        if route.rollout.mode == Mode::Auto && route.rollout.weight != 0 {
+            warnings.push(warning(
+                format!("route[{i}].rollout.weight"),
+                "ignored in auto mode (the controller sets the weight; it is manual mode's)".into(),
+            ));
+        }
+        let shortest = crate::rollout::MIN_INTERVAL;
+        if route.rollout.interval < shortest {
+            warnings.push(warning(
+                format!("route[{i}].rollout.interval"),
+                format!("taken as {shortest:?} (the controller looks at most that often)"),
+            ));
+        }
+    }
+    warnings
 }
 
 /// The line of the deepest part of `path` that is present in `doc`, parsed from `text`.
@@ -2210,6 +2217,22 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(warnings(&parse(&manual, None).unwrap(), &manual), []);
         let unset = format!("{MINIMAL}[route.rollout]\nmode = \"auto\"\n");
         assert_eq!(warnings(&parse(&unset, None).unwrap(), &unset), []);
+    }
+
+    #[test]
+    fn an_interval_under_the_controllers_shortest_is_warned_of_with_its_line() {
+        let text = format!("{MINIMAL}[route.rollout]\ninterval = \"1ms\"\n");
+        let warned = warnings(&parse(&text, None).unwrap(), &text);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert_eq!(warned[0].path, "route[0].rollout.interval");
+        assert_eq!(
+            warned[0].message,
+            "taken as 10ms (the controller looks at most that often)"
+        );
+        let line = text.lines().position(|l| l.starts_with("interval"));
+        assert_eq!(warned[0].line, line.map(|i| i + 1));
+        let shortest = text.replace("1ms", "10ms");
+        assert_eq!(warnings(&parse(&shortest, None).unwrap(), &shortest), []);
     }
 
     #[test]

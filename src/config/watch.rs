@@ -32,6 +32,10 @@ use crate::app::App;
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// The longest a burst can put a reload off: events that never stop still get one this often.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
+/// How long a config read as invalid waits for more writing before it is reloaded (and
+/// rejected): a file saved in place (truncated, then written) and read in between is empty, or
+/// cut short.
+pub const SAVE_GAP: Duration = Duration::from_millis(500);
 /// The most symlinks followed on the way to the file, as the kernel does (`ELOOP`).
 const MAX_LINKS: usize = 40;
 
@@ -251,16 +255,21 @@ impl Watching {
                 (result.ok().map(|()| app.named_files()), done)
             }
         };
-        self.run_with(reload, move || app.reloads_done()).await;
+        let valid = |path: &Path| {
+            crate::config::Config::load_for(path, crate::config::Purpose::Reload).is_ok()
+        };
+        self.run_with(reload, move || app.reloads_done(), valid)
+            .await;
     }
 
     /// [`Watching::run`] with `reload` (`Some` with the files the config names when it was
-    /// applied, and how many reloads were done when it ended) and `reloads_done` (how many
-    /// reloads were done so far, by any path).
+    /// applied, and how many reloads were done when it ended), `reloads_done` (how many
+    /// reloads were done so far, by any path) and `valid` (whether the config at a path is).
     async fn run_with<R: Future<Output = (Option<Vec<PathBuf>>, u64)>>(
         mut self,
         mut reload: impl FnMut() -> R,
         reloads_done: impl Fn() -> u64,
+        valid: impl Fn(&Path) -> bool,
     ) {
         // The reloads done when this watcher last reloaded: one done since by SIGHUP or the
         // admin API read the file as it was then, so the hash kept here no longer tells what
@@ -271,6 +280,12 @@ impl Watching {
         // the admin API), not at every event until it can be read again.
         let mut unreadable = false;
         while self.settled().await {
+            // A save in place read between its truncation and its writing is empty or cut
+            // short: a config read as invalid is read again once the writing that follows it
+            // within `SAVE_GAP` has settled, and rejected only when none follows.
+            while !valid(&self.files[0]) && self.stirs().await {
+                self.quiet().await;
+            }
             // What changed may be a link or a directory on the way to a file.
             let _ = self.place();
             let now = contents_hash(&self.files);
@@ -324,12 +339,26 @@ impl Watching {
         if self.rx.recv().await.is_none() {
             return false;
         }
+        self.quiet().await;
+        true
+    }
+
+    /// The rest of a burst whose first event was taken: until quiet for [`DEBOUNCE`], or
+    /// [`MAX_DELAY`] from now.
+    async fn quiet(&mut self) {
         let deadline = tokio::time::Instant::now() + MAX_DELAY;
         let quiet = async {
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, self.rx.recv()).await {}
         };
         let _ = tokio::time::timeout_at(deadline, quiet).await;
-        true
+    }
+
+    /// Whether an event comes within [`SAVE_GAP`].
+    async fn stirs(&mut self) -> bool {
+        matches!(
+            tokio::time::timeout(SAVE_GAP, self.rx.recv()).await,
+            Ok(Some(()))
+        )
     }
 }
 
@@ -536,7 +565,12 @@ mod tests {
             async move { ((accept && readable).then_some(named), done) }
         };
         let reloads_done = move || done.load(std::sync::atomic::Ordering::SeqCst);
-        (tokio::spawn(watching.run_with(reload, reloads_done)), rx)
+        // As a config: an empty file is not one.
+        let valid = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+        (
+            tokio::spawn(watching.run_with(reload, reloads_done, valid)),
+            rx,
+        )
     }
 
     fn reloading(
@@ -658,6 +692,24 @@ mod tests {
         task.abort();
     }
 
+    /// A file saved in place and read between its truncation and its writing (the read came
+    /// at the end of the truncation's quiet) is read again once written, not rejected empty.
+    #[tokio::test]
+    async fn a_save_in_place_read_before_its_writing_is_read_again_once_written() {
+        let (_dir, path, watching) = watched();
+        drop(watching);
+        let (task, mut reloads) = reloading(&path, accepting());
+        std::fs::write(&path, "a = 2\n").expect("write");
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
+        let file = std::fs::File::create(&path).expect("truncate");
+        // Past the truncation's quiet, well within the gap a save may take.
+        tokio::time::sleep(DEBOUNCE + (SAVE_GAP / 2)).await;
+        (&file).write_all(b"a = 3\n").expect("write");
+        drop(file);
+        assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 3\n"));
+        task.abort();
+    }
+
     /// A file changed, reloaded by SIGHUP (or the admin API), then changed back to what this
     /// watcher last applied, is reloaded: what is in force is what SIGHUP read, not the file.
     #[tokio::test]
@@ -763,7 +815,7 @@ mod tests {
             let named = vec![named.clone()];
             async move { (Some(named), 0) }
         };
-        let task = tokio::spawn(watching.run_with(reload, || 0));
+        let task = tokio::spawn(watching.run_with(reload, || 0, |_: &Path| true));
         std::fs::write(&path, "a = 2\n").expect("write");
         assert_eq!(next_reload(&mut reloads).await.as_deref(), Some("a = 2\n"));
         std::fs::write(&new, "newer").expect("write");

@@ -783,7 +783,7 @@ pub async fn run(table: Arc<ArcSwap<RoutingTable>>) {
 
 /// The shortest `interval` the controller keeps (a shorter one is taken as this): each look
 /// takes the route's lock and may write the journal.
-const MIN_INTERVAL: Duration = Duration::from_millis(10);
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The longest the controller sleeps: a route a reload added, or whose `interval` it changed,
 /// is seen within this.
