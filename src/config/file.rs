@@ -115,6 +115,7 @@ pub struct RawSlot {
     pub version: String,
     #[serde(default)]
     pub max_in_flight: i64,
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

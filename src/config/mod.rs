@@ -109,6 +109,20 @@ pub struct SlotConfig {
     /// Requests under way to the slot at once (from the request to the end of its answer, or
     /// of its tunnel), across workers; above it veer answers 503 itself. 0: no limit.
     pub max_in_flight: usize,
+    /// What the slot's endpoints speak.
+    pub protocol: Protocol,
+}
+
+/// The protocol of a slot's upstream connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1, one exchange at a time per pooled keep-alive connection.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP with prior knowledge (h2c, as gRPC servers speak it): one
+    /// connection per endpoint and worker carries every exchange at once. Upgrade requests
+    /// (WebSocket) still go over HTTP/1.1.
+    H2c,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

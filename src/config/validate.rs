@@ -1025,10 +1025,24 @@ impl Validator<'_> {
         let mut at = path.to_vec();
         at.push(Seg::Key("max_in_flight"));
         let max_in_flight = self.int_range(&at, raw.max_in_flight, 0, 1 << 30);
+        at.pop();
+        at.push(Seg::Key("protocol"));
+        let protocol = match raw.protocol.as_deref() {
+            None | Some("http/1.1") => Some(Protocol::Http1),
+            Some("h2c" | "h2") => Some(Protocol::H2c),
+            Some(_) => {
+                self.error(
+                    &at,
+                    "must be \"http/1.1\" or \"h2c\" (HTTP/2 without TLS, also written \"h2\")",
+                );
+                None
+            }
+        };
         Some(SlotConfig {
             endpoints: endpoints?,
             version: raw.version,
             max_in_flight: usize::try_from(max_in_flight?).ok()?,
+            protocol: protocol?,
         })
     }
 
@@ -1630,6 +1644,34 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(
             rendered,
             ["route[0].green.max_in_flight: must be between 0 and 1073741824, line 10"],
+        );
+    }
+
+    #[test]
+    fn a_slots_protocol_is_http1_by_default_or_h2c() {
+        let config = parse(MINIMAL, None).unwrap();
+        assert_eq!(config.routes[0].blue.protocol, Protocol::Http1);
+        for (written, protocol) in [
+            ("http/1.1", Protocol::Http1),
+            ("h2c", Protocol::H2c),
+            ("h2", Protocol::H2c),
+        ] {
+            let text = MINIMAL.replace(
+                "[route.green]\n",
+                &format!("[route.green]\nprotocol = \"{written}\"\n"),
+            );
+            let config = parse(&text, None).unwrap();
+            assert_eq!(config.routes[0].green.protocol, protocol, "{written}");
+            assert_eq!(config.routes[0].blue.protocol, Protocol::Http1);
+        }
+        let text = MINIMAL.replace("[route.green]\n", "[route.green]\nprotocol = \"h3\"\n");
+        let rendered: Vec<String> = errors(&text).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            rendered,
+            [
+                "route[0].green.protocol: must be \"http/1.1\" or \"h2c\" (HTTP/2 without TLS, \
+              also written \"h2\"), line 10"
+            ],
         );
     }
 

@@ -149,7 +149,12 @@ impl Proxy {
         let deadline = exchange.deadline;
         let first = match tokio::time::timeout_at(
             deadline,
-            self.pool.send(endpoint, request, server.max_header_bytes),
+            self.pool.send(
+                endpoint,
+                route.config.slot(decision.slot).protocol,
+                request,
+                server.max_header_bytes,
+            ),
         )
         .await
         {
@@ -275,7 +280,8 @@ impl Proxy {
                 break;
             };
             debug!(route = route.name(), %slot, %error, %next, "Cannot connect; trying the slot's next endpoint.");
-            match self.pool.send(next, *request, max_head).await {
+            let protocol = route.config.slot(slot).protocol;
+            match self.pool.send(next, protocol, *request, max_head).await {
                 Ok(answer) => return Ok(answer),
                 Err(Failed {
                     error: failed,
@@ -308,7 +314,8 @@ impl Proxy {
         let Some(next) = route.endpoint(slot) else {
             return Err(error);
         };
-        let answered = match self.pool.send(next, request, max_head).await {
+        let protocol = route.config.slot(slot).protocol;
+        let answered = match self.pool.send(next, protocol, request, max_head).await {
             Err(failed) => self.recover(route, slot, next, failed, max_head).await,
             answered => answered,
         };

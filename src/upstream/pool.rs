@@ -9,7 +9,11 @@
 //! lazy connect future built and dropped for every request; a task per returned connection.
 //! Here a worker's pool is used by that worker's thread only, so its lock is never contended.
 //!
-//! The rules:
+//! A slot whose endpoints speak HTTP/2 (`protocol = "h2c"`) gets one HTTP/2 connection per
+//! endpoint and worker instead, driven by hyper's `client::conn::http2` in a task of its own,
+//! every exchange a stream on it; a closed one is made anew for the next request.
+//!
+//! The rules for HTTP/1.1:
 //! - a connection carries one exchange at a time, and goes back to the pool only when its
 //!   request was sent whole and its response body read to the end ([`Lease::release`]); an
 //!   exchange that ends early (client gone, timeout, upstream error, upgrade), and a HEAD,
@@ -29,17 +33,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use http::uri::Authority;
-use http::{HeaderMap, Method, Request, Response, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderMap, Method, Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::Instant;
 use tower_service::Service;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use super::{BodyState, RequestBody};
+use crate::config::Protocol;
 use crate::io::Link;
 
 /// A connection's sending half, and what it shares with the connection's reader (see
@@ -122,16 +127,62 @@ impl From<UpstreamError> for Failed {
 /// clients, so a fast hash will do: it is taken twice per request (the take and the return).
 type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>, BuildHasherDefault<Xxh3Default>>;
 
+/// HTTP/2 connections by endpoint: one each, carrying every exchange at once.
+type Multiplexed =
+    HashMap<Box<str>, Arc<tokio::sync::Mutex<H2Conn>>, BuildHasherDefault<Xxh3Default>>;
+
+/// An endpoint's HTTP/2 connection. Its lock is held while the connection is made, so that the
+/// requests of a burst wait for one connection instead of each making its own.
+#[derive(Default)]
+struct H2Conn {
+    /// The connection, numbered (the pool's count of HTTP/2 connections made) so that a
+    /// request it failed can ask for another one.
+    open: Option<(u64, http2::SendRequest<RequestBody>)>,
+    /// When a request last took the connection: one unused for `upstream_idle_timeout` is let
+    /// go by [`Pool::expire`] (it closes once the streams under way on it are over).
+    used: Option<Instant>,
+    /// When making one last failed: the requests that waited for it fail at once too (else
+    /// each would wait its own `connect_timeout` in turn, behind the lock).
+    failed_at: Option<Instant>,
+}
+
 /// One worker's pool. Cheap to share by reference; [`Lease`]s hold it weakly.
 pub struct Pool {
     idle: Arc<Mutex<Idle>>,
+    multiplexed: Mutex<Multiplexed>,
+    h2_made: std::sync::atomic::AtomicU64,
     connector: HttpConnector,
     idle_timeout: Duration,
 }
 
-/// A connection carrying one exchange: give it back with [`Lease::release`] once the response
-/// body has ended; dropping it closes the connection.
-pub struct Lease {
+/// What an exchange holds of its connection: give it back with [`Lease::release`] once the
+/// response body has ended; dropping it closes an HTTP/1.1 connection. An HTTP/2 exchange holds
+/// only its stream (in its answer's body), and this holds nothing.
+pub struct Lease(Option<Held>);
+
+impl Lease {
+    /// See [`Held::abandoning_unsent`].
+    pub fn abandoning_unsent(self) -> Self {
+        Lease(self.0.map(Held::abandoning_unsent))
+    }
+
+    /// See [`Held::release`].
+    pub fn release(self) {
+        if let Some(held) = self.0 {
+            held.release();
+        }
+    }
+
+    /// See [`Held::abandon`].
+    pub fn abandon(self) {
+        if let Some(held) = self.0 {
+            held.abandon();
+        }
+    }
+}
+
+/// An HTTP/1.1 connection carrying one exchange.
+struct Held {
     sender: Sender,
     endpoint: Authority,
     pool: Weak<Mutex<Idle>>,
@@ -142,10 +193,10 @@ pub struct Lease {
     abandon_unsent: bool,
 }
 
-impl Lease {
+impl Held {
     /// For a client that can be told to stop sending its request body (HTTP/2: its stream is
     /// reset once veer has discarded what it still sends, see `Unread`).
-    pub fn abandoning_unsent(mut self) -> Self {
+    fn abandoning_unsent(mut self) -> Self {
         self.abandon_unsent = true;
         self
     }
@@ -157,7 +208,7 @@ impl Lease {
     /// client's stream, for good. For an HTTP/1.1 client it is closed once the request is
     /// through (the client may still be sending, and a connection closed on unread bytes can
     /// cost it the answer; `request_timeout` bounds that wait), and no other request waits.
-    pub fn release(self) {
+    fn release(self) {
         if !self.request.ended() {
             if self.abandon_unsent {
                 self.abandon();
@@ -183,7 +234,7 @@ impl Lease {
 
     /// The exchange ended early (the client went away mid-answer): the connection is given up
     /// at once, also when it is still sending the request to an upstream that takes nothing.
-    pub fn abandon(self) {
+    fn abandon(self) {
         self.sender.link.abandon();
     }
 }
@@ -192,6 +243,8 @@ impl Pool {
     pub fn new(connector: HttpConnector, idle_timeout: Duration) -> Pool {
         Pool {
             idle: Arc::default(),
+            multiplexed: Mutex::default(),
+            h2_made: std::sync::atomic::AtomicU64::new(0),
             connector,
             idle_timeout,
         }
@@ -207,12 +260,20 @@ impl Pool {
     /// for the ACK). On a reused connection those bytes would be read as the answer to the next
     /// request, someone else's: a 502, or an answer shifted by one. Each HEAD costs a connect
     /// instead (not measured; HEADs are a small share of most traffic).
+    ///
+    /// To an endpoint of `protocol` HTTP/2, the request goes as a stream of its connection
+    /// (see [`Pool::send_h2`]); an upgrade request (a WebSocket) still goes over HTTP/1.1.
     pub async fn send(
         &self,
         endpoint: &Authority,
+        protocol: Protocol,
         mut request: Request<RequestBody>,
         max_head: usize,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
+        if protocol == Protocol::H2c && !request.headers().contains_key(header::UPGRADE) {
+            // Boxed: HTTP/1.1 exchanges do not carry its state.
+            return Box::pin(self.send_h2(endpoint, request, max_head)).await;
+        }
         let body = request.body().state();
         let head = request.method() == Method::HEAD;
         // One copy for the whole call: the request is sent twice at most.
@@ -260,7 +321,127 @@ impl Pool {
         }
     }
 
-    /// Closes the connections idle for longer than the idle timeout.
+    /// Sends `request` as a stream of the endpoint's HTTP/2 connection, made when there is
+    /// none (or it closed). On a connection that was already open, a request it could not
+    /// take (it closed meanwhile), or one the upstream refused unprocessed (a GOAWAY that
+    /// crossed it, RFC 9113 §8.7) when it is an idempotent bodiless one, goes once more on a new
+    /// connection: the HTTP/2 form of the keep-alive race, not the upstream's fault. Otherwise
+    /// an idempotent bodiless request the upstream dropped unanswered is handed back to be sent
+    /// again, as over HTTP/1.1.
+    async fn send_h2(
+        &self,
+        endpoint: &Authority,
+        mut request: Request<RequestBody>,
+        max_head: usize,
+    ) -> Result<(Response<Incoming>, Lease), Failed> {
+        h2_form(&mut request, endpoint);
+        let mut replay = Replay::of(&request);
+        let (mut id, mut sender, mut fresh) = match self.multiplexed(endpoint, max_head, None).await
+        {
+            Ok(conn) => conn,
+            Err(error) => return Err(Failed::unsent(error, request)),
+        };
+        // Whether this is the second connection tried: no third.
+        let mut again = false;
+        loop {
+            let error = match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, Lease(None))),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if fresh || again => {
+                        return Err(Failed::unsent(error.into_error().into(), unsent));
+                    }
+                    Some(unsent) => {
+                        request = unsent;
+                        error.into_error()
+                    }
+                    None => {
+                        let error = error.into_error();
+                        match replay.take() {
+                            Some(copy) if !fresh && !again && refused(&error) => {
+                                request = copy.into_request();
+                                error
+                            }
+                            copy => return Err(Failed::sent(error, copy, fresh)),
+                        }
+                    }
+                },
+            };
+            tracing::debug!(%endpoint, %error, "An HTTP/2 connection closed under a request; sending it on another one.");
+            (id, sender, fresh) = match self.multiplexed(endpoint, max_head, Some(id)).await {
+                Ok(conn) => conn,
+                Err(error) => return Err(Failed::unsent(error, request)),
+            };
+            again = true;
+        }
+    }
+
+    /// The endpoint's HTTP/2 connection (its number, and whether it was made for this call),
+    /// made when there is none, it closed, or it is connection `failed` (which failed the
+    /// request: closed, or going away).
+    async fn multiplexed(
+        &self,
+        endpoint: &Authority,
+        max_head: usize,
+        failed: Option<u64>,
+    ) -> Result<(u64, http2::SendRequest<RequestBody>, bool), UpstreamError> {
+        let asked = Instant::now();
+        let conn = {
+            let mut multiplexed = lock(&self.multiplexed);
+            match multiplexed.get(endpoint.as_str()) {
+                Some(conn) => Arc::clone(conn),
+                None => Arc::clone(multiplexed.entry(endpoint.as_str().into()).or_default()),
+            }
+        };
+        let mut conn = conn.lock().await;
+        conn.used = Some(asked);
+        if let Some((id, sender)) = &conn.open {
+            if !sender.is_closed() && failed != Some(*id) {
+                return Ok((*id, sender.clone(), false));
+            }
+        }
+        if conn.failed_at.is_some_and(|at| at >= asked) {
+            return Err(UpstreamError::Connect {
+                endpoint: endpoint.clone(),
+                source: "connecting failed as this request waited for it".into(),
+            });
+        }
+        conn.open = None;
+        match self.connect_h2(endpoint, max_head).await {
+            Ok(sender) => {
+                let id = self.h2_made.fetch_add(1, Ordering::Relaxed);
+                conn.open = Some((id, sender.clone()));
+                conn.failed_at = None;
+                Ok((id, sender, true))
+            }
+            Err(error) => {
+                conn.failed_at = Some(Instant::now());
+                Err(error)
+            }
+        }
+    }
+
+    /// A new HTTP/2 connection to `endpoint`; its answers' heads (and trailer sections) may be
+    /// up to `max_head` bytes (HPACK-decoded) long.
+    async fn connect_h2(
+        &self,
+        endpoint: &Authority,
+        max_head: usize,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        let io = self.dial(endpoint).await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
+            .handshake(TokioIo::new(io))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "Upstream HTTP/2 connection ended.");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Closes the connections idle for longer than the idle timeout, and lets go of the HTTP/2
+    /// connections no request took for that long.
     pub fn expire(&self) {
         let Some(oldest_kept) = Instant::now().checked_sub(self.idle_timeout) else {
             return;
@@ -268,6 +449,11 @@ impl Pool {
         lock(&self.idle).retain(|_, list| {
             list.retain(|(sender, since)| *since >= oldest_kept && !sender.is_closed());
             !list.is_empty()
+        });
+        // An HTTP/2 connection whose lock is held is in use (or being made).
+        lock(&self.multiplexed).retain(|_, conn| match conn.try_lock() {
+            Ok(conn) => conn.used.is_some_and(|used| used >= oldest_kept),
+            Err(_) => true,
         });
     }
 
@@ -291,6 +477,23 @@ impl Pool {
         endpoint: &Authority,
         max_head: usize,
     ) -> Result<Sender, UpstreamError> {
+        let io = crate::io::send_flat(self.dial(endpoint).await?);
+        let link = Arc::new(Link::new(max_head));
+        let io = TokioIo::new(crate::io::KeepReading::new(io, Arc::clone(&link)));
+        let (inner, connection) = http1::Builder::new()
+            .max_header_size(max_head)
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "Upstream connection ended.");
+            }
+        });
+        Ok(Sender { inner, link })
+    }
+
+    /// A new TCP connection to `endpoint`.
+    async fn dial(&self, endpoint: &Authority) -> Result<tokio::net::TcpStream, UpstreamError> {
         let connect_error = |source| UpstreamError::Connect {
             endpoint: endpoint.clone(),
             source,
@@ -309,30 +512,43 @@ impl Pool {
             .call(uri)
             .await
             .map_err(|e| connect_error(e.into()))?;
-        let io = crate::io::send_flat(io.into_inner());
-        let link = Arc::new(Link::new(max_head));
-        let io = TokioIo::new(crate::io::KeepReading::new(io, Arc::clone(&link)));
-        let (inner, connection) = http1::Builder::new()
-            .max_header_size(max_head)
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "Upstream connection ended.");
-            }
-        });
-        Ok(Sender { inner, link })
+        Ok(io.into_inner())
     }
 
     fn lease(&self, sender: Sender, endpoint: &Authority, request: BodyState, head: bool) -> Lease {
-        Lease {
+        Lease(Some(Held {
             sender,
             endpoint: endpoint.clone(),
             pool: Arc::downgrade(&self.idle),
             request,
             head,
             abandon_unsent: false,
-        }
+        }))
+    }
+}
+
+/// The request as HTTP/2 carries it: the authority it was sent with (its `Host`, else the
+/// endpoint) in its URI, for `:authority`, with `:scheme` `http`; no `Host` field (RFC 9113
+/// §8.3.1), nor `Connection` (HTTP/2 has no connection-specific fields: a `TE: trailers` stays).
+fn h2_form(request: &mut Request<RequestBody>, endpoint: &Authority) {
+    let headers = request.headers_mut();
+    headers.remove(header::CONNECTION);
+    let authority = headers
+        .remove(header::HOST)
+        .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .unwrap_or_else(|| endpoint.clone());
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build();
+    if let Ok(uri) = uri {
+        *request.uri_mut() = uri;
     }
 }
 
@@ -401,12 +617,22 @@ fn closed_unanswered(error: &hyper::Error) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
     error.is_incomplete_message()
         || error.is_canceled()
+        || refused(error)
         || std::error::Error::source(error)
             .and_then(|e| e.downcast_ref::<std::io::Error>())
             .is_some_and(|io| matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe))
 }
 
-/// A poisoned lock still holds a consistent map: every change under it is one push or pop.
-fn lock(idle: &Mutex<Idle>) -> MutexGuard<'_, Idle> {
-    idle.lock().unwrap_or_else(PoisonError::into_inner)
+/// An HTTP/2 upstream refused the stream, or closed the connection below it with a GOAWAY: it
+/// did not process the request (RFC 9113 §8.7).
+fn refused(error: &hyper::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|e| e.downcast_ref::<h2::Error>())
+        .is_some_and(|e| e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// A poisoned lock still holds a consistent map: every change under it is one push, pop,
+/// insert or removal.
+fn lock<T>(map: &Mutex<T>) -> MutexGuard<'_, T> {
+    map.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -1,0 +1,363 @@
+//! Slots whose endpoints speak HTTP/2 (`protocol = "h2c"`, SPEC §3's "optionally h2"
+//! upstream): every request a stream of one connection per endpoint and worker, gRPC-like
+//! exchanges with trailers, upgrades still over HTTP/1.1, failures counted as over HTTP/1.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::wire::read_response;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One request as the HTTP/2 upstream saw it.
+struct Seen {
+    version: Version,
+    uri: String,
+    headers: HeaderMap,
+}
+
+/// An upstream that speaks HTTP/2 only (prior knowledge, as gRPC servers do). It answers after
+/// `delay` with the request's body (or `h2` and a newline when it had none), and with trailers
+/// `grpc-status: 0` when the request said `TE: trailers`. With `close_each`, each connection is
+/// closed gracefully (GOAWAY) once it has answered a request.
+struct H2Upstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    /// Connections that ended.
+    closed: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+type Answer =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+async fn h2_upstream(delay: Duration, close_each: bool) -> H2Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let (accepted, recorded) = (Arc::clone(&connections), Arc::clone(&seen));
+    let ended = Arc::clone(&closed);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let recorded = Arc::clone(&recorded);
+            let answered = Arc::new(tokio::sync::Notify::new());
+            let close = Arc::clone(&answered);
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let recorded = Arc::clone(&recorded);
+                let answered = Arc::clone(&answered);
+                async move {
+                    answered.notify_one();
+                    let (parts, body) = req.into_parts();
+                    recorded.lock().unwrap().push(Seen {
+                        version: parts.version,
+                        uri: parts.uri.to_string(),
+                        headers: parts.headers.clone(),
+                    });
+                    tokio::time::sleep(delay).await;
+                    let body = body.collect().await.unwrap().to_bytes();
+                    let body = match body.is_empty() {
+                        true => Bytes::from_static(b"h2\n"),
+                        false => body,
+                    };
+                    let mut frames = vec![Ok(Frame::data(body))];
+                    if parts.headers.get("te").is_some_and(|te| te == "trailers") {
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        frames.push(Ok(Frame::trailers(trailers)));
+                    }
+                    let answer: Answer = StreamBody::new(futures_util::stream::iter(frames));
+                    Ok::<_, Infallible>(Response::new(answer))
+                }
+            });
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service);
+            let ended = Arc::clone(&ended);
+            tokio::spawn(async move {
+                let mut connection = std::pin::pin!(connection);
+                if close_each {
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        () = close.notified() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
+                    }
+                } else {
+                    let _ = connection.await;
+                }
+                ended.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    H2Upstream {
+        addr,
+        connections,
+        closed,
+        seen,
+    }
+}
+
+/// A route `shop` on any host whose slots are `blue` and `green`, both of `protocol`.
+fn route_of(protocol: &str, blue: SocketAddr, green: SocketAddr) -> String {
+    format!(
+        "[[route]]\nname = \"shop\"\n\
+         [route.blue]\nendpoints = [\"{blue}\"]\nversion = \"v1\"\nprotocol = \"{protocol}\"\n\
+         [route.green]\nendpoints = [\"{green}\"]\nversion = \"v2\"\nprotocol = \"{protocol}\"\n"
+    )
+}
+
+/// Twenty requests at once from twenty HTTP/1.1 clients reach the upstream as HTTP/2 streams
+/// of one connection (one worker), with the client's Host as `:authority` and the path and
+/// query whole; each client gets its answer. An HTTP/1.1 slot would have opened twenty
+/// connections, and this upstream speaks no HTTP/1.1.
+#[tokio::test]
+async fn an_h2c_slots_requests_are_streams_of_one_connection() {
+    let upstream = h2_upstream(Duration::from_millis(200), false).await;
+    let routes = route_of("h2c", upstream.addr, upstream.addr);
+    let veer = Veer::start("workers = 1", &routes).await;
+    let requests: Vec<_> = (0..20)
+        .map(|i| {
+            let url = veer.url(&format!("/items/{i}?q=a%20b"));
+            tokio::spawn(async move { get(&url, &[("host", "shop.example:8080")]).await })
+        })
+        .collect();
+    for request in requests {
+        let (status, headers, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"h2\n");
+        assert_eq!(headers["via"], "2 veer", "{headers:?}");
+    }
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+    let seen = std::mem::take(&mut *upstream.seen.lock().unwrap());
+    assert_eq!(seen.len(), 20);
+    for request in &seen {
+        assert_eq!(request.version, Version::HTTP_2);
+        assert!(
+            request.uri.starts_with("http://shop.example:8080/items/")
+                && request.uri.ends_with("?q=a%20b"),
+            "{}",
+            request.uri
+        );
+        assert!(
+            !request.headers.contains_key("host"),
+            "{:?}",
+            request.headers
+        );
+        assert!(!request.headers.contains_key("connection"));
+        assert_eq!(request.headers["x-forwarded-host"], "shop.example:8080");
+        assert_eq!(request.headers["x-forwarded-for"], "127.0.0.1");
+    }
+    veer.shutdown().await;
+}
+
+/// A gRPC-like exchange from an HTTP/2 client: its body goes up whole, `te: trailers` with it,
+/// and the upstream's body and trailers come back.
+#[tokio::test]
+async fn a_grpc_like_exchange_passes_both_ways_over_an_h2c_slot() {
+    let upstream = h2_upstream(Duration::ZERO, false).await;
+    let veer = Veer::start("", &route_of("h2", upstream.addr, upstream.addr)).await;
+    let tcp = TcpStream::connect(veer.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/shop.Cart/Add", veer.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (answer, mut body) = client.send_request(request, false).unwrap();
+    let message: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    body.send_data(Bytes::from(message.clone()), true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let mut answer = answer.into_body();
+    let mut echoed = Vec::new();
+    while let Some(data) = answer.data().await {
+        let data = data.unwrap();
+        let _ = answer.flow_control().release_capacity(data.len());
+        echoed.extend_from_slice(&data);
+    }
+    assert!(echoed == message, "the body came back changed");
+    let trailers = answer.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    let seen = std::mem::take(&mut *upstream.seen.lock().unwrap());
+    assert_eq!(seen[0].version, Version::HTTP_2);
+    assert_eq!(seen[0].headers["te"], "trailers");
+    assert_eq!(seen[0].headers["content-type"], "application/grpc");
+    veer.shutdown().await;
+}
+
+/// An upgrade request (a WebSocket) to an h2c slot goes over HTTP/1.1, where upgrades are: its
+/// tunnel works.
+#[tokio::test]
+async fn an_upgrade_to_an_h2c_slot_still_goes_over_http1() {
+    let upstream = Upstream::builder("ws")
+        .behaviour(Behaviour::WebSocketEcho)
+        .start()
+        .await
+        .unwrap();
+    let veer = Veer::start("", &route_of("h2c", upstream.addr, upstream.addr)).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.head);
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+    drop(stream);
+    veer.shutdown().await;
+}
+
+/// An h2c endpoint that refuses connections is a 502 counted as a `connect` error of the slot,
+/// as over HTTP/1.1; the slot's other endpoint answers the next request.
+#[tokio::test]
+async fn a_refusing_h2c_endpoint_is_a_502_and_a_connect_error() {
+    let refusing = closed_addr().await;
+    let veer = Veer::start("", &route_of("h2c", refusing, refusing)).await;
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+    let slot = veer.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["connect"], 1, "{slot}");
+    veer.shutdown().await;
+
+    let upstream = h2_upstream(Duration::ZERO, false).await;
+    let routes = route_of("h2c", refusing, upstream.addr).replacen(
+        &format!("[\"{refusing}\"]"),
+        &format!("[\"{refusing}\", \"{}\"]", upstream.addr),
+        1,
+    );
+    let veer = Veer::start("", &routes).await;
+    for _ in 0..4 {
+        let (status, _, body) = get(&veer.url("/"), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+    }
+    veer.shutdown().await;
+}
+
+/// An h2c upstream that closes its connection after each answer (GOAWAY, as servers do on a
+/// restart or after a number of streams) is connected to anew: no request fails for it, none
+/// counts as an error, whether it came after the close or raced it (a stream the upstream
+/// refused unprocessed is sent again on a new connection).
+#[tokio::test]
+async fn an_h2c_connection_the_upstream_closes_is_made_anew() {
+    let upstream = h2_upstream(Duration::ZERO, true).await;
+    let veer = Veer::start(
+        "workers = 1",
+        &route_of("h2c", upstream.addr, upstream.addr),
+    )
+    .await;
+    // Ten rounds of ten at once: streams cross each GOAWAY.
+    for _ in 0..10 {
+        let round: Vec<_> = (0..10)
+            .map(|_| {
+                let url = veer.url("/");
+                tokio::spawn(async move { get(&url, &[]).await })
+            })
+            .collect();
+        for request in round {
+            let (status, _, body) = request.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{body:?}");
+        }
+    }
+    assert!(upstream.connections.load(Ordering::SeqCst) >= 10);
+    for slot in ["blue", "green"] {
+        let slot = veer.slot("shop", slot).await;
+        assert!(no_errors(&slot), "{slot}");
+    }
+    veer.shutdown().await;
+}
+
+/// A stream an HTTP/2 upstream refuses unprocessed (RST_STREAM REFUSED_STREAM, RFC 9113 §8.7:
+/// safe to send again) on a connection already in use is sent again on a new one: answered,
+/// and not counted against the slot. Here the first connection refuses its second stream.
+#[tokio::test]
+async fn a_stream_refused_on_a_reused_h2c_connection_goes_on_a_new_one() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first = accepted.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tcp).await.unwrap();
+                let mut streams = 0;
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    streams += 1;
+                    if first && streams == 2 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let mut body = respond.send_response(Response::new(()), false).unwrap();
+                    body.send_data(Bytes::from_static(b"ok\n"), true).unwrap();
+                }
+            });
+        }
+    });
+    let veer = Veer::start("workers = 1", &route_of("h2c", addr, addr)).await;
+    for _ in 0..3 {
+        let (status, _, body) = get(&veer.url("/"), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+        assert_eq!(&body[..], b"ok\n");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    for slot in ["blue", "green"] {
+        let slot = veer.slot("shop", slot).await;
+        assert!(no_errors(&slot), "{slot}");
+    }
+    veer.shutdown().await;
+}
+
+/// An HTTP/2 connection no request took for `upstream_idle_timeout` is let go (and closes),
+/// as idle HTTP/1.1 ones are; the next request makes a new one.
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_after_upstream_idle_timeout() {
+    let upstream = h2_upstream(Duration::ZERO, false).await;
+    let routes = route_of("h2c", upstream.addr, upstream.addr);
+    let veer = Veer::start("workers = 1\nupstream_idle_timeout = \"1s\"", &routes).await;
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(upstream.closed.load(Ordering::SeqCst), 0);
+    // Expiry runs every `upstream_idle_timeout`: closed within two of them, and some slack.
+    let closed = eventually(Duration::from_secs(5), || async {
+        upstream.closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(closed, "the idle HTTP/2 connection stayed open");
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+    veer.shutdown().await;
+}
