@@ -17,7 +17,6 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::wire::read_response;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -122,6 +121,14 @@ fn route_of(protocol: &str, blue: SocketAddr, green: SocketAddr) -> String {
     )
 }
 
+/// Neither slot of `shop` counted an error.
+async fn assert_no_errors(veer: &Veer) {
+    for slot in ["blue", "green"] {
+        let slot = veer.slot("shop", slot).await;
+        assert!(no_errors(&slot), "{slot}");
+    }
+}
+
 /// Twenty requests at once from twenty HTTP/1.1 clients reach the upstream as HTTP/2 streams
 /// of one connection (one worker), with the client's Host as `:authority` and the path and
 /// query whole; each client gets its answer. An HTTP/1.1 slot would have opened twenty
@@ -218,16 +225,8 @@ async fn an_upgrade_to_an_h2c_slot_still_goes_over_http1() {
         .await
         .unwrap();
     let veer = Veer::start("", &route_of("h2c", upstream.addr, upstream.addr)).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\n\
-              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let answer = read_response(&mut stream).await.unwrap();
+    let (mut stream, answer) = support::wire::open_tunnel(veer.addr, "ws.example").await;
+    let answer = answer.unwrap();
     assert_eq!(answer.status, 101, "{}", answer.head);
     stream.write_all(b"ping").await.unwrap();
     let mut echoed = [0u8; 4];
@@ -292,10 +291,7 @@ async fn an_h2c_connection_the_upstream_closes_is_made_anew() {
         }
     }
     assert!(upstream.connections.load(Ordering::SeqCst) >= 10);
-    for slot in ["blue", "green"] {
-        let slot = veer.slot("shop", slot).await;
-        assert!(no_errors(&slot), "{slot}");
-    }
+    assert_no_errors(&veer).await;
     veer.shutdown().await;
 }
 
@@ -333,10 +329,7 @@ async fn a_stream_refused_on_a_reused_h2c_connection_goes_on_a_new_one() {
         assert_eq!(&body[..], b"ok\n");
     }
     assert_eq!(connections.load(Ordering::SeqCst), 2);
-    for slot in ["blue", "green"] {
-        let slot = veer.slot("shop", slot).await;
-        assert!(no_errors(&slot), "{slot}");
-    }
+    assert_no_errors(&veer).await;
     veer.shutdown().await;
 }
 
