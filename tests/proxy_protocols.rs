@@ -188,6 +188,24 @@ async fn h2_cookie_fields_reach_the_upstream_as_one_header() {
     veer.shutdown().await;
 }
 
+/// An HTTP/2 request with neither `:authority` nor Host names no host, which an `http` URI
+/// must (RFC 9110 §4.2.1): a 400, as NGINX answers it, not a request to the endpoint's own
+/// address.
+#[tokio::test]
+async fn an_h2_request_without_any_authority_is_a_400() {
+    let upstream = named("a").await;
+    let veer = Veer::shop("", upstream.addr).await;
+    let mut client = h2_client(veer.addr).await;
+    // A relative URI: the h2 crate sends `:scheme` and `:path` only.
+    let request = Request::get("/x").body(()).unwrap();
+    let (answer, _) = client.send_request(request, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 400);
+    assert_eq!(h2_text(answer).await, b"missing :authority\n");
+    assert_eq!(upstream.request_count(), 0);
+    veer.shutdown().await;
+}
+
 /// An authority is checked as strictly as a Host header: userinfo (RFC 9113 §8.3.1) is a 400
 /// and nothing is forwarded, over HTTP/2 and in an HTTP/1.1 absolute-form target alike.
 #[tokio::test]

@@ -110,6 +110,10 @@ pub(super) fn effective_authority(parts: &Parts) -> Result<Option<HeaderValue>, 
     if host.is_none() && parts.version == Version::HTTP_11 {
         return Err(LocalError::BadRequest("missing Host header"));
     }
+    // An `http` URI needs a host (RFC 9110 §4.2.1): HTTP/2 carries it in `:authority` or Host.
+    if host.is_none() && parts.version == Version::HTTP_2 && parts.uri.authority().is_none() {
+        return Err(LocalError::BadRequest("missing :authority"));
+    }
     if let Some(authority) = parts.uri.authority() {
         // As strict as for Host: no userinfo (RFC 9113 §8.3.1), no empty host.
         if !valid_host(authority.as_str().as_bytes()) {
