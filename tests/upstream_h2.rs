@@ -295,42 +295,157 @@ async fn an_h2c_connection_the_upstream_closes_is_made_anew() {
     veer.shutdown().await;
 }
 
-/// A stream an HTTP/2 upstream refuses unprocessed (RST_STREAM REFUSED_STREAM, RFC 9113 §8.7:
-/// safe to send again) on a connection already in use is sent again on a new one: answered,
-/// and not counted against the slot. Here the first connection refuses its second stream.
-#[tokio::test]
-async fn a_stream_refused_on_a_reused_h2c_connection_goes_on_a_new_one() {
+/// What a scripted HTTP/2 upstream does with a stream.
+#[derive(Clone, Copy)]
+enum Script {
+    /// Answers `ok` and a newline.
+    Answer,
+    /// Resets it with REFUSED_STREAM (unprocessed, RFC 9113 §8.7).
+    Refuse,
+    /// Answers with a field of 70,000 bytes (over veer's `max_header_bytes`, 64 KiB).
+    HugeHead,
+    /// Answers a body of 3 bytes after saying `content-length: 10`.
+    ShortBody,
+}
+
+/// An HTTP/2 upstream (the h2 crate) that does `script(connection, stream)` with each stream,
+/// both counted from 1; and the count of its connections.
+async fn scripted_h2(script: fn(usize, usize) -> Script) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::clone(&connections);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let first = accepted.fetch_add(1, Ordering::SeqCst) == 0;
+            let connection = accepted.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::spawn(async move {
                 let mut conn = h2::server::handshake(tcp).await.unwrap();
                 let mut streams = 0;
                 while let Some(Ok((_, mut respond))) = conn.accept().await {
                     streams += 1;
-                    if first && streams == 2 {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    let mut answer = Response::new(());
+                    let body: &[u8] = match script(connection, streams) {
+                        Script::Refuse => {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        Script::Answer => b"ok\n",
+                        Script::HugeHead => {
+                            let huge = HeaderValue::from_str(&"x".repeat(70_000)).unwrap();
+                            answer.headers_mut().insert("x-huge", huge);
+                            b"ok\n"
+                        }
+                        Script::ShortBody => {
+                            let length = HeaderValue::from_static("10");
+                            answer.headers_mut().insert("content-length", length);
+                            b"ok\n"
+                        }
+                    };
+                    let Ok(mut stream) = respond.send_response(answer, false) else {
                         continue;
-                    }
-                    let mut body = respond.send_response(Response::new(()), false).unwrap();
-                    body.send_data(Bytes::from_static(b"ok\n"), true).unwrap();
+                    };
+                    let _ = stream.send_data(Bytes::from_static(body), true);
                 }
             });
         }
     });
-    let veer = Veer::start("workers = 1", &route_of("h2c", addr, addr)).await;
-    for _ in 0..3 {
-        let (status, _, body) = get(&veer.url("/"), &[]).await;
-        assert_eq!(status, StatusCode::OK, "{body:?}");
-        assert_eq!(&body[..], b"ok\n");
+    (addr, connections)
+}
+
+/// A stream an HTTP/2 upstream refuses unprocessed (RST_STREAM REFUSED_STREAM, RFC 9113 §8.7:
+/// safe to send again) is sent again on a new connection: answered, and not counted against
+/// the slot; whether the connection refused the first stream it carried or a later one.
+#[tokio::test]
+async fn a_stream_refused_unprocessed_goes_on_a_new_connection() {
+    let refusals: [fn(usize, usize) -> Script; 2] = [
+        |connection, stream| match (connection, stream) {
+            (1, 1) => Script::Refuse,
+            _ => Script::Answer,
+        },
+        |connection, stream| match (connection, stream) {
+            (1, 2) => Script::Refuse,
+            _ => Script::Answer,
+        },
+    ];
+    for script in refusals {
+        let (addr, connections) = scripted_h2(script).await;
+        let veer = Veer::start("workers = 1", &route_of("h2c", addr, addr)).await;
+        for _ in 0..3 {
+            let (status, _, body) = get(&veer.url("/"), &[]).await;
+            assert_eq!(status, StatusCode::OK, "{body:?}");
+            assert_eq!(&body[..], b"ok\n");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        assert_no_errors(&veer).await;
+        let slot = veer.slot("shop", "blue").await;
+        assert_eq!(slot["requests"], 3, "{slot}");
+        veer.shutdown().await;
     }
-    assert_eq!(connections.load(Ordering::SeqCst), 2);
-    assert_no_errors(&veer).await;
+}
+
+/// An answer that breaks HTTP/2 is an invalid answer, as over HTTP/1.1: a head over
+/// `max_header_bytes` is a 502 and a `protocol` error of the slot; so is a body shorter than
+/// its `content-length` (cut off mid-answer: the client sees the error).
+#[tokio::test]
+async fn an_answer_that_breaks_http2_is_a_protocol_error() {
+    let (addr, _) = scripted_h2(|_, _| Script::HugeHead).await;
+    let veer = Veer::start("", &route_of("h2c", addr, addr)).await;
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(&body[..], b"upstream sent an invalid response\n");
+    let slot = veer.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["protocol"], 1, "{slot}");
     veer.shutdown().await;
+
+    let (addr, _) = scripted_h2(|_, _| Script::ShortBody).await;
+    let veer = Veer::start("", &route_of("h2c", addr, addr)).await;
+    // The answer is cut short (the client sees that); the count is the slot's.
+    let _ = support::raw(veer.addr, b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let counted = eventually(Duration::from_secs(5), || async {
+        veer.slot("shop", "blue").await["errors"]["protocol"] == 1
+    })
+    .await;
+    assert!(counted, "{}", veer.slot("shop", "blue").await);
+    veer.shutdown().await;
+}
+
+/// A request body over `max_body_bytes` without a `Content-Length` (chunked, as gRPC and
+/// streamed uploads send them) is the client's 413, not the slot's error: over HTTP/2 the
+/// upstream's side only sees its stream reset.
+#[tokio::test]
+async fn a_body_over_the_limit_to_an_h2c_slot_is_the_clients_413() {
+    let upstream = h2_upstream(Duration::ZERO, false).await;
+    let routes = route_of("h2c", upstream.addr, upstream.addr);
+    let veer = Veer::start("max_body_bytes = 65536", &routes).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+    // 8 chunks of 16 KiB, twice the limit; the answer may come before the last ones.
+    for _ in 0..8 {
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let answer = support::wire::read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 413, "{}", answer.head);
+    assert_no_errors(&veer).await;
+    let metrics = metrics_text(&veer).await;
+    assert!(
+        metrics.contains("veer_client_errors_total{status=\"413\",reason=\"body_too_large\"} 1"),
+        "{metrics}"
+    );
+    veer.shutdown().await;
+}
+
+/// The admin API's `/metrics` text.
+async fn metrics_text(veer: &Veer) -> String {
+    let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    String::from_utf8(body.to_vec()).unwrap()
 }
 
 /// An HTTP/2 connection no request took for `upstream_idle_timeout` is let go (and closes),

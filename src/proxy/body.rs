@@ -197,10 +197,11 @@ impl Body for ProxyBody {
                     }
                     Some(Err(error)) => {
                         tail.over = true;
-                        let kind = if error.is_timeout() {
-                            ErrorKind::Timeout
-                        } else {
-                            ErrorKind::Reset
+                        // A timeout, an invalid body (an HTTP/2 one longer or shorter than
+                        // its length), else a reset.
+                        let kind = match crate::upstream::classify(error) {
+                            crate::upstream::Failure::Upstream(kind) => kind,
+                            _ => ErrorKind::Reset,
                         };
                         tail.route
                             .slot_metrics(tail.slot)

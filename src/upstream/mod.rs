@@ -215,17 +215,23 @@ pub struct BodyState(Option<Arc<AtomicU8>>);
 const SENDING: u8 = 0;
 const WAITING: u8 = 1;
 const ENDED: u8 = 2;
+// The body failed on the client's side (see `BodyError`).
+const TOO_LARGE: u8 = 3;
+const IDLE: u8 = 4;
+const ABORTED: u8 = 5;
+const MALFORMED: u8 = 6;
 
 impl BodyState {
     fn new(has_body: bool) -> Self {
         Self(has_body.then(|| Arc::new(AtomicU8::new(SENDING))))
     }
 
-    /// The body is waiting for the client to send more.
+    /// The body is waiting for the client to send more (or stopped waiting at its idle
+    /// timeout).
     pub fn is_waiting(&self) -> bool {
         self.0
             .as_ref()
-            .is_some_and(|state| state.load(Ordering::Relaxed) == WAITING)
+            .is_some_and(|state| matches!(state.load(Ordering::Relaxed), WAITING | IDLE))
     }
 
     /// The body was read to its end (or there was none).
@@ -233,6 +239,27 @@ impl BodyState {
         self.0
             .as_ref()
             .is_none_or(|state| state.load(Ordering::Relaxed) == ENDED)
+    }
+
+    /// How the body failed on the client's side, if it did. An HTTP/2 upstream's error does not
+    /// carry the body's own (hyper resets the stream), so the exchange asks here.
+    pub fn failure(&self) -> Option<Failure> {
+        match self.0.as_ref()?.load(Ordering::Relaxed) {
+            TOO_LARGE => Some(Failure::BodyTooLarge),
+            IDLE => Some(Failure::BodyIdle),
+            ABORTED => Some(Failure::ClientAbort),
+            MALFORMED => Some(Failure::BodyMalformed),
+            _ => None,
+        }
+    }
+
+    fn failed(&self, error: &BodyError) {
+        self.set(match error {
+            BodyError::TooLarge => TOO_LARGE,
+            BodyError::Idle => IDLE,
+            BodyError::Aborted(error) if is_malformed(error) => MALFORMED,
+            BodyError::Aborted(_) => ABORTED,
+        });
     }
 
     fn set(&self, to: u8) {
@@ -264,6 +291,7 @@ impl Body for RequestBody {
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 ready!(timer.as_mut().poll(cx));
+                this.state.failed(&BodyError::Idle);
                 return Poll::Ready(Some(Err(BodyError::Idle)));
             }
             Poll::Ready(frame) => frame,
@@ -280,7 +308,11 @@ impl Body for RequestBody {
                 this.state.set(ENDED);
                 return Poll::Ready(None);
             }
-            Some(Err(error)) => return Poll::Ready(Some(Err(BodyError::Aborted(error)))),
+            Some(Err(error)) => {
+                let error = BodyError::Aborted(error);
+                this.state.failed(&error);
+                return Poll::Ready(Some(Err(error)));
+            }
             Some(Ok(frame)) => frame,
         };
         let frame = match frame.into_trailers() {
@@ -294,6 +326,7 @@ impl Body for RequestBody {
         if let Some(data) = frame.data_ref() {
             *this.seen += data.len() as u64;
             if *this.limit > 0 && *this.seen > *this.limit {
+                this.state.failed(&BodyError::TooLarge);
                 return Poll::Ready(Some(Err(BodyError::TooLarge)));
             }
             if let Some(tee) = this.tee.as_mut() {
@@ -357,6 +390,9 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
     let mut connect = false;
     let mut current: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = current {
+        if let Some(pool::UpstreamError::ClientBody(failure)) = e.downcast_ref() {
+            return *failure;
+        }
         if let Some(body) = e.downcast_ref::<BodyError>() {
             return match body {
                 BodyError::TooLarge => Failure::BodyTooLarge,
@@ -378,6 +414,20 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
                 return Failure::Upstream(ErrorKind::Timeout);
             }
             if h.is_parse() || h.is_parse_status() {
+                return Failure::Upstream(ErrorKind::Protocol);
+            }
+        }
+        // An HTTP/2 upstream that broke the protocol (a malformed or oversized head, a body
+        // longer or shorter than its length): an invalid answer, as over HTTP/1.1.
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            use h2::Reason;
+            let broken = [
+                Reason::PROTOCOL_ERROR,
+                Reason::COMPRESSION_ERROR,
+                Reason::FRAME_SIZE_ERROR,
+                Reason::FLOW_CONTROL_ERROR,
+            ];
+            if h2.reason().is_some_and(|reason| broken.contains(&reason)) {
                 return Failure::Upstream(ErrorKind::Protocol);
             }
         }

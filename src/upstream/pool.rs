@@ -73,6 +73,11 @@ pub enum UpstreamError {
     },
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    /// The client's request body failed (too large, stalled, cut off) and the exchange with
+    /// it: the client's doing, not the upstream's. Over HTTP/2 the upstream's error does not
+    /// carry the body's (see `BodyState::failure`).
+    #[error("request body failed: {0:?}")]
+    ClientBody(super::Failure),
 }
 
 /// A failed exchange, with the request when it never reached the upstream (no connection could
@@ -322,12 +327,13 @@ impl Pool {
     }
 
     /// Sends `request` as a stream of the endpoint's HTTP/2 connection, made when there is
-    /// none (or it closed). On a connection that was already open, a request it could not
-    /// take (it closed meanwhile), or one the upstream refused unprocessed (a GOAWAY that
-    /// crossed it, RFC 9113 §8.7) when it is an idempotent bodiless one, goes once more on a new
-    /// connection: the HTTP/2 form of the keep-alive race, not the upstream's fault. Otherwise
-    /// an idempotent bodiless request the upstream dropped unanswered is handed back to be sent
-    /// again, as over HTTP/1.1.
+    /// none (or it closed). A request a connection already open could not take (it closed
+    /// meanwhile), and an idempotent bodiless one the upstream refused unprocessed
+    /// (`REFUSED_STREAM`, or a GOAWAY that crossed it: RFC 9113 §8.7 says it may go again),
+    /// goes once more on a new connection, not counted against the slot: the HTTP/2 form of
+    /// the keep-alive race. Otherwise an idempotent bodiless request the upstream dropped
+    /// unanswered is handed back to be sent again, as over HTTP/1.1; and an exchange the
+    /// client's body failed (too large, stalled, cut off) fails as the client's doing.
     async fn send_h2(
         &self,
         endpoint: &Authority,
@@ -335,6 +341,7 @@ impl Pool {
         max_head: usize,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         h2_form(&mut request, endpoint);
+        let body = request.body().state();
         let mut replay = Replay::of(&request);
         let (mut id, mut sender, mut fresh) = match self.multiplexed(endpoint, max_head, None).await
         {
@@ -357,11 +364,19 @@ impl Pool {
                     None => {
                         let error = error.into_error();
                         match replay.take() {
-                            Some(copy) if !fresh && !again && refused(&error) => {
+                            Some(copy) if !again && refused(&error) => {
                                 request = copy.into_request();
                                 error
                             }
-                            copy => return Err(Failed::sent(error, copy, fresh)),
+                            copy => match body.failure() {
+                                Some(failure) => {
+                                    let mut failed =
+                                        Failed::from(UpstreamError::ClientBody(failure));
+                                    failed.fresh = fresh;
+                                    return Err(failed);
+                                }
+                                None => return Err(Failed::sent(error, copy, fresh)),
+                            },
                         }
                     }
                 },
