@@ -259,8 +259,12 @@ async fn a_refusing_h2c_endpoint_is_a_502_and_a_connect_error() {
     );
     let veer = Veer::start("", &routes).await;
     for _ in 0..4 {
-        let (status, _, body) = get(&veer.url("/"), &[]).await;
+        let (status, _, body) = get(&veer.url("/"), &[("host", "shop.example")]).await;
         assert_eq!(status, StatusCode::OK, "{body:?}");
+    }
+    // The request turned away by the first endpoint keeps its authority at the second.
+    for request in std::mem::take(&mut *upstream.seen.lock().unwrap()) {
+        assert_eq!(request.uri, "http://shop.example/");
     }
     veer.shutdown().await;
 }
@@ -446,6 +450,66 @@ async fn metrics_text(veer: &Veer) -> String {
     let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
     assert_eq!(status, StatusCode::OK);
     String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// A request crossed by a GOAWAY that says the upstream processed none of the connection's
+/// streams (last stream 0, as a server at its connection's request limit sends it at once) is
+/// sent again on a new connection, uncounted: the upstream did not process it.
+#[tokio::test]
+async fn a_request_crossed_by_a_goaway_goes_on_a_new_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            if accepted.fetch_add(1, Ordering::SeqCst) == 0 {
+                // By hand: SETTINGS, then at the first HEADERS a GOAWAY (last stream 0,
+                // NO_ERROR), and the connection closed.
+                tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !has_headers_frame(&read) {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                let _ = tcp.write_all(&goaway).await;
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tcp).await.unwrap();
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    let mut body = respond.send_response(Response::new(()), false).unwrap();
+                    body.send_data(Bytes::from_static(b"ok\n"), true).unwrap();
+                }
+            });
+        }
+    });
+    let veer = Veer::start("workers = 1", &route_of("h2c", addr, addr)).await;
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(&body[..], b"ok\n");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert_no_errors(&veer).await;
+    veer.shutdown().await;
+}
+
+/// Whether `read` (a client's preface, then frames) holds a HEADERS frame.
+fn has_headers_frame(read: &[u8]) -> bool {
+    let mut at = 24;
+    while read.len() >= at + 9 {
+        let length = usize::from(read[at]) << 16
+            | usize::from(read[at + 1]) << 8
+            | usize::from(read[at + 2]);
+        if read[at + 3] == 1 {
+            return true;
+        }
+        at += 9 + length;
+    }
+    false
 }
 
 /// An HTTP/2 connection no request took for `upstream_idle_timeout` is let go (and closes),

@@ -282,8 +282,9 @@ impl Watching {
         while self.settled().await {
             // A save in place read between its truncation and its writing is empty or cut
             // short: a config read as invalid is read again once the writing that follows it
-            // within `SAVE_GAP` has settled, and rejected only when none follows.
-            while !valid(&self.files[0]) && self.stirs().await {
+            // within `SAVE_GAP` has settled (once: a file that stays invalid under writes that
+            // never stop is still rejected within a few seconds).
+            if !valid(&self.files[0]) && self.stirs().await {
                 self.quiet().await;
             }
             // What changed may be a link or a directory on the way to a file.

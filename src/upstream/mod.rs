@@ -427,7 +427,9 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
                 Reason::FRAME_SIZE_ERROR,
                 Reason::FLOW_CONTROL_ERROR,
             ];
-            if h2.reason().is_some_and(|reason| broken.contains(&reason)) {
+            // Not a reset of veer's own making (a client's body that broke its framing).
+            let theirs = h2.is_remote() || h2.is_library();
+            if theirs && h2.reason().is_some_and(|reason| broken.contains(&reason)) {
                 return Failure::Upstream(ErrorKind::Protocol);
             }
         }

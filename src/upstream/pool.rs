@@ -38,7 +38,7 @@ use http::{header, HeaderMap, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tower_service::Service;
 use xxhash_rust::xxh3::Xxh3Default;
@@ -131,6 +131,11 @@ impl From<UpstreamError> for Failed {
 /// Idle connections by endpoint (`host:port`). The names come from the config, not from
 /// clients, so a fast hash will do: it is taken twice per request (the take and the return).
 type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>, BuildHasherDefault<Xxh3Default>>;
+
+/// How often an upstream HTTP/2 connection with nothing read for that long is sent a PING,
+/// and how long its answer may take before the connection is closed as dead.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// HTTP/2 connections by endpoint: one each, carrying every exchange at once.
 type Multiplexed =
@@ -445,6 +450,13 @@ impl Pool {
         let io = self.dial(endpoint).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
+            // A peer gone without a word (its host down, a NAT entry dropped) would otherwise
+            // hold every request to the endpoint until `request_timeout`, for as long as the
+            // kernel retransmits: the connection closes when a PING goes unanswered.
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await?;
         tokio::spawn(async move {
@@ -548,9 +560,12 @@ impl Pool {
 fn h2_form(request: &mut Request<RequestBody>, endpoint: &Authority) {
     let headers = request.headers_mut();
     headers.remove(header::CONNECTION);
+    // A request sent once already (to another endpoint, or again) is in this form: its
+    // authority is in its URI.
     let authority = headers
         .remove(header::HOST)
         .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .or_else(|| request.uri().authority().cloned())
         .unwrap_or_else(|| endpoint.clone());
     let path = request
         .uri()
@@ -638,12 +653,15 @@ fn closed_unanswered(error: &hyper::Error) -> bool {
             .is_some_and(|io| matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe))
 }
 
-/// An HTTP/2 upstream refused the stream, or closed the connection below it with a GOAWAY: it
-/// did not process the request (RFC 9113 §8.7).
+/// An HTTP/2 upstream refused the stream, or closed the connection below it with a GOAWAY (h2
+/// gives that error only to the streams above the GOAWAY's last stream): it did not process
+/// the request (RFC 9113 §8.7).
 fn refused(error: &hyper::Error) -> bool {
     std::error::Error::source(error)
         .and_then(|e| e.downcast_ref::<h2::Error>())
-        .is_some_and(|e| e.reason() == Some(h2::Reason::REFUSED_STREAM))
+        .is_some_and(|e| {
+            e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+        })
 }
 
 /// A poisoned lock still holds a consistent map: every change under it is one push, pop,
