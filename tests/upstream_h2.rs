@@ -310,6 +310,8 @@ enum Script {
     HugeHead,
     /// Answers a body of 3 bytes after saying `content-length: 10`.
     ShortBody,
+    /// Never answers it (the connection still answers PINGs).
+    Hang,
 }
 
 /// An HTTP/2 upstream (the h2 crate) that does `script(connection, stream)` with each stream,
@@ -325,12 +327,17 @@ async fn scripted_h2(script: fn(usize, usize) -> Script) -> (SocketAddr, Arc<Ato
             tokio::spawn(async move {
                 let mut conn = h2::server::handshake(tcp).await.unwrap();
                 let mut streams = 0;
+                let mut held = Vec::new();
                 while let Some(Ok((_, mut respond))) = conn.accept().await {
                     streams += 1;
                     let mut answer = Response::new(());
                     let body: &[u8] = match script(connection, streams) {
                         Script::Refuse => {
                             respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        Script::Hang => {
+                            held.push(respond);
                             continue;
                         }
                         Script::Answer => b"ok\n",
@@ -385,6 +392,29 @@ async fn a_stream_refused_unprocessed_goes_on_a_new_connection() {
         assert_eq!(slot["requests"], 3, "{slot}");
         veer.shutdown().await;
     }
+}
+
+/// A request that times out waiting for its answer lets go of its connection, as a timed-out
+/// HTTP/1.1 exchange closes its own: an upstream that stopped answering on it (wedged, but
+/// still answering PINGs) does not hold the requests after it. Here the first connection never
+/// answers; the second does.
+#[tokio::test]
+async fn a_request_timed_out_on_an_h2c_connection_lets_the_next_make_a_new_one() {
+    let (addr, connections) = scripted_h2(|connection, _| match connection {
+        1 => Script::Hang,
+        _ => Script::Answer,
+    })
+    .await;
+    let routes = route_of("h2c", addr, addr);
+    let veer = Veer::start("workers = 1\nrequest_timeout = \"1s\"", &routes).await;
+    let (status, _, _) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    for _ in 0..3 {
+        let (status, _, body) = get(&veer.url("/"), &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    veer.shutdown().await;
 }
 
 /// An answer that breaks HTTP/2 is an invalid answer, as over HTTP/1.1: a head over

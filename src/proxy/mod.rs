@@ -154,6 +154,7 @@ impl Proxy {
                 route.config.slot(decision.slot).protocol,
                 request,
                 server.max_header_bytes,
+                deadline,
             ),
         )
         .await
@@ -162,7 +163,8 @@ impl Proxy {
                 // Out of line: the rare path must not grow every request's future.
                 let slot = decision.slot;
                 let max_head = server.max_header_bytes;
-                let recovered = Box::pin(self.recover(route, slot, endpoint, failed, max_head));
+                let recovered =
+                    Box::pin(self.recover(route, slot, endpoint, failed, max_head, deadline));
                 tokio::time::timeout_at(deadline, recovered).await
             }
             answered_or_late => answered_or_late,
@@ -187,7 +189,7 @@ impl Proxy {
                     decision.slot,
                     *again,
                     error,
-                    server.max_header_bytes,
+                    (server.max_header_bytes, deadline),
                 ));
                 let result = tokio::time::timeout_at(deadline, again).await;
                 if matches!(result, Ok(Ok(_))) {
@@ -245,6 +247,7 @@ impl Proxy {
         endpoint: &Authority,
         failed: Failed,
         max_head: usize,
+        deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         match failed {
             Failed {
@@ -252,7 +255,7 @@ impl Proxy {
                 unsent: Some(unsent),
                 ..
             } => {
-                self.next_endpoints(route, slot, endpoint, unsent, error, max_head)
+                self.next_endpoints(route, slot, endpoint, unsent, error, (max_head, deadline))
                     .await
             }
             failed => {
@@ -272,7 +275,7 @@ impl Proxy {
         mut refused: &Authority,
         mut request: Box<Request<RequestBody>>,
         mut error: UpstreamError,
-        max_head: usize,
+        (max_head, deadline): (usize, Instant),
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         for _ in 1..route.endpoint_count(slot) {
             route.eject(slot, refused);
@@ -281,7 +284,11 @@ impl Proxy {
             };
             debug!(route = route.name(), %slot, %error, %next, "Cannot connect; trying the slot's next endpoint.");
             let protocol = route.config.slot(slot).protocol;
-            match self.pool.send(next, protocol, *request, max_head).await {
+            match self
+                .pool
+                .send(next, protocol, *request, max_head, deadline)
+                .await
+            {
                 Ok(answer) => return Ok(answer),
                 Err(Failed {
                     error: failed,
@@ -309,14 +316,21 @@ impl Proxy {
         slot: Slot,
         request: Request<RequestBody>,
         error: UpstreamError,
-        max_head: usize,
+        (max_head, deadline): (usize, Instant),
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         let Some(next) = route.endpoint(slot) else {
             return Err(error);
         };
         let protocol = route.config.slot(slot).protocol;
-        let answered = match self.pool.send(next, protocol, request, max_head).await {
-            Err(failed) => self.recover(route, slot, next, failed, max_head).await,
+        let answered = match self
+            .pool
+            .send(next, protocol, request, max_head, deadline)
+            .await
+        {
+            Err(failed) => {
+                self.recover(route, slot, next, failed, max_head, deadline)
+                    .await
+            }
             answered => answered,
         };
         answered.map_err(|failed| failed.error)

@@ -279,10 +279,11 @@ impl Pool {
         protocol: Protocol,
         mut request: Request<RequestBody>,
         max_head: usize,
+        deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         if protocol == Protocol::H2c && !request.headers().contains_key(header::UPGRADE) {
             // Boxed: HTTP/1.1 exchanges do not carry its state.
-            return Box::pin(self.send_h2(endpoint, request, max_head)).await;
+            return Box::pin(self.send_h2(endpoint, request, max_head, deadline)).await;
         }
         let body = request.body().state();
         let head = request.method() == Method::HEAD;
@@ -339,11 +340,18 @@ impl Pool {
     /// the keep-alive race. Otherwise an idempotent bodiless request the upstream dropped
     /// unanswered is handed back to be sent again, as over HTTP/1.1; and an exchange the
     /// client's body failed (too large, stalled, cut off) fails as the client's doing.
+    ///
+    /// A request still waiting for its answer's head at `deadline` (the exchange's, where it
+    /// is dropped) lets go of its connection for the requests after it, as a timed-out
+    /// HTTP/1.1 exchange closes its own: an upstream that stopped answering on it (one process
+    /// of several behind a load balancer, wedged) would otherwise hold every request to the
+    /// endpoint, while it still answers the connection's PINGs.
     async fn send_h2(
         &self,
         endpoint: &Authority,
         mut request: Request<RequestBody>,
         max_head: usize,
+        deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         h2_form(&mut request, endpoint);
         let body = request.body().state();
@@ -353,11 +361,21 @@ impl Pool {
             Ok(conn) => conn,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
+        let mut overdue = Overdue {
+            pool: self,
+            endpoint,
+            id,
+            deadline,
+            answered: false,
+        };
         // Whether this is the second connection tried: no third.
         let mut again = false;
         loop {
             let error = match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, Lease(None))),
+                Ok(response) => {
+                    overdue.answered = true;
+                    return Ok((response, Lease(None)));
+                }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if fresh || again => {
                         return Err(Failed::unsent(error.into_error().into(), unsent));
@@ -391,8 +409,22 @@ impl Pool {
                 Ok(conn) => conn,
                 Err(error) => return Err(Failed::unsent(error, request)),
             };
+            overdue.id = id;
             again = true;
         }
+    }
+
+    /// Lets go of connection `id` to `endpoint`, if it is still the endpoint's: the next
+    /// request makes a new one (streams under way on it go on).
+    fn forget(&self, endpoint: &Authority, id: u64) {
+        let Some(conn) = lock(&self.multiplexed).get(endpoint.as_str()).cloned() else {
+            return;
+        };
+        if let Ok(mut conn) = conn.try_lock() {
+            if conn.open.as_ref().is_some_and(|(open, _)| *open == id) {
+                conn.open = None;
+            }
+        };
     }
 
     /// The endpoint's HTTP/2 connection (its number, and whether it was made for this call),
@@ -551,6 +583,26 @@ impl Pool {
             head,
             abandon_unsent: false,
         }))
+    }
+}
+
+/// An HTTP/2 request waiting for its answer's head on connection `id`: dropped at or past
+/// `deadline` (the exchange timed out), the connection is let go (see [`Pool::send_h2`]).
+/// Dropped earlier, the client left: the connection is not to blame.
+struct Overdue<'a> {
+    pool: &'a Pool,
+    endpoint: &'a Authority,
+    id: u64,
+    deadline: Instant,
+    answered: bool,
+}
+
+impl Drop for Overdue<'_> {
+    fn drop(&mut self) {
+        if !self.answered && Instant::now() >= self.deadline {
+            tracing::debug!(endpoint = %self.endpoint, "An HTTP/2 request timed out waiting for its answer; its connection is let go.");
+            self.pool.forget(self.endpoint, self.id);
+        }
     }
 }
 
