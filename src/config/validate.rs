@@ -336,7 +336,8 @@ pub fn key_line(text: &str, key: &str) -> Option<usize> {
 
 /// What a valid config (parsed from `text`) holds that does nothing, or not what it says, for
 /// `veer check` and the log: an auto route's `weight`, which is manual mode's (the controller
-/// sets the weight); an `interval` under the controller's shortest.
+/// sets the weight); an `interval` under the controller's shortest; a shadow beside slots that
+/// speak HTTP/2 (its copies go over HTTP/1.1).
 pub fn warnings(config: &Config, text: &str) -> Vec<ConfigError> {
     let warning = |path: String, message: String| ConfigError {
         line: key_line(text, &path),
@@ -356,6 +357,17 @@ pub fn warnings(config: &Config, text: &str) -> Vec<ConfigError> {
             warnings.push(warning(
                 format!("route[{i}].rollout.interval"),
                 format!("taken as {shortest:?} (the controller looks at most that often)"),
+            ));
+        }
+        let h2 = [&route.blue, &route.green]
+            .iter()
+            .any(|slot| slot.protocol == Protocol::H2c);
+        if h2 && route.shadow.is_some() {
+            warnings.push(warning(
+                format!("route[{i}].shadow.endpoints"),
+                "copies go over HTTP/1.1 (a shadow has no `protocol`), while a slot of this \
+                 route speaks HTTP/2"
+                    .into(),
             ));
         }
     }
@@ -2275,6 +2287,23 @@ endpoints = ["127.0.0.1:9002"]
         assert_eq!(warned[0].line, line.map(|i| i + 1));
         let shortest = text.replace("1ms", "10ms");
         assert_eq!(warnings(&parse(&shortest, None).unwrap(), &shortest), []);
+    }
+
+    #[test]
+    fn a_shadow_beside_http2_slots_is_warned_of_with_its_line() {
+        let shadow = "[route.shadow]\nendpoints = [\"127.0.0.1:9003\"]\n";
+        let text = format!("{MINIMAL}{shadow}");
+        assert_eq!(warnings(&parse(&text, None).unwrap(), &text), []);
+        let h2 = MINIMAL.replace("[route.green]\n", "[route.green]\nprotocol = \"h2c\"\n");
+        let text = format!("{h2}{shadow}");
+        let warned = warnings(&parse(&text, None).unwrap(), &text);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert_eq!(warned[0].path, "route[0].shadow.endpoints");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("endpoints = [\"127.0.0.1:9003"));
+        assert_eq!(warned[0].line, line.map(|i| i + 1));
+        assert_eq!(warnings(&parse(&h2, None).unwrap(), &h2), []);
     }
 
     #[test]
