@@ -66,7 +66,7 @@ async fn injected_latency_shows_in_its_own_slot_and_counts_add_up() {
     assert!(latency(b, "p90") < 30.0, "blue p90 {}", latency(b, "p90"));
 
     // The Prometheus histogram agrees: no green sample at or below 25 ms, all by 250 ms.
-    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    let metrics = parse_exposition(&veer.metrics_text().await).unwrap();
     let bucket = |slot: &str, le: &str| {
         metrics.value(
             "veer_request_duration_seconds_bucket",
@@ -99,7 +99,7 @@ async fn two_thousand_concurrent_requests_lose_no_count() {
     );
     assert_eq!((b, g), (blue.request_count(), green.request_count()));
     assert_eq!(b + g, 2000);
-    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    let metrics = parse_exposition(&veer.metrics_text().await).unwrap();
     for (slot, n) in [("blue", b), ("green", g)] {
         let labels = [("route", "shop"), ("slot", slot)];
         let by_class: f64 = metrics
@@ -209,7 +209,7 @@ async fn every_error_kind_is_produced_and_counted() {
         );
     }
 
-    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    let metrics = parse_exposition(&veer.metrics_text().await).unwrap();
     for (&(name, answer, kind, class), statuses) in cases.iter().zip(&answers) {
         assert_eq!(statuses, &vec![Ok(answer); N as usize], "{name}");
         let blue = &veer.route_status(name).await["slots"]["blue"];
@@ -312,7 +312,7 @@ async fn a_new_version_label_starts_its_request_counts_at_zero() {
     let veer = Veer::start("", &routes("e1")).await;
     send_to(&veer, "green", 6, StatusCode::SERVICE_UNAVAILABLE).await;
     send_to(&veer, "blue", 3, StatusCode::OK).await;
-    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    let metrics = parse_exposition(&veer.metrics_text().await).unwrap();
     assert_eq!(requests_of(&metrics, "green"), series("e1", 0.0, 6.0));
 
     let reload = |green_version: &str| {
@@ -323,10 +323,10 @@ async fn a_new_version_label_starts_its_request_counts_at_zero() {
     let (status, body) = reload("e2").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // e1's series ends; e2's starts at 0 and counts only what e2 served.
-    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    let metrics = parse_exposition(&veer.metrics_text().await).unwrap();
     assert_eq!(requests_of(&metrics, "green"), series("e2", 0.0, 0.0));
     send_to(&veer, "green", 4, StatusCode::SERVICE_UNAVAILABLE).await;
-    let text = metrics_text(&veer).await;
+    let text = veer.metrics_text().await;
     let metrics = parse_exposition(&text).unwrap();
     assert_eq!(requests_of(&metrics, "green"), series("e2", 0.0, 4.0));
     assert!(!text.contains("version=\"e1\""), "{text}");
@@ -349,7 +349,7 @@ async fn a_new_version_label_starts_its_request_counts_at_zero() {
     // A reload that keeps the label resets nothing.
     let (status, body) = reload("e2").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    let metrics = parse_exposition(&veer.metrics_text().await).unwrap();
     assert_eq!(requests_of(&metrics, "green"), series("e2", 0.0, 4.0));
     assert_eq!(
         requests(&veer.route_status("err").await["slots"]["green"]),
@@ -534,7 +534,7 @@ async fn client_errors_are_counted_by_reason() {
         let answer = raw(veer.addr, request).await;
         assert_eq!(raw_status(&answer), Some(*status), "{answer}");
     }
-    let metrics = parse_exposition(&metrics_text(&veer).await).unwrap();
+    let metrics = parse_exposition(&veer.metrics_text().await).unwrap();
     assert_eq!(
         metrics
             .types
@@ -589,7 +589,7 @@ async fn an_idle_slot_sums_to_zero_and_no_value_is_negative_zero() {
     let veer = Veer::start("", &route("shop", blue.addr, green.addr, "")).await;
     let (status, _, _) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, StatusCode::OK);
-    let text = metrics_text(&veer).await;
+    let text = veer.metrics_text().await;
     let metrics = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let sum = |slot| {
         metrics
@@ -612,12 +612,6 @@ async fn an_idle_slot_sums_to_zero_and_no_value_is_negative_zero() {
         .collect();
     assert!(negative_zero.is_empty(), "{negative_zero:?}");
     veer.shutdown().await;
-}
-
-async fn metrics_text(veer: &Veer) -> String {
-    let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
-    assert_eq!(status, StatusCode::OK);
-    String::from_utf8(body.to_vec()).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -467,19 +467,12 @@ async fn a_body_over_the_limit_to_an_h2c_slot_is_the_clients_413() {
     let answer = support::wire::read_response(&mut stream).await.unwrap();
     assert_eq!(answer.status, 413, "{}", answer.head);
     assert_no_errors(&veer).await;
-    let metrics = metrics_text(&veer).await;
+    let metrics = veer.metrics_text().await;
     assert!(
         metrics.contains("veer_client_errors_total{status=\"413\",reason=\"body_too_large\"} 1"),
         "{metrics}"
     );
     veer.shutdown().await;
-}
-
-/// The admin API's `/metrics` text.
-async fn metrics_text(veer: &Veer) -> String {
-    let (status, _, body) = get(&veer.admin_url("/metrics"), &[]).await;
-    assert_eq!(status, StatusCode::OK);
-    String::from_utf8(body.to_vec()).unwrap()
 }
 
 /// A request crossed by a GOAWAY that says the upstream processed none of the connection's

@@ -25,7 +25,7 @@ use crate::listener::InFlight;
 use crate::metrics::{Epoch, Sent, SlotMetrics};
 use crate::routing::{Decision, Route, RoutingTable, SlotPermit};
 use crate::upstream::mirror::{self, PrimaryOutcome, ShadowBody, ShadowClient, ShadowJob, Tee};
-use crate::upstream::pool::{Failed, Lease, Pool, UpstreamError};
+use crate::upstream::pool::{Bounds, Failed, Lease, Pool, UpstreamError};
 use crate::upstream::{self, BodyState, Failure, RequestBody, Unread};
 use crate::Slot;
 use body::{Extra, ProxyBody, Tail};
@@ -147,24 +147,21 @@ impl Proxy {
         let sent = Instant::now();
         let pending = Pending::new(metrics, &mut exchange.log, started, sent);
         let deadline = exchange.deadline;
+        let bounds = Bounds {
+            max_head: server.max_header_bytes,
+            deadline,
+        };
+        let protocol = route.config.slot(decision.slot).protocol;
         let first = match tokio::time::timeout_at(
             deadline,
-            self.pool.send(
-                endpoint,
-                route.config.slot(decision.slot).protocol,
-                request,
-                server.max_header_bytes,
-                deadline,
-            ),
+            self.pool.send(endpoint, protocol, request, bounds),
         )
         .await
         {
             Ok(Err(failed)) => {
                 // Out of line: the rare path must not grow every request's future.
                 let slot = decision.slot;
-                let max_head = server.max_header_bytes;
-                let recovered =
-                    Box::pin(self.recover(route, slot, endpoint, failed, max_head, deadline));
+                let recovered = Box::pin(self.recover(route, slot, endpoint, failed, bounds));
                 tokio::time::timeout_at(deadline, recovered).await
             }
             answered_or_late => answered_or_late,
@@ -184,13 +181,7 @@ impl Proxy {
                 // `upstream::classify` has it.)
                 let dropped_after = sent.elapsed();
                 debug!(route = route.name(), slot = %decision.slot, %error, "The upstream dropped an idempotent request before answering; sending it once more.");
-                let again = Box::pin(self.send_again(
-                    route,
-                    decision.slot,
-                    *again,
-                    error,
-                    (server.max_header_bytes, deadline),
-                ));
+                let again = Box::pin(self.send_again(route, decision.slot, *again, error, bounds));
                 let result = tokio::time::timeout_at(deadline, again).await;
                 if matches!(result, Ok(Ok(_))) {
                     let reset = crate::metrics::ErrorKind::Reset;
@@ -246,8 +237,7 @@ impl Proxy {
         slot: Slot,
         endpoint: &Authority,
         failed: Failed,
-        max_head: usize,
-        deadline: Instant,
+        bounds: Bounds,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         match failed {
             Failed {
@@ -255,7 +245,7 @@ impl Proxy {
                 unsent: Some(unsent),
                 ..
             } => {
-                self.next_endpoints(route, slot, endpoint, unsent, error, (max_head, deadline))
+                self.next_endpoints(route, slot, endpoint, unsent, error, bounds)
                     .await
             }
             failed => {
@@ -275,7 +265,7 @@ impl Proxy {
         mut refused: &Authority,
         mut request: Box<Request<RequestBody>>,
         mut error: UpstreamError,
-        (max_head, deadline): (usize, Instant),
+        bounds: Bounds,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         for _ in 1..route.endpoint_count(slot) {
             route.eject(slot, refused);
@@ -284,11 +274,7 @@ impl Proxy {
             };
             debug!(route = route.name(), %slot, %error, %next, "Cannot connect; trying the slot's next endpoint.");
             let protocol = route.config.slot(slot).protocol;
-            match self
-                .pool
-                .send(next, protocol, *request, max_head, deadline)
-                .await
-            {
+            match self.pool.send(next, protocol, *request, bounds).await {
                 Ok(answer) => return Ok(answer),
                 Err(Failed {
                     error: failed,
@@ -316,21 +302,14 @@ impl Proxy {
         slot: Slot,
         request: Request<RequestBody>,
         error: UpstreamError,
-        (max_head, deadline): (usize, Instant),
+        bounds: Bounds,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         let Some(next) = route.endpoint(slot) else {
             return Err(error);
         };
         let protocol = route.config.slot(slot).protocol;
-        let answered = match self
-            .pool
-            .send(next, protocol, request, max_head, deadline)
-            .await
-        {
-            Err(failed) => {
-                self.recover(route, slot, next, failed, max_head, deadline)
-                    .await
-            }
+        let answered = match self.pool.send(next, protocol, request, bounds).await {
+            Err(failed) => self.recover(route, slot, next, failed, bounds).await,
             answered => answered,
         };
         answered.map_err(|failed| failed.error)

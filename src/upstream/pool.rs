@@ -165,6 +165,15 @@ pub struct Pool {
     idle_timeout: Duration,
 }
 
+/// What bounds one exchange with an upstream: how large its answer's head (or trailer section)
+/// may be, and when it must be over (`request_timeout` from its start; the caller enforces it,
+/// the pool only reads it).
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    pub max_head: usize,
+    pub deadline: Instant,
+}
+
 /// What an exchange holds of its connection: give it back with [`Lease::release`] once the
 /// response body has ended; dropping it closes an HTTP/1.1 connection. An HTTP/2 exchange holds
 /// only its stream (in its answer's body), and this holds nothing.
@@ -262,7 +271,7 @@ impl Pool {
 
     /// Sends `request` (its URI in origin form) to `endpoint` on an idle connection, or on a
     /// new one when none is left. A new connection refuses an answer head (or trailer section)
-    /// over `max_head` bytes as a protocol error.
+    /// over `bounds.max_head` bytes as a protocol error.
     ///
     /// The connection of a HEAD is not reused: many a server sends the body of the GET to a HEAD
     /// too (Python's `http.server` with `do_HEAD = do_GET`), often in a segment of its own that
@@ -278,12 +287,11 @@ impl Pool {
         endpoint: &Authority,
         protocol: Protocol,
         mut request: Request<RequestBody>,
-        max_head: usize,
-        deadline: Instant,
+        bounds: Bounds,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         if protocol == Protocol::H2c && !request.headers().contains_key(header::UPGRADE) {
             // Boxed: HTTP/1.1 exchanges do not carry its state.
-            return Box::pin(self.send_h2(endpoint, request, max_head, deadline)).await;
+            return Box::pin(self.send_h2(endpoint, request, bounds)).await;
         }
         let body = request.body().state();
         let head = request.method() == Method::HEAD;
@@ -318,7 +326,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = match self.connect(endpoint, max_head).await {
+        let mut sender = match self.connect(endpoint, bounds.max_head).await {
             Ok(sender) => sender,
             Err(error) => return Err(Failed::unsent(error, request)),
         };
@@ -341,8 +349,8 @@ impl Pool {
     /// unanswered is handed back to be sent again, as over HTTP/1.1; and an exchange the
     /// client's body failed (too large, stalled, cut off) fails as the client's doing.
     ///
-    /// A request still waiting for its answer's head at `deadline` (the exchange's, where it
-    /// is dropped) lets go of its connection for the requests after it, as a timed-out
+    /// A request still waiting for its answer's head at its deadline (where the exchange drops
+    /// it) lets go of its connection for the requests after it, as a timed-out
     /// HTTP/1.1 exchange closes its own: an upstream that stopped answering on it (one process
     /// of several behind a load balancer, wedged) would otherwise hold every request to the
     /// endpoint, while it still answers the connection's PINGs.
@@ -350,8 +358,7 @@ impl Pool {
         &self,
         endpoint: &Authority,
         mut request: Request<RequestBody>,
-        max_head: usize,
-        deadline: Instant,
+        Bounds { max_head, deadline }: Bounds,
     ) -> Result<(Response<Incoming>, Lease), Failed> {
         h2_form(&mut request, endpoint);
         let body = request.body().state();
@@ -414,8 +421,9 @@ impl Pool {
         }
     }
 
-    /// Lets go of connection `id` to `endpoint`, if it is still the endpoint's: the next
-    /// request makes a new one (streams under way on it go on).
+    /// Lets go of connection `id` to `endpoint`, if it is still the endpoint's and not being
+    /// replaced right now (its lock held): the next request makes a new one (streams under way
+    /// on it go on).
     fn forget(&self, endpoint: &Authority, id: u64) {
         let Some(conn) = lock(&self.multiplexed).get(endpoint.as_str()).cloned() else {
             return;

@@ -138,6 +138,13 @@ impl Veer {
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
 
+    /// The admin API's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        let (status, _, body) = get(&self.admin_url("/metrics"), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
     /// The route JSON of `/api/v1/routes/{name}`.
     pub async fn route_status(&self, name: &str) -> Value {
         let (status, value) = self.admin_get(&format!("/api/v1/routes/{name}")).await;
