@@ -67,7 +67,8 @@ fn demo_rolls_back_a_green_that_hangs_before_any_timeout() {
 }
 
 /// Options the demo cannot run with are usage errors (exit 1) that name the option; the demo
-/// does not start. `--timeout 1s` bounds a demo that would start anyway.
+/// does not start. `--timeout 1s` bounds a demo that would start anyway. Durations are at most
+/// 100 years, as in the config (a deadline past what the clock counts aborted the demo).
 #[test]
 fn impossible_demo_options_are_usage_errors() {
     for args in [
@@ -80,6 +81,8 @@ fn impossible_demo_options_are_usage_errors() {
         ["--green-latency", "-5ms"],
         ["--green-latency", "abc"],
         ["--timeout", "0s"],
+        ["--timeout", "300000000000years"],
+        ["--green-latency", "101years"],
         ["--min-step-time", "0s"],
         ["--rate", "0"],
         ["--rate", "4000000000"],

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
@@ -312,6 +312,8 @@ enum Script {
     ShortBody,
     /// Never answers it (the connection still answers PINGs).
     Hang,
+    /// Answers with this many header fields, each of its own name.
+    Fields(usize),
 }
 
 /// An HTTP/2 upstream (the h2 crate) that does `script(connection, stream)` with each stream,
@@ -344,6 +346,15 @@ async fn scripted_h2(script: fn(usize, usize) -> Script) -> (SocketAddr, Arc<Ato
                         Script::HugeHead => {
                             let huge = HeaderValue::from_str(&"x".repeat(70_000)).unwrap();
                             answer.headers_mut().insert("x-huge", huge);
+                            b"ok\n"
+                        }
+                        Script::Fields(n) => {
+                            for i in 0..n {
+                                let name = HeaderName::try_from(format!("x-f{i}")).unwrap();
+                                answer
+                                    .headers_mut()
+                                    .insert(name, HeaderValue::from_static("v"));
+                            }
                             b"ok\n"
                         }
                         Script::ShortBody => {
@@ -440,6 +451,64 @@ async fn an_answer_that_breaks_http2_is_a_protocol_error() {
     })
     .await;
     assert!(counted, "{}", veer.slot("shop", "blue").await);
+    veer.shutdown().await;
+}
+
+/// An answer with more than 1,000 header fields is a 502 and a `protocol` error of the slot, as
+/// an oversized head is (a map of header names holds at most 24,576, and veer adds its own:
+/// with a large `max_header_bytes`, an answer near that many aborted the process); one with
+/// 1,000 passes.
+#[tokio::test]
+async fn an_answer_with_over_1000_fields_is_a_protocol_error() {
+    let (addr, _) = scripted_h2(|_, stream| match stream {
+        1 | 3 => Script::Fields(1000),
+        _ => Script::Fields(1001),
+    })
+    .await;
+    let veer = Veer::start("workers = 1", &route_of("h2c", addr, addr)).await;
+    // Raw: hyper's HTTP/1.1 client would not read a head of over 100 fields.
+    let request = b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+    for (status, body) in [
+        (200, "ok\n"),
+        (502, "upstream sent an invalid response\n"),
+        (200, "ok\n"),
+    ] {
+        let answer = support::raw(veer.addr, request).await;
+        assert_eq!(support::raw_status(&answer), Some(status), "{answer}");
+        assert!(answer.contains(body), "{answer}");
+    }
+    let slot = veer.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["protocol"], 1, "{slot}");
+    veer.shutdown().await;
+}
+
+/// An HTTP/2 request may carry more header fields than HTTP/1.1's 100 but not without bound: at
+/// 1,000 it is forwarded, past that it is a 431 and not forwarded (a map of header names holds
+/// at most 24,576, and veer adds its own: with a large `max_header_bytes`, a request near that
+/// many aborted the process). The connection serves on. (To an HTTP/2 upstream: an HTTP/1.1
+/// one would refuse more than 100 fields itself.)
+#[tokio::test]
+async fn an_http2_request_with_over_1000_fields_is_a_431() {
+    let (addr, _) = scripted_h2(|_, _| Script::Answer).await;
+    let veer = Veer::start("", &route_of("h2c", addr, addr)).await;
+    let (mut sender, _conn) = h2c_to(veer.addr).await;
+    for (fields, status, body) in [
+        (1000, 200, &b"ok\n"[..]),
+        (1001, 431, b"request header section too large\n"),
+        (1000, 200, b"ok\n"),
+    ] {
+        let mut request = Request::get(veer.url("/x"));
+        for i in 0..fields {
+            request = request.header(format!("x-f{i}"), "v");
+        }
+        let request = request.body(Full::<Bytes>::default()).unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let got = response.status();
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!((got.as_u16(), &text[..]), (status, body), "{fields} fields");
+    }
+    let slot = veer.slot("shop", "blue").await;
+    assert_eq!(slot["requests"], 2, "{slot}");
     veer.shutdown().await;
 }
 

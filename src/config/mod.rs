@@ -14,6 +14,7 @@ use http::{HeaderName, Method};
 use crate::Slot;
 pub use validate::{
     basis_points, key_line, parse, parse_for, warnings, ConfigError, ConfigErrors, Purpose,
+    MAX_DURATION,
 };
 
 /// A fully validated configuration. Every invariant the rest of veer relies on holds here.

@@ -57,7 +57,7 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// The longest duration any key takes: 100 years (of 365.25 days, as `humantime` counts them).
-const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Parses and validates config text for a start (or `veer check`). `base` resolves relative
 /// file paths (TLS files, state dir, access log); pass the config file's directory.

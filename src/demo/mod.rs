@@ -58,10 +58,14 @@ fn fraction(text: &str) -> Result<f64, String> {
     }
 }
 
-/// A duration such as `50ms`, `2s` or `1m`.
+/// A duration such as `50ms`, `2s` or `1m`, of at most 100 years as in the config (a clock
+/// cannot count to humantime's largest).
 fn duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|_| "must be a duration such as 50ms, 2s or 1m".to_string())
+    match humantime::parse_duration(text) {
+        Ok(d) if d > config::MAX_DURATION => Err("must be at most 100 years".into()),
+        Ok(d) => Ok(d),
+        Err(_) => Err("must be a duration such as 50ms, 2s or 1m".into()),
+    }
 }
 
 /// A duration above zero.

@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 
 use super::error::LocalError;
 use crate::config::ServerConfig;
-use crate::upstream::Unread;
+use crate::upstream::{Unread, MAX_FIELDS};
 
 /// Bad-input checks that answer before anything is forwarded.
 pub(super) fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), LocalError> {
@@ -32,6 +32,9 @@ pub(super) fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), 
     let uri_len = parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     if uri_len > server.max_uri_bytes {
         return Err(LocalError::UriTooLong);
+    }
+    if parts.headers.len() > MAX_FIELDS {
+        return Err(LocalError::HeadersTooLarge);
     }
     let h2 = parts.version == Version::HTTP_2;
     let mut header_bytes = 0;

@@ -374,7 +374,7 @@ fn commit(
         // A failing analysis counts itself, also the one that rolls back (after which the
         // state's count is 0 again).
         failures: match judgement.map(|j| &j.verdict) {
-            Some(Verdict::Fail | Verdict::Abort) => prev.failures + 1,
+            Some(Verdict::Fail | Verdict::Abort) => prev.failures.saturating_add(1),
             _ => state.failures,
         },
         reason,
@@ -414,14 +414,14 @@ fn next_baseline(
     };
     let share = ((enough - window.requests) as f64 / kept.requests as f64).min(1.0);
     let part = |n: u64| (n as f64 * share).round() as u64;
-    baseline.requests += part(kept.requests);
-    baseline.errors += part(kept.errors);
+    baseline.requests = baseline.requests.saturating_add(part(kept.requests));
+    baseline.errors = baseline.errors.saturating_add(part(kept.errors));
     // Scaled on the running total, so that the rare slow values of the tail are kept in
     // proportion instead of rounding to nothing bucket by bucket.
     let mut total = 0;
     let mut taken = 0;
     for &(value, count) in &kept.latency_us {
-        total += count;
+        total = u64::saturating_add(total, count);
         let upto = part(total);
         if upto > taken {
             baseline.latency_us.push((value, upto - taken));
@@ -692,12 +692,12 @@ pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
     let state = inner.state.clone();
     let (next, action) = match judgement.verdict {
         Verdict::Abort => (state.apply(Action::Rollback, steps), "rollback"),
-        Verdict::Fail if state.failures + 1 >= config.rollout.failure_threshold => {
+        Verdict::Fail if state.failures.saturating_add(1) >= config.rollout.failure_threshold => {
             (state.apply(Action::Rollback, steps), "rollback")
         }
         Verdict::Fail => {
             let mut next = state.clone();
-            next.failures += 1;
+            next.failures = next.failures.saturating_add(1);
             (Ok(next), "analysis")
         }
         Verdict::Pass => {

@@ -190,7 +190,7 @@ impl RolloutState {
     /// off the steps.
     pub fn step_number(&self, steps: &[u32]) -> usize {
         match self.phase {
-            Phase::Ramping => (self.step + 1).min(steps.len()),
+            Phase::Ramping => self.step.saturating_add(1).min(steps.len()),
             Phase::Paused => steps
                 .iter()
                 .position(|&bp| bp == self.canary_bp)

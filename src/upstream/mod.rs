@@ -57,6 +57,13 @@ pub(crate) fn connector(connect_timeout: Duration) -> HttpConnector {
 /// slot).
 pub const MAX_EARLY_BYTES: usize = 1 << 20;
 
+/// The most header fields veer takes in a head, a request's or an answer's: `http::HeaderMap`
+/// holds at most 24,576 names and panics when one more is added, as veer adds its own fields
+/// (`X-Forwarded-*`, `Via`, a cookie). Only HTTP/2 heads come near it: hyper's HTTP/1.1
+/// parser takes 100 fields at most. A request with more is a 431; an answer, a 502 and a
+/// `protocol` error of the slot. (HTTP/2 trailers are only ever taken from, never added to.)
+pub const MAX_FIELDS: usize = 1000;
+
 /// The error of an exchange whose upstream sent more than its answer's head and
 /// [`MAX_EARLY_BYTES`] before the head was in.
 #[derive(Debug, thiserror::Error)]
@@ -390,8 +397,12 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
     let mut connect = false;
     let mut current: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = current {
-        if let Some(pool::UpstreamError::ClientBody(failure)) = e.downcast_ref() {
-            return *failure;
+        match e.downcast_ref() {
+            Some(pool::UpstreamError::ClientBody(failure)) => return *failure,
+            Some(pool::UpstreamError::TooManyFields) => {
+                return Failure::Upstream(ErrorKind::Protocol)
+            }
+            _ => {}
         }
         if let Some(body) = e.downcast_ref::<BodyError>() {
             return match body {

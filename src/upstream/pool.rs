@@ -78,6 +78,9 @@ pub enum UpstreamError {
     /// carry the body's (see `BodyState::failure`).
     #[error("request body failed: {0:?}")]
     ClientBody(super::Failure),
+    /// An HTTP/2 answer with more than [`super::MAX_FIELDS`] header fields.
+    #[error("upstream answered with more than {} header fields", super::MAX_FIELDS)]
+    TooManyFields,
 }
 
 /// A failed exchange, with the request when it never reached the upstream (no connection could
@@ -379,6 +382,10 @@ impl Pool {
         let mut again = false;
         loop {
             let error = match sender.try_send_request(request).await {
+                Ok(response) if response.headers().len() > super::MAX_FIELDS => {
+                    overdue.answered = true;
+                    return Err(UpstreamError::TooManyFields.into());
+                }
                 Ok(response) => {
                     overdue.answered = true;
                     return Ok((response, Lease(None)));
