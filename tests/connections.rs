@@ -859,14 +859,18 @@ async fn a_client_that_stops_reading_is_cut_after_idle_timeout() {
     veer.shutdown().await;
 }
 
+/// A client that reads slowly but steadily a body its upstream keeps ahead of is cut neither
+/// at `idle_timeout` nor at `request_timeout` (the time it takes to read is its own, not the
+/// upstream's), and the slot counts no error.
 #[tokio::test]
 async fn a_slow_but_steady_reader_is_not_cut() {
     // 8 MiB, more than the kernel buffers hold, read at most 4 KiB at a time with a pause
-    // of 1 ms: a few seconds, more than twice idle_timeout, with veer's writes blocked most
-    // of the time.
+    // of 1 ms: a few seconds, more than twice idle_timeout and request_timeout, with veer's
+    // writes blocked most of the time.
     const SIZE: usize = 8 << 20;
     let big = big(SIZE).await;
-    let veer = Veer::shop("idle_timeout = \"1s\"", big.addr).await;
+    let server = "idle_timeout = \"1s\"\nrequest_timeout = \"1s\"";
+    let veer = Veer::shop(server, big.addr).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(veer.addr).await.unwrap();
@@ -893,6 +897,51 @@ async fn a_slow_but_steady_reader_is_not_cut() {
         "read too fast to test anything: {:?}",
         started.elapsed()
     );
+    // The upstream was never late: no error of its slot.
+    let slot = veer.slot("shop", "blue").await;
+    assert!(no_errors(&slot), "{slot}");
+    veer.shutdown().await;
+}
+
+/// A download longer than `request_timeout` because its client reads at its own pace (here
+/// as curl's `--limit-rate` does: bursts of 1 MiB as fast as they come, then a pause; about
+/// 10 MB/s) is not cut: the time the client takes is not the upstream's. Before, the first
+/// time veer found the upstream's next bytes not read yet after `request_timeout` (in a burst)
+/// cut it and counted a `timeout` against the slot.
+#[tokio::test]
+async fn a_download_longer_than_request_timeout_is_not_cut_while_the_client_reads() {
+    const SIZE: usize = 40 << 20;
+    let big = big(SIZE).await;
+    let veer = Veer::shop("request_timeout = \"1s\"", big.addr).await;
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut burst = 0;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        if got >> 20 > burst {
+            burst = got >> 20;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        got > SIZE,
+        "cut after {got} bytes in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "read too fast to test anything: {:?}",
+        started.elapsed()
+    );
+    let slot = veer.slot("shop", "blue").await;
+    assert!(no_errors(&slot), "{slot}");
     veer.shutdown().await;
 }
 

@@ -2,7 +2,7 @@
 //! frame by frame. An upstream failure mid-body is passed on as an error, so the client sees an
 //! aborted response (connection closed or stream reset), never a clean truncated one; so is an
 //! upstream body that sends nothing for `idle_timeout`, or that keeps the client waiting past
-//! the exchange's deadline (`request_timeout`).
+//! the exchange's deadline (`request_timeout`, moved on by the time the client takes to read).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,8 +53,14 @@ pub struct Tail {
     pub extra: Option<Box<Extra>>,
     /// How long the upstream body may send nothing.
     pub idle: Duration,
-    /// When the exchange must be over: the body may not make the client wait after it.
+    /// When the exchange must be over: the body may not make the client wait after it. It
+    /// moves on by the time the client takes to take the body's frames: `request_timeout`
+    /// bounds the upstream's slowness, not the client's.
     pub deadline: Instant,
+    /// When the last frame went to the client with more to come: the time until the next
+    /// poll is the client's, taking it (a slow reader's connection blocks hyper's writes, and
+    /// hyper asks for the next frame only then).
+    pub handed: Option<Instant>,
     /// Armed only once the upstream body actually makes the client wait.
     pub timer: Option<Pin<Box<Sleep>>>,
     /// The upstream connection, back to the pool when the body has ended.
@@ -95,6 +101,18 @@ impl Tail {
     /// When the upstream body, waited for from now, has kept the client waiting too long.
     fn wait_until(&self) -> Instant {
         (Instant::now() + self.idle).min(self.deadline)
+    }
+
+    /// The client took the frame handed to it at `handed`: the deadline moves on by that
+    /// time, and so does a wait armed before it (its clocks run while veer waits for the
+    /// upstream only).
+    fn client_took(&mut self, handed: Instant) {
+        let now = Instant::now();
+        let taken = now.duration_since(handed);
+        self.deadline = self.deadline.checked_add(taken).unwrap_or(self.deadline);
+        if let Some(timer) = self.timer.as_mut() {
+            timer.as_mut().reset((now + self.idle).min(self.deadline));
+        }
     }
 
     /// The upstream body has nothing yet: wait, up to `idle` and at most until the deadline.
@@ -167,6 +185,9 @@ impl Body for ProxyBody {
         match self.project() {
             ProxyBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBodyProj::Upstream { mut inner, tail } => {
+                if let Some(handed) = tail.handed.take() {
+                    tail.client_took(handed);
+                }
                 let mut polled = match inner.as_mut().poll_frame(cx) {
                     Poll::Pending => return tail.wait(cx),
                     Poll::Ready(polled) => polled,
@@ -193,6 +214,8 @@ impl Body for ProxyBody {
                         // a chunked body never tells its end otherwise).
                         if frame.is_trailers() || inner.is_end_stream() {
                             tail.end();
+                        } else {
+                            tail.handed = Some(Instant::now());
                         }
                     }
                     Some(Err(error)) => {

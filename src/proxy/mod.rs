@@ -497,6 +497,7 @@ impl Proxy {
             extra,
             idle,
             deadline,
+            handed: None,
             timer: None,
             lease,
             permit,
