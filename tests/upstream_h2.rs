@@ -314,6 +314,8 @@ enum Script {
     Hang,
     /// Answers with this many header fields, each of its own name.
     Fields(usize),
+    /// Answers with a body of 16 MiB.
+    Large,
 }
 
 /// An HTTP/2 upstream (the h2 crate) that does `script(connection, stream)` with each stream,
@@ -330,10 +332,12 @@ async fn scripted_h2(script: fn(usize, usize) -> Script) -> (SocketAddr, Arc<Ato
                 let mut conn = h2::server::handshake(tcp).await.unwrap();
                 let mut streams = 0;
                 let mut held = Vec::new();
+                let ok = Bytes::from_static(b"ok\n");
+                let large = Bytes::from(vec![b'x'; 16 << 20]);
                 while let Some(Ok((_, mut respond))) = conn.accept().await {
                     streams += 1;
                     let mut answer = Response::new(());
-                    let body: &[u8] = match script(connection, streams) {
+                    let body = match script(connection, streams) {
                         Script::Refuse => {
                             respond.send_reset(h2::Reason::REFUSED_STREAM);
                             continue;
@@ -342,11 +346,11 @@ async fn scripted_h2(script: fn(usize, usize) -> Script) -> (SocketAddr, Arc<Ato
                             held.push(respond);
                             continue;
                         }
-                        Script::Answer => b"ok\n",
+                        Script::Answer => ok.clone(),
                         Script::HugeHead => {
                             let huge = HeaderValue::from_str(&"x".repeat(70_000)).unwrap();
                             answer.headers_mut().insert("x-huge", huge);
-                            b"ok\n"
+                            ok.clone()
                         }
                         Script::Fields(n) => {
                             for i in 0..n {
@@ -355,18 +359,19 @@ async fn scripted_h2(script: fn(usize, usize) -> Script) -> (SocketAddr, Arc<Ato
                                     .headers_mut()
                                     .insert(name, HeaderValue::from_static("v"));
                             }
-                            b"ok\n"
+                            ok.clone()
                         }
+                        Script::Large => large.clone(),
                         Script::ShortBody => {
                             let length = HeaderValue::from_static("10");
                             answer.headers_mut().insert("content-length", length);
-                            b"ok\n"
+                            ok.clone()
                         }
                     };
                     let Ok(mut stream) = respond.send_response(answer, false) else {
                         continue;
                     };
-                    let _ = stream.send_data(Bytes::from_static(body), true);
+                    let _ = stream.send_data(body, true);
                 }
             });
         }
@@ -509,6 +514,43 @@ async fn an_http2_request_with_over_1000_fields_is_a_431() {
     }
     let slot = veer.slot("shop", "blue").await;
     assert_eq!(slot["requests"], 2, "{slot}");
+    veer.shutdown().await;
+}
+
+/// Clients that stop reading large answers from an HTTP/2 slot do not stall the other streams
+/// of its connection: each stream's unread bytes hold the connection's flow-control window too,
+/// and with hyper's windows (2 MiB a stream, 5 MiB the connection) three such clients held all
+/// of it, so every other request to the endpoint waited for `idle_timeout` to cut them. Eight
+/// clients (16 MiB answers, small receive buffers, never reading) on one worker's connection;
+/// then a small request is answered at once.
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_stall_an_h2c_connection() {
+    let (addr, connections) = scripted_h2(|_, stream| match stream {
+        1..=8 => Script::Large,
+        _ => Script::Answer,
+    })
+    .await;
+    let veer = Veer::start("workers = 1", &route_of("h2c", addr, addr)).await;
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(veer.addr).await.unwrap();
+        stream
+            .write_all(b"GET /large HTTP/1.1\r\nHost: shop\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(stream);
+        // One after another: the scripted upstream answers by the stream's number.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Time for the answers to fill what the clients leave unread.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), get(&veer.url("/"), &[])).await;
+    let (status, _, body) = answered.expect("the small request waited behind the stalled ones");
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok\n"[..]));
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    drop(stalled);
     veer.shutdown().await;
 }
 

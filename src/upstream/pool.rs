@@ -140,6 +140,18 @@ type Idle = HashMap<Box<str>, Vec<(Sender, Instant)>, BuildHasherDefault<Xxh3Def
 const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The flow-control windows veer grants an upstream HTTP/2 connection: each stream may have
+/// this much of its answer on the way that its client has not taken yet ...
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// ... and the connection, all its streams together, this much. Bytes a client has not taken
+/// hold the connection's window too (the h2 crate gives both back as the body is read): with
+/// hyper's 2 MiB and 5 MiB, three clients that stopped reading a large answer stalled every
+/// other stream of the connection until `idle_timeout` cut them. Now it takes 128 of them (as
+/// many streams as one HTTP/2 client may have open to veer), or as many as the upstream lets
+/// a connection have open at once, whichever is fewer. At most this much of answers is held
+/// per connection.
+const H2_CONNECTION_WINDOW: u32 = 128 * H2_STREAM_WINDOW;
+
 /// HTTP/2 connections by endpoint: one each, carrying every exchange at once.
 type Multiplexed =
     HashMap<Box<str>, Arc<tokio::sync::Mutex<H2Conn>>, BuildHasherDefault<Xxh3Default>>;
@@ -497,6 +509,8 @@ impl Pool {
         let io = self.dial(endpoint).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
             // A peer gone without a word (its host down, a NAT entry dropped) would otherwise
             // hold every request to the endpoint until `request_timeout`, for as long as the
             // kernel retransmits: the connection closes when a PING goes unanswered.
