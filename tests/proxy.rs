@@ -336,7 +336,8 @@ async fn an_unasked_101_or_a_coding_besides_chunked_is_a_502_protocol_error() {
 /// Trailer fields go through both ways on HTTP/1.1: the request's to the upstream, and the
 /// response's to a client that said `TE: trailers` (the upstream is told it may send them).
 /// veer's own fields (the override header, the shadow marker) are removed from trailers as
-/// from the head.
+/// from the head, and so are the fields veer sets in the head (`X-Forwarded-*`, `Via`): an
+/// upstream reading trailers with the head would take a client's word for its address.
 #[tokio::test]
 async fn trailers_pass_both_ways() {
     let (upstream, request, task) = chunked_upstream(
@@ -349,9 +350,11 @@ async fn trailers_pass_both_ways() {
         veer.addr,
         b"POST / HTTP/1.1\r\nHost: shop\r\nTE: trailers\r\nConnection: TE, close\r\n\
           Trailer: x-checksum, x-veer-shadow, x-veer-slot, connection, keep-alive\r\n\
+          Trailer: X-Forwarded-For, via\r\n\
           Transfer-Encoding: chunked\r\n\r\n\
           5\r\nhello\r\n0\r\nx-veer-shadow: 1\r\nx-checksum: abc\r\nx-veer-slot: green\r\n\
-          Connection: close\r\nKeep-Alive: timeout=5\r\n\r\n",
+          Connection: close\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\n\
+          X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nVia: 1.1 evil\r\n\r\n",
     )
     .await;
     let response = read_response(&mut stream).await.unwrap();

@@ -120,7 +120,10 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
                     .override_header
                     .is_some_and(|n| name.eq_ignore_ascii_case(n.as_str()))
         };
-        unannounce(headers, |name| own(name) || is_hop_by_hop(name));
+        unannounce(headers, |name| {
+            let set_by_veer = SET_BY_VEER.iter().any(|f| name.eq_ignore_ascii_case(f));
+            own(name) || is_hop_by_hop(name) || set_by_veer
+        });
     }
     append_forwarded_for(headers, fwd.client);
     let proto = if fwd.tls { "https" } else { "http" };
@@ -133,6 +136,22 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
         headers.insert(header::HOST, host.clone());
     }
     headers.append(header::VIA, via(fwd.version));
+}
+
+/// The fields veer sets on a request for its upstream. A client's trailers lose them: an
+/// upstream that reads trailers with the head would take the client's word for its address.
+const SET_BY_VEER: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "via",
+];
+
+/// Removes from a client's trailers the fields veer sets in the head ([`SET_BY_VEER`]).
+pub fn remove_set_by_veer(trailers: &mut HeaderMap) {
+    for name in SET_BY_VEER {
+        trailers.remove(name);
+    }
 }
 
 /// Takes the field names trailers lose (`dropped`: veer's own, hop-by-hop ones) out of

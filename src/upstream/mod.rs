@@ -326,6 +326,7 @@ impl Body for RequestBody {
             Ok(mut trailers) => {
                 mirror::remove_own_fields(&mut trailers, this.override_header.as_ref());
                 crate::proxy::headers::remove_hop_by_hop(&mut trailers, false);
+                crate::proxy::headers::remove_set_by_veer(&mut trailers);
                 Frame::trailers(trailers)
             }
             Err(frame) => frame,
