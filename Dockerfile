@@ -23,6 +23,11 @@
 #     either way and reads the same token variable.
 # See config/sidecar.toml and config/gateway.toml for complete files.
 
+# The build uses the profile in pgo/ (profile-guided optimisation; README, Performance) when the
+# image's rustc has the profile's LLVM major version, and builds without it otherwise. The
+# target cache below keeps what it compiled with an older profile: after `loadtest/pgo.sh`, clear
+# it first (`docker builder prune --filter type=exec.cachemount`).
+
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
