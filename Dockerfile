@@ -23,19 +23,23 @@
 #     either way and reads the same token variable.
 # See config/sidecar.toml and config/gateway.toml for complete files.
 
-# The build uses the profile in pgo/ (profile-guided optimisation; README, Performance) when the
-# image's rustc has the profile's LLVM major version, and builds without it otherwise. The
-# target cache below keeps what it compiled with an older profile: after `loadtest/pgo.sh`, clear
-# it first (`docker builder prune --filter type=exec.cachemount`).
+# The build uses the profile in pgo/ (profile-guided optimisation; README, Performance): the
+# image's rustc is the one that wrote it (pgo/rustc-version; with another rustc the build goes
+# without it), and the release profile is left as Cargo.toml sets it (the profile matches
+# functions by symbol names that hash those settings). The target cache below keeps what it
+# compiled with an older profile: after `loadtest/pgo.sh`, clear it first (`docker builder
+# prune --filter type=exec.cachemount`).
 
-FROM rust:1-bookworm AS build
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
-# Symbols stay (function names in a backtrace); the line tables, most of the binary, do not.
+# Symbols stay (function names in a backtrace); the line tables, most of the binary, are
+# stripped after the build.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release --locked -p veer --bin veer \
-    && install -D -m 0755 target/release/veer /out/veer
+    cargo build --release --locked -p veer --bin veer \
+    && install -D -m 0755 target/release/veer /out/veer \
+    && strip --strip-debug /out/veer
 # An empty state dir owned by the runtime user (the runtime image has no shell to make one).
 RUN install -d -o 65532 -g 65532 /out/state
 

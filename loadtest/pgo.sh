@@ -101,8 +101,9 @@ for TLS in 0 1; do
 done
 
 "$PROFDATA" merge -o "$ROOT/pgo/veer.profdata" "$WORK"/profiles/veer-*.profraw
-rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p' >"$ROOT/pgo/llvm-version"
-# Cargo does not see the profile (the wrapper passes it): what it built before would be kept.
+rustc --version >"$ROOT/pgo/rustc-version"
+# Cargo checks the profile's date for the project's own crates only (it keeps what it built of
+# crates.io's): build everything anew with it.
 cargo clean --release -q
-echo "== wrote pgo/veer.profdata ($(du -h "$ROOT/pgo/veer.profdata" | cut -f1)) for LLVM $(cat "$ROOT/pgo/llvm-version"), at $(git rev-parse --short HEAD)"
+echo "== wrote pgo/veer.profdata ($(du -h "$ROOT/pgo/veer.profdata" | cut -f1)) for $(cat "$ROOT/pgo/rustc-version"), at $(git rev-parse --short HEAD)"
 echo "   target/release is cleaned: the next \`cargo build --release\` compiles everything with it"
