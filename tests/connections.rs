@@ -873,33 +873,11 @@ async fn a_slow_but_steady_reader_is_not_cut() {
     let veer = Veer::shop(server, big.addr).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(veer.addr).await.unwrap();
-    let request = b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
-    stream.write_all(request).await.unwrap();
-    let mut got = 0;
-    let mut buf = vec![0u8; 4096];
-    let started = tokio::time::Instant::now();
-    while started.elapsed() < Duration::from_secs(20) {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    // The head and the whole body arrived before the close.
-    assert!(
-        got > SIZE,
-        "cut after {got} bytes in {:?}",
-        started.elapsed()
-    );
-    assert!(
-        started.elapsed() > Duration::from_secs(2),
-        "read too fast to test anything: {:?}",
-        started.elapsed()
-    );
-    // The upstream was never late: no error of its slot.
-    let slot = veer.slot("shop", "blue").await;
-    assert!(no_errors(&slot), "{slot}");
+    let stream = socket.connect(veer.addr).await.unwrap();
+    download_at_a_pace(&veer, stream, SIZE, 4096, |_| {
+        Some(Duration::from_millis(1))
+    })
+    .await;
     veer.shutdown().await;
 }
 
@@ -913,25 +891,44 @@ async fn a_download_longer_than_request_timeout_is_not_cut_while_the_client_read
     const SIZE: usize = 40 << 20;
     let big = big(SIZE).await;
     let veer = Veer::shop("request_timeout = \"1s\"", big.addr).await;
-    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    let stream = TcpStream::connect(veer.addr).await.unwrap();
+    let mut burst = 0;
+    let pace = |got: usize| {
+        let pause = got >> 20 > burst;
+        burst = got >> 20;
+        pause.then_some(Duration::from_millis(100))
+    };
+    download_at_a_pace(&veer, stream, SIZE, 64 << 10, pace).await;
+    veer.shutdown().await;
+}
+
+/// Sends `GET /` on `stream` and reads the answer `read_len` bytes at a time, pausing after
+/// each read for what `pace(bytes so far)` says, for 30 s at most. Asserts that the head and
+/// the whole body of `size` bytes arrived before the close, that it took over 2 s (less tests
+/// nothing), and that the upstream, never late, had no error counted against its slot.
+async fn download_at_a_pace(
+    veer: &Veer,
+    mut stream: TcpStream,
+    size: usize,
+    read_len: usize,
+    mut pace: impl FnMut(usize) -> Option<Duration>,
+) {
     let request = b"GET / HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
     stream.write_all(request).await.unwrap();
     let mut got = 0;
-    let mut buf = vec![0u8; 64 << 10];
-    let mut burst = 0;
+    let mut buf = vec![0u8; read_len];
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
         }
-        if got >> 20 > burst {
-            burst = got >> 20;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(pause) = pace(got) {
+            tokio::time::sleep(pause).await;
         }
     }
     assert!(
-        got > SIZE,
+        got > size,
         "cut after {got} bytes in {:?}",
         started.elapsed()
     );
@@ -942,7 +939,6 @@ async fn a_download_longer_than_request_timeout_is_not_cut_while_the_client_read
     );
     let slot = veer.slot("shop", "blue").await;
     assert!(no_errors(&slot), "{slot}");
-    veer.shutdown().await;
 }
 
 /// An upstream that answers 401 at once and then neither reads the rest nor closes.
