@@ -60,7 +60,15 @@ fn admin_request(
     let uri: Uri = format!("{scheme}{base}{path}")
         .parse()
         .map_err(|_| CliError::Url(admin.to_string()))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+    let Some(authority) = uri.authority().filter(|_| uri.scheme_str() == Some("http")) else {
+        return Err(CliError::Url(admin.to_string()));
+    };
+    // A port that is not one (`:http`, `:99999`, `:0`) is the URL's fault, not the API's.
+    let after_host = authority
+        .as_str()
+        .rsplit_once(']')
+        .map_or(authority.as_str(), |(_, r)| r);
+    if after_host.contains(':') && authority.port_u16().is_none_or(|port| port == 0) {
         return Err(CliError::Url(admin.to_string()));
     }
     let mut request = Request::builder().method(method).uri(uri);

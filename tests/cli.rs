@@ -436,6 +436,10 @@ fn a_malformed_admin_url_is_a_usage_error_and_an_unreachable_one_a_runtime_failu
         "localhost:port",
         "http://127.0.0.1:9901?x",
         "http://127.0.0.1:9901/#top",
+        "http://127.0.0.1:notaport",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "http://[::1]:x",
     ] {
         for args in [
             vec!["status", "--admin", admin],

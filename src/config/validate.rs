@@ -600,6 +600,9 @@ impl Validator<'_> {
         for (i, route) in raw.route.into_iter().enumerate() {
             // Checked on what the file says, so that a route's other problems hide nothing.
             self.check_unique(i, &route, &mut unique);
+            if let (Some(server), Some(admin)) = (&server, &admin) {
+                self.not_to_itself(i, &route, &server.listen, admin.listen);
+            }
             if let Some(route) = self.route(i, route) {
                 routes.push(route);
                 indexes.push(i);
@@ -607,9 +610,6 @@ impl Validator<'_> {
         }
         if let (Some(server), Some(admin)) = (&server, &admin) {
             self.admin_apart(&server.listen, admin.listen);
-            for (&i, route) in indexes.iter().zip(&routes) {
-                self.not_to_itself(i, route, &server.listen, admin.listen);
-            }
         }
         Some(Config {
             server: server?,
@@ -637,13 +637,13 @@ impl Validator<'_> {
     fn not_to_itself(
         &mut self,
         i: usize,
-        route: &RouteConfig,
+        route: &RawRoute,
         listen: &[SocketAddr],
         admin: SocketAddr,
     ) {
         let lists = [
-            ("blue", Some(&route.blue.endpoints)),
-            ("green", Some(&route.green.endpoints)),
+            ("blue", route.blue.as_ref().map(|s| &s.endpoints)),
+            ("green", route.green.as_ref().map(|s| &s.endpoints)),
             ("shadow", route.shadow.as_ref().map(|s| &s.endpoints)),
         ];
         for (key, endpoints) in lists {
@@ -2574,6 +2574,14 @@ endpoints = ["127.0.0.1:9002"]
             let text = text.replace("127.0.0.1:9001", endpoint);
             assert!(parse(&text, None).is_ok(), "{text}");
         }
+        // Told with the route's other problems, not only once they are mended.
+        let text = blue("127.0.0.1:8080").replace("name = \"shop\"", "name = \"Shop\"");
+        let paths: Vec<_> = errors(&text).into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            ["route[0].name", "route[0].blue.endpoints[0]"],
+            "{text}"
+        );
     }
 
     #[test]
