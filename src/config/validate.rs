@@ -595,7 +595,6 @@ impl Validator<'_> {
             self.error(&[Seg::Key("route")], "at least one [[route]] is required");
         }
         let mut routes = Vec::with_capacity(raw.route.len());
-        let mut indexes = Vec::with_capacity(raw.route.len());
         let mut unique = Unique::default();
         for (i, route) in raw.route.into_iter().enumerate() {
             // Checked on what the file says, so that a route's other problems hide nothing.
@@ -605,7 +604,6 @@ impl Validator<'_> {
             }
             if let Some(route) = self.route(i, route) {
                 routes.push(route);
-                indexes.push(i);
             }
         }
         if let (Some(server), Some(admin)) = (&server, &admin) {

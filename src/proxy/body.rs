@@ -98,9 +98,9 @@ impl Tail {
         }
     }
 
-    /// When the upstream body, waited for from now, has kept the client waiting too long.
-    fn wait_until(&self) -> Instant {
-        (Instant::now() + self.idle).min(self.deadline)
+    /// When the upstream body, waited for from `now`, has kept the client waiting too long.
+    fn wait_until(&self, now: Instant) -> Instant {
+        (now + self.idle).min(self.deadline)
     }
 
     /// The client took the frame handed to it at `handed`: the deadline moves on by that
@@ -110,8 +110,9 @@ impl Tail {
         let now = Instant::now();
         let taken = now.duration_since(handed);
         self.deadline = self.deadline.checked_add(taken).unwrap_or(self.deadline);
+        let until = self.wait_until(now);
         if let Some(timer) = self.timer.as_mut() {
-            timer.as_mut().reset((now + self.idle).min(self.deadline));
+            timer.as_mut().reset(until);
         }
     }
 
@@ -120,7 +121,7 @@ impl Tail {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        let until = self.wait_until();
+        let until = self.wait_until(Instant::now());
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
@@ -200,7 +201,7 @@ impl Body for ProxyBody {
                     }
                 }
                 if tail.timer.is_some() {
-                    let until = tail.wait_until();
+                    let until = tail.wait_until(Instant::now());
                     if let Some(timer) = tail.timer.as_mut() {
                         timer.as_mut().reset(until);
                     }

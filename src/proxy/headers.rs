@@ -121,18 +121,17 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
                     .is_some_and(|n| name.eq_ignore_ascii_case(n.as_str()))
         };
         unannounce(headers, |name| {
-            let set_by_veer = SET_BY_VEER.iter().any(|f| name.eq_ignore_ascii_case(f));
+            let set_by_veer = SET_BY_VEER
+                .iter()
+                .any(|f| name.eq_ignore_ascii_case(f.as_str()));
             own(name) || is_hop_by_hop(name) || set_by_veer
         });
     }
     append_forwarded_for(headers, fwd.client);
     let proto = if fwd.tls { "https" } else { "http" };
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = fwd.host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        headers.insert(X_FORWARDED_HOST, host.clone());
         headers.insert(header::HOST, host.clone());
     }
     headers.append(header::VIA, via(fwd.version));
@@ -140,16 +139,19 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarded<'_>, tunnelling: boo
 
 /// The fields veer sets on a request for its upstream. A client's trailers lose them: an
 /// upstream that reads trailers with the head would take the client's word for its address.
-const SET_BY_VEER: [&str; 4] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "via",
+const SET_BY_VEER: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    header::VIA,
 ];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes from a client's trailers the fields veer sets in the head ([`SET_BY_VEER`]).
 pub fn remove_set_by_veer(trailers: &mut HeaderMap) {
-    for name in SET_BY_VEER {
+    for name in &SET_BY_VEER {
         trailers.remove(name);
     }
 }
@@ -226,7 +228,7 @@ pub fn client_address(ip: IpAddr) -> HeaderValue {
 /// Appends the client to `X-Forwarded-For`; a list sent on several lines becomes one, in
 /// order.
 fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
-    let name = HeaderName::from_static("x-forwarded-for");
+    let name = X_FORWARDED_FOR;
     let hops = headers.get_all(&name);
     let len: usize = hops.iter().map(|hop| hop.len() + 2).sum();
     if len == 0 {
