@@ -40,6 +40,14 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(sockets)
 }
 
+/// How many tasks a worker polls between two looks at its sockets and timers while it has
+/// tasks ready (tokio's default is 61). A busy worker then learns of more sockets at each look
+/// and serves them in larger batches: an HTTP/2 connection's answers go out in fewer writes, and
+/// its client sends its next requests in fewer. At 512: 1.05x the HTTP/2 requests per second
+/// (faster in 8 of 8 interleaved rounds, p99 no worse); HTTP/1.1 unchanged (loadtest/RESULTS.md).
+/// An idle worker looks at once, as before: this only orders work already queued.
+const EVENT_INTERVAL: u32 = 512;
+
 /// The worker threads; dropping this (or `stop`) ends them and every task on them.
 pub struct Workers {
     handles: Vec<Handle>,
@@ -62,6 +70,7 @@ impl Workers {
         };
         for i in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
+                .event_interval(EVENT_INTERVAL)
                 .enable_all()
                 .build()?;
             workers.handles.push(runtime.handle().clone());
