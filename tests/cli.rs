@@ -94,6 +94,55 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     );
 }
 
+/// An HTTP/2 client's unsolicited PING acknowledgements (17 bytes each) write no log line: the
+/// `h2` crate warns of each one, which would let any client fill the log.
+#[test]
+fn unsolicited_ping_acks_of_a_client_are_not_logged() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, rx) = run(&config(dir.path(), "127.0.0.1:0"));
+    let listen = logged_listen(&rx);
+    let mut client = std::net::TcpStream::connect(&listen).unwrap();
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        frame
+    };
+    let mut sent = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    sent.extend(frame(4, 0, &[]));
+    for _ in 0..100 {
+        sent.extend(frame(6, 1, b"unasked!"));
+    }
+    // A PING of its own last: its acknowledgement tells that veer read the 100 before it.
+    sent.extend(frame(6, 0, b"lastping"));
+    client.write_all(&sent).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let acked = frame(6, 1, b"lastping");
+    while !seen.windows(acked.len()).any(|w| w == acked.as_slice()) {
+        let n = client
+            .read(&mut buf)
+            .expect("veer acknowledges the last PING");
+        assert!(n > 0, "veer closed the connection");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines: Vec<String> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
+        .filter(|line| line.contains("PING"))
+        .collect();
+    assert!(
+        lines.is_empty(),
+        "{} lines, the first {:?}",
+        lines.len(),
+        lines.first()
+    );
+}
+
 /// A second veer on a port the first one listens on stops with exit code 2 instead of
 /// joining the first one's `SO_REUSEPORT` group and taking half of its connections.
 #[test]

@@ -178,6 +178,40 @@ async fn a_request_target_that_is_not_a_path_or_an_http_uri_is_400() {
     veer.shutdown().await;
 }
 
+/// Over HTTP/2 the target `*` comes as `:path` beside `:scheme` and `:authority`: still for
+/// OPTIONS only (RFC 9113 §8.3.1), a 400 for any other method, as over HTTP/1.1.
+#[tokio::test]
+async fn an_http2_asterisk_target_is_for_options_only() {
+    let upstream = recording("blue").await;
+    let veer = Veer::start("", &host_route("any", &[], "/", upstream.addr)).await;
+    let (mut sender, conn) = h2c_to(veer.addr).await;
+    let asterisk = || {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some("example.com".parse().unwrap());
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("*"));
+        http::Uri::from_parts(parts).unwrap()
+    };
+    for (method, status) in [
+        (Method::GET, 400),
+        (Method::POST, 400),
+        (Method::OPTIONS, 200),
+    ] {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(asterisk())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), status, "{method} *");
+    }
+    let seen = only_request(&upstream).await;
+    assert_eq!((seen.method.as_str(), seen.uri.as_str()), ("OPTIONS", "*"));
+    drop(sender);
+    let _ = conn.await;
+    veer.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_absolute_form_authority_wins_over_the_host_header() {
     let shop = recording("shop").await;

@@ -22,12 +22,13 @@ pub(super) fn check_request(parts: &Parts, server: &ServerConfig) -> Result<(), 
         None if parts.uri.authority().is_some() => {
             return Err(LocalError::BadRequest("request target is not a path"));
         }
-        None if parts.uri.path() == "*" && parts.method != Method::OPTIONS => {
-            return Err(LocalError::BadRequest(
-                "request target * is for OPTIONS only",
-            ));
-        }
         None => {}
+    }
+    // Over HTTP/2 a `*` comes as `:path` beside `:scheme` and `:authority`.
+    if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
+        return Err(LocalError::BadRequest(
+            "request target * is for OPTIONS only",
+        ));
     }
     let uri_len = parts.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     if uri_len > server.max_uri_bytes {
