@@ -238,10 +238,10 @@ fn init_tracing(format: LogFormat, default_level: &str) {
     // notify reports its own bookkeeping at info and warn (a watch the kernel already dropped
     // when a watched file or directory was removed, as every Kubernetes Secret or ConfigMap
     // swap does): only its errors concern an operator; veer logs what it cannot watch itself.
-    // rustls warns about
-    // what a client sent (an IP address as SNI, as wrk and `openssl s_client` do): one line per
-    // connection that any client could trigger, so only its errors are shown. h2 warns of every
-    // PING acknowledgement it did not ask for: a line per 17 bytes a client sends.
+    // rustls warns about what a client sent (an IP address as SNI, as wrk and `openssl
+    // s_client` do): one line per connection that any client could trigger, so only its errors
+    // are shown. h2 warns of every PING acknowledgement it did not ask for: a line per 17 bytes
+    // a client sends.
     let default = format!("{default_level},notify=error,rustls=error,h2::proto::ping_pong=error");
     let asked = std::env::var("RUST_LOG")
         .ok()
