@@ -316,6 +316,10 @@ enum Script {
     Fields(usize),
     /// Answers with a body of 16 MiB.
     Large,
+    /// Answers with a head of 1 MiB, in a HEADERS frame and 64 CONTINUATION frames.
+    HeadInManyFrames,
+    /// Answers with this status and still a body of 5 bytes (no answer of a 204 or 304 has one).
+    BodyAfter(u16),
 }
 
 /// An HTTP/2 upstream (the h2 crate) that does `script(connection, stream)` with each stream,
@@ -362,6 +366,18 @@ async fn scripted_h2(script: fn(usize, usize) -> Script) -> (SocketAddr, Arc<Ato
                             ok.clone()
                         }
                         Script::Large => large.clone(),
+                        Script::HeadInManyFrames => {
+                            let field = HeaderValue::from_str(&"x".repeat(16_000)).unwrap();
+                            for i in 0..64 {
+                                let name = HeaderName::try_from(format!("x-f{i}")).unwrap();
+                                answer.headers_mut().insert(name, field.clone());
+                            }
+                            ok.clone()
+                        }
+                        Script::BodyAfter(status) => {
+                            *answer.status_mut() = StatusCode::from_u16(status).unwrap();
+                            Bytes::from_static(b"hello")
+                        }
                         Script::ShortBody => {
                             let length = HeaderValue::from_static("10");
                             answer.headers_mut().insert("content-length", length);
@@ -447,6 +463,17 @@ async fn an_answer_that_breaks_http2_is_a_protocol_error() {
     assert_eq!(slot["errors"]["protocol"], 1, "{slot}");
     veer.shutdown().await;
 
+    // A head so large that h2 takes it for a flood of CONTINUATION frames (and closes the
+    // connection with ENHANCE_YOUR_CALM) is as invalid.
+    let (addr, _) = scripted_h2(|_, _| Script::HeadInManyFrames).await;
+    let veer = Veer::start("", &route_of("h2c", addr, addr)).await;
+    let (status, _, body) = get(&veer.url("/"), &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(&body[..], b"upstream sent an invalid response\n");
+    let slot = veer.slot("shop", "blue").await;
+    assert_eq!(slot["errors"]["protocol"], 1, "{slot}");
+    veer.shutdown().await;
+
     let (addr, _) = scripted_h2(|_, _| Script::ShortBody).await;
     let veer = Veer::start("", &route_of("h2c", addr, addr)).await;
     // The answer is cut short (the client sees that); the count is the slot's.
@@ -456,6 +483,42 @@ async fn an_answer_that_breaks_http2_is_a_protocol_error() {
     })
     .await;
     assert!(counted, "{}", veer.slot("shop", "blue").await);
+    veer.shutdown().await;
+}
+
+/// A 204 or 304 whose HTTP/2 upstream still sends a body reaches an HTTP/2 client as a head
+/// alone, as it reaches an HTTP/1.1 one: handed on, the body went out after a head without
+/// END_STREAM, and the client's stream broke. Nothing is counted against the slot, and the
+/// connection serves on.
+#[tokio::test]
+async fn a_body_sent_after_a_204_or_304_is_dropped() {
+    let (addr, _) = scripted_h2(|_, stream| match stream % 3 {
+        1 => Script::BodyAfter(204),
+        2 => Script::BodyAfter(304),
+        _ => Script::Answer,
+    })
+    .await;
+    let veer = Veer::start("workers = 1", &route_of("h2c", addr, addr)).await;
+    let (mut sender, conn) = h2c_to(veer.addr).await;
+    for expected in [204, 304, 200, 204] {
+        let request = Request::builder()
+            .uri(format!("http://shop{}", "/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), expected);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let want: &[u8] = if expected == 200 { b"ok\n" } else { b"" };
+        assert_eq!(&body[..], want, "{expected}");
+    }
+    for expected in [304, 200] {
+        let (status, _, body) = get(&veer.url("/"), &[]).await;
+        assert_eq!(status.as_u16(), expected);
+        assert_eq!(body.is_empty(), expected != 200, "{expected}: {body:?}");
+    }
+    assert_no_errors(&veer).await;
+    drop(sender);
+    let _ = conn.await;
     veer.shutdown().await;
 }
 

@@ -507,6 +507,14 @@ impl Proxy {
             // Nothing to stream (HEAD, 204, 304, 101): the body is over now, its connection
             // free again, its hash (an empty body's) ready for the shadow's comparison.
             tail.end();
+        } else if matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
+            // A 204 or 304 has no body (RFC 9110 §15.3.5, §15.4.5), but an HTTP/2 upstream can
+            // still send DATA after it (HTTP/1.1's parser reads none): dropped, its stream
+            // reset, as hyper drops it for an HTTP/1.1 client. Handed on, it went out to an
+            // HTTP/2 client after a head without END_STREAM, which breaks the client's stream.
+            tail.end();
+            drop(rbody);
+            return Response::from_parts(rparts, ProxyBody::local(bytes::Bytes::new()));
         }
         Response::from_parts(rparts, ProxyBody::upstream(rbody, tail))
     }

@@ -444,6 +444,11 @@ pub fn classify(error: &(dyn StdError + 'static)) -> Failure {
             if theirs && h2.reason().is_some_and(|reason| broken.contains(&reason)) {
                 return Failure::Upstream(ErrorKind::Protocol);
             }
+            // h2's own defences against a peer that floods it (a head in more CONTINUATION
+            // frames than its size allows, streams reset without end): the upstream's abuse.
+            if h2.is_library() && h2.reason() == Some(Reason::ENHANCE_YOUR_CALM) {
+                return Failure::Upstream(ErrorKind::Protocol);
+            }
         }
         connect |= matches!(
             e.downcast_ref::<pool::UpstreamError>(),
