@@ -143,6 +143,40 @@ fn unsolicited_ping_acks_of_a_client_are_not_logged() {
     );
 }
 
+/// An upstream that refuses every connection is warned of in the log at the first failure,
+/// with its route, slot and kind; the failures after it within 10 s write no line of their own
+/// (they are counted into the next warning).
+#[test]
+fn upstream_failures_are_warned_of_once_then_counted() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("127.0.0.1:9\"", &format!("{}\"", refused_addr()));
+    std::fs::write(&path, text).unwrap();
+    let (mut child, rx) = run(&path);
+    let listen = logged_listen(&rx);
+    for _ in 0..3 {
+        let mut client = std::net::TcpStream::connect(&listen).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let warned: Vec<String> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
+        .filter(|line| line.contains("Upstream exchange failed"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    for field in ["WARN", "route=app", "slot=blue", "kind=connect", "failed=1"] {
+        assert!(warned[0].contains(field), "{field}: {}", warned[0]);
+    }
+}
+
 /// A second veer on a port the first one listens on stops with exit code 2 instead of
 /// joining the first one's `SO_REUSEPORT` group and taking half of its connections.
 #[test]

@@ -188,7 +188,14 @@ pub struct SlotMetrics {
     born: Instant,
     /// The current epoch's number (see [`Epoch`]).
     epoch: AtomicU64,
+    /// When an upstream failure was last warned of, in milliseconds after `born` plus one (0:
+    /// never), and how many failed since (see [`SlotMetrics::failure_to_warn`]).
+    warned_at: AtomicU64,
+    unwarned: AtomicU64,
 }
+
+/// Upstream failures of a slot are warned of at most this often.
+pub const FAILURE_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// A request sent upstream, waiting for its answer: hand it back to
 /// [`SlotMetrics::answered`].
@@ -242,7 +249,27 @@ impl SlotMetrics {
             aggregate: Mutex::new(Aggregate::new(Instant::now())),
             born: Instant::now(),
             epoch: AtomicU64::new(0),
+            warned_at: AtomicU64::new(0),
+            unwarned: AtomicU64::new(0),
         }
+    }
+
+    /// An upstream failure happened: whether to warn of it (the first, then at most one per
+    /// [`FAILURE_WARN_EVERY`], so that an outage is told without a line per request), with how
+    /// many failed since the last warning, this one included. Lock-free: workers race for the
+    /// warning, one wins.
+    pub fn failure_to_warn(&self) -> Option<u64> {
+        self.unwarned.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let last = self.warned_at.load(Ordering::Relaxed);
+        let every = FAILURE_WARN_EVERY.as_millis() as u64;
+        if last != 0 && now < last.saturating_add(every) {
+            return None;
+        }
+        self.warned_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        Some(self.unwarned.swap(0, Ordering::Relaxed))
     }
 
     /// A request is sent upstream `at` (the caller's clock reading: no second one): it counts
@@ -836,5 +863,21 @@ mod tests {
             assert_eq!(stats.errors, 2 * quarter);
             assert_eq!(stats.histogram.len(), 3 * quarter);
         }
+    }
+
+    /// Upstream failures are warned of at once, then at most once per 10 s with how many failed
+    /// meanwhile (an outage is not a line per request).
+    #[tokio::test(start_paused = true)]
+    async fn upstream_failures_are_warned_of_at_most_every_10_s() {
+        let m = SlotMetrics::with_shards(1);
+        assert_eq!(m.failure_to_warn(), Some(1));
+        assert_eq!(m.failure_to_warn(), None);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(m.failure_to_warn(), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(m.failure_to_warn(), Some(3));
+        assert_eq!(m.failure_to_warn(), None);
+        tokio::time::advance(FAILURE_WARN_EVERY).await;
+        assert_eq!(m.failure_to_warn(), Some(2));
     }
 }

@@ -17,7 +17,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::access_log::{AccessLogger, Record};
 use crate::config::{Compare, ServerConfig};
@@ -731,6 +731,9 @@ fn failed(
     let local = match upstream::classify(error) {
         Failure::Upstream(kind) => {
             metrics.record_failure(epoch, kind, latency);
+            if let Some(failed) = metrics.failure_to_warn() {
+                warn!(route = %route.name(), slot = %decision.slot, kind = %kind.as_str(), %error, failed, "Upstream exchange failed (told at most every 10 s per slot; `failed` counts since the last time).");
+            }
             LocalError::Upstream(kind)
         }
         Failure::BodyTooLarge => LocalError::BodyTooLarge,
