@@ -88,9 +88,10 @@ fn main() -> ExitCode {
     }
     let command = cli.command.unwrap_or(Command::Run);
     // The demo draws a live view on stdout; its logs would only scroll it away. Its drain is
-    // cut short on purpose (a hanging green's requests are still open at the end).
+    // cut short on purpose (a hanging green's requests are still open at the end), and a green
+    // made slower than its timeout fails on purpose (the view shows its errors).
     let level = match command {
-        Command::Demo(_) => "warn,veer::app=error",
+        Command::Demo(_) => "warn,veer::app=error,veer::proxy=error",
         _ => "info",
     };
     init_tracing(cli.log_format, level);
