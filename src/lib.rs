@@ -18,6 +18,8 @@
 //!   the decision journal.
 //! - [`admin`]: the admin API and its auth.
 //! - [`app`]: wiring, reload and shutdown. [`demo`]: the self-contained demo.
+//! - [`warn_every`]: warnings of storms (failed accepts, failed upstreams) told at most once
+//!   per period, with a count.
 //!
 //! # The request path
 //!
@@ -44,6 +46,7 @@ pub mod proxy;
 pub mod rollout;
 pub mod routing;
 pub mod upstream;
+pub mod warn_every;
 
 use serde::{Deserialize, Serialize};
 

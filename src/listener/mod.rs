@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 use crate::config::ServerConfig;
 use crate::proxy::error::LocalError;
 use crate::proxy::{ConnInfo, Proxy};
+use crate::warn_every::WarnEvery;
 use activity::Due;
 pub use activity::InFlight;
 use activity::Starving;
@@ -68,7 +69,7 @@ impl Listener {
     ) {
         // Accept failures go on while they last (out of file descriptors: every 50 ms): one
         // warning, then at most one every `ACCEPT_WARN_EVERY` with how many failed meanwhile.
-        let mut failures = AcceptFailures::default();
+        let failures = WarnEvery::new(ACCEPT_WARN_EVERY);
         loop {
             let accepted = tokio::select! {
                 accepted = self.tcp.accept() => accepted,
@@ -77,7 +78,7 @@ impl Listener {
             let (stream, peer) = match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
-                    if let Some(failed) = failures.failed(Instant::now()) {
+                    if let Some(failed) = failures.happened(Instant::now()) {
                         warn!(listener = %self.name, %error, failed, "Accept failed; retrying every 50 ms.");
                     }
                     // EMFILE and friends: back off instead of spinning.
@@ -450,28 +451,6 @@ fn close_gracefully<C: GracefulConnection>(conn: Pin<&mut C>, closing: &mut bool
 /// How often at most a listener warns of failing accepts.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// A listener's failed accepts since its last warning.
-#[derive(Default)]
-struct AcceptFailures {
-    warned_at: Option<Instant>,
-    since: u64,
-}
-
-impl AcceptFailures {
-    /// Counts a failure at `now`; `Some(failures since the last warning, this one included)`
-    /// when it is time to warn again.
-    fn failed(&mut self, now: Instant) -> Option<u64> {
-        self.since += 1;
-        let due = self
-            .warned_at
-            .is_none_or(|at| now.saturating_duration_since(at) >= ACCEPT_WARN_EVERY);
-        due.then(|| {
-            self.warned_at = Some(now);
-            std::mem::take(&mut self.since)
-        })
-    }
-}
-
 /// Sleeps until `at`, or forever when there is no `at`.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
@@ -525,12 +504,12 @@ mod tests {
     /// since the last warning.
     #[test]
     fn accept_failures_are_warned_of_once_per_period_with_their_count() {
+        let failures = WarnEvery::new(ACCEPT_WARN_EVERY);
         let start = Instant::now();
-        let mut failures = AcceptFailures::default();
         let warnings: Vec<(u64, u64)> = (0..500u64)
             .filter_map(|i| {
                 let at = start + Duration::from_millis(50 * i);
-                failures.failed(at).map(|n| (i, n))
+                failures.happened(at).map(|n| (i, n))
             })
             .collect();
         assert_eq!(warnings, vec![(0, 1), (200, 200), (400, 200)]);

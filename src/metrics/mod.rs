@@ -26,6 +26,8 @@ use tokio::time::{Duration, Instant, MissedTickBehavior};
 pub use window::{empty_histogram, record_micros_n, MAX_LATENCY_US, SIGNIFICANT_DIGITS};
 use window::{Aggregate, Counts, Shard, Waiting, WAITING_SECONDS};
 
+use crate::warn_every::WarnEvery;
+
 /// Length of one time slice of the sliding window; `rotate` is due this often.
 pub const SLICE: Duration = Duration::from_secs(10);
 
@@ -188,10 +190,8 @@ pub struct SlotMetrics {
     born: Instant,
     /// The current epoch's number (see [`Epoch`]).
     epoch: AtomicU64,
-    /// When an upstream failure was last warned of, in milliseconds after `born` plus one (0:
-    /// never), and how many failed since (see [`SlotMetrics::failure_to_warn`]).
-    warned_at: AtomicU64,
-    unwarned: AtomicU64,
+    /// Failed exchanges, warned of at most every [`FAILURE_WARN_EVERY`].
+    failures: WarnEvery,
 }
 
 /// Upstream failures of a slot are warned of at most this often.
@@ -249,27 +249,15 @@ impl SlotMetrics {
             aggregate: Mutex::new(Aggregate::new(Instant::now())),
             born: Instant::now(),
             epoch: AtomicU64::new(0),
-            warned_at: AtomicU64::new(0),
-            unwarned: AtomicU64::new(0),
+            failures: WarnEvery::new(FAILURE_WARN_EVERY),
         }
     }
 
     /// An upstream failure happened: whether to warn of it (the first, then at most one per
     /// [`FAILURE_WARN_EVERY`], so that an outage is told without a line per request), with how
-    /// many failed since the last warning, this one included. Lock-free: workers race for the
-    /// warning, one wins.
+    /// many failed since the last warning, this one included.
     pub fn failure_to_warn(&self) -> Option<u64> {
-        self.unwarned.fetch_add(1, Ordering::Relaxed);
-        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
-        let last = self.warned_at.load(Ordering::Relaxed);
-        let every = FAILURE_WARN_EVERY.as_millis() as u64;
-        if last != 0 && now < last.saturating_add(every) {
-            return None;
-        }
-        self.warned_at
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .ok()?;
-        Some(self.unwarned.swap(0, Ordering::Relaxed))
+        self.failures.happened(Instant::now())
     }
 
     /// A request is sent upstream `at` (the caller's clock reading: no second one): it counts
