@@ -62,6 +62,15 @@ fn lines_until(rx: &Receiver<String>, needle: &str) -> Vec<String> {
     lines
 }
 
+/// Kills veer; the lines it wrote that contain `needle`, from the last one read on.
+fn stop_and_find(child: &mut Child, rx: &Receiver<String>, needle: &str) -> Vec<String> {
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
+        .filter(|line| line.contains(needle))
+        .collect()
+}
+
 /// The proxy address veer logs once it listens (`listen=...` on its "Proxy listening" line).
 fn logged_listen(rx: &Receiver<String>) -> String {
     let lines = lines_until(rx, "Proxy listening");
@@ -130,11 +139,7 @@ fn unsolicited_ping_acks_of_a_client_are_not_logged() {
         assert!(n > 0, "veer closed the connection");
         seen.extend_from_slice(&buf[..n]);
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let lines: Vec<String> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
-        .filter(|line| line.contains("PING"))
-        .collect();
+    let lines = stop_and_find(&mut child, &rx, "PING");
     assert!(
         lines.is_empty(),
         "{} lines, the first {:?}",
@@ -166,11 +171,7 @@ fn upstream_failures_are_warned_of_once_then_counted() {
         client.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let warned: Vec<String> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
-        .filter(|line| line.contains("Upstream exchange failed"))
-        .collect();
+    let warned = stop_and_find(&mut child, &rx, "Upstream exchange failed");
     assert_eq!(warned.len(), 1, "{warned:?}");
     for field in ["WARN", "route=app", "slot=blue", "kind=connect", "failed=1"] {
         assert!(warned[0].contains(field), "{field}: {}", warned[0]);

@@ -497,7 +497,7 @@ async fn a_body_sent_after_a_204_or_304_is_dropped() {
     let (mut sender, conn) = h2c_to(veer.addr).await;
     for expected in [204, 304, 200, 204] {
         let request = Request::builder()
-            .uri(format!("http://shop{}", "/"))
+            .uri("http://shop/")
             .body(Full::new(Bytes::new()))
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
