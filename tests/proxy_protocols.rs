@@ -476,13 +476,67 @@ async fn tls_connect(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
+    // Empty: no ALPN offered.
+    let offered = (!alpn.is_empty()).then_some(alpn);
+    config.alpn_protocols = offered.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let stream = connector.connect(name, tcp).await.unwrap();
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(alpn));
+    assert_eq!(stream.get_ref().1.alpn_protocol(), offered);
     stream
+}
+
+/// Writes `bytes` on `stream` and reads what comes back until the connection closes (at most
+/// 5 s).
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+) -> Vec<u8> {
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer));
+    let _ = read.await;
+    answer
+}
+
+/// A connection that agreed `h2` by ALPN is served HTTP/2 only (RFC 7301): an HTTP/1.1 request
+/// on it is not served. A client that offered no ALPN is served in whichever it speaks.
+#[tokio::test]
+async fn tls_serves_only_http2_where_alpn_agreed_h2() {
+    let upstream = named("blue").await;
+    let (veer, cert, _) = tls_veer("", upstream.addr).await;
+    let request = b"GET /h1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+
+    // HTTP/1.1 where h2 was agreed: no HTTP/1.1 answer, nothing forwarded.
+    let mut tls = tls_connect(veer.addr, &cert, b"h2").await;
+    let answer = exchange(&mut tls, request).await;
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(upstream.seen().len(), 0);
+
+    // No ALPN offered: either protocol is served.
+    let mut tls = tls_connect(veer.addr, &cert, b"").await;
+    let answer = exchange(&mut tls, request).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    let tls = tls_connect(veer.addr, &cert, b"").await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("https://localhost/h2")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let paths: Vec<String> = upstream.seen().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(paths, ["/h1", "/h2"]);
+    veer.shutdown().await;
 }
 
 /// A TLS record that breaks in the middle of an upload is the connection failing, not a
