@@ -487,6 +487,20 @@ async fn tls_connect(
     stream
 }
 
+/// A GET of `uri` over HTTP/2 on `tls`.
+async fn tls_h2_get(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    uri: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(uri).body(Full::<Bytes>::default()).unwrap();
+    sender.send_request(request).await.unwrap()
+}
+
 /// Writes `bytes` on `stream` and reads what comes back until the connection closes (at most
 /// 5 s).
 async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
@@ -524,15 +538,7 @@ async fn tls_serves_only_http2_where_alpn_agreed_h2() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
     let tls = tls_connect(veer.addr, &cert, b"").await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = Request::get("https://localhost/h2")
-        .body(Full::<Bytes>::default())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let response = tls_h2_get(tls, "https://localhost/h2").await;
     assert_eq!(response.status(), 200);
     let paths: Vec<String> = upstream.seen().iter().map(|r| r.uri.clone()).collect();
     assert_eq!(paths, ["/h1", "/h2"]);
@@ -591,15 +597,7 @@ async fn tls_serves_h2_http11_and_http10_by_alpn_with_https_forwarded_and_a_secu
     let (veer, cert, _) = tls_veer("", upstream.addr).await;
 
     let h2 = tls_connect(veer.addr, &cert, b"h2").await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = Request::get("https://localhost/secure")
-        .body(Full::<Bytes>::default())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let response = tls_h2_get(h2, "https://localhost/secure").await;
     assert_eq!(response.version(), http::Version::HTTP_2);
     let h2_cookie = response.headers()["set-cookie"]
         .to_str()
