@@ -4,6 +4,8 @@
 //! The requests and the connection's reads and writes note it; the task reads it only when
 //! its one sleep fires.
 
+use std::io::Read as _;
+use std::os::fd::AsFd as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::Version;
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Open;
@@ -95,6 +98,9 @@ pub(crate) struct Activity {
     cut_short: AtomicU64,
     /// Set once the client has cut short too many streams: the connection is to close.
     flooded: AtomicBool,
+    /// Set when a request body was let go before its end (answered without being read, cut at
+    /// a limit, failed): its client may still be sending (see [`linger`]).
+    body_unread: AtomicBool,
 }
 
 /// HTTP/2 streams a connection must have closed before the share of them its client cut short
@@ -125,6 +131,7 @@ impl Activity {
             streams_closed: AtomicU64::new(0),
             cut_short: AtomicU64::new(0),
             flooded: AtomicBool::new(false),
+            body_unread: AtomicBool::new(false),
         }
     }
 
@@ -323,6 +330,7 @@ pub struct InFlight {
     /// this struct's padding (as do the two fields below).
     waiting: u8,
     /// HTTP/2: the answer has ended (or failed): the exchange was not cut short by the client.
+    /// For a request body's hold: the body was read to its end.
     ended: bool,
     /// HTTP/2: when the request arrived, in milliseconds after the connection's `opened`
     /// (truncated: only differences of under 49 days are taken).
@@ -333,7 +341,9 @@ pub struct InFlight {
 const NOT_WAITING: u8 = u8::MAX;
 
 impl InFlight {
-    /// The request body's hold on the same exchange.
+    /// The request body's hold on the same exchange, let go with [`InFlight::body_read`] when
+    /// the body has been read to its end; dropped before, it marks the connection as having
+    /// bytes of its client unread.
     pub(super) fn also(&self) -> InFlight {
         self.activity.open.fetch_add(1, Ordering::Relaxed);
         InFlight {
@@ -346,9 +356,19 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// Lets go of a request body's hold (see [`InFlight::also`]): the body was read whole.
+    pub(crate) fn body_read(mut self) {
+        self.ended = true;
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.activity;
+        if !self.answering && !self.ended {
+            activity.body_unread.store(true, Ordering::Relaxed);
+        }
         if self.waiting != NOT_WAITING {
             activity.taken(self.waiting);
         }
@@ -517,63 +537,116 @@ impl Starving {
     }
 }
 
-pin_project! {
-    /// The connection's socket, telling its `Activity` when bytes arrive (a relaxed load per
-    /// read; a clock read only for the first byte of a head) and whether writes find room,
-    /// and holding what an open connection holds until it is closed. It sits right on the
-    /// socket, under TLS and any write buffer, so that a write taken is a write the kernel took
-    /// (and over TLS a read is a record's bytes: any record starts an awaited head's clock).
-    pub(crate) struct Watched<I> {
-        #[pin]
-        io: I,
-        activity: Arc<Activity>,
-        // A proxy connection's hold on the drain and the connection gauge.
-        open: Option<Open>,
+/// The connection's socket, telling its `Activity` when bytes arrive (a relaxed load per read;
+/// a clock read only for the first byte of a head) and whether writes find room, and holding
+/// what an open connection holds until it is closed. It sits right on the socket, under TLS and
+/// any write buffer, so that a write taken is a write the kernel took (and over TLS a read is a
+/// record's bytes: any record starts an awaited head's clock). Closed with bytes of the client
+/// unread, it lingers (see [`linger`]).
+pub(crate) struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+    // A proxy connection's hold on the drain and the connection gauge, let go when it drops.
+    _open: Option<Open>,
+}
+
+impl Watched {
+    pub(crate) fn new(io: TcpStream, activity: Arc<Activity>, open: Option<Open>) -> Self {
+        Watched {
+            io,
+            activity,
+            _open: open,
+        }
     }
 }
 
-impl<I> Watched<I> {
-    pub(crate) fn new(io: I, activity: Arc<Activity>, open: Option<Open>) -> Self {
-        Watched { io, activity, open }
+impl Drop for Watched {
+    fn drop(&mut self) {
+        linger(&self.io, self.activity.body_unread.load(Ordering::Relaxed));
     }
 }
 
-impl<I: AsyncRead> AsyncRead for Watched<I> {
+/// How long a closed connection's socket is kept to read and discard what its client still
+/// sends, at most, and without a byte (NGINX's `lingering_time` and `lingering_timeout`).
+const LINGER_MAX: Duration = Duration::from_secs(30);
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+
+/// Keeps a closed connection's socket open to read and discard what its client still sends,
+/// when it has sent bytes veer did not read, or a request body was let go before its end (a
+/// body veer answered 413 to, or refused before reading, as the client still uploads it). Closed at once, such a socket would answer the
+/// client with a reset, and a client that writes its whole body before it reads (Python's
+/// `requests`, say) would get the reset instead of the answer waiting for it. The write side is
+/// shut (the answer, all of it written, ends with a FIN), then the socket is read until the
+/// client closes, `LINGER_QUIET` passes without a byte, or `LINGER_MAX` is over. It no longer
+/// counts as a connection (gauge, drain). One `recv` per closed connection finds out.
+/// `body_unread`: a request body of the connection was let go before its end.
+fn linger(io: &TcpStream, body_unread: bool) {
+    let mut probe = [0u8; 1024];
+    // The socket is non-blocking: `WouldBlock` when nothing is waiting. A body left unread may
+    // still be on its way (veer can answer its head before its first bytes arrive).
+    match (&*socket2::SockRef::from(io)).read(&mut probe) {
+        Ok(n) if n > 0 => {}
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock && body_unread => {}
+        _ => return,
+    }
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    // A second descriptor of the socket: it stays open when hyper's is closed.
+    let Ok(fd) = io.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let _runtime = handle.enter();
+    let Ok(mut socket) = TcpStream::from_std(std::net::TcpStream::from(fd)) else {
+        return;
+    };
+    handle.spawn(async move {
+        let _ = socket.shutdown().await;
+        let end = Instant::now() + LINGER_MAX;
+        let mut sink = [0u8; 8192];
+        loop {
+            let quiet_end = (Instant::now() + LINGER_QUIET).min(end);
+            match tokio::time::timeout_at(quiet_end, socket.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+    });
+}
+
+impl AsyncRead for Watched {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
         let before = buf.filled().len();
-        let polled = this.io.poll_read(cx, buf);
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.read();
+            self.activity.read();
         }
         polled
     }
 }
 
-impl<I: AsyncWrite> AsyncWrite for Watched<I> {
+impl AsyncWrite for Watched {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let polled = this.io.poll_write(cx, buf);
-        this.activity.wrote(&polled);
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.wrote(&polled);
         polled
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let polled = this.io.poll_write_vectored(cx, bufs);
-        this.activity.wrote(&polled);
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&polled);
         polled
     }
 
@@ -581,12 +654,12 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         self.io.is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

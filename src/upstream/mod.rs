@@ -311,7 +311,9 @@ impl Body for RequestBody {
                 if let Some(mut tee) = this.tee.take() {
                     tee.finish();
                 }
-                *this.reading = None;
+                if let Some(reading) = this.reading.take() {
+                    reading.body_read();
+                }
                 this.state.set(ENDED);
                 return Poll::Ready(None);
             }
@@ -347,7 +349,9 @@ impl Body for RequestBody {
             if let Some(mut tee) = this.tee.take() {
                 tee.finish();
             }
-            *this.reading = None;
+            if let Some(reading) = this.reading.take() {
+                reading.body_read();
+            }
             this.state.set(ENDED);
         }
         Poll::Ready(Some(Ok(frame)))
