@@ -354,9 +354,7 @@ impl InFlight {
             began: 0,
         }
     }
-}
 
-impl InFlight {
     /// Lets go of a request body's hold (see [`InFlight::also`]): the body was read whole.
     pub(crate) fn body_read(mut self) {
         self.ended = true;
@@ -541,8 +539,8 @@ impl Starving {
 /// a clock read only for the first byte of a head) and whether writes find room, and holding
 /// what an open connection holds until it is closed. It sits right on the socket, under TLS and
 /// any write buffer, so that a write taken is a write the kernel took (and over TLS a read is a
-/// record's bytes: any record starts an awaited head's clock). Closed with bytes of the client
-/// unread, it lingers (see [`linger`]).
+/// record's bytes: any record starts an awaited head's clock). Closed while its client may
+/// still be sending, it lingers (see [`linger`]).
 pub(crate) struct Watched {
     io: TcpStream,
     activity: Arc<Activity>,
@@ -572,14 +570,14 @@ const LINGER_MAX: Duration = Duration::from_secs(30);
 const LINGER_QUIET: Duration = Duration::from_secs(5);
 
 /// Keeps a closed connection's socket open to read and discard what its client still sends,
-/// when it has sent bytes veer did not read, or a request body was let go before its end (a
-/// body veer answered 413 to, or refused before reading, as the client still uploads it). Closed at once, such a socket would answer the
-/// client with a reset, and a client that writes its whole body before it reads (Python's
-/// `requests`, say) would get the reset instead of the answer waiting for it. The write side is
-/// shut (the answer, all of it written, ends with a FIN), then the socket is read until the
-/// client closes, `LINGER_QUIET` passes without a byte, or `LINGER_MAX` is over. It no longer
-/// counts as a connection (gauge, drain). One `recv` per closed connection finds out.
-/// `body_unread`: a request body of the connection was let go before its end.
+/// when bytes of the client are unread at the close or `body_unread` (a request body of the
+/// connection was let go before its end: one veer answered 413 to, or refused before reading,
+/// while the client still uploads it). Closed at once, such a socket would answer the client
+/// with a reset, and a client that writes its whole body before it reads (Python's `requests`,
+/// say) would get the reset instead of the answer waiting for it. The write side is shut (the
+/// answer, all of it written, ends with a FIN), then the socket is read until the client
+/// closes, `LINGER_QUIET` passes without a byte, or `LINGER_MAX` is over. It no longer counts
+/// as a connection (gauge, drain). One `recv` per closed connection finds out.
 fn linger(io: &TcpStream, body_unread: bool) {
     let mut probe = [0u8; 1024];
     // The socket is non-blocking: `WouldBlock` when nothing is waiting. A body left unread may

@@ -233,16 +233,16 @@ impl Connection {
             () = crate::app::stopped(&mut shutdown) => None,
         };
         let Some(start) = start else { return };
-        // A connection that agreed `h2` (ALPN) is served HTTP/2 only, as RFC 7301 has it: an
-        // HTTP/1.1 request on it is a bad connection preface. On the others hyper tells the
-        // protocol from the first bytes: an HTTP/2 preface on a connection that agreed
-        // `http/1.1` is served too (hyper-util sniffs whenever upgrades are served).
         let handshake = start.into_stream(Arc::clone(acceptor.config()));
         let stream = handshake_done(
             self.peer,
             tokio::time::timeout_at(deadline, handshake).await,
         );
         if let Some(stream) = stream {
+            // A connection that agreed `h2` (ALPN) is served HTTP/2 only, as RFC 7301 has it:
+            // an HTTP/1.1 request on it is a bad connection preface. On the others hyper tells
+            // the protocol from the first bytes: an HTTP/2 preface on a connection that agreed
+            // `http/1.1` is served too (hyper-util sniffs whenever upgrades are served).
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let builder = if h2 { builder.http2_only() } else { builder };
             self.serve(stream, true, builder, activity, timers).await;
