@@ -101,6 +101,8 @@ pub(crate) struct Activity {
     /// Set when a request body was let go before its end (answered without being read, cut at
     /// a limit, failed): its client may still be sending (see [`linger`]).
     body_unread: AtomicBool,
+    /// Set when the connection is cut for a timeout or abuse: it does not linger.
+    cut: AtomicBool,
 }
 
 /// HTTP/2 streams a connection must have closed before the share of them its client cut short
@@ -132,6 +134,7 @@ impl Activity {
             cut_short: AtomicU64::new(0),
             flooded: AtomicBool::new(false),
             body_unread: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
         }
     }
 
@@ -218,6 +221,12 @@ impl Activity {
         if closed >= FLOOD_STREAMS && cut_short * 2 >= closed {
             self.flooded.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// The connection is being cut (a timeout, a flood): its socket closes at once, without
+    /// lingering for what its client still sends (as NGINX closes at its timeouts).
+    pub(super) fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
     }
 
     /// An HTTP/2 connection with no stream under way.
@@ -560,7 +569,9 @@ impl Watched {
 
 impl Drop for Watched {
     fn drop(&mut self) {
-        linger(&self.io, self.activity.body_unread.load(Ordering::Relaxed));
+        if !self.activity.cut.load(Ordering::Relaxed) {
+            linger(&self.io, self.activity.body_unread.load(Ordering::Relaxed));
+        }
     }
 }
 
@@ -572,7 +583,8 @@ const LINGER_QUIET: Duration = Duration::from_secs(5);
 /// Keeps a closed connection's socket open to read and discard what its client still sends,
 /// when bytes of the client are unread at the close or `body_unread` (a request body of the
 /// connection was let go before its end: one veer answered 413 to, or refused before reading,
-/// while the client still uploads it). Closed at once, such a socket would answer the client
+/// while the client still uploads it), unless the connection was cut for a timeout or abuse
+/// (see [`Activity::cut`]). Closed at once, such a socket would answer the client
 /// with a reset, and a client that writes its whole body before it reads (Python's `requests`,
 /// say) would get the reset instead of the answer waiting for it. The write side is shut (the
 /// answer, all of it written, ends with a FIN), then the socket is read until the client
@@ -664,6 +676,43 @@ impl AsyncWrite for Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection (server side, wrapped as veer wraps it) whose client sent bytes it did not
+    /// read, and the client's next writes after veer drops it, for 1 s: whether they all
+    /// succeeded (the socket lingered) or one failed (it was closed at once, the kernel
+    /// answering with a reset).
+    async fn writes_after_the_close(cut: bool) -> bool {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let watched = Watched::new(server, Arc::clone(&activity), None);
+        client.write_all(b"POST / HTTP/1.1\r\n").await.unwrap();
+        // Until the bytes are in the server's socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if cut {
+            activity.cut();
+        }
+        drop(watched);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if client.write_all(&[b'x'; 1024]).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Closed with bytes of its client unread, a connection lingers, reading what still comes;
+    /// cut for a timeout or abuse, it is closed at once.
+    #[tokio::test]
+    async fn a_closed_connection_lingers_unless_cut() {
+        assert!(writes_after_the_close(false).await, "did not linger");
+        assert!(!writes_after_the_close(true).await, "lingered after a cut");
+    }
 
     const TIMERS: Timers = Timers {
         header: Duration::from_secs(10),

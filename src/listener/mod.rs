@@ -411,8 +411,11 @@ pub(crate) async fn drive<C>(
             }
         }
     };
-    if let Some(Err(error)) = result {
-        debug!(%peer, %error, "Connection closed with an error.");
+    match result {
+        // Cut: a timeout, a flood, a drain that could wait no longer.
+        None => activity.cut(),
+        Some(Err(error)) => debug!(%peer, %error, "Connection closed with an error."),
+        Some(Ok(())) => {}
     }
 }
 
