@@ -325,53 +325,25 @@ async fn a_chunked_body_growing_over_max_body_bytes_never_arrives_complete() {
 /// when the answer came before the body's first byte: veer reads and discards what the client
 /// still sends after answering, instead of closing a socket with unread bytes (the kernel would
 /// answer the rest of the upload with a reset, and the client's writes would fail before it
-/// reads the answer). 32 MiB, more than loopback's socket buffers hold, in 64 KiB writes.
+/// reads the answer). 32 MiB, more than loopback's socket buffers hold.
 #[tokio::test]
 async fn a_client_that_sends_its_whole_refused_body_before_reading_gets_the_413() {
     let (veer, upstream) = proxy_with("max_body_bytes = 1000").await;
     const LEN: usize = 32 << 20;
     let declared = format!("POST / HTTP/1.1\r\nHost: shop\r\nContent-Length: {LEN}\r\n\r\n");
     let chunked = "POST / HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n";
-    // (head, chunked framing, the body sent only once the answer's head has arrived)
-    let cases = [
+    for (head, chunked, after_answer) in [
         (declared.as_str(), false, false),
         (declared.as_str(), false, true),
         (chunked, true, false),
-    ];
-    for (head, chunk_framing, after_answer) in cases {
-        let case = format!("chunked {chunk_framing}, after the answer {after_answer}");
-        let mut stream = TcpStream::connect(veer.addr).await.unwrap();
-        stream.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        if after_answer {
-            let mut byte = [0u8; 1];
-            while !answer.ends_with(b"\r\n\r\n") {
-                let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte));
-                assert!(matches!(read.await, Ok(Ok(1))), "{case}: no answer head");
-                answer.push(byte[0]);
-            }
-        }
-        let upload = async {
-            let piece = vec![b'x'; 64 * 1024];
-            for _ in 0..LEN / piece.len() {
-                if chunk_framing {
-                    stream.write_all(b"10000\r\n").await?;
-                    stream.write_all(&piece).await?;
-                    stream.write_all(b"\r\n").await?;
-                } else {
-                    stream.write_all(&piece).await?;
-                }
-            }
-            if chunk_framing {
-                stream.write_all(b"0\r\n\r\n").await?;
-            }
-            Ok::<_, std::io::Error>(())
+    ] {
+        let how = wire::Upload {
+            chunked,
+            after_answer,
         };
-        let sent = tokio::time::timeout(Duration::from_secs(20), upload).await;
-        assert!(matches!(sent, Ok(Ok(()))), "{case}: {sent:?}");
-        let rest = until_closed(&mut stream).await;
-        let answer = format!("{}{rest}", String::from_utf8_lossy(&answer));
-        assert_eq!(raw_status(&answer), Some(413), "{case}: {answer}");
+        let answer = wire::upload_then_read(veer.addr, head, LEN, how).await;
+        let status = answer.as_deref().ok().and_then(raw_status);
+        assert_eq!(status, Some(413), "{how:?}: {answer:?}");
     }
     // No body reached the upstream whole.
     assert!(upstream.seen().iter().all(|seen| seen.body.is_none()));

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::listener::{keep_unsent_small, Activity, Timers, Tracked, Watched};
+use crate::listener::{keep_unsent_small, Activity, InFlight, Timers, Tracked, Watched};
 use crate::rollout::{self, state::Action};
 
 const MAX_BODY: usize = 64 * 1024;
@@ -91,9 +91,11 @@ async fn serve_connection(
     let service = service_fn(move |req: Request<Incoming>| {
         // Held until the answer is written or dropped.
         let exchange = Activity::request(&seen, req.version(), Instant::now());
+        // Let go unread, the body makes the connection linger at its close (see `Watched`).
+        let reading = (!http_body::Body::is_end_stream(req.body())).then(|| exchange.also());
         let app = Arc::clone(&app);
         async move {
-            let answer = handle(&app, req).await;
+            let answer = handle(&app, req, reading).await;
             Ok::<_, Infallible>(answer.map(|body| Tracked::new(body, exchange)))
         }
     });
@@ -173,9 +175,11 @@ impl<'a> Endpoint<'a> {
 }
 
 /// Answers one admin request; a HEAD gets the head GET would get, without the body.
-pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
+/// `reading`: the connection's hold on the request's body, if it has one (see
+/// [`InFlight::also`]).
+pub async fn handle(app: &App, req: Request<Incoming>, reading: Option<InFlight>) -> Answer {
     let head = req.method() == Method::HEAD;
-    let mut answer = route(app, req).await;
+    let mut answer = route(app, req, reading).await;
     if head {
         // hyper leaves the body out of a HEAD answer on HTTP/1.1, but not on HTTP/2.
         let length = http_body::Body::size_hint(answer.body())
@@ -191,7 +195,7 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Answer {
 
 /// Routes one admin request: 404 for a path that is no endpoint, 405 with `Allow` for an
 /// endpoint asked with another method.
-async fn route(app: &App, req: Request<Incoming>) -> Answer {
+async fn route(app: &App, req: Request<Incoming>, reading: Option<InFlight>) -> Answer {
     // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host, and no request two (the checks
     // of `auth` read it: a second one must not hide behind the first).
     let hosts = req.headers().get_all(header::HOST).iter().count();
@@ -226,7 +230,12 @@ async fn route(app: &App, req: Request<Incoming>) -> Answer {
     // Every POST's body is read whole (bounded in size and time), used or not.
     let body = match req.method() == Method::POST {
         true => match read_body(req.into_body()).await {
-            Ok(body) => body,
+            Ok(body) => {
+                if let Some(reading) = reading {
+                    reading.body_read();
+                }
+                body
+            }
             Err(answer) => return answer,
         },
         false => Bytes::new(),
@@ -288,13 +297,18 @@ fn routes(app: &App) -> Answer {
 
 /// A POST's body, whole: at most `MAX_BODY` bytes (413 above), within `IDLE_TIMEOUT` (408).
 async fn read_body(body: Incoming) -> Result<Bytes, Answer> {
+    let too_large = || {
+        let reason = format!("body larger than {MAX_BODY} bytes");
+        json_error(StatusCode::PAYLOAD_TOO_LARGE, &reason)
+    };
+    // A declared length over the limit is refused from the head, before any of the body.
+    if http_body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
     let read = tokio::time::timeout(IDLE_TIMEOUT, Limited::new(body, MAX_BODY).collect());
     match read.await {
         Ok(Ok(body)) => Ok(body.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-            let reason = format!("body larger than {MAX_BODY} bytes");
-            Err(json_error(StatusCode::PAYLOAD_TOO_LARGE, &reason))
-        }
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(_)) => Err(json_error(
             StatusCode::BAD_REQUEST,
             "body cut short by the client",

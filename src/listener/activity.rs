@@ -353,7 +353,7 @@ impl InFlight {
     /// The request body's hold on the same exchange, let go with [`InFlight::body_read`] when
     /// the body has been read to its end; dropped before, it marks the connection as having
     /// bytes of its client unread.
-    pub(super) fn also(&self) -> InFlight {
+    pub(crate) fn also(&self) -> InFlight {
         self.activity.open.fetch_add(1, Ordering::Relaxed);
         InFlight {
             activity: Arc::clone(&self.activity),

@@ -1,7 +1,7 @@
 //! HTTP/1.1 on the wire: reading one response from a raw socket, decoding a chunked body, a
 //! listener that serves each connection in a task of its own, a scripted upstream that answers
 //! every request with the same bytes, one that sends a body to a HEAD too, late, and one that
-//! sends interim answers.
+//! sends interim answers, and a client that sends a whole upload before it reads the answer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -296,4 +296,67 @@ pub async fn interim_upstream(interim: Option<usize>) -> SocketAddr {
         }
     })
     .await
+}
+
+/// How [`upload_then_read`] sends its body.
+#[derive(Clone, Copy, Debug)]
+pub struct Upload {
+    /// In chunked framing, 64 KiB a chunk (else as `Content-Length` says, which `head` must).
+    pub chunked: bool,
+    /// Only once the answer's head has arrived (the answer comes before the body's first byte).
+    pub after_answer: bool,
+}
+
+/// Sends `head`, then `len` bytes of body in 64 KiB writes (within 20 s), and only then reads
+/// the answer to the end of the connection (within 5 s), as clients that write their whole
+/// body first do (Python's `requests`): the answer, or the error of the first write that
+/// failed (a reset by the server ends the upload so).
+pub async fn upload_then_read(
+    addr: SocketAddr,
+    head: &str,
+    len: usize,
+    how: Upload,
+) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    if how.after_answer {
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte));
+            match read.await {
+                Ok(Ok(1)) => answer.push(byte[0]),
+                _ => return Err(std::io::Error::other("no answer head")),
+            }
+        }
+    }
+    let upload = async {
+        let piece = vec![b'x'; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(piece.len());
+            if how.chunked {
+                stream.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+                stream.write_all(&piece[..n]).await?;
+                stream.write_all(b"\r\n").await?;
+            } else {
+                stream.write_all(&piece[..n]).await?;
+            }
+            left -= n;
+        }
+        if how.chunked {
+            stream.write_all(b"0\r\n\r\n").await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(20), upload).await {
+        Ok(sent) => sent?,
+        Err(_) => return Err(std::io::Error::other("upload not sent within 20 s")),
+    }
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer));
+    match read.await {
+        Ok(read) => read?,
+        Err(_) => return Err(std::io::Error::other("still open 5 s after the upload")),
+    };
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
