@@ -92,7 +92,7 @@ async fn serve_connection(
         // Held until the answer is written or dropped.
         let exchange = Activity::request(&seen, req.version(), Instant::now());
         // Let go unread, the body makes the connection linger at its close (see `Watched`).
-        let reading = (!http_body::Body::is_end_stream(req.body())).then(|| exchange.also());
+        let reading = exchange.body_hold(req.body());
         let app = Arc::clone(&app);
         async move {
             let answer = handle(&app, req, reading).await;
@@ -176,7 +176,7 @@ impl<'a> Endpoint<'a> {
 
 /// Answers one admin request; a HEAD gets the head GET would get, without the body.
 /// `reading`: the connection's hold on the request's body, if it has one (see
-/// [`InFlight::also`]).
+/// [`InFlight::body_hold`]).
 pub async fn handle(app: &App, req: Request<Incoming>, reading: Option<InFlight>) -> Answer {
     let head = req.method() == Method::HEAD;
     let mut answer = route(app, req, reading).await;

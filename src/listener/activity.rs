@@ -350,10 +350,14 @@ pub struct InFlight {
 const NOT_WAITING: u8 = u8::MAX;
 
 impl InFlight {
-    /// The request body's hold on the same exchange, let go with [`InFlight::body_read`] when
-    /// the body has been read to its end; dropped before, it marks the connection as having
-    /// bytes of its client unread.
-    pub(crate) fn also(&self) -> InFlight {
+    /// The hold of a request's `body` on the same exchange, when there is a body: let go with
+    /// [`InFlight::body_read`] when the body has been read to its end; dropped before, it marks
+    /// the connection as having bytes of its client unread.
+    pub(crate) fn body_hold(&self, body: &impl Body) -> Option<InFlight> {
+        (!body.is_end_stream()).then(|| self.also())
+    }
+
+    fn also(&self) -> InFlight {
         self.activity.open.fetch_add(1, Ordering::Relaxed);
         InFlight {
             activity: Arc::clone(&self.activity),
@@ -364,7 +368,7 @@ impl InFlight {
         }
     }
 
-    /// Lets go of a request body's hold (see [`InFlight::also`]): the body was read whole.
+    /// Lets go of a request body's hold (see [`InFlight::body_hold`]): the body was read whole.
     pub(crate) fn body_read(mut self) {
         self.ended = true;
     }

@@ -269,7 +269,7 @@ impl Connection {
             let arrived = Instant::now();
             let exchange = Activity::request(&seen, req.version(), arrived);
             // The request body holds the exchange too, until it ends or is dropped.
-            let reading = (!http_body::Body::is_end_stream(req.body())).then(|| exchange.also());
+            let reading = exchange.body_hold(req.body());
             let proxy = Arc::clone(&proxy);
             let info = info.clone();
             async move {
