@@ -276,6 +276,18 @@ impl BodyState {
     }
 }
 
+/// A request body read to its end: the shadow's copy is complete, the connection's hold on the
+/// body is let go as read whole, and the body is marked `ENDED`.
+fn read_whole(tee: &mut Option<Box<Tee>>, reading: &mut Option<InFlight>, state: &BodyState) {
+    if let Some(mut tee) = tee.take() {
+        tee.finish();
+    }
+    if let Some(reading) = reading.take() {
+        reading.body_read();
+    }
+    state.set(ENDED);
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -308,13 +320,7 @@ impl Body for RequestBody {
         }
         let frame = match frame {
             None => {
-                if let Some(mut tee) = this.tee.take() {
-                    tee.finish();
-                }
-                if let Some(reading) = this.reading.take() {
-                    reading.body_read();
-                }
-                this.state.set(ENDED);
+                read_whole(this.tee, this.reading, this.state);
                 return Poll::Ready(None);
             }
             Some(Err(error)) => {
@@ -346,13 +352,7 @@ impl Body for RequestBody {
         // The end as the stream marks it, or the declared length met: hyper's client stops
         // polling then, and an HTTP/2 client may send its END_STREAM in a DATA frame of its own.
         if this.inner.is_end_stream() || this.inner.size_hint().exact() == Some(0) {
-            if let Some(mut tee) = this.tee.take() {
-                tee.finish();
-            }
-            if let Some(reading) = this.reading.take() {
-                reading.body_read();
-            }
-            this.state.set(ENDED);
+            read_whole(this.tee, this.reading, this.state);
         }
         Poll::Ready(Some(Ok(frame)))
     }
