@@ -514,10 +514,11 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     answer
 }
 
-/// A connection that agreed `h2` by ALPN is served HTTP/2 only (RFC 7301): an HTTP/1.1 request
-/// on it is not served. A client that offered no ALPN is served in whichever it speaks.
+/// A connection is served the protocol its ALPN agreed (RFC 7301): an HTTP/1.1 request where
+/// `h2` was agreed, and an HTTP/2 one where `http/1.1` or `http/1.0` was, are not served. A
+/// client that offered no ALPN is served in whichever it speaks.
 #[tokio::test]
-async fn tls_serves_only_http2_where_alpn_agreed_h2() {
+async fn tls_serves_only_the_protocol_alpn_agreed() {
     let upstream = named("blue").await;
     let (veer, cert, _) = tls_veer("", upstream.addr).await;
     let request = b"GET /h1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -530,7 +531,30 @@ async fn tls_serves_only_http2_where_alpn_agreed_h2() {
         "{:?}",
         String::from_utf8_lossy(&answer)
     );
+    // HTTP/2 where HTTP/1.x was agreed: the request fails, nothing forwarded.
+    for alpn in [&b"http/1.1"[..], b"http/1.0"] {
+        let tls = tls_connect(veer.addr, &cert, alpn).await;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = Request::get("https://localhost/h2-on-h1")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request));
+        let sent = sent.await;
+        assert!(matches!(sent, Ok(Err(_))), "{sent:?}");
+    }
     assert_eq!(upstream.seen().len(), 0);
+
+    // HTTP/1.1 where it was agreed, opening with the preface's first bytes (a method `PRI`
+    // is a token like any other): served.
+    let mut tls = tls_connect(veer.addr, &cert, b"http/1.1").await;
+    let pri = b"PRI /pri HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let answer = exchange(&mut tls, pri).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
 
     // No ALPN offered: either protocol is served.
     let mut tls = tls_connect(veer.addr, &cert, b"").await;
@@ -541,7 +565,7 @@ async fn tls_serves_only_http2_where_alpn_agreed_h2() {
     let response = tls_h2_get(tls, "https://localhost/h2").await;
     assert_eq!(response.status(), 200);
     let paths: Vec<String> = upstream.seen().iter().map(|r| r.uri.clone()).collect();
-    assert_eq!(paths, ["/h1", "/h2"]);
+    assert_eq!(paths, ["/pri", "/h1", "/h2"]);
     veer.shutdown().await;
 }
 

@@ -239,12 +239,15 @@ impl Connection {
             tokio::time::timeout_at(deadline, handshake).await,
         );
         if let Some(stream) = stream {
-            // A connection that agreed `h2` (ALPN) is served HTTP/2 only, as RFC 7301 has it:
-            // an HTTP/1.1 request on it is a bad connection preface. On the others hyper tells
-            // the protocol from the first bytes: an HTTP/2 preface on a connection that agreed
-            // `http/1.1` is served too (hyper-util sniffs whenever upgrades are served).
-            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            // A connection is served the protocol its ALPN agreed, as RFC 7301 has it: one
+            // that agreed `h2` HTTP/2 only (an HTTP/1.1 request on it is a bad connection
+            // preface), one that agreed `http/1.x` HTTP/1 only (see `Served`). Without ALPN
+            // hyper tells the protocol from the first bytes.
+            let alpn = stream.get_ref().1.alpn_protocol();
+            let h2 = alpn == Some(b"h2");
+            let http1_only = alpn.is_some() && !h2;
             let builder = if h2 { builder.http2_only() } else { builder };
+            let stream = tls::Served::new(stream, http1_only);
             self.serve(stream, true, builder, activity, timers).await;
         }
     }
