@@ -104,31 +104,35 @@ pub struct Running {
 }
 
 /// Builds a snapshot, carrying each route's long-lived state over from `previous` by name
-/// and restoring new routes from the state dir.
+/// and restoring new routes from the state dir. Each route's rollout is brought in line with
+/// the new config only once the snapshot is published, by [`reconcile_routes`].
 fn build_table(
     config: Config,
     previous: Option<&RoutingTable>,
     store: &Arc<Store>,
 ) -> RoutingTable {
-    let mut reused: Vec<(Arc<RouteShared>, RouteConfig, Option<RouteConfig>)> = Vec::new();
     let table = RoutingTable::new(config, |rc| {
         let old = previous.and_then(|t| t.route(&rc.name));
         let shared = match old {
             Some(old) => Arc::clone(&old.shared),
             None => rollout::restore(rc, store),
         };
-        reused.push((
-            Arc::clone(&shared),
-            rc.clone(),
-            old.map(|o| o.config.clone()),
-        ));
+        label_versions(&shared, rc, old.is_some());
         shared
     });
-    for (shared, config, old) in &reused {
-        label_versions(shared, config, old.is_some());
-        rollout::reconcile(shared, config, old.as_ref());
-    }
     table
+}
+
+/// Brings each route's rollout in line with the config of the `published` snapshot (see
+/// `rollout::reconcile`). Called after the snapshot is published, so that a weight it
+/// changes (a rollout started by a reload, say) applies to the new endpoints: before it, the
+/// old snapshot's requests would go to the canary's old endpoints at the new weight, and count
+/// in the new build's first step.
+fn reconcile_routes(published: &RoutingTable, previous: Option<&RoutingTable>) {
+    for route in published.routes() {
+        let old = previous.and_then(|t| t.route(&route.config.name));
+        rollout::reconcile(&route.shared, &route.config, old.map(|o| &o.config));
+    }
 }
 
 /// Gives each slot's metrics its `version` label from `config`. A slot whose label changed
@@ -255,6 +259,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
             source,
         })?;
     let table = Arc::new(ArcSwap::from_pointee(build_table(config, None, &store)));
+    reconcile_routes(&table.load(), None);
     let app = Arc::new(App {
         table: Arc::clone(&table),
         store,
@@ -652,8 +657,9 @@ impl App {
         for warning in crate::config::warnings(&config, &text) {
             warn!("{warning}");
         }
-        let table = build_table(config, Some(&current), &self.store);
-        self.table.store(Arc::new(table));
+        let table = Arc::new(build_table(config, Some(&current), &self.store));
+        self.table.store(Arc::clone(&table));
+        reconcile_routes(&table, Some(&current));
         Ok(())
     }
 }

@@ -689,3 +689,61 @@ async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
     assert_eq!(body["canary_weight"], 10.0, "{body}");
     veer.shutdown().await;
 }
+
+/// A reload that gives the idle slot a new version on new endpoints starts the rollout there:
+/// no request goes to the slot's old endpoints at the new weight. Five times under load, each
+/// rollout rolled back before the next reload moves green to the other upstream (the first
+/// reload finds the route idle). The weight used
+/// to be raised before the new routing table was published (the state file's fsyncs between),
+/// and requests routed by the old table in that gap reached the old endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_started_by_a_reload_reaches_only_the_new_endpoints() {
+    let (blue, a) = upstreams().await;
+    let b = Upstream::builder("b").start().await.unwrap();
+    let policy =
+        "[route.sticky]\nby = \"none\"\n[route.rollout]\nsteps = [50, 100]\nmin_step_time = \"10m\"\n";
+    let shop = route("shop", blue.addr, a.addr, policy);
+    let veer = Veer::start("", &shop).await;
+    // 4 keep-alive clients, at most 1,000,000 requests or 60 s; stopped after the reloads.
+    let load = Load::start(LoadSpec {
+        tasks: 4,
+        max_requests: 1_000_000,
+        max_time: Duration::from_secs(60),
+        ..LoadSpec::new(veer.url("/"))
+    });
+    let (mut old, mut new) = (&a, &b);
+    for version in 3..8 {
+        // Idle at first; then the last reload's rollout is rolled back.
+        if version > 3 {
+            let (status, body) = veer
+                .admin_post("/api/v1/routes/shop/rollout/rollback", "")
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        // Requests already sent to the old endpoints end.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = old.request_count();
+        let moved = route("shop", blue.addr, new.addr, policy)
+            .replace("version = \"v2\"", &format!("version = \"v{version}\""));
+        std::fs::write(&veer.config_path, text_for(&veer, &moved)).unwrap();
+        let (status, body) = reload(&veer).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(canary_weight(&veer, "shop").await, 50.0);
+        let sent = load.sent();
+        let sent_on = eventually(Duration::from_secs(5), || async {
+            load.sent() > sent + 500
+        });
+        assert!(sent_on.await, "the load stalled");
+        assert_eq!(
+            old.request_count(),
+            before,
+            "reload {version}: the old endpoints got requests"
+        );
+        assert!(new.request_count() > 0);
+        (old, new) = (new, old);
+    }
+    assert!(!load.finished(), "the load must last through every reload");
+    let report = load.stop().await;
+    assert_eq!(report.count(200), report.sent(), "{:?}", report.statuses);
+    veer.shutdown().await;
+}
