@@ -1695,6 +1695,10 @@ async fn admin_actions_answer_the_new_state_or_409_with_the_current_phase() {
         let (status, _) = veer.admin_get(&format!("/api/v1/events?limit={bad}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "limit={bad}");
     }
+    // Percent-encoded, as a form is: `%32` is `2`.
+    let (status, two) = veer.admin_get("/api/v1/events?x=%26&limit=%32").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(two["events"].as_array().unwrap().len(), 2, "{two}");
     // None asked for, none given.
     let (status, none) = veer.admin_get("/api/v1/events?limit=0").await;
     assert_eq!(status, StatusCode::OK);

@@ -379,10 +379,10 @@ fn apply(app: &App, name: &str, action: Action, reason: &str) -> Answer {
 
 async fn events(app: &App, query: &str) -> Answer {
     const MAX_LIMIT: usize = 10_000;
-    let limit = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("limit="))
-        .map(str::parse::<usize>);
+    // Decoded as a form is (`%33` is `3`), as clients may send it.
+    let limit = form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "limit")
+        .map(|(_, value)| value.parse::<usize>());
     let limit = match limit {
         None => 50,
         // 0 asks for none: an empty list.
