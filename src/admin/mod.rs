@@ -106,7 +106,7 @@ async fn serve_connection(
         .http2()
         .max_header_list_size(u32::try_from(MAX_HEAD).unwrap_or(u32::MAX));
     let conn = builder.serve_connection(TokioIo::new(io), service);
-    crate::listener::drive(conn, &activity, timers, shutdown, peer).await;
+    crate::listener::drive(std::pin::pin!(conn), &activity, timers, shutdown, peer).await;
     drop(slot);
 }
 

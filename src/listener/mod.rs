@@ -7,7 +7,7 @@ pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,31 +191,75 @@ struct Connection {
 impl Connection {
     async fn run(self, stream: TcpStream, open: Open) {
         let accepted = Instant::now();
-        // Settings from the current snapshot; the snapshot itself is not held for the
-        // connection's lifetime.
-        let (builder, timers) = {
-            let table = self.proxy.table.load();
-            let server = &table.config.server;
-            let timers = Timers {
-                header: server.header_timeout,
-                idle: server.idle_timeout,
-                exchange: server.request_timeout,
-            };
-            (builder(server), timers)
+        match self.tls.clone() {
+            None => {
+                let (builder, timers) = self.settings();
+                let activity = Arc::new(Activity::new(accepted));
+                let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
+                let stream = crate::io::send_flat(stream);
+                self.serve(stream, false, builder, activity, timers).await;
+            }
+            // Boxed, so that the task of a cleartext connection does not carry the states of a
+            // handshake and of a TLS connection (its future is the size of its largest state).
+            Some(acceptor) => Box::pin(self.run_tls(acceptor, stream, open, accepted)).await,
+        }
+    }
+
+    /// The connection's settings, from the current snapshot (not held for the connection's
+    /// lifetime).
+    fn settings(&self) -> (auto::Builder<TokioExecutor>, Timers) {
+        let table = self.proxy.table.load();
+        let server = &table.config.server;
+        let timers = Timers {
+            header: server.header_timeout,
+            idle: server.idle_timeout,
+            exchange: server.request_timeout,
         };
+        (builder(server), timers)
+    }
+
+    async fn run_tls(
+        self,
+        acceptor: Arc<TlsAcceptor>,
+        stream: TcpStream,
+        open: Open,
+        accepted: Instant,
+    ) {
+        let (builder, timers) = self.settings();
         let activity = Arc::new(Activity::new(accepted));
-        let Some(acceptor) = self.tls.clone() else {
-            let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
-            let stream = crate::io::send_flat(stream);
-            return self.serve(stream, false, builder, activity, timers).await;
+        let deadline = accepted + timers.header;
+        let handshake = self.handshake(&acceptor, stream, open, &activity, deadline);
+        let Some(stream) = handshake.await else {
+            return;
         };
+        // A connection is served the protocol its ALPN agreed, as RFC 7301 has it: one that
+        // agreed `h2` HTTP/2 only (an HTTP/1.1 request on it is a bad connection preface), one
+        // that agreed `http/1.x` HTTP/1 only (see `Served`). Without ALPN hyper tells the
+        // protocol from the first bytes.
+        let alpn = stream.get_ref().1.alpn_protocol();
+        let h2 = alpn == Some(b"h2");
+        let http1_only = alpn.is_some() && !h2;
+        let builder = if h2 { builder.http2_only() } else { builder };
+        let stream = tls::Served::new(stream, http1_only);
+        self.serve(stream, true, builder, activity, timers).await;
+    }
+
+    /// The TLS handshake, done by `deadline`; `None` when it failed, timed out, met plain
+    /// HTTP (answered with a 400), or the drain came first.
+    async fn handshake(
+        &self,
+        acceptor: &TlsAcceptor,
+        stream: TcpStream,
+        open: Open,
+        activity: &Arc<Activity>,
+        deadline: Instant,
+    ) -> Option<tokio_rustls::server::TlsStream<Watched>> {
         // A connection whose client has not sent its whole ClientHello yet has no request
         // under way (nor can it have, before veer's answer to it): the drain closes it at once
         // rather than wait for `header_timeout`. Past the ClientHello the handshake goes on
         // (within `header_timeout` from the accept): a TLS 1.3 client sends its first request
         // with its last handshake message, and the drain then ends the exchange gracefully.
         let mut shutdown = self.shutdown.clone();
-        let deadline = accepted + timers.header;
         let hello = async {
             if plain_http_on_tls(&stream, deadline).await {
                 debug!(peer = %self.peer, "Plain HTTP on a TLS listener: answered 400.");
@@ -223,7 +267,7 @@ impl Connection {
                     .count_client_error(LocalError::BadRequest("plain HTTP on TLS"));
                 return None;
             }
-            let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
+            let stream = Watched::new(stream, Arc::clone(activity), Some(open));
             let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
             handshake_done(self.peer, tokio::time::timeout_at(deadline, hello).await)
         };
@@ -232,24 +276,11 @@ impl Connection {
             start = hello => start,
             () = crate::app::stopped(&mut shutdown) => None,
         };
-        let Some(start) = start else { return };
-        let handshake = start.into_stream(Arc::clone(acceptor.config()));
-        let stream = handshake_done(
+        let handshake = start?.into_stream(Arc::clone(acceptor.config()));
+        handshake_done(
             self.peer,
             tokio::time::timeout_at(deadline, handshake).await,
-        );
-        if let Some(stream) = stream {
-            // A connection is served the protocol its ALPN agreed, as RFC 7301 has it: one
-            // that agreed `h2` HTTP/2 only (an HTTP/1.1 request on it is a bad connection
-            // preface), one that agreed `http/1.x` HTTP/1 only (see `Served`). Without ALPN
-            // hyper tells the protocol from the first bytes.
-            let alpn = stream.get_ref().1.alpn_protocol();
-            let h2 = alpn == Some(b"h2");
-            let http1_only = alpn.is_some() && !h2;
-            let builder = if h2 { builder.http2_only() } else { builder };
-            let stream = tls::Served::new(stream, http1_only);
-            self.serve(stream, true, builder, activity, timers).await;
-        }
+        )
     }
 
     /// Serves the connection until it ends (see [`drive`]).
@@ -281,13 +312,13 @@ impl Connection {
             }
         });
         if !builder.is_http1_available() {
-            // Only HTTP/2 (see `run`): no upgrades to serve, and the builder's choice is
+            // Only HTTP/2 (see `run_tls`): no upgrades to serve, and the builder's choice is
             // honoured only without them.
             let conn = builder.serve_connection(TokioIo::new(io), service);
-            drive(conn, &activity, timers, self.shutdown, self.peer).await;
+            drive(pin!(conn), &activity, timers, self.shutdown, self.peer).await;
         } else {
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            drive(conn, &activity, timers, self.shutdown, self.peer).await;
+            drive(pin!(conn), &activity, timers, self.shutdown, self.peer).await;
         }
     }
 }
@@ -298,8 +329,11 @@ impl Connection {
 /// `timers.exchange` after its answer; closed gracefully (in-flight requests finish) on the
 /// drain signal, and once no exchange has been under way for `timers.idle` (then cut if it is
 /// still open another `idle` later). The proxy listeners and the admin API both use it.
+///
+/// `conn` is pinned by the caller: taken by value, it would be held twice by this future (as
+/// the argument and where it is pinned), for the connection's whole life.
 pub(crate) async fn drive<C>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     activity: &Activity,
     timers: Timers,
     mut shutdown: watch::Receiver<bool>,
@@ -308,7 +342,6 @@ pub(crate) async fn drive<C>(
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    tokio::pin!(conn);
     // One sleep for all the timers, made once and re-armed only when it fires.
     let now = Instant::now();
     let check = tokio::time::sleep_until(match activity.due(now, timers) {
