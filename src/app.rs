@@ -111,7 +111,7 @@ fn build_table(
     previous: Option<&RoutingTable>,
     store: &Arc<Store>,
 ) -> RoutingTable {
-    let table = RoutingTable::new(config, |rc| {
+    RoutingTable::new(config, |rc| {
         let old = previous.and_then(|t| t.route(&rc.name));
         let shared = match old {
             Some(old) => Arc::clone(&old.shared),
@@ -119,8 +119,7 @@ fn build_table(
         };
         label_versions(&shared, rc, old.is_some());
         shared
-    });
-    table
+    })
 }
 
 /// Brings each route's rollout in line with the config of the `published` snapshot (see

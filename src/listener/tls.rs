@@ -437,6 +437,7 @@ mod tests {
             "{error}"
         );
     }
+
     /// Reads `parts` (each one read of the client's bytes) through `Served`: the bytes read,
     /// and the error that ended them if one did.
     async fn read_served(parts: &[&'static [u8]], http1_only: bool) -> (Vec<u8>, Option<String>) {
