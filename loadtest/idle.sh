@@ -14,7 +14,8 @@
 # everything is killed on exit.
 #
 # Usage: loadtest/idle.sh   (ROUNDS=3 CONNECTIONS=2000; TLS=1 for HTTPS)
-# Needs: cargo and python3; installs nginx, haproxy and openssl with apt-get when missing.
+# Needs: cargo and python3; installs nginx, haproxy and openssl (and compare.sh's load tools)
+# with apt-get when missing.
 set -euo pipefail
 
 PROTO=h1
@@ -128,7 +129,9 @@ for round in $(seq "$ROUNDS"); do
   for name in "${PROXIES[@]}"; do
     start_proxy "$name"
     mapfile -t pids < <(proxy_pids "${ROOTPID[$name]}")
-    read -r opened served < <(python3 "$WORK/idle.py" "${PORT[$name]}" "$CONNECTIONS" "$TLS" "${pids[@]}")
+    # A client that fails (an answer not a 200) ends the script.
+    figures=$(python3 "$WORK/idle.py" "${PORT[$name]}" "$CONNECTIONS" "$TLS" "${pids[@]}")
+    read -r opened served <<<"$figures"
     stop_proxy "$name"
     awk -v r="$round" -v n="$name" -v o="$opened" -v s="$served" \
       'BEGIN {printf "%s\t%s\t%.2f\t%.2f\n", r, n, o / 1024, s / 1024}' >>"$RESULTS"
