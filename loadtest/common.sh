@@ -2,9 +2,9 @@
 # free ports, background processes under `timeout`, their PIDs, CPU and memory, and the
 # upstreams.
 #
-# The caller sets WORK (a scratch directory, removed on exit), LIFE (the longest any process
-# started here may live, in seconds), PIDS=() and, before `upstream`, UPSTREAM (the binary).
-# `http_status` reads PROTO and TLS.
+# The caller sets ROOT (the repository), TARGET (cargo's target dir), WORK (a scratch
+# directory, removed on exit), LIFE (the longest any process started here may live, in
+# seconds) and PIDS=(). `http_status` and `prepare` read PROTO and TLS.
 
 cleanup() {
   for pid in "${PIDS[@]}"; do
@@ -164,4 +164,30 @@ upstream() {
   start "$name" "$UPSTREAM" --name "$name" --listen "127.0.0.1:${PORT[$name]}" --threads 1 \
     --max-time "${LIFE}s"
   wait_port "$name"
+}
+
+# Installs what is missing, builds veer and the upstream (release), starts the upstreams blue,
+# green and shadow (their ports in BLUE, GREEN and SHADOW) and, with TLS=1, makes the one
+# certificate every proxy uses ($WORK/cert.pem, key.pem and both.pem). Sets NGINX, HAPROXY,
+# VEER and UPSTREAM.
+prepare() {
+  install_missing
+  NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+  HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+  log "building veer (release)"
+  (cd "$ROOT" && cargo build --release -q -p veer -p veer-loadtest)
+  VEER=$TARGET/release/veer
+  UPSTREAM=$TARGET/release/upstream
+  upstream blue
+  upstream green
+  upstream shadow
+  BLUE=${PORT[blue]}
+  GREEN=${PORT[green]}
+  SHADOW=${PORT[shadow]}
+  log "upstreams: blue :$BLUE, green :$GREEN, shadow :$SHADOW"
+  if [ "$TLS" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+    cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/both.pem"
+  fi
 }

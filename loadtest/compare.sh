@@ -56,34 +56,11 @@ PIDS=()
 # shellcheck source=common.sh
 . "$ROOT/loadtest/common.sh"
 
-install_missing
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+prepare
 CLK_TCK=$(getconf CLK_TCK)
-
-log "building veer (release)"
-(cd "$ROOT" && cargo build --release -q -p veer -p veer-loadtest)
-VEER=$TARGET/release/veer
-UPSTREAM=$TARGET/release/upstream
-
-# ---------------------------------------------------------------- upstreams
-upstream blue
-upstream green
-upstream shadow
-BLUE=${PORT[blue]}
-GREEN=${PORT[green]}
-SHADOW=${PORT[shadow]}
-log "upstreams: blue :$BLUE, green :$GREEN, shadow :$SHADOW"
 
 # ---------------------------------------------------------------- proxies
 declare -A ADMIN
-
-# Every proxy's certificate (proxies.sh writes their configs).
-if [ "$TLS" = 1 ]; then
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
-  cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/both.pem"
-fi
 
 start_veer() {
   local name=$1 features=$2

@@ -37,30 +37,10 @@ PIDS=()
 # shellcheck source=common.sh
 . "$ROOT/loadtest/common.sh"
 
-install_missing
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 # Room for the client's connections and the proxies' (they inherit it; HAProxy wants about
 # twice its maxconn).
 ulimit -n $((CONNECTIONS * 4 + 2000))
-
-log "building veer (release)"
-(cd "$ROOT" && cargo build --release -q -p veer -p veer-loadtest)
-VEER=$TARGET/release/veer
-UPSTREAM=$TARGET/release/upstream
-
-upstream blue
-upstream green
-upstream shadow
-BLUE=${PORT[blue]}
-GREEN=${PORT[green]}
-SHADOW=${PORT[shadow]}
-
-if [ "$TLS" = 1 ]; then
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
-  cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/both.pem"
-fi
+prepare
 
 # The client: opens the connections, reads the proxy's RSS (its PIDs in argv) before, after
 # opening and after a GET on each; prints the two figures in bytes per connection.
