@@ -2,9 +2,15 @@
 # free ports, background processes under `timeout`, their PIDs, CPU and memory, and the
 # upstreams.
 #
-# The caller sets ROOT (the repository), TARGET (cargo's target dir), WORK (a scratch
-# directory, removed on exit), LIFE (the longest any process started here may live, in
-# seconds) and PIDS=(). `http_status` and `prepare` read PROTO and TLS.
+# The caller sets ROOT (the repository), WORK (a scratch directory, removed on exit), LIFE (the
+# longest any process started here may live, in seconds) and PIDS=(). `http_status` and
+# `prepare` read PROTO and TLS. Sets TARGET (cargo's target dir) and OUT (where tables go), and
+# brings in proxies.sh (the proxies' configs).
+
+# shellcheck source=proxies.sh
+. "$ROOT/loadtest/proxies.sh"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=$ROOT/loadtest/results
 
 cleanup() {
   for pid in "${PIDS[@]}"; do

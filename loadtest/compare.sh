@@ -44,10 +44,6 @@ STREAMS=${STREAMS:-10}
 WARMUP=${WARMUP:-2}
 USERS=${USERS:-10000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=proxies.sh
-. "$ROOT/loadtest/proxies.sh"
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-OUT=$ROOT/loadtest/results
 WORK=$(mktemp -d /tmp/veer-compare.XXXXXX)
 # Upper bound on the life of every server started here.
 LIFE=$((ROUNDS * 4 * (DURATION + WARMUP + 10) + 120))

@@ -27,10 +27,6 @@ esac
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-2000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=proxies.sh
-. "$ROOT/loadtest/proxies.sh"
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-OUT=$ROOT/loadtest/results
 WORK=$(mktemp -d /tmp/veer-idle.XXXXXX)
 LIFE=$((ROUNDS * 3 * 60 + 120))
 PIDS=()
