@@ -118,8 +118,15 @@ fn build_table(
             None => rollout::restore(rc, store),
         };
         label_versions(&shared, rc, old.is_some());
+        if old.is_some_and(|old| shadow_endpoints(&old.config) != shadow_endpoints(rc)) {
+            shared.shadow.new_endpoints();
+        }
         shared
     })
+}
+
+fn shadow_endpoints(config: &RouteConfig) -> Option<&[String]> {
+    config.shadow.as_ref().map(|s| s.endpoints.as_slice())
 }
 
 /// Brings each route's rollout in line with the config of the `published` snapshot (see

@@ -773,3 +773,47 @@ async fn a_shadow_that_comes_back_gets_every_copy_again() {
     );
     veer.shutdown().await;
 }
+
+/// A reload that points the shadow at another endpoint gives it its own `max_in_flight` slots:
+/// copies still hanging at a blackholed old endpoint no longer get every new copy dropped as
+/// busy until they time out (60 s here).
+#[tokio::test]
+async fn a_shadow_moved_by_a_reload_gets_its_own_in_flight_slots() {
+    let blue = recording("blue").await;
+    let green = recording("green").await;
+    let blackhole = Upstream::builder("blackhole")
+        .behaviour(Behaviour::Blackhole)
+        .start()
+        .await
+        .unwrap();
+    let healthy = recording("shadow").await;
+    let extra = "percent = 100.0\nmax_in_flight = 2\ntimeout = \"60s\"";
+    let route = |shadow| {
+        shadow_route(
+            "mirrored",
+            "/",
+            blue.addr,
+            green.addr,
+            Some((shadow, extra)),
+        )
+    };
+    let veer = Veer::start("", &route(blackhole.addr)).await;
+    assert_eq!(not_from_blue(&get_n(&veer, "/", 5).await), 0);
+    await_requests(&blackhole, 2, Duration::from_secs(10)).await;
+    let stats = shadow_stats(&veer, "mirrored").await;
+    assert_eq!(counter(&stats, "dropped_busy"), 3, "{stats}");
+
+    let text = config_text(veer.dir.path(), "", &route(healthy.addr));
+    std::fs::write(&veer.config_path, text).unwrap();
+    let (status, body) = veer.admin_post("/api/v1/config/reload", "").await;
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    // One at a time, each copy seen before the next request: at most two under way.
+    for n in 1..=5 {
+        assert_eq!(not_from_blue(&get_n(&veer, "/", 1).await), 0);
+        await_requests(&healthy, n, Duration::from_secs(10)).await;
+    }
+    let stats = shadow_stats(&veer, "mirrored").await;
+    assert_eq!(counter(&stats, "dropped_busy"), 3, "{stats}");
+    assert_eq!(blackhole.request_count(), 2);
+    veer.shutdown().await;
+}

@@ -123,7 +123,7 @@ fn shadow_json(route: &Route) -> Value {
         "error": get(&s.errors),
         "dropped_busy": get(&s.dropped_busy),
         "dropped_body": get(&s.dropped_body),
-        "in_flight": s.in_flight.load(Ordering::Relaxed),
+        "in_flight": s.in_flight(),
         "recent_mismatches": s.recent(),
         "latency": window_json(&route.shared.shadow_metrics.last_60s()),
     })

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Full};
@@ -62,7 +63,8 @@ pub struct ShadowStats {
     pub errors: AtomicU64,
     pub dropped_busy: AtomicU64,
     pub dropped_body: AtomicU64,
-    pub in_flight: AtomicUsize,
+    /// Copies under way to the shadow's current endpoints (see [`Self::new_endpoints`]).
+    in_flight: ArcSwap<AtomicUsize>,
     recent: Mutex<VecDeque<Mismatch>>,
 }
 
@@ -85,15 +87,30 @@ pub struct Mismatch {
 impl ShadowStats {
     /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`.
     pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Permit> {
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let in_flight = self.in_flight.load_full();
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= max {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
             self.dropped_busy.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(Permit {
             stats: Arc::clone(self),
+            in_flight,
             started: false,
         })
+    }
+
+    /// Copies under way to the shadow's current endpoints.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load().load(Ordering::Relaxed)
+    }
+
+    /// The shadow's endpoints changed (a reload): copies still under way to the old ones no
+    /// longer hold the new ones' `max_in_flight` slots. A blackholed endpoint replaced by a
+    /// working one would otherwise have every new copy dropped as busy until the old copies
+    /// time out. Those end as before, each freeing its slot in the old count.
+    pub fn new_endpoints(&self) {
+        self.in_flight.store(Arc::default());
     }
 
     pub fn recent(&self) -> Vec<Mismatch> {
@@ -119,13 +136,15 @@ impl ShadowStats {
 #[derive(Debug)]
 pub struct Permit {
     stats: Arc<ShadowStats>,
+    /// The count the slot was taken from.
+    in_flight: Arc<AtomicUsize>,
     /// Set when the job runs: from then on it counts its own outcome.
     started: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.stats.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
         if !self.started {
             self.stats.dropped_body.fetch_add(1, Ordering::Relaxed);
         }
@@ -456,7 +475,24 @@ mod tests {
         assert_eq!(stats.dropped_busy.load(Ordering::Relaxed), 1);
         drop(a);
         assert!(stats.try_acquire(2).is_some());
-        assert_eq!(stats.in_flight.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.in_flight(), 1);
+    }
+
+    #[test]
+    fn new_endpoints_get_their_own_slots() {
+        let stats = Arc::new(ShadowStats::default());
+        let old = [stats.try_acquire(2).unwrap(), stats.try_acquire(2).unwrap()];
+        assert!(stats.try_acquire(2).is_none());
+        stats.new_endpoints();
+        assert_eq!(stats.in_flight(), 0);
+        let new = stats.try_acquire(2).unwrap();
+        // The old copies end into their own count, not the new one.
+        drop(old);
+        assert_eq!(stats.in_flight(), 1);
+        let _second = stats.try_acquire(2).unwrap();
+        assert!(stats.try_acquire(2).is_none());
+        drop(new);
+        assert_eq!(stats.in_flight(), 1);
     }
 
     #[test]

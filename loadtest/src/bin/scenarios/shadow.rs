@@ -126,7 +126,7 @@ fn shadow_counters(route: &veer::routing::Route) -> Value {
         "mismatch": get(&s.mismatched),
         "error": get(&s.errors),
         "dropped_busy": get(&s.dropped_busy),
-        "in_flight": s.in_flight.load(Ordering::Relaxed),
+        "in_flight": s.in_flight(),
     })
 }
 
