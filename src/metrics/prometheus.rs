@@ -12,9 +12,11 @@ use super::{ErrorKind, Totals, CLASS_LABELS};
 /// The `Content-Type` of the output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Latency bucket bounds in seconds, 1 ms to 60 s.
+/// Latency bucket bounds in seconds, 100 µs to 60 s (a sidecar's upstream on the same host
+/// often answers within a millisecond).
 pub const LATENCY_BOUNDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
 ];
 
 /// The `# TYPE` of a family.
@@ -475,7 +477,8 @@ mod tests {
             series += 1;
         }
         assert_eq!(series, 2);
-        // busy_slot: 1, 2, 3 and 4 ms are at or below 5 ms; 90 s is clamped into le="60".
+        // busy_slot: 1, 2, 3 and 4 ms are at or below 5 ms, none below 1 ms (the buckets start
+        // at 100 µs); 90 s is clamped into le="60".
         let at = |le: &str| {
             let shop = samples.iter().filter(|s| label(s, "route") == Some("shop"));
             shop.filter(|s| label(s, "le") == Some(le))
@@ -483,8 +486,14 @@ mod tests {
                 .next()
         };
         assert_eq!(
-            (at("0.005"), at("60"), at("+Inf")),
-            (Some(4.0), Some(11.0), Some(11.0))
+            (
+                at("0.0001"),
+                at("0.0005"),
+                at("0.005"),
+                at("60"),
+                at("+Inf")
+            ),
+            (Some(0.0), Some(0.0), Some(4.0), Some(11.0), Some(11.0))
         );
         Ok(())
     }
