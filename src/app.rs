@@ -125,6 +125,7 @@ fn build_table(
     })
 }
 
+/// The endpoints of the route's shadow, when it has one.
 fn shadow_endpoints(config: &RouteConfig) -> Option<&[String]> {
     config.shadow.as_ref().map(|s| s.endpoints.as_slice())
 }
