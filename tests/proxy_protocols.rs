@@ -712,6 +712,41 @@ async fn the_drain_does_not_wait_for_tls_handshakes() {
     }
 }
 
+/// A drained connection that never sent a request does not hold the drain for
+/// `header_timeout` once nothing has moved on it for a second: over TLS with ALPN `h2`, a
+/// client that sent nothing after its handshake (hyper's HTTP/2 server waits for the preface),
+/// and one that opened HTTP/2 but no stream.
+#[tokio::test]
+async fn the_drain_does_not_wait_for_connections_that_never_sent_a_request() {
+    let upstream = named("blue").await;
+    let timers = "header_timeout = \"30s\"\ndrain_timeout = \"30s\"";
+    let (mut veer, cert, _) = tls_veer(timers, upstream.addr).await;
+    let mut silent = tls_connect(veer.addr, &cert, b"h2").await;
+    let opened = tls_connect(veer.addr, &cert, b"h2").await;
+    let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(opened),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = veer.running.take().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await;
+    assert!(stopped.is_ok(), "the drain waited for header_timeout");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest));
+    assert!(
+        read.await.is_ok(),
+        "the silent client's connection is still open"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the HTTP/2 client's connection is still open"
+    );
+}
+
 /// A TLS 1.3 client whose handshake is done on its side sends its last handshake message and
 /// its first request together: when the drain begins while they travel, the request is still
 /// answered (with `Connection: close`), as one sent on a kept-alive connection just before

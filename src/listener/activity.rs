@@ -191,6 +191,11 @@ impl Activity {
         self.protocol() == Protocol::Http2
     }
 
+    /// No request head has arrived on the connection yet.
+    pub(super) fn no_request_yet(&self) -> bool {
+        self.protocol() == Protocol::Unknown
+    }
+
     /// Ready once the client has cut short most of its streams (see
     /// [`Activity::stream_closed`]). It registers no waker: the flag is set by a stream's own
     /// task, after the connection's task read the client's reset, and the client's next frame

@@ -384,9 +384,11 @@ pub(crate) async fn drive<C>(
             }
             () = sleep_until_some(drain.look_at.map(|(at, _)| at)) => {
                 // hyper ends a drained HTTP/2 connection once the client acknowledged its
-                // PING: one that reads nothing would hold the drain for `drain_timeout`.
-                if drain.silent(activity) && activity.is_idle_h2() {
-                    debug!(%peer, "Draining, no stream under way and nothing moving on this HTTP/2 connection; closing.");
+                // PING: one that reads nothing would hold the drain for `drain_timeout`. One
+                // whose client has not even sent its preface (TLS with ALPN `h2`, say) would
+                // hold it for `header_timeout`, as would any that never sent a request.
+                if drain.silent(activity) && (activity.is_idle_h2() || activity.no_request_yet()) {
+                    debug!(%peer, "Draining, no request under way and nothing moving on this connection; closing.");
                     break None;
                 }
                 drain.look_from_now(activity);
