@@ -58,11 +58,7 @@ async fn a_request_followed_by_a_half_close_is_answered_then_the_connection_clos
 /// its request goes on; but not past `request_timeout`.
 #[tokio::test]
 async fn a_client_gone_after_its_request_holds_nothing_past_request_timeout() {
-    let upstream = Upstream::builder("blue")
-        .behaviour(Behaviour::Blackhole)
-        .start()
-        .await
-        .unwrap();
+    let upstream = blackhole("blue").await;
     let veer = Veer::shop("request_timeout = \"1s\"", upstream.addr).await;
     let stream = raw_open(veer.addr, b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n").await;
     await_requests(&upstream, 1, Duration::from_secs(5)).await;

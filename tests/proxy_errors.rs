@@ -608,11 +608,7 @@ async fn a_slot_whose_endpoints_all_refuse_answers_502_once() {
 
 #[tokio::test]
 async fn an_upstream_slower_than_request_timeout_is_504_and_a_timeout_of_the_slot() {
-    let upstream = Upstream::builder("blue")
-        .behaviour(Behaviour::Blackhole)
-        .start()
-        .await
-        .unwrap();
+    let upstream = blackhole("blue").await;
     let veer = Veer::shop("request_timeout = \"300ms\"", upstream.addr).await;
     let (status, _, body) = get(&veer.url("/"), &[]).await;
     assert_eq!(status, 504);

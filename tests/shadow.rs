@@ -281,11 +281,7 @@ async fn shadow_copy_is_marked_and_never_reaches_the_client() {
 async fn a_blackholed_shadow_is_capped_and_never_fails_the_primary() {
     let blue = recording("blue").await;
     let green = recording("green").await;
-    let shadow = Upstream::builder("shadow")
-        .behaviour(Behaviour::Blackhole)
-        .start()
-        .await
-        .unwrap();
+    let shadow = blackhole("shadow").await;
     // The shadow timeout outlasts the test: the first 4 copies hold their permits throughout.
     let extra = "percent = 100.0\nmax_in_flight = 4\ntimeout = \"60s\"";
     let routes = shadow_route(
@@ -781,11 +777,7 @@ async fn a_shadow_that_comes_back_gets_every_copy_again() {
 async fn a_shadow_moved_by_a_reload_gets_its_own_in_flight_slots() {
     let blue = recording("blue").await;
     let green = recording("green").await;
-    let blackhole = Upstream::builder("blackhole")
-        .behaviour(Behaviour::Blackhole)
-        .start()
-        .await
-        .unwrap();
+    let blackhole = blackhole("blackhole").await;
     let healthy = recording("shadow").await;
     let extra = "percent = 100.0\nmax_in_flight = 2\ntimeout = \"60s\"";
     let route = |shadow| {

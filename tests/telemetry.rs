@@ -146,11 +146,7 @@ async fn every_error_kind_is_produced_and_counted() {
         .start()
         .await
         .unwrap();
-    let blackhole = Upstream::builder("blackhole")
-        .behaviour(Behaviour::Blackhole)
-        .start()
-        .await
-        .unwrap();
+    let blackhole = blackhole("blackhole").await;
     let cut = Upstream::builder("cut")
         .behaviour(Behaviour::CutBody)
         .body("0123456789")

@@ -72,6 +72,15 @@ pub async fn recording(name: &str) -> Upstream {
     Upstream::builder(name).record(true).start().await.unwrap()
 }
 
+/// An upstream named `name` that takes connections and requests and never answers.
+pub async fn blackhole(name: &str) -> Upstream {
+    Upstream::builder(name)
+        .behaviour(Behaviour::Blackhole)
+        .start()
+        .await
+        .unwrap()
+}
+
 /// A port on loopback that refuses connections.
 pub async fn closed_addr() -> SocketAddr {
     // Bound but not listening: connecting is refused, and no other test can take the port
