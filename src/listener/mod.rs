@@ -189,9 +189,9 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream, open: Open) {
+    async fn run(mut self, stream: TcpStream, open: Open) {
         let accepted = Instant::now();
-        match self.tls.clone() {
+        match self.tls.take() {
             None => {
                 let (builder, timers) = self.settings();
                 let activity = Arc::new(Activity::new(accepted));

@@ -87,7 +87,7 @@ pub struct Mismatch {
 impl ShadowStats {
     /// Takes an in-flight slot, or counts a `dropped_busy` and returns `None`.
     pub fn try_acquire(self: &Arc<Self>, max: usize) -> Option<Permit> {
-        let in_flight = self.in_flight.load_full();
+        let in_flight = self.in_flight.load();
         if in_flight.fetch_add(1, Ordering::AcqRel) >= max {
             in_flight.fetch_sub(1, Ordering::AcqRel);
             self.dropped_busy.fetch_add(1, Ordering::Relaxed);
@@ -95,7 +95,7 @@ impl ShadowStats {
         }
         Some(Permit {
             stats: Arc::clone(self),
-            in_flight,
+            in_flight: Arc::clone(&in_flight),
             started: false,
         })
     }
