@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::Request;
@@ -304,12 +305,11 @@ impl Connection {
             let exchange = Activity::request(&seen, req.version(), arrived);
             // The request body holds the exchange too, until it ends or is dropped.
             let reading = exchange.body_hold(req.body());
-            let proxy = Arc::clone(&proxy);
-            let info = info.clone();
-            async move {
-                let response = proxy.handle(req, &info, reading, arrived).await;
+            let handled = Arc::clone(&proxy).handle(req, info.clone(), reading, arrived);
+            // A combinator, not an `async` block: that would hold the request a second time.
+            FutureExt::map(handled, move |response| {
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, exchange)))
-            }
+            })
         });
         if !builder.is_http1_available() {
             // Only HTTP/2 (see `run_tls`): no upgrades to serve, and the builder's choice is

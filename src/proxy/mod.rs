@@ -6,11 +6,13 @@ pub mod headers;
 mod request;
 mod tunnel;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::{self, Either, FutureExt};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -34,6 +36,9 @@ use headers::Forwarded;
 use request::{
     body_too_large, check_request, content_length, discard_unread, effective_authority, strip_port,
 };
+
+/// An upstream's answer to a request, and the connection it came on; or why there is none.
+type Answer = Result<(Response<Incoming>, Lease), UpstreamError>;
 
 /// The downstream connection a request came on.
 #[derive(Clone, Debug)]
@@ -96,135 +101,171 @@ impl Proxy {
     /// `reading` is held by the request body as it goes upstream, until the body ends or is
     /// dropped (the connection counts the exchange as under way until then). `started`: when
     /// the request arrived.
-    pub async fn handle(
-        &self,
+    ///
+    /// Not an `async fn`, and it owns the proxy and the connection's details rather than
+    /// borrow them: the future of every request is held by its connection (HTTP/1.1) or is
+    /// the task of its stream (HTTP/2), and an `async fn` would hold the request twice (as its
+    /// argument and as the local it is moved into), its caller's future the rest again.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` holds its arguments twice"
+    )]
+    pub fn handle(
+        self: Arc<Self>,
         req: Request<Incoming>,
-        conn: &ConnInfo,
+        conn: ConnInfo,
         reading: Option<InFlight>,
         started: Instant,
-    ) -> Response<ProxyBody> {
-        // Phase 2: one routing snapshot for the whole request.
-        let table = self.table.load_full();
-        let server = &table.config.server;
-        let (parts, body) = req.into_parts();
-        // Phase 3: the request itself, then route, bucket and slot.
-        let (route, decision, host) = match route_request(&table, &parts, conn) {
-            Ok(routed) => routed,
-            Err(error) => {
-                discard_unread(parts.version, body);
-                return self.unrouted_answer(&parts, error, started);
-            }
-        };
-        // Phase 4: the upstream request, and the shadow copy if chosen.
-        let mut exchange = Exchange {
-            route,
-            decision,
-            conn,
-            started,
-            idle: server.idle_timeout,
-            tunnel_idle: server.tunnel_idle_timeout,
-            // One deadline for the whole exchange: response head and body.
-            deadline: started + server.request_timeout,
-            tunnelling: false,
-            http10: parts.version == Version::HTTP_10,
-            http2: parts.version == Version::HTTP_2,
-            downstream_upgrade: None,
-            shadow: None,
-            body_state: BodyState::default(),
-            log: self
-                .access_log
-                .as_ref()
-                .map(|logger| (logger.clone(), record(route, &decision, &parts))),
-            permit: None,
-        };
-        let (endpoint, request) =
-            match self.upstream_request(&mut exchange, parts, (body, reading), host, server) {
-                Ok(request) => request,
-                Err(error) => return self.local_answer(exchange, error, Duration::ZERO),
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        async move {
+            let proxy: &Proxy = &self;
+            let conn = &conn;
+            // Phase 2: one routing snapshot for the whole request.
+            let table = proxy.table.load_full();
+            let server = &table.config.server;
+            // A block of its own: the request's head, once moved into the upstream request, is
+            // not kept in the future.
+            let (mut exchange, endpoint, request) = {
+                let (parts, body) = req.into_parts();
+                // Phase 3: the request itself, then route, bucket and slot.
+                let (route, decision, host) = match route_request(&table, &parts, conn) {
+                    Ok(routed) => routed,
+                    Err(error) => {
+                        discard_unread(parts.version, body);
+                        return proxy.unrouted_answer(&parts, error, started);
+                    }
+                };
+                // Phase 4: the upstream request, and the shadow copy if chosen.
+                let mut exchange = Exchange {
+                    route,
+                    decision,
+                    conn,
+                    started,
+                    idle: server.idle_timeout,
+                    tunnel_idle: server.tunnel_idle_timeout,
+                    // One deadline for the whole exchange: response head and body.
+                    deadline: started + server.request_timeout,
+                    tunnelling: false,
+                    http10: parts.version == Version::HTTP_10,
+                    http2: parts.version == Version::HTTP_2,
+                    downstream_upgrade: None,
+                    shadow: None,
+                    body_state: BodyState::default(),
+                    log: proxy
+                        .access_log
+                        .as_ref()
+                        .map(|logger| (logger.clone(), record(route, &decision, &parts))),
+                    permit: None,
+                };
+                match proxy.upstream_request(&mut exchange, parts, (body, reading), host, server) {
+                    Ok((endpoint, request)) => (exchange, endpoint, request),
+                    Err(error) => return proxy.local_answer(exchange, error, Duration::ZERO),
+                }
             };
-        // Phase 5: forward with the deadline.
-        let metrics = route.shared.slot_metrics(decision.slot);
-        let sent = Instant::now();
-        let pending = Pending::new(metrics, &mut exchange.log, started, sent);
-        let deadline = exchange.deadline;
-        let bounds = Bounds {
-            max_head: server.max_header_bytes,
-            deadline,
-        };
-        let protocol = route.config.slot(decision.slot).protocol;
-        let first = match tokio::time::timeout_at(
-            deadline,
-            self.pool.send(endpoint, protocol, request, bounds),
-        )
-        .await
-        {
-            Ok(Err(failed)) => {
+            let (route, decision) = (exchange.route, exchange.decision);
+            // Phase 5: forward with the deadline.
+            let metrics = route.shared.slot_metrics(decision.slot);
+            let sent = Instant::now();
+            let pending = Pending::new(metrics, &mut exchange.log, started, sent);
+            let bounds = Bounds {
+                max_head: server.max_header_bytes,
+                deadline: exchange.deadline,
+            };
+            let protocol = route.config.slot(decision.slot).protocol;
+            let slot = decision.slot;
+            let sending = proxy.pool.send(endpoint, protocol, request, bounds);
+            // Combinators, not a second `.await`: the answer of a first try would be held
+            // while the rare second one is waited for, and take room in every request's future.
+            let forwarding = FutureExt::then(sending, move |first| match first {
+                Ok(answer) => Either::Left(future::ready((Ok(answer), None))),
                 // Out of line: the rare path must not grow every request's future.
-                let slot = decision.slot;
-                let recovered = Box::pin(self.recover(route, slot, endpoint, failed, bounds));
-                tokio::time::timeout_at(deadline, recovered).await
+                Err(failed) => Either::Right(Box::pin(
+                    proxy.recover_from(route, slot, endpoint, failed, bounds, sent),
+                )),
+            });
+            let deadline = exchange.deadline;
+            let (result, dropped_after) = match tokio::time::timeout_at(deadline, forwarding).await
+            {
+                Ok((answer, dropped_after)) => (Ok(answer), dropped_after),
+                Err(elapsed) => (Err(elapsed), None),
+            };
+            if let Some(dropped_after) = dropped_after {
+                // The upstream dropped the request before answering, and it went once more and
+                // was answered: the drop still counts against the slot, as a failed request of
+                // its own (the judge must see an upstream that drops requests). When the
+                // request failed again, it counts once, as any, with its last failure. (A
+                // connection closed or reset before any answer is a `reset`, as
+                // `upstream::classify` has it.)
+                let reset = crate::metrics::ErrorKind::Reset;
+                metrics.record_failure(pending.epoch(), reset, dropped_after);
             }
-            answered_or_late => answered_or_late,
-        };
-        let result = match first {
-            Ok(Ok(answer)) => Ok(Ok(answer)),
-            Ok(Err(Failed {
+            let latency = sent.elapsed();
+            let epoch = pending.done();
+            match result {
+                // A 101 answers only an upgrade request (RFC 9110 §15.2.2), and HTTP/2 has none:
+                // an upstream that switches protocols unasked sent an invalid answer. So did one
+                // whose body has a coding besides chunked (`gzip, chunked`): its label would be
+                // lost with the framing, and the client would take the coded bytes as the body.
+                // (An answer without a body, to HEAD or a 304, may name any coding.)
+                Ok(Ok((response, _lease)))
+                    if (response.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && !exchange.tunnelling)
+                        || (headers::other_coding_than_chunked(response.headers())
+                            && !http_body::Body::is_end_stream(response.body())) =>
+                {
+                    let kind = crate::metrics::ErrorKind::Protocol;
+                    metrics.record_failure(epoch, kind, latency);
+                    proxy.local_answer(exchange, LocalError::Upstream(kind), latency)
+                }
+                Ok(Ok((response, lease))) => {
+                    proxy.respond(exchange, response, lease, latency, epoch)
+                }
+                Ok(Err(error)) => {
+                    let local = failed(route, &decision, epoch, &error, latency);
+                    proxy.local_answer(exchange, local, latency)
+                }
+                // The deadline passed while the upstream was waiting for the client's body: the
+                // client's fault (408), not the slot's.
+                Err(_elapsed) if exchange.body_state.is_waiting() => {
+                    proxy.local_answer(exchange, LocalError::BodyTimeout, latency)
+                }
+                Err(_elapsed) => {
+                    let kind = crate::metrics::ErrorKind::Timeout;
+                    metrics.record_failure(epoch, kind, latency);
+                    proxy.local_answer(exchange, LocalError::Upstream(kind), latency)
+                }
+            }
+        }
+    }
+
+    /// Phase 5, after the first try of `endpoint` failed. A request that reached no upstream
+    /// goes to the slot's other endpoints (see [`Proxy::recover`]); an idempotent request
+    /// without a body that the upstream dropped before answering goes once more (see
+    /// [`Proxy::send_again`]), and then the answer comes with how long after `sent` the drop
+    /// came.
+    async fn recover_from(
+        &self,
+        route: &Route,
+        slot: Slot,
+        endpoint: &Authority,
+        failed: Failed,
+        bounds: Bounds,
+        sent: Instant,
+    ) -> (Answer, Option<Duration>) {
+        match self.recover(route, slot, endpoint, failed, bounds).await {
+            Ok(answer) => (Ok(answer), None),
+            Err(Failed {
                 error,
                 again: Some(again),
                 ..
-            })) => {
-                // The upstream dropped an idempotent request before answering: it goes once
-                // more. When that is answered, the drop still counts against the slot, as a
-                // failed request of its own (the judge must see an upstream that drops
-                // requests); when not, the request counts once, as any, with its last failure.
-                // (A connection closed or reset before any answer is a `reset`, as
-                // `upstream::classify` has it.)
+            }) => {
                 let dropped_after = sent.elapsed();
-                debug!(route = route.name(), slot = %decision.slot, %error, "The upstream dropped an idempotent request before answering; sending it once more.");
-                let again = Box::pin(self.send_again(route, decision.slot, *again, error, bounds));
-                let result = tokio::time::timeout_at(deadline, again).await;
-                if matches!(result, Ok(Ok(_))) {
-                    let reset = crate::metrics::ErrorKind::Reset;
-                    metrics.record_failure(pending.epoch(), reset, dropped_after);
-                }
-                result
+                debug!(route = route.name(), %slot, %error, "The upstream dropped an idempotent request before answering; sending it once more.");
+                let answer = self.send_again(route, slot, *again, error, bounds).await;
+                let dropped = answer.is_ok().then_some(dropped_after);
+                (answer, dropped)
             }
-            Ok(Err(failed)) => Ok(Err(failed.error)),
-            Err(elapsed) => Err(elapsed),
-        };
-        let latency = sent.elapsed();
-        let epoch = pending.done();
-        match result {
-            // A 101 answers only an upgrade request (RFC 9110 §15.2.2), and HTTP/2 has none:
-            // an upstream that switches protocols unasked sent an invalid answer. So did one
-            // whose body has a coding besides chunked (`gzip, chunked`): its label would be
-            // lost with the framing, and the client would take the coded bytes as the body.
-            // (An answer without a body, to HEAD or a 304, may name any coding.)
-            Ok(Ok((response, _lease)))
-                if (response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && !exchange.tunnelling)
-                    || (headers::other_coding_than_chunked(response.headers())
-                        && !http_body::Body::is_end_stream(response.body())) =>
-            {
-                let kind = crate::metrics::ErrorKind::Protocol;
-                metrics.record_failure(epoch, kind, latency);
-                self.local_answer(exchange, LocalError::Upstream(kind), latency)
-            }
-            Ok(Ok((response, lease))) => self.respond(exchange, response, lease, latency, epoch),
-            Ok(Err(error)) => {
-                let local = failed(route, &decision, epoch, &error, latency);
-                self.local_answer(exchange, local, latency)
-            }
-            // The deadline passed while the upstream was waiting for the client's body: the
-            // client's fault (408), not the slot's.
-            Err(_elapsed) if exchange.body_state.is_waiting() => {
-                self.local_answer(exchange, LocalError::BodyTimeout, latency)
-            }
-            Err(_elapsed) => {
-                let kind = crate::metrics::ErrorKind::Timeout;
-                metrics.record_failure(epoch, kind, latency);
-                self.local_answer(exchange, LocalError::Upstream(kind), latency)
-            }
+            Err(failed) => (Err(failed.error), None),
         }
     }
 

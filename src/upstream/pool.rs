@@ -28,6 +28,7 @@
 //!   answer (see [`Replay`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -297,61 +298,71 @@ impl Pool {
     ///
     /// To an endpoint of `protocol` HTTP/2, the request goes as a stream of its connection
     /// (see [`Pool::send_h2`]); an upgrade request (a WebSocket) still goes over HTTP/1.1.
-    pub async fn send(
-        &self,
-        endpoint: &Authority,
+    ///
+    /// Not an `async fn`: one would hold the request twice in its future (as its argument and
+    /// as the local it is moved into), and the future of every request is held by its
+    /// connection (HTTP/1.1) or its task (HTTP/2).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` holds its arguments twice"
+    )]
+    pub fn send<'a>(
+        &'a self,
+        endpoint: &'a Authority,
         protocol: Protocol,
         mut request: Request<RequestBody>,
         bounds: Bounds,
-    ) -> Result<(Response<Incoming>, Lease), Failed> {
-        if protocol == Protocol::H2c && !request.headers().contains_key(header::UPGRADE) {
-            // Boxed: HTTP/1.1 exchanges do not carry its state.
-            return Box::pin(self.send_h2(endpoint, request, bounds)).await;
-        }
-        let body = request.body().state();
-        let head = request.method() == Method::HEAD;
-        // One copy for the whole call: the request is sent twice at most.
-        let mut replay = Replay::of(&request);
-        while let Some((mut sender, idle)) = self.checkout(endpoint) {
-            if sender.inner.ready().await.is_err() {
-                continue;
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), Failed>> + 'a {
+        async move {
+            if protocol == Protocol::H2c && !request.headers().contains_key(header::UPGRADE) {
+                // Boxed: HTTP/1.1 exchanges do not carry its state.
+                return Box::pin(self.send_h2(endpoint, request, bounds)).await;
             }
+            let body = request.body().state();
+            let head = request.method() == Method::HEAD;
+            // One copy for the whole call: the request is sent twice at most.
+            let mut replay = Replay::of(&request);
+            while let Some((mut sender, idle)) = self.checkout(endpoint) {
+                if sender.inner.ready().await.is_err() {
+                    continue;
+                }
+                sender.link.awaiting();
+                match sender.inner.try_send_request(request).await {
+                    Ok(response) => {
+                        sender.link.answered();
+                        return Ok((response, self.lease(sender, endpoint, body, head)));
+                    }
+                    Err(mut error) => match error.take_message() {
+                        // Not sent: the connection was closed under it. Next one.
+                        Some(unsent) => request = unsent,
+                        None => {
+                            let error = error.into_error();
+                            // The keep-alive race: sent again at once, on a new connection.
+                            let race = idle >= Replay::IDLE && closed_unanswered(&error);
+                            match replay.take() {
+                                Some(copy) if race => {
+                                    tracing::debug!(%endpoint, %error, "A reused connection closed before its answer; sending the request again on a new one.");
+                                    request = copy.into_request();
+                                    break;
+                                }
+                                copy => return Err(Failed::sent(error, copy, false)),
+                            }
+                        }
+                    },
+                }
+            }
+            let mut sender = match self.connect(endpoint, bounds.max_head).await {
+                Ok(sender) => sender,
+                Err(error) => return Err(Failed::unsent(error, request)),
+            };
             sender.link.awaiting();
-            match sender.inner.try_send_request(request).await {
+            match sender.inner.send_request(request).await {
                 Ok(response) => {
                     sender.link.answered();
-                    return Ok((response, self.lease(sender, endpoint, body, head)));
+                    Ok((response, self.lease(sender, endpoint, body, head)))
                 }
-                Err(mut error) => match error.take_message() {
-                    // Not sent: the connection was closed under it. Next one.
-                    Some(unsent) => request = unsent,
-                    None => {
-                        let error = error.into_error();
-                        // The keep-alive race: sent again at once, on a new connection.
-                        let race = idle >= Replay::IDLE && closed_unanswered(&error);
-                        match replay.take() {
-                            Some(copy) if race => {
-                                tracing::debug!(%endpoint, %error, "A reused connection closed before its answer; sending the request again on a new one.");
-                                request = copy.into_request();
-                                break;
-                            }
-                            copy => return Err(Failed::sent(error, copy, false)),
-                        }
-                    }
-                },
+                Err(error) => Err(Failed::sent(error, replay, true)),
             }
-        }
-        let mut sender = match self.connect(endpoint, bounds.max_head).await {
-            Ok(sender) => sender,
-            Err(error) => return Err(Failed::unsent(error, request)),
-        };
-        sender.link.awaiting();
-        match sender.inner.send_request(request).await {
-            Ok(response) => {
-                sender.link.answered();
-                Ok((response, self.lease(sender, endpoint, body, head)))
-            }
-            Err(error) => Err(Failed::sent(error, replay, true)),
         }
     }
 
