@@ -6,6 +6,7 @@ pub mod tls;
 pub mod workers;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -182,6 +183,9 @@ fn handshake_done<T>(
     }
 }
 
+/// A client connection over TLS, its handshake done.
+type TlsStream = tokio_rustls::server::TlsStream<Watched>;
+
 struct Connection {
     proxy: Arc<Proxy>,
     tls: Option<Arc<TlsAcceptor>>,
@@ -192,17 +196,26 @@ struct Connection {
 impl Connection {
     async fn run(mut self, stream: TcpStream, open: Open) {
         let accepted = Instant::now();
+        let (builder, timers) = self.settings();
+        let activity = Arc::new(Activity::new(accepted));
         match self.tls.take() {
             None => {
-                let (builder, timers) = self.settings();
-                let activity = Arc::new(Activity::new(accepted));
                 let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
                 let stream = crate::io::send_flat(stream);
                 self.serve(stream, false, builder, activity, timers).await;
             }
-            // Boxed, so that the task of a cleartext connection does not carry the states of a
-            // handshake and of a TLS connection (its future is the size of its largest state).
-            Some(acceptor) => Box::pin(self.run_tls(acceptor, stream, open, accepted)).await,
+            Some(acceptor) => {
+                let deadline = accepted + timers.header;
+                // Boxed, and let go once done: the task does not carry a handshake's state
+                // for the connection's life.
+                let handshake = self.handshake(&acceptor, stream, open, &activity, deadline);
+                let Some(stream) = Box::pin(handshake).await else {
+                    return;
+                };
+                let (stream, h2) = served(stream);
+                let builder = if h2 { builder.http2_only() } else { builder };
+                self.serve(stream, true, builder, activity, timers).await;
+            }
         }
     }
 
@@ -219,32 +232,6 @@ impl Connection {
         (builder(server), timers)
     }
 
-    async fn run_tls(
-        self,
-        acceptor: Arc<TlsAcceptor>,
-        stream: TcpStream,
-        open: Open,
-        accepted: Instant,
-    ) {
-        let (builder, timers) = self.settings();
-        let activity = Arc::new(Activity::new(accepted));
-        let deadline = accepted + timers.header;
-        let handshake = self.handshake(&acceptor, stream, open, &activity, deadline);
-        let Some(stream) = handshake.await else {
-            return;
-        };
-        // A connection is served the protocol its ALPN agreed, as RFC 7301 has it: one that
-        // agreed `h2` HTTP/2 only (an HTTP/1.1 request on it is a bad connection preface), one
-        // that agreed `http/1.x` HTTP/1 only (see `Served`). Without ALPN hyper tells the
-        // protocol from the first bytes.
-        let alpn = stream.get_ref().1.alpn_protocol();
-        let h2 = alpn == Some(b"h2");
-        let http1_only = alpn.is_some() && !h2;
-        let builder = if h2 { builder.http2_only() } else { builder };
-        let stream = tls::Served::new(stream, http1_only);
-        self.serve(stream, true, builder, activity, timers).await;
-    }
-
     /// The TLS handshake, done by `deadline`; `None` when it failed, timed out, met plain
     /// HTTP (answered with a 400), or the drain came first.
     async fn handshake(
@@ -254,7 +241,7 @@ impl Connection {
         open: Open,
         activity: &Arc<Activity>,
         deadline: Instant,
-    ) -> Option<tokio_rustls::server::TlsStream<Watched>> {
+    ) -> Option<TlsStream> {
         // A connection whose client has not sent its whole ClientHello yet has no request
         // under way (nor can it have, before veer's answer to it): the drain closes it at once
         // rather than wait for `header_timeout`. Past the ClientHello the handshake goes on
@@ -285,18 +272,26 @@ impl Connection {
     }
 
     /// Serves the connection until it ends (see [`drive`]).
-    async fn serve<I>(
+    ///
+    /// Not an `async fn`: one would hold each argument twice, for the connection's life.
+    fn serve<I>(
         self,
         io: I,
         tls: bool,
         builder: auto::Builder<TokioExecutor>,
         activity: Arc<Activity>,
         timers: Timers,
-    ) where
+    ) -> impl Future<Output = ()> + Send
+    where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let info = ConnInfo::new(self.peer, tls);
-        let proxy = self.proxy;
+        let Connection {
+            proxy,
+            shutdown,
+            peer,
+            ..
+        } = self;
+        let info = ConnInfo::new(peer, tls);
         let seen = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
             // Held until the response body is done with (or the request is dropped).
@@ -311,16 +306,35 @@ impl Connection {
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, exchange)))
             })
         });
-        if !builder.is_http1_available() {
-            // Only HTTP/2 (see `run_tls`): no upgrades to serve, and the builder's choice is
-            // honoured only without them.
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            drive(pin!(conn), &activity, timers, self.shutdown, self.peer).await;
-        } else {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            drive(pin!(conn), &activity, timers, self.shutdown, self.peer).await;
+        async move {
+            if !builder.is_http1_available() {
+                // Only HTTP/2 (see `served`): no upgrades to serve, and the builder's choice is
+                // honoured only without them.
+                let conn = builder.serve_connection(TokioIo::new(io), service);
+                drive(pin!(conn), &activity, timers, shutdown, peer).await;
+            } else {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                drive(pin!(conn), &activity, timers, shutdown, peer).await;
+            }
         }
     }
+}
+
+/// A TLS connection as it is served, and whether it is served HTTP/2 only.
+///
+/// A connection is served the protocol its ALPN agreed, as RFC 7301 has it: one that agreed
+/// `h2` HTTP/2 only (an HTTP/1.1 request on it is a bad connection preface), one that agreed
+/// `http/1.x` HTTP/1 only (see `Served`). Without ALPN hyper tells the protocol from the first
+/// bytes.
+///
+/// Boxed: the TLS state is over a kilobyte, and the task of every connection, cleartext ones
+/// included, would carry it. Not in an `async fn`, whose future would keep the stream it read
+/// the ALPN of.
+fn served(stream: TlsStream) -> (Box<tls::Served<TlsStream>>, bool) {
+    let alpn = stream.get_ref().1.alpn_protocol();
+    let h2 = alpn == Some(b"h2");
+    let http1_only = alpn.is_some() && !h2;
+    (Box::new(tls::Served::new(stream, http1_only)), h2)
 }
 
 /// Drives a served connection until it ends, with its `activity`'s timers (see [`Due`]):
