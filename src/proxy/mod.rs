@@ -104,8 +104,9 @@ impl Proxy {
     ///
     /// Not an `async fn`, and it owns the proxy and the connection's details rather than
     /// borrow them: the future of every request is held by its connection (HTTP/1.1) or is
-    /// the task of its stream (HTTP/2), and an `async fn` would hold the request twice (as its
-    /// argument and as the local it is moved into), its caller's future the rest again.
+    /// the task of its stream (HTTP/2). An `async fn` would hold the request twice (as its
+    /// argument and as the local it is moved into), and a caller's `async` block that owned
+    /// what it borrowed would hold them all once more.
     #[expect(
         clippy::manual_async_fn,
         reason = "an `async fn` holds its arguments twice"
@@ -171,8 +172,8 @@ impl Proxy {
                 max_head: server.max_header_bytes,
                 deadline: exchange.deadline,
             };
-            let protocol = route.config.slot(decision.slot).protocol;
             let slot = decision.slot;
+            let protocol = route.config.slot(slot).protocol;
             let sending = proxy.pool.send(endpoint, protocol, request, bounds);
             // Combinators, not a second `.await`: the answer of a first try would be held
             // while the rare second one is waited for, and take room in every request's future.
