@@ -242,8 +242,8 @@ impl Proxy {
     /// Phase 5, after the first try of `endpoint` failed. A request that reached no upstream
     /// goes to the slot's other endpoints (see [`Proxy::recover`]); an idempotent request
     /// without a body that the upstream dropped before answering goes once more (see
-    /// [`Proxy::send_again`]), and then the answer comes with how long after `sent` the drop
-    /// came.
+    /// [`Proxy::send_again`]); when that resend is answered, the answer comes with how long
+    /// after `sent` the drop came.
     async fn recover_from(
         &self,
         route: &Route,
