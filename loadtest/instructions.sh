@@ -15,6 +15,12 @@
 #                                                         returning user's cookie on every
 #                                                         request) and a 1 % shadow to a third
 #                                                         upstream
+#        FEATURES=new loadtest/instructions.sh BIN...     the same, with a new visitor (no
+#                                                         cookie, a Set-Cookie answered) on
+#                                                         every request, as h2load sends in
+#                                                         compare.sh
+#        CALLGRIND_OUT=DIR ...                            keeps each run's callgrind counts in
+#                                                         DIR, for callgrind_annotate
 # Needs: valgrind, h2load, curl, `cargo build --release -p veer-loadtest` (the upstream), and
 # nginx and haproxy to count them.
 # A run whose answers are not all 2xx is refused: it would count veer's error path instead.
@@ -44,9 +50,12 @@ COOKIE=()
 case "${FEATURES:-plain}" in
   plain) ;;
   full) COOKIE=(-H "cookie: veer_bench=0123456789abcdef0123456789abcdef") ;;
-  *) echo "FEATURES must be plain or full, not $FEATURES" >&2; exit 2 ;;
+  new) ;;
+  *) echo "FEATURES must be plain, full or new, not $FEATURES" >&2; exit 2 ;;
 esac
-veer_toml $((BASE + 40)) $((BASE + 41)) "$WORK/state" "${FEATURES:-plain}" >"$WORK/veer.toml"
+features=${FEATURES:-plain}
+[ "$features" = new ] && features=full
+veer_toml $((BASE + 40)) $((BASE + 41)) "$WORK/state" "$features" >"$WORK/veer.toml"
 nginx_conf $((BASE + 40)) "master_process off;" >"$WORK/nginx.conf"
 haproxy_cfg $((BASE + 40)) >"$WORK/haproxy.cfg"
 
@@ -101,6 +110,10 @@ run() {
     exit 1
   fi
   awk '/^summary:/ {print $2}' "$WORK/cg.out"
+  if [ -n "${CALLGRIND_OUT:-}" ]; then
+    mkdir -p "$CALLGRIND_OUT"
+    cp "$WORK/cg.out" "$CALLGRIND_OUT/$(basename "$bin")-$PROTO-${FEATURES:-plain}-$requests.out"
+  fi
 }
 
 for bin in "$@"; do
