@@ -204,6 +204,103 @@ async fn exchanges_longer_than_both_timers_are_not_cut() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The protocol of a cleartext connection, told from its first bytes
+
+/// Sends `pieces` on a new connection, 50 ms apart.
+async fn in_pieces(veer: &Veer, pieces: &[&[u8]]) -> TcpStream {
+    let mut stream = TcpStream::connect(veer.addr).await.unwrap();
+    for piece in pieces {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stream
+}
+
+/// A cleartext connection is served HTTP/2 when it opens with the HTTP/2 preface (h2c with
+/// prior knowledge), and HTTP/1 otherwise, however its first bytes are split: the preface in
+/// pieces, an HTTP/1.1 request whose first bytes are the preface's (`P`, then `PRI` as a
+/// method, a token like any other), and one whose request line breaks off where the preface's
+/// version would be.
+#[tokio::test]
+async fn a_cleartext_connection_is_served_the_protocol_its_first_bytes_open_and_in_pieces() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("", upstream.addr).await;
+
+    let hello = raw_h2_get(&[], 0);
+    for split in [1, 8, 23] {
+        let mut stream = in_pieces(&veer, &[&hello[..split], &hello[split..]]).await;
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_until_stream_1_ends(&mut stream),
+        )
+        .await;
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "preface split after {split} bytes: {ended:?}"
+        );
+    }
+
+    // `PRI *` is an HTTP/1.1 request veer refuses (`*` is for OPTIONS): its own 400.
+    let requests: [(&[&[u8]], u16); 3] = [
+        (
+            &[
+                b"P",
+                b"UT /put HTTP/1.1\r\nHost: shop\r\nContent-Length: 0\r\n\r\n",
+            ],
+            200,
+        ),
+        (&[b"PRI /pri HTTP/1.1\r\nHost: shop\r\n\r\n"], 200),
+        (&[b"PRI * HTTP/", b"1.1\r\nHost: shop\r\n\r\n"], 400),
+    ];
+    for (pieces, status) in requests {
+        let mut stream = in_pieces(&veer, pieces).await;
+        let answer = read_response(&mut stream).await;
+        assert_eq!(answer.map(|a| a.status), Some(status), "{pieces:?}");
+    }
+    let paths: Vec<String> = upstream.seen().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(paths, ["/", "/", "/", "/put", "/pri"]);
+    veer.shutdown().await;
+}
+
+/// A cleartext connection that has sent nothing, or only the preface's first bytes, has no
+/// request under way: the drain closes it about `DRAIN_SETTLE` (50 ms) after the signal,
+/// not at `header_timeout` (30 s here); one whose client half-closed before a byte is let
+/// go at once; one that sends the preface's first bytes and no more is closed at
+/// `header_timeout`.
+#[tokio::test]
+async fn cleartext_connections_without_a_request_do_not_hold_the_drain() {
+    let upstream = recording("blue").await;
+    let timers = "header_timeout = \"30s\"\ndrain_timeout = \"30s\"";
+    let mut veer = Veer::shop(timers, upstream.addr).await;
+    let mut silent = TcpStream::connect(veer.addr).await.unwrap();
+    let mut partial = in_pieces(&veer, &[b"PRI * HTTP/2.0\r\n"]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = veer.running.take().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), running.shutdown()).await;
+    assert!(stopped.is_ok(), "the drain waited for header_timeout");
+    for stream in [&mut silent, &mut partial] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
+        assert!(matches!(read.await, Ok(Ok(0))), "not closed: {rest:?}");
+    }
+    assert!(upstream.seen().is_empty());
+}
+
+/// The preface's first bytes and then nothing: closed at `header_timeout` (1 s here).
+#[tokio::test]
+async fn half_a_preface_is_closed_at_header_timeout() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("header_timeout = \"1s\"", upstream.addr).await;
+    let started = tokio::time::Instant::now();
+    let mut partial = in_pieces(&veer, &[b"PRI * HTTP/2.0\r\n"]).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), partial.read_to_end(&mut rest));
+    assert!(matches!(read.await, Ok(Ok(0))), "not closed: {rest:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    veer.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Drain
 
 const UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: shop\r\nConnection: Upgrade\r\n\

@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
+use hyper::service::{service_fn, HttpService};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulConnection, Watcher};
+use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -196,32 +197,92 @@ struct Connection {
 impl Connection {
     async fn run(mut self, stream: TcpStream, open: Open) {
         let accepted = Instant::now();
-        let (builder, timers) = self.settings();
+        let (protocols, timers) = self.settings();
         let activity = Arc::new(Activity::new(accepted));
+        let deadline = accepted + timers.header;
         match self.tls.take() {
             None => {
+                let Some(h2) = self.opens_with_preface(&stream, deadline).await else {
+                    return;
+                };
                 let stream = Watched::new(stream, Arc::clone(&activity), Some(open));
                 let stream = crate::io::send_flat(stream);
-                self.serve(stream, false, builder, activity, timers).await;
+                self.serve(stream, false, h2, protocols, activity, timers)
+                    .await;
             }
             Some(acceptor) => {
-                let deadline = accepted + timers.header;
                 // Boxed, and let go once done: the task does not carry a handshake's state
                 // for the connection's life.
                 let handshake = self.handshake(&acceptor, stream, open, &activity, deadline);
                 let Some(stream) = Box::pin(handshake).await else {
                     return;
                 };
-                let (stream, h2) = served(stream);
-                let builder = if h2 { builder.http2_only() } else { builder };
-                self.serve(stream, true, builder, activity, timers).await;
+                // The protocol ALPN agreed (RFC 7301), as NGINX serves it: HTTP/2 over TLS is
+                // agreed by ALPN (RFC 9113 §3.3), so a client that offered none is served
+                // HTTP/1. An HTTP/2 preface on a connection served HTTP/1 is refused by hyper
+                // (the connection closes without an answer).
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                // Boxed: the TLS state is over a kilobyte, and the task of every connection,
+                // cleartext ones included, would carry it.
+                self.serve(Box::new(stream), true, h2, protocols, activity, timers)
+                    .await;
             }
         }
     }
 
+    /// Whether a cleartext connection opens with the HTTP/2 preface (h2c with prior
+    /// knowledge), told from its first bytes without reading them, so that hyper reads the
+    /// connection from its first byte. (hyper-util's sniffing hands hyper the preface's
+    /// length of bytes first, and hyper's read buffer then grows from 8 to 16 KiB on its
+    /// next read, for the connection's life.) `None` when the connection is done: closed or
+    /// failed before its first byte, not begun by `deadline`, or still silent
+    /// [`DRAIN_SETTLE`] after the drain signal.
+    async fn opens_with_preface(&self, stream: &TcpStream, deadline: Instant) -> Option<bool> {
+        let sniff = async {
+            let mut first = [0u8; H2_PREFACE.len()];
+            loop {
+                let n = stream.peek(&mut first).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                if first[..n] != H2_PREFACE[..n] {
+                    return Some(false);
+                }
+                if n == H2_PREFACE.len() {
+                    return Some(true);
+                }
+                // The preface's first bytes, the rest to come (clients send it whole): the
+                // bytes peeked keep the socket readable, so the next look is a little later.
+                tokio::time::sleep(PREFACE_PIECES).await;
+            }
+        };
+        let mut sniff = pin!(tokio::time::timeout_at(deadline, sniff));
+        let mut shutdown = self.shutdown.clone();
+        let sniffed = tokio::select! {
+            biased;
+            sniffed = &mut sniff => sniffed,
+            // A request sent just before the signal may not have been seen yet.
+            () = crate::app::stopped(&mut shutdown) => {
+                let settled = (Instant::now() + DRAIN_SETTLE).min(deadline);
+                tokio::time::timeout_at(settled, sniff).await.unwrap_or(Ok(None))
+            }
+        };
+        if sniffed.is_err() {
+            debug!(peer = %self.peer, "No request began within header_timeout; closing.");
+        }
+        let sniffed = sniffed.ok().flatten();
+        if sniffed.is_none() {
+            // Closed with unread bytes (what there is of the preface), the connection would be
+            // reset rather than closed.
+            let mut unread = [0u8; H2_PREFACE.len()];
+            let _ = stream.try_read(&mut unread);
+        }
+        sniffed
+    }
+
     /// The connection's settings, from the current snapshot (not held for the connection's
     /// lifetime).
-    fn settings(&self) -> (auto::Builder<TokioExecutor>, Timers) {
+    fn settings(&self) -> (Protocols, Timers) {
         let table = self.proxy.table.load();
         let server = &table.config.server;
         let timers = Timers {
@@ -229,7 +290,7 @@ impl Connection {
             idle: server.idle_timeout,
             exchange: server.request_timeout,
         };
-        (builder(server), timers)
+        (Protocols::new(server), timers)
     }
 
     /// The TLS handshake, done by `deadline`; `None` when it failed, timed out, met plain
@@ -271,14 +332,15 @@ impl Connection {
         )
     }
 
-    /// Serves the connection until it ends (see [`drive`]).
+    /// Serves the connection, HTTP/2 or HTTP/1 (with upgrades), until it ends (see [`drive`]).
     ///
     /// Not an `async fn`: one would hold each argument twice, for the connection's life.
     fn serve<I>(
         self,
         io: I,
         tls: bool,
-        builder: auto::Builder<TokioExecutor>,
+        h2: bool,
+        protocols: Protocols,
         activity: Arc<Activity>,
         timers: Timers,
     ) -> impl Future<Output = ()> + Send
@@ -307,34 +369,84 @@ impl Connection {
             })
         });
         async move {
-            if !builder.is_http1_available() {
-                // Only HTTP/2 (see `served`): no upgrades to serve, and the builder's choice is
-                // honoured only without them.
-                let conn = builder.serve_connection(TokioIo::new(io), service);
+            let io = TokioIo::new(io);
+            if h2 {
+                let conn = protocols.http2.serve_connection(io, service);
                 drive(pin!(conn), &activity, timers, shutdown, peer).await;
             } else {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                let conn = protocols
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades();
                 drive(pin!(conn), &activity, timers, shutdown, peer).await;
             }
         }
     }
 }
 
-/// A TLS connection as it is served, and whether it is served HTTP/2 only.
-///
-/// A connection is served the protocol its ALPN agreed, as RFC 7301 has it: one that agreed
-/// `h2` HTTP/2 only (an HTTP/1.1 request on it is a bad connection preface), one that agreed
-/// `http/1.x` HTTP/1 only (see `Served`). Without ALPN hyper tells the protocol from the first
-/// bytes.
-///
-/// Boxed: the TLS state is over a kilobyte, and the task of every connection, cleartext ones
-/// included, would carry it. Not in an `async fn`, whose future would keep the stream it read
-/// the ALPN of.
-fn served(stream: TlsStream) -> (Box<tls::Served<TlsStream>>, bool) {
-    let alpn = stream.get_ref().1.alpn_protocol();
-    let h2 = alpn == Some(b"h2");
-    let http1_only = alpn.is_some() && !h2;
-    (Box::new(tls::Served::new(stream, http1_only)), h2)
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a cleartext connection that sent the HTTP/2 preface's first bytes waits before
+/// veer looks for the rest.
+const PREFACE_PIECES: Duration = Duration::from_millis(5);
+
+/// A served connection that `drive` can close gracefully. (hyper-util's `GracefulConnection`
+/// is sealed and leaves out hyper's HTTP/1 connection with upgrades.)
+pub(crate) trait Graceful: Future<Output = Result<(), Self::Error>> {
+    type Error: std::fmt::Display;
+
+    /// Ends the connection once the exchanges under way are done.
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = hyper::Error;
+
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = hyper::Error;
+
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// The admin API's connections.
+impl<I, S, B> Graceful for auto::Connection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// Drives a served connection until it ends, with its `activity`'s timers (see [`Due`]):
@@ -353,8 +465,7 @@ pub(crate) async fn drive<C>(
     mut shutdown: watch::Receiver<bool>,
     peer: SocketAddr,
 ) where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
+    C: Graceful,
 {
     // One sleep for all the timers, made once and re-armed only when it fires.
     let now = Instant::now();
@@ -509,9 +620,9 @@ impl Drain {
 }
 
 /// Closes `conn` gracefully (in-flight requests finish), once.
-fn close_gracefully<C: GracefulConnection>(conn: Pin<&mut C>, closing: &mut bool) {
+fn close_gracefully<C: Graceful>(conn: Pin<&mut C>, closing: &mut bool) {
     if !*closing {
-        conn.graceful_shutdown();
+        conn.close_gracefully();
         *closing = true;
     }
 }
@@ -531,37 +642,43 @@ async fn sleep_until_some(at: Option<Instant>) {
 /// (hyper's default is about 400 KiB: 128 streams of a client that reads nothing held 50 MiB).
 const H2_SEND_BUFFER: usize = 64 * 1024;
 
-/// The per-connection protocol settings from the current config.
-fn builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    // Room for a head up to twice the limits, so that veer itself answers one that is over
-    // them, with its reason (414 or 431); hyper refuses larger ones (HTTP/1.1: a bare 431).
-    let head_room = (server.max_header_bytes.max(server.max_uri_bytes))
-        .saturating_mul(2)
-        .max(8192);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // hyper's timer would run from the end of the previous response, so it could not
-        // tell idling from a slow head: `serve` enforces both.
-        .header_read_timeout(None)
-        .max_buf_size(head_room)
-        // A client that shuts its write side after the request (`nc -N`, socat, scripts)
-        // still reads the answer. Such a client cannot be told from one that has gone: that
-        // one's request ends at `request_timeout` at the latest.
-        .half_close(true)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(head_room).unwrap_or(u32::MAX))
-        // NGINX's 128 (HAProxy's 100): each stream may hold an upstream connection and up to
-        // `H2_SEND_BUFFER` of its answer while the client takes nothing.
-        .max_concurrent_streams(128)
-        .max_send_buf_size(H2_SEND_BUFFER)
-        .keep_alive_interval(Some(server.idle_timeout))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
+/// A connection's protocol settings, from the current config.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(server: &ServerConfig) -> Self {
+        // Room for a head up to twice the limits, so that veer itself answers one that is over
+        // them, with its reason (414 or 431); hyper refuses larger ones (HTTP/1.1: a bare 431).
+        let head_room = (server.max_header_bytes.max(server.max_uri_bytes))
+            .saturating_mul(2)
+            .max(8192);
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            // hyper's timer would run from the end of the previous response, so it could not
+            // tell idling from a slow head: `serve` enforces both.
+            .header_read_timeout(None)
+            .max_buf_size(head_room)
+            // A client that shuts its write side after the request (`nc -N`, socat, scripts)
+            // still reads the answer. Such a client cannot be told from one that has gone: that
+            // one's request ends at `request_timeout` at the latest.
+            .half_close(true)
+            .keep_alive(true);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(head_room).unwrap_or(u32::MAX))
+            // NGINX's 128 (HAProxy's 100): each stream may hold an upstream connection and up to
+            // `H2_SEND_BUFFER` of its answer while the client takes nothing.
+            .max_concurrent_streams(128)
+            .max_send_buf_size(H2_SEND_BUFFER)
+            .keep_alive_interval(Some(server.idle_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Self { http1, http2 }
+    }
 }
 
 #[cfg(test)]

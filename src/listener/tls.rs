@@ -5,13 +5,10 @@
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
@@ -240,92 +237,6 @@ pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsErro
     }
 }
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// A TLS connection as it is served: one that agreed `http/1.1` or `http/1.0` by ALPN fails its
-/// read of an HTTP/2 preface, so that it is not served HTTP/2 (RFC 7301 §3.2). hyper-util
-/// tells the protocol from a connection's first bytes whatever ALPN agreed (and honours
-/// `http1_only` only where upgrades are not served); hyper's own HTTP/1.1 server closes a
-/// connection that opens with the preface too. Past the first bytes a read costs one compare.
-pub(crate) struct Served<I> {
-    io: I,
-    /// How many bytes of the preface the client's first bytes have matched; past its length
-    /// once they have not (or where any protocol is served).
-    matched: usize,
-}
-
-/// `matched` when nothing is checked.
-const UNCHECKED: usize = H2_PREFACE.len() + 1;
-
-impl<I> Served<I> {
-    /// `io` as served, its first bytes checked when `http1_only`.
-    pub(crate) fn new(io: I, http1_only: bool) -> Self {
-        let matched = if http1_only { 0 } else { UNCHECKED };
-        Self { io, matched }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Served<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        if this.matched < H2_PREFACE.len() {
-            let read = &buf.filled()[before..];
-            let rest = &H2_PREFACE[this.matched..];
-            let n = read.len().min(rest.len());
-            if read.is_empty() || read[..n] != rest[..n] {
-                this.matched = UNCHECKED;
-            } else {
-                this.matched += n;
-                if this.matched == H2_PREFACE.len() {
-                    buf.set_filled(before);
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "an HTTP/2 preface on a connection that agreed HTTP/1.x by ALPN",
-                    )));
-                }
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Served<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -436,61 +347,5 @@ mod tests {
             error.to_string().contains("RSA (2048 bits or more)"),
             "{error}"
         );
-    }
-
-    /// Reads `parts` (each one read of the client's bytes) through `Served`: the bytes read,
-    /// and the error that ended them if one did.
-    async fn read_served(parts: &[&'static [u8]], http1_only: bool) -> (Vec<u8>, Option<String>) {
-        use tokio::io::AsyncReadExt;
-        let mut io: Box<dyn AsyncRead + Unpin> = Box::new(&b""[..]);
-        for part in parts {
-            io = Box::new(io.chain(*part));
-        }
-        let mut served = Served::new(io, http1_only);
-        let mut read = Vec::new();
-        let mut buf = [0u8; 64];
-        loop {
-            match served.read(&mut buf).await {
-                Ok(0) => return (read, None),
-                Ok(n) => read.extend_from_slice(&buf[..n]),
-                Err(e) => return (read, Some(e.to_string())),
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn an_http2_preface_fails_where_http1_was_agreed_however_it_is_split() {
-        let splits: [&[&[u8]]; 3] = [
-            &[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"],
-            &[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r", b"\n\r\n\0\0"],
-            &[b"P", b"RI * HTTP/2.0\r\n\r\nSM\r\n\r", b"\n"],
-        ];
-        for parts in splits {
-            let (read, error) = read_served(parts, true).await;
-            let error = error.unwrap_or_default();
-            assert!(error.contains("HTTP/2 preface"), "{parts:?}: {error:?}");
-            // What came before the read that completed the preface was handed on.
-            let before: usize = parts[..parts.len() - 1].iter().map(|p| p.len()).sum();
-            assert_eq!(read.len(), before, "{parts:?}");
-            // Where any protocol is served, the same bytes pass.
-            let (read, error) = read_served(parts, false).await;
-            assert_eq!((read, error), (parts.concat(), None));
-        }
-    }
-
-    #[tokio::test]
-    async fn http1_bytes_pass_where_http1_was_agreed() {
-        let splits: [&[&[u8]]; 3] = [
-            &[b"GET / HTTP/1.1\r\n\r\n"],
-            &[b"PRI /x HTTP/1.1\r\n", b"\r\n"],
-            &[
-                b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
-                b"\rPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            ],
-        ];
-        for parts in splits {
-            let (read, error) = read_served(parts, true).await;
-            assert_eq!((read, error), (parts.concat(), None), "{parts:?}");
-        }
     }
 }
