@@ -7,9 +7,11 @@
 //! them with one `writev`. On Linux `writev` on a socket goes through the VFS layer and costs
 //! more than `send` (about 150 ns per call on loopback here: `writev` of a 150-byte head and a
 //! 5-byte body against `send` of the same 155 bytes), and a typical API exchange makes two
-//! such writes. tokio's `BufWriter` does what is needed: writes smaller than its buffer are
-//! copied into it and go out with one `send` when hyper (or h2) flushes, which they do after
-//! every batch; larger ones stay vectored, so big bodies are not copied.
+//! such writes. [`SendFlat`] copies a gathered write of up to [`FLAT_MAX`] bytes into a buffer
+//! on the stack and sends it with one `send`; larger ones stay vectored, so big bodies are not
+//! copied. hyper and h2 hand all they have to write in one gathered write, so nothing is
+//! gained by keeping bytes back until the flush, as tokio's `BufWriter` would (with a buffer
+//! of its own, for the connection's life).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -19,7 +21,8 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::upstream::{TooManyInterim, MAX_EARLY_BYTES};
 
@@ -35,12 +38,80 @@ pub fn names(path: &std::path::Path, file: &std::fs::File) -> bool {
     }
 }
 
-/// Writes up to this many bytes in all are copied and sent flat; the buffer is this large.
+/// Gathered writes up to this many bytes in all are copied and sent flat.
 pub const FLAT_MAX: usize = 2048;
 
-/// `io` with small writes sent flat (reads pass through).
-pub fn send_flat<T: tokio::io::AsyncWrite>(io: T) -> BufWriter<T> {
-    BufWriter::with_capacity(FLAT_MAX, io)
+/// `io` with small gathered writes sent flat (see [`SendFlat`]).
+pub fn send_flat<T: AsyncWrite>(io: T) -> SendFlat<T> {
+    SendFlat { inner: io }
+}
+
+pin_project! {
+    /// A socket whose gathered writes of one slice, or of up to [`FLAT_MAX`] bytes in all, go
+    /// out as one plain write (see the module's docs). Reads, flushes and other writes pass
+    /// through; nothing is kept between calls.
+    pub struct SendFlat<T> {
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> SendFlat<T> {
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for SendFlat<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for SendFlat<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let inner = self.project().inner;
+        if let [one] = bufs {
+            return inner.poll_write(cx, one);
+        }
+        let total: usize = bufs.iter().map(|buf| buf.len()).sum();
+        if total > FLAT_MAX {
+            return inner.poll_write_vectored(cx, bufs);
+        }
+        // Not zeroed first: a copy of what is there is all it holds. A write that takes part
+        // of it leaves the rest to the caller, as a gathered write would.
+        let mut flat = SmallVec::<[u8; FLAT_MAX]>::new();
+        bufs.iter().for_each(|buf| flat.extend_from_slice(buf));
+        inner.poll_write(cx, &flat)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
 }
 
 pin_project! {
@@ -298,7 +369,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 155);
-        // hyper flushes after every batch of writes; that is when buffered bytes go out.
         io.flush().await.unwrap();
         let n = io
             .write_vectored(&[IoSlice::new(&head), IoSlice::new(&big)])
