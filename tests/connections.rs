@@ -821,6 +821,37 @@ async fn an_answer_under_way_at_the_drain_says_connection_close() {
     stopping.await.unwrap();
 }
 
+/// A keep-alive connection idle when the drain begins is closed 50 ms later if it stays idle;
+/// a request its client sends meanwhile is answered with `Connection: close`, so that the
+/// client does not send its next one on a connection about to close (where a close could
+/// cross it, and the request be lost). The request goes 20 ms after the signal, once the
+/// connection has seen it: an attempt where it came too late on a loaded machine (no answer,
+/// or an answer before the connection saw the signal) is made again, five times at most.
+#[tokio::test]
+async fn a_request_on_an_idle_connection_after_the_drain_began_is_answered_with_connection_close() {
+    let upstream = recording("blue").await;
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        let mut veer = Veer::shop("", upstream.addr).await;
+        let mut stream = kept_alive(&veer).await;
+        let running = veer.running.take().unwrap();
+        let stopping = tokio::spawn(running.shutdown());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stream.write_all(GET).await.unwrap();
+        let answer = read_response(&mut stream).await;
+        let closes = answer.as_ref().map(|answer| {
+            let head = answer.head.to_ascii_lowercase();
+            (answer.status, head.contains("connection: close"))
+        });
+        stopping.await.unwrap();
+        outcomes.push(closes);
+        if closes == Some((200, true)) {
+            return;
+        }
+    }
+    panic!("no answer said Connection: close: {outcomes:?}");
+}
+
 /// A tunnel still open at `drain_timeout` is cut then.
 #[tokio::test]
 async fn a_tunnel_open_at_drain_timeout_is_cut() {

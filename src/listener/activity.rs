@@ -103,6 +103,8 @@ pub(crate) struct Activity {
     body_unread: AtomicBool,
     /// Set when the connection is cut for a timeout or abuse: it does not linger.
     cut: AtomicBool,
+    /// Set once the connection's task saw the drain signal (see [`InFlight::drained`]).
+    draining: AtomicBool,
 }
 
 /// HTTP/2 streams a connection must have closed before the share of them its client cut short
@@ -135,7 +137,13 @@ impl Activity {
             flooded: AtomicBool::new(false),
             body_unread: AtomicBool::new(false),
             cut: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// The drain began: HTTP/1 answers from now on end their connection.
+    pub(super) fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     pub(super) fn protocol(&self) -> Protocol {
@@ -360,6 +368,11 @@ impl InFlight {
     /// the connection as having bytes of its client unread.
     pub(crate) fn body_hold(&self, body: &impl Body) -> Option<InFlight> {
         (!body.is_end_stream()).then(|| self.also())
+    }
+
+    /// Whether the drain began (an HTTP/1 answer then says `Connection: close`).
+    pub(crate) fn drained(&self) -> bool {
+        self.activity.draining.load(Ordering::Relaxed)
     }
 
     fn also(&self) -> InFlight {

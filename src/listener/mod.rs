@@ -16,9 +16,10 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
 use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, HttpService};
-use hyper::Request;
+use hyper::{Request, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
@@ -359,12 +360,16 @@ impl Connection {
             // Held until the response body is done with (or the request is dropped).
             // One clock read for the connection's bookkeeping and the request's.
             let arrived = Instant::now();
+            let http1 = req.version() != Version::HTTP_2;
             let exchange = Activity::request(&seen, req.version(), arrived);
             // The request body holds the exchange too, until it ends or is dropped.
             let reading = exchange.body_hold(req.body());
             let handled = Arc::clone(&proxy).handle(req, info.clone(), reading, arrived);
             // A combinator, not an `async` block: that would hold the request a second time.
-            FutureExt::map(handled, move |response| {
+            FutureExt::map(handled, move |mut response| {
+                if http1 && exchange.drained() {
+                    close_with(&mut response);
+                }
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, exchange)))
             })
         });
@@ -381,6 +386,17 @@ impl Connection {
                 drive(pin!(conn), &activity, timers, shutdown, peer).await;
             }
         }
+    }
+}
+
+/// Makes an HTTP/1 answer sent once the drain began end its connection: its client learns it
+/// from the answer (hyper closes the connection after an answer that says `Connection:
+/// close`), where a close of the idle connection could cross its next request. An upgrade's
+/// answer is left as it is.
+fn close_with<B>(response: &mut hyper::Response<B>) {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let close = HeaderValue::from_static("close");
+        response.headers_mut().insert(CONNECTION, close);
     }
 }
 
@@ -494,6 +510,7 @@ pub(crate) async fn drive<C>(
             // Polled until it is ready, never after.
             () = &mut stop, if !drain.signalled => {
                 drain.signalled = true;
+                activity.drain();
                 if activity.is_busy() {
                     // Told now, an HTTP/1.1 answer under way says `Connection: close`.
                     close_gracefully(conn.as_mut(), &mut closing);
