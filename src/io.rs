@@ -9,7 +9,8 @@
 //! 5-byte body against `send` of the same 155 bytes), and a typical API exchange makes two
 //! such writes. [`SendFlat`] copies a gathered write of up to [`FLAT_MAX`] bytes into a buffer
 //! on the stack and sends it with one `send`; larger ones stay vectored, so big bodies are not
-//! copied. hyper and h2 hand all they have to write in one gathered write, so nothing is
+//! copied. hyper hands all it has to write before a flush in one gathered write, and h2 a
+//! batch of frames (with at most one DATA frame's payload) before each flush, so nothing is
 //! gained by keeping bytes back until the flush, as tokio's `BufWriter` would (with a buffer
 //! of its own, for the connection's life).
 
@@ -102,7 +103,7 @@ impl<T: AsyncWrite> AsyncWrite for SendFlat<T> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

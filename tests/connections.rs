@@ -264,9 +264,7 @@ async fn a_cleartext_connection_is_served_the_protocol_its_first_bytes_open_and_
 
 /// A cleartext connection that has sent nothing, or only the preface's first bytes, has no
 /// request under way: the drain closes it about `DRAIN_SETTLE` (50 ms) after the signal,
-/// not at `header_timeout` (30 s here); one whose client half-closed before a byte is let
-/// go at once; one that sends the preface's first bytes and no more is closed at
-/// `header_timeout`.
+/// not at `header_timeout` (30 s here).
 #[tokio::test]
 async fn cleartext_connections_without_a_request_do_not_hold_the_drain() {
     let upstream = recording("blue").await;
@@ -284,6 +282,20 @@ async fn cleartext_connections_without_a_request_do_not_hold_the_drain() {
         assert!(matches!(read.await, Ok(Ok(0))), "not closed: {rest:?}");
     }
     assert!(upstream.seen().is_empty());
+}
+
+/// The preface's first bytes, then the client's close: closed at once (the rest of the
+/// preface can no longer come), not at `header_timeout` (30 s here).
+#[tokio::test]
+async fn half_a_preface_then_the_clients_close_is_closed_at_once() {
+    let upstream = recording("blue").await;
+    let veer = Veer::shop("header_timeout = \"30s\"", upstream.addr).await;
+    let mut partial = in_pieces(&veer, &[b"PRI * HTTP/2.0\r\n"]).await;
+    partial.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), partial.read_to_end(&mut rest));
+    assert!(matches!(read.await, Ok(Ok(0))), "not closed: {rest:?}");
+    veer.shutdown().await;
 }
 
 /// The preface's first bytes and then nothing: closed at `header_timeout` (1 s here).

@@ -23,7 +23,7 @@ use hyper::{Request, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -236,12 +236,14 @@ impl Connection {
     /// connection from its first byte. (hyper-util's sniffing hands hyper the preface's
     /// length of bytes first, and hyper's read buffer then grows from 8 to 16 KiB on its
     /// next read, for the connection's life.) `None` when the connection is done: closed or
-    /// failed before its first byte, not begun by `deadline`, or still silent
-    /// [`DRAIN_SETTLE`] after the drain signal.
+    /// failed before its first byte or within the preface, not begun by `deadline`, or still
+    /// silent [`DRAIN_SETTLE`] after the drain signal.
     async fn opens_with_preface(&self, stream: &TcpStream, deadline: Instant) -> Option<bool> {
         let sniff = async {
             let mut first = [0u8; H2_PREFACE.len()];
+            let mut pause = PREFACE_PAUSE;
             loop {
+                let ready = stream.ready(Interest::READABLE).await.ok()?;
                 let n = stream.peek(&mut first).await.ok()?;
                 if n == 0 {
                     return None;
@@ -252,9 +254,15 @@ impl Connection {
                 if n == H2_PREFACE.len() {
                     return Some(true);
                 }
-                // The preface's first bytes, the rest to come (clients send it whole): the
-                // bytes peeked keep the socket readable, so the next look is a little later.
-                tokio::time::sleep(PREFACE_PIECES).await;
+                // The preface's first bytes: the rest can no longer come once the client
+                // closed its side.
+                if ready.is_read_closed() {
+                    return None;
+                }
+                // The rest to come (clients send it whole, so this is rare). The bytes peeked
+                // keep the socket readable: the next look is after a pause, longer each time.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(PREFACE_PAUSE_MAX);
             }
         };
         let mut sniff = pin!(tokio::time::timeout_at(deadline, sniff));
@@ -354,6 +362,11 @@ impl Connection {
             peer,
             ..
         } = self;
+        // Signalled before the connection was served (during its sniff or handshake): `drive`
+        // would tell `activity` only after hyper's first look at the connection.
+        if *shutdown.borrow() {
+            activity.drain();
+        }
         let info = ConnInfo::new(peer, tls);
         let seen = Arc::clone(&activity);
         let service = service_fn(move |req: Request<Incoming>| {
@@ -404,8 +417,11 @@ fn close_with<B>(response: &mut hyper::Response<B>) {
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a cleartext connection that sent the HTTP/2 preface's first bytes waits before
-/// veer looks for the rest.
-const PREFACE_PIECES: Duration = Duration::from_millis(5);
+/// veer looks for the rest, at first; the pause doubles at each look, up to
+/// [`PREFACE_PAUSE_MAX`] (a client that sends part of the preface and no more costs a few
+/// looks, until `header_timeout` closes it).
+const PREFACE_PAUSE: Duration = Duration::from_millis(1);
+const PREFACE_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 /// A served connection that `drive` can close gracefully. (hyper-util's `GracefulConnection`
 /// is sealed and leaves out hyper's HTTP/1 connection with upgrades.)
