@@ -721,6 +721,7 @@ async fn the_drain_does_not_wait_for_connections_that_never_sent_a_request() {
     let timers = "header_timeout = \"30s\"\ndrain_timeout = \"30s\"";
     let (mut veer, cert, _) = tls_veer(timers, upstream.addr).await;
     let mut silent = tls_connect(veer.addr, &cert, b"h2").await;
+    let mut silent_h1 = tls_connect(veer.addr, &cert, b"http/1.1").await;
     let opened = tls_connect(veer.addr, &cert, b"h2").await;
     let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
         TokioExecutor::new(),
@@ -733,17 +734,43 @@ async fn the_drain_does_not_wait_for_connections_that_never_sent_a_request() {
     let running = veer.running.take().unwrap();
     let stopped = tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await;
     assert!(stopped.is_ok(), "the drain waited for header_timeout");
+    for silent in [&mut silent, &mut silent_h1] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest));
+        assert!(
+            read.await.is_ok(),
+            "a silent client's connection is still open"
+        );
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the HTTP/2 client's connection is still open"
+    );
+}
+
+/// A TLS client that sends its first request a while after its handshake is served, and one
+/// that sends none is closed at `header_timeout` (1 s here).
+#[tokio::test]
+async fn a_tls_client_quiet_after_its_handshake_is_served_or_closed_at_header_timeout() {
+    let upstream = named("blue").await;
+    let (veer, cert, _) = tls_veer("header_timeout = \"1s\"", upstream.addr).await;
+    let mut later = tls_connect(veer.addr, &cert, b"http/1.1").await;
+    let started = tokio::time::Instant::now();
+    let mut silent = tls_connect(veer.addr, &cert, b"http/1.1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let request = b"GET /later HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let answer = exchange(&mut later, request).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest));
     assert!(
         read.await.is_ok(),
         "the silent client's connection is still open"
     );
-    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
-    assert!(
-        ended.is_ok(),
-        "the HTTP/2 client's connection is still open"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    veer.shutdown().await;
 }
 
 /// A TLS 1.3 client whose handshake is done on its side sends its last handshake message and

@@ -587,6 +587,11 @@ impl Watched {
             _open: open,
         }
     }
+
+    /// Ready once the socket has bytes to read (or is closed, or failed).
+    pub(crate) async fn readable(&self) -> std::io::Result<()> {
+        self.io.readable().await
+    }
 }
 
 impl Drop for Watched {

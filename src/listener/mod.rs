@@ -215,7 +215,7 @@ impl Connection {
                 // Boxed, and let go once done: the task does not carry a handshake's state
                 // for the connection's life.
                 let handshake = self.handshake(&acceptor, stream, open, &activity, deadline);
-                let Some(stream) = Box::pin(handshake).await else {
+                let Some(mut stream) = Box::pin(handshake).await else {
                     return;
                 };
                 // The protocol ALPN agreed (RFC 7301), as NGINX serves it: HTTP/2 over TLS is
@@ -223,6 +223,10 @@ impl Connection {
                 // HTTP/1. An HTTP/2 preface on a connection served HTTP/1 is refused by hyper
                 // (the connection closes without an answer).
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                // (An HTTP/2 server sends its SETTINGS first, not waiting for the client.)
+                if !h2 && !self.first_bytes_over_tls(&mut stream, deadline).await {
+                    return;
+                }
                 // Boxed: the TLS state is over a kilobyte, and the task of every connection,
                 // cleartext ones included, would carry it.
                 self.serve(Box::new(stream), true, h2, protocols, activity, timers)
@@ -265,21 +269,7 @@ impl Connection {
                 pause = (pause * 2).min(PREFACE_PAUSE_MAX);
             }
         };
-        let mut sniff = pin!(tokio::time::timeout_at(deadline, sniff));
-        let mut shutdown = self.shutdown.clone();
-        let sniffed = tokio::select! {
-            biased;
-            sniffed = &mut sniff => sniffed,
-            // A request sent just before the signal may not have been seen yet.
-            () = crate::app::stopped(&mut shutdown) => {
-                let settled = (Instant::now() + DRAIN_SETTLE).min(deadline);
-                tokio::time::timeout_at(settled, sniff).await.unwrap_or(Ok(None))
-            }
-        };
-        if sniffed.is_err() {
-            debug!(peer = %self.peer, "No request began within header_timeout; closing.");
-        }
-        let sniffed = sniffed.ok().flatten();
+        let sniffed = self.before_first_bytes(sniff, deadline).await;
         if sniffed.is_none() {
             // Closed with unread bytes (what there is of the preface), the connection would be
             // reset rather than closed.
@@ -287,6 +277,47 @@ impl Connection {
             let _ = stream.try_read(&mut unread);
         }
         sniffed
+    }
+
+    /// Waits until a TLS client has sent something after its handshake (rustls holds
+    /// plaintext, or the socket has bytes), so that hyper's buffers (16 KiB) are not made for
+    /// a connection that sends nothing for a while (a browser's preconnect). False when the
+    /// connection is done (see [`Connection::before_first_bytes`]).
+    async fn first_bytes_over_tls(&self, stream: &mut TlsStream, deadline: Instant) -> bool {
+        let (socket, tls) = stream.get_mut();
+        // Bytes that came with the handshake's last message (a TLS 1.3 client sends its first
+        // request with it) are in rustls already; an error is for hyper to meet.
+        let held = tls.process_new_packets().map_or(true, |state| {
+            state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
+        });
+        held || {
+            let readable = async { socket.readable().await.ok() };
+            self.before_first_bytes(readable, deadline).await.is_some()
+        }
+    }
+
+    /// `first`, the wait for a connection's first bytes, within `deadline` (`header_timeout`
+    /// from the accept) and, from the drain signal, [`DRAIN_SETTLE`] (a request sent just
+    /// before the signal may not have been seen yet): `None` when either ends it first.
+    async fn before_first_bytes<T>(
+        &self,
+        first: impl Future<Output = Option<T>>,
+        deadline: Instant,
+    ) -> Option<T> {
+        let mut first = pin!(tokio::time::timeout_at(deadline, first));
+        let mut shutdown = self.shutdown.clone();
+        let done = tokio::select! {
+            biased;
+            done = &mut first => done,
+            () = crate::app::stopped(&mut shutdown) => {
+                let settled = (Instant::now() + DRAIN_SETTLE).min(deadline);
+                tokio::time::timeout_at(settled, first).await.unwrap_or(Ok(None))
+            }
+        };
+        if done.is_err() {
+            debug!(peer = %self.peer, "No request began within header_timeout; closing.");
+        }
+        done.ok().flatten()
     }
 
     /// The connection's settings, from the current snapshot (not held for the connection's
