@@ -95,8 +95,8 @@ impl<T: AsyncWrite> AsyncWrite for SendFlat<T> {
         if total > FLAT_MAX {
             return inner.poll_write_vectored(cx, bufs);
         }
-        // Not zeroed first: a copy of what is there is all it holds. A write that takes part
-        // of it leaves the rest to the caller, as a gathered write would.
+        // Only what is copied is written (a `SmallVec`'s room is not zeroed first). A write
+        // that takes part of it leaves the rest to the caller, as a gathered write would.
         let mut flat = SmallVec::<[u8; FLAT_MAX]>::new();
         bufs.iter().for_each(|buf| flat.extend_from_slice(buf));
         inner.poll_write(cx, &flat)
