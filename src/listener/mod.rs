@@ -215,9 +215,12 @@ impl Connection {
                 // Boxed, and let go once done: the task does not carry a handshake's state
                 // for the connection's life.
                 let handshake = self.handshake(&acceptor, stream, open, &activity, deadline);
-                let Some(mut stream) = Box::pin(handshake).await else {
+                let Some(stream) = Box::pin(handshake).await else {
                     return;
                 };
+                // Boxed: the TLS state is over a kilobyte, and the task of every connection,
+                // cleartext ones included, would carry it.
+                let mut stream = Box::new(stream);
                 // The protocol ALPN agreed (RFC 7301), as NGINX serves it: HTTP/2 over TLS is
                 // agreed by ALPN (RFC 9113 §3.3), so a client that offered none is served
                 // HTTP/1. An HTTP/2 preface on a connection served HTTP/1 is refused by hyper
@@ -227,9 +230,7 @@ impl Connection {
                 if !h2 && !self.first_bytes_over_tls(&mut stream, deadline).await {
                     return;
                 }
-                // Boxed: the TLS state is over a kilobyte, and the task of every connection,
-                // cleartext ones included, would carry it.
-                self.serve(Box::new(stream), true, h2, protocols, activity, timers)
+                self.serve(stream, true, h2, protocols, activity, timers)
                     .await;
             }
         }
