@@ -130,13 +130,13 @@ fn shadow_endpoints(config: &RouteConfig) -> Option<&[String]> {
     config.shadow.as_ref().map(|s| s.endpoints.as_slice())
 }
 
-/// Brings each route's rollout in line with the config of the `published` snapshot (see
-/// `rollout::reconcile`). Called after the snapshot is published, so that a weight it
-/// changes (a rollout started by a reload, say) applies to the new endpoints: before it, the
-/// old snapshot's requests would go to the canary's old endpoints at the new weight, and count
-/// in the new build's first step.
-fn reconcile_routes(published: &RoutingTable, previous: Option<&RoutingTable>) {
-    for route in published.routes() {
+/// Brings each route's rollout in line with the config of the `next` snapshot (see
+/// `rollout::reconcile`). Called before the snapshot is published: a weight it changes (a
+/// rollout started by a reload, say) is the current split of the snapshot's generation, and
+/// the old snapshot's requests keep the split they had (see `SharedSplit`), so neither meets
+/// the other's endpoints at the wrong weight.
+fn reconcile_routes(next: &RoutingTable, previous: Option<&RoutingTable>) {
+    for route in next.routes() {
         let old = previous.and_then(|t| t.route(&route.config.name));
         rollout::reconcile(&route.shared, &route.config, old.map(|o| &o.config));
     }
@@ -265,8 +265,9 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
             key: "admin.listen",
             source,
         })?;
-    let table = Arc::new(ArcSwap::from_pointee(build_table(config, None, &store)));
-    reconcile_routes(&table.load(), None);
+    let table = build_table(config, None, &store);
+    reconcile_routes(&table, None);
+    let table = Arc::new(ArcSwap::from_pointee(table));
     let app = Arc::new(App {
         table: Arc::clone(&table),
         store,
@@ -664,9 +665,9 @@ impl App {
         for warning in crate::config::warnings(&config, &text) {
             warn!("{warning}");
         }
-        let table = Arc::new(build_table(config, Some(&current), &self.store));
-        self.table.store(Arc::clone(&table));
+        let table = build_table(config, Some(&current), &self.store);
         reconcile_routes(&table, Some(&current));
+        self.table.store(Arc::new(table));
         Ok(())
     }
 }

@@ -693,9 +693,9 @@ async fn a_reload_with_a_new_canary_version_mid_rollout_starts_it_over() {
 /// A reload that gives the idle slot a new version on new endpoints starts the rollout there:
 /// no request goes to the slot's old endpoints at the new weight. Five times under load, each
 /// rollout rolled back before the next reload moves green to the other upstream (the first
-/// reload finds the route idle). The weight used to be raised before the new routing table was
-/// published (the state file's fsyncs between), and requests routed by the old table in that
-/// gap reached the old endpoints.
+/// reload finds the route idle). The weight is raised before the new routing table is
+/// published (the state file's fsyncs between): requests routed by the old table in that gap
+/// keep its weight (see `SharedSplit`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_started_by_a_reload_reaches_only_the_new_endpoints() {
     let (blue, a) = upstreams().await;

@@ -98,6 +98,8 @@ impl Drop for SlotPermit {
 pub struct Route {
     pub config: RouteConfig,
     pub shared: Arc<RouteShared>,
+    /// This snapshot's generation of the route's split ([`SharedSplit::next_generation`]).
+    generation: u32,
     seed: u64,
     endpoints: [Vec<Authority>; 2],
     /// Per endpoint of `endpoints`: ejected after it failed.
@@ -139,6 +141,7 @@ impl Route {
         )
         .into();
         Self {
+            generation: shared.split.next_generation(),
             seed: sticky::seed(&config.sticky.salt),
             cookie_attributes,
             down: [never_ejected(&endpoints[0]), never_ejected(&endpoints[1])],
@@ -159,7 +162,7 @@ impl Route {
     /// Picks the slot for a request. The override header wins over the bucket.
     pub fn decide(&self, headers: &HeaderMap, peer: IpAddr) -> Decision {
         let (bucket, new_cookie, keyed) = self.bucket(headers, peer);
-        let split = self.shared.split.load();
+        let split = self.shared.split.load_for(self.generation);
         let forced = self
             .config
             .sticky
@@ -477,7 +480,9 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// Builds a snapshot; `shared` provides each route's long-lived state (the previous
-    /// snapshot's for a route that still exists, fresh or restored otherwise).
+    /// snapshot's for a route that still exists, fresh or restored otherwise). A snapshot is
+    /// made to be published: its routes begin a new generation of their splits, and requests
+    /// of the snapshots before it get the split as it was then ([`SharedSplit`]).
     pub fn new(config: Config, mut shared: impl FnMut(&RouteConfig) -> Arc<RouteShared>) -> Self {
         let routes: Vec<Arc<Route>> = config
             .routes

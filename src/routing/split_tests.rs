@@ -205,3 +205,29 @@ proptest! {
         prop_assert_eq!(back, rising);
     }
 }
+
+/// A reload that moves green to new endpoints and starts its rollout there: a request that
+/// took the old table just before the new one was published must not go to green's old
+/// endpoints at the new weight, nor one of the new table to its new endpoints at the old
+/// weight (a reload that lowers the weight while moving the endpoints).
+#[test]
+fn requests_of_a_replaced_table_keep_its_weight() {
+    let old = table("header:x-user");
+    let shared = Arc::clone(&only_route(&old).shared);
+    set_weight(only_route(&old), Slot::Blue, 2500);
+    let new = RoutingTable::new((*old.config).clone(), |_| Arc::clone(&shared));
+    // The reload's reconcile sets the new weight; then the new table is published.
+    set_weight(only_route(&new), Slot::Blue, 7500);
+    for (table, weight_bp) in [(&old, 2500), (&new, 7500), (&old, 2500)] {
+        for i in 0..1000 {
+            let decision = only_route(table).decide(&header("x-user", &format!("user-{i}")), PEER);
+            let green = decision.bucket < weight_bp;
+            assert_eq!(
+                decision.slot == Slot::Green,
+                green,
+                "{decision:?} at {weight_bp}"
+            );
+        }
+    }
+    assert_eq!(shared.split.load().canary_bp, 7500);
+}

@@ -6,7 +6,7 @@
 //! and the weight becomes 0, so every bucket stays where it was. The next rollout again moves
 //! the lowest buckets first, now from the new stable to the new canary.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Slot;
 
@@ -37,39 +37,94 @@ impl Split {
         f64::from(self.canary_bp) / 100.0
     }
 
-    fn pack(self) -> u32 {
-        let green = u32::from(self.stable == Slot::Green) << 31;
-        green | self.canary_bp.min(BUCKETS)
+    /// 15 bits: the stable slot above the weight (at most [`BUCKETS`], under 2^14).
+    fn pack(self) -> u64 {
+        let green = u64::from(self.stable == Slot::Green) << 14;
+        green | u64::from(self.canary_bp.min(BUCKETS))
     }
 
-    fn unpack(bits: u32) -> Split {
+    fn unpack(bits: u64) -> Split {
         Split {
-            stable: if bits >> 31 == 1 {
+            stable: if bits >> 14 & 1 == 1 {
                 Slot::Green
             } else {
                 Slot::Blue
             },
-            canary_bp: bits & 0x7fff_ffff,
+            canary_bp: (bits & 0x3fff) as u32,
         }
     }
 }
 
-/// A [`Split`] readable on the request path with one atomic load (stable slot and weight
-/// change together, never torn).
+/// A route's [`Split`], readable on the request path with one atomic load (stable slot and
+/// weight change together, never torn).
+///
+/// A reload makes a new routing table, perhaps with other endpoints for a slot, and may
+/// change the weight (a new canary starts its rollout). Requests that took the old table just
+/// before it was replaced must not meet the new weight, nor requests of the new table the old
+/// one: each table's routes have a generation ([`SharedSplit::next_generation`]), and the
+/// split kept for the generation before the current one is what the old table's requests get.
+/// A reload begins the generation, sets the new weight, then publishes the table; a weight
+/// the controller sets in between (milliseconds: the state file's fsyncs) is not seen by the
+/// old table's requests, only by the new table's. A request of a table two reloads old gets
+/// the split of the one before the current.
+///
+/// Bits 0-14: the current split; 16-30: the split as it was when the current generation
+/// began; 32-63: the current generation.
 #[derive(Debug)]
-pub struct SharedSplit(AtomicU32);
+pub struct SharedSplit(AtomicU64);
+
+const PREVIOUS_SHIFT: u32 = 16;
+const GENERATION_SHIFT: u32 = 32;
+const SPLIT_BITS: u64 = 0x7fff;
 
 impl SharedSplit {
     pub fn new(split: Split) -> Self {
-        Self(AtomicU32::new(split.pack()))
+        let bits = split.pack();
+        Self(AtomicU64::new(bits | bits << PREVIOUS_SHIFT))
     }
 
+    /// The current split.
     pub fn load(&self) -> Split {
-        Split::unpack(self.0.load(Ordering::Acquire))
+        Split::unpack(self.0.load(Ordering::Acquire) & SPLIT_BITS)
     }
 
+    /// The split for a route of `generation`: the current one, or for a route of an older
+    /// table (a request that took it just before a reload replaced it), the one its table had.
+    pub fn load_for(&self, generation: u32) -> Split {
+        let bits = self.0.load(Ordering::Acquire);
+        if (bits >> GENERATION_SHIFT) as u32 == generation {
+            Split::unpack(bits & SPLIT_BITS)
+        } else {
+            Split::unpack(bits >> PREVIOUS_SHIFT & SPLIT_BITS)
+        }
+    }
+
+    /// Sets the current split (the controller, the admin API, a reload's reconcile).
     pub fn store(&self, split: Split) {
-        self.0.store(split.pack(), Ordering::Release);
+        self.update(|bits| bits & !SPLIT_BITS | split.pack());
+    }
+
+    /// Begins the generation of a new routing table and returns it: the current split is kept
+    /// as the one for the tables before it. A table is made to be published; one made and
+    /// dropped unpublished would leave the published table's routes on the kept split.
+    pub fn next_generation(&self) -> u32 {
+        let bits = self.update(|bits| {
+            let generation = ((bits >> GENERATION_SHIFT) as u32).wrapping_add(1);
+            let current = bits & SPLIT_BITS;
+            u64::from(generation) << GENERATION_SHIFT | current << PREVIOUS_SHIFT | current
+        });
+        (bits >> GENERATION_SHIFT) as u32
+    }
+
+    /// Applies `change` atomically; returns the new bits.
+    fn update(&self, change: impl Fn(u64) -> u64) -> u64 {
+        let old = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+                Some(change(bits))
+            })
+            .unwrap_or_else(|bits| bits);
+        change(old)
     }
 }
 
@@ -114,6 +169,35 @@ mod tests {
             let split = Split { stable, canary_bp };
             let shared = SharedSplit::new(split);
             prop_assert_eq!(shared.load(), split);
+        }
+
+        /// A reload begins a generation while the controller and the admin API keep setting
+        /// the split: the current generation always reads the last split stored, and the one
+        /// before it the split current when the new one began.
+        #[test]
+        fn each_generation_reads_its_own_split(
+            first in (slot(), 0..=BUCKETS),
+            moves in proptest::collection::vec(
+                (any::<bool>(), slot(), 0..=BUCKETS), 1..32
+            ),
+        ) {
+            let split = |(stable, canary_bp)| Split { stable, canary_bp };
+            let shared = SharedSplit::new(split(first));
+            let mut generation = 0u32;
+            let (mut current, mut before) = (split(first), split(first));
+            for (reload, stable, canary_bp) in moves {
+                if reload {
+                    let next = shared.next_generation();
+                    prop_assert_eq!(next, generation.wrapping_add(1));
+                    generation = next;
+                    before = current;
+                }
+                current = Split { stable, canary_bp };
+                shared.store(current);
+                prop_assert_eq!(shared.load(), current);
+                prop_assert_eq!(shared.load_for(generation), current);
+                prop_assert_eq!(shared.load_for(generation.wrapping_sub(1)), before);
+            }
         }
     }
 }
