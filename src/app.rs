@@ -104,8 +104,8 @@ pub struct Running {
 }
 
 /// Builds a snapshot, carrying each route's long-lived state over from `previous` by name
-/// and restoring new routes from the state dir. Each route's rollout is brought in line with
-/// the new config only once the snapshot is published, by [`reconcile_routes`].
+/// and restoring new routes from the state dir. Each route's rollout is then brought in line
+/// with the new config by [`reconcile_routes`], before the snapshot is published.
 fn build_table(
     config: Config,
     previous: Option<&RoutingTable>,
@@ -534,6 +534,13 @@ impl App {
     }
 
     /// Re-reads the config file; applies it whole or not at all.
+    /// Waits for a reload under way to end, and holds the next one off while the guard lives:
+    /// an admin action on a route goes by the config that is published, and a reload does
+    /// not bring the route's state in line with a new config under it.
+    pub async fn between_reloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reload_lock.lock().await
+    }
+
     pub async fn reload(&self) -> Result<(), ConfigErrors> {
         self.reload_counted().await.0
     }
@@ -665,6 +672,9 @@ impl App {
         for warning in crate::config::warnings(&config, &text) {
             warn!("{warning}");
         }
+        // From here to the store nothing may return: the table's routes began a generation of
+        // their splits (see `SharedSplit`), and the published table's requests would go by
+        // the split of the one before.
         let table = build_table(config, Some(&current), &self.store);
         reconcile_routes(&table, Some(&current));
         self.table.store(Arc::new(table));

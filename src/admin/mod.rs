@@ -263,9 +263,13 @@ async fn route(app: &App, req: Request<Incoming>, reading: Option<InFlight>) -> 
             None => not_found(name),
         },
         Endpoint::Rollout(name, action) => {
+            let _steady = app.between_reloads().await;
             apply(app, name, action, "requested through the admin API")
         }
-        Endpoint::Weight(name) => set_weight(app, name, &body),
+        Endpoint::Weight(name) => {
+            let _steady = app.between_reloads().await;
+            set_weight(app, name, &body)
+        }
         Endpoint::Events => events(app, &query).await,
         Endpoint::Reload => match app.reload().await {
             Ok(()) => json_answer(StatusCode::OK, &json!({ "result": "applied" })),

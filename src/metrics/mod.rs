@@ -211,6 +211,14 @@ impl Sent {
     pub fn epoch(&self) -> Epoch {
         self.epoch
     }
+
+    /// The same request, counted in no step window ([`Epoch::PAST`]).
+    pub fn outside_steps(self) -> Self {
+        Sent {
+            epoch: Epoch::PAST,
+            ..self
+        }
+    }
 }
 
 /// The epoch a request was sent in: a new one begins on the canary slot whenever the build the
@@ -227,6 +235,10 @@ impl Epoch {
     /// Whatever epoch is current when the record is made: for figures no controller judges
     /// (the shadow's) and for records made as they happen (tests, benches).
     pub const CURRENT: Epoch = Epoch(u64::MAX);
+
+    /// An epoch that is never current: for a request routed by a table that a reload was
+    /// replacing (`Decision::superseded`), which counts in no step window.
+    pub const PAST: Epoch = Epoch(u64::MAX - 1);
 }
 
 /// Keeps each shard on its own cache lines.
@@ -636,6 +648,23 @@ mod tests {
         m.record_response(Epoch::CURRENT, 200, false, ms(1));
         assert_eq!(in_step(m.step()), (2, 1, 2));
         assert_eq!((m.requests(), m.last_60s().histogram.len()), (4, 4));
+    }
+
+    /// A request routed by a table a reload was replacing counts outside the step, in the
+    /// epoch it was sent in and in the next.
+    #[test]
+    fn a_request_sent_outside_the_steps_counts_in_none() {
+        let m = SlotMetrics::with_shards(2);
+        let old_table = m.sent(Instant::now()).outside_steps();
+        m.record_response(old_table.epoch(), 500, true, ms(1));
+        m.next_epoch();
+        m.reset_step();
+        let again = m.sent(Instant::now()).outside_steps();
+        m.record_failure(again.epoch(), ErrorKind::Reset, ms(2));
+        let in_step = |w: WindowStats| (w.requests, w.errors, w.histogram.len());
+        assert_eq!(in_step(m.step()), (0, 0, 0));
+        assert_eq!(in_step(m.last_60s()), (2, 2, 2));
+        assert_eq!(m.totals().requests(), 2);
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl Proxy {
             // Phase 5: forward with the deadline.
             let metrics = route.shared.slot_metrics(decision.slot);
             let sent = Instant::now();
-            let pending = Pending::new(metrics, &mut exchange.log, started, sent);
+            let pending = Pending::new(metrics, &mut exchange.log, started, sent, decision);
             let bounds = Bounds {
                 max_head: server.max_header_bytes,
                 deadline: exchange.deadline,
@@ -837,10 +837,16 @@ impl<'a> Pending<'a> {
         log: &'a mut Option<(AccessLogger, Record)>,
         started: Instant,
         sent: Instant,
+        decision: Decision,
     ) -> Self {
+        let counted = metrics.sent(sent);
         Self {
             metrics,
-            sent: Some(metrics.sent(sent)),
+            sent: Some(if decision.superseded {
+                counted.outside_steps()
+            } else {
+                counted
+            }),
             done: false,
             log,
             started,

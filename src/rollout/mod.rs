@@ -617,10 +617,19 @@ pub fn policy(config: &RouteConfig) -> Policy {
 
 /// One analysis of one route: judge, then ramp, hold or revert.
 pub fn analyse(shared: &RouteShared, config: &RouteConfig) {
+    analyse_if(shared, config, || true);
+}
+
+/// [`analyse`], when `current` (asked under the route's lock) says `config` is still the
+/// route's.
+fn analyse_if(shared: &RouteShared, config: &RouteConfig, current: impl FnOnce() -> bool) {
     if config.rollout.mode != Mode::Auto {
         return;
     }
     let mut inner = shared.rollout.lock();
+    if !current() {
+        return;
+    }
     if inner.state.phase != Phase::Ramping {
         roll_idle_window(shared, &mut inner, &config.rollout);
         return;
@@ -774,7 +783,9 @@ pub async fn run(table: Arc<ArcSwap<RoutingTable>>) {
         for route in snapshot.routes() {
             if looks.is_due(&route.config.name, route.config.rollout.interval, now) {
                 save_if_unsaved(&route.shared);
-                analyse(&route.shared, &route.config);
+                // Not by the config of a table a reload is replacing: the reload brings the
+                // state in line with the new config (under this lock) before it publishes it.
+                analyse_if(&route.shared, &route.config, || route.is_current());
             }
         }
         tokio::time::sleep_until(looks.next(now)).await;

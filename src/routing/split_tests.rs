@@ -209,7 +209,8 @@ proptest! {
 /// A reload that moves green to new endpoints and starts its rollout there: a request that
 /// took the old table just before the new one was published must not go to green's old
 /// endpoints at the new weight, nor one of the new table to its new endpoints at the old
-/// weight (a reload that lowers the weight while moving the endpoints).
+/// weight (a reload that lowers the weight while moving the endpoints). The old table's
+/// requests are marked, to count in no step window.
 #[test]
 fn requests_of_a_replaced_table_keep_its_weight() {
     let old = table("header:x-user");
@@ -218,6 +219,7 @@ fn requests_of_a_replaced_table_keep_its_weight() {
     let new = RoutingTable::new((*old.config).clone(), |_| Arc::clone(&shared));
     // The reload's reconcile sets the new weight; then the new table is published.
     set_weight(only_route(&new), Slot::Blue, 7500);
+    assert!(!only_route(&old).is_current() && only_route(&new).is_current());
     for (table, weight_bp) in [(&old, 2500), (&new, 7500), (&old, 2500)] {
         for i in 0..1000 {
             let decision = only_route(table).decide(&header("x-user", &format!("user-{i}")), PEER);
@@ -227,6 +229,8 @@ fn requests_of_a_replaced_table_keep_its_weight() {
                 green,
                 "{decision:?} at {weight_bp}"
             );
+            // The old table's requests count in no step window.
+            assert_eq!(decision.superseded, weight_bp == 2500);
         }
     }
     assert_eq!(shared.split.load().canary_bp, 7500);

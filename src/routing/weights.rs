@@ -59,14 +59,14 @@ impl Split {
 /// weight change together, never torn).
 ///
 /// A reload makes a new routing table, perhaps with other endpoints for a slot, and may
-/// change the weight (a new canary starts its rollout). Requests that took the old table just
-/// before it was replaced must not meet the new weight, nor requests of the new table the old
-/// one: each table's routes have a generation ([`SharedSplit::next_generation`]), and the
-/// split kept for the generation before the current one is what the old table's requests get.
-/// A reload begins the generation, sets the new weight, then publishes the table; a weight
-/// the controller sets in between (milliseconds: the state file's fsyncs) is not seen by the
-/// old table's requests, only by the new table's. A request of a table two reloads old gets
-/// the split of the one before the current.
+/// change the weight (a new canary starts its rollout). Requests that take the old table
+/// while a reload makes and publishes the new one must not meet the new weight, nor requests
+/// of the new table the old one. So each table's routes have a generation
+/// ([`SharedSplit::next_generation`]); the old table's requests get the split as it was when
+/// the reload began. A reload begins the generation, sets the new weight, then publishes the
+/// table; those requests count in no step window (`Decision::superseded`), and the
+/// controller does not judge by the old table's config meanwhile (`Route::is_current`). A
+/// request of a table two reloads old gets the split of the one before the current.
 ///
 /// Bits 0-14: the current split; 16-30: the split as it was when the current generation
 /// began; 32-63: the current generation.
@@ -88,15 +88,21 @@ impl SharedSplit {
         Split::unpack(self.0.load(Ordering::Acquire) & SPLIT_BITS)
     }
 
-    /// The split for a route of `generation`: the current one, or for a route of an older
-    /// table (a request that took it just before a reload replaced it), the one its table had.
-    pub fn load_for(&self, generation: u32) -> Split {
+    /// The split for a route of `generation`, and whether that is the current generation:
+    /// the current split, or for a route of an older table (a request that took it while a
+    /// reload was making and publishing the next one), the one its table had.
+    pub fn load_for(&self, generation: u32) -> (Split, bool) {
         let bits = self.0.load(Ordering::Acquire);
         if (bits >> GENERATION_SHIFT) as u32 == generation {
-            Split::unpack(bits & SPLIT_BITS)
+            (Split::unpack(bits & SPLIT_BITS), true)
         } else {
-            Split::unpack(bits >> PREVIOUS_SHIFT & SPLIT_BITS)
+            (Split::unpack(bits >> PREVIOUS_SHIFT & SPLIT_BITS), false)
         }
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u32 {
+        (self.0.load(Ordering::Acquire) >> GENERATION_SHIFT) as u32
     }
 
     /// Sets the current split (the controller, the admin API, a reload's reconcile).
@@ -195,8 +201,9 @@ mod tests {
                 current = Split { stable, canary_bp };
                 shared.store(current);
                 prop_assert_eq!(shared.load(), current);
-                prop_assert_eq!(shared.load_for(generation), current);
-                prop_assert_eq!(shared.load_for(generation.wrapping_sub(1)), before);
+                prop_assert_eq!(shared.generation(), generation);
+                prop_assert_eq!(shared.load_for(generation), (current, true));
+                prop_assert_eq!(shared.load_for(generation.wrapping_sub(1)), (before, false));
             }
         }
     }
