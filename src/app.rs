@@ -533,7 +533,6 @@ impl App {
         self.reloads_applied.load(Ordering::Relaxed) + self.reloads_rejected.load(Ordering::Relaxed)
     }
 
-    /// Re-reads the config file; applies it whole or not at all.
     /// Waits for a reload under way to end, and holds the next one off while the guard lives:
     /// an admin action on a route goes by the config that is published, and a reload does
     /// not bring the route's state in line with a new config under it.
@@ -541,6 +540,7 @@ impl App {
         self.reload_lock.lock().await
     }
 
+    /// Re-reads the config file; applies it whole or not at all.
     pub async fn reload(&self) -> Result<(), ConfigErrors> {
         self.reload_counted().await.0
     }

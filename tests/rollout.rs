@@ -169,6 +169,62 @@ async fn the_controller_skips_a_route_whose_table_a_reload_is_replacing() {
     controller.abort();
 }
 
+/// A request routed by a table that a reload is replacing (the new table made, the route's
+/// state brought in line with it, not yet published) counts in the sliding window and in no
+/// step window: it went by the old table, to its endpoints at its weight. The proxy itself,
+/// on a socket, with the tables in hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_routed_by_a_table_being_replaced_counts_in_no_step_window() {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    use veer::proxy::{ConnInfo, Proxy};
+
+    let blue = recording("blue").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "", &route("shop", blue.addr, blue.addr, ""));
+    let config = veer::config::parse(&text, Some(dir.path())).unwrap();
+    let shared = rollout::restore(&config.routes[0], &Arc::new(Store::new(&config.state)));
+    let table = || RoutingTable::new(config.clone(), |_| Arc::clone(&shared));
+    let published = Arc::new(ArcSwap::from_pointee(table()));
+    let proxy = Arc::new(Proxy::new(Arc::clone(&published), None, Arc::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let proxy = Arc::clone(&proxy);
+            let serve = hyper::service::service_fn(move |req| {
+                let answer = Arc::clone(&proxy).handle(
+                    req,
+                    ConnInfo::new(peer, false),
+                    None,
+                    tokio::time::Instant::now(),
+                );
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            });
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), serve));
+        }
+    });
+    let blue_metrics = || shared.slot_metrics(Slot::Blue);
+    let url = format!("http://{addr}/");
+    assert_eq!(get(&url, &[]).await.0, StatusCode::OK);
+    assert_eq!(blue_metrics().step().requests, 1);
+    // A reload under way: its table is made.
+    let next = table();
+    for _ in 0..3 {
+        assert_eq!(get(&url, &[]).await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        blue_metrics().step().requests,
+        1,
+        "the old table's requests"
+    );
+    assert_eq!(blue_metrics().last_60s().requests, 4);
+    published.store(Arc::new(next));
+    assert_eq!(get(&url, &[]).await.0, StatusCode::OK);
+    assert_eq!(blue_metrics().step().requests, 2);
+    assert_eq!(blue.request_count(), 5);
+}
+
 fn last_verdict(shared: &RouteShared) -> String {
     let last = shared.rollout.view().last.expect("an analysis ran");
     last.judgement.verdict.as_str().to_string()

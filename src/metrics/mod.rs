@@ -8,8 +8,10 @@
 //! latencies). Readers, `rotate` and `reset_step` drain the shards into an aggregate behind a
 //! separate mutex, so counts are exact and every window's histogram holds exactly `requests`
 //! latencies. The one exception: a request sent before the judged build changed (see
-//! [`Epoch`]) is recorded into the aggregate directly, under its mutex, past the step window;
-//! only the canary's requests in flight at a start, a rollback or a new version get there.
+//! [`Epoch`]), or routed by a table a reload was replacing ([`SlotMetrics::outside_steps`]),
+//! is recorded into the aggregate directly, under its mutex, past the step window; only the
+//! canary's requests in flight at a start, a rollback or a new version, and requests sent
+//! while a reload makes and publishes its table, get there.
 //! Failures before a response head are requests too, with their latency.
 
 pub mod prometheus;
@@ -211,14 +213,6 @@ impl Sent {
     pub fn epoch(&self) -> Epoch {
         self.epoch
     }
-
-    /// The same request, counted in no step window ([`Epoch::PAST`]).
-    pub fn outside_steps(self) -> Self {
-        Sent {
-            epoch: Epoch::PAST,
-            ..self
-        }
-    }
 }
 
 /// The epoch a request was sent in: a new one begins on the canary slot whenever the build the
@@ -291,12 +285,36 @@ impl SlotMetrics {
         Sent {
             shard,
             second,
-            epoch: Epoch(self.epoch.load(Ordering::Relaxed)),
+            // Acquire, with `next_epoch`'s Release: a request that sees the epoch a reload's
+            // reconcile began sees the generation the reload began before it
+            // (`Route::is_current`).
+            epoch: Epoch(self.epoch.load(Ordering::Acquire)),
         }
+    }
+
+    /// The current epoch (read as [`SlotMetrics::sent`] reads it).
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Acquire))
+    }
+
+    /// The request `sent` stands for was routed by a table that a reload was replacing: it
+    /// counts in no step window ([`Epoch::PAST`]), and not as waiting (an old build that hangs
+    /// must not look like the new one hanging).
+    pub fn outside_steps(&self, sent: Sent) -> Sent {
+        let past = Sent {
+            epoch: Epoch::PAST,
+            ..sent
+        };
+        self.answered(sent);
+        past
     }
 
     /// The request `sent` stands for got its answer head, failed, or was given up.
     pub fn answered(&self, sent: Sent) {
+        if sent.epoch == Epoch::PAST {
+            // Taken off the waiting by `outside_steps`.
+            return;
+        }
         if let Some(padded) = self.shards.get(sent.shard) {
             let mut locked = lock(&padded.0);
             let entry = &mut locked.waiting[sent.second as usize % WAITING_SECONDS];
@@ -454,7 +472,8 @@ impl SlotMetrics {
     /// Records what a request sent in `epoch` adds (`add` to the counts, and a latency) into
     /// the calling thread's shard; when that epoch is over, into the aggregate instead, past
     /// the step window. That takes the slot's aggregate lock for a few counter updates: rare,
-    /// as only requests in flight when the judged build changed get there.
+    /// as only requests in flight when the judged build changed, and those sent while a reload
+    /// makes and publishes its table, get there.
     fn record(&self, epoch: Epoch, add: impl Fn(&mut Counts), micros: Option<u64>) {
         let mut past = false;
         self.with_shard(|shard| {
@@ -478,7 +497,7 @@ impl SlotMetrics {
     /// Begins a new epoch (see [`Epoch`]): the requests in flight now count in no step window
     /// when they end. Call it before the step windows are reset for the new build.
     pub fn next_epoch(&self) {
-        self.epoch.fetch_add(1, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::Release);
     }
 
     /// Moves what every shard recorded into the aggregate and returns the aggregate, locked.
@@ -651,20 +670,36 @@ mod tests {
     }
 
     /// A request routed by a table a reload was replacing counts outside the step, in the
-    /// epoch it was sent in and in the next.
+    /// epoch it was sent in and in the next, and is not waiting; one of the current table
+    /// sent beside it counts in the step.
     #[test]
     fn a_request_sent_outside_the_steps_counts_in_none() {
+        // Before the slot's birth: `waiting` counts from its second 0.
+        let step = Instant::now();
         let m = SlotMetrics::with_shards(2);
-        let old_table = m.sent(Instant::now()).outside_steps();
+        let old_table = m.outside_steps(m.sent(Instant::now()));
+        let current = m.sent(Instant::now());
+        assert_eq!(m.waiting(step).iter().map(|w| w.1).sum::<u64>(), 1);
         m.record_response(old_table.epoch(), 500, true, ms(1));
+        m.record_response(current.epoch(), 200, false, ms(1));
+        m.answered(old_table);
+        m.answered(current);
+        let in_step = |w: WindowStats| (w.requests, w.errors, w.histogram.len());
+        assert_eq!(in_step(m.step()), (1, 0, 1));
         m.next_epoch();
         m.reset_step();
-        let again = m.sent(Instant::now()).outside_steps();
+        let again = m.outside_steps(m.sent(Instant::now()));
+        assert!(m.waiting(step).is_empty());
         m.record_failure(again.epoch(), ErrorKind::Reset, ms(2));
-        let in_step = |w: WindowStats| (w.requests, w.errors, w.histogram.len());
+        m.answered(again);
         assert_eq!(in_step(m.step()), (0, 0, 0));
-        assert_eq!(in_step(m.last_60s()), (2, 2, 2));
-        assert_eq!(m.totals().requests(), 2);
+        assert_eq!(in_step(m.last_60s()), (3, 2, 3));
+        assert_eq!(m.totals().requests(), 3);
+        // Its `answered` took no other request off the waiting.
+        let waiting = m.sent(Instant::now());
+        m.answered(m.outside_steps(m.sent(Instant::now())));
+        assert_eq!(m.waiting(step).iter().map(|w| w.1).sum::<u64>(), 1);
+        m.answered(waiting);
     }
 
     #[test]

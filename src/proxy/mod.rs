@@ -167,7 +167,7 @@ impl Proxy {
             // Phase 5: forward with the deadline.
             let metrics = route.shared.slot_metrics(decision.slot);
             let sent = Instant::now();
-            let pending = Pending::new(metrics, &mut exchange.log, started, sent, decision);
+            let pending = Pending::new(route, metrics, &mut exchange.log, started, sent);
             let bounds = Bounds {
                 max_head: server.max_header_bytes,
                 deadline: exchange.deadline,
@@ -726,7 +726,14 @@ fn admit(exchange: &mut Exchange<'_>) -> Result<(), LocalError> {
     }
     let kind = crate::metrics::ErrorKind::Overload;
     let metrics = route.shared.slot_metrics(slot);
-    metrics.record_failure(Epoch::CURRENT, kind, Duration::ZERO);
+    // As for a request sent (see `Pending::new`): the epoch first, then the table.
+    let epoch = metrics.epoch();
+    let epoch = if route.is_current() {
+        epoch
+    } else {
+        Epoch::PAST
+    };
+    metrics.record_failure(epoch, kind, Duration::ZERO);
     Err(LocalError::Upstream(kind))
 }
 
@@ -833,20 +840,24 @@ struct Pending<'a> {
 
 impl<'a> Pending<'a> {
     fn new(
+        route: &Route,
         metrics: &'a SlotMetrics,
         log: &'a mut Option<(AccessLogger, Record)>,
         started: Instant,
         sent: Instant,
-        decision: Decision,
     ) -> Self {
         let counted = metrics.sent(sent);
+        // Asked after the epoch was read (see `SlotMetrics::sent`): a request routed by the
+        // old table and sent after the reload's reconcile began the new build's epoch is
+        // seen here too.
+        let counted = if route.is_current() {
+            counted
+        } else {
+            metrics.outside_steps(counted)
+        };
         Self {
             metrics,
-            sent: Some(if decision.superseded {
-                counted.outside_steps()
-            } else {
-                counted
-            }),
+            sent: Some(counted),
             done: false,
             log,
             started,

@@ -120,9 +120,6 @@ pub struct Decision {
     pub overridden: bool,
     /// True when the bucket came from a sticky key (not a fresh random draw).
     pub keyed: bool,
-    /// True when a reload had begun to replace the route's table: the request goes by that
-    /// table's split (see [`SharedSplit`]) and counts in no step window.
-    pub superseded: bool,
 }
 
 impl Route {
@@ -165,7 +162,7 @@ impl Route {
     /// Picks the slot for a request. The override header wins over the bucket.
     pub fn decide(&self, headers: &HeaderMap, peer: IpAddr) -> Decision {
         let (bucket, new_cookie, keyed) = self.bucket(headers, peer);
-        let (split, current) = self.shared.split.load_for(self.generation);
+        let split = self.shared.split.load_for(self.generation);
         let forced = self
             .config
             .sticky
@@ -179,11 +176,12 @@ impl Route {
             new_cookie,
             overridden: forced.is_some(),
             keyed,
-            superseded: !current,
         }
     }
 
-    /// Whether this is the route's table still: no reload has begun to replace it.
+    /// Whether this is the route's table still: no reload has begun to replace it. A request
+    /// routed by a table that is not counts in no step window (`SlotMetrics::outside_steps`):
+    /// it went by the old table's split, to the old table's endpoints.
     pub fn is_current(&self) -> bool {
         self.shared.split.generation() == self.generation
     }

@@ -64,7 +64,7 @@ impl Split {
 /// of the new table the old one. So each table's routes have a generation
 /// ([`SharedSplit::next_generation`]); the old table's requests get the split as it was when
 /// the reload began. A reload begins the generation, sets the new weight, then publishes the
-/// table; those requests count in no step window (`Decision::superseded`), and the
+/// table; those requests count in no step window (`Route::is_current`), and the
 /// controller does not judge by the old table's config meanwhile (`Route::is_current`). A
 /// request of a table two reloads old gets the split of the one before the current.
 ///
@@ -88,15 +88,15 @@ impl SharedSplit {
         Split::unpack(self.0.load(Ordering::Acquire) & SPLIT_BITS)
     }
 
-    /// The split for a route of `generation`, and whether that is the current generation:
-    /// the current split, or for a route of an older table (a request that took it while a
-    /// reload was making and publishing the next one), the one its table had.
-    pub fn load_for(&self, generation: u32) -> (Split, bool) {
+    /// The split for a route of `generation`: the current split, or for a route of an older
+    /// table (a request that took it while a reload was making and publishing the next one),
+    /// the one its table had.
+    pub fn load_for(&self, generation: u32) -> Split {
         let bits = self.0.load(Ordering::Acquire);
         if (bits >> GENERATION_SHIFT) as u32 == generation {
-            (Split::unpack(bits & SPLIT_BITS), true)
+            Split::unpack(bits & SPLIT_BITS)
         } else {
-            (Split::unpack(bits >> PREVIOUS_SHIFT & SPLIT_BITS), false)
+            Split::unpack(bits >> PREVIOUS_SHIFT & SPLIT_BITS)
         }
     }
 
@@ -202,8 +202,8 @@ mod tests {
                 shared.store(current);
                 prop_assert_eq!(shared.load(), current);
                 prop_assert_eq!(shared.generation(), generation);
-                prop_assert_eq!(shared.load_for(generation), (current, true));
-                prop_assert_eq!(shared.load_for(generation.wrapping_sub(1)), (before, false));
+                prop_assert_eq!(shared.load_for(generation), current);
+                prop_assert_eq!(shared.load_for(generation.wrapping_sub(1)), before);
             }
         }
     }
