@@ -231,7 +231,7 @@ impl Epoch {
     pub const CURRENT: Epoch = Epoch(u64::MAX);
 
     /// An epoch that is never current: for a request routed by a table that a reload was
-    /// replacing (`Decision::superseded`), which counts in no step window.
+    /// replacing (`Route::is_current`), which counts in no step window.
     pub const PAST: Epoch = Epoch(u64::MAX - 1);
 }
 
