@@ -747,3 +747,27 @@ async fn a_rollout_started_by_a_reload_reaches_only_the_new_endpoints() {
     assert_eq!(report.count(200), report.sent(), "{:?}", report.statuses);
     veer.shutdown().await;
 }
+
+/// An admin rollout action (here a weight) waits for a reload under way, held open by hand
+/// for 300 ms, and is answered once it ends, with the weight applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_action_waits_for_a_reload_under_way() {
+    let (blue, green) = upstreams().await;
+    let veer = Veer::start("", &route("shop", blue.addr, green.addr, "")).await;
+    let app = Arc::clone(&veer.running.as_ref().unwrap().app);
+    let reloading = app.between_reloads().await;
+    {
+        let posting = veer.admin_post("/api/v1/routes/shop/weight", "{\"canary_percent\": 30}");
+        tokio::pin!(posting);
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut posting).await;
+        assert!(early.is_err(), "answered during the reload: {early:?}");
+        assert_eq!(canary_weight(&veer, "shop").await, 0.0);
+        drop(reloading);
+        let (status, body) = tokio::time::timeout(Duration::from_secs(5), posting)
+            .await
+            .expect("answered once the reload ended");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["canary_weight"], 30.0, "{body}");
+    }
+    veer.shutdown().await;
+}
