@@ -64,9 +64,10 @@ impl Split {
 /// of the new table the old one. So each table's routes have a generation
 /// ([`SharedSplit::next_generation`]); the old table's requests get the split as it was when
 /// the reload began. A reload begins the generation, sets the new weight, then publishes the
-/// table; those requests count in no step window (`Route::is_current`), and the
-/// controller does not judge by the old table's config meanwhile (`Route::is_current`). A
-/// request of a table two reloads old gets the split of the one before the current.
+/// table. Meanwhile the old table's requests count in no step window
+/// (`SlotMetrics::outside_steps`) and the controller does not judge by its config
+/// (`Route::is_current`). A request of a table two reloads old gets the split of the one
+/// before the current.
 ///
 /// Bits 0-14: the current split; 16-30: the split as it was when the current generation
 /// began; 32-63: the current generation.
